@@ -1,0 +1,105 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Where things live:
+//   include/                 the C ABI (iofilter.h), the only thing a plug-in builds against
+//   Sources/IOFilterModel    plug-in manifests, parameters, chain ordering rules (pure values)
+//   Sources/IOFilterNBD      the NBD protocol: server and client; knows nothing of filters
+//   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
+//   Sources/IOFilterChain    the chain engine and storage backends (runs in the worker)
+//   Sources/IOFilterSandbox  seccomp, Landlock, prctl, rlimits for worker processes
+//   Sources/IOFilterHost     spawning and supervising sandboxed workers and validators
+//   Sources/iofilter-worker, iofilter, iofilterd   the executables
+//   Plugins/                 sample plug-ins
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "swift-iofilter",
+    products: [
+        .executable(name: "iofilter", targets: ["iofilter"]),
+        .executable(name: "iofilterd", targets: ["iofilterd"]),
+        .executable(name: "iofilter-worker", targets: ["iofilter-worker"]),
+        .library(name: "IOFilterHost", targets: ["IOFilterHost"]),
+        .library(name: "IOFilterNBD", targets: ["IOFilterNBD"]),
+        .library(name: "iofilter-passthrough-c", type: .dynamic, targets: ["PassthroughC"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CIOFilter", path: "include"),
+        .systemLibrary(
+            name: "CLibFFI", path: "Sources/CLibFFI", pkgConfig: "libffi",
+            providers: [.apt(["libffi-dev"])]),
+        .target(
+            name: "CSystemShims",
+            linkerSettings: [.linkedLibrary("seccomp")]),
+        .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
+
+        .target(name: "IOFilterModel", swiftSettings: strict),
+        .target(
+            name: "IOFilterNBD",
+            dependencies: ["IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterPluginLoader",
+            dependencies: ["CIOFilter", "CLibFFI", "IOFilterModel"],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterChain",
+            dependencies: [
+                "CIOFilter", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterSandbox",
+            dependencies: ["IOFilterPosix", "CSystemShims", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterHost",
+            dependencies: [
+                "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterNBD", .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+
+        .executableTarget(
+            name: "iofilter-worker",
+            dependencies: [
+                "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterSandbox",
+                "IOFilterNBD", "IOFilterHost", .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "iofilter",
+            dependencies: [
+                "IOFilterHost", "IOFilterModel",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "iofilterd",
+            dependencies: [
+                "IOFilterHost", "IOFilterModel",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+
+        // The C sample, built by SwiftPM as a shared object; it needs only the header.
+        .target(
+            name: "PassthroughC", path: "Plugins/passthrough-c",
+            exclude: ["Makefile", "README.md"],
+            sources: ["passthrough.c"],
+            publicHeadersPath: "public",
+            cSettings: [.headerSearchPath("../../include")]),
+
+        .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["IOFilterModel", "IOFilterNBD", "IOFilterHost"],
+            exclude: ["Fixtures"]),
+    ]
+)

@@ -1,0 +1,53 @@
+/* Thin wrappers over syscalls and variadic C functions that Swift cannot call
+ * directly (prctl, syscall, seccomp's macros). Each returns 0 or -errno unless noted. */
+#ifndef IOF_SYSTEM_SHIMS_H
+#define IOF_SYSTEM_SHIMS_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+int iof_set_no_new_privs(void);
+int iof_set_parent_death_signal(int signal);
+int iof_set_dumpable(int dumpable);
+int iof_set_thread_name(const char *name);
+/* Closes every fd >= first. */
+int iof_close_from(int first);
+
+/* Landlock. Returns the ABI version (>= 1), or -errno if unsupported. */
+int iof_landlock_abi(void);
+/* The filesystem access rights ABI `abi` knows (LANDLOCK_ACCESS_FS_* bits). */
+uint64_t iof_landlock_fs_rights(int abi);
+uint64_t iof_landlock_read_rights(void);    /* read files, read dirs                */
+uint64_t iof_landlock_execute_right(void);  /* execute (mmap PROT_EXEC of .so)      */
+/* Returns a ruleset fd, or -errno. */
+int iof_landlock_create_ruleset(uint64_t handled_fs);
+/* Allows `rights` beneath `path` (or on the file). -errno on failure. */
+int iof_landlock_allow_path(int ruleset_fd, const char *path, uint64_t rights);
+int iof_landlock_restrict_self(int ruleset_fd);
+
+/* Seccomp (libseccomp). A context that allows everything but what is denied. */
+void *iof_seccomp_new(void);
+/* Makes syscall `name` fail with `err`; -ENOENT-like result if the name is unknown here. */
+int iof_seccomp_deny(void *ctx, const char *name, int err);
+/* Refuses socket(AF_PACKET, …) and socket(…, SOCK_RAW, …). */
+int iof_seccomp_deny_raw_sockets(void *ctx, int err);
+int iof_seccomp_load(void *ctx);
+void iof_seccomp_release(void *ctx);
+
+/* fallocate(2); mode bits FALLOC_FL_*. */
+int iof_fallocate(int fd, int mode, int64_t offset, int64_t length);
+#define IOF_FALLOC_KEEP_SIZE 0x01
+#define IOF_FALLOC_PUNCH_HOLE 0x02
+#define IOF_FALLOC_ZERO_RANGE 0x10
+
+/* pipe2(fds, O_CLOEXEC) */
+int iof_pipe_cloexec(int fds[2]);
+
+/* accept4(fd, NULL, NULL, SOCK_CLOEXEC) */
+int iof_accept_cloexec(int fd);
+
+/* The calling thread's kernel id. */
+pid_t iof_gettid(void);
+
+#endif

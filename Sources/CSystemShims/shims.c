@@ -1,0 +1,131 @@
+#define _GNU_SOURCE
+#include "CSystemShims.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/landlock.h>
+#include <seccomp.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+static int result(long rc) { return rc < 0 ? -errno : (int)rc; }
+
+int iof_set_no_new_privs(void) { return result(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)); }
+int iof_set_parent_death_signal(int signal) { return result(prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0)); }
+int iof_set_thread_name(const char *name) { return result(prctl(PR_SET_NAME, name, 0, 0, 0)); }
+int iof_set_dumpable(int dumpable) { return result(prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)); }
+
+int iof_close_from(int first)
+{
+    if (syscall(SYS_close_range, (unsigned)first, ~0u, 0) == 0)
+        return 0;
+    /* Kernels before 5.9: close one by one up to the limit. */
+    long max = sysconf(_SC_OPEN_MAX);
+    for (long fd = first; fd < max; fd++)
+        close((int)fd);
+    return 0;
+}
+
+int iof_landlock_abi(void)
+{
+    return result(syscall(SYS_landlock_create_ruleset, NULL, 0, LANDLOCK_CREATE_RULESET_VERSION));
+}
+
+uint64_t iof_landlock_fs_rights(int abi)
+{
+    uint64_t rights = LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_WRITE_FILE |
+                      LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR |
+                      LANDLOCK_ACCESS_FS_REMOVE_DIR | LANDLOCK_ACCESS_FS_REMOVE_FILE |
+                      LANDLOCK_ACCESS_FS_MAKE_CHAR | LANDLOCK_ACCESS_FS_MAKE_DIR |
+                      LANDLOCK_ACCESS_FS_MAKE_REG | LANDLOCK_ACCESS_FS_MAKE_SOCK |
+                      LANDLOCK_ACCESS_FS_MAKE_FIFO | LANDLOCK_ACCESS_FS_MAKE_BLOCK |
+                      LANDLOCK_ACCESS_FS_MAKE_SYM;
+    if (abi >= 2)
+        rights |= 1ULL << 13; /* REFER */
+    if (abi >= 3)
+        rights |= 1ULL << 14; /* TRUNCATE */
+    if (abi >= 5)
+        rights |= 1ULL << 15; /* IOCTL_DEV */
+    return rights;
+}
+
+uint64_t iof_landlock_read_rights(void)
+{
+    return LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR;
+}
+
+uint64_t iof_landlock_execute_right(void) { return LANDLOCK_ACCESS_FS_EXECUTE; }
+
+int iof_landlock_create_ruleset(uint64_t handled_fs)
+{
+    struct landlock_ruleset_attr attr = {.handled_access_fs = handled_fs};
+    return result(syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0));
+}
+
+int iof_landlock_allow_path(int ruleset_fd, const char *path, uint64_t rights)
+{
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    /* Directory-only rights on a file are refused by the kernel; strip them. */
+    const uint64_t dir_only = LANDLOCK_ACCESS_FS_READ_DIR | LANDLOCK_ACCESS_FS_REMOVE_DIR |
+                              LANDLOCK_ACCESS_FS_REMOVE_FILE | LANDLOCK_ACCESS_FS_MAKE_CHAR |
+                              LANDLOCK_ACCESS_FS_MAKE_DIR | LANDLOCK_ACCESS_FS_MAKE_REG |
+                              LANDLOCK_ACCESS_FS_MAKE_SOCK | LANDLOCK_ACCESS_FS_MAKE_FIFO |
+                              LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_MAKE_SYM |
+                              (1ULL << 13);
+    struct landlock_path_beneath_attr beneath = {.allowed_access = rights, .parent_fd = fd};
+    long rc = syscall(SYS_landlock_add_rule, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH, &beneath, 0);
+    if (rc < 0 && errno == EINVAL) {
+        beneath.allowed_access = rights & ~dir_only;
+        rc = syscall(SYS_landlock_add_rule, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH, &beneath, 0);
+    }
+    int err = rc < 0 ? -errno : 0;
+    close(fd);
+    return err;
+}
+
+int iof_landlock_restrict_self(int ruleset_fd)
+{
+    return result(syscall(SYS_landlock_restrict_self, ruleset_fd, 0));
+}
+
+void *iof_seccomp_new(void) { return seccomp_init(SCMP_ACT_ALLOW); }
+
+int iof_seccomp_deny(void *ctx, const char *name, int err)
+{
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR)
+        return -ENOENT;
+    return seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), nr, 0);
+}
+
+int iof_seccomp_deny_raw_sockets(void *ctx, int err)
+{
+    int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(socket), 1,
+                              SCMP_A0(SCMP_CMP_EQ, AF_PACKET));
+    if (rc < 0)
+        return rc;
+    return seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(socket), 1,
+                            SCMP_A1(SCMP_CMP_MASKED_EQ, 0xf, SOCK_RAW));
+}
+
+int iof_seccomp_load(void *ctx) { return seccomp_load(ctx); }
+void iof_seccomp_release(void *ctx) { seccomp_release(ctx); }
+
+pid_t iof_gettid(void) { return (pid_t)syscall(SYS_gettid); }
+
+int iof_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+int iof_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+    return fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
+}
+
+int iof_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno; }

@@ -1,0 +1,87 @@
+import CIOFilter
+import Glibc
+import IOFilterModel
+import IOFilterPosix
+import Logging
+import Synchronization
+
+/// One disk's filter chain: its filters in category order over its backend. Requests
+/// enter through `ChainRequest`; the chain keeps the list of request objects so that the
+/// watchdog can see where each one is.
+public final class Chain: @unchecked Sendable {
+    // @unchecked: `filters` and `backend` are fixed after init; `requests` is guarded
+    // by `registryLock`.
+    public let diskName: String
+    public let filters: [FilterInstance]
+    public let backend: any StorageBackend
+    let logger: Logger
+    private let requestIDs = Atomic<UInt64>(0)
+    private let registryLock = Mutex<[ObjectIdentifier: Unmanaged<ChainRequest>]>([:])
+
+    init(diskName: String, filters: [FilterInstance], backend: any StorageBackend, logger: Logger) {
+        self.diskName = diskName
+        self.filters = filters
+        self.backend = backend
+        self.logger = logger
+        for (index, filter) in filters.enumerated() { filter.bind(to: self, position: index) }
+    }
+
+    func nextRequestID() -> UInt64 { requestIDs.wrappingAdd(1, ordering: .relaxed).newValue }
+
+    func register(_ request: ChainRequest) {
+        registryLock.withLock { $0[ObjectIdentifier(request)] = .passUnretained(request) }
+    }
+
+    func unregister(_ request: ChainRequest) {
+        _ = registryLock.withLock { $0.removeValue(forKey: ObjectIdentifier(request)) }
+    }
+
+    /// Issues I/O that enters the chain below filter `position` (`submit_below`).
+    func submitBelow(
+        position: Int, op: iof_op, flags: UInt32, offset: UInt64, length: UInt64,
+        buffer: UnsafeMutableRawPointer?, completion: ChainRequest.Completion
+    ) -> Int32 {
+        guard length <= backend.size, offset <= backend.size - length else { return EINVAL }
+        let request = ChainRequest(chain: self, top: position + 1, completion: completion)
+        request.prepare(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
+        request.retainedUntilFinished = .passRetained(request)
+        request.run()
+        return 0
+    }
+
+    /// A request that has sat in one stage longer than `limit`, with where it sits.
+    func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
+        registryLock.withLock { registry in
+            for entry in registry.values {
+                let request = entry.takeUnretainedValue()
+                let stage = request.stage.load(ordering: .relaxed)
+                guard stage >= 0 else { continue }
+                let since = request.stageSince.load(ordering: .relaxed)
+                guard now > since, now - since > limit else { continue }
+                let io = request.io.pointee
+                let place = stage < filters.count ? "filter \(filters[stage].name)" : "backend \(backend.description)"
+                let what = "request \(io.id) (\(Self.opName(io.op)) offset=\(io.offset) length=\(io.length))"
+                return (place, what, Double(now - since) / 1e9)
+            }
+            return nil
+        }
+    }
+
+    /// Closes every filter (nearest the disk last) and the backend.
+    public func close() {
+        for filter in filters { filter.close() }
+        backend.close()
+    }
+
+    static func opName(_ op: iof_op) -> String {
+        switch op {
+        case IOF_OP_READ: "read"
+        case IOF_OP_WRITE: "write"
+        case IOF_OP_FLUSH: "flush"
+        case IOF_OP_TRIM: "trim"
+        case IOF_OP_WRITE_ZEROES: "write-zeroes"
+        default: "op \(op.rawValue)"
+        }
+    }
+}
+

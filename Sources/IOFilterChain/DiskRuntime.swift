@@ -1,0 +1,110 @@
+import CIOFilter
+import Glibc
+import IOFilterModel
+import IOFilterPluginLoader
+import IOFilterPosix
+import Logging
+
+/// Builds, opens and watches the chains of one worker.
+public final class WorkerRuntime: @unchecked Sendable {
+    // @unchecked: `chains` is filled during `openDisks` on the main thread before any
+    // other thread reads it, and never changed afterwards.
+    public let configuration: WorkerConfiguration
+    let logger: Logger
+    public private(set) var plugins: [String: LoadedPlugin] = [:]
+    public private(set) var chains: [Chain] = []
+
+    public init(configuration: WorkerConfiguration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Loads each plug-in the disks name, once, and calls its `load`.
+    public func loadPlugins() throws {
+        for disk in configuration.disks {
+            for filter in disk.filters where plugins[filter.manifest.path] == nil {
+                let plugin = LoadedPlugin(library: try PluginLibrary(path: filter.manifest.path))
+                try plugin.load()
+                plugins[filter.manifest.path] = plugin
+            }
+        }
+    }
+
+    /// Opens each disk's backend and filters; a filter meeting a disk for the first
+    /// time (no sidecar directory yet) is attached first.
+    public func openDisks() throws -> [ChainExport] {
+        var exports: [ChainExport] = []
+        for disk in configuration.disks {
+            var diskLogger = logger
+            diskLogger[metadataKey: "disk"] = "\(disk.name)"
+            let backend: any StorageBackend
+            switch disk.backend {
+            case .file(let path): backend = try FileBackend(path: path, readOnly: disk.readOnly)
+            case .nbd(let uri): backend = try NBDBackend(uri: uri, logger: diskLogger)
+            }
+            var filters: [FilterInstance] = []
+            var fresh: [Bool] = []
+            for planned in disk.filters {
+                let sidecar = "\(configuration.stateDirectory)/\(disk.name)/\(planned.manifest.name)"
+                fresh.append(!Self.isDirectory(sidecar))
+                try Self.makeDirectories(sidecar)
+                filters.append(FilterInstance(
+                    plugin: plugins[planned.manifest.path]!, parameters: planned.parameters, diskName: disk.name,
+                    vmName: configuration.vmName, size: backend.size, readOnly: disk.readOnly || backend.readOnly,
+                    sidecarDirectory: sidecar, logger: diskLogger))
+            }
+            let chain = Chain(diskName: disk.name, filters: filters, backend: backend, logger: diskLogger)
+            for (filter, isNew) in zip(filters, fresh) {
+                if isNew { try filter.attach() }
+                try filter.open()
+            }
+            chains.append(chain)
+            exports.append(ChainExport(name: disk.name, chain: chain, readOnly: disk.readOnly))
+            diskLogger.info("serving \(backend) through \(filters.isEmpty ? "no filters" : filters.map(\.name).joined(separator: " -> "))")
+        }
+        return exports
+    }
+
+    /// Kills this process if any request has sat in one filter (or the backend) longer
+    /// than the watchdog allows, naming the filter, the disk and the request.
+    public func startWatchdog() {
+        let limit = UInt64(configuration.watchdogSeconds * 1e9)
+        guard limit > 0 else { return }
+        let chains = self.chains
+        let logger = self.logger
+        startThread(name: "watchdog") {
+            while true {
+                usleep(useconds_t(min(max(limit / 4000, 50_000), 500_000)))
+                let now = monotonicNanoseconds(coarse: true)
+                for chain in chains {
+                    if let stuck = chain.stuckRequest(olderThan: limit, now: now) {
+                        logger.critical(
+                            "watchdog: \(stuck.request) stuck in \(stuck.stage) on disk \(chain.diskName) for \((stuck.seconds * 10).rounded() / 10)s; killing the worker")
+                        kill(getpid(), SIGKILL)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every chain and unloads the plug-ins (graceful stop).
+    public func shutdown() {
+        for chain in chains { chain.close() }
+        for plugin in plugins.values { plugin.unload() }
+    }
+
+    static func isDirectory(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    static func makeDirectories(_ path: String) throws(ChainError) {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            if mkdir(prefix, 0o700) != 0 && errno != EEXIST {
+                throw .backend("cannot create \(prefix): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+import CIOFilter
+import Glibc
+import IOFilterModel
+import IOFilterPluginLoader
+import IOFilterPosix
+import Logging
+
+/// One filter on one disk: the plug-in's per-disk instance, its parameters as C
+/// strings, and the lock its declared thread model asks for.
+public final class FilterInstance: @unchecked Sendable {
+    // @unchecked: set up before any request runs and fixed after, except `instance`,
+    // which changes only in open/close while no request is in flight.
+    public let plugin: LoadedPlugin
+    public let name: String
+    let logger: Logger
+    private let parameters: [String: UnsafeMutablePointer<CChar>]
+    private let info: UnsafeMutablePointer<iof_disk_info>
+    private let cStrings: [UnsafeMutablePointer<CChar>]
+    private var instance: UnsafeMutableRawPointer?
+    private let serializer: ConditionLock?
+    private let startFunction: @convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<iof_request>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> iof_disposition
+    private let doneFunction: (@convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<iof_request>?, UnsafeMutableRawPointer?) -> iof_disposition)?
+    let hasDone: Bool
+    unowned(unsafe) var chain: Chain?
+    var position = 0
+    let timers = TimerSet()
+
+    init(plugin: LoadedPlugin, parameters: [String: String], diskName: String, vmName: String, size: UInt64,
+         readOnly: Bool, sidecarDirectory: String, logger: Logger) {
+        self.plugin = plugin
+        self.name = plugin.library.manifest.name
+        var logger = logger
+        logger[metadataKey: "filter"] = "\(plugin.library.manifest.name)"
+        self.logger = logger
+        self.parameters = parameters.mapValues { strdup($0)! }
+        let disk = strdup(diskName)!, vm = strdup(vmName)!, sidecar = strdup(sidecarDirectory)!
+        cStrings = [disk, vm, sidecar]
+        info = .allocate(capacity: 1)
+        info.initialize(to: iof_disk_info(
+            struct_size: UInt32(MemoryLayout<iof_disk_info>.size), disk_name: disk, vm_name: vm, size: size,
+            read_only: readOnly ? 1 : 0, sidecar_dir: sidecar))
+        let descriptor = plugin.library.descriptor.pointee
+        startFunction = descriptor.start!
+        doneFunction = descriptor.done
+        hasDone = descriptor.done != nil
+        switch plugin.library.manifest.threadModel {
+        case .parallel: serializer = nil
+        case .serializePerDisk: serializer = ConditionLock()
+        case .serializeAll: serializer = plugin.processWideLock
+        }
+    }
+
+    deinit {
+        parameters.values.forEach { free($0) }
+        cStrings.forEach { free($0) }
+        info.deallocate()
+    }
+
+    func bind(to chain: Chain, position: Int) {
+        self.chain = chain
+        self.position = position
+    }
+
+    var hostDisk: OpaquePointer { OpaquePointer(Unmanaged.passUnretained(self).toOpaque()) }
+
+    static func from(_ disk: OpaquePointer?) -> FilterInstance? {
+        disk.map { Unmanaged<FilterInstance>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
+    }
+
+    func parameter(_ key: String) -> UnsafePointer<CChar>? {
+        parameters[key].map { UnsafePointer($0) }
+    }
+
+    // MARK: lifecycle
+
+    /// Runs the plug-in's `attach` (first time the filter meets this disk).
+    func attach() throws(ChainError) {
+        guard let attach = plugin.library.descriptor.pointee.attach else { return }
+        let rc = serialized { attach(hostDisk, info) }
+        guard rc == 0 else { throw .filterRefused(filter: name, step: "attach", errno: rc) }
+    }
+
+    func detach() throws(ChainError) {
+        guard let detach = plugin.library.descriptor.pointee.detach else { return }
+        let rc = serialized { detach(hostDisk, info) }
+        guard rc == 0 else { throw .filterRefused(filter: name, step: "detach", errno: rc) }
+    }
+
+    func open() throws(ChainError) {
+        let open = plugin.library.descriptor.pointee.open!
+        var created: UnsafeMutableRawPointer?
+        let rc = serialized { open(hostDisk, info, &created) }
+        guard rc == 0 else { throw .filterRefused(filter: name, step: "open", errno: rc) }
+        instance = created
+    }
+
+    func close() {
+        timers.cancelAll()
+        guard instance != nil else { return }
+        let close = plugin.library.descriptor.pointee.close!
+        serialized { close(instance) }
+        instance = nil
+    }
+
+    func event(_ event: iof_disk_event) -> Int32 {
+        guard let handler = plugin.library.descriptor.pointee.event else { return 0 }
+        var copy = event
+        return serialized { handler(instance, &copy) }
+    }
+
+    func stats() -> [(String, Double)] {
+        guard let stats = plugin.library.descriptor.pointee.stats else { return [] }
+        final class Sink { var values: [(String, Double)] = [] }
+        let sink = Sink()
+        withExtendedLifetime(sink) {
+            serialized {
+                stats(instance, { context, key, value in
+                    guard let context, let key else { return }
+                    Unmanaged<Sink>.fromOpaque(context).takeUnretainedValue().values.append((String(cString: key), value))
+                }, Unmanaged.passUnretained(sink).toOpaque())
+            }
+        }
+        return sink.values
+    }
+
+    // MARK: the data path
+
+    @inline(__always)
+    func start(_ io: UnsafeMutablePointer<iof_request>, _ slot: UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> iof_disposition {
+        guard let serializer else { return startFunction(instance, io, slot) }
+        serializer.lock()
+        defer { serializer.unlock() }
+        return startFunction(instance, io, slot)
+    }
+
+    @inline(__always)
+    func done(_ io: UnsafeMutablePointer<iof_request>, _ slot: UnsafeMutableRawPointer?) -> iof_disposition {
+        guard let doneFunction else { return IOF_PASS }
+        guard let serializer else { return doneFunction(instance, io, slot) }
+        serializer.lock()
+        defer { serializer.unlock() }
+        return doneFunction(instance, io, slot)
+    }
+
+    private func serialized<T>(_ body: () -> T) -> T {
+        guard let serializer else { return body() }
+        serializer.lock()
+        defer { serializer.unlock() }
+        return body()
+    }
+
+    func logInvalidDisposition(_ disposition: iof_disposition, request: UnsafeMutablePointer<iof_request>) {
+        logger.error("returned invalid disposition \(disposition.rawValue) for request \(request.pointee.id); failing it with EIO")
+    }
+}
+
+/// A plug-in loaded into this process, with the lock a serialize-all plug-in shares
+/// across all of its disks.
+public final class LoadedPlugin: Sendable {
+    public let library: PluginLibrary
+    let processWideLock = ConditionLock()
+
+    public init(library: PluginLibrary) {
+        self.library = library
+    }
+
+    /// Calls the plug-in's `load` with the host services table.
+    public func load() throws(ChainError) {
+        guard let load = library.descriptor.pointee.load else { return }
+        let rc = load(HostServices.table)
+        guard rc == 0 else { throw .filterRefused(filter: library.manifest.name, step: "load", errno: rc) }
+    }
+
+    public func unload() {
+        library.descriptor.pointee.unload?()
+    }
+}
+
+public enum ChainError: Error, CustomStringConvertible, Sendable {
+    case filterRefused(filter: String, step: String, errno: Int32)
+    case backend(String)
+
+    public var description: String {
+        switch self {
+        case .filterRefused(let filter, let step, let code):
+            "\(filter): \(step) failed: \(String(cString: strerror(code))) (errno \(code))"
+        case .backend(let message):
+            message
+        }
+    }
+}

@@ -1,0 +1,194 @@
+import CSystemShims
+import Glibc
+import IOFilterPosix
+
+/// A child started with posix_spawn (fork+exec, never a bare fork of this
+/// multithreaded process), with chosen fds handed over at chosen numbers.
+public final class ChildProcess: @unchecked Sendable {
+    // @unchecked: `pid` and the pipe fds are fixed after spawn; `status` is guarded by `lock`.
+    public let pid: pid_t
+    /// The parent's end of the child's stdout, if captured.
+    public let stdoutFD: Int32?
+    private let lock = ConditionLock()
+    private var status: Int32?
+
+    public enum Output { case inherit, capture, discard }
+
+    /// - Parameters:
+    ///   - handOver: (fd in this process, fd number in the child); ≥ 3.
+    ///   - stdin: bytes written to the child's stdin, which is then closed.
+    public init(
+        executable: String, arguments: [String], handOver: [(Int32, Int32)] = [], stdin: [UInt8]? = nil,
+        stdout: Output = .capture, environment: [String: String] = [:]
+    ) throws(SystemError) {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        // The child starts with default signal handling and nothing blocked.
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGPIPE, SIGTERM, SIGINT, SIGCHLD, SIGHUP] { sigaddset(&defaults, signal) }
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+
+        var stdinPipe: [Int32] = [-1, -1]
+        var stdoutPipe: [Int32] = [-1, -1]
+        var temporaries: [Int32] = []
+        defer { temporaries.forEach { close($0) } }
+        if stdin != nil {
+            guard iof_pipe_cloexec(&stdinPipe) == 0 else { throw SystemError("pipe") }
+            posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], 0)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        }
+        switch stdout {
+        case .capture:
+            guard iof_pipe_cloexec(&stdoutPipe) == 0 else { throw SystemError("pipe") }
+            posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
+        case .discard:
+            posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        case .inherit:
+            break
+        }
+        // Copy each handed-over fd above any target number first, so that dup2 onto
+        // its target never clobbers another source (and always clears close-on-exec).
+        for (source, target) in handOver {
+            let copy = fcntl(source, F_DUPFD_CLOEXEC, 256)
+            guard copy >= 0 else { throw SystemError("dup fd \(source)") }
+            temporaries.append(copy)
+            posix_spawn_file_actions_adddup2(&actions, copy, target)
+        }
+
+        var environmentLines = Self.currentEnvironment()
+        for (key, value) in environment { environmentLines[key] = value }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = environmentLines.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var child = pid_t()
+        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, envp)
+        if stdinPipe[0] >= 0 { close(stdinPipe[0]) }
+        if stdoutPipe[1] >= 0 { close(stdoutPipe[1]) }
+        guard rc == 0 else {
+            if stdinPipe[1] >= 0 { close(stdinPipe[1]) }
+            if stdoutPipe[0] >= 0 { close(stdoutPipe[0]) }
+            throw SystemError("spawn \(executable)", code: rc)
+        }
+        pid = child
+        stdoutFD = stdoutPipe[0] >= 0 ? stdoutPipe[0] : nil
+        if let stdin {
+            // The child reads its input before doing anything else; a child that dies
+            // first just makes this write fail.
+            try? FileDescriptorIO.writeAll(stdinPipe[1], stdin)
+            close(stdinPipe[1])
+        }
+    }
+
+    deinit {
+        if let stdoutFD { close(stdoutFD) }
+    }
+
+    /// Waits for the child to exit, at most `timeout` seconds (nil: forever). Returns
+    /// the wait status, or nil on time-out.
+    public func wait(timeout: Double? = nil) -> Int32? {
+        if let status = lock.withLock({ self.status }) { return status }
+        let deadline = timeout.map { monotonicNanoseconds() + UInt64($0 * 1e9) }
+        var delay: useconds_t = 1000
+        while true {
+            var raw: Int32 = 0
+            let rc = waitpid(pid, &raw, deadline == nil ? 0 : WNOHANG)
+            if rc == pid {
+                lock.withLock { status = raw }
+                return raw
+            }
+            if rc < 0 && errno != EINTR { return lock.withLock { status } ?? -1 }
+            if let deadline {
+                if monotonicNanoseconds() >= deadline { return nil }
+                usleep(delay)
+                delay = min(delay * 2, 20_000)
+            }
+        }
+    }
+
+    public func signal(_ signal: Int32) {
+        if lock.withLock({ status }) == nil { kill(pid, signal) }
+    }
+
+    /// Reads captured stdout to EOF.
+    public func readAllOutput() -> [UInt8] {
+        guard let fd = stdoutFD else { return [] }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, 65536) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+        }
+        return bytes
+    }
+
+    /// Reads one line from captured stdout, or nil at EOF.
+    public func readLine() -> String? {
+        guard let fd = stdoutFD else { return nil }
+        var bytes: [UInt8] = []
+        var byte: UInt8 = 0
+        while true {
+            let n = read(fd, &byte, 1)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self) }
+            if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
+            bytes.append(byte)
+        }
+    }
+
+    static func currentEnvironment() -> [String: String] {
+        var result: [String: String] = [:]
+        var pointer = environ
+        while let entry = pointer.pointee {
+            let line = String(cString: entry)
+            if let equals = line.firstIndex(of: "=") {
+                result[String(line[..<equals])] = String(line[line.index(after: equals)...])
+            }
+            pointer += 1
+        }
+        return result
+    }
+
+    /// "killed by SIGSEGV", "exited with status 2".
+    public static func describe(status: Int32) -> String {
+        let signal = status & 0x7f
+        if signal == 0 { return "exited with status \((status >> 8) & 0xff)" }
+        let name = signalNames[signal] ?? "signal \(signal)"
+        return "killed by \(name)" + (status & 0x80 != 0 ? " (core dumped)" : "")
+    }
+
+    public static func exitCode(status: Int32) -> Int32? {
+        status & 0x7f == 0 ? (status >> 8) & 0xff : nil
+    }
+
+    static let signalNames: [Int32: String] = [
+        SIGSEGV: "SIGSEGV", SIGABRT: "SIGABRT", SIGKILL: "SIGKILL", SIGBUS: "SIGBUS", SIGILL: "SIGILL",
+        SIGFPE: "SIGFPE", SIGTERM: "SIGTERM", SIGSYS: "SIGSYS", SIGTRAP: "SIGTRAP", SIGINT: "SIGINT",
+    ]
+}
+
+/// Finds the iofilter-worker executable: $IOFILTER_WORKER, else beside this program.
+public enum WorkerExecutable {
+    public static func path() -> String {
+        if let explicit = getenv("IOFILTER_WORKER") { return String(cString: explicit) }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/exe", &buffer, Int(PATH_MAX))
+        let me = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+        let directory = me.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        return directory + "/iofilter-worker"
+    }
+}

@@ -1,0 +1,101 @@
+import Synchronization
+
+/// What an export can do, as the server advertises it in its transmission flags.
+public struct NBDExportFeatures: Sendable, Equatable {
+    public var readOnly: Bool
+    public var flush: Bool
+    public var fua: Bool
+    public var trim: Bool
+    public var writeZeroes: Bool
+    public var multiConn: Bool
+
+    public init(readOnly: Bool = false, flush: Bool = true, fua: Bool = true, trim: Bool = true,
+                writeZeroes: Bool = true, multiConn: Bool = true) {
+        self.readOnly = readOnly
+        self.flush = flush
+        self.fua = fua
+        self.trim = trim
+        self.writeZeroes = writeZeroes
+        self.multiConn = multiConn
+    }
+}
+
+/// A disk the server offers. The server validates every request (command, flags,
+/// range, length) before it reaches `submit`.
+public protocol NBDExport: AnyObject, Sendable {
+    var name: String { get }
+    var size: UInt64 { get }
+    var features: NBDExportFeatures { get }
+    /// Called once per request slot when the server creates it: per-request state the
+    /// export wants to reuse instead of allocating on every request.
+    func makeRequestContext(for request: NBDRequest) -> AnyObject?
+    /// Carries out the request and calls `request.complete(error:)` exactly once, either
+    /// before returning (served inline) or later from any thread (deferred).
+    func submit(_ request: NBDRequest)
+}
+
+/// Looks exports up by the name a client asks for.
+public protocol NBDExportCatalog: Sendable {
+    /// "" asks for the default export.
+    func export(named name: String) -> (any NBDExport)?
+    var exportNames: [String] { get }
+}
+
+/// One request in flight. The server reuses these objects, and their buffers, for the
+/// life of a connection: nothing is allocated per request in steady state.
+public final class NBDRequest: @unchecked Sendable {
+    // @unchecked: a request belongs to exactly one party at a time — the connection
+    // while parsing, then the export until `complete`, then the connection again.
+    // The hand-offs are ordered by `state`.
+    public internal(set) var command: NBDProtocol.Command = .read
+    public internal(set) var flags: NBDProtocol.CommandFlags = []
+    public internal(set) var offset: UInt64 = 0
+    public internal(set) var length: UInt32 = 0
+    /// READ: fill `length` bytes. WRITE: holds the payload.
+    public private(set) var buffer: UnsafeMutableRawPointer
+    public internal(set) var error: Int32 = 0
+    /// The export's per-slot state, from `makeRequestContext`.
+    public internal(set) var exportContext: AnyObject?
+
+    var cookie: UInt64 = 0
+    var capacity: Int
+    /// The reply header, kept with the request so that batches can point at it.
+    let replyHeader: UnsafeMutableRawPointer
+    unowned(unsafe) let connection: NBDConnection
+    /// submitting → (complete first) completedInline, or → deferred → (complete) finished.
+    let state = Atomic<UInt8>(0)
+
+    static let submitting: UInt8 = 0
+    static let completedDuringSubmit: UInt8 = 1
+    static let deferred: UInt8 = 2
+
+    init(connection: NBDConnection) {
+        self.connection = connection
+        self.capacity = 4096
+        self.buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        self.replyHeader = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.simpleReplySize, alignment: 8)
+    }
+
+    deinit {
+        buffer.deallocate()
+        replyHeader.deallocate()
+    }
+
+    func ensureCapacity(_ needed: Int) {
+        guard needed > capacity else { return }
+        buffer.deallocate()
+        var size = capacity
+        while size < needed { size *= 2 }
+        capacity = size
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+    }
+
+    /// Finishes the request: 0 or a positive errno. Call exactly once.
+    public func complete(error: Int32) {
+        self.error = error
+        if state.compareExchange(expected: Self.submitting, desired: Self.completedDuringSubmit, ordering: .acquiringAndReleasing).exchanged {
+            return  // the connection thread is still in submit and will reply in its batch
+        }
+        connection.replyDeferred(self)
+    }
+}

@@ -1,0 +1,210 @@
+import CSystemShims
+import Glibc
+import IOFilterPosix
+import Logging
+
+/// Serves a catalog of exports on listening sockets it is given. Each accepted client
+/// gets its own thread, which negotiates and then serves requests with blocking I/O.
+public final class NBDServer: Sendable {
+    public let catalog: any NBDExportCatalog
+    let logger: Logger
+
+    public init(catalog: any NBDExportCatalog, logger: Logger) {
+        self.catalog = catalog
+        self.logger = logger
+    }
+
+    /// Accepts clients on `listenFD` (a bound, listening socket) on a new thread, forever.
+    public func serve(listenFD: Int32) {
+        startThread(name: "nbd-accept") { [self] in
+            var connectionNumber = 0
+            while true {
+                let client = iof_accept_cloexec(listenFD)
+                if client < 0 {
+                    if errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE {
+                        if errno == EMFILE || errno == ENFILE { usleep(10_000) }
+                        continue
+                    }
+                    logger.error("accept failed: \(SystemError("accept"))")
+                    return
+                }
+                if Sockets.isTCP(client) { Sockets.setNoDelay(client) }
+                connectionNumber += 1
+                let id = connectionNumber
+                startThread(name: "nbd-conn-\(id)") { [self] in
+                    var connectionLogger = logger
+                    connectionLogger[metadataKey: "conn"] = "\(id)"
+                    Handshake(fd: client, catalog: catalog, logger: connectionLogger).run()
+                }
+            }
+        }
+    }
+}
+
+/// The fixed-newstyle negotiation phase for one client.
+struct Handshake {
+    let fd: Int32
+    let catalog: any NBDExportCatalog
+    let logger: Logger
+
+    private enum Outcome {
+        case serve(any NBDExport, noZeroes: Bool)
+        case close
+    }
+
+    func run() {
+        switch negotiate() {
+        case .serve(let export, _):
+            NBDConnection(fd: fd, export: export, logger: logger).run()
+        case .close:
+            close(fd)
+        }
+    }
+
+    private func negotiate() -> Outcome {
+        do {
+            var greeting = MessageWriter()
+            greeting.u64(NBDProtocol.initMagic)
+            greeting.u64(NBDProtocol.optionMagic)
+            greeting.u16(NBDProtocol.HandshakeFlags.fixedNewstyle | NBDProtocol.HandshakeFlags.noZeroes)
+            try FileDescriptorIO.writeAll(fd, greeting.bytes)
+
+            guard let flagBytes = try readBytes(4), let clientFlags = MessageReader(flagBytes).first32() else { return .close }
+            let known = NBDProtocol.ClientFlags.fixedNewstyle | NBDProtocol.ClientFlags.noZeroes
+            guard clientFlags & ~known == 0, clientFlags & NBDProtocol.ClientFlags.fixedNewstyle != 0 else {
+                logger.info("client flags \(clientFlags) not supported; closing")
+                return .close
+            }
+            let noZeroes = clientFlags & NBDProtocol.ClientFlags.noZeroes != 0
+
+            while true {
+                guard let header = try readBytes(16) else { return .close }
+                var reader = MessageReader(header)
+                guard reader.u64() == NBDProtocol.optionMagic, let option = reader.u32(), let length = reader.u32() else {
+                    logger.info("bad option magic; closing")
+                    return .close
+                }
+                guard length <= NBDProtocol.maxOptionLength else {
+                    logger.info("option \(option) of \(length) bytes is too long; closing")
+                    return .close
+                }
+                guard let data = try readBytes(Int(length)) else { return .close }
+                if let outcome = try handle(option: option, data: data, noZeroes: noZeroes) { return outcome }
+            }
+        } catch {
+            logger.debug("handshake ended: \(error)")
+            return .close
+        }
+    }
+
+    /// Returns an outcome when negotiation ends, nil to read the next option.
+    private func handle(option rawOption: UInt32, data: [UInt8], noZeroes: Bool) throws(SystemError) -> Outcome? {
+        guard let option = NBDProtocol.Option(rawValue: rawOption) else {
+            try reply(rawOption, .errUnsupported, message: "option \(rawOption) is not supported")
+            return nil
+        }
+        switch option {
+        case .exportName:
+            let name = String(decoding: data, as: UTF8.self)
+            guard let export = catalog.export(named: name) else {
+                logger.info("client asked for unknown export '\(name)'")
+                return .close  // the protocol has no error reply for EXPORT_NAME
+            }
+            var message = MessageWriter()
+            message.u64(export.size)
+            message.u16(Self.transmissionFlags(export).rawValue)
+            if !noZeroes { message.append([UInt8](repeating: 0, count: 124)) }
+            try FileDescriptorIO.writeAll(fd, message.bytes)
+            return .serve(export, noZeroes: noZeroes)
+
+        case .abort:
+            try? reply(rawOption, .ack)
+            return .close
+
+        case .list:
+            guard data.isEmpty else {
+                try reply(rawOption, .errInvalid, message: "LIST takes no data")
+                return nil
+            }
+            for name in catalog.exportNames {
+                var entry = MessageWriter()
+                entry.u32(UInt32(name.utf8.count))
+                entry.append(name)
+                try reply(rawOption, .server, data: entry.bytes)
+            }
+            try reply(rawOption, .ack)
+            return nil
+
+        case .info, .go:
+            var reader = MessageReader(data)
+            guard let nameLength = reader.u32(), let name = reader.string(count: Int(nameLength)),
+                let requestCount = reader.u16(), reader.remaining == Int(requestCount) * 2
+            else {
+                try reply(rawOption, .errInvalid, message: "malformed \(option == .go ? "GO" : "INFO") request")
+                return nil
+            }
+            var requested: [UInt16] = []
+            for _ in 0..<requestCount { requested.append(reader.u16() ?? 0) }
+            guard let export = catalog.export(named: name) else {
+                try reply(rawOption, .errUnknown, message: "no export named '\(name)'")
+                return nil
+            }
+            var info = MessageWriter()
+            info.u16(NBDProtocol.Info.export.rawValue)
+            info.u64(export.size)
+            info.u16(Self.transmissionFlags(export).rawValue)
+            try reply(rawOption, .info, data: info.bytes)
+            // Block sizes are always sent: clients that did not ask ignore them.
+            var sizes = MessageWriter()
+            sizes.u16(NBDProtocol.Info.blockSize.rawValue)
+            sizes.u32(1)
+            sizes.u32(4096)
+            sizes.u32(UInt32(NBDProtocol.maxPayload))
+            try reply(rawOption, .info, data: sizes.bytes)
+            if requested.contains(NBDProtocol.Info.name.rawValue) {
+                var named = MessageWriter()
+                named.u16(NBDProtocol.Info.name.rawValue)
+                named.append(export.name)
+                try reply(rawOption, .info, data: named.bytes)
+            }
+            try reply(rawOption, .ack)
+            return option == .go ? .serve(export, noZeroes: noZeroes) : nil
+
+        case .startTLS:
+            try reply(rawOption, .errPolicy, message: "TLS is not offered; use a unix socket or a private network")
+            return nil
+
+        case .structuredReply, .listMetaContext, .setMetaContext, .extendedHeaders:
+            try reply(rawOption, .errUnsupported, message: "option \(option) is not supported")
+            return nil
+        }
+    }
+
+    static func transmissionFlags(_ export: any NBDExport) -> NBDProtocol.TransmissionFlags {
+        let features = export.features
+        var flags: NBDProtocol.TransmissionFlags = [.hasFlags]
+        if features.readOnly { flags.insert(.readOnly) }
+        if features.flush { flags.insert(.sendFlush) }
+        if features.fua && !features.readOnly { flags.insert(.sendFUA) }
+        if features.trim && !features.readOnly { flags.insert(.sendTrim) }
+        if features.writeZeroes && !features.readOnly { flags.insert(.sendWriteZeroes) }
+        if features.multiConn { flags.insert(.canMultiConn) }
+        return flags
+    }
+
+    private func reply(_ option: UInt32, _ type: NBDProtocol.Reply, data: [UInt8] = [], message: String? = nil) throws(SystemError) {
+        var payload = data
+        if let message { payload = Array(message.utf8) }
+        var header = MessageWriter()
+        header.u64(NBDProtocol.optionReplyMagic)
+        header.u32(option)
+        header.u32(type.rawValue)
+        header.u32(UInt32(payload.count))
+        header.append(payload)
+        try FileDescriptorIO.writeAll(fd, header.bytes)
+    }
+
+    private func readBytes(_ count: Int) throws(SystemError) -> [UInt8]? {
+        try FileDescriptorIO.readBytes(fd, count: count)
+    }
+}

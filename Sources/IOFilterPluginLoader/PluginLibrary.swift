@@ -1,0 +1,58 @@
+import CIOFilter
+import Glibc
+import IOFilterModel
+
+/// A plug-in shared object loaded into this process, its descriptor checked.
+///
+/// Loading runs the object's constructors and its entry point: untrusted code. Only
+/// sandboxed processes (workers and validators) load plug-ins; the host never does.
+public final class PluginLibrary: @unchecked Sendable {
+    // @unchecked: the handle and descriptor are immutable after init and the
+    // descriptor is read-only by ABI contract.
+    public let manifest: PluginManifest
+    public let descriptor: UnsafePointer<iof_plugin>
+    private let handle: UnsafeMutableRawPointer
+
+    /// dlopen's the object, calls its entry point and checks the descriptor against ABI v1.
+    public init(path: String) throws(ValidationError) {
+        dlerror()
+        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+            let reason = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
+            throw .loadFailed(path: path, reason: "cannot load: \(Self.shorten(reason, path: path))")
+        }
+        guard let symbol = dlsym(handle, IOF_PLUGIN_ENTRY_SYMBOL) else {
+            dlclose(handle)
+            throw .loadFailed(path: path, reason: "does not export \(IOF_PLUGIN_ENTRY_SYMBOL); is it an iofilter plug-in?")
+        }
+        let entry = unsafeBitCast(symbol, to: (@convention(c) () -> UnsafePointer<iof_plugin>?).self)
+        guard let descriptor = entry() else {
+            dlclose(handle)
+            throw .loadFailed(path: path, reason: "\(IOF_PLUGIN_ENTRY_SYMBOL)() returned NULL")
+        }
+        do {
+            self.manifest = try DescriptorReader.read(descriptor, path: path)
+            try manifest.validate()
+        } catch {
+            dlclose(handle)
+            throw error
+        }
+        self.handle = handle
+        self.descriptor = descriptor
+    }
+
+    /// The plug-in's management function for `operation`, if it declared one by that name.
+    func managementFunction(named name: String) -> UnsafePointer<iof_mgmt_op>? {
+        let plugin = descriptor.pointee
+        guard let ops = plugin.mgmt_ops else { return nil }
+        for index in 0..<Int(plugin.mgmt_op_count) where String(cString: ops[index].name) == name {
+            return ops + index
+        }
+        return nil
+    }
+
+    /// dlerror repeats the path; keep the reason.
+    private static func shorten(_ reason: String, path: String) -> String {
+        let prefix = path + ": "
+        return reason.hasPrefix(prefix) ? String(reason.dropFirst(prefix.count)) : reason
+    }
+}

@@ -1,0 +1,116 @@
+import Glibc
+
+/// Blocking I/O on raw file descriptors that retries EINTR and short transfers: the
+/// handful of loops every socket and file user would otherwise write again.
+public enum FileDescriptorIO {
+    /// Reads exactly `count` bytes. Returns false on EOF before the first byte or after
+    /// some bytes (a truncated stream); throws on errors.
+    public static func readExactly(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> Bool {
+        var done = 0
+        while done < count {
+            let n = read(fd, buffer + done, count - done)
+            if n > 0 {
+                done += n
+            } else if n == 0 {
+                return false
+            } else if errno != EINTR {
+                throw SystemError("read")
+            }
+        }
+        return true
+    }
+
+    /// Reads exactly `count` bytes into a new array; nil on EOF first. For handshakes,
+    /// not the data path.
+    public static func readBytes(_ fd: Int32, count: Int) throws(SystemError) -> [UInt8]? {
+        guard count > 0 else { return [] }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 8)
+        defer { buffer.deallocate() }
+        guard try readExactly(fd, into: buffer, count: count) else { return nil }
+        return Array(UnsafeRawBufferPointer(start: buffer, count: count))
+    }
+
+    /// Reads whatever is available, up to `count`; 0 means EOF.
+    public static func readSome(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> Int {
+        while true {
+            let n = read(fd, buffer, count)
+            if n >= 0 { return n }
+            if errno != EINTR { throw SystemError("read") }
+        }
+    }
+
+    public static func writeAll(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int) throws(SystemError) {
+        var done = 0
+        while done < count {
+            let n = write(fd, buffer + done, count - done)
+            if n >= 0 {
+                done += n
+            } else if errno != EINTR {
+                throw SystemError("write")
+            }
+        }
+    }
+
+    public static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(SystemError) {
+        let failure: SystemError? = bytes.withUnsafeBytes { raw in
+            do throws(SystemError) {
+                try writeAll(fd, raw.baseAddress!, count: raw.count)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Writes every byte of `vectors` (which it may modify while advancing).
+    public static func writeAll(_ fd: Int32, vectors: UnsafeMutablePointer<iovec>, count: Int) throws(SystemError) {
+        var first = 0
+        while first < count {
+            let n = writev(fd, vectors + first, Int32(min(count - first, 1024 /* IOV_MAX */)))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("writev")
+            }
+            var left = n
+            while first < count && left >= vectors[first].iov_len {
+                left -= vectors[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                vectors[first].iov_base = vectors[first].iov_base + left
+                vectors[first].iov_len -= left
+            }
+        }
+    }
+
+    public static func preadAll(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64) -> Int32 {
+        var done = 0
+        while done < count {
+            let n = pread(fd, buffer + done, count - done, off_t(offset) + off_t(done))
+            if n > 0 {
+                done += n
+            } else if n == 0 {
+                // Past the end of the file: a sparse tail reads as zeroes.
+                memset(buffer + done, 0, count - done)
+                return 0
+            } else if errno != EINTR {
+                return errno
+            }
+        }
+        return 0
+    }
+
+    public static func pwriteAll(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int, offset: UInt64) -> Int32 {
+        var done = 0
+        while done < count {
+            let n = pwrite(fd, buffer + done, count - done, off_t(offset) + off_t(done))
+            if n >= 0 {
+                done += n
+            } else if errno != EINTR {
+                return errno
+            }
+        }
+        return 0
+    }
+}

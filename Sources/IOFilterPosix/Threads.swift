@@ -1,0 +1,88 @@
+import CSystemShims
+import Glibc
+
+/// Starts a detached OS thread. The data path runs on plain threads with blocking
+/// I/O: one per connection, so a request served from the page cache never hops.
+public func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
+    final class Box: @unchecked Sendable {
+        // @unchecked: handed from the creating thread to the new one exactly once.
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ body: @escaping @Sendable () -> Void, name: String) {
+            self.body = body
+            self.name = name
+        }
+    }
+    let box = Unmanaged.passRetained(Box(body, name: name)).toOpaque()
+    var attributes = pthread_attr_t()
+    pthread_attr_init(&attributes)
+    pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+    pthread_attr_setstacksize(&attributes, 1 << 20)
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, &attributes, { raw in
+        let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+        _ = iof_set_thread_name(String(box.name.prefix(15)))
+        box.body()
+        return nil
+    }, box)
+    pthread_attr_destroy(&attributes)
+    precondition(rc == 0, "pthread_create failed: \(rc)")
+}
+
+/// A mutex with a condition variable, for the few places that must wait for a state
+/// change made by another thread (a free request slot, requests draining).
+public final class ConditionLock: @unchecked Sendable {
+    // @unchecked: the pthread objects are heap-allocated once and only used through
+    // their own locking functions.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        condition.deallocate()
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+
+    /// Waits (lock held) until signalled.
+    public func wait() { pthread_cond_wait(condition, mutex) }
+
+    /// Waits (lock held) until signalled or `nanoseconds` pass; false on time-out.
+    public func wait(nanoseconds: UInt64) -> Bool {
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let total = UInt64(deadline.tv_nsec) + nanoseconds
+        deadline.tv_sec += Int(total / 1_000_000_000)
+        deadline.tv_nsec = Int(total % 1_000_000_000)
+        return pthread_cond_timedwait(condition, mutex, &deadline) == 0
+    }
+
+    public func broadcast() { pthread_cond_broadcast(condition) }
+    public func signal() { pthread_cond_signal(condition) }
+}
+
+/// Monotonic time in nanoseconds; the coarse clock is a few nanoseconds to read and
+/// plenty for watchdogs and lag figures.
+public func monotonicNanoseconds(coarse: Bool = false) -> UInt64 {
+    var now = timespec()
+    clock_gettime(coarse ? CLOCK_MONOTONIC_COARSE : CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}

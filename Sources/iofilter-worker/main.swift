@@ -1,0 +1,141 @@
+// iofilter-worker — the sandboxed process that loads plug-ins.
+//
+//   iofilter-worker serve                   serve a VM's disks; configuration as JSON on
+//                                           stdin, listening sockets as fds 3, 4, …;
+//                                           prints READY on stdout once serving
+//   iofilter-worker validate PLUGIN.so      print the plug-in's manifest as JSON
+//   iofilter-worker call PLUGIN.so OP ARG…  call a management operation, print the result
+//
+// It is started by the host (never by hand) and confines itself before any plug-in
+// code runs: whatever a plug-in does, only this process suffers.
+import Foundation
+import IOFilterChain
+import IOFilterModel
+import IOFilterNBD
+import IOFilterPluginLoader
+import IOFilterSandbox
+import Logging
+
+signal(SIGPIPE, SIG_IGN)
+
+let arguments = Array(CommandLine.arguments.dropFirst())
+let mode = arguments.first ?? ""
+let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+LoggingSystem.bootstrap { label in
+    var handler = StreamLogHandler.standardError(label: label)
+    handler.logLevel = level
+    return handler
+}
+var logger = Logger(label: "iofilter.worker")
+
+func emit(_ value: some Encodable) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
+    FileHandle.standardOutput.write(data + Data("\n".utf8))
+}
+
+struct Failure: Encodable { let error: String }
+struct CallResult: Encodable { let type: String; let value: String }
+
+@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32) {
+    var sandbox = Sandbox()
+    sandbox.readExecutePaths = readExecute
+    sandbox.readWritePaths = readWrite
+    sandbox.keepFDsBelow = keepFDsBelow
+    do {
+        _ = try sandbox.apply(logger: logger)
+    } catch {
+        logger.critical("\(error)")
+        exit(70)
+    }
+}
+
+func absolute(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+switch mode {
+case "validate" where arguments.count == 2:
+    let path = absolute(arguments[1])
+    confine(readExecute: [path], readWrite: [], keepFDsBelow: 3)
+    do {
+        let library = try PluginLibrary(path: path)
+        emit(library.manifest)
+        exit(0)
+    } catch {
+        emit(Failure(error: error.description))
+        exit(2)
+    }
+
+case "call" where arguments.count >= 3:
+    let path = absolute(arguments[1])
+    confine(readExecute: [path], readWrite: [], keepFDsBelow: 3)
+    do {
+        let plugin = LoadedPlugin(library: try PluginLibrary(path: path))
+        try plugin.load()
+        let operation = plugin.library.manifest.operation(named: arguments[2])
+        let value = try plugin.library.callManagementOperation(arguments[2], arguments: Array(arguments.dropFirst(3)))
+        emit(CallResult(type: operation?.returnType.rawValue ?? "void", value: value.description))
+        exit(0)
+    } catch let error as ValidationError {
+        emit(Failure(error: error.description))
+        exit(2)
+    } catch {
+        emit(Failure(error: "\(error)"))
+        exit(2)
+    }
+
+case "serve" where arguments.count == 1:
+    let input = FileHandle.standardInput.readDataToEndOfFile()
+    guard let configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: input) else {
+        logger.critical("serve: no valid configuration on standard input")
+        exit(64)
+    }
+    logger = Logger(label: "iofilter.worker")
+    logger[metadataKey: "vm"] = "\(configuration.vmName)"
+    // Signals are taken by sigwait below; block them before any thread starts.
+    var signals = sigset_t()
+    sigemptyset(&signals)
+    sigaddset(&signals, SIGTERM)
+    sigaddset(&signals, SIGINT)
+    pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+    let listenFDs = configuration.disks.map(\.listenFD)
+    if configuration.sandbox {
+        var readWrite = [configuration.stateDirectory]
+        var readExecute: [String] = []
+        for disk in configuration.disks {
+            if case .file(let path) = disk.backend { readWrite.append(path) }
+            readExecute += disk.filters.map(\.manifest.path)
+        }
+        try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
+        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: (listenFDs.max() ?? 2) + 1)
+    }
+    guard chdir(configuration.stateDirectory) == 0 else {
+        logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")
+        exit(71)
+    }
+    let runtime = WorkerRuntime(configuration: configuration, logger: logger)
+    do {
+        try runtime.loadPlugins()
+        let exports = try runtime.openDisks()
+        for (disk, export) in zip(configuration.disks, exports) {
+            NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger).serve(listenFD: disk.listenFD)
+        }
+    } catch {
+        logger.critical("cannot start: \(error)")
+        exit(72)
+    }
+    runtime.startWatchdog()
+    FileHandle.standardOutput.write(Data("READY\n".utf8))
+    var received: Int32 = 0
+    sigwait(&signals, &received)
+    logger.info("signal \(received): closing filters and disks")
+    runtime.shutdown()
+    exit(0)
+
+default:
+    FileHandle.standardError.write(Data("usage: iofilter-worker serve | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
+    exit(64)
+}

@@ -1,0 +1,47 @@
+import ArgumentParser
+import Foundation
+import IOFilterHost
+import IOFilterModel
+import Logging
+
+@main
+struct IOFilterCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "iofilter",
+        abstract: "Validate, try and manage I/O filter plug-ins for virtual disks.",
+        discussion: """
+            Plug-ins are shared objects built against include/iofilter.h. Every plug-in is \
+            loaded in a sandboxed worker process, never in this one.
+
+            Try a plug-in against real clients in one line:
+              iofilter serve disk.img --size 1G --filter ./myfilter.so
+              qemu-img info 'nbd+unix:///disk.img?socket=/tmp/…'
+            """,
+        subcommands: [Plugin.self, Serve.self])
+
+    struct Plugin: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check plug-ins and call their management operations.",
+            subcommands: [Validate.self, Call.self])
+    }
+}
+
+/// Logging to stderr at a level chosen by IOFILTER_LOG_LEVEL (default info).
+func bootstrapLogging() {
+    let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = level
+        return handler
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+}
+
+func jsonLine(_ value: some Encodable) -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return String(decoding: (try? encoder.encode(value)) ?? Data(), as: UTF8.self)
+}

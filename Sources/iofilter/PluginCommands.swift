@@ -1,0 +1,133 @@
+import ArgumentParser
+import Foundation
+import IOFilterHost
+import IOFilterModel
+
+extension IOFilterCommand.Plugin {
+    struct Validate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate plug-ins, each alone and then together as one chain.",
+            discussion: """
+                Each plug-in is loaded in a sandboxed process with a time limit, so one that \
+                crashes or hangs is reported, not fatal. The chain is printed in the order a \
+                request meets it: inspection, replication, encryption, cache, qos. \
+                Exit status 0 means every plug-in and the chain are valid.
+                """)
+
+        @Argument(help: "Plug-in shared objects (.so).")
+        var plugins: [String]
+
+        @Flag(help: "Print {\"plugins\": [...], \"chain\": [{\"name\", \"category\"}...]}.")
+        var json = false
+
+        @Option(help: "Seconds a plug-in may take to load.")
+        var timeout: Double = 10
+
+        func validate() throws {
+            guard !plugins.isEmpty else { throw ValidationError("give at least one plug-in") }
+        }
+
+        func run() throws {
+            let validator = PluginValidator(timeout: timeout)
+            let results = validator.validateAll(plugins)
+            var manifests: [PluginManifest] = []
+            var problems: [String] = []
+            for result in results {
+                switch result {
+                case .success(let manifest): manifests.append(manifest)
+                case .failure(let error): problems.append(error.description)
+                }
+            }
+            var chain: [PlannedFilter] = []
+            if problems.isEmpty {
+                do {
+                    chain = try FilterChain.plan(manifests.map { FilterSelection(manifest: $0) })
+                } catch {
+                    problems.append(error.description)
+                }
+            }
+            struct Link: Encodable { let name: String; let category: String }
+            struct Report: Encodable {
+                let plugins: [PluginManifest]
+                let chain: [Link]
+                let errors: [String]?
+            }
+            if json {
+                print(jsonLine(Report(
+                    plugins: manifests, chain: chain.map { Link(name: $0.manifest.name, category: $0.manifest.category.rawValue) },
+                    errors: problems.isEmpty ? nil : problems)))
+            } else if problems.isEmpty {
+                for manifest in manifests {
+                    print("ok  \(manifest.name) \(manifest.version) (\(manifest.category.rawValue), \(manifest.vendor))  \(manifest.path)")
+                }
+                print("chain: consumer -> " + chain.map { "\($0.manifest.name) [\($0.manifest.category.rawValue)]" }.joined(separator: " -> ") + " -> disk")
+            }
+            for problem in problems { printError(problem) }
+            if !problems.isEmpty { throw ExitCode(1) }
+        }
+    }
+
+    struct Call: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Call a plug-in's management operation.",
+            discussion: """
+                Arguments are converted to the C types the plug-in declared and checked \
+                before the call; the call itself runs through libffi in a sandboxed process. \
+                Without OP, lists the operations the plug-in declares.
+                """)
+
+        @Argument(help: "The plug-in shared object.")
+        var plugin: String
+
+        @Argument(help: "The operation's name.")
+        var operation: String?
+
+        @Argument(parsing: .captureForPassthrough, help: "The operation's arguments.")
+        var arguments: [String] = []
+
+        @Flag(help: "Print {\"type\", \"value\"}.")
+        var json = false
+
+        func run() throws {
+            let validator = PluginValidator()
+            guard let operation else {
+                switch validator.validate(plugin) {
+                case .failure(let error):
+                    printError(error.description)
+                    throw ExitCode(1)
+                case .success(let manifest):
+                    if manifest.operations.isEmpty { print("\(manifest.name) declares no management operations") }
+                    for op in manifest.operations { print("\(op.signature)  \(op.description)") }
+                    return
+                }
+            }
+            switch validator.call(plugin, operation: operation, arguments: arguments) {
+            case .failure(let error):
+                printError(error.description)
+                throw ExitCode(1)
+            case .success(let value):
+                struct Reply: Encodable { let type: String; let value: String }
+                if json {
+                    print(jsonLine(Reply(type: value.typeName, value: value.description)))
+                } else {
+                    print(value.description)
+                }
+            }
+        }
+    }
+}
+
+extension ManagementValue {
+    var typeName: String {
+        switch self {
+        case .void: "void"
+        case .int32: "int32"
+        case .int64: "int64"
+        case .uint32: "uint32"
+        case .uint64: "uint64"
+        case .double: "double"
+        case .bool: "bool"
+        case .string: "string"
+        }
+    }
+}

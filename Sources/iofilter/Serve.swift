@@ -1,0 +1,184 @@
+import ArgumentParser
+import Foundation
+import IOFilterHost
+import IOFilterModel
+import IOFilterNBD
+import IOFilterPosix
+import Logging
+
+extension IOFilterCommand {
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve one disk over NBD through a filter chain in a sandboxed worker.",
+            discussion: """
+                Prints the NBD URI on stdout once the disk is being served, then runs until \
+                interrupted. Filters are put in category order whatever the order given. \
+                If the worker dies (a crashing filter, kill -9) it is restarted on the same \
+                socket; clients reconnect.
+
+                Examples:
+                  iofilter serve disk.img --size 1G --filter passthrough-c.so
+                  iofilter serve disk.img --filter cache.so:size=256M,mode=write-back --port 10809
+                  iofilter serve nbd://127.0.0.1:10810/ --filter cache.so
+                """)
+
+        @Argument(help: "A raw image file, or an NBD URI to use as the backend.")
+        var disk: String
+
+        @Option(help: ArgumentHelp("Create the file with this size if it does not exist (or grow it). Suffixes K, M, G, T.", valueName: "size"))
+        var size: String?
+
+        @Option(name: .customLong("filter"), help: ArgumentHelp("A plug-in and its parameters.", valueName: "plugin.so[:key=value,...]"))
+        var filters: [String] = []
+
+        @Option(help: ArgumentHelp("Serve on this unix socket (default: a new one under $TMPDIR).", valueName: "path"))
+        var socket: String?
+
+        @Option(help: ArgumentHelp("Serve on this TCP port instead of a unix socket.", valueName: "port"))
+        var port: UInt16?
+
+        @Option(help: ArgumentHelp("The address to listen on with --port.", valueName: "address"))
+        var bind: String = "127.0.0.1"
+
+        @Flag(help: "Refuse writes.")
+        var readonly = false
+
+        @Option(help: ArgumentHelp("Where filters keep their sidecar state (default: DISK.iofilter beside a file).", valueName: "dir"))
+        var stateDir: String?
+
+        @Option(help: ArgumentHelp("Kill the worker when a request sits this long in one filter.", valueName: "seconds"))
+        var watchdog: Double = 30
+
+        func validate() throws {
+            if socket != nil && port != nil { throw ValidationError("give --socket or --port, not both") }
+            if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
+            if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
+        }
+
+        func run() throws {
+            bootstrapLogging()
+            let logger = Logger(label: "iofilter.serve")
+            let isURI = NBDURI(disk) != nil
+            if disk.hasPrefix("nbd") && !isURI { fail("'\(disk)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }
+            let diskPath = isURI ? disk : absolute(disk)
+            if !isURI { prepareFile(diskPath) }
+
+            var selections: [(path: String, parameters: [String: String])] = []
+            for filter in filters {
+                do {
+                    selections.append(try Self.parseFilter(filter))
+                } catch {
+                    fail("\(error)")
+                }
+            }
+            let planned: [PlannedFilter]
+            switch PluginValidator().validateChain(selections.map { (absolute($0.path), $0.parameters) }) {
+            case .failure(let error): fail(error.description)
+            case .success(let chain): planned = chain
+            }
+
+            let name = isURI ? "disk" : (diskPath.split(separator: "/").last.map(String.init) ?? "disk")
+            let listenFD: Int32
+            let uri: NBDURI
+            var socketPath: String?
+            do {
+                if let port {
+                    listenFD = try Sockets.listenTCP(host: bind, port: port)
+                    uri = .tcp(host: bind, port: Sockets.localPort(listenFD), export: name)
+                } else {
+                    let path = socket.map(absolute) ?? Self.defaultSocketPath(name: name)
+                    listenFD = try Sockets.listenUnix(path: path)
+                    socketPath = path
+                    uri = .unix(socket: path, export: name)
+                }
+            } catch {
+                fail("cannot listen: \(error)")
+            }
+
+            let stateDirectory = stateDir.map(absolute) ?? (isURI ? Self.defaultStateDirectory(for: disk) : diskPath + ".iofilter")
+            let configuration = WorkerConfiguration(
+                vmName: "serve-\(getpid())", stateDirectory: stateDirectory,
+                disks: [DiskConfiguration(
+                    name: name, backend: isURI ? .nbd(uri: disk) : .file(path: diskPath), readOnly: readonly,
+                    filters: planned, listenFD: 3)],
+                watchdogSeconds: watchdog,
+                logLevel: ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"] ?? "info")
+            try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
+            let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
+
+            // Take SIGINT/SIGTERM on a waiting thread, before any other thread starts.
+            var signals = sigset_t()
+            sigemptyset(&signals)
+            sigaddset(&signals, SIGINT)
+            sigaddset(&signals, SIGTERM)
+            pthread_sigmask(SIG_BLOCK, &signals, nil)
+            signal(SIGPIPE, SIG_IGN)
+
+            do {
+                try supervisor.start()
+            } catch {
+                if let socketPath { unlink(socketPath) }
+                fail("\(error)")
+            }
+            // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
+            FileHandle.standardOutput.write(Data((uri.description + "\n").utf8))
+            var received: Int32 = 0
+            sigwait(&signals, &received)
+            logger.info("stopping")
+            supervisor.stop()
+            if let socketPath { unlink(socketPath) }
+        }
+
+        private func prepareFile(_ path: String) {
+            let wanted = size.flatMap(ParameterSpec.parseSize).map(UInt64.init)
+            var info = stat()
+            if stat(path, &info) != 0 {
+                guard let wanted else { fail("\(path): no such file; give --size to create it") }
+                guard !readonly else { fail("\(path): no such file (and --readonly cannot create it)") }
+                let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+                guard fd >= 0, ftruncate(fd, off_t(wanted)) == 0 else { fail("cannot create \(path): \(String(cString: strerror(errno)))") }
+                close(fd)
+            } else if let wanted, (info.st_mode & S_IFMT) == S_IFREG, UInt64(info.st_size) != wanted {
+                guard UInt64(info.st_size) < wanted else {
+                    fail("\(path) is \(info.st_size) bytes, larger than --size \(wanted); shrinking would lose data")
+                }
+                guard truncate(path, off_t(wanted)) == 0 else { fail("cannot grow \(path): \(String(cString: strerror(errno)))") }
+            }
+        }
+
+        /// "plugin.so:key=value,key=value" → (path, parameters).
+        static func parseFilter(_ text: String) throws -> (path: String, parameters: [String: String]) {
+            guard let split = text.range(of: ".so:") else { return (text, [:]) }
+            let path = String(text[..<text.index(split.lowerBound, offsetBy: 3)])
+            var parameters: [String: String] = [:]
+            for pair in text[split.upperBound...].split(separator: ",") {
+                guard let equals = pair.firstIndex(of: "="), equals != pair.startIndex else {
+                    throw ValidationError("--filter \(text): '\(pair)' is not key=value")
+                }
+                let key = String(pair[..<equals])
+                guard parameters[key] == nil else { throw ValidationError("--filter \(text): '\(key)' is given twice") }
+                parameters[key] = String(pair[pair.index(after: equals)...])
+            }
+            return (path, parameters)
+        }
+
+        static func defaultSocketPath(name: String) -> String {
+            let directory = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
+            return "\(directory)/iofilter-\(getpid())-\(name.prefix(40)).sock"
+        }
+
+        static func defaultStateDirectory(for uri: String) -> String {
+            let safe = uri.map { $0.isLetter || $0.isNumber ? $0 : "_" }
+            return "/var/tmp/iofilter-serve/\(String(safe).suffix(80))"
+        }
+    }
+}
+
+func absolute(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+func fail(_ message: String) -> Never {
+    printError(message)
+    Foundation.exit(1)
+}
