@@ -183,6 +183,10 @@ public final class ChildProcess: @unchecked Sendable {
 
 /// Finds the iofilter-worker executable: $IOFILTER_WORKER, else beside this program.
 public enum WorkerExecutable {
+    /// Added to every worker's environment. The Swift runtime's crash backtracer would
+    /// try to exec a helper, which the sandbox refuses: the host reports crashes itself.
+    public static let environment = ["SWIFT_BACKTRACE": "enable=no"]
+
     public static func path() -> String {
         if let explicit = getenv("IOFILTER_WORKER") { return String(cString: explicit) }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)

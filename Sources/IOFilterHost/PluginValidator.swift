@@ -23,6 +23,7 @@ public struct PluginValidator: Sendable {
             return .failure(.loadFailed(path: path, reason: error.reason))
         case .success(let output):
             if let manifest = try? JSONDecoder().decode(PluginManifest.self, from: output) { return .success(manifest) }
+            if let error = Self.reportedError(output) { return .failure(error) }
             return .failure(.loadFailed(path: path, reason: Self.errorText(output) ?? "the validator printed no manifest"))
         }
     }
@@ -79,6 +80,7 @@ public struct PluginValidator: Sendable {
             if let reply = try? JSONDecoder().decode(Reply.self, from: output), let type = ValueType(rawValue: reply.type) {
                 return .success(type == .void ? .void : ManagementValue.parse(reply.value, as: type) ?? .string(reply.value))
             }
+            if let error = Self.reportedError(output) { return .failure(error) }
             return .failure(.badManagementCall(plugin: manifest.name, reason: Self.errorText(output) ?? "no result"))
         }
     }
@@ -87,7 +89,8 @@ public struct PluginValidator: Sendable {
     private func runWorker(_ arguments: [String], what: String) -> Result<Data, WorkerFailure> {
         let child: ChildProcess
         do {
-            child = try ChildProcess(executable: workerPath, arguments: arguments, stdout: .capture)
+            child = try ChildProcess(
+                executable: workerPath, arguments: arguments, stdout: .capture, environment: WorkerExecutable.environment)
         } catch {
             return .failure(WorkerFailure("cannot start the sandboxed validator \(workerPath): \(error)"))
         }
@@ -118,6 +121,11 @@ public struct PluginValidator: Sendable {
 
     private func absolute(_ path: String) -> String {
         path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+    }
+
+    static func reportedError(_ output: Data) -> ValidationError? {
+        struct Failure: Decodable { let detail: ValidationError? }
+        return (try? JSONDecoder().decode(Failure.self, from: output))?.detail
     }
 
     static func errorText(_ output: Data) -> String? {

@@ -91,7 +91,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
         let process = try ChildProcess(
             executable: workerPath, arguments: ["serve"], handOver: handOver, stdin: Array(input), stdout: .capture,
-            environment: ["IOFILTER_LOG_LEVEL": configuration.logLevel])
+            environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
         let ready = WaitForLine(process: process)
         let sawReady = ready.wait(timeout: readyTimeout)
         if sawReady {

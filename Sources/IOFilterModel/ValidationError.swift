@@ -1,6 +1,6 @@
 /// Why a plug-in, a set of plug-ins, or a parameter was refused. Every case names what
 /// was wrong and where, in one line an operator can act on.
-public enum ValidationError: Error, Sendable, Equatable, CustomStringConvertible {
+public enum ValidationError: Error, Sendable, Equatable, Codable, CustomStringConvertible {
     /// The object could not be loaded or its descriptor could not be read.
     case loadFailed(path: String, reason: String)
     /// The descriptor was read but breaks a rule of the ABI.

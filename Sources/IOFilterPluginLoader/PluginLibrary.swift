@@ -18,7 +18,9 @@ public final class PluginLibrary: @unchecked Sendable {
         dlerror()
         guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
-            throw .loadFailed(path: path, reason: "cannot load: \(Self.shorten(reason, path: path))")
+            let short = Self.shorten(reason, path: path)
+            let notELF = short.contains("invalid ELF header") || short.contains("file too short")
+            throw .loadFailed(path: path, reason: notELF ? "not a shared object (\(short))" : "cannot load: \(short)")
         }
         guard let symbol = dlsym(handle, IOF_PLUGIN_ENTRY_SYMBOL) else {
             dlclose(handle)

@@ -35,7 +35,18 @@ func emit(_ value: some Encodable) {
     FileHandle.standardOutput.write(data + Data("\n".utf8))
 }
 
-struct Failure: Encodable { let error: String }
+struct Failure: Encodable {
+    let error: String
+    let detail: ValidationError?
+    init(_ error: ValidationError) {
+        self.error = error.description
+        self.detail = error
+    }
+    init(message: String) {
+        self.error = message
+        self.detail = nil
+    }
+}
 struct CallResult: Encodable { let type: String; let value: String }
 
 @MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32) {
@@ -64,7 +75,7 @@ case "validate" where arguments.count == 2:
         emit(library.manifest)
         exit(0)
     } catch {
-        emit(Failure(error: error.description))
+        emit(Failure(error))
         exit(2)
     }
 
@@ -79,10 +90,10 @@ case "call" where arguments.count >= 3:
         emit(CallResult(type: operation?.returnType.rawValue ?? "void", value: value.description))
         exit(0)
     } catch let error as ValidationError {
-        emit(Failure(error: error.description))
+        emit(Failure(error))
         exit(2)
     } catch {
-        emit(Failure(error: "\(error)"))
+        emit(Failure(message: "\(error)"))
         exit(2)
     }
 

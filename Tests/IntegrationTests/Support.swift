@@ -1,1 +1,217 @@
+import Foundation
 import Testing
+
+/// Paths and helpers shared by the integration tests: they run the real binaries
+/// SwiftPM built next to the test bundle, build real plug-ins with `cc`, and drive
+/// real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy, fio).
+enum Harness {
+    static let repository: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static let binDirectory: URL = {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var url = URL(fileURLWithPath: me)
+        while url.path != "/" && !FileManager.default.fileExists(atPath: url.appendingPathComponent("iofilter").path) {
+            url = url.deletingLastPathComponent()
+        }
+        return url
+    }()
+
+    static var iofilter: String { binDirectory.appendingPathComponent("iofilter").path }
+    static var worker: String { binDirectory.appendingPathComponent("iofilter-worker").path }
+
+    static func temporaryDirectory(_ name: String = "t") -> URL {
+        let url = FileManager.default.temporaryDirectory
+            .appendingPathComponent("iofilter-tests-\(getpid())")
+            .appendingPathComponent("\(name)-\(UUID().uuidString.prefix(8))")
+        try! FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+
+    /// Builds the test plug-in (Fixtures/testfilter.c) with compile-time knobs.
+    static func buildTestPlugin(_ name: String, defines: [String] = [], in directory: URL) throws -> String {
+        try compile(source: repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/testfilter.c").path,
+                    output: directory.appendingPathComponent("\(name).so").path, defines: defines)
+    }
+
+    /// Builds the C pass-through sample with nothing but cc and the header.
+    static func buildPassthrough(in directory: URL) throws -> String {
+        try compile(source: repository.appendingPathComponent("Plugins/passthrough-c/passthrough.c").path,
+                    output: directory.appendingPathComponent("passthrough-c.so").path, defines: [])
+    }
+
+    static func compile(source: String, output: String, defines: [String]) throws -> String {
+        let result = try run("/usr/bin/cc", ["-shared", "-fPIC", "-O1", "-w", "-I", repository.appendingPathComponent("include").path]
+                                + defines.map { "-D\($0)" } + ["-o", output, source, "-lpthread"])
+        guard result.status == 0 else { throw HarnessError("cc failed: \(result.stderr)") }
+        return output
+    }
+
+    struct Output {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    /// Runs a program to completion (killing it after `timeout`).
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], timeout: Double = 120, environment: [String: String]? = nil) throws -> Output {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        if let environment { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let outData = ReadAll(out.fileHandleForReading), errData = ReadAll(err.fileHandleForReading)
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(5_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            throw HarnessError("\(executable) \(arguments.joined(separator: " ")) timed out after \(timeout)s")
+        }
+        process.waitUntilExit()
+        return Output(status: process.terminationStatus, stdout: outData.text(), stderr: errData.text())
+    }
+
+    /// Runs a tool that must succeed; returns its stdout.
+    @discardableResult
+    static func check(_ executable: String, _ arguments: [String], timeout: Double = 300) throws -> String {
+        let result = try run(executable, arguments, timeout: timeout)
+        guard result.status == 0 else {
+            throw HarnessError("\(executable) \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr) \(result.stdout)")
+        }
+        return result.stdout
+    }
+
+    static func tool(_ name: String) -> String {
+        for directory in ["/usr/bin", "/usr/local/bin", "/bin"] where FileManager.default.isExecutableFile(atPath: "\(directory)/\(name)") {
+            return "\(directory)/\(name)"
+        }
+        return name
+    }
+
+    /// Writes `size` bytes of reproducible pseudo-random data.
+    static func makeRandomFile(_ path: String, size: Int, seed: UInt64) {
+        var state = seed | 1
+        var bytes = [UInt8](repeating: 0, count: size)
+        for index in stride(from: 0, to: size, by: 8) {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            withUnsafeBytes(of: state) { raw in
+                for k in 0..<min(8, size - index) { bytes[index + k] = raw[k] }
+            }
+        }
+        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+    }
+
+    static func sha(_ path: String) throws -> String {
+        try check(tool("sha256sum"), [path]).split(separator: " ").first.map(String.init) ?? ""
+    }
+
+    /// Child processes of `pid` (the worker under an `iofilter serve`).
+    static func children(of pid: pid_t) -> [pid_t] {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        return entries.compactMap { entry -> pid_t? in
+            guard let child = pid_t(entry),
+                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                let close = stat.lastIndex(of: ")")
+            else { return nil }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            return fields.count > 2 && pid_t(fields[1]) == pid ? child : nil
+        }
+    }
+}
+
+struct HarnessError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Drains a pipe on a background thread so the child never blocks on a full pipe.
+final class ReadAll: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { [self] in
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                lock.withLock { data.append(chunk) }
+            }
+            done.signal()
+        }
+    }
+
+    /// All output once the writer has closed its end.
+    func text() -> String {
+        done.wait()
+        return lock.withLock { String(decoding: data, as: UTF8.self) }
+    }
+
+    func snapshot() -> String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+}
+
+/// An `iofilter serve` process: started, its URI read, stopped on request.
+final class ServedDisk: @unchecked Sendable {
+    let process = Process()
+    let uri: String
+    private let stderrReader: ReadAll
+
+    init(_ arguments: [String], timeout: Double = 60) throws {
+        process.executableURL = URL(fileURLWithPath: Harness.iofilter)
+        process.arguments = ["serve"] + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(["IOFILTER_LOG_LEVEL": "info"]) { $1 }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        stderrReader = ReadAll(err.fileHandleForReading)
+        // The URI is the first line on stdout, printed once the worker serves.
+        var line = Data()
+        let handle = out.fileHandleForReading
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            var byte: UInt8 = 0
+            let n = read(handle.fileDescriptor, &byte, 1)
+            if n <= 0 { break }
+            if byte == UInt8(ascii: "\n") { break }
+            line.append(byte)
+        }
+        uri = String(decoding: line, as: UTF8.self)
+        guard uri.hasPrefix("nbd") else {
+            process.terminate()
+            process.waitUntilExit()
+            throw HarnessError("iofilter serve \(arguments.joined(separator: " ")) printed no URI: \(stderrReader.text())")
+        }
+    }
+
+    var log: String { stderrReader.snapshot() }
+
+    var workerPID: pid_t? { Harness.children(of: process.processIdentifier).first }
+
+    /// Waits until a worker other than `old` runs and serves.
+    func waitForNewWorker(replacing old: pid_t, timeout: Double = 30) throws -> pid_t {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let pid = workerPID, pid != old, log.contains("worker \(pid) is serving") { return pid }
+            usleep(50_000)
+        }
+        throw HarnessError("no new worker after \(timeout)s; log:\n\(log)")
+    }
+
+    func stop() {
+        guard process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
+    }
+
+    deinit { stop() }
+}

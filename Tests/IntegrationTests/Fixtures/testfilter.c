@@ -1,0 +1,294 @@
+/*
+ * A test plug-in whose shape is chosen at compile time (to make malformed plug-ins)
+ * and whose behaviour is chosen at run time by the `behaviour` parameter.
+ *
+ * Compile-time knobs (-D...):
+ *   PLUGIN_NAME, PLUGIN_VERSION, CATEGORY, ABI_MAJOR_VALUE, ABI_MINOR_VALUE
+ *   STRUCT_SIZE_VALUE           descriptor struct_size
+ *   ENTRY_RETURNS_NULL, ENTRY_ABORTS, ENTRY_HANGS, CONSTRUCTOR_SEGFAULTS
+ *   NO_START                    leave out the required start callback
+ *   BAD_ENUM_SCHEMA, BAD_RANGE_SCHEMA, BAD_DEFAULT_SCHEMA
+ *   NO_ENTRY                    export no entry point at all
+ *   THREAD_MODEL                an iof_thread_model
+ *
+ * Run-time behaviours (parameter `behaviour`):
+ *   pass            pass everything down
+ *   defer           defer every start and done, resumed from another thread
+ *   segv-on-write   dereference NULL on the first write
+ *   exec-on-open    try to execve /bin/sh in open (the sandbox must refuse), log the errno
+ *   hang-on-read    never return from start for reads past the first MiB
+ *   fail-writes     fail every write with ENOSPC
+ *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
+ *                   a toy encryption, so that the disk holds different bytes
+ */
+#define _GNU_SOURCE
+#include <iofilter.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef PLUGIN_NAME
+#define PLUGIN_NAME "org.test.filter"
+#endif
+#ifndef PLUGIN_VERSION
+#define PLUGIN_VERSION "1.0.0"
+#endif
+#ifndef CATEGORY
+#define CATEGORY IOF_CATEGORY_CACHE
+#endif
+#ifndef ABI_MAJOR_VALUE
+#define ABI_MAJOR_VALUE IOF_ABI_MAJOR
+#endif
+#ifndef ABI_MINOR_VALUE
+#define ABI_MINOR_VALUE IOF_ABI_MINOR
+#endif
+#ifndef STRUCT_SIZE_VALUE
+#define STRUCT_SIZE_VALUE sizeof(struct iof_plugin)
+#endif
+#ifndef THREAD_MODEL
+#define THREAD_MODEL IOF_THREADS_PARALLEL
+#endif
+
+/* NULL, but not provably so to the compiler, which would otherwise drop the store. */
+static volatile int *null_pointer(void)
+{
+    return (volatile int *)getenv("IOFILTER_TEST_VARIABLE_THAT_IS_NEVER_SET");
+}
+
+#ifdef CONSTRUCTOR_SEGFAULTS
+__attribute__((constructor)) static void crash_on_load(void)
+{
+    *null_pointer() = 1;
+}
+#endif
+
+enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT };
+
+static const struct iof_host_services *host;
+
+struct instance {
+    iof_host_disk *disk;
+    enum behaviour behaviour;
+};
+
+/* --- a tiny queue for deferred decisions, drained by one thread ------------------ */
+struct pending {
+    struct iof_request *req;
+    struct pending *next;
+};
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t queue_ready = PTHREAD_COND_INITIALIZER;
+static struct pending *queue_head, *queue_tail;
+static int resumer_started;
+
+static void *resumer(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        pthread_mutex_lock(&queue_lock);
+        while (!queue_head)
+            pthread_cond_wait(&queue_ready, &queue_lock);
+        struct pending *item = queue_head;
+        queue_head = item->next;
+        if (!queue_head)
+            queue_tail = NULL;
+        pthread_mutex_unlock(&queue_lock);
+        host->resume(item->req, IOF_PASS, 0);
+        free(item);
+    }
+    return NULL;
+}
+
+static enum iof_disposition defer_to_resumer(struct iof_request *req)
+{
+    struct pending *item = malloc(sizeof *item);
+    if (!item) {
+        req->error = ENOMEM;
+        return IOF_FAIL;
+    }
+    item->req = req;
+    item->next = NULL;
+    pthread_mutex_lock(&queue_lock);
+    if (!resumer_started) {
+        pthread_t thread;
+        pthread_create(&thread, NULL, resumer, NULL);
+        pthread_detach(thread);
+        resumer_started = 1;
+    }
+    if (queue_tail)
+        queue_tail->next = item;
+    else
+        queue_head = item;
+    queue_tail = item;
+    pthread_cond_signal(&queue_ready);
+    pthread_mutex_unlock(&queue_lock);
+    return IOF_DEFER;
+}
+
+/* --- callbacks -------------------------------------------------------------------- */
+
+static int tf_load(const struct iof_host_services *services)
+{
+    host = services;
+    return 0;
+}
+
+static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void **out)
+{
+    (void)info;
+    struct instance *inst = calloc(1, sizeof *inst);
+    inst->disk = disk;
+    const char *b = host->param(disk, "behaviour");
+    static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
+                                        "hang-on-read", "fail-writes", "invert"};
+    for (int i = 0; b && i < 7; i++)
+        if (strcmp(b, names[i]) == 0)
+            inst->behaviour = (enum behaviour)i;
+    if (inst->behaviour == EXEC_ON_OPEN) {
+        const char *marker = host->param(disk, "marker");
+        char command[512];
+        snprintf(command, sizeof command, "touch '%s'", marker ? marker : "/tmp/iofilter-exec-marker");
+        char *const argv[] = {"/bin/sh", "-c", command, NULL};
+        char *const envp[] = {NULL};
+        execve("/bin/sh", argv, envp);
+        char line[128];
+        snprintf(line, sizeof line, "execve refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    *out = inst;
+    return 0;
+}
+
+static void tf_close(void *instance) { free(instance); }
+
+static void invert(struct iof_request *req)
+{
+    unsigned char *bytes = req->buffer;
+    for (uint64_t i = 0; i < req->length; i++)
+        bytes[i] ^= 0xff;
+}
+
+static enum iof_disposition tf_start(void *instance, struct iof_request *req, void **priv)
+{
+    struct instance *inst = instance;
+    *priv = (void *)(uintptr_t)0x5eed; /* checked in done: the slot must come back intact */
+    switch (inst->behaviour) {
+    case DEFER:
+        return defer_to_resumer(req);
+    case SEGV_ON_WRITE:
+        if (req->op == IOF_OP_WRITE)
+            *null_pointer() = 1;
+        return IOF_PASS;
+    case HANG_ON_READ:
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
+            for (;;)
+                pause();
+        return IOF_PASS;
+    case FAIL_WRITES:
+        if (req->op == IOF_OP_WRITE) {
+            req->error = ENOSPC;
+            return IOF_FAIL;
+        }
+        return IOF_PASS;
+    case INVERT:
+        if (req->op == IOF_OP_WRITE)
+            invert(req);
+        return IOF_PASS;
+    default:
+        return IOF_PASS;
+    }
+}
+
+static enum iof_disposition tf_done(void *instance, struct iof_request *req, void *priv)
+{
+    struct instance *inst = instance;
+    if (priv != (void *)(uintptr_t)0x5eed) {
+        host->log(inst->disk, IOF_LOG_ERROR, "request_private slot was not preserved");
+        req->error = EIO;
+        return IOF_FAIL;
+    }
+    if (inst->behaviour == INVERT && req->error == 0 && (req->op == IOF_OP_READ || req->op == IOF_OP_WRITE))
+        invert(req); /* reads: decode; writes: give the caller its buffer back as it was */
+    if (inst->behaviour == DEFER)
+        return defer_to_resumer(req);
+    return IOF_PASS;
+}
+
+/* --- descriptor ------------------------------------------------------------------- */
+
+static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
+                                         "hang-on-read", "fail-writes", "invert", NULL};
+#ifdef BAD_ENUM_SCHEMA
+static const char *const no_values[] = {NULL};
+#endif
+
+static const struct iof_param_spec params[] = {
+    {sizeof(struct iof_param_spec), "behaviour", "what the test filter does", IOF_PARAM_ENUM, 0, "pass", 0, 0,
+#ifdef BAD_ENUM_SCHEMA
+     no_values},
+#else
+     behaviours},
+#endif
+    {sizeof(struct iof_param_spec), "marker", "file exec-on-open tries to create", IOF_PARAM_STRING, 0,
+     "/tmp/iofilter-exec-marker", 0, 0, NULL},
+#ifdef BAD_RANGE_SCHEMA
+    {sizeof(struct iof_param_spec), "depth", "a range with min above max", IOF_PARAM_INT, 0, "5", 10, 1, NULL},
+#elif defined(BAD_DEFAULT_SCHEMA)
+    {sizeof(struct iof_param_spec), "depth", "a default outside its range", IOF_PARAM_INT, 0, "99", 1, 10, NULL},
+#else
+    {sizeof(struct iof_param_spec), "depth", "queue depth", IOF_PARAM_INT, 0, "4", 1, 64, NULL},
+#endif
+    {sizeof(struct iof_param_spec), "size", "a size", IOF_PARAM_SIZE, 0, "1M", 4096, 1LL << 40, NULL},
+};
+
+static int32_t add(int32_t a, int32_t b) { return a + b; }
+static const enum iof_value_type two_ints[] = {IOF_VALUE_INT32, IOF_VALUE_INT32};
+static const struct iof_mgmt_op ops[] = {
+    {sizeof(struct iof_mgmt_op), "add", "adds two numbers", (void (*)(void))add, IOF_VALUE_INT32, 2, two_ints, NULL},
+};
+
+static const struct iof_plugin descriptor = {
+    .struct_size = STRUCT_SIZE_VALUE,
+    .abi_major = ABI_MAJOR_VALUE,
+    .abi_minor = ABI_MINOR_VALUE,
+    .name = PLUGIN_NAME,
+    .vendor = "Test Vendor",
+    .version = PLUGIN_VERSION,
+    .description = "configurable test filter",
+    .category = CATEGORY,
+    .thread_model = THREAD_MODEL,
+    .param_count = sizeof params / sizeof params[0],
+    .params = params,
+    .mgmt_op_count = 1,
+    .mgmt_ops = ops,
+    .load = tf_load,
+    .open = tf_open,
+    .close = tf_close,
+#ifndef NO_START
+    .start = tf_start,
+#endif
+    .done = tf_done,
+};
+
+#ifndef NO_ENTRY
+IOF_EXPORT const struct iof_plugin *iof_plugin_entry(void)
+{
+#if defined(ENTRY_RETURNS_NULL)
+    return NULL;
+#elif defined(ENTRY_ABORTS)
+    abort();
+#elif defined(ENTRY_HANGS)
+    for (;;)
+        pause();
+#else
+    return &descriptor;
+#endif
+}
+#else
+IOF_EXPORT int some_other_symbol(void) { return descriptor.category; }
+#endif

@@ -1,0 +1,166 @@
+import Foundation
+import Testing
+
+/// `iofilter plugin validate` against real shared objects, good and malformed, each
+/// built here with cc. The caller must never crash and must give a one-line reason.
+@Suite("plug-in validation")
+struct PluginValidationTests {
+    let directory = Harness.temporaryDirectory("validate")
+
+    private func validate(_ paths: [String], json: Bool = false, timeout: Double = 5) throws -> Harness.Output {
+        try Harness.run(Harness.iofilter, ["plugin", "validate", "--timeout", "\(timeout)"] + (json ? ["--json"] : []) + paths)
+    }
+
+    /// Asserts the CLI refused `path` with exit status 1 and a reason containing `reason`.
+    private func expectRefused(_ paths: [String], reason: String, timeout: Double = 5,
+                               sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let result = try validate(paths, timeout: timeout)
+        #expect(result.status == 1, "exit status for \(paths)", sourceLocation: sourceLocation)
+        let lines = result.stderr.split(separator: "\n").filter { $0.hasPrefix("error: ") }
+        #expect(lines.count == 1, "one-line reason, got: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(result.stderr.contains(reason), "expected '\(reason)' in: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(!result.stderr.contains("Backtrac"), "no crash report from the caller: \(result.stderr)", sourceLocation: sourceLocation)
+    }
+
+    @Test func acceptsTheSamplesAndPrintsTheChainInCategoryOrder() throws {
+        let passthrough = try Harness.buildPassthrough(in: directory)
+        let cache = try Harness.buildTestPlugin("cache", defines: ["PLUGIN_NAME=\"org.test.cache\"", "CATEGORY=IOF_CATEGORY_CACHE"], in: directory)
+        let replication = try Harness.buildTestPlugin("repl", defines: ["PLUGIN_NAME=\"org.test.repl\"", "CATEGORY=IOF_CATEGORY_REPLICATION"], in: directory)
+        for order in [[cache, passthrough, replication], [replication, cache, passthrough], [passthrough, replication, cache]] {
+            let result = try validate(order, json: true)
+            #expect(result.status == 0, "\(result.stderr)")
+            struct Report: Decodable {
+                struct Link: Decodable { let name: String; let category: String }
+                struct Plugin: Decodable { let name: String }
+                let plugins: [Plugin]
+                let chain: [Link]
+            }
+            let report = try JSONDecoder().decode(Report.self, from: Data(result.stdout.utf8))
+            #expect(report.plugins.count == 3)
+            #expect(report.chain.map(\.category) == ["inspection", "replication", "cache"])
+            #expect(report.chain.map(\.name) == ["org.swift-iofilter.passthrough-c", "org.test.repl", "org.test.cache"])
+        }
+        let text = try validate([cache, passthrough])
+        #expect(text.status == 0)
+        #expect(text.stdout.contains("chain: consumer -> org.swift-iofilter.passthrough-c [inspection] -> org.test.cache [cache] -> disk"))
+    }
+
+    @Test func refusesAFileThatIsNotASharedObject() throws {
+        let path = directory.appendingPathComponent("text.so").path
+        _ = FileManager.default.createFile(atPath: path, contents: Data("not an ELF file\n".utf8))
+        try expectRefused([path], reason: "not a shared object")
+    }
+
+    @Test func refusesAMissingFile() throws {
+        try expectRefused([directory.appendingPathComponent("absent.so").path], reason: "no such file")
+    }
+
+    @Test(arguments: [
+        (["NO_ENTRY"], "does not export iof_plugin_entry"),
+        (["ENTRY_RETURNS_NULL"], "iof_plugin_entry() returned NULL"),
+        (["ABI_MAJOR_VALUE=2"], "built for ABI 2.0; this host speaks ABI 1.x"),
+        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.0"),
+        (["STRUCT_SIZE_VALUE=16"], "struct_size is 16, smaller than"),
+        (["CATEGORY=9"], "unknown category 9"),
+        (["PLUGIN_NAME=\"\""], "name is empty"),
+        (["PLUGIN_NAME=\"nodots\""], "is not reverse-DNS"),
+        (["PLUGIN_VERSION=\"1.0\""], "is not a semantic version"),
+        (["NO_START"], "missing required callback(s): start"),
+        (["BAD_ENUM_SCHEMA"], "parameter 'behaviour': an enum needs at least one value"),
+        (["BAD_RANGE_SCHEMA"], "parameter 'depth': min 10 is greater than max 1"),
+        (["BAD_DEFAULT_SCHEMA"], "parameter 'depth': default '99' is not an integer in 1...10"),
+        (["THREAD_MODEL=7"], "unknown thread model 7"),
+    ])
+    func refusesAMalformedDescriptor(defines: [String], reason: String) throws {
+        let path = try Harness.buildTestPlugin("bad", defines: defines, in: directory)
+        try expectRefused([path], reason: reason)
+    }
+
+    @Test func reportsAConstructorThatSegfaults() throws {
+        let path = try Harness.buildTestPlugin("segv", defines: ["CONSTRUCTOR_SEGFAULTS"], in: directory)
+        try expectRefused([path], reason: "crashed while loading: killed by SIGSEGV")
+    }
+
+    @Test func reportsAnEntryPointThatAborts() throws {
+        let path = try Harness.buildTestPlugin("abort", defines: ["ENTRY_ABORTS"], in: directory)
+        try expectRefused([path], reason: "crashed while loading: killed by SIGABRT")
+    }
+
+    @Test func reportsAPluginThatHangsOnLoadWithinTheTimeLimit() throws {
+        let path = try Harness.buildTestPlugin("hang", defines: ["ENTRY_HANGS"], in: directory)
+        let started = Date()
+        try expectRefused([path], reason: "timed out after 2s while loading (it hangs)", timeout: 2)
+        #expect(Date().timeIntervalSince(started) < 30)
+    }
+
+    @Test func refusesTwoFiltersOfOneCategoryNamingBoth() throws {
+        let first = try Harness.buildTestPlugin("one", defines: ["PLUGIN_NAME=\"com.vendor-a.cache\""], in: directory)
+        let second = try Harness.buildTestPlugin("two", defines: ["PLUGIN_NAME=\"com.vendor-b.cache\""], in: directory)
+        try expectRefused([first, second], reason: "com.vendor-a.cache and com.vendor-b.cache are both cache filters")
+    }
+
+    @Test func refusesOnePluginTwiceInDifferentVersions() throws {
+        let old = try Harness.buildTestPlugin("v1", defines: ["PLUGIN_VERSION=\"1.0.0\""], in: directory)
+        let new = try Harness.buildTestPlugin("v2", defines: ["PLUGIN_VERSION=\"1.1.0\""], in: directory)
+        try expectRefused([old, new], reason: "org.test.filter is given twice, as versions 1.0.0 and 1.1.0")
+    }
+
+    @Test func jsonReportsErrorsWithANonZeroStatus() throws {
+        let path = try Harness.buildTestPlugin("null", defines: ["ENTRY_RETURNS_NULL"], in: directory)
+        let result = try validate([path], json: true)
+        #expect(result.status == 1)
+        let report = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+        let errors = report?["errors"] as? [String] ?? []
+        #expect(errors.count == 1 && errors[0].contains("returned NULL"))
+    }
+
+    @Test func theCSampleBuildsWithOnlyTheHeader() throws {
+        // -std=c11 -pedantic -Werror: the header and the sample need nothing else.
+        let output = directory.appendingPathComponent("strict.so").path
+        try Harness.check("/usr/bin/cc", ["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+                                          "-I", Harness.repository.appendingPathComponent("include").path, "-o", output,
+                                          Harness.repository.appendingPathComponent("Plugins/passthrough-c/passthrough.c").path])
+        let probe = directory.appendingPathComponent("c99.c").path
+        try "#include <iofilter.h>\nint main(void) { return (int)sizeof(struct iof_plugin) == 0; }\n"
+            .write(toFile: probe, atomically: true, encoding: .utf8)
+        try Harness.check("/usr/bin/cc", ["-std=c99", "-pedantic", "-Wall", "-Werror", "-I",
+                                          Harness.repository.appendingPathComponent("include").path, "-o",
+                                          directory.appendingPathComponent("c99").path, probe])
+        #expect(try validate([output]).status == 0)
+    }
+}
+
+/// `iofilter plugin call`: typed arguments through libffi, wrong calls refused first.
+@Suite("management operations")
+struct ManagementCallTests {
+    let directory = Harness.temporaryDirectory("call")
+
+    @Test func callsOperationsOfEveryArgumentKind() throws {
+        let passthrough = try Harness.buildPassthrough(in: directory)
+        let test = try Harness.buildTestPlugin("calc", in: directory)
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "call", test, "add", "40", "2"]) == "42\n")
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "call", test, "add", "-7", "3"]) == "-4\n")
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "call", passthrough, "get_counter", "read"]) == "0\n")
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "call", passthrough, "get_counters"])
+                == "read=0 write=0 flush=0 trim=0 write_zeroes=0\n")
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "call", passthrough, "average_request_size", "write", "1.5"]) == "0.0\n")
+        let json = try Harness.check(Harness.iofilter, ["plugin", "call", "--json", passthrough, "reset_counters"])
+        #expect(json.contains("\"type\":\"int32\"") && json.contains("\"value\":\"0\""))
+        let listing = try Harness.check(Harness.iofilter, ["plugin", "call", passthrough])
+        #expect(listing.contains("average_request_size(op: string, scale: double) -> double"))
+    }
+
+    @Test(arguments: [
+        (["add", "1"], "add takes 2 argument(s), 1 given; usage: add(arg1: int32, arg2: int32) -> int32"),
+        (["add", "1", "2", "3"], "add takes 2 argument(s), 3 given"),
+        (["add", "1", "two"], "argument 2 of add must be int32, got 'two'"),
+        (["add", "1", "99999999999"], "argument 2 of add must be int32, got '99999999999'"),
+        (["nosuch"], "no management operation 'nosuch'; it declares add"),
+    ])
+    func refusesWrongCallsBeforeCalling(arguments: [String], reason: String) throws {
+        let test = try Harness.buildTestPlugin("calc", in: directory)
+        let result = try Harness.run(Harness.iofilter, ["plugin", "call", test] + arguments)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains(reason), "\(result.stderr)")
+    }
+}
