@@ -18,6 +18,7 @@
  *   exec-on-open    try to execve /bin/sh in open (the sandbox must refuse), log the errno
  *   hang-on-read    never return from start for reads past the first MiB
  *   fail-writes     fail every write with ENOSPC
+ *   open-outside    in open, try to create `marker` (outside the sandbox's paths), log the errno
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
  *                   a toy encryption, so that the disk holds different bytes
  */
@@ -67,7 +68,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 }
 #endif
 
-enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT };
+enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE };
 
 static const struct iof_host_services *host;
 
@@ -145,8 +146,8 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     inst->disk = disk;
     const char *b = host->param(disk, "behaviour");
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                        "hang-on-read", "fail-writes", "invert"};
-    for (int i = 0; b && i < 7; i++)
+                                        "hang-on-read", "fail-writes", "invert", "open-outside"};
+    for (int i = 0; b && i < 8; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
     if (inst->behaviour == EXEC_ON_OPEN) {
@@ -158,6 +159,15 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
         execve("/bin/sh", argv, envp);
         char line[128];
         snprintf(line, sizeof line, "execve refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == OPEN_OUTSIDE) {
+        const char *marker = host->param(disk, "marker");
+        FILE *file = fopen(marker, "w");
+        char line[256];
+        snprintf(line, sizeof line, "open outside refused: %s", file ? "no, it was allowed" : strerror(errno));
+        if (file)
+            fclose(file);
         host->log(disk, IOF_LOG_WARNING, line);
     }
     *out = inst;
@@ -222,7 +232,7 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 /* --- descriptor ------------------------------------------------------------------- */
 
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                         "hang-on-read", "fail-writes", "invert", NULL};
+                                         "hang-on-read", "fail-writes", "invert", "open-outside", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif

@@ -1,0 +1,132 @@
+import Foundation
+import Testing
+
+/// Crashes, kills, hangs and hostile plug-ins: each takes down only its own worker,
+/// which is restarted on the same socket; nothing acknowledged after a flush is lost.
+@Suite("faults", .serialized)
+struct FaultTests {
+    let directory = Harness.temporaryDirectory("faults")
+    let qemuIO = Harness.tool("qemu-io")
+
+    func image(_ name: String, size: Int = 64 << 20) -> String {
+        let path = directory.appendingPathComponent(name).path
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        truncate(path, off_t(size))
+        return path
+    }
+
+    func io(_ uri: String, _ commands: [String]) throws -> String {
+        try Harness.check(qemuIO, ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [uri])
+    }
+
+    /// Starts fio in the background against `uri`.
+    func backgroundFio(_ uri: String, name: String, rw: String, offset: String, size: String, seconds: Int) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
+        process.arguments = ["--name=\(name)", "--ioengine=nbd", "--uri=\(uri)", "--rw=\(rw)", "--bs=4k", "--offset=\(offset)",
+                             "--size=\(size)", "--iodepth=8", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    @Test func killDashNineMidWorkloadLosesNothingFlushed() throws {
+        let disk = image("kill.img")
+        let passthrough = try Harness.buildPassthrough(in: directory)
+        let served = try ServedDisk([disk, "--filter", passthrough])
+        defer { served.stop() }
+        // Acknowledged and flushed before the crash: 8 MiB of patterns.
+        for index in 0..<8 {
+            _ = try io(served.uri, ["write -P \(0x20 + index) \(index)M 1M", "flush"])
+        }
+        let first = try #require(served.workerPID)
+        let workload = try backgroundFio(served.uri, name: "load", rw: "randwrite", offset: "16M", size: "32M", seconds: 20)
+        usleep(700_000)
+        kill(first, SIGKILL)
+        let second = try served.waitForNewWorker(replacing: first)
+        #expect(second != first)
+        #expect(served.process.isRunning, "the parent survives")
+        #expect(served.log.contains("worker \(first) killed by SIGKILL; restarting"))
+        workload.terminate()
+        workload.waitUntilExit()
+        for index in 0..<8 {
+            #expect(try io(served.uri, ["read -P \(0x20 + index) \(index)M 1M"]).contains("read 1048576/1048576"))
+        }
+        // And the new worker takes writes as usual.
+        _ = try io(served.uri, ["write -P 0x61 40M 64k", "flush"])
+        #expect(try io(served.uri, ["read -P 0x61 40M 64k"]).contains("read 65536/65536"))
+    }
+
+    @Test func aCrashingFilterTakesDownOnlyItsOwnVM() throws {
+        let test = try Harness.buildTestPlugin("tf", in: directory)
+        let diskA = image("vm-a.img", size: 16 << 20)
+        let diskB = image("vm-b.img", size: 16 << 20)
+        let vmA = try ServedDisk([diskA, "--filter", "\(test):behaviour=segv-on-write"])
+        defer { vmA.stop() }
+        let vmB = try ServedDisk([diskB, "--filter", "\(test):behaviour=defer"])
+        defer { vmB.stop() }
+        let workerA = try #require(vmA.workerPID)
+        let workerB = try #require(vmB.workerPID)
+
+        // VM B works steadily (with verification) while VM A's filter crashes.
+        let verifyB = Process()
+        verifyB.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
+        verifyB.arguments = ["--name=b", "--ioengine=nbd", "--uri=\(vmB.uri)", "--rw=randwrite", "--bs=4k", "--size=8M",
+                             "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--loops=3", "--output-format=terse"]
+        let errors = Pipe()
+        verifyB.standardError = errors
+        verifyB.standardOutput = FileHandle.nullDevice
+        try verifyB.run()
+        let errorText = ReadAll(errors.fileHandleForReading)
+
+        let crash = try Harness.run(qemuIO, ["-f", "raw", "-c", "write -P 1 0 4096", vmA.uri])
+        #expect(crash.status != 0 || crash.stderr.contains("error") || !crash.stdout.contains("wrote"))
+        let restartedA = try vmA.waitForNewWorker(replacing: workerA)
+        #expect(vmA.log.contains("worker \(workerA) killed by SIGSEGV; restarting"))
+        // VM A still serves reads after its restart.
+        #expect(try io(vmA.uri, ["read -P 0 0 4096"]).contains("read 4096/4096"))
+        #expect(restartedA != workerA)
+
+        verifyB.waitUntilExit()
+        #expect(verifyB.terminationStatus == 0, "VM B's client saw an error: \(errorText.text())")
+        #expect(vmB.workerPID == workerB, "VM B's worker was never restarted")
+        #expect(!vmB.log.contains("restarting"))
+    }
+
+    @Test func theSandboxRefusesExecAndFilesOutsideItsPaths() throws {
+        let test = try Harness.buildTestPlugin("tf", in: directory)
+        let disk = image("sandbox.img", size: 4 << 20)
+        let marker = directory.appendingPathComponent("exec-marker").path
+        let execing = try ServedDisk([disk, "--filter", "\(test):behaviour=exec-on-open,marker=\(marker)"])
+        defer { execing.stop() }
+        #expect(try io(execing.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        #expect(execing.log.contains("execve refused: Operation not permitted"))
+        #expect(!FileManager.default.fileExists(atPath: marker), "the shell must never have run")
+
+        let outside = directory.appendingPathComponent("outside.txt").path
+        let opening = try ServedDisk([disk, "--filter", "\(test):behaviour=open-outside,marker=\(outside)",
+                                      "--socket", directory.appendingPathComponent("o.sock").path])
+        defer { opening.stop() }
+        #expect(opening.log.contains("open outside refused: Permission denied"))
+        #expect(!FileManager.default.fileExists(atPath: outside))
+    }
+
+    @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
+        let test = try Harness.buildTestPlugin("tf", in: directory)
+        let disk = image("hang.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=hang-on-read", "--watchdog", "1.5"])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))  // below 1 MiB: fine
+        let started = Date()
+        let stuck = try Harness.run(qemuIO, ["-f", "raw", "-c", "read 2M 4096", served.uri], timeout: 60)
+        #expect(stuck.status != 0 || !stuck.stdout.contains("read 4096/4096"))
+        #expect(Date().timeIntervalSince(started) < 30)
+        _ = try served.waitForNewWorker(replacing: worker)
+        let log = served.log
+        #expect(log.contains("watchdog: request"))
+        #expect(log.contains("(read offset=2097152 length=4096) stuck in filter org.test.filter on disk hang.img"))
+        #expect(log.contains("worker \(worker) killed by SIGKILL; restarting"))
+    }
+}
