@@ -1,0 +1,103 @@
+import ArgumentParser
+import Foundation
+import IOFilterHost
+import IOFilterModel
+import IOFilterNBD
+import IOFilterPosix
+import Logging
+
+/// The host runtime. This first version runs the demo VM: it validates the sample
+/// plug-ins, creates a disk under the state directory and serves it through the sample
+/// chain in a supervised, sandboxed worker. Policies, the API and persistent state come
+/// with the control plane (see the issues).
+@main
+struct IOFilterDaemon: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "iofilterd",
+        abstract: "The swift-iofilter host runtime.",
+        discussion: """
+            With --demo, sets up a demo VM: a 1 GiB disk served over NBD through the sample \
+            filter chain in a sandboxed worker, and prints its NBD URI and a qemu-img \
+            command to try it. Runs until interrupted; a crashed worker is restarted.
+            """)
+
+    @Option(help: ArgumentHelp("Where the host keeps its state.", valueName: "dir"))
+    var stateDir: String = "/var/lib/iofilter"
+
+    @Flag(help: "Set up and serve the demo VM.")
+    var demo = false
+
+    @Option(help: ArgumentHelp("Size of the demo disk.", valueName: "size"))
+    var demoSize: String = "1G"
+
+    func validate() throws {
+        guard demo else { throw ValidationError("only --demo is available in this version; see `iofilter serve` to serve one disk") }
+        guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
+    }
+
+    func run() throws {
+        let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "iofilterd")
+        let state = URL(fileURLWithPath: stateDir, isDirectory: true)
+        let vmDirectory = state.appendingPathComponent("vms/demo")
+        try FileManager.default.createDirectory(at: vmDirectory, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: state.appendingPathComponent("disks"), withIntermediateDirectories: true)
+
+        let samples = Self.samplePlugins()
+        guard !samples.isEmpty else { throw ValidationError("no sample plug-ins found beside \(WorkerExecutable.path()); build with `swift build`") }
+        let chain: [PlannedFilter]
+        switch PluginValidator().validateChain(samples.map { ($0, [:]) }) {
+        case .success(let planned): chain = planned
+        case .failure(let error): throw ValidationError("sample chain: \(error)")
+        }
+
+        let disk = state.appendingPathComponent("disks/demo-disk.img").path
+        if !FileManager.default.fileExists(atPath: disk) {
+            _ = FileManager.default.createFile(atPath: disk, contents: nil)
+            guard truncate(disk, off_t(ParameterSpec.parseSize(demoSize)!)) == 0 else {
+                throw ValidationError("cannot size \(disk): \(String(cString: strerror(errno)))")
+            }
+        }
+        let socketPath = state.appendingPathComponent("demo.sock").path
+        let listenFD = try Sockets.listenUnix(path: socketPath)
+        let configuration = WorkerConfiguration(
+            vmName: "demo", stateDirectory: vmDirectory.path,
+            disks: [DiskConfiguration(name: "demo-disk", backend: .file(path: disk), readOnly: false, filters: chain, listenFD: 3)],
+            logLevel: level.rawValue)
+
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        signal(SIGPIPE, SIG_IGN)
+
+        let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
+        try supervisor.start()
+        let uri = NBDURI.unix(socket: socketPath, export: "demo-disk").description
+        let chainText = chain.map { "\($0.manifest.name) [\($0.manifest.category.rawValue)]" }.joined(separator: " -> ")
+        FileHandle.standardOutput.write(Data("""
+            \(uri)
+            demo VM 'demo' is serving \(disk) through: \(chainText)
+            try it:  qemu-img info '\(uri)'
+                     qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
+
+            """.utf8))
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        logger.info("stopping the demo VM")
+        supervisor.stop()
+        unlink(socketPath)
+    }
+
+    /// The sample plug-ins SwiftPM built beside this executable.
+    static func samplePlugins() -> [String] {
+        let directory = (WorkerExecutable.path() as NSString).deletingLastPathComponent
+        return ["libiofilter-passthrough-c.so"].map { "\(directory)/\($0)" }.filter { FileManager.default.fileExists(atPath: $0) }
+    }
+}

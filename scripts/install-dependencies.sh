@@ -1,0 +1,19 @@
+#!/bin/sh
+# Installs the Debian packages swift-iofilter builds and tests with, if any is missing:
+#   libffi-dev      management calls (libffi)
+#   libseccomp-dev  the worker sandbox
+#   pkg-config      finds them for SwiftPM
+#   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
+set -eu
+packages="libffi-dev libseccomp-dev pkg-config qemu-utils libnbd-bin fio nbdkit"
+missing=""
+for package in $packages; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    echo "installing:$missing" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing >&2
+fi
