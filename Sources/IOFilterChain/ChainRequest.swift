@@ -18,8 +18,8 @@ public final class ChainRequest: @unchecked Sendable {
     /// The first filter this request meets: 0 for a consumer's request, k+1 for I/O
     /// that filter k submits below itself.
     let top: Int
-    private var position = 0
-    private var goingUp = false
+    @exclusivity(unchecked) private var position = 0
+    @exclusivity(unchecked) private var goingUp = false
 
     /// running → parked (the engine returned) or → resumedEarly (resume came first).
     private let deferState = Atomic<UInt8>(0)

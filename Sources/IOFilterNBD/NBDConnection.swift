@@ -12,7 +12,8 @@ import Synchronization
 /// never holds up the ones behind it.
 final class NBDConnection: @unchecked Sendable {
     // @unchecked: fields marked (conn) are touched only by the connection's thread;
-    // fields marked (lock) only with `lock` held.
+    // fields marked (lock) only with `lock` held. The (conn) fields skip dynamic
+    // exclusivity checks: one thread owns them, and the checks showed in profiles.
     let fd: Int32
     let export: any NBDExport
     let logger: Logger
@@ -25,14 +26,14 @@ final class NBDConnection: @unchecked Sendable {
     static let maxInFlight = 256
 
     private let receive: UnsafeMutableRawPointer  // (conn)
-    private var receiveStart = 0  // (conn)
-    private var receiveEnd = 0  // (conn)
+    @exclusivity(unchecked) private var receiveStart = 0  // (conn)
+    @exclusivity(unchecked) private var receiveEnd = 0  // (conn)
 
     private let vectors: UnsafeMutablePointer<iovec>  // (conn)
-    private var batch: [NBDRequest] = []  // (conn)
-    private var batchBytes = 0  // (conn)
-    private var free: [NBDRequest] = []  // (conn)
-    private var created = 0  // (conn)
+    @exclusivity(unchecked) private var batch: [NBDRequest] = []  // (conn)
+    @exclusivity(unchecked) private var batchBytes = 0  // (conn)
+    @exclusivity(unchecked) private var free: [NBDRequest] = []  // (conn)
+    @exclusivity(unchecked) private var created = 0  // (conn)
 
     private let lock = ConditionLock()
     private var returned: [NBDRequest] = []  // (lock)

@@ -114,6 +114,13 @@ struct PluginValidationTests {
         #expect(errors.count == 1 && errors[0].contains("returned NULL"))
     }
 
+    @Test func theSwiftPMBuiltCSampleValidates() throws {
+        let product = Harness.binDirectory.appendingPathComponent("libiofilter-passthrough-c.so").path
+        let result = try validate([product])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("org.swift-iofilter.passthrough-c 1.0.0 (inspection, swift-iofilter)"))
+    }
+
     @Test func theCSampleBuildsWithOnlyTheHeader() throws {
         // -std=c11 -pedantic -Werror: the header and the sample need nothing else.
         let output = directory.appendingPathComponent("strict.so").path

@@ -20,9 +20,15 @@ enum Harness {
     static var iofilter: String { binDirectory.appendingPathComponent("iofilter").path }
     static var worker: String { binDirectory.appendingPathComponent("iofilter-worker").path }
 
+    /// Everything the tests write lives below this folder, removed when the run ends.
+    static let scratch: URL = {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("iofilter-tests-\(getpid())")
+        atexit { try? FileManager.default.removeItem(at: Harness.scratch) }
+        return url
+    }()
+
     static func temporaryDirectory(_ name: String = "t") -> URL {
-        let url = FileManager.default.temporaryDirectory
-            .appendingPathComponent("iofilter-tests-\(getpid())")
+        let url = scratch
             .appendingPathComponent("\(name)-\(UUID().uuidString.prefix(8))")
         try! FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
         return url
