@@ -86,3 +86,29 @@ public func monotonicNanoseconds(coarse: Bool = false) -> UInt64 {
     clock_gettime(coarse ? CLOCK_MONOTONIC_COARSE : CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
+
+/// SIGINT and SIGTERM, taken synchronously: block them in every thread (call before
+/// starting any), then wait for one on the main thread to shut down in order.
+public struct TerminationSignals: Sendable {
+    private let set: sigset_t
+
+    /// Blocks SIGINT and SIGTERM in this thread and every thread started after, and
+    /// ignores SIGPIPE (a vanished peer is an error to handle, not a reason to die).
+    public static func block() -> TerminationSignals {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        signal(SIGPIPE, SIG_IGN)
+        return TerminationSignals(set: set)
+    }
+
+    /// Waits for one of them; returns its number.
+    public func wait() -> Int32 {
+        var copy = set
+        var received: Int32 = 0
+        sigwait(&copy, &received)
+        return received
+    }
+}

@@ -10,22 +10,17 @@
 // code runs: whatever a plug-in does, only this process suffers.
 import Foundation
 import IOFilterChain
+import IOFilterHost
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPluginLoader
+import IOFilterPosix
 import IOFilterSandbox
 import Logging
 
-signal(SIGPIPE, SIG_IGN)
-
 let arguments = Array(CommandLine.arguments.dropFirst())
 let mode = arguments.first ?? ""
-let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
-LoggingSystem.bootstrap { label in
-    var handler = StreamLogHandler.standardError(label: label)
-    handler.logLevel = level
-    return handler
-}
+StandardErrorLogging.bootstrap()
 var logger = Logger(label: "iofilter.worker")
 
 func emit(_ value: some Encodable) {
@@ -105,12 +100,7 @@ case "serve" where arguments.count == 1:
     }
     logger = Logger(label: "iofilter.worker")
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
-    // Signals are taken by sigwait below; block them before any thread starts.
-    var signals = sigset_t()
-    sigemptyset(&signals)
-    sigaddset(&signals, SIGTERM)
-    sigaddset(&signals, SIGINT)
-    pthread_sigmask(SIG_BLOCK, &signals, nil)
+    let signals = TerminationSignals.block()
 
     let listenFDs = configuration.disks.map(\.listenFD)
     if configuration.sandbox {
@@ -140,8 +130,7 @@ case "serve" where arguments.count == 1:
     }
     runtime.startWatchdog()
     FileHandle.standardOutput.write(Data("READY\n".utf8))
-    var received: Int32 = 0
-    sigwait(&signals, &received)
+    let received = signals.wait()
     logger.info("signal \(received): closing filters and disks")
     runtime.shutdown()
     exit(0)

@@ -26,16 +26,6 @@ struct IOFilterCommand: ParsableCommand {
     }
 }
 
-/// Logging to stderr at a level chosen by IOFILTER_LOG_LEVEL (default info).
-func bootstrapLogging() {
-    let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
-    LoggingSystem.bootstrap { label in
-        var handler = StreamLogHandler.standardError(label: label)
-        handler.logLevel = level
-        return handler
-    }
-}
-
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("error: \(message)\n".utf8))
 }

@@ -56,7 +56,7 @@ extension IOFilterCommand {
         }
 
         func run() throws {
-            bootstrapLogging()
+            StandardErrorLogging.bootstrap()
             let logger = Logger(label: "iofilter.serve")
             let isURI = NBDURI(disk) != nil
             if disk.hasPrefix("nbd") && !isURI { fail("'\(disk)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }
@@ -102,17 +102,11 @@ extension IOFilterCommand {
                     name: name, backend: isURI ? .nbd(uri: disk) : .file(path: diskPath), readOnly: readonly,
                     filters: planned, listenFD: 3)],
                 watchdogSeconds: watchdog,
-                logLevel: ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"] ?? "info")
+                logLevel: StandardErrorLogging.level.rawValue)
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
 
-            // Take SIGINT/SIGTERM on a waiting thread, before any other thread starts.
-            var signals = sigset_t()
-            sigemptyset(&signals)
-            sigaddset(&signals, SIGINT)
-            sigaddset(&signals, SIGTERM)
-            pthread_sigmask(SIG_BLOCK, &signals, nil)
-            signal(SIGPIPE, SIG_IGN)
+            let signals = TerminationSignals.block()
 
             do {
                 try supervisor.start()
@@ -122,8 +116,7 @@ extension IOFilterCommand {
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
             FileHandle.standardOutput.write(Data((uri.description + "\n").utf8))
-            var received: Int32 = 0
-            sigwait(&signals, &received)
+            _ = signals.wait()
             logger.info("stopping")
             supervisor.stop()
             if let socketPath { unlink(socketPath) }

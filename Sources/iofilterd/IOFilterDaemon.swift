@@ -36,12 +36,7 @@ struct IOFilterDaemon: ParsableCommand {
     }
 
     func run() throws {
-        let level = ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        StandardErrorLogging.bootstrap()
         let logger = Logger(label: "iofilterd")
         let state = URL(fileURLWithPath: stateDir, isDirectory: true)
         let vmDirectory = state.appendingPathComponent("vms/demo")
@@ -68,14 +63,9 @@ struct IOFilterDaemon: ParsableCommand {
         let configuration = WorkerConfiguration(
             vmName: "demo", stateDirectory: vmDirectory.path,
             disks: [DiskConfiguration(name: "demo-disk", backend: .file(path: disk), readOnly: false, filters: chain, listenFD: 3)],
-            logLevel: level.rawValue)
+            logLevel: StandardErrorLogging.level.rawValue)
 
-        var signals = sigset_t()
-        sigemptyset(&signals)
-        sigaddset(&signals, SIGINT)
-        sigaddset(&signals, SIGTERM)
-        pthread_sigmask(SIG_BLOCK, &signals, nil)
-        signal(SIGPIPE, SIG_IGN)
+        let signals = TerminationSignals.block()
 
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
         try supervisor.start()
@@ -88,8 +78,7 @@ struct IOFilterDaemon: ParsableCommand {
                      qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
 
             """.utf8))
-        var received: Int32 = 0
-        sigwait(&signals, &received)
+        _ = signals.wait()
         logger.info("stopping the demo VM")
         supervisor.stop()
         unlink(socketPath)

@@ -9,14 +9,11 @@ struct DataPathTests {
     let qemuImg = Harness.tool("qemu-img")
 
     func image(_ name: String, size: Int = 64 << 20) -> String {
-        let path = directory.appendingPathComponent(name).path
-        _ = FileManager.default.createFile(atPath: path, contents: nil)
-        truncate(path, off_t(size))
-        return path
+        Harness.makeImage(directory.appendingPathComponent(name).path, size: size)
     }
 
     func io(_ uri: String, _ commands: [String]) throws -> String {
-        try Harness.check(qemuIO, ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [uri])
+        try Harness.qemuIO(uri, commands)
     }
 
     @Test func qemuIOPatternsThroughTheCSampleMatchTheFile() throws {

@@ -100,6 +100,18 @@ enum Harness {
         return name
     }
 
+    /// An empty (sparse) raw image of `size` bytes.
+    static func makeImage(_ path: String, size: Int) -> String {
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        truncate(path, off_t(size))
+        return path
+    }
+
+    /// Runs qemu-io commands against an NBD URI; fails the test if qemu-io fails.
+    static func qemuIO(_ uri: String, _ commands: [String]) throws -> String {
+        try check(tool("qemu-io"), ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [uri])
+    }
+
     /// Writes `size` bytes of reproducible pseudo-random data.
     static func makeRandomFile(_ path: String, size: Int, seed: UInt64) {
         var state = seed | 1
