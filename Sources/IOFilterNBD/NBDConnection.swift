@@ -20,7 +20,9 @@ final class NBDConnection: @unchecked Sendable {
     let exportSize: UInt64
     let features: NBDExportFeatures
 
-    static let receiveCapacity = 256 << 10
+    // Big enough to batch many small requests, small enough that a large write payload
+    // is mostly read straight into its request buffer rather than copied through here.
+    static let receiveCapacity = 64 << 10
     static let maxBatch = 64
     static let maxBatchBytes = 2 << 20
     static let maxInFlight = 256
