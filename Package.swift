@@ -21,7 +21,9 @@ let package = Package(
         .executable(name: "iofilter-worker", targets: ["iofilter-worker"]),
         .library(name: "IOFilterHost", targets: ["IOFilterHost"]),
         .library(name: "IOFilterNBD", targets: ["IOFilterNBD"]),
+        .library(name: "IOFilterSDK", targets: ["IOFilterSDK"]),
         .library(name: "iofilter-passthrough-c", type: .dynamic, targets: ["PassthroughC"]),
+        .library(name: "iofilter-template", type: .dynamic, targets: ["TemplateFilter"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -88,6 +90,11 @@ let package = Package(
             ],
             swiftSettings: strict),
 
+        // The Swift SDK: what a Swift plug-in depends on (with the header).
+        .target(
+            name: "IOFilterSDK", dependencies: ["CIOFilter", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            path: "SDK/IOFilterSDK", swiftSettings: strict),
+
         // The C sample, built by SwiftPM as a shared object; it needs only the header.
         .target(
             name: "PassthroughC", path: "Plugins/passthrough-c",
@@ -95,6 +102,8 @@ let package = Package(
             sources: ["passthrough.c"],
             publicHeadersPath: "public",
             cSettings: [.headerSearchPath("../../include")]),
+
+        .target(name: "TemplateFilter", dependencies: ["IOFilterSDK"], path: "Plugins/template-swift", swiftSettings: strict),
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(

@@ -117,6 +117,10 @@ enum iof_param_type {
 };
 
 #define IOF_PARAM_REQUIRED (1u << 0) /* a policy must set it; default_value is ignored */
+/* The value names a file the filter opens itself (a replica, a cache device). The
+ * worker's sandbox lets it read and write that file (or, if it does not exist yet, its
+ * directory). A value that is a URI ("scheme://…") is left alone. STRING only. */
+#define IOF_PARAM_PATH (1u << 1)
 
 struct iof_param_spec {
     uint32_t struct_size;

@@ -15,6 +15,11 @@ public struct FilterSelection: Codable, Sendable, Equatable {
 public struct PlannedFilter: Codable, Sendable, Equatable {
     public var manifest: PluginManifest
     public var parameters: [String: String]
+
+    /// Files the filter opens itself (its path parameters' values that are not URIs).
+    public var filePaths: [String] {
+        manifest.parameters.filter(\.isPath).compactMap { parameters[$0.name] }.filter { !$0.isEmpty && !$0.contains("://") }
+    }
 }
 
 /// The rules that make a set of filters a chain: each plug-in once, at most one filter

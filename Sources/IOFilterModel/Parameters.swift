@@ -12,11 +12,15 @@ public struct ParameterSpec: Codable, Sendable, Equatable {
     public var min: Int64?
     public var max: Int64?
     public var enumValues: [String]?
+    /// The value is a file path the sandbox must let the filter open (IOF_PARAM_PATH).
+    public var isPath: Bool
 
     public init(
         name: String, description: String, kind: Kind, required: Bool = false,
-        defaultValue: String? = nil, min: Int64? = nil, max: Int64? = nil, enumValues: [String]? = nil
+        defaultValue: String? = nil, min: Int64? = nil, max: Int64? = nil, enumValues: [String]? = nil,
+        isPath: Bool = false
     ) {
+        self.isPath = isPath
         self.name = name
         self.description = description
         self.kind = kind

@@ -99,6 +99,9 @@ extension PluginManifest {
         case .bool, .string:
             break
         }
+        if spec.isPath && spec.kind != .string {
+            throw .badSchema(plugin: plugin, parameter: spec.name, reason: "only a string parameter can be a path")
+        }
         if spec.required { return }
         guard let value = spec.defaultValue else {
             throw .badSchema(plugin: plugin, parameter: spec.name, reason: "an optional parameter needs a default value")

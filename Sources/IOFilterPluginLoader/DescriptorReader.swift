@@ -117,7 +117,8 @@ enum DescriptorReader {
                     name: label, description: spec.description.map { String(cString: $0) } ?? "",
                     kind: kind, required: spec.flags & UInt32(IOF_PARAM_REQUIRED) != 0,
                     defaultValue: spec.default_value.map { String(cString: $0) },
-                    min: ranged ? spec.min : nil, max: ranged ? spec.max : nil, enumValues: enumValues))
+                    min: ranged ? spec.min : nil, max: ranged ? spec.max : nil, enumValues: enumValues,
+                    isPath: spec.flags & UInt32(IOF_PARAM_PATH) != 0))
         }
         return result
     }

@@ -109,6 +109,10 @@ case "serve" where arguments.count == 1:
         for disk in configuration.disks {
             if case .file(let path) = disk.backend { readWrite.append(path) }
             readExecute += disk.filters.map(\.manifest.path)
+            for path in disk.filters.flatMap(\.filePaths) {
+                // A file that does not exist yet can only be granted through its directory.
+                readWrite.append(FileManager.default.fileExists(atPath: path) ? path : (path as NSString).deletingLastPathComponent)
+            }
         }
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
         confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: (listenFDs.max() ?? 2) + 1)

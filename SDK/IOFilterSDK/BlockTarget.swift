@@ -1,0 +1,145 @@
+import Glibc
+import IOFilterNBD
+import IOFilterPosix
+import Logging
+
+/// A block device a filter writes to or reads from on its own: a replica, a cache
+/// device, a remote export. Given as a file path or an NBD URI.
+public protocol BlockTarget: AnyObject, Sendable {
+    var size: UInt64 { get }
+    var description: String { get }
+    /// `completion` runs once, possibly before this returns (files) or on another
+    /// thread (NBD). The buffer must stay valid until then.
+    func write(offset: UInt64, length: Int, from buffer: UnsafeRawPointer, completion: @escaping @Sendable (Int32) -> Void)
+    func read(offset: UInt64, length: Int, into buffer: UnsafeMutableRawPointer, completion: @escaping @Sendable (Int32) -> Void)
+    func writeZeroes(offset: UInt64, length: Int, completion: @escaping @Sendable (Int32) -> Void)
+    func flush(completion: @escaping @Sendable (Int32) -> Void)
+    func close()
+}
+
+extension BlockTarget {
+    /// Waits for one operation: for background threads, never for `start`.
+    public func wait(_ operation: (@escaping @Sendable (Int32) -> Void) -> Void) -> Int32 {
+        let result = WaitBox()
+        operation { result.finish($0) }
+        return result.wait()
+    }
+}
+
+/// Opens `spec` — an NBD URI (`nbd://…`, `nbd+unix://…`) or a file path. A file is
+/// created, or grown, to `size` if it is smaller.
+public func openBlockTarget(_ spec: String, size: UInt64?) throws(FilterError) -> any BlockTarget {
+    if spec.contains("://") {
+        guard let uri = NBDURI(spec) else { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
+        do {
+            return NBDTarget(client: try NBDClient(uri: uri, logger: Logger(label: "iofilter.sdk.target")))
+        } catch {
+            throw FilterError(EIO, "cannot connect to \(spec): \(error)")
+        }
+    }
+    return try FileTarget(path: spec, size: size)
+}
+
+final class FileTarget: BlockTarget {
+    let fd: Int32
+    let path: String
+    let size: UInt64
+    var description: String { path }
+
+    init(path: String, size: UInt64?) throws(FilterError) {
+        self.path = path
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw FilterError(errno, "cannot open \(path): \(String(cString: strerror(errno)))") }
+        var info = stat()
+        fstat(fd, &info)
+        if let size, UInt64(info.st_size) < size, (info.st_mode & S_IFMT) == S_IFREG {
+            guard ftruncate(fd, off_t(size)) == 0 else { throw FilterError(errno, "cannot size \(path)") }
+            self.size = size
+        } else {
+            self.size = UInt64(info.st_size)
+        }
+    }
+
+    func write(offset: UInt64, length: Int, from buffer: UnsafeRawPointer, completion: @escaping @Sendable (Int32) -> Void) {
+        completion(FileDescriptorIO.pwriteAll(fd, buffer, count: length, offset: offset))
+    }
+
+    func read(offset: UInt64, length: Int, into buffer: UnsafeMutableRawPointer, completion: @escaping @Sendable (Int32) -> Void) {
+        completion(FileDescriptorIO.preadAll(fd, into: buffer, count: length, offset: offset))
+    }
+
+    func writeZeroes(offset: UInt64, length: Int, completion: @escaping @Sendable (Int32) -> Void) {
+        let zeroes = UnsafeMutableRawPointer.allocate(byteCount: min(length, 1 << 20), alignment: 4096)
+        defer { zeroes.deallocate() }
+        memset(zeroes, 0, min(length, 1 << 20))
+        var done = 0
+        while done < length {
+            let n = min(1 << 20, length - done)
+            let rc = FileDescriptorIO.pwriteAll(fd, zeroes, count: n, offset: offset + UInt64(done))
+            if rc != 0 { return completion(rc) }
+            done += n
+        }
+        completion(0)
+    }
+
+    func flush(completion: @escaping @Sendable (Int32) -> Void) {
+        completion(fdatasync(fd) == 0 ? 0 : errno)
+    }
+
+    func close() { Glibc.close(fd) }
+}
+
+final class NBDTarget: BlockTarget {
+    let client: NBDClient
+    var size: UInt64 { client.size }
+    var description: String { client.uri.description }
+
+    init(client: NBDClient) { self.client = client }
+
+    func write(offset: UInt64, length: Int, from buffer: UnsafeRawPointer, completion: @escaping @Sendable (Int32) -> Void) {
+        client.submit(.write, offset: offset, length: length, buffer: UnsafeMutableRawPointer(mutating: buffer),
+                      completion: ClosureCompletion(completion))
+    }
+
+    func read(offset: UInt64, length: Int, into buffer: UnsafeMutableRawPointer, completion: @escaping @Sendable (Int32) -> Void) {
+        client.submit(.read, offset: offset, length: length, buffer: buffer, completion: ClosureCompletion(completion))
+    }
+
+    func writeZeroes(offset: UInt64, length: Int, completion: @escaping @Sendable (Int32) -> Void) {
+        client.submit(.writeZeroes, offset: offset, length: length, buffer: nil, completion: ClosureCompletion(completion))
+    }
+
+    func flush(completion: @escaping @Sendable (Int32) -> Void) {
+        guard client.canFlush else { return completion(0) }
+        client.submit(.flush, offset: 0, length: 0, buffer: nil, completion: ClosureCompletion(completion))
+    }
+
+    func close() { client.disconnect() }
+}
+
+final class ClosureCompletion: NBDClientCompletion {
+    let body: @Sendable (Int32) -> Void
+    init(_ body: @escaping @Sendable (Int32) -> Void) { self.body = body }
+    func nbdRequestDidComplete(error: Int32) { body(error) }
+}
+
+/// One result handed from a completion to a waiting thread.
+final class WaitBox: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = ConditionLock()
+    private var result: Int32?
+
+    func finish(_ value: Int32) {
+        lock.withLock {
+            result = value
+            lock.broadcast()
+        }
+    }
+
+    func wait() -> Int32 {
+        lock.withLock {
+            while result == nil { lock.wait() }
+            return result!
+        }
+    }
+}

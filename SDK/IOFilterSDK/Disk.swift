@@ -1,0 +1,143 @@
+import CIOFilter
+import Glibc
+
+/// The host's services for one disk: what the filter is told about it, its parameters,
+/// logging, I/O below the filter, timers.
+public final class Disk: @unchecked Sendable {
+    // @unchecked: immutable after init; the host services are thread-safe.
+    let handle: OpaquePointer
+    public let name: String
+    public let vmName: String
+    public let size: UInt64
+    public let readOnly: Bool
+    /// A directory only this filter on this disk uses; it survives restarts.
+    public let sidecarDirectory: String
+
+    init(handle: OpaquePointer, info: UnsafePointer<iof_disk_info>) {
+        self.handle = handle
+        let info = info.pointee
+        name = info.disk_name.map { String(cString: $0) } ?? ""
+        vmName = info.vm_name.map { String(cString: $0) } ?? ""
+        size = info.size
+        readOnly = info.read_only != 0
+        sidecarDirectory = info.sidecar_dir.map { String(cString: $0) } ?? ""
+    }
+
+    /// A parameter's value as text (its default if the policy did not set it).
+    public func parameter(_ key: String) -> String? {
+        Host.services.pointee.param(handle, key).map { String(cString: $0) }
+    }
+
+    public func parameter(_ key: String, default value: Int64) -> Int64 {
+        parameter(key).flatMap { Int64($0) } ?? value
+    }
+
+    public func parameter(_ key: String, default value: Bool) -> Bool {
+        parameter(key).map { $0 == "true" } ?? value
+    }
+
+    public enum LogLevel: Sendable { case error, warning, info, debug }
+
+    public func log(_ level: LogLevel, _ message: String) {
+        let abi: iof_log_level =
+            switch level {
+            case .error: IOF_LOG_ERROR
+            case .warning: IOF_LOG_WARNING
+            case .info: IOF_LOG_INFO
+            case .debug: IOF_LOG_DEBUG
+            }
+        Host.services.pointee.log(handle, abi, message)
+    }
+
+    /// I/O of the filter's own to the layers below it. `completion` runs exactly once,
+    /// on any thread (possibly before this returns); `buffer` must stay valid until then.
+    public func submitBelow(
+        _ operation: Request.Operation, offset: UInt64, length: Int, buffer: UnsafeMutableRawPointer?,
+        fua: Bool = false, completion: @escaping @Sendable (Int32) -> Void
+    ) {
+        let op: iof_op =
+            switch operation {
+            case .read: IOF_OP_READ
+            case .write: IOF_OP_WRITE
+            case .flush: IOF_OP_FLUSH
+            case .trim: IOF_OP_TRIM
+            case .writeZeroes, .unknown: IOF_OP_WRITE_ZEROES
+            }
+        let box = Unmanaged.passRetained(CompletionBox(completion)).toOpaque()
+        let rc = Host.services.pointee.submit_below(
+            handle, op, fua ? UInt32(IOF_REQ_FUA) : 0, offset, UInt64(length), buffer,
+            { arg, error in
+                Unmanaged<CompletionBox>.fromOpaque(arg!).takeRetainedValue().body(error)
+            }, box)
+        if rc != 0 {
+            Unmanaged<CompletionBox>.fromOpaque(box).takeRetainedValue().body(rc)
+        }
+    }
+
+    /// The same, awaited. Returns 0 or an errno.
+    public func submitBelow(
+        _ operation: Request.Operation, offset: UInt64, length: Int, buffer: UnsafeMutableRawPointer?, fua: Bool = false
+    ) async -> Int32 {
+        let pointer = UnsafeSendablePointer(buffer)
+        return await withCheckedContinuation { continuation in
+            submitBelow(operation, offset: offset, length: length, buffer: pointer.value, fua: fua) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Runs `body` after `delay`, then every `interval` if given, on a host thread,
+    /// until cancelled or the disk closes.
+    @discardableResult
+    public func startTimer(after delay: Duration, every interval: Duration? = nil, _ body: @escaping @Sendable () -> Void) -> DiskTimer {
+        let box = Unmanaged.passRetained(TimerBox(body))
+        let id = Host.services.pointee.start_timer(
+            handle, delay.nanoseconds, interval?.nanoseconds ?? 0,
+            { arg in Unmanaged<TimerBox>.fromOpaque(arg!).takeUnretainedValue().body() },
+            box.toOpaque())
+        return DiskTimer(disk: self, id: id, box: box)
+    }
+}
+
+/// A timer started with ``Disk/startTimer(after:every:_:)``.
+public final class DiskTimer: @unchecked Sendable {
+    // @unchecked: `cancel` may race only with itself, which the host tolerates.
+    let disk: Disk
+    let id: UInt64
+    private var box: Unmanaged<TimerBox>?
+
+    init(disk: Disk, id: UInt64, box: Unmanaged<TimerBox>) {
+        self.disk = disk
+        self.id = id
+        self.box = box
+    }
+
+    /// Stops the timer, waiting for a running callback to return.
+    public func cancel() {
+        guard let box else { return }
+        Host.services.pointee.cancel_timer(disk.handle, id)
+        box.release()
+        self.box = nil
+    }
+}
+
+final class CompletionBox {
+    let body: @Sendable (Int32) -> Void
+    init(_ body: @escaping @Sendable (Int32) -> Void) { self.body = body }
+}
+
+final class TimerBox {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+}
+
+/// A raw pointer carried across an `await` whose lifetime the caller guarantees.
+struct UnsafeSendablePointer: @unchecked Sendable {
+    let value: UnsafeMutableRawPointer?
+    init(_ value: UnsafeMutableRawPointer?) { self.value = value }
+}
+
+extension Duration {
+    var nanoseconds: UInt64 {
+        let (seconds, attoseconds) = components
+        return UInt64(max(seconds, 0)) * 1_000_000_000 + UInt64(max(attoseconds, 0) / 1_000_000_000)
+    }
+}

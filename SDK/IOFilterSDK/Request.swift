@@ -1,0 +1,81 @@
+import CIOFilter
+
+/// A view of one request in flight. It is only valid until the request finishes
+/// (`start` returns anything but `.deferred`, or `resume` is called): keep no copy
+/// beyond that. It is `Sendable` so that a deferred request can be resumed from any
+/// thread or task.
+public struct Request: @unchecked Sendable {
+    // @unchecked: a pointer into the host's request; the ABI hands ownership to the
+    // filter between `start` returning `.deferred` and `resume`.
+    let raw: UnsafeMutablePointer<iof_request>
+    let slot: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    let storedWord: UnsafeMutableRawPointer?
+
+    public enum Operation: Sendable {
+        case read, write, flush, trim, writeZeroes, unknown
+    }
+
+    public var operation: Operation {
+        switch raw.pointee.op {
+        case IOF_OP_READ: .read
+        case IOF_OP_WRITE: .write
+        case IOF_OP_FLUSH: .flush
+        case IOF_OP_TRIM: .trim
+        case IOF_OP_WRITE_ZEROES: .writeZeroes
+        default: .unknown
+        }
+    }
+
+    public var offset: UInt64 { raw.pointee.offset }
+    public var length: Int { Int(raw.pointee.length) }
+    /// Write, trim or write-zeroes that must be durable before it completes.
+    public var isFUA: Bool { raw.pointee.flags & UInt32(IOF_REQ_FUA) != 0 }
+    /// Write-zeroes that must allocate.
+    public var noHole: Bool { raw.pointee.flags & UInt32(IOF_REQ_NO_HOLE) != 0 }
+    /// Unique among the disk's requests in flight.
+    public var id: UInt64 { raw.pointee.id }
+
+    /// The payload: for a read, fill it (then `.complete`) or inspect it in `done`; for
+    /// a write, the data (a filter may change the bytes, e.g. to encrypt them). No copy.
+    public var buffer: UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(start: raw.pointee.buffer, count: raw.pointee.buffer == nil ? 0 : length)
+    }
+
+    /// The result on the way up: 0 or an errno.
+    public var error: Int32 {
+        get { raw.pointee.error }
+        nonmutating set { raw.pointee.error = newValue }
+    }
+
+    /// A word of per-request state that belongs to this filter from `start` to `done`
+    /// (set it in `start`; read it in `done`).
+    public var privateWord: UInt {
+        get { UInt(bitPattern: slot?.pointee ?? storedWord) }
+        nonmutating set { slot?.pointee = UnsafeMutableRawPointer(bitPattern: newValue) }
+    }
+
+    /// Delivers a decision that `start` or `done` deferred. Exactly once, from any thread.
+    public func resume(_ disposition: Disposition) {
+        let (value, errno) = disposition.abi
+        Host.services.pointee.resume(raw, value == IOF_DEFER ? IOF_FAIL : value, errno)
+    }
+
+    /// Decides asynchronously: runs `decision` as a task and resumes with its result.
+    /// Return what this returns (`.deferred`) from `start` or `done`.
+    public func `defer`(_ decision: @escaping @Sendable () async -> Disposition) -> Disposition {
+        let request = self
+        Task { request.resume(await decision()) }
+        return .deferred
+    }
+}
+
+extension Disposition {
+    var abi: (iof_disposition, Int32) {
+        switch self {
+        case .pass: (IOF_PASS, 0)
+        case .complete: (IOF_COMPLETE, 0)
+        case .fail(let errno): (IOF_FAIL, errno > 0 ? errno : 5)
+        case .deferred: (IOF_DEFER, 0)
+        }
+    }
+}
