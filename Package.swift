@@ -24,6 +24,7 @@ let package = Package(
         .library(name: "IOFilterSDK", targets: ["IOFilterSDK"]),
         .library(name: "iofilter-passthrough-c", type: .dynamic, targets: ["PassthroughC"]),
         .library(name: "iofilter-template", type: .dynamic, targets: ["TemplateFilter"]),
+        .library(name: "iofilter-replication", type: .dynamic, targets: ["ReplicationFilter"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -104,6 +105,7 @@ let package = Package(
             cSettings: [.headerSearchPath("../../include")]),
 
         .target(name: "TemplateFilter", dependencies: ["IOFilterSDK"], path: "Plugins/template-swift", swiftSettings: strict),
+        .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK"], path: "Plugins/replication", swiftSettings: strict),
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(

@@ -14,7 +14,7 @@ import CIOFilter
 /// down, complete it yourself, fail it, or defer the decision (see ``Request/defer(_:)``).
 /// Requests you passed come back up through `done` with their result, if
 /// ``FilterMetadata/observesCompletions`` is set.
-public protocol IOFilter: AnyObject {
+public protocol IOFilter: AnyObject, Sendable {
     /// Name, vendor, version, category, parameters, management operations.
     static var metadata: FilterMetadata { get }
 

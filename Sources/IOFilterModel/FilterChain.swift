@@ -26,10 +26,28 @@ public struct PlannedFilter: Codable, Sendable, Equatable {
 /// per category, known and well-typed parameters, and category order.
 public enum FilterChain {
     public static func plan(_ selections: [FilterSelection]) throws(ValidationError) -> [PlannedFilter] {
+        try checkMembership(selections.map(\.manifest))
+        var planned: [PlannedFilter] = []
+        for selection in selections {
+            planned.append(
+                PlannedFilter(
+                    manifest: selection.manifest,
+                    parameters: try resolve(selection.parameters, for: selection.manifest)))
+        }
+        return planned.sorted { $0.manifest.category < $1.manifest.category }
+    }
+
+    /// The set as a chain, in order, before any parameter is chosen (what
+    /// `plugin validate` checks): each plug-in once, one filter per category.
+    public static func order(_ manifests: [PluginManifest]) throws(ValidationError) -> [PluginManifest] {
+        try checkMembership(manifests)
+        return manifests.sorted { $0.category < $1.category }
+    }
+
+    private static func checkMembership(_ manifests: [PluginManifest]) throws(ValidationError) {
         var byName: [String: PluginManifest] = [:]
         var byCategory: [FilterCategory: PluginManifest] = [:]
-        for selection in selections {
-            let manifest = selection.manifest
+        for manifest in manifests {
             if let other = byName[manifest.name] {
                 throw .duplicatePlugin(
                     name: manifest.name, firstVersion: other.version, secondVersion: manifest.version)
@@ -40,14 +58,6 @@ public enum FilterChain {
             byName[manifest.name] = manifest
             byCategory[manifest.category] = manifest
         }
-        var planned: [PlannedFilter] = []
-        for selection in selections {
-            planned.append(
-                PlannedFilter(
-                    manifest: selection.manifest,
-                    parameters: try resolve(selection.parameters, for: selection.manifest)))
-        }
-        return planned.sorted { $0.manifest.category < $1.manifest.category }
     }
 
     /// Checks `given` against the plug-in's schema and fills in defaults.

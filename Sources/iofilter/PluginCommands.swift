@@ -38,10 +38,10 @@ extension IOFilterCommand.Plugin {
                 case .failure(let error): problems.append(error.description)
                 }
             }
-            var chain: [PlannedFilter] = []
+            var chain: [PluginManifest] = []
             if problems.isEmpty {
                 do {
-                    chain = try FilterChain.plan(manifests.map { FilterSelection(manifest: $0) })
+                    chain = try FilterChain.order(manifests)
                 } catch {
                     problems.append(error.description)
                 }
@@ -54,13 +54,13 @@ extension IOFilterCommand.Plugin {
             }
             if json {
                 print(jsonLine(Report(
-                    plugins: manifests, chain: chain.map { Link(name: $0.manifest.name, category: $0.manifest.category.rawValue) },
+                    plugins: manifests, chain: chain.map { Link(name: $0.name, category: $0.category.rawValue) },
                     errors: problems.isEmpty ? nil : problems)))
             } else if problems.isEmpty {
                 for manifest in manifests {
                     print("ok  \(manifest.name) \(manifest.version) (\(manifest.category.rawValue), \(manifest.vendor))  \(manifest.path)")
                 }
-                print("chain: consumer -> " + chain.map { "\($0.manifest.name) [\($0.manifest.category.rawValue)]" }.joined(separator: " -> ") + " -> disk")
+                print("chain: consumer -> " + chain.map { "\($0.name) [\($0.category.rawValue)]" }.joined(separator: " -> ") + " -> disk")
             }
             for problem in problems { printError(problem) }
             if !problems.isEmpty { throw ExitCode(1) }

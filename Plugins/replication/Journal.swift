@@ -1,0 +1,286 @@
+import Glibc
+import IOFilterSDK
+import Synchronization
+
+/// The async journal: a ring of records in `journal.data`, shipped in order from its
+/// head. `journal.state` persists the head; the tail is found again after a crash by
+/// following records whose sequence numbers continue from the head's.
+final class Journal: @unchecked Sendable {
+    // @unchecked: positions are guarded by `lock`; the files are written only under it
+    // (appends) or only by the shipper (reads at the head, which appends never touch).
+    struct Record {
+        static let headerSize = 48
+        static let magic: UInt32 = 0x494F_464A  // "IOFJ"
+        static let write: UInt32 = 1, zeroes: UInt32 = 2, wrap: UInt32 = 3
+        var kind: UInt32
+        var sequence: UInt64
+        var offset: UInt64
+        var length: UInt64
+        var time: UInt64
+        var size: UInt64 { UInt64(Record.headerSize) + (kind == Record.write ? (length + 7) & ~7 : 0) }
+    }
+
+    let capacity: UInt64
+    private let dataFD: Int32
+    private let stateFD: Int32
+    private let lock = ConditionLock()
+    private var head: UInt64 = 0
+    private var headSequence: UInt64 = 1
+    private var tail: UInt64 = 0
+    private var nextSequence: UInt64 = 1
+    private let header = UnsafeMutableRawPointer.allocate(byteCount: Record.headerSize, alignment: 8)
+
+    init(directory: String, capacity: UInt64) throws(FilterError) {
+        self.capacity = capacity & ~7
+        dataFD = open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        stateFD = open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard dataFD >= 0, stateFD >= 0 else { throw FilterError(errno, "cannot open the journal in \(directory): \(String(cString: strerror(errno)))") }
+        var state = (UInt64(0), UInt64(0), UInt64(0))
+        if pread(stateFD, &state, 24, 0) == 24, state.0 == 0x494F_464A_5354_4154, state.2 > 0 {
+            head = state.1
+            headSequence = state.2
+        }
+        recoverTail()
+    }
+
+    deinit { header.deallocate() }
+
+    /// Follows valid records from the head to find where appends stopped.
+    private func recoverTail() {
+        var position = head
+        var sequence = headSequence
+        while position - head < capacity {
+            let offset = position % capacity
+            if capacity - offset < UInt64(Record.headerSize) {
+                position += capacity - offset
+                continue
+            }
+            guard let record = readHeader(at: offset), record.sequence == sequence else { break }
+            if record.kind == Record.wrap {
+                position += capacity - offset
+            } else {
+                position += record.size
+            }
+            sequence += 1
+        }
+        tail = position
+        nextSequence = sequence
+    }
+
+    private func readHeader(at offset: UInt64) -> Record? {
+        guard pread(dataFD, header, Record.headerSize, off_t(offset)) == Record.headerSize,
+              header.load(as: UInt32.self) == Record.magic else { return nil }
+        return Record(kind: header.load(fromByteOffset: 4, as: UInt32.self), sequence: header.load(fromByteOffset: 8, as: UInt64.self),
+                      offset: header.load(fromByteOffset: 16, as: UInt64.self), length: header.load(fromByteOffset: 24, as: UInt64.self),
+                      time: header.load(fromByteOffset: 32, as: UInt64.self))
+    }
+
+    private func writeHeader(_ record: Record, at offset: UInt64) {
+        header.storeBytes(of: Record.magic, as: UInt32.self)
+        header.storeBytes(of: record.kind, toByteOffset: 4, as: UInt32.self)
+        header.storeBytes(of: record.sequence, toByteOffset: 8, as: UInt64.self)
+        header.storeBytes(of: record.offset, toByteOffset: 16, as: UInt64.self)
+        header.storeBytes(of: record.length, toByteOffset: 24, as: UInt64.self)
+        header.storeBytes(of: record.time, toByteOffset: 32, as: UInt64.self)
+        _ = FileDescriptorIO.pwriteAll(dataFD, header, count: Record.headerSize, offset: offset)
+    }
+
+    /// Appends a write (payload) or zeroing (nil) — or, when the journal is full or the
+    /// region map is already in charge, marks the range dirty there instead.
+    func record(offset: UInt64, length: Int, payload: UnsafeRawPointer?, orMarkIn regions: RegionMap) {
+        lock.withLock {
+            var record = Record(kind: payload == nil ? Record.zeroes : Record.write, sequence: 0, offset: offset,
+                                length: UInt64(length), time: wallClockNanoseconds())
+            let position = tail % capacity
+            let skip = capacity - position < record.size ? capacity - position : 0
+            guard !regions.isOverflowing, (tail - head) + skip + record.size <= capacity else {
+                regions.mark(offset: offset, length: UInt64(length))
+                return
+            }
+            if skip > 0 {
+                if skip >= UInt64(Record.headerSize) {
+                    writeHeader(Record(kind: Record.wrap, sequence: nextSequence, offset: 0, length: 0, time: 0), at: position)
+                    nextSequence += 1
+                }
+                tail += skip
+            }
+            record.sequence = nextSequence
+            nextSequence += 1
+            let at = tail % capacity
+            writeHeader(record, at: at)
+            if let payload { _ = FileDescriptorIO.pwriteAll(dataFD, payload, count: length, offset: at + UInt64(Record.headerSize)) }
+            tail += record.size
+        }
+    }
+
+    /// The record at the head, with its payload read into `buffer` (grown as needed).
+    func peek(into buffer: inout UnsafeMutableRawPointer, capacity bufferCapacity: inout Int) -> Record? {
+        lock.withLock {
+            while head < tail {
+                let offset = head % capacity
+                if capacity - offset < UInt64(Record.headerSize) {
+                    head += capacity - offset
+                    continue
+                }
+                guard let record = readHeader(at: offset), record.sequence == headSequence else { return nil }
+                if record.kind == Record.wrap {
+                    head += capacity - offset
+                    headSequence += 1
+                    continue
+                }
+                if record.kind == Record.write {
+                    if Int(record.length) > bufferCapacity {
+                        buffer.deallocate()
+                        bufferCapacity = Int(record.length)
+                        buffer = .allocate(byteCount: bufferCapacity, alignment: 4096)
+                    }
+                    _ = FileDescriptorIO.preadAll(dataFD, into: buffer, count: Int(record.length), offset: offset + UInt64(Record.headerSize))
+                }
+                return record
+            }
+            return nil
+        }
+    }
+
+    /// The head record reached the replica: drop it and persist the new head.
+    func advance(past record: Record) {
+        lock.withLock {
+            head += record.size
+            headSequence = record.sequence + 1
+            persistHead()
+        }
+    }
+
+    private func persistHead() {
+        var state = (UInt64(0x494F_464A_5354_4154), head, headSequence)
+        _ = pwrite(stateFD, &state, 24, 0)
+    }
+
+    var pendingBytes: UInt64 { lock.withLock { tail - head } }
+
+    /// Seconds since the oldest record still to ship was written (0 when empty).
+    var oldestPendingAge: Double {
+        lock.withLock {
+            guard head < tail, let record = readHeader(at: head % capacity), record.kind != Record.wrap else { return 0 }
+            return Double(wallClockNanoseconds() &- record.time) / 1e9
+        }
+    }
+
+    /// Flips the region map back to journalling once nothing is pending anywhere.
+    func resumeJournallingIfClean(_ regions: RegionMap) -> Bool {
+        lock.withLock { head == tail && regions.leaveOverflowIfClean() }
+    }
+
+    func sync() {
+        fdatasync(dataFD)
+        fdatasync(stateFD)
+    }
+
+    func close() {
+        lock.withLock { persistHead() }
+        Glibc.close(dataFD)
+        Glibc.close(stateFD)
+    }
+}
+
+func wallClockNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+/// One byte per region of the disk, persisted in `regions.map`: 1 means the replica
+/// may lack that region's current contents. While any region is dirty the journal is
+/// bypassed ("overflowing"), so that a region resync never races an older journal record.
+final class RegionMap: @unchecked Sendable {
+    // @unchecked: all state is guarded by `lock`.
+    let regionSize: UInt64
+    let count: Int
+    let diskSize: UInt64
+    private let fd: Int32
+    private let lock = ConditionLock()
+    private var bytes: [UInt8]
+    private var generations: [UInt32]
+    private var dirty = 0
+    private var overflowing = false
+    private var dirtySince: UInt64 = 0
+    private var cursor = 0
+
+    init(directory: String, diskSize: UInt64, regionSize: UInt64) throws(FilterError) {
+        self.regionSize = regionSize
+        self.diskSize = diskSize
+        count = Int((diskSize + regionSize - 1) / regionSize)
+        fd = open("\(directory)/regions.map", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw FilterError(errno, "cannot open the region map in \(directory)") }
+        bytes = [UInt8](repeating: 0, count: count)
+        generations = [UInt32](repeating: 0, count: count)
+        let counted = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, 0) }
+        if counted < count { ftruncate(fd, off_t(count)) }
+        dirty = bytes.reduce(0) { $0 + ($1 != 0 ? 1 : 0) }
+        overflowing = dirty > 0
+        dirtySince = dirty > 0 ? wallClockNanoseconds() : 0
+    }
+
+    var isOverflowing: Bool { lock.withLock { overflowing } }
+    var dirtyCount: Int { lock.withLock { dirty } }
+    var oldestDirtyAge: Double { lock.withLock { dirty > 0 ? Double(wallClockNanoseconds() &- dirtySince) / 1e9 : 0 } }
+
+    func mark(offset: UInt64, length: UInt64) {
+        guard length > 0 || offset < diskSize else { return }
+        let first = Int(offset / regionSize)
+        let last = Int((offset + max(length, 1) - 1) / regionSize)
+        lock.withLock {
+            overflowing = true
+            for region in first...min(last, count - 1) {
+                generations[region] &+= 1
+                if bytes[region] == 0 {
+                    bytes[region] = 1
+                    if dirty == 0 { dirtySince = wallClockNanoseconds() }
+                    dirty += 1
+                    var one: UInt8 = 1
+                    _ = pwrite(fd, &one, 1, off_t(region))
+                }
+            }
+        }
+    }
+
+    func markAll() {
+        mark(offset: 0, length: diskSize)
+    }
+
+    /// The next dirty region after the last one handed out, with its generation.
+    func nextDirty() -> (region: Int, generation: UInt32)? {
+        lock.withLock {
+            guard dirty > 0 else { return nil }
+            for step in 0..<count {
+                let region = (cursor + step) % count
+                if bytes[region] != 0 {
+                    cursor = region + 1
+                    return (region, generations[region])
+                }
+            }
+            return nil
+        }
+    }
+
+    /// The region was copied; it is clean unless a write touched it meanwhile.
+    func shipped(_ region: Int, generation: UInt32) {
+        lock.withLock {
+            guard generations[region] == generation, bytes[region] != 0 else { return }
+            bytes[region] = 0
+            dirty -= 1
+            var zero: UInt8 = 0
+            _ = pwrite(fd, &zero, 1, off_t(region))
+        }
+    }
+
+    func leaveOverflowIfClean() -> Bool {
+        lock.withLock {
+            if dirty == 0 { overflowing = false }
+            return !overflowing
+        }
+    }
+
+    func sync() { fdatasync(fd) }
+    func close() { Glibc.close(fd) }
+}

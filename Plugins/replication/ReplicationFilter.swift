@@ -1,0 +1,275 @@
+// Replication sample: keeps a replica (a file or an NBD export) of the disk.
+//
+// async mode: every write, trim and write-zeroes is appended to a journal in the
+//   sidecar directory before it goes down, and a shipper thread sends the journal to
+//   the replica in order. The guest never waits for the replica.
+// sync mode: a write completes only when the replica has it too.
+//
+// When the journal is full, or the replica is unreachable in sync mode, or on the
+// first attach, the filter falls back to a map of dirty regions and resyncs them by
+// reading the disk below itself. After kill -9 at any moment the restarted filter
+// replays the journal from its persisted head and resyncs the regions its map marks.
+//
+// Durability follows the guest: journal and map reach stable storage when the guest
+// flushes (or writes with FUA), like the disk's own data.
+import Glibc
+import IOFilterSDK
+import Synchronization
+
+public final class ReplicationFilter: IOFilter {
+    public static let metadata = FilterMetadata(
+        name: "org.swift-iofilter.replication",
+        vendor: "swift-iofilter",
+        version: "1.0.0",
+        description: "Replicates every write to a file or NBD target, synchronously or through a journal",
+        category: .replication,
+        threadModel: .parallel,
+        parameters: [
+            Parameter("target", .path(default: ""), required: true,
+                      description: "the replica: a raw file path or an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=path)"),
+            Parameter("mode", .choice(default: "async", values: ["async", "sync"]),
+                      description: "sync: a write completes when both sides have it; async: journalled and shipped in order"),
+            Parameter("rpo-seconds", .int(default: 15, range: 1...86_400),
+                      description: "async: the most lag tolerated before the state turns degraded"),
+            Parameter("journal-size", .size(default: "64M", range: 1 << 20...1 << 36),
+                      description: "async: bytes of journal in the sidecar directory; when full, dirty regions are tracked instead"),
+            Parameter("region-size", .size(default: "1M", range: 1 << 16...1 << 30),
+                      description: "granularity of the dirty-region map used for resync"),
+            Parameter("on-target-failure", .choice(default: "degrade", values: ["degrade", "fail"]),
+                      description: "sync: when the replica fails a write, keep going degraded (resync later) or fail the guest's write"),
+        ],
+        operations: [
+            ManagementOperation("status", "state and lag of every replicated disk in this worker", function: replicationStatus),
+        ],
+        observesCompletions: true)
+
+    let disk: Disk
+    let synchronous: Bool
+    let failGuestOnTargetError: Bool
+    let rpoSeconds: Double
+    let targetSpec: String
+    let journal: Journal
+    let regions: RegionMap
+    let shipper: Shipper
+
+    // MARK: attach / open / close
+
+    public static func attach(_ disk: Disk) throws(FilterError) {
+        // A new replica: everything needs copying once. The map says so durably.
+        let map = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(1 << 20))))
+        map.markAll()
+        map.sync()
+        map.close()
+        disk.log(.info, "attached: full initial sync of \(disk.size) bytes to \(disk.parameter("target") ?? "?") scheduled")
+    }
+
+    public static func detach(_ disk: Disk) throws(FilterError) {
+        for file in ["journal.data", "journal.state", "regions.map"] {
+            unlink("\(disk.sidecarDirectory)/\(file)")
+        }
+    }
+
+    public init(disk: Disk) throws(FilterError) {
+        self.disk = disk
+        guard let target = disk.parameter("target"), !target.isEmpty else { throw FilterError(EINVAL, "target is required") }
+        targetSpec = target
+        synchronous = disk.parameter("mode") == "sync"
+        failGuestOnTargetError = disk.parameter("on-target-failure") == "fail"
+        rpoSeconds = Double(disk.parameter("rpo-seconds", default: 15))
+        journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)))
+        regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(1 << 20))))
+        shipper = Shipper(disk: disk, targetSpec: target, journal: journal, regions: regions, synchronousMode: synchronous)
+        let pending = journal.pendingBytes
+        if pending > 0 || regions.dirtyCount > 0 {
+            disk.log(.info, "to ship: \(pending) journal bytes to replay, then \(regions.dirtyCount) dirty regions to resync")
+        }
+        shipper.start()
+        Self.registry.withLock { $0[ObjectIdentifier(self)] = WeakFilter(self) }
+    }
+
+    public func close() {
+        Self.registry.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(self)) }
+        shipper.stop()
+        journal.sync()
+        regions.sync()
+        journal.close()
+        regions.close()
+    }
+
+    // MARK: the data path
+
+    public func start(_ request: Request) -> Disposition {
+        switch request.operation {
+        case .write, .trim, .writeZeroes:
+            if synchronous { return startSynchronous(request) }
+            // Journal first: whatever reaches the disk is in the journal (or the map).
+            let zeroes = request.operation != .write
+            journal.record(offset: request.offset, length: request.length,
+                           payload: zeroes ? nil : UnsafeRawPointer(request.buffer.baseAddress), orMarkIn: regions)
+            shipper.wake()
+            if request.isFUA { journal.sync(); regions.sync() }
+            return .pass
+        case .flush:
+            journal.sync()
+            regions.sync()
+            if synchronous && shipper.connectedTarget != nil {
+                // The replica is flushed before the guest's flush completes (in `done`).
+                request.privateWord = 1
+            }
+            return .pass
+        default:
+            return .pass
+        }
+    }
+
+    public func done(_ request: Request) -> Disposition {
+        switch request.operation {
+        case .write, .trim, .writeZeroes:
+            if synchronous { return doneSynchronous(request) }
+            if request.error != 0 {
+                // The disk refused what the journal already holds: resync from the disk.
+                regions.mark(offset: request.offset, length: UInt64(request.length))
+            }
+            return .pass
+        case .flush where request.privateWord == 1 && request.error == 0:
+            guard let target = shipper.connectedTarget else { return .pass }
+            target.flush { error in
+                if error != 0 { self.shipper.targetFailed("flush: \(String(cString: strerror(error)))") }
+                request.resume(.pass)
+            }
+            return .deferred
+        default:
+            return .pass
+        }
+    }
+
+    // MARK: sync mode
+
+    private func startSynchronous(_ request: Request) -> Disposition {
+        guard let target = shipper.connectedTarget, !regions.isOverflowing else {
+            // Degraded: the map remembers what the replica lacks.
+            regions.mark(offset: request.offset, length: UInt64(request.length))
+            shipper.wake()
+            return .pass
+        }
+        let wait = SyncWrite()
+        request.privateWord = UInt(bitPattern: Unmanaged.passRetained(wait).toOpaque())
+        let finish: @Sendable (Int32) -> Void = { error in
+            if let resumeWith = wait.targetFinished(error) { resumeWith(self.afterTarget(error, request)) }
+        }
+        // The replica write runs alongside the disk write, from the same buffer.
+        switch request.operation {
+        case .write:
+            target.write(offset: request.offset, length: request.length, from: UnsafeRawPointer(request.buffer.baseAddress!), completion: finish)
+        default:
+            target.writeZeroes(offset: request.offset, length: request.length, completion: finish)
+        }
+        return .pass
+    }
+
+    private func doneSynchronous(_ request: Request) -> Disposition {
+        guard request.privateWord != 0, let raw = UnsafeRawPointer(bitPattern: request.privateWord) else {
+            return .pass  // degraded write: nothing to wait for
+        }
+        let wait = Unmanaged<SyncWrite>.fromOpaque(raw).takeRetainedValue()
+        if request.error != 0 {
+            regions.mark(offset: request.offset, length: UInt64(request.length))
+        }
+        if let error = wait.diskFinished(resume: { request.resume($0) }) {
+            return afterTarget(error, request)
+        }
+        return .deferred
+    }
+
+    /// What the guest sees once the replica answered a sync write.
+    private func afterTarget(_ error: Int32, _ request: Request) -> Disposition {
+        if error == 0 {
+            shipper.replicated(UInt64(request.length))
+            return .pass
+        }
+        regions.mark(offset: request.offset, length: UInt64(request.length))
+        shipper.targetFailed("write at \(request.offset): \(String(cString: strerror(error)))")
+        return failGuestOnTargetError ? .fail(EIO) : .pass
+    }
+
+    // MARK: operators
+
+    public func stats() -> [(String, Double)] {
+        let lag = lagSeconds
+        let state = self.state
+        return [
+            ("bytes_replicated", Double(shipper.bytesReplicated)),
+            ("lag_seconds", lag),
+            ("lag_bytes", Double(journal.pendingBytes + UInt64(regions.dirtyCount) * regions.regionSize)),
+            ("dirty_regions", Double(regions.dirtyCount)),
+            ("state", Double(state.rawValue)),
+            ("state_in_sync", state == .inSync ? 1 : 0),
+            ("state_syncing", state == .syncing ? 1 : 0),
+            ("state_degraded", state == .degraded ? 1 : 0),
+        ]
+    }
+
+    enum State: Int { case inSync = 0, syncing = 1, degraded = 2 }
+
+    var state: State {
+        if shipper.connectedTarget == nil || lagSeconds > rpoSeconds { return .degraded }
+        if regions.dirtyCount > 0 || journal.pendingBytes > 0 { return .syncing }
+        return .inSync
+    }
+
+    var lagSeconds: Double {
+        let journalLag = journal.oldestPendingAge
+        let regionLag = regions.dirtyCount > 0 ? regions.oldestDirtyAge : 0
+        return max(journalLag, regionLag)
+    }
+
+    var statusLine: String {
+        let state = ["in-sync", "syncing", "degraded"][self.state.rawValue]
+        return "\(disk.vmName)/\(disk.name) -> \(targetSpec): \(state), lag \(Int(lagSeconds))s, "
+            + "\(journal.pendingBytes) journal bytes, \(regions.dirtyCount) dirty regions, \(shipper.bytesReplicated) bytes replicated"
+    }
+
+    struct WeakFilter: @unchecked Sendable {
+        weak var filter: ReplicationFilter?
+        init(_ filter: ReplicationFilter) { self.filter = filter }
+    }
+    static let registry = Mutex<[ObjectIdentifier: WeakFilter]>([:])
+}
+
+/// `status` management operation: one line per replicated disk open in this process.
+@_cdecl("iofilter_replication_status")
+func replicationStatus() -> UnsafePointer<CChar>? {
+    let lines = ReplicationFilter.registry.withLock { $0.values.compactMap { $0.filter?.statusLine } }
+    return ManagementResult.string(lines.isEmpty ? "no replicated disks are open in this process" : lines.sorted().joined(separator: "\n"))
+}
+
+/// The meeting point of a sync write's two halves: the disk's result (in `done`) and the
+/// replica's (on the target's thread). Whichever comes second decides.
+final class SyncWrite: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = Mutex<(target: Int32?, waiting: (@Sendable (Disposition) -> Void)?)>((nil, nil))
+
+    /// The replica answered. Returns the resume function if `done` already deferred.
+    func targetFinished(_ error: Int32) -> ((Disposition) -> Void)? {
+        lock.withLock { state in
+            state.target = error
+            return state.waiting
+        }
+    }
+
+    /// The disk answered; returns the replica's error if it already answered, else
+    /// parks `resume` for the replica's completion.
+    func diskFinished(resume: @escaping @Sendable (Disposition) -> Void) -> Int32? {
+        lock.withLock { state in
+            if let error = state.target { return error }
+            state.waiting = resume
+            return nil
+        }
+    }
+}
+
+/// Registers the filter as this shared object's plug-in.
+@_cdecl("iof_plugin_entry")
+public func iofPluginEntry() -> UnsafeRawPointer { exportFilter(ReplicationFilter.self) }

@@ -1,0 +1,163 @@
+import Glibc
+import IOFilterSDK
+import Synchronization
+
+/// The background thread that keeps the replica up to date: it connects (and
+/// reconnects) to the target, ships the journal in order, then resyncs dirty regions by
+/// reading the disk below the filter.
+final class Shipper: @unchecked Sendable {
+    // @unchecked: `target`, `retired`, `stopping` and `connected` are guarded by `lock`.
+    let disk: Disk
+    let targetSpec: String
+    let journal: Journal
+    let regions: RegionMap
+    let synchronousMode: Bool
+    private let lock = ConditionLock()
+    private var target: (any BlockTarget)?
+    private var retired: [any BlockTarget] = []
+    private var stopping = false
+    private var running = false
+    private var lastFailure = ""
+    private let replicatedBytes = Atomic<UInt64>(0)
+
+    init(disk: Disk, targetSpec: String, journal: Journal, regions: RegionMap, synchronousMode: Bool) {
+        self.disk = disk
+        self.targetSpec = targetSpec
+        self.journal = journal
+        self.regions = regions
+        self.synchronousMode = synchronousMode
+        // Connect now so that sync mode has its replica from the first write.
+        if let opened = try? openBlockTarget(targetSpec, size: disk.size) { target = opened }
+    }
+
+    var connectedTarget: (any BlockTarget)? { lock.withLock { target } }
+    var bytesReplicated: UInt64 { replicatedBytes.load(ordering: .relaxed) }
+    func replicated(_ bytes: UInt64) { replicatedBytes.add(bytes, ordering: .relaxed) }
+
+    func start() {
+        lock.withLock { running = true }
+        startThread(name: "replication") { [self] in run() }
+    }
+
+    func stop() {
+        lock.withLock {
+            stopping = true
+            lock.broadcast()
+            while running { lock.wait() }
+            target?.close()
+            retired.forEach { $0.close() }
+            target = nil
+            retired = []
+        }
+    }
+
+    func wake() {
+        lock.withLock { lock.signal() }
+    }
+
+    /// The replica failed: stop using it until the shipper reconnects. The object is
+    /// kept (not closed) because writes in flight may still hold it.
+    func targetFailed(_ reason: String) {
+        lock.withLock {
+            if let target {
+                retired.append(target)
+                disk.log(.warning, "replica \(targetSpec) failed (\(reason)); degraded, will reconnect and resync")
+            }
+            target = nil
+            lock.broadcast()
+        }
+    }
+
+    private func run() {
+        var buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        var capacity = 1 << 20
+        var backoff: UInt64 = 200_000_000
+        defer {
+            buffer.deallocate()
+            lock.withLock {
+                running = false
+                lock.broadcast()
+            }
+        }
+        while !lock.withLock({ stopping }) {
+            guard let target = connectedTarget ?? reconnect() else {
+                lock.withLock { _ = stopping || lock.wait(nanoseconds: backoff) }
+                backoff = min(backoff * 2, 5_000_000_000)
+                continue
+            }
+            backoff = 200_000_000
+            if !synchronousMode, let record = journal.peek(into: &buffer, capacity: &capacity) {
+                let error = target.wait { done in
+                    if record.kind == Journal.Record.write {
+                        target.write(offset: record.offset, length: Int(record.length), from: buffer, completion: done)
+                    } else {
+                        target.writeZeroes(offset: record.offset, length: Int(record.length), completion: done)
+                    }
+                }
+                if error != 0 {
+                    targetFailed("journal record at \(record.offset): \(String(cString: strerror(error)))")
+                    continue
+                }
+                journal.advance(past: record)
+                replicated(record.length)
+                continue
+            }
+            if let (region, generation) = regions.nextDirty() {
+                let offset = UInt64(region) * regions.regionSize
+                let length = Int(min(regions.regionSize, disk.size - offset))
+                if length > capacity {
+                    buffer.deallocate()
+                    capacity = length
+                    buffer = .allocate(byteCount: capacity, alignment: 4096)
+                }
+                let pointer = buffer
+                let readResult = WaitForResult()
+                disk.submitBelow(.read, offset: offset, length: length, buffer: pointer) { readResult.finish($0) }
+                let readError = readResult.wait()
+                if readError != 0 {
+                    disk.log(.warning, "cannot read region \(region) for resync: \(String(cString: strerror(readError)))")
+                    lock.withLock { _ = stopping || lock.wait(nanoseconds: 1_000_000_000) }
+                    continue
+                }
+                let error = target.wait { target.write(offset: offset, length: length, from: pointer, completion: $0) }
+                if error != 0 {
+                    targetFailed("resync of region \(region): \(String(cString: strerror(error)))")
+                    continue
+                }
+                regions.shipped(region, generation: generation)
+                replicated(UInt64(length))
+                if regions.dirtyCount == 0 {
+                    _ = target.wait { target.flush(completion: $0) }
+                    if journal.resumeJournallingIfClean(regions) { disk.log(.info, "replica \(targetSpec) is in sync") }
+                }
+                continue
+            }
+            _ = journal.resumeJournallingIfClean(regions)
+            lock.withLock { _ = stopping || lock.wait(nanoseconds: 1_000_000_000) }
+        }
+    }
+
+    private func reconnect() -> (any BlockTarget)? {
+        do throws(FilterError) {
+            let opened = try openBlockTarget(targetSpec, size: disk.size)
+            lock.withLock { target = opened }
+            disk.log(.info, "connected to replica \(targetSpec)")
+            return opened
+        } catch {
+            if error.message != lastFailure {
+                disk.log(.warning, "replica unreachable: \(error.message); journalling and retrying")
+                lastFailure = error.message
+            }
+            return nil
+        }
+    }
+}
+
+/// An errno handed from a completion to the waiting shipper thread.
+final class WaitForResult: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = ConditionLock()
+    private var result: Int32?
+    func finish(_ value: Int32) { lock.withLock { result = value; lock.broadcast() } }
+    func wait() -> Int32 { lock.withLock { while result == nil { lock.wait() }; return result! } }
+}
