@@ -25,6 +25,7 @@ let package = Package(
         .library(name: "iofilter-passthrough-c", type: .dynamic, targets: ["PassthroughC"]),
         .library(name: "iofilter-template", type: .dynamic, targets: ["TemplateFilter"]),
         .library(name: "iofilter-replication", type: .dynamic, targets: ["ReplicationFilter"]),
+        .library(name: "iofilter-cache", type: .dynamic, targets: ["CacheFilter"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -106,6 +107,7 @@ let package = Package(
 
         .target(name: "TemplateFilter", dependencies: ["IOFilterSDK"], path: "Plugins/template-swift", swiftSettings: strict),
         .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK"], path: "Plugins/replication", swiftSettings: strict),
+        .target(name: "CacheFilter", dependencies: ["IOFilterSDK"], path: "Plugins/cache", swiftSettings: strict),
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(
