@@ -1,0 +1,195 @@
+import Foundation
+import Testing
+
+/// The Swift samples (replication, cache) as a partner would ship them: built by
+/// SwiftPM with the SDK, loaded in sandboxed workers, driven by real clients.
+@Suite("sample plug-ins", .serialized)
+struct SamplePluginTests {
+    let directory = Harness.temporaryDirectory("samples")
+    static var replication: String { Harness.binDirectory.appendingPathComponent("libiofilter-replication.so").path }
+    static var cache: String { Harness.binDirectory.appendingPathComponent("libiofilter-cache.so").path }
+    static var template: String { Harness.binDirectory.appendingPathComponent("libiofilter-template.so").path }
+
+    func image(_ name: String, size: Int = 64 << 20) -> String {
+        Harness.makeImage(directory.appendingPathComponent(name).path, size: size)
+    }
+
+    func fio(_ uri: String, _ extra: [String]) throws {
+        try Harness.check(Harness.tool("fio"), ["--name=job", "--ioengine=nbd", "--uri=\(uri)", "--bs=4k", "--iodepth=16",
+                                               "--output-format=terse"] + extra)
+    }
+
+    /// Polls until the two files are identical (the replica converges), or fails.
+    func waitUntilIdentical(_ a: String, _ b: String, timeout: Double = 60) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        var last = ""
+        while Date() < deadline {
+            // -U: a replica served by qemu-nbd is locked; compare without taking locks.
+            let result = try Harness.run(Harness.tool("qemu-img"), ["compare", "-U", "-f", "raw", "-F", "raw", a, b])
+            if result.status == 0 { return }
+            last = result.stdout + result.stderr
+            usleep(250_000)
+        }
+        throw HarnessError("\(a) and \(b) never became identical: \(last)")
+    }
+
+    func backgroundFio(_ uri: String, offset: String, size: String, seconds: Int) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
+        process.arguments = ["--name=bg", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=8",
+                             "--offset=\(offset)", "--size=\(size)", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    // MARK: SDK
+
+    @Test func swiftPluginsValidateAsOneChainWithTheCSample() throws {
+        let passthrough = Harness.binDirectory.appendingPathComponent("libiofilter-passthrough-c.so").path
+        let result = try Harness.run(Harness.iofilter, ["plugin", "validate", "--json", Self.cache, Self.replication, passthrough])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("\"chain\":[{\"category\":\"inspection\",\"name\":\"org.swift-iofilter.passthrough-c\"},"
+                                       + "{\"category\":\"replication\",\"name\":\"org.swift-iofilter.replication\"},"
+                                       + "{\"category\":\"cache\",\"name\":\"org.swift-iofilter.cache\"}]"))
+        let template = try Harness.run(Harness.iofilter, ["plugin", "validate", Self.template])
+        #expect(template.status == 0)
+        let status = try Harness.check(Harness.iofilter, ["plugin", "call", Self.replication, "status"])
+        #expect(status == "no replicated disks are open in this process\n")
+    }
+
+    @Test func theTemplateRunsUnderFioVerify() throws {
+        let disk = image("template.img", size: 16 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(Self.template):log-every=1000"])
+        defer { served.stop() }
+        try fio(served.uri, ["--rw=randwrite", "--size=8M", "--verify=crc32c", "--verify_fatal=1"])
+        #expect(served.log.contains("1000 requests so far"))
+    }
+
+    // MARK: replication
+
+    @Test(arguments: ["async", "sync"])
+    func replicatesToAFileUnderFio(mode: String) throws {
+        let source = image("repl-\(mode).img")
+        let replica = directory.appendingPathComponent("replica-\(mode).img").path
+        let served = try ServedDisk([source, "--filter", "\(Self.replication):target=\(replica),mode=\(mode)"])
+        defer { served.stop() }
+        try fio(served.uri, ["--rw=randwrite", "--size=32M", "--verify=crc32c", "--verify_fatal=1"])
+        _ = try Harness.qemuIO(served.uri, ["flush"])
+        try waitUntilIdentical(source, replica)
+        #expect(served.log.contains("is in sync"))
+        if mode == "sync" {
+            // In sync mode a completed write is on the replica already: no waiting.
+            _ = try Harness.qemuIO(served.uri, ["write -P 0x5d 5M 128k"])
+            let replicaBytes = try Harness.qemuIO(replica, ["read -P 0x5d 5M 128k"])
+            #expect(replicaBytes.contains("read 131072/131072"))
+        }
+    }
+
+    @Test func replicatesToAnNBDTargetAndSurvivesItsAbsence() throws {
+        let source = image("repl-nbd.img", size: 32 << 20)
+        let replica = image("replica-nbd.img", size: 32 << 20)
+        let socket = directory.appendingPathComponent("replica.sock").path
+        // The target is not there yet: the guest's writes must not fail.
+        let served = try ServedDisk([source, "--filter", "\(Self.replication):target=nbd+unix:///?socket=\(socket),mode=async"])
+        defer { served.stop() }
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x42 0 1M", "flush"])
+        #expect(served.log.contains("replica unreachable"))
+        // Then the replica appears (qemu-nbd), and the filter catches up.
+        let qemuNBD = Process()
+        qemuNBD.executableURL = URL(fileURLWithPath: Harness.tool("qemu-nbd"))
+        qemuNBD.arguments = ["-f", "raw", "-k", socket, "-t", "--cache=writeback", replica]
+        qemuNBD.standardOutput = FileHandle.nullDevice
+        qemuNBD.standardError = FileHandle.nullDevice
+        try qemuNBD.run()
+        defer {
+            kill(qemuNBD.processIdentifier, SIGKILL)
+            qemuNBD.waitUntilExit()
+        }
+        try fio(served.uri, ["--rw=randwrite", "--size=16M", "--verify=crc32c", "--verify_fatal=1"])
+        _ = try Harness.qemuIO(served.uri, ["flush"])
+        try waitUntilIdentical(source, replica)
+    }
+
+    @Test func aReplicaConvergesAfterKillDashNineMidWorkload() throws {
+        let source = image("repl-kill.img")
+        let replica = directory.appendingPathComponent("replica-kill.img").path
+        let served = try ServedDisk([source, "--filter", "\(Self.replication):target=\(replica),journal-size=8M"])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        let load = try backgroundFio(served.uri, offset: "0", size: "48M", seconds: 20)
+        usleep(1_500_000)
+        kill(worker, SIGKILL)
+        _ = try served.waitForNewWorker(replacing: worker)
+        load.terminate()
+        load.waitUntilExit()
+        try fio(served.uri, ["--rw=randwrite", "--offset=48M", "--size=8M", "--verify=crc32c", "--verify_fatal=1"])
+        _ = try Harness.qemuIO(served.uri, ["flush"])
+        try waitUntilIdentical(source, replica, timeout: 90)
+        #expect(served.log.contains("to ship:"), "the restarted filter resumed from its journal and region map")
+    }
+
+    // MARK: cache
+
+    @Test(arguments: ["write-through", "write-back"])
+    func cacheKeepsFlushedDataThroughKillDashNine(mode: String) throws {
+        let disk = image("cache-\(mode).img")
+        let served = try ServedDisk([disk, "--filter", "\(Self.cache):mode=\(mode),size=8M,destage-interval-ms=60000"])
+        let worker = try #require(served.workerPID)
+        // Acknowledged and flushed: patterns, read once so that they are cached.
+        for index in 0..<4 {
+            _ = try Harness.qemuIO(served.uri, ["write -P \(0x30 + index) \(index)M 1M", "flush", "read -P \(0x30 + index) \(index)M 1M"])
+        }
+        let load = try backgroundFio(served.uri, offset: "16M", size: "32M", seconds: 20)
+        usleep(800_000)
+        kill(worker, SIGKILL)
+        _ = try served.waitForNewWorker(replacing: worker)
+        load.terminate()
+        load.waitUntilExit()
+        #expect(served.log.contains("blocks warm"))
+        for index in 0..<4 {
+            #expect(try Harness.qemuIO(served.uri, ["read -P \(0x30 + index) \(index)M 1M"]).contains("read 1048576/1048576"))
+        }
+        // Overwrites after the restart are never shadowed by stale cached blocks.
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x77 1M 64k", "flush"])
+        #expect(try Harness.qemuIO(served.uri, ["read -P 0x77 1M 64k"]).contains("read 65536/65536"))
+        try fio(served.uri, ["--rw=randrw", "--offset=8M", "--size=8M", "--verify=crc32c", "--verify_fatal=1"])
+        served.stop()
+        // A graceful stop destages: the file itself now holds everything.
+        #expect(try Harness.qemuIO(disk, ["read -P 0x77 1M 64k"]).contains("read 65536/65536"))
+        #expect(try Harness.qemuIO(disk, ["read -P 0x33 3M 1M"]).contains("read 1048576/1048576"))
+    }
+
+    @Test func offlineAccessToAWriteBackDiskReturnsTheCachedWrites() throws {
+        let disk = image("offline.img", size: 16 << 20)
+        let filter = "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=600000"
+        let served = try ServedDisk([disk, "--filter", filter])
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x6b 2M 512k", "flush"])
+        // The host dies with the worker: nothing is destaged.
+        let worker = try #require(served.workerPID)
+        kill(served.process.processIdentifier, SIGKILL)
+        kill(worker, SIGKILL)
+        served.process.waitUntilExit()
+        #expect(try Data(contentsOf: URL(fileURLWithPath: disk))[(2 << 20)..<((2 << 20) + 4096)].allSatisfy { $0 == 0 },
+                "the data is only in the cache")
+        // Offline copy goes through the same chain, so it sees the new data.
+        let offline = try ServedDisk([disk, "--filter", filter, "--readonly"])
+        defer { offline.stop() }
+        let copy = directory.appendingPathComponent("copy.img").path
+        try Harness.check(Harness.tool("nbdcopy"), [offline.uri, copy])
+        #expect(try Harness.qemuIO(copy, ["read -P 0x6b 2M 512k"]).contains("read 524288/524288"))
+    }
+
+    @Test func theFullSampleChainKeepsDataAndReplica() throws {
+        let source = image("chain.img", size: 32 << 20)
+        let replica = directory.appendingPathComponent("chain-replica.img").path
+        let passthrough = Harness.binDirectory.appendingPathComponent("libiofilter-passthrough-c.so").path
+        let served = try ServedDisk([source, "--filter", "\(Self.cache):mode=write-back,size=16M",
+                                     "--filter", "\(Self.replication):target=\(replica)", "--filter", passthrough])
+        try fio(served.uri, ["--rw=randrw", "--size=16M", "--verify=crc32c", "--verify_fatal=1"])
+        _ = try Harness.qemuIO(served.uri, ["flush"])
+        served.stop()  // destages the cache
+        try waitUntilIdentical(source, replica)
+    }
+}
