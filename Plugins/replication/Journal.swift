@@ -45,6 +45,31 @@ final class Journal: @unchecked Sendable {
 
     deinit { header.deallocate() }
 
+    /// The ranges of the records still to ship. After a crash, some of them may never
+    /// have reached the disk (the worker died between journal and disk), so the filter
+    /// resyncs those ranges from the disk once the journal is replayed.
+    func pendingRanges() -> [(offset: UInt64, length: UInt64)] {
+        lock.withLock {
+            var ranges: [(UInt64, UInt64)] = []
+            var position = head
+            while position < tail {
+                let offset = position % capacity
+                if capacity - offset < UInt64(Record.headerSize) {
+                    position += capacity - offset
+                    continue
+                }
+                guard let record = readHeader(at: offset) else { break }
+                if record.kind == Record.wrap {
+                    position += capacity - offset
+                    continue
+                }
+                ranges.append((record.offset, record.length))
+                position += record.size
+            }
+            return ranges
+        }
+    }
+
     /// Follows valid records from the head to find where appends stopped.
     private func recoverTail() {
         var position = head
@@ -107,8 +132,10 @@ final class Journal: @unchecked Sendable {
             record.sequence = nextSequence
             nextSequence += 1
             let at = tail % capacity
-            writeHeader(record, at: at)
+            // Payload first: the header is the commit, so a record cut short by a crash
+            // is never found again.
             if let payload { _ = FileDescriptorIO.pwriteAll(dataFD, payload, count: length, offset: at + UInt64(Record.headerSize)) }
+            writeHeader(record, at: at)
             tail += record.size
         }
     }

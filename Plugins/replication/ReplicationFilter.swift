@@ -82,6 +82,9 @@ public final class ReplicationFilter: IOFilter {
                                 regionSize: UInt64(disk.parameter("region-size", default: Int64(1 << 20))))
         shipper = Shipper(disk: disk, targetSpec: target, journal: journal, regions: regions, synchronousMode: synchronous)
         let pending = journal.pendingBytes
+        for range in journal.pendingRanges() {
+            regions.mark(offset: range.offset, length: range.length)
+        }
         if pending > 0 || regions.dirtyCount > 0 {
             disk.log(.info, "to ship: \(pending) journal bytes to replay, then \(regions.dirtyCount) dirty regions to resync")
         }

@@ -16,7 +16,7 @@ public final class Chain: @unchecked Sendable {
     public let backend: any StorageBackend
     let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
-    private let registryLock = Mutex<[ObjectIdentifier: Unmanaged<ChainRequest>]>([:])
+    private let registry = Mutex<[ObjectIdentifier: RequestWatch]>([:])
 
     init(diskName: String, filters: [FilterInstance], backend: any StorageBackend, logger: Logger) {
         self.diskName = diskName
@@ -28,12 +28,12 @@ public final class Chain: @unchecked Sendable {
 
     func nextRequestID() -> UInt64 { requestIDs.wrappingAdd(1, ordering: .relaxed).newValue }
 
-    func register(_ request: ChainRequest) {
-        registryLock.withLock { $0[ObjectIdentifier(request)] = .passUnretained(request) }
+    func register(_ watch: RequestWatch) {
+        registry.withLock { $0[ObjectIdentifier(watch)] = watch }
     }
 
-    func unregister(_ request: ChainRequest) {
-        _ = registryLock.withLock { $0.removeValue(forKey: ObjectIdentifier(request)) }
+    func unregister(_ watch: RequestWatch) {
+        _ = registry.withLock { $0.removeValue(forKey: ObjectIdentifier(watch)) }
     }
 
     /// Issues I/O that enters the chain below filter `position` (`submit_below`).
@@ -51,20 +51,19 @@ public final class Chain: @unchecked Sendable {
 
     /// A request that has sat in one stage longer than `limit`, with where it sits.
     func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
-        registryLock.withLock { registry in
-            for entry in registry.values {
-                let request = entry.takeUnretainedValue()
-                let stage = request.stage.load(ordering: .relaxed)
-                guard stage >= 0 else { continue }
-                let since = request.stageSince.load(ordering: .relaxed)
-                guard now > since, now - since > limit else { continue }
-                let io = request.io.pointee
-                let place = stage < filters.count ? "filter \(filters[stage].name)" : "backend \(backend.description)"
-                let what = "request \(io.id) (\(Self.opName(io.op)) offset=\(io.offset) length=\(io.length))"
-                return (place, what, Double(now - since) / 1e9)
-            }
-            return nil
+        let watches = registry.withLock { Array($0.values) }
+        for watch in watches {
+            let stage = watch.stage.load(ordering: .relaxed)
+            guard stage >= 0 else { continue }
+            let since = watch.since.load(ordering: .relaxed)
+            guard now > since, now - since > limit else { continue }
+            let place = stage < filters.count ? "filter \(filters[stage].name)" : "backend \(backend.description)"
+            let op = Self.opName(iof_op(rawValue: watch.op.load(ordering: .relaxed)))
+            let what = "request \(watch.id.load(ordering: .relaxed)) (\(op) offset=\(watch.offset.load(ordering: .relaxed)) "
+                + "length=\(watch.length.load(ordering: .relaxed)))"
+            return (place, what, Double(now - since) / 1e9)
         }
+        return nil
     }
 
     /// Closes every filter (nearest the disk last) and the backend.

@@ -29,10 +29,9 @@ public final class ChainRequest: @unchecked Sendable {
     private var resumedDisposition = IOF_PASS
     private var resumedError: Int32 = 0
 
-    /// Where the request is, for the watchdog: a filter index, `filters.count` for the
-    /// backend, or -1 when idle.
-    let stage = Atomic<Int>(-1)
-    let stageSince = Atomic<UInt64>(0)
+    /// What the watchdog sees of this request. A separate object, so that the watchdog
+    /// never holds a reference to a request another thread may be freeing.
+    let watch = RequestWatch()
 
     enum Completion {
         case nbd(NBDRequest)
@@ -53,11 +52,11 @@ public final class ChainRequest: @unchecked Sendable {
         privates = .allocate(capacity: max(chain.filters.count, 1))
         privates.initialize(repeating: nil, count: max(chain.filters.count, 1))
         io.pointee.host_private = UnsafeRawPointer(Unmanaged.passUnretained(self).toOpaque())
-        chain.register(self)
+        chain.register(watch)
     }
 
     deinit {
-        chain.unregister(self)
+        chain.unregister(watch)
         io.deallocate()
         privates.deallocate()
     }
@@ -74,6 +73,7 @@ public final class ChainRequest: @unchecked Sendable {
         io.pointee.buffer = buffer
         io.pointee.error = 0
         io.pointee.id = chain.nextRequestID()
+        watch.describe(id: io.pointee.id, op: op, offset: offset, length: length)
     }
 
     // MARK: the trip
@@ -85,8 +85,8 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     private func enter(_ stageIndex: Int) {
-        stageSince.store(monotonicNanoseconds(coarse: true), ordering: .relaxed)
-        stage.store(stageIndex, ordering: .relaxed)
+        watch.since.store(monotonicNanoseconds(coarse: true), ordering: .relaxed)
+        watch.stage.store(stageIndex, ordering: .relaxed)
     }
 
     private func descend() {
@@ -155,7 +155,7 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     private func finish() {
-        stage.store(-1, ordering: .relaxed)
+        watch.stage.store(-1, ordering: .relaxed)
         let error = io.pointee.error
         let keeper = retainedUntilFinished
         retainedUntilFinished = nil
@@ -199,4 +199,23 @@ public final class ChainRequest: @unchecked Sendable {
 
 extension ChainRequest: NBDClientCompletion {
     public func nbdRequestDidComplete(error: Int32) { backendDidComplete(error: error) }
+}
+
+/// Where a request is and what it is, in atomics the watchdog can read from its own
+/// thread at any time.
+final class RequestWatch: Sendable {
+    /// A filter index, the filter count for the backend, or -1 when idle.
+    let stage = Atomic<Int>(-1)
+    let since = Atomic<UInt64>(0)
+    let id = Atomic<UInt64>(0)
+    let op = Atomic<UInt32>(0)
+    let offset = Atomic<UInt64>(0)
+    let length = Atomic<UInt64>(0)
+
+    func describe(id: UInt64, op: iof_op, offset: UInt64, length: UInt64) {
+        self.id.store(id, ordering: .relaxed)
+        self.op.store(op.rawValue, ordering: .relaxed)
+        self.offset.store(offset, ordering: .relaxed)
+        self.length.store(length, ordering: .relaxed)
+    }
 }

@@ -90,7 +90,11 @@ public struct Sandbox: Sendable {
         for path in readExecutePaths + Self.libraryDirectories() {
             _ = iof_landlock_allow_path(ruleset, path, readExecute)  // a missing system dir is fine
         }
-        for path in ["/dev/null", "/dev/zero", "/dev/urandom", "/etc/ld.so.cache", "/proc/self"] {
+        // /proc: Dispatch (under Swift concurrency) reads /proc/TID/stat of its worker
+        // threads and crashes the process if it cannot; thread ids cannot be named in
+        // advance, so procfs is readable (and, like any process of this user, no more).
+        for path in ["/dev/null", "/dev/zero", "/dev/urandom", "/etc/ld.so.cache", "/etc/localtime", "/proc",
+                     "/sys/devices/system/cpu"] {
             _ = iof_landlock_allow_path(ruleset, path, read)
         }
         _ = iof_landlock_allow_path(ruleset, "/dev/null", all & ~iof_landlock_execute_right())
