@@ -66,7 +66,8 @@ public final class Chain: @unchecked Sendable {
         return nil
     }
 
-    /// Closes every filter (nearest the disk last) and the backend.
+    /// Closes every filter, consumer side first, so that a closing filter's own I/O
+    /// (a cache destaging) still finds the layers below it open; then the backend.
     public func close() {
         for filter in filters { filter.close() }
         backend.close()

@@ -54,7 +54,9 @@ public final class WorkerRuntime: @unchecked Sendable {
                     sidecarDirectory: sidecar, logger: diskLogger))
             }
             let chain = Chain(diskName: disk.name, filters: filters, backend: backend, logger: diskLogger)
-            for (filter, isNew) in zip(filters, fresh) {
+            // Nearest the disk first: a filter may issue I/O below itself (submit_below)
+            // from the moment it is open, so everything below it must be open already.
+            for (filter, isNew) in zip(filters, fresh).reversed() {
                 if isNew { try filter.attach() }
                 try filter.open()
             }

@@ -1,4 +1,5 @@
-"""Turns the benchmark's fio JSON files into one table with ratios to nbdkit."""
+"""Turns the benchmark's fio JSON files into one table; each row's first server is
+the baseline its ratio is taken against (nbdkit in run.sh)."""
 import json
 import sys
 
@@ -10,8 +11,11 @@ for line in open(sys.argv[1]):
     p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0
     rows.append((workload, server, side["iops"], side["bw_bytes"] / 1e6, p99))
 
-baseline = {w: iops for (w, s, iops, _, _) in rows if s == "nbdkit"}
-print(f"{'workload':28} {'server':20} {'IOPS':>10} {'MB/s':>9} {'p99 us':>9} {'vs nbdkit':>9}")
+baseline = {}
+for workload, server, iops, _, _ in rows:
+    baseline.setdefault(workload, (server, iops))
+print(f"{'workload':30} {'server':22} {'IOPS':>10} {'MB/s':>9} {'p99 us':>9} {'ratio':>8}  (to)")
 for workload, server, iops, mbs, p99 in rows:
-    ratio = iops / baseline[workload] if baseline.get(workload) else float("nan")
-    print(f"{workload:28} {server:20} {iops:10.0f} {mbs:9.1f} {p99:9.0f} {ratio:8.2f}x")
+    base_server, base = baseline[workload]
+    ratio = iops / base if base else float("nan")
+    print(f"{workload:30} {server:22} {iops:10.0f} {mbs:9.1f} {p99:9.0f} {ratio:7.2f}x  ({base_server})")

@@ -1,0 +1,56 @@
+# Shared by the benchmark scripts: build, scratch space, servers, fio runs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+sh scripts/install-dependencies.sh
+swift build -c release >&2
+bin=$(swift build -c release --show-bin-path)
+work=$(mktemp -d /tmp/iofilter-bench.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+results=$work/results.tsv
+: > "$results"
+
+wait_for_socket() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+
+# make_disk PATH SIZE: a raw file full of data, in the page cache.
+make_disk() {
+    fio --name=fill --filename="$1" --size="$2" --rw=write --bs=1M --iodepth=8 --ioengine=libaio \
+        --refill_buffers --output=/dev/null >&2
+    cat "$1" > /dev/null
+}
+
+# start_iofilter NAME DISK [serve options...]: sets uri[NAME].
+declare -A uri
+start_iofilter() {
+    local name=$1 disk=$2; shift 2
+    "$bin/iofilter" serve "$disk" --socket "$work/$name.sock" --state-dir "$work/state-$name" "$@" \
+        > "$work/$name.uri" 2> "$work/$name.log" &
+    pids+=($!)
+    for _ in $(seq 400); do [ -s "$work/$name.uri" ] && break; sleep 0.05; done
+    [ -s "$work/$name.uri" ] || { cat "$work/$name.log" >&2; exit 1; }
+    uri[$name]=$(head -1 "$work/$name.uri")
+}
+
+# start_nbdkit NAME [nbdkit arguments...]: sets uri[NAME].
+start_nbdkit() {
+    local name=$1; shift
+    nbdkit -f -U "$work/$name.sock" "$@" & pids+=($!)
+    wait_for_socket "$work/$name.sock"
+    uri[$name]="nbd+unix:///?socket=$work/$name.sock"
+}
+
+# measure ROW SERVER RW BS IODEPTH SIZE [extra fio options...]: one fio run, one result line.
+measure() {
+    local row=$1 server=$2 rw=$3 bs=$4 depth=$5 size=$6; shift 6
+    local out="$work/$row.$server.json"
+    echo "$row on $server..." >&2
+    fio --name="$row" --ioengine=nbd --uri="${uri[$server]}" --rw="$rw" --bs="$bs" --iodepth="$depth" --size="$size" \
+        --time_based --runtime="$runtime" --ramp_time=1 --randrepeat=0 --norandommap "$@" \
+        --output-format=json --output="$out" >&2
+    echo -e "$row\t$server\t$out" >> "$results"
+}

@@ -1,0 +1,48 @@
+#!/bin/bash
+# Benchmark of the Swift samples (issue: SDK and samples), side by side in one run:
+#  - cache in front of slow storage (nbdkit delay filter, 1 ms per read, over NBD):
+#    4k randread QD16 over a 64 MiB hot set, warmed first: no cache, our cache,
+#    nbdkit's cache filter with cache-on-read=true
+#  - replication (async, to a file) on 4k randwrite QD16 against the same chain without it
+#  - the full sample chain (replication + write-back cache + C sample) on a fast file
+#    against no filters
+#
+#   Tests/Benchmarks/samples.sh [--runtime SECONDS] [--quick]
+runtime=10
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runtime) runtime=$2; shift 2 ;;
+        --quick) runtime=3; shift ;;
+        *) echo "usage: $0 [--runtime S] [--quick]" >&2; exit 64 ;;
+    esac
+done
+. "$(dirname "$0")/lib.sh"
+hot=64M
+cache=$bin/libiofilter-cache.so
+replication=$bin/libiofilter-replication.so
+passthrough=$bin/libiofilter-passthrough-c.so
+
+slowdisk=$work/slow.img
+make_disk "$slowdisk" 1G
+start_nbdkit slow --filter=delay file "$slowdisk" delay-read=1ms
+start_iofilter uncached "${uri[slow]}"
+start_iofilter iofilter-cache "${uri[slow]}" --filter "$cache:size=256M,block-size=4K"
+start_nbdkit nbdkit-cache --filter=cache nbd socket="$work/slow.sock" cache-on-read=true
+warm() { fio --name=warm --ioengine=nbd --uri="${uri[$1]}" --rw=read --bs=1M --iodepth=8 --size=$hot --output=/dev/null >&2; }
+warm iofilter-cache
+warm nbdkit-cache
+for server in uncached iofilter-cache nbdkit-cache; do measure slow-4k-randread-qd16-hot64M "$server" randread 4k 16 $hot; done
+
+fast=$work/fast.img
+make_disk "$fast" 1G
+start_iofilter no-filters "$fast"
+start_iofilter replication-async "$fast" --filter "$replication:target=$work/replica.img,mode=async,journal-size=1G"
+start_iofilter full-chain "$fast" --filter "$replication:target=$work/replica2.img,mode=async,journal-size=1G" \
+    --filter "$cache:size=512M,mode=write-back" --filter "$passthrough"
+# Let the replicas finish their initial sync so that rows measure steady state.
+sleep 5
+for server in no-filters replication-async; do measure 4k-randwrite-qd16 "$server" randwrite 4k 16 1G; done
+for server in no-filters full-chain; do measure 4k-randread-qd16-chain "$server" randread 4k 16 256M; done
+for server in no-filters full-chain; do measure 4k-randwrite-qd16-chain "$server" randwrite 4k 16 256M; done
+
+python3 Tests/Benchmarks/report.py "$results"
