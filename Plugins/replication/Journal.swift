@@ -5,6 +5,10 @@ import Synchronization
 /// The async journal: a ring of records in `journal.data`, shipped in order from its
 /// head. `journal.state` persists the head; the tail is found again after a crash by
 /// following records whose sequence numbers continue from the head's.
+///
+/// The ring is mapped shared: appending a record is a memcpy into the page cache (it
+/// survives the process at once, and reaches the disk at the guest's flush through
+/// msync), and the shipper sends payloads straight from the mapping.
 final class Journal: @unchecked Sendable {
     // @unchecked: positions are guarded by `lock`; the files are written only under it
     // (appends) or only by the shipper (reads at the head, which appends never touch).
@@ -23,27 +27,35 @@ final class Journal: @unchecked Sendable {
     let capacity: UInt64
     private let dataFD: Int32
     private let stateFD: Int32
+    private let ring: UnsafeMutableRawPointer
+    /// journal.state mapped: (magic, head, head sequence), updated with plain stores.
+    private let state: UnsafeMutablePointer<UInt64>
     private let lock = ConditionLock()
     private var head: UInt64 = 0
     private var headSequence: UInt64 = 1
     private var tail: UInt64 = 0
     private var nextSequence: UInt64 = 1
-    private let header = UnsafeMutableRawPointer.allocate(byteCount: Record.headerSize, alignment: 8)
 
     init(directory: String, capacity: UInt64) throws(FilterError) {
         self.capacity = capacity & ~7
         dataFD = open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         stateFD = open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard dataFD >= 0, stateFD >= 0 else { throw FilterError(errno, "cannot open the journal in \(directory): \(String(cString: strerror(errno)))") }
-        var state = (UInt64(0), UInt64(0), UInt64(0))
-        if pread(stateFD, &state, 24, 0) == 24, state.0 == 0x494F_464A_5354_4154, state.2 > 0 {
-            head = state.1
-            headSequence = state.2
+        guard ftruncate(dataFD, off_t(self.capacity)) == 0,
+              let mapping = mmap(nil, Int(self.capacity), PROT_READ | PROT_WRITE, MAP_SHARED, dataFD, 0), mapping != MAP_FAILED
+        else { throw FilterError(errno, "cannot map the journal (\(self.capacity) bytes): \(String(cString: strerror(errno)))") }
+        ring = mapping
+        guard ftruncate(stateFD, 4096) == 0,
+              let stateMapping = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, stateFD, 0), stateMapping != MAP_FAILED
+        else { throw FilterError(errno, "cannot map the journal state: \(String(cString: strerror(errno)))") }
+        state = stateMapping.bindMemory(to: UInt64.self, capacity: 3)
+        if state[0] == 0x494F_464A_5354_4154, state[2] > 0 {
+            head = state[1]
+            headSequence = state[2]
         }
         recoverTail()
     }
 
-    deinit { header.deallocate() }
 
     /// The ranges of the records still to ship. After a crash, some of them may never
     /// have reached the disk (the worker died between journal and disk), so the filter
@@ -93,21 +105,21 @@ final class Journal: @unchecked Sendable {
     }
 
     private func readHeader(at offset: UInt64) -> Record? {
-        guard pread(dataFD, header, Record.headerSize, off_t(offset)) == Record.headerSize,
-              header.load(as: UInt32.self) == Record.magic else { return nil }
+        let header = UnsafeRawPointer(ring + Int(offset))
+        guard header.load(as: UInt32.self) == Record.magic else { return nil }
         return Record(kind: header.load(fromByteOffset: 4, as: UInt32.self), sequence: header.load(fromByteOffset: 8, as: UInt64.self),
                       offset: header.load(fromByteOffset: 16, as: UInt64.self), length: header.load(fromByteOffset: 24, as: UInt64.self),
                       time: header.load(fromByteOffset: 32, as: UInt64.self))
     }
 
     private func writeHeader(_ record: Record, at offset: UInt64) {
+        let header = ring + Int(offset)
         header.storeBytes(of: Record.magic, as: UInt32.self)
         header.storeBytes(of: record.kind, toByteOffset: 4, as: UInt32.self)
         header.storeBytes(of: record.sequence, toByteOffset: 8, as: UInt64.self)
         header.storeBytes(of: record.offset, toByteOffset: 16, as: UInt64.self)
         header.storeBytes(of: record.length, toByteOffset: 24, as: UInt64.self)
         header.storeBytes(of: record.time, toByteOffset: 32, as: UInt64.self)
-        _ = FileDescriptorIO.pwriteAll(dataFD, header, count: Record.headerSize, offset: offset)
     }
 
     /// Appends a write (payload) or zeroing (nil) — or, when the journal is full or the
@@ -134,53 +146,67 @@ final class Journal: @unchecked Sendable {
             let at = tail % capacity
             // Payload first: the header is the commit, so a record cut short by a crash
             // is never found again.
-            if let payload { _ = FileDescriptorIO.pwriteAll(dataFD, payload, count: length, offset: at + UInt64(Record.headerSize)) }
+            if let payload { memcpy(ring + Int(at) + Record.headerSize, payload, length) }
             writeHeader(record, at: at)
             tail += record.size
         }
     }
 
-    /// The record at the head, with its payload read into `buffer` (grown as needed).
-    func peek(into buffer: inout UnsafeMutableRawPointer, capacity bufferCapacity: inout Int) -> Record? {
+    /// A run of records from the head, with payloads in place in the ring (appends
+    /// never touch them until `advance` moves the head past them). The run stops before
+    /// a record overlapping an earlier one in it, so that the run may be sent to the
+    /// replica all at once, in any completion order.
+    struct Batch {
+        var records: [(record: Record, payload: UnsafeRawPointer)] = []
+        var end: UInt64 = 0
+        var endSequence: UInt64 = 0
+        var bytes: UInt64 { records.reduce(0) { $0 + $1.record.length } }
+    }
+
+    func peek(max count: Int) -> Batch? {
         lock.withLock {
-            while head < tail {
-                let offset = head % capacity
+            var batch = Batch()
+            var position = head
+            var sequence = headSequence
+            while position < tail && batch.records.count < count {
+                let offset = position % capacity
                 if capacity - offset < UInt64(Record.headerSize) {
-                    head += capacity - offset
+                    position += capacity - offset
                     continue
                 }
-                guard let record = readHeader(at: offset), record.sequence == headSequence else { return nil }
+                guard let record = readHeader(at: offset), record.sequence == sequence else { break }
                 if record.kind == Record.wrap {
-                    head += capacity - offset
-                    headSequence += 1
+                    position += capacity - offset
+                    sequence += 1
                     continue
                 }
-                if record.kind == Record.write {
-                    if Int(record.length) > bufferCapacity {
-                        buffer.deallocate()
-                        bufferCapacity = Int(record.length)
-                        buffer = .allocate(byteCount: bufferCapacity, alignment: 4096)
-                    }
-                    _ = FileDescriptorIO.preadAll(dataFD, into: buffer, count: Int(record.length), offset: offset + UInt64(Record.headerSize))
+                let range = record.offset..<(record.offset + max(record.length, 1))
+                if batch.records.contains(where: { ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range) }) {
+                    break
                 }
-                return record
+                batch.records.append((record, UnsafeRawPointer(ring + Int(offset) + Record.headerSize)))
+                position += record.size
+                sequence += 1
+                batch.end = position
+                batch.endSequence = sequence
             }
-            return nil
+            return batch.records.isEmpty ? nil : batch
         }
     }
 
-    /// The head record reached the replica: drop it and persist the new head.
-    func advance(past record: Record) {
+    /// A batch reached the replica: drop it and persist the new head.
+    func advance(past batch: Batch) {
         lock.withLock {
-            head += record.size
-            headSequence = record.sequence + 1
+            head = batch.end
+            headSequence = batch.endSequence
             persistHead()
         }
     }
 
     private func persistHead() {
-        var state = (UInt64(0x494F_464A_5354_4154), head, headSequence)
-        _ = pwrite(stateFD, &state, 24, 0)
+        state[1] = head
+        state[2] = headSequence
+        state[0] = 0x494F_464A_5354_4154
     }
 
     var pendingBytes: UInt64 { lock.withLock { tail - head } }
@@ -199,12 +225,14 @@ final class Journal: @unchecked Sendable {
     }
 
     func sync() {
-        fdatasync(dataFD)
-        fdatasync(stateFD)
+        msync(ring, Int(capacity), MS_SYNC)
+        msync(state, 4096, MS_SYNC)
     }
 
     func close() {
         lock.withLock { persistHead() }
+        munmap(ring, Int(capacity))
+        munmap(state, 4096)
         Glibc.close(dataFD)
         Glibc.close(stateFD)
     }

@@ -20,10 +20,23 @@ public protocol BlockTarget: AnyObject, Sendable {
 extension BlockTarget {
     /// Waits for one operation: for background threads, never for `start`.
     public func wait(_ operation: (@escaping @Sendable (Int32) -> Void) -> Void) -> Int32 {
+        if let file = self as? FileTarget {
+            // Files complete inline: no need for a waiter.
+            let result = InlineResult()
+            operation { result.value = $0 }
+            if let value = result.value { return value }
+            _ = file
+        }
         let result = WaitBox()
         operation { result.finish($0) }
         return result.wait()
     }
+}
+
+/// The result of an operation that completed on the calling thread.
+final class InlineResult: @unchecked Sendable {
+    // @unchecked: written and read on one thread (the completion ran inline).
+    var value: Int32?
 }
 
 /// Opens `spec` — an NBD URI (`nbd://…`, `nbd+unix://…`) or a file path. A file is

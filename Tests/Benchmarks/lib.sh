@@ -54,3 +54,9 @@ measure() {
         --output-format=json --output="$out" >&2
     echo -e "$row\t$server\t$out" >> "$results"
 }
+
+# wait_for_log NAME TEXT [SECONDS]: until the iofilter server NAME has logged TEXT.
+wait_for_log() {
+    for _ in $(seq $((${3:-180} * 10))); do grep -q "$2" "$work/$1.log" && return 0; sleep 0.1; done
+    echo "$1 never logged '$2'" >&2; exit 1
+}

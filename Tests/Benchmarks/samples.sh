@@ -3,7 +3,8 @@
 #  - cache in front of slow storage (nbdkit delay filter, 1 ms per read, over NBD):
 #    4k randread QD16 over a 64 MiB hot set, warmed first: no cache, our cache,
 #    nbdkit's cache filter with cache-on-read=true
-#  - replication (async, to a file) on 4k randwrite QD16 against the same chain without it
+#  - replication (async) on 4k randwrite QD16 against the same chain without it, to a
+#    remote-like target (nbdkit's memory plugin over NBD) and to a file on the same disk
 #  - the full sample chain (replication + write-back cache + C sample) on a fast file
 #    against no filters
 #
@@ -36,12 +37,16 @@ for server in uncached iofilter-cache nbdkit-cache; do measure slow-4k-randread-
 fast=$work/fast.img
 make_disk "$fast" 1G
 start_iofilter no-filters "$fast"
-start_iofilter replication-async "$fast" --filter "$replication:target=$work/replica.img,mode=async,journal-size=1G"
+start_nbdkit remote-replica memory 1G
+start_iofilter replication-nbd "$fast" --filter "$replication:target=${uri[remote-replica]},mode=async,journal-size=1G"
+start_iofilter replication-file "$fast" --filter "$replication:target=$work/replica.img,mode=async,journal-size=1G"
 start_iofilter full-chain "$fast" --filter "$replication:target=$work/replica2.img,mode=async,journal-size=1G" \
     --filter "$cache:size=512M,mode=write-back" --filter "$passthrough"
-# Let the replicas finish their initial sync so that rows measure steady state.
-sleep 5
-for server in no-filters replication-async; do measure 4k-randwrite-qd16 "$server" randwrite 4k 16 1G; done
+# Rows measure steady state: the replicas finish their initial sync first.
+wait_for_log replication-nbd "is in sync"
+wait_for_log replication-file "is in sync"
+wait_for_log full-chain "is in sync"
+for server in no-filters replication-nbd replication-file; do measure 4k-randwrite-qd16 "$server" randwrite 4k 16 1G; done
 for server in no-filters full-chain; do measure 4k-randread-qd16-chain "$server" randread 4k 16 256M; done
 for server in no-filters full-chain; do measure 4k-randwrite-qd16-chain "$server" randwrite 4k 16 256M; done
 
