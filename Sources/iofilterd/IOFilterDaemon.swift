@@ -8,8 +8,9 @@ import Logging
 
 /// The host runtime. This first version runs the demo VM: it validates the sample
 /// plug-ins, creates a disk under the state directory and serves it through the sample
-/// chain in a supervised, sandboxed worker. Policies, the API and persistent state come
-/// with the control plane (see the issues).
+/// chain (C inspection sample, async replication to a replica file, write-back cache)
+/// in a supervised, sandboxed worker. Policies, the API and persistent state come with
+/// the control plane (see the issues).
 @main
 struct IOFilterDaemon: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -43,15 +44,15 @@ struct IOFilterDaemon: ParsableCommand {
         try FileManager.default.createDirectory(at: vmDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(at: state.appendingPathComponent("disks"), withIntermediateDirectories: true)
 
-        let samples = Self.samplePlugins()
+        let disk = state.appendingPathComponent("disks/demo-disk.img").path
+        let samples = Self.samplePlugins(replica: state.appendingPathComponent("disks/demo-disk.replica.img").path)
         guard !samples.isEmpty else { throw ValidationError("no sample plug-ins found beside \(WorkerExecutable.path()); build with `swift build`") }
         let chain: [PlannedFilter]
-        switch PluginValidator().validateChain(samples.map { ($0, [:]) }) {
+        switch PluginValidator().validateChain(samples) {
         case .success(let planned): chain = planned
         case .failure(let error): throw ValidationError("sample chain: \(error)")
         }
 
-        let disk = state.appendingPathComponent("disks/demo-disk.img").path
         if !FileManager.default.fileExists(atPath: disk) {
             _ = FileManager.default.createFile(atPath: disk, contents: nil)
             guard truncate(disk, off_t(ParameterSpec.parseSize(demoSize)!)) == 0 else {
@@ -84,9 +85,14 @@ struct IOFilterDaemon: ParsableCommand {
         unlink(socketPath)
     }
 
-    /// The sample plug-ins SwiftPM built beside this executable.
-    static func samplePlugins() -> [String] {
+    /// The sample plug-ins SwiftPM built beside this executable, with demo parameters.
+    static func samplePlugins(replica: String) -> [(path: String, parameters: [String: String])] {
         let directory = (WorkerExecutable.path() as NSString).deletingLastPathComponent
-        return ["libiofilter-passthrough-c.so"].map { "\(directory)/\($0)" }.filter { FileManager.default.fileExists(atPath: $0) }
+        let samples: [(String, [String: String])] = [
+            ("libiofilter-passthrough-c.so", [:]),
+            ("libiofilter-replication.so", ["target": replica, "mode": "async"]),
+            ("libiofilter-cache.so", ["mode": "write-back", "size": "256M"]),
+        ]
+        return samples.map { ("\(directory)/\($0.0)", $0.1) }.filter { FileManager.default.fileExists(atPath: $0.path) }
     }
 }

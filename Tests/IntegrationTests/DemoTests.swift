@@ -1,0 +1,33 @@
+import Foundation
+import Testing
+
+/// The README's main job: `iofilterd --demo` prints an NBD URI that qemu-img can read,
+/// served through the sample chain in a sandboxed worker.
+@Suite("demo")
+struct DemoTests {
+    @Test func theDemoServesItsDiskThroughTheSampleChain() throws {
+        let state = Harness.temporaryDirectory("demo")
+        let process = Process()
+        process.executableURL = Harness.binDirectory.appendingPathComponent("iofilterd")
+        process.arguments = ["--demo", "--state-dir", state.path, "--demo-size", "64M"]
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let errors = ReadAll(err.fileHandleForReading)
+        defer {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        var line = Data()
+        var byte: UInt8 = 0
+        while read(out.fileHandleForReading.fileDescriptor, &byte, 1) == 1 && byte != UInt8(ascii: "\n") { line.append(byte) }
+        let uri = String(decoding: line, as: UTF8.self)
+        #expect(uri.hasPrefix("nbd+unix:///demo-disk?socket="), "no URI; log: \(errors.snapshot())")
+        let info = try Harness.check(Harness.tool("qemu-img"), ["info", "--output=json", uri])
+        #expect(info.contains("\"virtual-size\": 67108864"))
+        #expect(try Harness.qemuIO(uri, ["write -P 0xab 0 1M", "flush", "read -P 0xab 0 1M"]).contains("read 1048576/1048576"))
+        let log = errors.snapshot()
+        #expect(log.contains("org.swift-iofilter.passthrough-c -> org.swift-iofilter.replication -> org.swift-iofilter.cache"))
+    }
+}
