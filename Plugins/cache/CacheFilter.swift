@@ -394,10 +394,10 @@ public final class CacheFilter: IOFilter {
             guard store.readSlot(entry.slot, into: bytes) == 0 else { return EIO }
             let offset = entry.block * UInt64(blockSize)
             let length = Int(min(UInt64(blockSize), disk.size - offset))
-            let error = waitBelow { disk.submitBelow(.write, offset: offset, length: length, buffer: bytes, completion: $0) }
+            let error = waitForCompletion { disk.submitBelow(.write, offset: offset, length: length, buffer: bytes, completion: $0) }
             if error != 0 { return error }
         }
-        let error = waitBelow { disk.submitBelow(.flush, offset: 0, length: 0, buffer: nil, completion: $0) }
+        let error = waitForCompletion { disk.submitBelow(.flush, offset: 0, length: 0, buffer: nil, completion: $0) }
         if error != 0 { return error }
         store.lock.withLock { for entry in batch { store.markClean(block: entry.block, version: entry.version) } }
         destagedBytes.add(UInt64(batch.count * blockSize), ordering: .relaxed)
@@ -410,12 +410,6 @@ public final class CacheFilter: IOFilter {
             if error != 0 { return error }
         }
         return 0
-    }
-
-    private func waitBelow(_ operation: (@escaping @Sendable (Int32) -> Void) -> Void) -> Int32 {
-        let box = ResultBox()
-        operation { box.finish($0) }
-        return box.wait()
     }
 
     // MARK: operators
@@ -456,14 +450,6 @@ final class Fill: @unchecked Sendable {
     let blocks: ClosedRange<UInt64>
     var tainted = false
     init(blocks: ClosedRange<UInt64>) { self.blocks = blocks }
-}
-
-final class ResultBox: @unchecked Sendable {
-    // @unchecked: guarded by `lock`.
-    private let lock = ConditionLock()
-    private var result: Int32?
-    func finish(_ value: Int32) { lock.withLock { result = value; lock.broadcast() } }
-    func wait() -> Int32 { lock.withLock { while result == nil { lock.wait() }; return result! } }
 }
 
 @_cdecl("iofilter_cache_status")

@@ -63,20 +63,9 @@ final class Journal: @unchecked Sendable {
     func pendingRanges() -> [(offset: UInt64, length: UInt64)] {
         lock.withLock {
             var ranges: [(UInt64, UInt64)] = []
-            var position = head
-            while position < tail {
-                let offset = position % capacity
-                if capacity - offset < UInt64(Record.headerSize) {
-                    position += capacity - offset
-                    continue
-                }
-                guard let record = readHeader(at: offset) else { break }
-                if record.kind == Record.wrap {
-                    position += capacity - offset
-                    continue
-                }
+            walk(until: tail) { record, _, _, _ in
                 ranges.append((record.offset, record.length))
-                position += record.size
+                return true
             }
             return ranges
         }
@@ -84,9 +73,22 @@ final class Journal: @unchecked Sendable {
 
     /// Follows valid records from the head to find where appends stopped.
     private func recoverTail() {
+        let (position, sequence) = walk(until: head + capacity) { _, _, _, _ in true }
+        tail = position
+        nextSequence = sequence
+    }
+
+    /// Visits the records from the head, in order, while their sequence numbers continue
+    /// and `visit` returns true, stepping over wrap markers and the ring's end. `visit`
+    /// gets the record, its payload in the ring, and the position and sequence just past
+    /// it. Returns where the walk stopped.
+    @discardableResult
+    private func walk(
+        until limit: UInt64, _ visit: (Record, UnsafeRawPointer, UInt64, UInt64) -> Bool
+    ) -> (position: UInt64, sequence: UInt64) {
         var position = head
         var sequence = headSequence
-        while position - head < capacity {
+        while position < limit {
             let offset = position % capacity
             if capacity - offset < UInt64(Record.headerSize) {
                 position += capacity - offset
@@ -95,13 +97,14 @@ final class Journal: @unchecked Sendable {
             guard let record = readHeader(at: offset), record.sequence == sequence else { break }
             if record.kind == Record.wrap {
                 position += capacity - offset
-            } else {
-                position += record.size
+                sequence += 1
+                continue
             }
+            guard visit(record, UnsafeRawPointer(ring + Int(offset) + Record.headerSize), position + record.size, sequence + 1) else { break }
+            position += record.size
             sequence += 1
         }
-        tail = position
-        nextSequence = sequence
+        return (position, sequence)
     }
 
     private func readHeader(at offset: UInt64) -> Record? {
@@ -166,29 +169,15 @@ final class Journal: @unchecked Sendable {
     func peek(max count: Int) -> Batch? {
         lock.withLock {
             var batch = Batch()
-            var position = head
-            var sequence = headSequence
-            while position < tail && batch.records.count < count {
-                let offset = position % capacity
-                if capacity - offset < UInt64(Record.headerSize) {
-                    position += capacity - offset
-                    continue
-                }
-                guard let record = readHeader(at: offset), record.sequence == sequence else { break }
-                if record.kind == Record.wrap {
-                    position += capacity - offset
-                    sequence += 1
-                    continue
-                }
+            walk(until: tail) { record, payload, end, endSequence in
                 let range = record.offset..<(record.offset + max(record.length, 1))
-                if batch.records.contains(where: { ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range) }) {
-                    break
-                }
-                batch.records.append((record, UnsafeRawPointer(ring + Int(offset) + Record.headerSize)))
-                position += record.size
-                sequence += 1
-                batch.end = position
-                batch.endSequence = sequence
+                guard batch.records.count < count, !batch.records.contains(where: {
+                    ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range)
+                }) else { return false }
+                batch.records.append((record, payload))
+                batch.end = end
+                batch.endSequence = endSequence
+                return true
             }
             return batch.records.isEmpty ? nil : batch
         }

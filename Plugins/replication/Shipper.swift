@@ -115,9 +115,7 @@ final class Shipper: @unchecked Sendable {
                     buffer = .allocate(byteCount: capacity, alignment: 4096)
                 }
                 let pointer = buffer
-                let readResult = WaitForResult()
-                disk.submitBelow(.read, offset: offset, length: length, buffer: pointer) { readResult.finish($0) }
-                let readError = readResult.wait()
+                let readError = waitForCompletion { disk.submitBelow(.read, offset: offset, length: length, buffer: pointer, completion: $0) }
                 if readError != 0 {
                     disk.log(.warning, "cannot read region \(region) for resync: \(String(cString: strerror(readError)))")
                     lock.withLock { _ = stopping || lock.wait(nanoseconds: 1_000_000_000) }
@@ -177,11 +175,3 @@ final class BatchCompletion: Sendable {
     }
 }
 
-/// An errno handed from a completion to the waiting shipper thread.
-final class WaitForResult: @unchecked Sendable {
-    // @unchecked: guarded by `lock`.
-    private let lock = ConditionLock()
-    private var result: Int32?
-    func finish(_ value: Int32) { lock.withLock { result = value; lock.broadcast() } }
-    func wait() -> Int32 { lock.withLock { while result == nil { lock.wait() }; return result! } }
-}

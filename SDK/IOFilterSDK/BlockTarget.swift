@@ -27,10 +27,16 @@ extension BlockTarget {
             if let value = result.value { return value }
             _ = file
         }
-        let result = WaitBox()
-        operation { result.finish($0) }
-        return result.wait()
+        return waitForCompletion(operation)
     }
+}
+
+/// Runs an operation that reports an errno through a completion, and waits for it: for
+/// a filter's background threads (destaging, resync), never inside `start` or `done`.
+public func waitForCompletion(_ operation: (@escaping @Sendable (Int32) -> Void) -> Void) -> Int32 {
+    let result = WaitBox()
+    operation { result.finish($0) }
+    return result.wait()
 }
 
 /// The result of an operation that completed on the calling thread.

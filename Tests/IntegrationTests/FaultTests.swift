@@ -16,17 +16,6 @@ struct FaultTests {
         try Harness.qemuIO(uri, commands)
     }
 
-    /// Starts fio in the background against `uri`.
-    func backgroundFio(_ uri: String, name: String, rw: String, offset: String, size: String, seconds: Int) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
-        process.arguments = ["--name=\(name)", "--ioengine=nbd", "--uri=\(uri)", "--rw=\(rw)", "--bs=4k", "--offset=\(offset)",
-                             "--size=\(size)", "--iodepth=8", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        return process
-    }
 
     @Test func killDashNineMidWorkloadLosesNothingFlushed() throws {
         let disk = image("kill.img")
@@ -38,7 +27,7 @@ struct FaultTests {
             _ = try io(served.uri, ["write -P \(0x20 + index) \(index)M 1M", "flush"])
         }
         let first = try #require(served.workerPID)
-        let workload = try backgroundFio(served.uri, name: "load", rw: "randwrite", offset: "16M", size: "32M", seconds: 20)
+        let workload = try Harness.backgroundFio(served.uri, offset: "16M", size: "32M", seconds: 20)
         usleep(700_000)
         kill(first, SIGKILL)
         let second = try served.waitForNewWorker(replacing: first)

@@ -33,16 +33,6 @@ struct SamplePluginTests {
         throw HarnessError("\(a) and \(b) never became identical: \(last)")
     }
 
-    func backgroundFio(_ uri: String, offset: String, size: String, seconds: Int) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
-        process.arguments = ["--name=bg", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=8",
-                             "--offset=\(offset)", "--size=\(size)", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        return process
-    }
 
     // MARK: SDK
 
@@ -118,7 +108,7 @@ struct SamplePluginTests {
         let served = try ServedDisk([source, "--filter", "\(Self.replication):target=\(replica),journal-size=8M"])
         defer { served.stop() }
         let worker = try #require(served.workerPID)
-        let load = try backgroundFio(served.uri, offset: "0", size: "48M", seconds: 20)
+        let load = try Harness.backgroundFio(served.uri, offset: "0", size: "48M", seconds: 20)
         usleep(1_500_000)
         kill(worker, SIGKILL)
         _ = try served.waitForNewWorker(replacing: worker)
@@ -141,7 +131,7 @@ struct SamplePluginTests {
         for index in 0..<4 {
             _ = try Harness.qemuIO(served.uri, ["write -P \(0x30 + index) \(index)M 1M", "flush", "read -P \(0x30 + index) \(index)M 1M"])
         }
-        let load = try backgroundFio(served.uri, offset: "16M", size: "32M", seconds: 20)
+        let load = try Harness.backgroundFio(served.uri, offset: "16M", size: "32M", seconds: 20)
         usleep(800_000)
         kill(worker, SIGKILL)
         _ = try served.waitForNewWorker(replacing: worker)

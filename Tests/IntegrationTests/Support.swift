@@ -112,6 +112,18 @@ enum Harness {
         try check(tool("qemu-io"), ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [uri])
     }
 
+    /// Starts fio's random writes in the background against `uri` (stopped by the caller).
+    static func backgroundFio(_ uri: String, offset: String, size: String, seconds: Int) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool("fio"))
+        process.arguments = ["--name=background", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=8",
+                             "--offset=\(offset)", "--size=\(size)", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
     /// Writes `size` bytes of reproducible pseudo-random data.
     static func makeRandomFile(_ path: String, size: Int, seed: UInt64) {
         var state = seed | 1
