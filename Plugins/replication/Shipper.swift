@@ -88,16 +88,10 @@ final class Shipper: @unchecked Sendable {
             backoff = 200_000_000
             if !synchronousMode, let batch = journal.peek(max: 64) {
                 // The whole batch is in flight at once (pipelined on an NBD target).
-                let error = target.wait { done in
-                    let pending = BatchCompletion(count: batch.records.count, done: done)
-                    for (record, payload) in batch.records {
-                        if record.kind == Journal.Record.write {
-                            target.write(offset: record.offset, length: Int(record.length), from: payload, completion: pending.finish)
-                        } else {
-                            target.writeZeroes(offset: record.offset, length: Int(record.length), completion: pending.finish)
-                        }
-                    }
+                let writes = batch.records.map { record, payload in
+                    (offset: record.offset, length: Int(record.length), buffer: record.kind == Journal.Record.write ? Optional(payload) : nil)
                 }
+                let error = target.wait { target.writeBatch(writes, completion: $0) }
                 if error != 0 {
                     targetFailed("journal batch from offset \(batch.records[0].record.offset): \(String(cString: strerror(error)))")
                     continue
@@ -152,26 +146,6 @@ final class Shipper: @unchecked Sendable {
             }
             return nil
         }
-    }
-}
-
-/// Counts a batch's completions down; reports once, with the first error.
-final class BatchCompletion: Sendable {
-    private let state: Mutex<(left: Int, error: Int32)>
-    private let done: @Sendable (Int32) -> Void
-
-    init(count: Int, done: @escaping @Sendable (Int32) -> Void) {
-        state = Mutex((count, 0))
-        self.done = done
-    }
-
-    @Sendable func finish(_ error: Int32) {
-        let result: Int32? = state.withLock { state in
-            if state.error == 0 { state.error = error }
-            state.left -= 1
-            return state.left == 0 ? state.error : nil
-        }
-        if let result { done(result) }
     }
 }
 

@@ -15,6 +15,47 @@ public protocol BlockTarget: AnyObject, Sendable {
     func writeZeroes(offset: UInt64, length: Int, completion: @escaping @Sendable (Int32) -> Void)
     func flush(completion: @escaping @Sendable (Int32) -> Void)
     func close()
+    /// Writes several non-overlapping ranges at once (they may complete in any order);
+    /// `completion` runs once with the first error, or 0.
+    func writeBatch(_ writes: [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)], completion: @escaping @Sendable (Int32) -> Void)
+}
+
+extension BlockTarget {
+    /// One write at a time; a nil buffer writes zeroes.
+    public func writeBatch(_ writes: [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)], completion: @escaping @Sendable (Int32) -> Void) {
+        let pending = CountDown(count: writes.count, done: completion)
+        for write in writes {
+            if let buffer = write.buffer {
+                self.write(offset: write.offset, length: write.length, from: buffer, completion: pending.finish)
+            } else {
+                writeZeroes(offset: write.offset, length: write.length, completion: pending.finish)
+            }
+        }
+    }
+}
+
+/// Counts completions down; reports once, with the first error.
+final class CountDown: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = ConditionLock()
+    private var left: Int
+    private var error: Int32 = 0
+    private let done: @Sendable (Int32) -> Void
+
+    init(count: Int, done: @escaping @Sendable (Int32) -> Void) {
+        left = count
+        self.done = done
+        if count == 0 { done(0) }
+    }
+
+    @Sendable func finish(_ result: Int32) {
+        let report: Int32? = lock.withLock {
+            if error == 0 { error = result }
+            left -= 1
+            return left == 0 ? error : nil
+        }
+        if let report { done(report) }
+    }
 }
 
 extension BlockTarget {
@@ -131,6 +172,15 @@ final class NBDTarget: BlockTarget {
     func flush(completion: @escaping @Sendable (Int32) -> Void) {
         guard client.canFlush else { return completion(0) }
         client.submit(.flush, offset: 0, length: 0, buffer: nil, completion: ClosureCompletion(completion))
+    }
+
+    /// The batch goes out in one writev, pipelined.
+    func writeBatch(_ writes: [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)], completion: @escaping @Sendable (Int32) -> Void) {
+        let pending = ClosureCompletion(CountDown(count: writes.count, done: completion).finish)
+        client.submit(writes.map { write in
+            NBDClient.Request(write.buffer == nil ? .writeZeroes : .write, offset: write.offset, length: write.length,
+                              buffer: write.buffer.map { UnsafeMutableRawPointer(mutating: $0) }, completion: pending)
+        })
     }
 
     func close() { client.disconnect() }

@@ -60,6 +60,89 @@ public final class NBDClient: @unchecked Sendable {
     public var canWriteZeroes: Bool { flags.contains(.sendWriteZeroes) }
     public var isReadOnly: Bool { flags.contains(.readOnly) }
 
+    /// One request of a batch sent with `submit(_:)`.
+    public struct Request {
+        public var command: NBDProtocol.Command
+        public var flags: NBDProtocol.CommandFlags
+        public var offset: UInt64
+        public var length: Int
+        public var buffer: UnsafeMutableRawPointer?
+        public var completion: any NBDClientCompletion
+
+        public init(_ command: NBDProtocol.Command, flags: NBDProtocol.CommandFlags = [], offset: UInt64, length: Int,
+                    buffer: UnsafeMutableRawPointer?, completion: any NBDClientCompletion) {
+            self.command = command
+            self.flags = flags
+            self.offset = offset
+            self.length = length
+            self.buffer = buffer
+            self.completion = completion
+        }
+    }
+
+    /// Sends several requests with one writev (a replication journal batch, say). Each
+    /// completion runs once, as with the single-request `submit`.
+    public func submit(_ requests: [Request]) {
+        guard requests.count > 1 else {
+            if let request = requests.first {
+                submit(request.command, flags: request.flags, offset: request.offset, length: request.length,
+                       buffer: request.buffer, completion: request.completion)
+            }
+            return
+        }
+        var cookies: [Int] = []
+        cookies.reserveCapacity(requests.count)
+        lock.lock()
+        for request in requests {
+            while freeCookies.isEmpty && connected {
+                // Send what is reserved so far: its replies free the cookies we wait for.
+                lock.unlock()
+                send(Array(requests[..<cookies.count]), cookies: cookies)
+                return submit(Array(requests[cookies.count...]))
+            }
+            guard connected, let cookie = freeCookies.popLast() else { break }
+            slots[cookie] = Slot(completion: request.completion, buffer: request.buffer, length: request.length,
+                                 isRead: request.command == .read)
+            cookies.append(cookie)
+        }
+        lock.unlock()
+        for request in requests[cookies.count...] { request.completion.nbdRequestDidComplete(error: EIO) }
+        send(Array(requests[..<cookies.count]), cookies: cookies)
+    }
+
+    private func send(_ requests: [Request], cookies: [Int]) {
+        guard !requests.isEmpty else { return }
+        let headers = UnsafeMutableRawPointer.allocate(byteCount: 32 * requests.count, alignment: 8)
+        let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2 * requests.count)
+        defer {
+            headers.deallocate()
+            vectors.deallocate()
+        }
+        var count = 0
+        for (index, request) in requests.enumerated() {
+            let header = headers + 32 * index
+            header.storeBE(NBDProtocol.requestMagic, at: 0)
+            header.storeBE(request.flags.rawValue, at: 4)
+            header.storeBE(request.command.rawValue, at: 6)
+            header.storeBE(UInt64(cookies[index]), at: 8)
+            header.storeBE(request.offset, at: 16)
+            header.storeBE(UInt32(request.length), at: 24)
+            vectors[count] = iovec(iov_base: header, iov_len: NBDProtocol.requestHeaderSize)
+            count += 1
+            if request.command == .write {
+                vectors[count] = iovec(iov_base: request.buffer, iov_len: request.length)
+                count += 1
+            }
+        }
+        sendLock.withLock {
+            do {
+                try FileDescriptorIO.writeAll(fd, vectors: vectors, count: count)
+            } catch {
+                shutdown(fd, Int32(SHUT_RDWR))  // the reader fails everything in flight
+            }
+        }
+    }
+
     /// Sends a request; `completion` runs exactly once, on the reader thread or (for a
     /// connection already lost) on this one. `buffer` must stay valid until then.
     public func submit(
@@ -115,20 +198,43 @@ public final class NBDClient: @unchecked Sendable {
         shutdown(fd, Int32(SHUT_RDWR))
     }
 
+    /// Reads replies in batches (many small replies arrive in one read), matching each
+    /// to its request by cookie.
     private func readReplies() {
-        let header = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.simpleReplySize, alignment: 8)
-        defer { header.deallocate() }
+        let capacity = 64 << 10
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 8)
+        defer { buffer.deallocate() }
+        var start = 0, end = 0
+        /// Makes `count` bytes available at `start`; false at EOF or error.
+        func fill(_ count: Int) -> Bool {
+            if end - start >= count { return true }
+            memmove(buffer, buffer + start, end - start)
+            end -= start
+            start = 0
+            while end < count {
+                guard let n = try? FileDescriptorIO.readSome(fd, into: buffer + end, count: capacity - end), n > 0 else { return false }
+                end += n
+            }
+            return true
+        }
         while true {
-            guard (try? FileDescriptorIO.readExactly(fd, into: header, count: NBDProtocol.simpleReplySize)) == true,
-                UnsafeRawPointer(header).loadBE(at: 0, as: UInt32.self) == NBDProtocol.simpleReplyMagic
-            else { break }
-            let error = Int32(bitPattern: UnsafeRawPointer(header).loadBE(at: 4, as: UInt32.self))
-            let cookie = Int(UnsafeRawPointer(header).loadBE(at: 8, as: UInt64.self))
+            guard fill(NBDProtocol.simpleReplySize) else { break }
+            let header = UnsafeRawPointer(buffer + start)
+            guard header.loadBE(at: 0, as: UInt32.self) == NBDProtocol.simpleReplyMagic else { break }
+            let error = Int32(bitPattern: header.loadBE(at: 4, as: UInt32.self))
+            let cookie = Int(header.loadBE(at: 8, as: UInt64.self))
+            start += NBDProtocol.simpleReplySize
             guard cookie < Self.maxInFlight else { break }
             let slot = lock.withLock { slots[cookie] }
             guard let completion = slot.completion else { break }
-            if slot.isRead && error == 0, let buffer = slot.buffer {
-                guard (try? FileDescriptorIO.readExactly(fd, into: buffer, count: slot.length)) == true else { break }
+            if slot.isRead && error == 0, let destination = slot.buffer {
+                let buffered = min(slot.length, end - start)
+                memcpy(destination, buffer + start, buffered)
+                start += buffered
+                if buffered < slot.length {
+                    guard (try? FileDescriptorIO.readExactly(fd, into: destination + buffered, count: slot.length - buffered)) == true
+                    else { break }
+                }
             }
             lock.withLock {
                 slots[cookie] = Slot()
