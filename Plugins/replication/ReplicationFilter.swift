@@ -33,7 +33,7 @@ public final class ReplicationFilter: IOFilter {
                       description: "async: the most lag tolerated before the state turns degraded"),
             Parameter("journal-size", .size(default: "64M", range: 1 << 20...1 << 36),
                       description: "async: bytes of journal in the sidecar directory; when full, dirty regions are tracked instead"),
-            Parameter("region-size", .size(default: "1M", range: 1 << 16...1 << 30),
+            Parameter("region-size", .size(default: "64K", range: 1 << 12...1 << 30),
                       description: "granularity of the dirty-region map used for resync"),
             Parameter("on-target-failure", .choice(default: "degrade", values: ["degrade", "fail"]),
                       description: "sync: when the replica fails a write, keep going degraded (resync later) or fail the guest's write"),
@@ -57,7 +57,7 @@ public final class ReplicationFilter: IOFilter {
     public static func attach(_ disk: Disk) throws(FilterError) {
         // A new replica: everything needs copying once. The map says so durably.
         let map = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
-                                regionSize: UInt64(disk.parameter("region-size", default: Int64(1 << 20))))
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(64 << 10))))
         map.markAll()
         map.sync()
         map.close()
@@ -79,7 +79,7 @@ public final class ReplicationFilter: IOFilter {
         rpoSeconds = Double(disk.parameter("rpo-seconds", default: 15))
         journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)))
         regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
-                                regionSize: UInt64(disk.parameter("region-size", default: Int64(1 << 20))))
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(64 << 10))))
         shipper = Shipper(disk: disk, targetSpec: target, journal: journal, regions: regions, synchronousMode: synchronous)
         let pending = journal.pendingBytes
         for range in journal.pendingRanges() {
