@@ -94,7 +94,7 @@ public final class ReplicationFilter: IOFilter {
 
     public func close() {
         Self.registry.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(self)) }
-        shipper.stop()
+        shipper.stop(drain: 15)
         journal.sync()
         regions.sync()
         journal.close()

@@ -39,7 +39,15 @@ final class Shipper: @unchecked Sendable {
         startThread(name: "replication") { [self] in run() }
     }
 
-    func stop() {
+    /// Stops shipping; first gives a reachable replica up to `drain` seconds to catch up,
+    /// so that a graceful stop leaves it in sync (an unreachable one is not waited for).
+    func stop(drain: Double = 0) {
+        let deadline = monotonicNanoseconds() + UInt64(drain * 1e9)
+        while monotonicNanoseconds() < deadline, connectedTarget != nil,
+              journal.pendingBytes > 0 || regions.dirtyCount > 0 {
+            wake()
+            usleep(20_000)
+        }
         lock.withLock {
             stopping = true
             lock.broadcast()

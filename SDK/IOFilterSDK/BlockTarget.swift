@@ -61,12 +61,11 @@ final class CountDown: @unchecked Sendable {
 extension BlockTarget {
     /// Waits for one operation: for background threads, never for `start`.
     public func wait(_ operation: (@escaping @Sendable (Int32) -> Void) -> Void) -> Int32 {
-        if let file = self as? FileTarget {
-            // Files complete inline: no need for a waiter.
+        if self is FileTarget {
+            // Files complete on the calling thread: no waiter to allocate.
             let result = InlineResult()
             operation { result.value = $0 }
-            if let value = result.value { return value }
-            _ = file
+            return result.value ?? EIO
         }
         return waitForCompletion(operation)
     }

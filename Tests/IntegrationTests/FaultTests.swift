@@ -63,6 +63,7 @@ struct FaultTests {
         let errors = Pipe()
         verifyB.standardError = errors
         verifyB.standardOutput = FileHandle.nullDevice
+        verifyB.currentDirectoryURL = directory
         try verifyB.run()
         let errorText = ReadAll(errors.fileHandleForReading)
 

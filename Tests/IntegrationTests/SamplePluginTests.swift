@@ -179,7 +179,10 @@ struct SamplePluginTests {
                                      "--filter", "\(Self.replication):target=\(replica)", "--filter", passthrough])
         try fio(served.uri, ["--rw=randrw", "--size=16M", "--verify=crc32c", "--verify_fatal=1"])
         _ = try Harness.qemuIO(served.uri, ["flush"])
-        served.stop()  // destages the cache
-        try waitUntilIdentical(source, replica)
+        // Replication sits above the write-back cache: the replica matches what the
+        // guest sees, while the file catches up only as the cache destages.
+        try waitUntilIdentical(served.uri, replica)
+        served.stop()  // destages the cache and lets the replica drain
+        try waitUntilIdentical(source, replica, timeout: 5)
     }
 }

@@ -65,6 +65,10 @@ enum Harness {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
+        // Tools that leave files in their working directory (fio's verify state) leave
+        // them in the scratch space.
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+        process.currentDirectoryURL = scratch
         if let environment { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
@@ -120,6 +124,7 @@ enum Harness {
                              "--offset=\(offset)", "--size=\(size)", "--time_based", "--runtime=\(seconds)", "--output-format=terse"]
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
+        process.currentDirectoryURL = scratch
         try process.run()
         return process
     }
