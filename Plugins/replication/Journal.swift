@@ -126,8 +126,10 @@ final class Journal: @unchecked Sendable {
     }
 
     /// Appends a write (payload) or zeroing (nil) — or, when the journal is full or the
-    /// region map is already in charge, marks the range dirty there instead.
-    func record(offset: UInt64, length: Int, payload: UnsafeRawPointer?, orMarkIn regions: RegionMap) {
+    /// region map is already in charge, marks the range dirty there instead. Returns
+    /// whether the write was journalled.
+    @discardableResult
+    func record(offset: UInt64, length: Int, payload: UnsafeRawPointer?, orMarkIn regions: RegionMap) -> Bool {
         lock.withLock {
             var record = Record(kind: payload == nil ? Record.zeroes : Record.write, sequence: 0, offset: offset,
                                 length: UInt64(length), time: wallClockNanoseconds())
@@ -135,7 +137,7 @@ final class Journal: @unchecked Sendable {
             let skip = capacity - position < record.size ? capacity - position : 0
             guard !regions.isOverflowing, (tail - head) + skip + record.size <= capacity else {
                 regions.mark(offset: offset, length: UInt64(length))
-                return
+                return false
             }
             if skip > 0 {
                 if skip >= UInt64(Record.headerSize) {
@@ -152,6 +154,7 @@ final class Journal: @unchecked Sendable {
             if let payload { memcpy(ring + Int(at) + Record.headerSize, payload, length) }
             writeHeader(record, at: at)
             tail += record.size
+            return true
         }
     }
 
@@ -233,8 +236,10 @@ func wallClockNanoseconds() -> UInt64 {
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
 
-/// One byte per region of the disk, persisted in `regions.map`: 1 means the replica
-/// may lack that region's current contents. While any region is dirty the journal is
+/// One byte per region of the disk, persisted in `regions.map` (mapped shared, after a
+/// header naming the region size): 1 means the replica may lack that region's current
+/// contents. A map written for another region size or disk size is distrusted: every
+/// region is resynced. While any region is dirty the journal is
 /// bypassed ("overflowing"), so that a region resync never races an older journal record.
 final class RegionMap: @unchecked Sendable {
     // @unchecked: all state is guarded by `lock`.
@@ -243,8 +248,11 @@ final class RegionMap: @unchecked Sendable {
     let diskSize: UInt64
     private let fd: Int32
     private let lock = ConditionLock()
-    private var bytes: [UInt8]
+    private let mapping: UnsafeMutableRawPointer
+    private let bytes: UnsafeMutablePointer<UInt8>
     private var generations: [UInt32]
+    private static let headerSize = 24
+    private static let magic: UInt64 = 0x494F_4652_4547_4E31  // "IOFREGN1"
     private var dirty = 0
     private var overflowing = false
     private var dirtySince: UInt64 = 0
@@ -256,11 +264,25 @@ final class RegionMap: @unchecked Sendable {
         count = Int((diskSize + regionSize - 1) / regionSize)
         fd = open("\(directory)/regions.map", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FilterError(errno, "cannot open the region map in \(directory)") }
-        bytes = [UInt8](repeating: 0, count: count)
+        var info = stat()
+        fstat(fd, &info)
+        let size = Self.headerSize + count
+        let existed = info.st_size > 0
+        guard ftruncate(fd, off_t(size)) == 0,
+              let mapped = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED
+        else { throw FilterError(errno, "cannot map the region map: \(String(cString: strerror(errno)))") }
+        mapping = mapped
+        bytes = (mapped + Self.headerSize).bindMemory(to: UInt8.self, capacity: count)
         generations = [UInt32](repeating: 0, count: count)
-        let counted = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, 0) }
-        if counted < count { ftruncate(fd, off_t(count)) }
-        dirty = bytes.reduce(0) { $0 + ($1 != 0 ? 1 : 0) }
+        let header = mapped.bindMemory(to: UInt64.self, capacity: 3)
+        if header[0] != Self.magic || header[1] != regionSize || header[2] != diskSize {
+            // New, or written for another layout: nothing in it can be trusted.
+            memset(bytes, existed ? 1 : 0, count)
+            header[1] = regionSize
+            header[2] = diskSize
+            header[0] = Self.magic
+        }
+        for region in 0..<count where bytes[region] != 0 { dirty += 1 }
         overflowing = dirty > 0
         dirtySince = dirty > 0 ? wallClockNanoseconds() : 0
     }
@@ -281,8 +303,6 @@ final class RegionMap: @unchecked Sendable {
                     bytes[region] = 1
                     if dirty == 0 { dirtySince = wallClockNanoseconds() }
                     dirty += 1
-                    var one: UInt8 = 1
-                    _ = pwrite(fd, &one, 1, off_t(region))
                 }
             }
         }
@@ -292,29 +312,43 @@ final class RegionMap: @unchecked Sendable {
         mark(offset: 0, length: diskSize)
     }
 
-    /// The next dirty region after the last one handed out, with its generation.
-    func nextDirty() -> (region: Int, generation: UInt32)? {
+    /// A run of contiguous dirty regions, with the generation each had when handed out.
+    struct Run {
+        var first: Int
+        var generations: [UInt32]
+    }
+
+    /// The next run of dirty regions after the last one handed out, at most `maxRegions`
+    /// long: an initial sync copies large runs, a resync after scattered writes copies
+    /// only the regions they touched.
+    func nextDirtyRun(maxRegions: Int) -> Run? {
         lock.withLock {
             guard dirty > 0 else { return nil }
             for step in 0..<count {
                 let region = (cursor + step) % count
-                if bytes[region] != 0 {
-                    cursor = region + 1
-                    return (region, generations[region])
+                guard bytes[region] != 0 else { continue }
+                var run = Run(first: region, generations: [])
+                var next = region
+                while next < count && bytes[next] != 0 && run.generations.count < maxRegions {
+                    run.generations.append(generations[next])
+                    next += 1
                 }
+                cursor = next
+                return run
             }
             return nil
         }
     }
 
-    /// The region was copied; it is clean unless a write touched it meanwhile.
-    func shipped(_ region: Int, generation: UInt32) {
+    /// The run was copied; each region is clean unless a write touched it meanwhile.
+    func shipped(_ run: Run) {
         lock.withLock {
-            guard generations[region] == generation, bytes[region] != 0 else { return }
-            bytes[region] = 0
-            dirty -= 1
-            var zero: UInt8 = 0
-            _ = pwrite(fd, &zero, 1, off_t(region))
+            for (index, generation) in run.generations.enumerated() {
+                let region = run.first + index
+                guard generations[region] == generation, bytes[region] != 0 else { continue }
+                bytes[region] = 0
+                dirty -= 1
+            }
         }
     }
 
@@ -325,6 +359,10 @@ final class RegionMap: @unchecked Sendable {
         }
     }
 
-    func sync() { fdatasync(fd) }
-    func close() { Glibc.close(fd) }
+    func sync() { msync(mapping, Self.headerSize + count, MS_SYNC) }
+
+    func close() {
+        munmap(mapping, Self.headerSize + count)
+        Glibc.close(fd)
+    }
 }

@@ -33,8 +33,8 @@ public final class ReplicationFilter: IOFilter {
                       description: "async: the most lag tolerated before the state turns degraded"),
             Parameter("journal-size", .size(default: "64M", range: 1 << 20...1 << 36),
                       description: "async: bytes of journal in the sidecar directory; when full, dirty regions are tracked instead"),
-            Parameter("region-size", .size(default: "64K", range: 1 << 12...1 << 30),
-                      description: "granularity of the dirty-region map used for resync"),
+            Parameter("region-size", .size(default: "4K", range: 1 << 12...1 << 30),
+                      description: "granularity of the dirty-region map used for resync (contiguous dirty regions are copied together)"),
             Parameter("on-target-failure", .choice(default: "degrade", values: ["degrade", "fail"]),
                       description: "sync: when the replica fails a write, keep going degraded (resync later) or fail the guest's write"),
         ],
@@ -57,7 +57,7 @@ public final class ReplicationFilter: IOFilter {
     public static func attach(_ disk: Disk) throws(FilterError) {
         // A new replica: everything needs copying once. The map says so durably.
         let map = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
-                                regionSize: UInt64(disk.parameter("region-size", default: Int64(64 << 10))))
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(4 << 10))))
         map.markAll()
         map.sync()
         map.close()
@@ -79,7 +79,7 @@ public final class ReplicationFilter: IOFilter {
         rpoSeconds = Double(disk.parameter("rpo-seconds", default: 15))
         journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)))
         regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
-                                regionSize: UInt64(disk.parameter("region-size", default: Int64(64 << 10))))
+                                regionSize: UInt64(disk.parameter("region-size", default: Int64(4 << 10))))
         shipper = Shipper(disk: disk, targetSpec: target, journal: journal, regions: regions, synchronousMode: synchronous)
         let pending = journal.pendingBytes
         for range in journal.pendingRanges() {
@@ -109,8 +109,9 @@ public final class ReplicationFilter: IOFilter {
             if synchronous { return startSynchronous(request) }
             // Journal first: whatever reaches the disk is in the journal (or the map).
             let zeroes = request.operation != .write
-            journal.record(offset: request.offset, length: request.length,
-                           payload: zeroes ? nil : UnsafeRawPointer(request.buffer.baseAddress), orMarkIn: regions)
+            let journalled = journal.record(offset: request.offset, length: request.length,
+                                            payload: zeroes ? nil : UnsafeRawPointer(request.buffer.baseAddress), orMarkIn: regions)
+            if !journalled { request.privateWord = Self.markedDirty }
             shipper.wake()
             if request.isFUA { journal.sync(); regions.sync() }
             return .pass
@@ -131,8 +132,10 @@ public final class ReplicationFilter: IOFilter {
         switch request.operation {
         case .write, .trim, .writeZeroes:
             if synchronous { return doneSynchronous(request) }
-            if request.error != 0 {
-                // The disk refused what the journal already holds: resync from the disk.
+            if request.error != 0 || request.privateWord == Self.markedDirty {
+                // Marked again now that the write is on the disk: a resync that read the
+                // region before it landed must not count as clean. (And if the disk refused
+                // what the journal holds, the region is resynced from the disk.)
                 regions.mark(offset: request.offset, length: UInt64(request.length))
             }
             return .pass
@@ -154,6 +157,7 @@ public final class ReplicationFilter: IOFilter {
         guard let target = shipper.connectedTarget, !regions.isOverflowing else {
             // Degraded: the map remembers what the replica lacks.
             regions.mark(offset: request.offset, length: UInt64(request.length))
+            request.privateWord = Self.markedDirty
             shipper.wake()
             return .pass
         }
@@ -173,8 +177,13 @@ public final class ReplicationFilter: IOFilter {
     }
 
     private func doneSynchronous(_ request: Request) -> Disposition {
+        if request.privateWord == Self.markedDirty {
+            // Degraded write, now on the disk: mark again (see the async case).
+            regions.mark(offset: request.offset, length: UInt64(request.length))
+            return .pass
+        }
         guard request.privateWord != 0, let raw = UnsafeRawPointer(bitPattern: request.privateWord) else {
-            return .pass  // degraded write: nothing to wait for
+            return .pass
         }
         let wait = Unmanaged<SyncWrite>.fromOpaque(raw).takeRetainedValue()
         if request.error != 0 {
@@ -213,6 +222,10 @@ public final class ReplicationFilter: IOFilter {
             ("state_degraded", state == .degraded ? 1 : 0),
         ]
     }
+
+    /// `privateWord` of a write that went to the region map instead of the journal or
+    /// the replica (never a valid pointer).
+    static let markedDirty: UInt = 2
 
     enum State: Int { case inSync = 0, syncing = 1, degraded = 2 }
 

@@ -108,9 +108,10 @@ final class Shipper: @unchecked Sendable {
                 replicated(batch.bytes)
                 continue
             }
-            if let (region, generation) = regions.nextDirty() {
+            if let run = regions.nextDirtyRun(maxRegions: max(1, Int((1 << 20) / regions.regionSize))) {
+                let region = run.first
                 let offset = UInt64(region) * regions.regionSize
-                let length = Int(min(regions.regionSize, disk.size - offset))
+                let length = Int(min(regions.regionSize * UInt64(run.generations.count), disk.size - offset))
                 if length > capacity {
                     buffer.deallocate()
                     capacity = length
@@ -128,7 +129,7 @@ final class Shipper: @unchecked Sendable {
                     targetFailed("resync of region \(region): \(String(cString: strerror(error)))")
                     continue
                 }
-                regions.shipped(region, generation: generation)
+                regions.shipped(run)
                 replicated(UInt64(length))
                 if regions.dirtyCount == 0 {
                     _ = target.wait { target.flush(completion: $0) }

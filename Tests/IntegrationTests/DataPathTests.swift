@@ -35,7 +35,7 @@ struct DataPathTests {
         #expect(compare.status == 0, "\(compare.stdout) \(compare.stderr)")
         #expect(compare.stdout.contains("Images are identical"))
         // And the counters of the sample saw the traffic (it is in the chain).
-        #expect(served.log.contains("org.swift-iofilter.passthrough-c"))
+        #expect(served.waitForLog("org.swift-iofilter.passthrough-c"))
     }
 
     @Test func nbdinfoReportsSizeAndFlags() throws {

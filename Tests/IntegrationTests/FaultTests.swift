@@ -33,7 +33,7 @@ struct FaultTests {
         let second = try served.waitForNewWorker(replacing: first)
         #expect(second != first)
         #expect(served.process.isRunning, "the parent survives")
-        #expect(served.log.contains("worker \(first) killed by SIGKILL; restarting"))
+        #expect(served.waitForLog("worker \(first) killed by SIGKILL; restarting"))
         workload.terminate()
         workload.waitUntilExit()
         for index in 0..<8 {
@@ -70,7 +70,7 @@ struct FaultTests {
         let crash = try Harness.run(qemuIO, ["-f", "raw", "-c", "write -P 1 0 4096", vmA.uri])
         #expect(crash.status != 0 || crash.stderr.contains("error") || !crash.stdout.contains("wrote"))
         let restartedA = try vmA.waitForNewWorker(replacing: workerA)
-        #expect(vmA.log.contains("worker \(workerA) killed by SIGSEGV; restarting"))
+        #expect(vmA.waitForLog("worker \(workerA) killed by SIGSEGV; restarting"))
         // VM A still serves reads after its restart.
         #expect(try io(vmA.uri, ["read -P 0 0 4096"]).contains("read 4096/4096"))
         #expect(restartedA != workerA)
@@ -88,14 +88,14 @@ struct FaultTests {
         let execing = try ServedDisk([disk, "--filter", "\(test):behaviour=exec-on-open,marker=\(marker)"])
         defer { execing.stop() }
         #expect(try io(execing.uri, ["read 0 4096"]).contains("read 4096/4096"))
-        #expect(execing.log.contains("execve refused: Operation not permitted"))
+        #expect(execing.waitForLog("execve refused: Operation not permitted"))
         #expect(!FileManager.default.fileExists(atPath: marker), "the shell must never have run")
 
         let outside = directory.appendingPathComponent("outside.txt").path
         let opening = try ServedDisk([disk, "--filter", "\(test):behaviour=open-outside,marker=\(outside)",
                                       "--socket", directory.appendingPathComponent("o.sock").path])
         defer { opening.stop() }
-        #expect(opening.log.contains("open outside refused: Permission denied"))
+        #expect(opening.waitForLog("open outside refused: Permission denied"))
         #expect(!FileManager.default.fileExists(atPath: outside))
     }
 

@@ -54,7 +54,7 @@ struct SamplePluginTests {
         let served = try ServedDisk([disk, "--filter", "\(Self.template):log-every=1000"])
         defer { served.stop() }
         try fio(served.uri, ["--rw=randwrite", "--size=8M", "--verify=crc32c", "--verify_fatal=1"])
-        #expect(served.log.contains("1000 requests so far"))
+        #expect(served.waitForLog("1000 requests so far"))
     }
 
     // MARK: replication
@@ -68,7 +68,7 @@ struct SamplePluginTests {
         try fio(served.uri, ["--rw=randwrite", "--size=32M", "--verify=crc32c", "--verify_fatal=1"])
         _ = try Harness.qemuIO(served.uri, ["flush"])
         try waitUntilIdentical(source, replica)
-        #expect(served.log.contains("is in sync"))
+        #expect(served.waitForLog("is in sync"))
         if mode == "sync" {
             // In sync mode a completed write is on the replica already: no waiting.
             _ = try Harness.qemuIO(served.uri, ["write -P 0x5d 5M 128k"])
@@ -85,7 +85,7 @@ struct SamplePluginTests {
         let served = try ServedDisk([source, "--filter", "\(Self.replication):target=nbd+unix:///?socket=\(socket),mode=async"])
         defer { served.stop() }
         _ = try Harness.qemuIO(served.uri, ["write -P 0x42 0 1M", "flush"])
-        #expect(served.log.contains("replica unreachable"))
+        #expect(served.waitForLog("replica unreachable"))
         // Then the replica appears (qemu-nbd), and the filter catches up.
         let qemuNBD = Process()
         qemuNBD.executableURL = URL(fileURLWithPath: Harness.tool("qemu-nbd"))
@@ -117,7 +117,7 @@ struct SamplePluginTests {
         try fio(served.uri, ["--rw=randwrite", "--offset=48M", "--size=8M", "--verify=crc32c", "--verify_fatal=1"])
         _ = try Harness.qemuIO(served.uri, ["flush"])
         try waitUntilIdentical(source, replica, timeout: 90)
-        #expect(served.log.contains("to ship:"), "the restarted filter resumed from its journal and region map")
+        #expect(served.waitForLog("to ship:"), "the restarted filter resumed from its journal and region map")
     }
 
     // MARK: cache
@@ -137,7 +137,7 @@ struct SamplePluginTests {
         _ = try served.waitForNewWorker(replacing: worker)
         load.terminate()
         load.waitUntilExit()
-        #expect(served.log.contains("blocks warm"))
+        #expect(served.waitForLog("blocks warm"))
         for index in 0..<4 {
             #expect(try Harness.qemuIO(served.uri, ["read -P \(0x30 + index) \(index)M 1M"]).contains("read 1048576/1048576"))
         }

@@ -230,6 +230,16 @@ final class ServedDisk: @unchecked Sendable {
 
     var log: String { stderrReader.snapshot() }
 
+    /// Waits until the log (read asynchronously) contains `text`.
+    func waitForLog(_ text: String, timeout: Double = 10) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if log.contains(text) { return true }
+            usleep(20_000)
+        }
+        return false
+    }
+
     var workerPID: pid_t? { Harness.children(of: process.processIdentifier).first }
 
     /// Waits until a worker other than `old` runs and serves.
