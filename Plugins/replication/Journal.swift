@@ -136,7 +136,7 @@ final class Journal: @unchecked Sendable {
             let position = tail % capacity
             let skip = capacity - position < record.size ? capacity - position : 0
             guard !regions.isOverflowing, (tail - head) + skip + record.size <= capacity else {
-                regions.mark(offset: offset, length: UInt64(length))
+                regions.beginWrite(offset: offset, length: UInt64(length))
                 return false
             }
             if skip > 0 {
@@ -251,6 +251,9 @@ final class RegionMap: @unchecked Sendable {
     private let mapping: UnsafeMutableRawPointer
     private let bytes: UnsafeMutablePointer<UInt8>
     private var generations: [UInt32]
+    /// Writes marked here that have not reached the disk yet, per region: such a region
+    /// stays dirty even if a resync copies it meanwhile (it may have read the old bytes).
+    private var writesInFlight: [UInt16]
     private static let headerSize = 24
     private static let magic: UInt64 = 0x494F_4652_4547_4E31  // "IOFREGN1"
     private var dirty = 0
@@ -274,6 +277,7 @@ final class RegionMap: @unchecked Sendable {
         mapping = mapped
         bytes = (mapped + Self.headerSize).bindMemory(to: UInt8.self, capacity: count)
         generations = [UInt32](repeating: 0, count: count)
+        writesInFlight = [UInt16](repeating: 0, count: count)
         let header = mapped.bindMemory(to: UInt64.self, capacity: 3)
         if header[0] != Self.magic || header[1] != regionSize || header[2] != diskSize {
             // New, or written for another layout: nothing in it can be trusted.
@@ -312,6 +316,31 @@ final class RegionMap: @unchecked Sendable {
         mark(offset: 0, length: diskSize)
     }
 
+    /// A write that the map tracks instead of the journal (or replica) is on its way to
+    /// the disk: mark its regions dirty and keep them so until `endWrite`.
+    func beginWrite(offset: UInt64, length: UInt64) {
+        mark(offset: offset, length: length)
+        lock.withLock {
+            for region in regions(offset: offset, length: length) { writesInFlight[region] &+= 1 }
+        }
+    }
+
+    /// The write reached the disk (or failed): a resync from now on reads its bytes.
+    func endWrite(offset: UInt64, length: UInt64) {
+        lock.withLock {
+            for region in regions(offset: offset, length: length) {
+                writesInFlight[region] &-= 1
+                generations[region] &+= 1  // a copy that started before this is stale
+            }
+        }
+    }
+
+    private func regions(offset: UInt64, length: UInt64) -> ClosedRange<Int> {
+        let first = Int(min(offset / regionSize, UInt64(count - 1)))
+        let last = Int(min((offset + max(length, 1) - 1) / regionSize, UInt64(count - 1)))
+        return first...last
+    }
+
     /// A run of contiguous dirty regions, with the generation each had when handed out.
     struct Run {
         var first: Int
@@ -345,7 +374,7 @@ final class RegionMap: @unchecked Sendable {
         lock.withLock {
             for (index, generation) in run.generations.enumerated() {
                 let region = run.first + index
-                guard generations[region] == generation, bytes[region] != 0 else { continue }
+                guard generations[region] == generation, writesInFlight[region] == 0, bytes[region] != 0 else { continue }
                 bytes[region] = 0
                 dirty -= 1
             }

@@ -132,10 +132,10 @@ public final class ReplicationFilter: IOFilter {
         switch request.operation {
         case .write, .trim, .writeZeroes:
             if synchronous { return doneSynchronous(request) }
-            if request.error != 0 || request.privateWord == Self.markedDirty {
-                // Marked again now that the write is on the disk: a resync that read the
-                // region before it landed must not count as clean. (And if the disk refused
-                // what the journal holds, the region is resynced from the disk.)
+            if request.privateWord == Self.markedDirty {
+                regions.endWrite(offset: request.offset, length: UInt64(request.length))
+            } else if request.error != 0 {
+                // The disk refused what the journal already holds: resync from the disk.
                 regions.mark(offset: request.offset, length: UInt64(request.length))
             }
             return .pass
@@ -156,7 +156,7 @@ public final class ReplicationFilter: IOFilter {
     private func startSynchronous(_ request: Request) -> Disposition {
         guard let target = shipper.connectedTarget, !regions.isOverflowing else {
             // Degraded: the map remembers what the replica lacks.
-            regions.mark(offset: request.offset, length: UInt64(request.length))
+            regions.beginWrite(offset: request.offset, length: UInt64(request.length))
             request.privateWord = Self.markedDirty
             shipper.wake()
             return .pass
@@ -178,8 +178,7 @@ public final class ReplicationFilter: IOFilter {
 
     private func doneSynchronous(_ request: Request) -> Disposition {
         if request.privateWord == Self.markedDirty {
-            // Degraded write, now on the disk: mark again (see the async case).
-            regions.mark(offset: request.offset, length: UInt64(request.length))
+            regions.endWrite(offset: request.offset, length: UInt64(request.length))
             return .pass
         }
         guard request.privateWord != 0, let raw = UnsafeRawPointer(bitPattern: request.privateWord) else {
