@@ -47,7 +47,7 @@ start_nbdkit() {
 # measure ROW SERVER RW BS IODEPTH SIZE [extra fio options...]: one fio run, one result line.
 measure() {
     local row=$1 server=$2 rw=$3 bs=$4 depth=$5 size=$6; shift 6
-    local out="$work/$row.$server.json"
+    local out="$work/$row.$server.$RANDOM$RANDOM.json"
     echo "$row on $server..." >&2
     fio --name="$row" --ioengine=nbd --uri="${uri[$server]}" --rw="$rw" --bs="$bs" --iodepth="$depth" --size="$size" \
         --time_based --runtime="$runtime" --ramp_time=1 --randrepeat=0 --norandommap "$@" \

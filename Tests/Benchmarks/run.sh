@@ -3,16 +3,21 @@
 # and the C pass-through sample) side by side on one raw file under fio's nbd engine,
 # plus a slow-storage row (a 1 ms-per-request backend behind two proxies).
 # Prints IOPS, MB/s and p99 latency per row with the ratio to the row's baseline.
+# Each row runs `--rounds` times with the servers interleaved, and the median is kept:
+# one long run per server in a fixed order is at the mercy of what the page cache and
+# the CPU clocks happen to be doing at that moment.
 #
-#   Tests/Benchmarks/run.sh [--runtime SECONDS] [--size 1G] [--quick]
-runtime=10
+#   Tests/Benchmarks/run.sh [--runtime SECONDS] [--rounds N] [--size 1G] [--quick]
+runtime=5
+rounds=3
 size=1G
 while [ $# -gt 0 ]; do
     case "$1" in
         --runtime) runtime=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
-        --quick) runtime=3; size=256M; shift ;;
-        *) echo "usage: $0 [--runtime S] [--size SIZE] [--quick]" >&2; exit 64 ;;
+        --quick) runtime=3; rounds=1; size=256M; shift ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--size SIZE] [--quick]" >&2; exit 64 ;;
     esac
 done
 . "$(dirname "$0")/lib.sh"
@@ -38,8 +43,12 @@ workloads=("4k-randread-qd16 randread 4k 16" "4k-randwrite-qd16 randwrite 4k 16"
            "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8")
 for workload in "${workloads[@]}"; do
     set -- $workload
-    for server in nbdkit qemu-nbd iofilter iofilter+c-sample; do measure "$1" "$server" "$2" "$3" "$4" "$size"; done
+    for _ in $(seq "$rounds"); do
+        for server in nbdkit qemu-nbd iofilter iofilter+c-sample; do measure "$1" "$server" "$2" "$3" "$4" "$size"; done
+    done
 done
-for server in nbdkit-nbd-proxy iofilter-nbd-proxy; do measure slow-1ms-4k-randread-qd16 "$server" randread 4k 16 "$size"; done
+for _ in $(seq "$rounds"); do
+    for server in nbdkit-nbd-proxy iofilter-nbd-proxy; do measure slow-1ms-4k-randread-qd16 "$server" randread 4k 16 "$size"; done
+done
 
 python3 Tests/Benchmarks/report.py "$results"
