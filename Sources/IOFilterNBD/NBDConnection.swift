@@ -26,6 +26,7 @@ final class NBDConnection: @unchecked Sendable {
     static let maxBatch = 64
     static let maxBatchBytes = 2 << 20
     static let maxInFlight = 256
+    static let pollsBeforeBlocking = 20
 
     private let receive: UnsafeMutableRawPointer  // (conn)
     @exclusivity(unchecked) private var receiveStart = 0  // (conn)
@@ -175,6 +176,19 @@ final class NBDConnection: @unchecked Sendable {
                 // Anything already received is served first; only then block.
                 try flushBatch()
                 flushed = true
+                // A client at queue depth 1 sends its next request a few microseconds
+                // after our reply: look for it briefly before paying for a sleep and wake-up.
+                var spins = 0
+                while spins < Self.pollsBeforeBlocking {
+                    let n = recv(fd, receive + receiveEnd, Self.receiveCapacity - receiveEnd, Int32(MSG_DONTWAIT))
+                    if n > 0 {
+                        receiveEnd += n
+                        break
+                    }
+                    if n == 0 { break }
+                    spins += 1
+                }
+                if receiveEnd >= count { break }
             }
             let n = try FileDescriptorIO.readSome(fd, into: receive + receiveEnd, count: Self.receiveCapacity - receiveEnd)
             if n == 0 {
