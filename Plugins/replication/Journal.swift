@@ -296,18 +296,21 @@ final class RegionMap: @unchecked Sendable {
     var oldestDirtyAge: Double { lock.withLock { dirty > 0 ? Double(wallClockNanoseconds() &- dirtySince) / 1e9 : 0 } }
 
     func mark(offset: UInt64, length: UInt64) {
+        lock.withLock { markLocked(offset: offset, length: length) }
+    }
+
+    /// (lock held)
+    private func markLocked(offset: UInt64, length: UInt64) {
         guard length > 0 || offset < diskSize else { return }
         let first = Int(offset / regionSize)
         let last = Int((offset + max(length, 1) - 1) / regionSize)
-        lock.withLock {
-            overflowing = true
-            for region in first...min(last, count - 1) {
-                generations[region] &+= 1
-                if bytes[region] == 0 {
-                    bytes[region] = 1
-                    if dirty == 0 { dirtySince = wallClockNanoseconds() }
-                    dirty += 1
-                }
+        overflowing = true
+        for region in first...min(last, count - 1) {
+            generations[region] &+= 1
+            if bytes[region] == 0 {
+                bytes[region] = 1
+                if dirty == 0 { dirtySince = wallClockNanoseconds() }
+                dirty += 1
             }
         }
     }
@@ -319,8 +322,10 @@ final class RegionMap: @unchecked Sendable {
     /// A write that the map tracks instead of the journal (or replica) is on its way to
     /// the disk: mark its regions dirty and keep them so until `endWrite`.
     func beginWrite(offset: UInt64, length: UInt64) {
-        mark(offset: offset, length: length)
+        // One critical section: a resync must never see the mark without the count, or it
+        // could copy the old bytes and call the region clean before this write lands.
         lock.withLock {
+            markLocked(offset: offset, length: length)
             for region in regions(offset: offset, length: length) { writesInFlight[region] &+= 1 }
         }
     }
