@@ -94,8 +94,8 @@ public final class NBDClient: @unchecked Sendable {
         cookies.reserveCapacity(requests.count)
         lock.lock()
         for request in requests {
-            while freeCookies.isEmpty && connected {
-                // Send what is reserved so far: its replies free the cookies we wait for.
+            if freeCookies.isEmpty && connected {
+                // Send what is reserved so far: its replies free the cookies the rest waits for.
                 lock.unlock()
                 send(Array(requests[..<cookies.count]), cookies: cookies)
                 return submit(Array(requests[cookies.count...]))
@@ -121,12 +121,8 @@ public final class NBDClient: @unchecked Sendable {
         var count = 0
         for (index, request) in requests.enumerated() {
             let header = headers + 32 * index
-            header.storeBE(NBDProtocol.requestMagic, at: 0)
-            header.storeBE(request.flags.rawValue, at: 4)
-            header.storeBE(request.command.rawValue, at: 6)
-            header.storeBE(UInt64(cookies[index]), at: 8)
-            header.storeBE(request.offset, at: 16)
-            header.storeBE(UInt32(request.length), at: 24)
+            Self.writeHeader(into: header, request.command, flags: request.flags, cookie: cookies[index],
+                             offset: request.offset, length: request.length)
             vectors[count] = iovec(iov_base: header, iov_len: NBDProtocol.requestHeaderSize)
             count += 1
             if request.command == .write {
@@ -162,12 +158,7 @@ public final class NBDClient: @unchecked Sendable {
         var header = (UInt64(0), UInt64(0), UInt64(0), UInt32(0))
         withUnsafeMutableBytes(of: &header) { raw in
             let base = raw.baseAddress!
-            base.storeBE(NBDProtocol.requestMagic, at: 0)
-            base.storeBE(flags.rawValue, at: 4)
-            base.storeBE(command.rawValue, at: 6)
-            base.storeBE(UInt64(cookie), at: 8)
-            base.storeBE(offset, at: 16)
-            base.storeBE(UInt32(length), at: 24)
+            Self.writeHeader(into: base, command, flags: flags, cookie: cookie, offset: offset, length: length)
             var vectors = (
                 iovec(iov_base: base, iov_len: NBDProtocol.requestHeaderSize),
                 iovec(iov_base: command == .write ? buffer : nil, iov_len: command == .write ? length : 0)
@@ -187,12 +178,24 @@ public final class NBDClient: @unchecked Sendable {
         }
     }
 
+    /// The 28-byte request header.
+    private static func writeHeader(
+        into base: UnsafeMutableRawPointer, _ command: NBDProtocol.Command, flags: NBDProtocol.CommandFlags,
+        cookie: Int, offset: UInt64, length: Int
+    ) {
+        base.storeBE(NBDProtocol.requestMagic, at: 0)
+        base.storeBE(flags.rawValue, at: 4)
+        base.storeBE(command.rawValue, at: 6)
+        base.storeBE(UInt64(cookie), at: 8)
+        base.storeBE(offset, at: 16)
+        base.storeBE(UInt32(length), at: 24)
+    }
+
     public func disconnect() {
         var header = (UInt64(0), UInt64(0), UInt64(0), UInt32(0))
         withUnsafeMutableBytes(of: &header) { raw in
             let base = raw.baseAddress!
-            base.storeBE(NBDProtocol.requestMagic, at: 0)
-            base.storeBE(NBDProtocol.Command.disconnect.rawValue, at: 6)
+            Self.writeHeader(into: base, .disconnect, flags: [], cookie: 0, offset: 0, length: 0)
             sendLock.withLock { try? FileDescriptorIO.writeAll(fd, base, count: NBDProtocol.requestHeaderSize) }
         }
         shutdown(fd, Int32(SHUT_RDWR))

@@ -48,13 +48,13 @@ struct Handshake {
     let logger: Logger
 
     private enum Outcome {
-        case serve(any NBDExport, noZeroes: Bool)
+        case serve(any NBDExport)
         case close
     }
 
     func run() {
         switch negotiate() {
-        case .serve(let export, _):
+        case .serve(let export):
             NBDConnection(fd: fd, export: export, logger: logger).run()
         case .close:
             close(fd)
@@ -115,7 +115,7 @@ struct Handshake {
             message.u16(Self.transmissionFlags(export).rawValue)
             if !noZeroes { message.append([UInt8](repeating: 0, count: 124)) }
             try FileDescriptorIO.writeAll(fd, message.bytes)
-            return .serve(export, noZeroes: noZeroes)
+            return .serve(export)
 
         case .abort:
             try? reply(rawOption, .ack)
@@ -168,7 +168,7 @@ struct Handshake {
                 try reply(rawOption, .info, data: named.bytes)
             }
             try reply(rawOption, .ack)
-            return option == .go ? .serve(export, noZeroes: noZeroes) : nil
+            return option == .go ? .serve(export) : nil
 
         case .startTLS:
             try reply(rawOption, .errPolicy, message: "TLS is not offered; use a unix socket or a private network")
