@@ -9,6 +9,9 @@ import PackageDescription
 //   Sources/IOFilterChain    the chain engine and storage backends (runs in the worker)
 //   Sources/IOFilterSandbox  seccomp, Landlock, prctl, rlimits for worker processes
 //   Sources/IOFilterHost     spawning and supervising sandboxed workers and validators
+//   Sources/IOFilterHTTP     a small HTTP/1.1 server and client; knows nothing of filters
+//   Sources/IOFilterAPI      the JSON resources of iofilterd's API (shared with clients)
+//   Sources/IOFilterControl  iofilterd's state (SQLite), policies, disks, VMs and the API routes
 //   Sources/iofilter-worker, iofilter, iofilterd   the executables
 //   Plugins/                 sample plug-ins
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
@@ -30,6 +33,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
     ],
     targets: [
         .systemLibrary(name: "CIOFilter", path: "include"),
@@ -68,6 +72,20 @@ let package = Package(
             ],
             swiftSettings: strict),
 
+        .target(
+            name: "IOFilterHTTP",
+            dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(name: "IOFilterAPI", dependencies: ["IOFilterModel"], swiftSettings: strict),
+        .target(
+            name: "IOFilterControl",
+            dependencies: [
+                "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+
         .executableTarget(
             name: "iofilter-worker",
             dependencies: [
@@ -78,7 +96,7 @@ let package = Package(
         .executableTarget(
             name: "iofilter",
             dependencies: [
-                "IOFilterHost", "IOFilterModel",
+                "IOFilterHost", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -86,7 +104,7 @@ let package = Package(
         .executableTarget(
             name: "iofilterd",
             dependencies: [
-                "IOFilterHost", "IOFilterModel",
+                "IOFilterHost", "IOFilterModel", "IOFilterControl", "IOFilterHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

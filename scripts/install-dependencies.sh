@@ -2,10 +2,13 @@
 # Installs the Debian packages swift-iofilter builds and tests with, if any is missing:
 #   libffi-dev      management calls (libffi)
 #   libseccomp-dev  the worker sandbox
+#   libsqlite3-dev  iofilterd's state (GRDB)
 #   pkg-config      finds them for SwiftPM
 #   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
+# With --tests it also installs schemathesis (from PyPI), which the API tests run
+# against iofilterd's OpenAPI document.
 set -eu
-packages="libffi-dev libseccomp-dev pkg-config qemu-utils libnbd-bin fio nbdkit"
+packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"
@@ -16,4 +19,9 @@ if [ -n "$missing" ]; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing >&2
+fi
+
+if [ "${1:-}" = "--tests" ] && ! command -v schemathesis >/dev/null 2>&1; then
+    echo "installing: schemathesis (PyPI)" >&2
+    python3 -m pip install -q schemathesis >&2 || python3 -m pip install -q --break-system-packages schemathesis >&2
 fi

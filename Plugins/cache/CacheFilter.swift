@@ -49,14 +49,20 @@ public final class CacheFilter: IOFilter {
 
     public static func detach(_ disk: Disk) throws(FilterError) {
         // Detaching a write-back cache destages it first: open it, flush it, delete it.
-        let filter = try CacheFilter(disk: disk)
+        // No background destaging here: this thread destages everything itself, and a
+        // timer callback would wait on the very lock `detach` runs under.
+        let filter = try CacheFilter(disk: disk, destageInBackground: false)
         let error = filter.destageAll()
         filter.close()
         guard error == 0 else { throw FilterError(error, "cannot destage before detach: \(String(cString: strerror(error)))") }
         for file in ["cache.data", "cache.meta"] { unlink("\(disk.sidecarDirectory)/\(file)") }
     }
 
-    public init(disk: Disk) throws(FilterError) {
+    public convenience init(disk: Disk) throws(FilterError) {
+        try self.init(disk: disk, destageInBackground: true)
+    }
+
+    init(disk: Disk, destageInBackground: Bool) throws(FilterError) {
         self.disk = disk
         let size = Int(disk.parameter("size", default: Int64(256 << 20)))
         blockSize = Int(disk.parameter("block-size", default: 4096))
@@ -68,7 +74,7 @@ public final class CacheFilter: IOFilter {
         let warm = store.cachedBlocks
         disk.log(.info, "cache \(writeBack ? "write-back" : "write-through"), \(size) bytes in \(blockSize)-byte blocks; "
                  + "\(warm) blocks warm, \(store.lock.withLock { store.dirtyCount }) dirty")
-        if writeBack {
+        if writeBack && destageInBackground {
             let interval = Duration.milliseconds(disk.parameter("destage-interval-ms", default: 500))
             let timer = disk.startTimer(after: interval, every: interval) { [weak self] in _ = self?.destage(limit: 256) }
             destager.withLock { $0 = timer }

@@ -1,4 +1,5 @@
 import CIOFilter
+import Foundation
 import Glibc
 import IOFilterModel
 import IOFilterPluginLoader
@@ -31,8 +32,9 @@ public final class WorkerRuntime: @unchecked Sendable {
     }
 
     /// Opens each disk's backend and filters; a filter meeting a disk for the first
-    /// time (no sidecar directory yet) is attached first.
-    public func openDisks() throws -> [ChainExport] {
+    /// time (no sidecar directory yet) is attached first. With `attachOnly`, filters
+    /// are attached but not opened (the host adds filters to a disk no VM uses).
+    public func openDisks(attachOnly: Bool = false) throws -> [ChainExport] {
         var exports: [ChainExport] = []
         for disk in configuration.disks {
             var diskLogger = logger
@@ -45,7 +47,7 @@ public final class WorkerRuntime: @unchecked Sendable {
             var filters: [FilterInstance] = []
             var fresh: [Bool] = []
             for planned in disk.filters {
-                let sidecar = "\(configuration.stateDirectory)/\(disk.name)/\(planned.manifest.name)"
+                let sidecar = "\(Self.sidecarRoot(disk, in: configuration))/\(planned.manifest.name)"
                 fresh.append(!Self.isDirectory(sidecar))
                 try Self.makeDirectories(sidecar)
                 filters.append(FilterInstance(
@@ -58,7 +60,7 @@ public final class WorkerRuntime: @unchecked Sendable {
             // from the moment it is open, so everything below it must be open already.
             for (filter, isNew) in zip(filters, fresh).reversed() {
                 if isNew { try filter.attach() }
-                try filter.open()
+                if !attachOnly { try filter.open() }
             }
             chains.append(chain)
             exports.append(ChainExport(name: disk.name, chain: chain, readOnly: disk.readOnly))
@@ -89,10 +91,51 @@ public final class WorkerRuntime: @unchecked Sendable {
         }
     }
 
+    /// Closes and detaches the named plug-ins' filters on every disk, consumer side
+    /// first, while everything below them is still open (a write-back cache destages
+    /// through it), then deletes their sidecar directories.
+    public func detach(plugins names: Set<String>) throws {
+        for (chain, disk) in zip(chains, configuration.disks) {
+            for filter in chain.filters where names.contains(filter.name) {
+                filter.close()
+                try filter.detach()
+                let sidecar = "\(Self.sidecarRoot(disk, in: configuration))/\(filter.name)"
+                try? FileManager.default.removeItem(atPath: sidecar)
+                logger.info("detached \(filter.name) from disk \(chain.diskName)")
+            }
+        }
+    }
+
+    /// Every filter's statistics, per disk.
+    public func statistics() -> [DiskStatistics] {
+        chains.map { chain in
+            DiskStatistics(disk: chain.diskName, filters: chain.filters.map { filter in
+                let manifest = filter.plugin.library.manifest
+                return FilterStatistics(
+                    plugin: manifest.name, version: manifest.version, category: manifest.category,
+                    stats: Dictionary(filter.stats(), uniquingKeysWith: { _, last in last }))
+            })
+        }
+    }
+
+    /// Runs a management operation of a loaded plug-in, by name.
+    public func call(plugin name: String, operation: String, arguments: [String]) throws -> ManagementResult {
+        guard let plugin = plugins.values.first(where: { $0.library.manifest.name == name }) else {
+            throw ChainError.backend("plug-in \(name) is not loaded by this worker")
+        }
+        let value = try plugin.library.callManagementOperation(operation, arguments: arguments)
+        return ManagementResult(type: plugin.library.manifest.operation(named: operation)?.returnType.rawValue ?? "void",
+                                value: value.description)
+    }
+
     /// Closes every chain and unloads the plug-ins (graceful stop).
     public func shutdown() {
         for chain in chains { chain.close() }
         for plugin in plugins.values { plugin.unload() }
+    }
+
+    public static func sidecarRoot(_ disk: DiskConfiguration, in configuration: WorkerConfiguration) -> String {
+        disk.stateDirectory ?? "\(configuration.stateDirectory)/\(disk.name)"
     }
 
     static func isDirectory(_ path: String) -> Bool {

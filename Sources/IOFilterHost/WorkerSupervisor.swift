@@ -18,6 +18,10 @@ public final class WorkerSupervisor: @unchecked Sendable {
 
     private let lock = ConditionLock()
     private var child: ChildProcess?
+    /// The host's end of the current worker's control channel.
+    private var controlFD: Int32 = -1
+    /// One control request at a time.
+    private let controlLock = ConditionLock()
     private var stopping = false
     private var restartCount = 0
     private var readyGeneration = 0
@@ -33,6 +37,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
                 readyTimeout: Double = 60, logger: Logger) {
         var configuration = configuration
         for index in configuration.disks.indices { configuration.disks[index].listenFD = Int32(3 + index) }
+        configuration.controlFD = Int32(3 + configuration.disks.count)
         self.configuration = configuration
         self.listenFDs = listenFDs
         self.workerPath = workerPath
@@ -48,9 +53,10 @@ public final class WorkerSupervisor: @unchecked Sendable {
     /// Starts the worker and waits until it serves; throws if it dies first.
     public func start() throws {
         let (process, ready) = try launch()
-        guard ready else {
+        guard ready.ready else {
             let status = process.wait(timeout: 5) ?? { process.signal(SIGKILL); return process.wait() ?? -1 }()
-            throw SupervisorError(message: "the worker for \(configuration.vmName) \(ChildProcess.describe(status: status)) before it was ready")
+            let reason = ready.error.map { ": \($0)" } ?? ""
+            throw SupervisorError(message: "the worker for \(configuration.vmName) \(ChildProcess.describe(status: status)) before it was ready\(reason)")
         }
         lock.withLock { child = process }
         startThread(name: "supervise") { [self] in supervise(process) }
@@ -86,22 +92,70 @@ public final class WorkerSupervisor: @unchecked Sendable {
         }
     }
 
-    private func launch() throws -> (ChildProcess, Bool) {
+    private func launch() throws -> (ChildProcess, (ready: Bool, error: String?)) {
         let input = try JSONEncoder().encode(configuration)
-        let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
-        let process = try ChildProcess(
-            executable: workerPath, arguments: ["serve"], handOver: handOver, stdin: Array(input), stdout: .capture,
-            environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw SystemError("socketpair")
+        }
+        defer { close(pair[1]) }
+        let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) } + [(pair[1], configuration.controlFD!)]
+        let process: ChildProcess
+        do {
+            process = try ChildProcess(
+                executable: workerPath, arguments: ["serve"], handOver: handOver, stdin: Array(input), stdout: .capture,
+                environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
+        } catch {
+            close(pair[0])
+            throw error
+        }
         let ready = WaitForLine(process: process)
-        let sawReady = ready.wait(timeout: readyTimeout)
-        if sawReady {
-            lock.withLock {
+        let outcome = ready.wait(timeout: readyTimeout)
+        lock.withLock {
+            if controlFD >= 0 { close(controlFD) }
+            controlFD = pair[0]
+            if outcome.ready {
                 readyGeneration += 1
                 lock.broadcast()
             }
-            logger.info("worker \(process.pid) is serving")
         }
-        return (process, sawReady)
+        if outcome.ready { logger.info("worker \(process.pid) is serving") }
+        return (process, outcome)
+    }
+
+    /// Sends one request over the current worker's control channel and waits (at most
+    /// `timeout` seconds) for its answer.
+    public func control(_ request: WorkerControlRequest, timeout: Double = 10) throws -> WorkerControlResponse {
+        try controlLock.withLock { () throws -> WorkerControlResponse in
+            let fd = lock.withLock { controlFD }
+            guard fd >= 0, let line = try? JSONEncoder().encode(request) else { throw SupervisorError(message: "the worker is not running") }
+            do {
+                try FileDescriptorIO.writeAll(fd, Array(line) + [UInt8(ascii: "\n")])
+            } catch {
+                throw SupervisorError(message: "the worker's control channel is closed (is it restarting?)")
+            }
+            var answer: [UInt8] = []
+            let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
+            while answer.last != UInt8(ascii: "\n") {
+                let now = monotonicNanoseconds()
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard now < deadline, poll(&poller, 1, Int32((deadline - now) / 1_000_000) + 1) > 0 else {
+                    // A late answer would be taken for the next request's: start afresh.
+                    lock.withLock {
+                        if controlFD == fd { shutdown(fd, Int32(SHUT_RDWR)) }
+                    }
+                    throw SupervisorError(message: "the worker did not answer within \(timeout)s")
+                }
+                var chunk = [UInt8](repeating: 0, count: 64 << 10)
+                let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                guard count > 0 else { throw SupervisorError(message: "the worker closed its control channel") }
+                answer += chunk[..<count]
+            }
+            guard let response = try? JSONDecoder().decode(WorkerControlResponse.self, from: Data(answer.dropLast())) else {
+                throw SupervisorError(message: "the worker sent a malformed control answer")
+            }
+            return response
+        }
     }
 
     private func supervise(_ first: ChildProcess) {
@@ -130,7 +184,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
                         restartCount += 1
                     }
                     process = next
-                    if !ready {
+                    if !ready.ready {
                         logger.error("restarted worker \(next.pid) did not become ready")
                         next.signal(SIGKILL)
                     }
@@ -148,20 +202,23 @@ public struct SupervisorError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// Reads the worker's stdout on a thread until READY (or EOF), then keeps draining it
-/// so that a plug-in printing to stdout never blocks on a full pipe.
-private final class WaitForLine: @unchecked Sendable {
-    // @unchecked: `state` is guarded by `lock`.
+/// Reads the worker's stdout on a thread until READY (or an ERROR line, or EOF), then
+/// keeps draining it so that a plug-in printing to stdout never blocks on a full pipe.
+final class WaitForLine: @unchecked Sendable {
+    // @unchecked: `state` and `error` are guarded by `lock`.
     private let lock = ConditionLock()
     private var state: Bool?
+    private var error: String?
 
-    init(process: ChildProcess) {
+    init(process: ChildProcess, readyLine: String = "READY") {
         startThread(name: "worker-stdout") { [self] in
             var announced = false
             while let line = process.readLine() {
-                if !announced && line == "READY" {
+                if !announced && line == readyLine {
                     announced = true
                     finish(true)
+                } else if !announced && line.hasPrefix("ERROR ") {
+                    lock.withLock { error = String(line.dropFirst(6)) }
                 }
             }
             if !announced { finish(false) }
@@ -175,15 +232,44 @@ private final class WaitForLine: @unchecked Sendable {
         }
     }
 
-    func wait(timeout: Double) -> Bool {
+    func wait(timeout: Double) -> (ready: Bool, error: String?) {
         lock.withLock {
             let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
             while state == nil {
                 let now = monotonicNanoseconds()
-                if now >= deadline { return false }
+                if now >= deadline { return (false, error ?? "no answer within \(timeout)s") }
                 _ = lock.wait(nanoseconds: deadline - now)
             }
-            return state ?? false
+            return (state ?? false, error)
+        }
+    }
+}
+
+/// Runs a short-lived worker for a maintenance task (attach or detach filters on disks
+/// no VM is using) and waits for it to finish.
+public enum MaintenanceWorker {
+    public static func run(_ configuration: WorkerConfiguration, timeout: Double = 300, logger: Logger) throws(SupervisorError) {
+        precondition(configuration.task != .serve)
+        var configuration = configuration
+        configuration.controlFD = nil
+        for index in configuration.disks.indices { configuration.disks[index].listenFD = -1 }
+        guard let input = try? JSONEncoder().encode(configuration) else { throw SupervisorError(message: "cannot encode the configuration") }
+        let process: ChildProcess
+        do {
+            process = try ChildProcess(
+                executable: WorkerExecutable.path(), arguments: ["serve"], stdin: Array(input), stdout: .capture,
+                environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
+        } catch {
+            throw SupervisorError(message: "cannot start a worker: \(error)")
+        }
+        let outcome = WaitForLine(process: process, readyLine: "DONE").wait(timeout: timeout)
+        guard let status = process.wait(timeout: outcome.ready ? 30 : 1) else {
+            process.signal(SIGKILL)
+            _ = process.wait()
+            throw SupervisorError(message: "the worker did not finish within \(timeout)s")
+        }
+        guard outcome.ready, ChildProcess.exitCode(status: status) == 0 else {
+            throw SupervisorError(message: outcome.error ?? "the worker \(ChildProcess.describe(status: status))")
         }
     }
 }

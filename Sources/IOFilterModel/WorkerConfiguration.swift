@@ -22,8 +22,15 @@ public struct DiskConfiguration: Codable, Sendable, Equatable {
     public var filters: [PlannedFilter]
     /// The fd number, in the worker, of the listening socket the host hands over.
     public var listenFD: Int32
+    /// Where the disk's filters keep their sidecar state (one directory per plug-in
+    /// below it). It belongs to the disk, so every worker that opens the disk — its
+    /// VM's or an offline one — sees the same state. Nil: DISK below the VM's state
+    /// directory.
+    public var stateDirectory: String?
 
-    public init(name: String, backend: BackendSpec, readOnly: Bool, filters: [PlannedFilter], listenFD: Int32) {
+    public init(name: String, backend: BackendSpec, readOnly: Bool, filters: [PlannedFilter], listenFD: Int32,
+                stateDirectory: String? = nil) {
+        self.stateDirectory = stateDirectory
         self.name = name
         self.backend = backend
         self.readOnly = readOnly
@@ -36,19 +43,26 @@ public struct DiskConfiguration: Codable, Sendable, Equatable {
 /// standard input as JSON.
 public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var vmName: String
-    /// The VM's private state directory: each filter's sidecar directory lives below it
-    /// as DISK/PLUGIN-NAME, and it is the worker's working directory.
+    /// The VM's private state directory: the worker's working directory, and where a
+    /// disk's sidecar directories live (as DISK/PLUGIN-NAME) unless the disk names its own.
     public var stateDirectory: String
     public var disks: [DiskConfiguration]
     /// A request stuck longer than this in one filter (or the backend) kills the worker.
     public var watchdogSeconds: Double
     public var sandbox: Bool
     public var logLevel: String
+    /// The fd number, in the worker, of its control channel to the host (see
+    /// `WorkerControlRequest`); nil when the host does not talk to it.
+    public var controlFD: Int32?
+    /// What the worker does once its disks are open.
+    public var task: WorkerTask
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,
-        sandbox: Bool = true, logLevel: String = "info"
+        sandbox: Bool = true, logLevel: String = "info", controlFD: Int32? = nil, task: WorkerTask = .serve
     ) {
+        self.controlFD = controlFD
+        self.task = task
         self.vmName = vmName
         self.stateDirectory = stateDirectory
         self.disks = disks
@@ -56,4 +70,18 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
         self.sandbox = sandbox
         self.logLevel = logLevel
     }
+}
+
+/// Serving is a worker's usual task; the host also runs short-lived workers that open a
+/// disk's chain to attach or detach filters while no VM uses the disk.
+public enum WorkerTask: Codable, Sendable, Equatable {
+    /// Serve the disks until told to stop.
+    case serve
+    /// Attach every filter that meets a disk for the first time (without opening
+    /// it), then exit.
+    case attach
+    /// Open the disks, then close and detach the named plug-ins' filters (consumer side
+    /// first, with everything below them still open, so a write-back cache can destage)
+    /// and delete their sidecar state; close the rest and exit.
+    case detach(plugins: [String])
 }

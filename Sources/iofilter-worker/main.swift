@@ -61,6 +61,40 @@ func absolute(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
+/// Answers the host's control requests, one JSON line each way, until the host closes
+/// the channel.
+func serveControl(fd: Int32, runtime: WorkerRuntime) {
+    startThread(name: "control") {
+        let input = FileHandle(fileDescriptor: fd, closeOnDealloc: false)
+        var pending = Data()
+        while true {
+            guard let newline = pending.firstIndex(of: UInt8(ascii: "\n")) else {
+                let chunk = input.availableData
+                if chunk.isEmpty { return }
+                pending += chunk
+                continue
+            }
+            let line = pending[pending.startIndex..<newline]
+            pending = Data(pending[(newline + 1)...])
+            var response = WorkerControlResponse()
+            switch try? JSONDecoder().decode(WorkerControlRequest.self, from: line) {
+            case .stats:
+                response.disks = runtime.statistics()
+            case .call(let plugin, let operation, let arguments):
+                do {
+                    response.result = try runtime.call(plugin: plugin, operation: operation, arguments: arguments)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case nil:
+                response.error = "malformed control request"
+            }
+            let data = (try? JSONEncoder().encode(response)) ?? Data("{}".utf8)
+            guard (try? FileDescriptorIO.writeAll(fd, Array(data) + [UInt8(ascii: "\n")])) != nil else { return }
+        }
+    }
+}
+
 switch mode {
 case "validate" where arguments.count == 2:
     let path = absolute(arguments[1])
@@ -102,12 +136,16 @@ case "serve" where arguments.count == 1:
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
     let signals = TerminationSignals.block()
 
-    let listenFDs = configuration.disks.map(\.listenFD)
+    let listenFDs = configuration.disks.map(\.listenFD) + (configuration.controlFD.map { [$0] } ?? [])
     if configuration.sandbox {
         var readWrite = [configuration.stateDirectory]
         var readExecute: [String] = []
         for disk in configuration.disks {
             if case .file(let path) = disk.backend { readWrite.append(path) }
+            if let directory = disk.stateDirectory {
+                try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+                readWrite.append(directory)
+            }
             readExecute += disk.filters.map(\.manifest.path)
             for path in disk.filters.flatMap(\.filePaths) {
                 // A file that does not exist yet can only be granted through its directory.
@@ -115,23 +153,46 @@ case "serve" where arguments.count == 1:
             }
         }
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
-        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: (listenFDs.max() ?? 2) + 1)
+        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1)
     }
     guard chdir(configuration.stateDirectory) == 0 else {
         logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")
         exit(71)
     }
     let runtime = WorkerRuntime(configuration: configuration, logger: logger)
+    let exports: [ChainExport]
     do {
         try runtime.loadPlugins()
-        let exports = try runtime.openDisks()
-        for (disk, export) in zip(configuration.disks, exports) {
-            NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger).serve(listenFD: disk.listenFD)
-        }
+        exports = try runtime.openDisks(attachOnly: configuration.task == .attach)
     } catch {
         logger.critical("cannot start: \(error)")
+        // The host reads this line to tell its caller why.
+        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
         exit(72)
     }
+    switch configuration.task {
+    case .serve:
+        break
+    case .attach, .detach:
+        // A maintenance run: the filters are attached by now; detach what was asked.
+        var status: Int32 = 0
+        if case .detach(let plugins) = configuration.task {
+            do {
+                try runtime.detach(plugins: Set(plugins))
+            } catch {
+                logger.error("cannot detach: \(error)")
+                FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+                status = 73
+            }
+        }
+        runtime.shutdown()
+        if status == 0 { FileHandle.standardOutput.write(Data("DONE\n".utf8)) }
+        exit(status)
+    }
+    for (disk, export) in zip(configuration.disks, exports) {
+        NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger).serve(listenFD: disk.listenFD)
+    }
+    if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime) }
     runtime.startWatchdog()
     FileHandle.standardOutput.write(Data("READY\n".utf8))
     let received = signals.wait()

@@ -13,16 +13,25 @@ struct IOFilterCommand: ParsableCommand {
             Plug-ins are shared objects built against include/iofilter.h. Every plug-in is \
             loaded in a sandboxed worker process, never in this one.
 
-            Try a plug-in against real clients in one line:
+            Try a plug-in against real clients in one line (no daemon needed):
               iofilter serve disk.img --size 1G --filter ./myfilter.so
               qemu-img info 'nbd+unix:///disk.img?socket=/tmp/…'
+
+            Manage a host through iofilterd (start it with `iofilterd`):
+              iofilter plugin install ./myfilter.so     install a validated plug-in
+              iofilter capabilities                     what policies may ask for
+              iofilter policy create gold --filter …    pick filters and parameters
+              iofilter disk create data --size 10G --policy gold
+              iofilter vm create web --disk data && iofilter vm start web
             """,
-        subcommands: [Plugin.self, Serve.self])
+        subcommands: [
+            Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, Events.self, Serve.self,
+        ])
 
     struct Plugin: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Check plug-ins and call their management operations.",
-            subcommands: [Validate.self, Call.self])
+            abstract: "Validate, install and remove plug-ins, and call their management operations.",
+            subcommands: [Validate.self, Install.self, List.self, Show.self, Remove.self, Call.self])
     }
 }
 

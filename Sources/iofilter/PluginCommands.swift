@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import IOFilterAPI
 import IOFilterHost
 import IOFilterModel
 
@@ -71,24 +72,64 @@ extension IOFilterCommand.Plugin {
         static let configuration = CommandConfiguration(
             abstract: "Call a plug-in's management operation.",
             discussion: """
-                Arguments are converted to the C types the plug-in declared and checked \
-                before the call; the call itself runs through libffi in a sandboxed process. \
-                Without OP, lists the operations the plug-in declares.
+                PLUGIN is a shared object (a path, or a name ending in .so), called here without \
+                a daemon, or the name of a plug-in installed on iofilterd. With --vm, the call \
+                runs inside that VM's worker, where it sees the live filters (their status, \
+                a resync); otherwise it runs in a fresh sandboxed worker. Arguments are \
+                converted to the C types the plug-in declared and checked before the call, \
+                which goes through libffi. Without OP, lists the operations.
+
+                  iofilter plugin call ./libmyfilter.so status
+                  iofilter plugin call org.swift-iofilter.replication status --vm web
                 """)
 
-        @Argument(help: "The plug-in shared object.")
+        @Argument(help: "The plug-in: a .so file, or an installed plug-in's name.")
         var plugin: String
 
         @Argument(help: "The operation's name.")
         var operation: String?
 
-        @Argument(parsing: .captureForPassthrough, help: "The operation's arguments.")
+        @Argument(parsing: .allUnrecognized, help: "The operation's arguments.")
         var arguments: [String] = []
 
-        @Flag(help: "Print {\"type\", \"value\"}.")
-        var json = false
+        @Option(help: "Run it in this running VM's worker (installed plug-ins only).")
+        var vm: String?
+
+        @Option(help: "Which installed version (default: the newest).")
+        var version: String?
+
+        @OptionGroup var daemon: DaemonOptions
+
+        var isFile: Bool { plugin.contains("/") || plugin.hasSuffix(".so") }
 
         func run() throws {
+            if isFile {
+                guard vm == nil, version == nil else {
+                    printError("--vm and --version are for installed plug-ins; \(plugin) is a file")
+                    throw ExitCode(1)
+                }
+                try callFile()
+            } else {
+                try reportingFailures(callInstalled)
+            }
+        }
+
+        func callInstalled() throws {
+            let client = daemon.client
+            guard let operation else {
+                try client.run("GET", "/plugins/\(plugin)", as: [PluginInfo].self) { versions in
+                    let chosen = versions.first { $0.version == version } ?? versions[0]
+                    return chosen.operations.isEmpty ? "\(chosen.name) declares no management operations"
+                        : chosen.operations.map(\.signature).joined(separator: "\n")
+                }
+                return
+            }
+            try client.run("POST", "/plugins/\(plugin)/call",
+                           body: PluginCallRequest(operation: operation, arguments: arguments, vm: vm, version: version),
+                           as: ManagementResult.self) { $0.value }
+        }
+
+        func callFile() throws {
             let validator = PluginValidator()
             guard let operation else {
                 switch validator.validate(plugin) {
@@ -106,9 +147,8 @@ extension IOFilterCommand.Plugin {
                 printError(error.description)
                 throw ExitCode(1)
             case .success(let value):
-                struct Reply: Encodable { let type: String; let value: String }
-                if json {
-                    print(jsonLine(Reply(type: value.typeName, value: value.description)))
+                if daemon.json {
+                    print(jsonLine(ManagementResult(type: value.typeName, value: value.description)))
                 } else {
                     print(value.description)
                 }

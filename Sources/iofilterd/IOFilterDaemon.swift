@@ -1,98 +1,133 @@
 import ArgumentParser
 import Foundation
+import IOFilterAPI
+import IOFilterControl
 import IOFilterHost
+import IOFilterHTTP
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
 import Logging
 
-/// The host runtime. This first version runs the demo VM: it validates the sample
-/// plug-ins, creates a disk under the state directory and serves it through the sample
-/// chain (C inspection sample, async replication to a replica file, write-back cache)
-/// in a supervised, sandboxed worker. Policies, the API and persistent state come with
-/// the control plane (see the issues).
+/// The host runtime: keeps the host's plug-ins, policies, disks and VMs in SQLite under
+/// its state directory, serves the JSON API (`iofilter` is its client) and runs each
+/// VM's sandboxed worker. A restart brings back every VM that was running.
 @main
 struct IOFilterDaemon: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "iofilterd",
         abstract: "The swift-iofilter host runtime.",
         discussion: """
-            With --demo, sets up a demo VM: a 1 GiB disk served over NBD through the sample \
-            filter chain in a sandboxed worker, and prints its NBD URI and a qemu-img \
-            command to try it. Runs until interrupted; a crashed worker is restarted.
+            Serves a JSON HTTP API on a unix socket (STATE-DIR/api.sock by default; its \
+            OpenAPI document is at /openapi.json) and, with --listen, on TCP. Manage it with \
+            `iofilter` (plugin, capabilities, policy, disk, vm). SIGTERM or SIGINT stop it \
+            gracefully: API requests finish, filters flush and destage, workers stop. The VMs \
+            that were running start again with the daemon.
+
+            With --demo, on first use installs the sample plug-ins, creates the policy \
+            'demo' (inspection sample, async replication to a replica file, write-back \
+            cache), a disk 'demo-disk' and a VM 'demo'; then starts the VM and prints its \
+            NBD URI and a qemu-img command to try it.
             """)
 
-    @Option(help: ArgumentHelp("Where the host keeps its state.", valueName: "dir"))
-    var stateDir: String = "/var/lib/iofilter"
+    @Option(help: ArgumentHelp("Where the host keeps its state (default: /var/lib/iofilter as root, else ~/.local/state/iofilter).", valueName: "dir"))
+    var stateDir: String?
 
-    @Flag(help: "Set up and serve the demo VM.")
+    @Option(help: ArgumentHelp("The API's unix socket (default: STATE-DIR/api.sock).", valueName: "path"))
+    var socket: String?
+
+    @Option(help: ArgumentHelp("Also serve the API on TCP, e.g. 127.0.0.1:8080 (no authentication: loopback only).", valueName: "host:port"))
+    var listen: String?
+
+    @Flag(help: "Set up (first time) and start the demo VM, and print its NBD URI.")
     var demo = false
 
-    @Option(help: ArgumentHelp("Size of the demo disk.", valueName: "size"))
+    @Option(help: ArgumentHelp("Size of the demo disk when it is created.", valueName: "size"))
     var demoSize: String = "1G"
 
+    @Option(help: ArgumentHelp("Seconds a request may sit in one filter before its worker is killed.", valueName: "seconds"))
+    var watchdog: Double = 30
+
     func validate() throws {
-        guard demo else { throw ValidationError("only --demo is available in this version; see `iofilter serve` to serve one disk") }
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
+        if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+    }
+
+    static func hostPort(_ text: String) -> (String, UInt16)? {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        return (String(text[..<colon]), port)
+    }
+
+    static func defaultStateDirectory() -> String {
+        if getuid() == 0 { return "/var/lib/iofilter" }
+        let base = ProcessInfo.processInfo.environment["XDG_STATE_HOME"] ?? "\(NSHomeDirectory())/.local/state"
+        return "\(base)/iofilter"
     }
 
     func run() throws {
         StandardErrorLogging.bootstrap()
         let logger = Logger(label: "iofilterd")
-        let state = URL(fileURLWithPath: stateDir, isDirectory: true)
-        let vmDirectory = state.appendingPathComponent("vms/demo")
-        try FileManager.default.createDirectory(at: vmDirectory, withIntermediateDirectories: true)
-        try FileManager.default.createDirectory(at: state.appendingPathComponent("disks"), withIntermediateDirectories: true)
-
-        let disk = state.appendingPathComponent("disks/demo-disk.img").path
-        let samples = Self.samplePlugins(replica: state.appendingPathComponent("disks/demo-disk.replica.img").path)
-        guard !samples.isEmpty else { throw ValidationError("no sample plug-ins found beside \(WorkerExecutable.path()); build with `swift build`") }
-        let chain: [PlannedFilter]
-        switch PluginValidator().validateChain(samples) {
-        case .success(let planned): chain = planned
-        case .failure(let error): throw ValidationError("sample chain: \(error)")
-        }
-
-        if !FileManager.default.fileExists(atPath: disk) {
-            _ = FileManager.default.createFile(atPath: disk, contents: nil)
-            guard truncate(disk, off_t(ParameterSpec.parseSize(demoSize)!)) == 0 else {
-                throw ValidationError("cannot size \(disk): \(String(cString: strerror(errno)))")
-            }
-        }
-        let socketPath = state.appendingPathComponent("demo.sock").path
-        let listenFD = try Sockets.listenUnix(path: socketPath)
-        let configuration = WorkerConfiguration(
-            vmName: "demo", stateDirectory: vmDirectory.path,
-            disks: [DiskConfiguration(name: "demo-disk", backend: .file(path: disk), readOnly: false, filters: chain, listenFD: 3)],
-            logLevel: StandardErrorLogging.level.rawValue)
+        let state = ((stateDir ?? Self.defaultStateDirectory()) as NSString).standardizingPath
+        let absoluteState = state.hasPrefix("/") ? state : FileManager.default.currentDirectoryPath + "/" + state
+        try FileManager.default.createDirectory(atPath: absoluteState, withIntermediateDirectories: true)
+        let lock = try StateLock(directory: absoluteState)
+        defer { withExtendedLifetime(lock) {} }
 
         let signals = TerminationSignals.block()
+        let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
+        controller.watchdogSeconds = watchdog
+        let apiSocket = socket ?? "\(absoluteState)/api.sock"
+        let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
+        let server = HTTPServer(logger: logger) { router.handle($0) }
+        unlink(apiSocket)
+        server.serve(listenFD: try Sockets.listenUnix(path: apiSocket))
+        chmod(apiSocket, 0o660)
+        logger.info("API on unix:\(apiSocket) (OpenAPI document at /openapi.json)")
+        if let listen, let (host, port) = Self.hostPort(listen) {
+            server.serve(listenFD: try Sockets.listenTCP(host: host, port: port))
+            logger.info("API on http://\(listen)")
+        }
 
-        let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
-        try supervisor.start()
-        let uri = NBDURI.unix(socket: socketPath, export: "demo-disk").description
-        let chainText = chain.map { "\($0.manifest.name) [\($0.manifest.category.rawValue)]" }.joined(separator: " -> ")
-        FileHandle.standardOutput.write(Data("""
-            \(uri)
-            demo VM 'demo' is serving \(disk) through: \(chainText)
-            try it:  qemu-img info '\(uri)'
-                     qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
+        controller.resume()
+        if demo {
+            do {
+                try Demo(controller: controller, size: demoSize, logger: logger).run()
+            } catch {
+                logger.critical("the demo could not start: \(error)")
+                server.stop(timeout: 1)
+                controller.shutdown()
+                unlink(apiSocket)
+                throw ExitCode(1)
+            }
+        }
+        FileHandle.standardError.write(Data("iofilterd: ready; state in \(absoluteState); try `iofilter --socket \(apiSocket) vm list`\n".utf8))
 
-            """.utf8))
-        _ = signals.wait()
-        logger.info("stopping the demo VM")
-        supervisor.stop()
-        unlink(socketPath)
+        let received = signals.wait()
+        logger.info("signal \(received): finishing API requests, then stopping the workers")
+        server.stop(timeout: 30)
+        controller.shutdown()
+        unlink(apiSocket)
+        logger.info("stopped")
+    }
+}
+
+/// Holds an exclusive lock on the state directory, so that two daemons never manage
+/// the same state.
+final class StateLock {
+    let fd: Int32
+
+    init(directory: String) throws {
+        let path = "\(directory)/iofilterd.lock"
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ValidationError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw ValidationError("another iofilterd is using \(directory)")
+        }
+        ftruncate(fd, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { write(fd, $0, strlen($0)) }
     }
 
-    /// The sample plug-ins SwiftPM built beside this executable, with demo parameters.
-    static func samplePlugins(replica: String) -> [(path: String, parameters: [String: String])] {
-        let directory = (WorkerExecutable.path() as NSString).deletingLastPathComponent
-        let samples: [(String, [String: String])] = [
-            ("libiofilter-passthrough-c.so", [:]),
-            ("libiofilter-replication.so", ["target": replica, "mode": "async"]),
-            ("libiofilter-cache.so", ["mode": "write-back", "size": "256M"]),
-        ]
-        return samples.map { ("\(directory)/\($0.0)", $0.1) }.filter { FileManager.default.fileExists(atPath: $0.path) }
-    }
+    deinit { close(fd) }
 }

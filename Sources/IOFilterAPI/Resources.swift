@@ -1,0 +1,367 @@
+// The resources of iofilterd's JSON API, shared by the daemon and its clients. The
+// OpenAPI document (served at /openapi.json) describes the same shapes.
+import IOFilterModel
+
+/// Every failed request answers with this body and a 4xx/5xx status.
+public struct APIErrorBody: Codable, Sendable, Error, CustomStringConvertible {
+    /// A stable, machine-readable code: bad-request, not-found, conflict, invalid,
+    /// worker-failed, internal, no-route, method-not-allowed.
+    public var error: String
+    /// What went wrong, for a person.
+    public var message: String
+
+    public init(error: String, message: String) {
+        self.error = error
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// An installed plug-in (one version).
+public struct PluginInfo: Codable, Sendable, Equatable {
+    public var name: String
+    public var version: String
+    public var vendor: String
+    public var category: FilterCategory
+    public var description: String
+    public var threadModel: ThreadModel
+    public var parameters: [ParameterSpec]
+    public var operations: [OperationInfo]
+    /// Where the host keeps its copy.
+    public var path: String
+    public var installedAt: String
+    /// Disks whose chain has this version attached (it cannot be removed while any has).
+    public var attachedTo: [String]
+
+    public init(manifest: PluginManifest, installedAt: String, attachedTo: [String]) {
+        name = manifest.name
+        version = manifest.version
+        vendor = manifest.vendor
+        category = manifest.category
+        description = manifest.description
+        threadModel = manifest.threadModel
+        parameters = manifest.parameters
+        operations = manifest.operations.map { OperationInfo(name: $0.name, signature: $0.signature) }
+        path = manifest.path
+        self.installedAt = installedAt
+        self.attachedTo = attachedTo
+    }
+}
+
+public struct OperationInfo: Codable, Sendable, Equatable {
+    public var name: String
+    public var signature: String
+}
+
+public struct PluginInstallRequest: Codable, Sendable {
+    /// An absolute path, on the host, of the `.so` to validate and copy.
+    public var path: String
+    public init(path: String) { self.path = path }
+}
+
+public struct PluginCallRequest: Codable, Sendable {
+    public var operation: String
+    public var arguments: [String]
+    /// Run it in this VM's worker, where it sees the live filters; without it the
+    /// operation runs in a fresh sandboxed worker.
+    public var vm: String?
+    /// Which installed version (default: the newest).
+    public var version: String?
+
+    public init(operation: String, arguments: [String], vm: String? = nil, version: String? = nil) {
+        self.operation = operation
+        self.arguments = arguments
+        self.vm = vm
+        self.version = version
+    }
+}
+
+/// The storage-provider view of the host: what a policy may ask for.
+public struct Capabilities: Codable, Sendable {
+    /// Categories in the order a request meets them.
+    public var categories: [FilterCategory]
+    public var plugins: [Capability]
+
+    public init(categories: [FilterCategory], plugins: [Capability]) {
+        self.categories = categories
+        self.plugins = plugins
+    }
+}
+
+public struct Capability: Codable, Sendable {
+    public var plugin: String
+    public var versions: [String]
+    public var vendor: String
+    public var category: FilterCategory
+    public var description: String
+    /// The newest version's parameters.
+    public var parameters: [ParameterSpec]
+
+    public init(plugin: String, versions: [String], vendor: String, category: FilterCategory, description: String, parameters: [ParameterSpec]) {
+        self.plugin = plugin
+        self.versions = versions
+        self.vendor = vendor
+        self.category = category
+        self.description = description
+        self.parameters = parameters
+    }
+}
+
+/// One filter a policy asks for.
+public struct PolicyRule: Codable, Sendable, Equatable {
+    public var plugin: String
+    /// Pin a version; nil follows the newest installed one (an upgrade applies at the
+    /// next VM start).
+    public var version: String?
+    public var parameters: [String: String]
+
+    public init(plugin: String, version: String? = nil, parameters: [String: String] = [:]) {
+        self.plugin = plugin
+        self.version = version
+        self.parameters = parameters
+    }
+}
+
+public struct Policy: Codable, Sendable, Equatable {
+    public var name: String
+    public var description: String
+    public var filters: [PolicyRule]
+    public var createdAt: String?
+
+    public init(name: String, description: String = "", filters: [PolicyRule], createdAt: String? = nil) {
+        self.name = name
+        self.description = description
+        self.filters = filters
+        self.createdAt = createdAt
+    }
+}
+
+/// A filter of a resolved chain: the exact version and every parameter.
+public struct ChainEntry: Codable, Sendable, Equatable {
+    public var plugin: String
+    public var version: String
+    public var category: FilterCategory
+    public var parameters: [String: String]
+
+    public init(plugin: String, version: String, category: FilterCategory, parameters: [String: String]) {
+        self.plugin = plugin
+        self.version = version
+        self.category = category
+        self.parameters = parameters
+    }
+}
+
+public struct PolicyValidation: Codable, Sendable {
+    public var valid: Bool
+    /// The chain the policy makes today, in category order (empty when invalid).
+    public var chain: [ChainEntry]
+    public var errors: [String]
+
+    public init(valid: Bool, chain: [ChainEntry], errors: [String]) {
+        self.valid = valid
+        self.chain = chain
+        self.errors = errors
+    }
+}
+
+public struct Compliance: Codable, Sendable, Equatable {
+    public enum Status: String, Codable, Sendable { case compliant, nonCompliant = "non-compliant", pending, none }
+    public var status: Status
+    public var reason: String?
+
+    public init(status: Status, reason: String? = nil) {
+        self.status = status
+        self.reason = reason
+    }
+}
+
+public struct DiskInfo: Codable, Sendable {
+    public var name: String
+    public var path: String
+    public var sizeBytes: Int64
+    public var format: String
+    public var readOnly: Bool
+    public var policy: String?
+    /// The VM the disk belongs to, if any.
+    public var vm: String?
+    /// Where it is served right now: by its running VM or an offline session.
+    public var uri: String?
+    /// The filters attached to the disk now (what its next open will run, upgrades aside).
+    public var attached: [ChainEntry]
+    public var compliance: Compliance
+    public var snapshotOf: String?
+    public var createdAt: String
+
+    public init(name: String, path: String, sizeBytes: Int64, readOnly: Bool, policy: String?, vm: String?, uri: String?,
+                attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, createdAt: String) {
+        self.name = name
+        self.path = path
+        self.sizeBytes = sizeBytes
+        self.format = "raw"
+        self.readOnly = readOnly
+        self.policy = policy
+        self.vm = vm
+        self.uri = uri
+        self.attached = attached
+        self.compliance = compliance
+        self.snapshotOf = snapshotOf
+        self.createdAt = createdAt
+    }
+}
+
+public struct DiskCreateRequest: Codable, Sendable {
+    public var name: String
+    /// Bytes, or with a suffix: 512M, 1G.
+    public var size: String
+    public var policy: String?
+    public init(name: String, size: String, policy: String? = nil) {
+        self.name = name
+        self.size = size
+        self.policy = policy
+    }
+}
+
+public struct DiskImportRequest: Codable, Sendable {
+    public var name: String
+    /// A raw image on the host (absolute path); it is copied, not moved.
+    public var source: String
+    public var policy: String?
+    public init(name: String, source: String, policy: String? = nil) {
+        self.name = name
+        self.source = source
+        self.policy = policy
+    }
+}
+
+public struct DiskGrowRequest: Codable, Sendable {
+    public var size: String
+    public init(size: String) { self.size = size }
+}
+
+public struct DiskPolicyRequest: Codable, Sendable {
+    /// nil removes the policy (its filters are detached).
+    public var policy: String?
+    public init(policy: String?) { self.policy = policy }
+}
+
+/// Names the new disk a snapshot or clone makes.
+public struct DiskDeriveRequest: Codable, Sendable {
+    public var name: String
+    /// Clones only: the policy of the new disk.
+    public var policy: String?
+    public init(name: String, policy: String? = nil) {
+        self.name = name
+        self.policy = policy
+    }
+}
+
+public struct DiskExportRequest: Codable, Sendable {
+    /// An absolute path on the host for the raw image; must not exist yet.
+    public var path: String
+    public init(path: String) { self.path = path }
+}
+
+public struct DiskCopyRequest: Codable, Sendable {
+    /// An existing disk, at least as large, that no VM is using.
+    public var target: String
+    public init(target: String) { self.target = target }
+}
+
+public struct OfflineServeRequest: Codable, Sendable {
+    public var readOnly: Bool
+    public init(readOnly: Bool) { self.readOnly = readOnly }
+}
+
+/// What an offline export or copy did.
+public struct TransferReport: Codable, Sendable {
+    public var bytes: Int64
+    public var seconds: Double
+    /// "offline worker" or "running VM <name>".
+    public var through: String
+    public init(bytes: Int64, seconds: Double, through: String) {
+        self.bytes = bytes
+        self.seconds = seconds
+        self.through = through
+    }
+}
+
+public struct OfflineSession: Codable, Sendable {
+    public var disk: String
+    public var uri: String
+    public var readOnly: Bool
+    public var pid: Int32?
+    public init(disk: String, uri: String, readOnly: Bool, pid: Int32?) {
+        self.disk = disk
+        self.uri = uri
+        self.readOnly = readOnly
+        self.pid = pid
+    }
+}
+
+public struct VMCreateRequest: Codable, Sendable {
+    public var name: String
+    public var disks: [String]
+    public init(name: String, disks: [String]) {
+        self.name = name
+        self.disks = disks
+    }
+}
+
+public struct VMInfo: Codable, Sendable {
+    public enum State: String, Codable, Sendable { case running, stopped }
+    public var name: String
+    public var disks: [String]
+    public var state: State
+    public var pid: Int32?
+    public var restarts: Int
+    /// Disk name to NBD URI, while running.
+    public var uris: [String: String]
+    /// Each disk's filters with their live statistics, while running.
+    public var filters: [DiskStatistics]
+    public var startedAt: String?
+    public var createdAt: String
+
+    public init(name: String, disks: [String], state: State, pid: Int32?, restarts: Int, uris: [String: String],
+                filters: [DiskStatistics], startedAt: String?, createdAt: String) {
+        self.name = name
+        self.disks = disks
+        self.state = state
+        self.pid = pid
+        self.restarts = restarts
+        self.uris = uris
+        self.filters = filters
+        self.startedAt = startedAt
+        self.createdAt = createdAt
+    }
+}
+
+public struct Event: Codable, Sendable {
+    public var id: Int64
+    public var time: String
+    public var kind: String
+    public var subject: String
+    public var message: String
+    public init(id: Int64, time: String, kind: String, subject: String, message: String) {
+        self.id = id
+        self.time = time
+        self.kind = kind
+        self.subject = subject
+        self.message = message
+    }
+}
+
+public struct HostInfo: Codable, Sendable {
+    public var version: String
+    public var stateDirectory: String
+    public var apiSocket: String
+    public var pid: Int32
+    public var runningVMs: [String]
+    public init(version: String, stateDirectory: String, apiSocket: String, pid: Int32, runningVMs: [String]) {
+        self.version = version
+        self.stateDirectory = stateDirectory
+        self.apiSocket = apiSocket
+        self.pid = pid
+        self.runningVMs = runningVMs
+    }
+}

@@ -1,0 +1,257 @@
+import Foundation
+import IOFilterAPI
+import IOFilterHTTP
+import Logging
+
+/// One operation of the API: its method and path template, what it takes and gives
+/// (which the OpenAPI document is built from), and the controller call that does it.
+public struct Route: Sendable {
+    public let method: String
+    /// Like "/disks/{name}/export".
+    public let path: String
+    public let operationID: String
+    public let summary: String
+    /// The request body's schema name, if it takes one.
+    public let body: String?
+    /// The success status and its body's schema ("Disk", "[Disk]").
+    public let success: (status: Int, schema: String)
+    /// Error statuses it may answer with (besides 400 and 500, which any may).
+    public let errors: [Int]
+    public let query: [(name: String, description: String, type: String)]
+    let handler: @Sendable (APIRequest) throws -> any Encodable
+
+    var segments: [Substring] { path.split(separator: "/") }
+}
+
+/// A request on its way to a handler: the path's parameters and the decoded body.
+struct APIRequest {
+    let http: HTTPRequest
+    let parameters: [String: String]
+
+    func parameter(_ name: String) -> String { parameters[name] ?? "" }
+
+    func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        guard !http.body.isEmpty else { throw ControlError.badRequest("this request needs a JSON body (see /openapi.json)") }
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(http.body))
+        } catch let error as DecodingError {
+            throw ControlError.badRequest("the JSON body does not match \(T.self): \(Self.describe(error))")
+        } catch {
+            throw ControlError.badRequest("the body is not JSON: \(error)")
+        }
+    }
+
+    static func describe(_ error: DecodingError) -> String {
+        func path(_ context: DecodingError.Context) -> String {
+            let text = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined()
+            return text.isEmpty ? "the body" : String(text.drop { $0 == "." })
+        }
+        switch error {
+        case .keyNotFound(let key, let context): return "\(path(context).isEmpty ? "" : path(context) + ": ")missing field '\(key.stringValue)'"
+        case .typeMismatch(let type, let context): return "\(path(context)): expected \(type)"
+        case .valueNotFound(let type, let context): return "\(path(context)): expected \(type), got null"
+        case .dataCorrupted(let context): return "\(path(context)): \(context.debugDescription)"
+        @unknown default: return "\(error)"
+        }
+    }
+}
+
+/// Maps HTTP requests to controller calls and their results (or errors) to JSON.
+public struct APIRouter: Sendable {
+    public let routes: [Route]
+    let openAPI: [UInt8]
+    let logger: Logger
+
+    public init(controller: HostController, apiSocket: String, logger: Logger) {
+        routes = Self.routes(controller, apiSocket: apiSocket)
+        openAPI = OpenAPIDocument.json(routes: routes)
+        self.logger = logger
+    }
+
+    public func handle(_ request: HTTPRequest) -> HTTPResponse {
+        if request.path == "/openapi.json" {
+            guard request.method == "GET" else {
+                var response = Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /openapi.json"))
+                response.headers.append(("Allow", "GET"))
+                return response
+            }
+            return HTTPResponse(status: 200, headers: [("Content-Type", "application/json")], body: openAPI)
+        }
+        let segments = request.path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        // The most specific template names the resource ("/disks/import" over
+        // "/disks/{name}"); its routes are the methods allowed on the path.
+        let matches = routes.compactMap { route in Self.match(route.segments, segments).map { (route, $0.0, $0.1) } }
+        let specific = matches.map(\.2).max()
+        let candidates = matches.filter { $0.2 == specific }
+        let allowed = candidates.map(\.0.method)
+        let best = candidates.first { $0.0.method == request.method }
+        guard let (route, parameters, _) = best else {
+            if allowed.isEmpty {
+                return Self.error(ControlError(status: 404, code: "no-route", message: "no API route \(request.path); see /openapi.json"))
+            }
+            var response = Self.error(ControlError(
+                status: 405, code: "method-not-allowed", message: "\(request.method) is not allowed on \(request.path); allowed: \(allowed.joined(separator: ", "))"))
+            response.headers.append(("Allow", allowed.joined(separator: ", ")))
+            return response
+        }
+        do {
+            if let body = route.body { try Self.refuseUnknownFields(request.body, schema: body) }
+            let value = try route.handler(APIRequest(http: request, parameters: parameters))
+            return Self.json(status: route.success.status, value)
+        } catch let error as ControlError {
+            if error.status >= 500 { logger.error("\(route.method) \(request.path): \(error)") }
+            return Self.error(error)
+        } catch {
+            logger.error("\(route.method) \(request.path): \(error)")
+            return Self.error(.internalError("\(error)"))
+        }
+    }
+
+    static func refuseUnknownFields(_ body: [UInt8], schema: String) throws(ControlError) {
+        guard !body.isEmpty, let value = try? JSONSerialization.jsonObject(with: Data(body)) else { return }
+        let unexpected = OpenAPIDocument.Schema.ref(schema).unexpectedKeys(in: value)
+        if !unexpected.isEmpty {
+            throw .badRequest("unknown field(s) \(unexpected.joined(separator: ", ")) in the \(schema) body (see /openapi.json)")
+        }
+    }
+
+    /// The path parameters, and how many literal segments matched (literals win).
+    static func match(_ template: [Substring], _ path: ArraySlice<Substring>) -> ([String: String], Int)? {
+        guard template.count == path.count else { return nil }
+        var parameters: [String: String] = [:]
+        var literals = 0
+        for (expected, actual) in zip(template, path) {
+            if expected.hasPrefix("{") {
+                guard !actual.isEmpty else { return nil }
+                parameters[String(expected.dropFirst().dropLast())] = String(actual)
+            } else if expected == actual {
+                literals += 1
+            } else {
+                return nil
+            }
+        }
+        return (parameters, literals)
+    }
+
+    static func json(status: Int, _ value: any Encodable) -> HTTPResponse {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(value) else { return error(.internalError("cannot encode the response")) }
+        return HTTPResponse(status: status, headers: [("Content-Type", "application/json")], body: Array(data))
+    }
+
+    static func error(_ error: ControlError) -> HTTPResponse {
+        json(status: error.status, error.body)
+    }
+}
+
+extension APIRouter {
+    static func routes(_ host: HostController, apiSocket: String) -> [Route] {
+        func route(_ method: String, _ path: String, _ id: String, _ summary: String, body: String? = nil,
+                   _ success: (Int, String), errors: [Int] = [], query: [(String, String, String)] = [],
+                   _ handler: @escaping @Sendable (APIRequest) throws -> any Encodable) -> Route {
+            Route(method: method, path: path, operationID: id, summary: summary, body: body, success: success, errors: errors,
+                  query: query.map { (name: $0.0, description: $0.1, type: $0.2) }, handler: handler)
+        }
+        return [
+            route("GET", "/host", "getHost", "The host runtime: version, state directory, running VMs.", (200, "HostInfo")) { _ in
+                host.hostInfo(apiSocket: apiSocket)
+            },
+            route("GET", "/events", "listEvents", "Recent events, oldest first.", (200, "[Event]"),
+                  query: [("limit", "How many of the newest events (1-1000, default 100).", "integer")]) { request in
+                guard let limit = Int(request.http.query["limit"] ?? "100") else { throw ControlError.badRequest("limit must be an integer") }
+                return try host.events(limit: limit)
+            },
+            route("GET", "/capabilities", "getCapabilities", "The capability catalogue: what policies may ask of the installed plug-ins.",
+                  (200, "Capabilities")) { _ in try host.capabilities() },
+
+            route("GET", "/plugins", "listPlugins", "Installed plug-ins, every version.", (200, "[Plugin]")) { _ in try host.listPlugins() },
+            route("POST", "/plugins", "installPlugin", "Validate a plug-in in a sandbox and install a copy of it.",
+                  body: "PluginInstallRequest", (201, "Plugin"), errors: [409, 422]) { request in
+                try host.installPlugin(path: request.decode(PluginInstallRequest.self).path)
+            },
+            route("GET", "/plugins/{name}", "showPlugin", "Every installed version of one plug-in, newest first.", (200, "[Plugin]"),
+                  errors: [404]) { request in try host.showPlugin(request.parameter("name")) },
+            route("DELETE", "/plugins/{name}", "removePlugin", "Remove a plug-in (one version, or all) that nothing uses.",
+                  (200, "[Plugin]"), errors: [404, 409], query: [("version", "Only this version.", "string")]) { request in
+                try host.removePlugin(request.parameter("name"), version: request.http.query["version"])
+            },
+            route("POST", "/plugins/{name}/call", "callPlugin", "Call a management operation, in a VM's worker or a fresh one.",
+                  body: "PluginCallRequest", (200, "ManagementResult"), errors: [404, 409, 422, 502]) { request in
+                try host.callPlugin(request.parameter("name"), request.decode(PluginCallRequest.self))
+            },
+
+            route("GET", "/policies", "listPolicies", "Every policy.", (200, "[Policy]")) { _ in try host.listPolicies() },
+            route("POST", "/policies", "createPolicy", "Create a policy; it is validated first.", body: "Policy", (201, "Policy"),
+                  errors: [409, 422]) { request in try host.createPolicy(request.decode(Policy.self)) },
+            route("POST", "/policies/validate", "validatePolicyDraft", "Validate a policy without saving it.", body: "Policy",
+                  (200, "PolicyValidation")) { request in try host.validatePolicy(request.decode(Policy.self)) },
+            route("GET", "/policies/{name}", "showPolicy", "One policy.", (200, "Policy"), errors: [404]) { request in
+                try host.showPolicy(request.parameter("name"))
+            },
+            route("DELETE", "/policies/{name}", "deletePolicy", "Delete a policy no disk uses.", (200, "Policy"), errors: [404, 409]) { request in
+                try host.deletePolicy(request.parameter("name"))
+            },
+            route("POST", "/policies/{name}/validate", "validatePolicy", "Validate a stored policy against the plug-ins installed now.",
+                  (200, "PolicyValidation"), errors: [404]) { request in
+                try host.validatePolicy(host.showPolicy(request.parameter("name")))
+            },
+
+            route("GET", "/disks", "listDisks", "Every disk, with its compliance.", (200, "[Disk]")) { _ in try host.listDisks() },
+            route("POST", "/disks", "createDisk", "Create an empty (sparse) raw disk, optionally with a policy.", body: "DiskCreateRequest",
+                  (201, "Disk"), errors: [404, 409, 422, 502]) { request in try host.createDisk(request.decode(DiskCreateRequest.self)) },
+            route("POST", "/disks/import", "importDisk", "Copy a raw image in as a new disk, optionally with a policy.",
+                  body: "DiskImportRequest", (201, "Disk"), errors: [404, 409, 422, 502]) { request in
+                try host.importDisk(request.decode(DiskImportRequest.self))
+            },
+            route("GET", "/disks/{name}", "showDisk", "One disk.", (200, "Disk"), errors: [404]) { request in
+                try host.showDisk(request.parameter("name"))
+            },
+            route("DELETE", "/disks/{name}", "deleteDisk", "Delete a disk no VM owns and nothing serves.", (200, "Disk"),
+                  errors: [404, 409]) { request in try host.deleteDisk(request.parameter("name")) },
+            route("POST", "/disks/{name}/grow", "growDisk", "Grow an idle disk.", body: "DiskGrowRequest", (200, "Disk"),
+                  errors: [404, 409, 422, 502]) { request in try host.growDisk(request.parameter("name"), request.decode(DiskGrowRequest.self)) },
+            route("POST", "/disks/{name}/snapshot", "snapshotDisk", "A read-only copy of the disk as its consumer sees it now.",
+                  body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 502]) { request in
+                try host.snapshotDisk(request.parameter("name"), request.decode(DiskDeriveRequest.self))
+            },
+            route("POST", "/disks/{name}/clone", "cloneDisk", "A new, independent disk with this disk's contents.",
+                  body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 422, 502]) { request in
+                try host.cloneDisk(request.parameter("name"), request.decode(DiskDeriveRequest.self))
+            },
+            route("PUT", "/disks/{name}/policy", "assignPolicy", "Assign a policy (or none): filters are attached or detached now, or at the VM's next start.",
+                  body: "DiskPolicyRequest", (200, "Disk"), errors: [404, 409, 422, 502]) { request in
+                try host.assignPolicy(request.parameter("name"), request.decode(DiskPolicyRequest.self))
+            },
+            route("GET", "/disks/{name}/compliance", "diskCompliance", "Does the disk's chain match its policy?", (200, "Compliance"),
+                  errors: [404]) { request in try host.diskCompliance(request.parameter("name")) },
+            route("POST", "/disks/{name}/export", "exportDisk", "Write the disk, through its filters, to a new raw file.",
+                  body: "DiskExportRequest", (200, "TransferReport"), errors: [404, 409, 502]) { request in
+                try host.exportDisk(request.parameter("name"), request.decode(DiskExportRequest.self))
+            },
+            route("POST", "/disks/{name}/copy", "copyDisk", "Copy the disk onto another, through both chains.", body: "DiskCopyRequest",
+                  (200, "TransferReport"), errors: [404, 409, 502]) { request in
+                try host.copyDisk(request.parameter("name"), request.decode(DiskCopyRequest.self))
+            },
+            route("POST", "/disks/{name}/offline", "serveOffline", "Serve a disk no VM runs, through its chain, over NBD.",
+                  body: "OfflineServeRequest", (201, "OfflineSession"), errors: [404, 409, 502]) { request in
+                try host.serveOffline(request.parameter("name"), request.decode(OfflineServeRequest.self))
+            },
+            route("DELETE", "/disks/{name}/offline", "stopOffline", "Stop serving a disk offline.", (200, "OfflineSession"),
+                  errors: [404]) { request in try host.stopOffline(request.parameter("name")) },
+
+            route("GET", "/vms", "listVMs", "Every VM.", (200, "[VM]")) { _ in try host.listVMs() },
+            route("POST", "/vms", "createVM", "Create a VM: a named set of disks one worker serves.", body: "VMCreateRequest",
+                  (201, "VM"), errors: [404, 409]) { request in try host.createVM(request.decode(VMCreateRequest.self)) },
+            route("GET", "/vms/{name}", "showVM", "One VM, with its worker and each filter's statistics.", (200, "VM"),
+                  errors: [404]) { request in try host.showVM(request.parameter("name")) },
+            route("DELETE", "/vms/{name}", "deleteVM", "Delete a stopped VM; its disks are kept.", (200, "VM"), errors: [404, 409]) { request in
+                try host.deleteVM(request.parameter("name"))
+            },
+            route("POST", "/vms/{name}/start", "startVM", "Start the VM's worker; prints its NBD URIs.", (200, "VM"),
+                  errors: [404, 409, 422, 502]) { request in try host.startVM(request.parameter("name")) },
+            route("POST", "/vms/{name}/stop", "stopVM", "Stop the VM's worker; filters flush and close.", (200, "VM"),
+                  errors: [404, 409]) { request in try host.stopVM(request.parameter("name")) },
+        ]
+    }
+}

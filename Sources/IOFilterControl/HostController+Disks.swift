@@ -1,0 +1,389 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterModel
+import IOFilterPosix
+
+extension HostController {
+    func diskRow(_ name: String, _ db: Database) throws -> DiskRow {
+        guard let row = try DiskRow.fetchOne(db, key: name) else {
+            throw ControlError.notFound("no disk named \(name) (see `iofilter disk list`)")
+        }
+        return row
+    }
+
+    func diskInfo(_ row: DiskRow, plugins: [PluginRow], policies: [PolicyRow]) -> DiskInfo {
+        DiskInfo(
+            name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
+            uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
+            compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
+            createdAt: row.createdAt)
+    }
+
+    public func listDisks() throws(ControlError) -> [DiskInfo] {
+        try read { db in
+            let (plugins, policies) = (try PluginRow.fetchAll(db), try PolicyRow.fetchAll(db))
+            return try DiskRow.order(Column("name")).fetchAll(db).map { diskInfo($0, plugins: plugins, policies: policies) }
+        }
+    }
+
+    public func showDisk(_ name: String) throws(ControlError) -> DiskInfo {
+        try read { db in try diskInfo(diskRow(name, db), plugins: PluginRow.fetchAll(db), policies: PolicyRow.fetchAll(db)) }
+    }
+
+    public func diskCompliance(_ name: String) throws(ControlError) -> Compliance {
+        try showDisk(name).compliance
+    }
+
+    static func parseSize(_ text: String) throws(ControlError) -> Int64 {
+        guard let size = ParameterSpec.parseSize(text), size > 0 else {
+            throw .badRequest("size '\(text)' is not a positive size (bytes, or with K, M, G or T)")
+        }
+        // Rounded up to whole sectors, as qemu-img does.
+        guard size <= Int64.max - 511 else { throw .badRequest("size '\(text)' is too large") }
+        return (size + 511) / 512 * 512
+    }
+
+    /// Refuses when a VM or offline session serves the disk.
+    func requireIdle(_ row: DiskRow, for action: String) throws(ControlError) {
+        if let (what, worker) = server(of: row) {
+            throw .conflict("cannot \(action) disk \(row.name) while \(what) serves it (\(worker.uri(row.name) ?? "")); stop it first")
+        }
+    }
+
+    /// Attaches and detaches filters until the disk's chain is `desired`. The disk must
+    /// be idle. `row` always ends up describing what is really attached, even when a
+    /// step fails halfway.
+    func reconcile(_ row: inout DiskRow, to desired: [PlannedFilter]) throws(ControlError) {
+        let wanted = Set(desired.map(\.manifest.name))
+        let removed = row.attached.map(\.manifest.name).filter { !wanted.contains($0) }
+        if !removed.isEmpty {
+            try maintain(row, filters: row.attached, task: .detach(plugins: removed))
+            row.attached.removeAll { removed.contains($0.manifest.name) }
+            event("filters-detached", row.name, removed.joined(separator: ", "))
+        }
+        let have = Set(row.attached.map(\.manifest.name))
+        let added = desired.filter { !have.contains($0.manifest.name) }
+        if !added.isEmpty {
+            for path in desired.flatMap(\.filePaths) {
+                try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            }
+            try maintain(row, filters: desired, task: .attach)
+            event("filters-attached", row.name, added.map { "\($0.manifest.name) \($0.manifest.version)" }.joined(separator: ", "))
+        }
+        row.attached = desired
+        row.attachError = nil
+    }
+
+    /// The chain the disk's policy asks for now (empty without a policy).
+    func desiredChain(_ row: DiskRow) throws(ControlError) -> [PlannedFilter] {
+        guard let name = row.policy else { return [] }
+        return try read { db in try plan(policyRow(name, db).policy, disk: row.name, plugins: PluginRow.fetchAll(db)) }
+    }
+
+    /// Applies the disk's policy now and saves the outcome, failed or not.
+    func applyPolicy(_ row: inout DiskRow) throws(ControlError) {
+        let desired = try desiredChain(row)
+        var outcome: ControlError?
+        do {
+            try reconcile(&row, to: desired)
+        } catch {
+            row.attachError = error.message
+            outcome = error
+        }
+        let saved = row
+        do {
+            try store.write { db in try saved.update(db) }
+        } catch {
+            throw .internalError("cannot save disk \(row.name): \(error)")
+        }
+        if let outcome { throw outcome }
+    }
+
+    func newDiskRow(_ name: String, size: Int64, readOnly: Bool = false, snapshotOf: String? = nil) throws -> DiskRow {
+        try Names.check(name, kind: "disk")
+        if try store.read({ db in try DiskRow.exists(db, key: name) }) {
+            throw ControlError.conflict("a disk named \(name) exists")
+        }
+        let path = diskPath(name)
+        if FileManager.default.fileExists(atPath: path) {
+            throw ControlError.conflict("\(path) exists but no disk record names it; move it away or import it under another name")
+        }
+        return DiskRow(name: name, path: path, size: size, readOnly: readOnly, policy: nil, attached: [], attachError: nil,
+                       snapshotOf: snapshotOf, vm: nil, createdAt: StateStore.now())
+    }
+
+    /// Inserts a new disk whose file `fill` creates, then applies `policy`; any failure
+    /// removes the file and the record again.
+    func addDisk(_ row: DiskRow, policy: String?, fill: () throws -> Void) throws {
+        if let policy { _ = try showPolicy(policy) }
+        do {
+            try fill()
+            try store.write { db in try row.insert(db) }
+            var added = row
+            added.policy = policy
+            if policy != nil { try applyPolicy(&added) }
+        } catch {
+            unlink(row.path)
+            try? FileManager.default.removeItem(atPath: diskStateDirectory(row.name))
+            _ = try? store.write { db in try DiskRow.deleteOne(db, key: row.name) }
+            throw error
+        }
+    }
+
+    public func createDisk(_ request: DiskCreateRequest) throws(ControlError) -> DiskInfo {
+        let size = try Self.parseSize(request.size)
+        try exclusive {
+            let row = try newDiskRow(request.name, size: size)
+            try addDisk(row, policy: request.policy) {
+                let fd = open(row.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+                guard fd >= 0 else { throw ControlError.internalError("cannot create \(row.path): \(String(cString: strerror(errno)))") }
+                defer { close(fd) }
+                guard ftruncate(fd, off_t(size)) == 0 else {
+                    throw ControlError.conflict("cannot size \(row.path) to \(size) bytes: \(String(cString: strerror(errno)))")
+                }
+            }
+            event("disk-created", row.name, "\(size) bytes\(request.policy.map { ", policy \($0)" } ?? "")")
+        }
+        return try showDisk(request.name)
+    }
+
+    /// Copies a raw image in as a new disk (holes stay holes), then applies the policy.
+    public func importDisk(_ request: DiskImportRequest) throws(ControlError) -> DiskInfo {
+        guard request.source.hasPrefix("/") else { throw .badRequest("the source path must be absolute, got '\(request.source)'") }
+        var info = stat()
+        guard stat(request.source, &info) == 0 else { throw .notFound("\(request.source): \(String(cString: strerror(errno)))") }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw .conflict("\(request.source) is not a regular file") }
+        let size = Int64(info.st_size)
+        guard size > 0, size % 512 == 0 else { throw .conflict("\(request.source) is \(size) bytes: not a raw disk image (a multiple of 512)") }
+        try exclusive {
+            let row = try newDiskRow(request.name, size: size)
+            try addDisk(row, policy: request.policy) { try SparseCopy.copy(from: request.source, to: row.path, size: size) }
+            event("disk-imported", row.name, "from \(request.source), \(size) bytes")
+        }
+        return try showDisk(request.name)
+    }
+
+    public func deleteDisk(_ name: String) throws(ControlError) -> DiskInfo {
+        let info = try showDisk(name)
+        try exclusive {
+            var row = try store.read { db in try diskRow(name, db) }
+            if let vm = row.vm { throw ControlError.conflict("disk \(name) belongs to VM \(vm); delete the VM first") }
+            try requireIdle(row, for: "delete")
+            if !row.attached.isEmpty {
+                // Let the filters clean up what they keep elsewhere; the data goes anyway.
+                do {
+                    try reconcile(&row, to: [])
+                } catch {
+                    logger.warning("disk \(name): detaching its filters before deletion failed: \(error)")
+                }
+            }
+            _ = try store.write { db in try DiskRow.deleteOne(db, key: name) }
+            unlink(row.path)
+            try? FileManager.default.removeItem(atPath: diskStateDirectory(name))
+            event("disk-deleted", name, "")
+        }
+        return info
+    }
+
+    /// Grows an idle disk. Its filters are detached first and attached again after, so
+    /// each starts over on the new size (a cache destages and starts cold; replication
+    /// resyncs the whole disk).
+    public func growDisk(_ name: String, _ request: DiskGrowRequest) throws(ControlError) -> DiskInfo {
+        let size = try Self.parseSize(request.size)
+        try exclusive {
+            var row = try store.read { db in try diskRow(name, db) }
+            try requireIdle(row, for: "grow")
+            if row.readOnly { throw ControlError.conflict("disk \(name) is a read-only snapshot") }
+            guard size > row.size else {
+                throw ControlError.conflict("disk \(name) is \(row.size) bytes; it can only grow (shrinking would lose data)")
+            }
+            let chain = row.attached
+            if !chain.isEmpty { try applyReconcile(&row, to: []) }
+            guard truncate(row.path, off_t(size)) == 0 else {
+                throw ControlError.conflict("cannot grow \(row.path): \(String(cString: strerror(errno)))")
+            }
+            row.size = size
+            try store.write { db in try row.update(db) }
+            if !chain.isEmpty { try applyReconcile(&row, to: try desiredChain(row)) }
+            event("disk-grown", name, "to \(size) bytes")
+        }
+        return try showDisk(name)
+    }
+
+    /// `reconcile`, saving the outcome whether it worked or not.
+    func applyReconcile(_ row: inout DiskRow, to desired: [PlannedFilter]) throws {
+        defer {
+            let saved = row
+            _ = try? store.write { db in try saved.update(db) }
+        }
+        do {
+            try reconcile(&row, to: desired)
+        } catch {
+            row.attachError = error.message
+            throw error
+        }
+    }
+
+    public func assignPolicy(_ name: String, _ request: DiskPolicyRequest) throws(ControlError) -> DiskInfo {
+        try exclusive {
+            var row = try store.read { db in try diskRow(name, db) }
+            if let policy = request.policy { _ = try store.read { db in try policyRow(policy, db) } }
+            if row.readOnly && request.policy != nil { throw ControlError.conflict("disk \(name) is a read-only snapshot; clone it to filter it") }
+            if liveLock.withLock({ offline[name] != nil }) {
+                throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
+            }
+            let previous = row
+            row.policy = request.policy
+            if let vm = row.vm, liveLock.withLock({ running[vm] != nil }) {
+                // Applies at the VM's next start; compliance says pending meanwhile.
+                try store.write { db in try row.update(db) }
+                event("policy-assigned", name, "\(request.policy ?? "none"); pending until VM \(vm) restarts")
+                return
+            }
+            do {
+                try applyPolicy(&row)
+            } catch {
+                // Keep the old assignment; `attached` already says what really is.
+                var reverted = row
+                reverted.policy = previous.policy
+                try? store.write { db in try reverted.update(db) }
+                throw error
+            }
+            event("policy-assigned", name, request.policy ?? "none")
+        }
+        return try showDisk(name)
+    }
+
+    // MARK: offline access
+
+    /// Runs `body` with a URI that serves the disk through its chain: its running VM's
+    /// (reads only), its offline session's, or a temporary offline worker's.
+    func withSource<T>(_ row: DiskRow, _ body: (String, String) throws -> T) throws -> T {
+        if let (what, worker) = server(of: row), let uri = worker.uri(row.name) {
+            return try body(uri, what)
+        }
+        let worker = try launch(name: "offline-\(row.name)", disks: [(row, row.attached, false)],
+                                socketDirectory: "\(stateDirectory)/offline/transfer")
+        defer { worker.stop() }
+        return try body(worker.uri(row.name)!, "offline worker")
+    }
+
+    /// Writes the disk, as its consumer sees it through its filters, to a new raw file.
+    public func exportDisk(_ name: String, _ request: DiskExportRequest) throws(ControlError) -> TransferReport {
+        guard request.path.hasPrefix("/") else { throw .badRequest("the export path must be absolute, got '\(request.path)'") }
+        guard !FileManager.default.fileExists(atPath: request.path) else { throw .conflict("\(request.path) exists; exports never overwrite") }
+        return try exclusive {
+            let row = try store.read { db in try diskRow(name, db) }
+            let started = monotonicNanoseconds()
+            let (bytes, through) = try withSource(row) { uri, what in
+                (try DiskTransfer.copy(from: uri, to: .newFile(path: request.path), logger: logger), what)
+            }
+            let report = TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
+            event("disk-exported", name, "to \(request.path) through \(through)")
+            return report
+        }
+    }
+
+    /// Copies one disk onto another: read through the source's chain, written through
+    /// the target's.
+    public func copyDisk(_ name: String, _ request: DiskCopyRequest) throws(ControlError) -> TransferReport {
+        try exclusive {
+            let (source, target) = try store.read { db in (try diskRow(name, db), try diskRow(request.target, db)) }
+            guard source.name != target.name else { throw ControlError.badRequest("a disk cannot be copied onto itself") }
+            try requireIdle(target, for: "copy onto")
+            if target.readOnly { throw ControlError.conflict("disk \(target.name) is a read-only snapshot") }
+            guard target.size >= source.size else {
+                throw ControlError.conflict("disk \(target.name) (\(target.size) bytes) is smaller than \(name) (\(source.size) bytes); grow it first")
+            }
+            let started = monotonicNanoseconds()
+            let writer = try launch(name: "offline-\(target.name)", disks: [(target, target.attached, false)],
+                                    socketDirectory: "\(stateDirectory)/offline/transfer")
+            defer { writer.stop() }
+            let (bytes, through) = try withSource(source) { uri, what in
+                (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger), what)
+            }
+            event("disk-copied", name, "onto \(target.name) through \(through)")
+            return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
+        }
+    }
+
+    /// A new disk with this disk's contents as its consumer sees them now: a read-only
+    /// snapshot, or a clone with a policy of its own.
+    func derive(_ name: String, _ request: DiskDeriveRequest, snapshot: Bool) throws(ControlError) -> DiskInfo {
+        try exclusive {
+            let source = try store.read { db in try diskRow(name, db) }
+            let row = try newDiskRow(request.name, size: source.size, readOnly: snapshot, snapshotOf: snapshot ? name : nil)
+            if snapshot && request.policy != nil { throw ControlError.badRequest("a snapshot is read-only and takes no policy; clone it instead") }
+            try addDisk(row, policy: request.policy) {
+                _ = try withSource(source) { uri, _ in try DiskTransfer.copy(from: uri, to: .newFile(path: row.path), logger: logger) }
+            }
+            event(snapshot ? "disk-snapshot" : "disk-cloned", name, "as \(request.name)")
+        }
+        return try showDisk(request.name)
+    }
+
+    public func snapshotDisk(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {
+        try derive(name, request, snapshot: true)
+    }
+
+    public func cloneDisk(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {
+        try derive(name, request, snapshot: false)
+    }
+
+    /// Serves a disk no VM is running through its chain until `stopOffline`.
+    public func serveOffline(_ name: String, _ request: OfflineServeRequest) throws(ControlError) -> OfflineSession {
+        try exclusive {
+            let row = try store.read { db in try diskRow(name, db) }
+            try requireIdle(row, for: "serve")
+            let worker = try launch(name: "offline-\(name)", disks: [(row, row.attached, request.readOnly)],
+                                    socketDirectory: "\(stateDirectory)/offline")
+            liveLock.withLock { offline[name] = worker }
+            event("offline-serve", name, worker.uri(name) ?? "")
+            return OfflineSession(disk: name, uri: worker.uri(name)!, readOnly: request.readOnly || row.readOnly, pid: worker.supervisor.pid)
+        }
+    }
+
+    public func stopOffline(_ name: String) throws(ControlError) -> OfflineSession {
+        try exclusive {
+            _ = try store.read { db in try diskRow(name, db) }
+            guard let worker = liveLock.withLock({ offline.removeValue(forKey: name) }) else {
+                throw ControlError.notFound("disk \(name) has no offline session")
+            }
+            let session = OfflineSession(disk: name, uri: worker.uri(name) ?? "", readOnly: false, pid: worker.supervisor.pid)
+            worker.stop()
+            event("offline-stopped", name, "")
+            return session
+        }
+    }
+}
+
+/// Copies a raw image, leaving all-zero blocks as holes.
+enum SparseCopy {
+    static func copy(from source: String, to destination: String, size: Int64) throws {
+        let input = open(source, O_RDONLY | O_CLOEXEC)
+        guard input >= 0 else { throw ControlError.badRequest("cannot open \(source): \(String(cString: strerror(errno)))") }
+        defer { close(input) }
+        let output = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard output >= 0 else { throw ControlError.internalError("cannot create \(destination): \(String(cString: strerror(errno)))") }
+        defer { close(output) }
+        guard ftruncate(output, off_t(size)) == 0 else {
+            throw ControlError.conflict("cannot size \(destination): \(String(cString: strerror(errno)))")
+        }
+        let chunk = 1 << 20
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        var offset: Int64 = 0
+        while offset < size {
+            let length = Int(min(Int64(chunk), size - offset))
+            var error = FileDescriptorIO.preadAll(input, into: buffer, count: length, offset: UInt64(offset))
+            guard error == 0 else { throw ControlError.conflict("reading \(source) failed: \(String(cString: strerror(error)))") }
+            if !DiskTransfer.isZero(buffer, length) {
+                error = FileDescriptorIO.pwriteAll(output, buffer, count: length, offset: UInt64(offset))
+                guard error == 0 else { throw ControlError.conflict("writing \(destination) failed: \(String(cString: strerror(error)))") }
+            }
+            offset += Int64(length)
+        }
+        guard fsync(output) == 0 else { throw ControlError.conflict("cannot sync \(destination): \(String(cString: strerror(errno)))") }
+    }
+}

@@ -1,0 +1,166 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterHost
+import IOFilterModel
+
+extension HostController {
+    func pluginInfo(_ row: PluginRow, disks: [DiskRow]) -> PluginInfo {
+        PluginInfo(
+            manifest: row.manifest, installedAt: row.installedAt,
+            attachedTo: disks.filter { $0.attached.contains { $0.manifest.name == row.name && $0.manifest.version == row.version } }
+                .map(\.name))
+    }
+
+    public func listPlugins() throws(ControlError) -> [PluginInfo] {
+        try read { db in
+            let disks = try DiskRow.fetchAll(db)
+            return try PluginRow.order(Column("name"), Column("version")).fetchAll(db).map { pluginInfo($0, disks: disks) }
+        }
+    }
+
+    /// Every installed version of one plug-in, newest first.
+    public func showPlugin(_ name: String) throws(ControlError) -> [PluginInfo] {
+        let versions = try read { db in
+            let disks = try DiskRow.fetchAll(db)
+            return try PluginRow.filter(Column("name") == name).fetchAll(db).map { pluginInfo($0, disks: disks) }
+        }
+        guard !versions.isEmpty else { throw .notFound("no plug-in named \(name) is installed (see `iofilter plugin list`)") }
+        return versions.sorted { Versions.isNewer($0.version, than: $1.version) }
+    }
+
+    /// Validates the `.so` in a sandboxed worker, then copies it into the state
+    /// directory, keyed by name and version. Installing a newer version of a plug-in in
+    /// use is allowed: VMs pick it up at their next start.
+    public func installPlugin(path: String) throws(ControlError) -> PluginInfo {
+        guard path.hasPrefix("/") else { throw .badRequest("the plug-in path must be absolute, got '\(path)'") }
+        guard FileManager.default.isReadableFile(atPath: path) else { throw .notFound("cannot read \(path)") }
+        let manifest: PluginManifest
+        switch PluginValidator().validate(path) {
+        case .success(let valid): manifest = valid
+        case .failure(let error): throw .invalid("\(path) is not a valid plug-in: \(error)")
+        }
+        return try exclusive {
+            if let existing = try store.read({ db in try PluginRow.fetchOne(db, key: ["name": manifest.name, "version": manifest.version]) }) {
+                if FileManager.default.contentsEqual(atPath: existing.manifest.path, andPath: path) {
+                    return try store.read { db in pluginInfo(existing, disks: try DiskRow.fetchAll(db)) }
+                }
+                throw ControlError.conflict(
+                    "\(manifest.name) \(manifest.version) is already installed with different contents; give the new build a new version")
+            }
+            let directory = "\(pluginsDirectory)/\(manifest.name)/\(manifest.version)"
+            let destination = "\(directory)/lib\(manifest.name).so"
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            let temporary = destination + ".partial"
+            try? FileManager.default.removeItem(atPath: temporary)
+            do {
+                try FileManager.default.copyItem(atPath: path, toPath: temporary)
+                guard rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
+            } catch {
+                try? FileManager.default.removeItem(atPath: temporary)
+                throw ControlError.internalError("cannot copy \(path) into \(directory): \(error)")
+            }
+            var installed = manifest
+            installed.path = destination
+            let row = PluginRow(name: manifest.name, version: manifest.version, category: manifest.category.rawValue,
+                                manifest: installed, installedAt: StateStore.now())
+            do {
+                try store.write { db in try row.insert(db) }
+            } catch {
+                try? FileManager.default.removeItem(atPath: directory)
+                throw error
+            }
+            event("plugin-installed", manifest.name, "version \(manifest.version) (\(manifest.category.rawValue)) from \(path)")
+            return try store.read { db in pluginInfo(row, disks: try DiskRow.fetchAll(db)) }
+        }
+    }
+
+    /// Removes one version (or every version) of a plug-in that no disk has attached
+    /// and no policy still needs.
+    public func removePlugin(_ name: String, version: String?) throws(ControlError) -> [PluginInfo] {
+        try exclusive {
+            let (all, disks, policies) = try store.read { db in
+                (try PluginRow.filter(Column("name") == name).fetchAll(db), try DiskRow.fetchAll(db), try PolicyRow.fetchAll(db))
+            }
+            let doomed = all.filter { version == nil || $0.version == version }
+            guard !doomed.isEmpty else {
+                throw ControlError.notFound(version.map { "\(name) \($0) is not installed" } ?? "no plug-in named \(name) is installed")
+            }
+            for row in doomed {
+                let users = disks.filter { $0.attached.contains { $0.manifest.name == name && $0.manifest.version == row.version } }
+                if !users.isEmpty {
+                    throw ControlError.conflict(
+                        "\(name) \(row.version) is in use: attached to disk(s) \(users.map(\.name).joined(separator: ", ")); "
+                            + "assign those disks another policy (or none) first")
+                }
+            }
+            let remaining = all.filter { row in !doomed.contains { $0.version == row.version } }
+            for policy in policies {
+                for rule in policy.filters where rule.plugin == name {
+                    let satisfied = remaining.contains { rule.version == nil || $0.version == rule.version }
+                    if !satisfied {
+                        throw ControlError.conflict("policy \(policy.name) uses \(name)\(rule.version.map { " \($0)" } ?? ""); change or delete the policy first")
+                    }
+                }
+            }
+            try store.write { db in
+                for row in doomed { _ = try PluginRow.deleteOne(db, key: ["name": row.name, "version": row.version]) }
+            }
+            for row in doomed {
+                try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(name)/\(row.version)")
+                event("plugin-removed", name, "version \(row.version)")
+            }
+            if remaining.isEmpty { try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(name)") }
+            return doomed.map { pluginInfo($0, disks: []) }
+        }
+    }
+
+    /// Runs a management operation: in a VM's worker when `vm` is given (the operation
+    /// sees the live filters), otherwise in a fresh sandboxed worker.
+    public func callPlugin(_ name: String, _ request: PluginCallRequest) throws(ControlError) -> ManagementResult {
+        let versions = try showPlugin(name)
+        guard let row = request.version.map({ wanted in versions.first { $0.version == wanted } }) ?? versions.first else {
+            throw .notFound("\(name) \(request.version ?? "") is not installed")
+        }
+        guard row.operations.contains(where: { $0.name == request.operation }) else {
+            throw .notFound("\(name) \(row.version) has no management operation '\(request.operation)'; it declares: "
+                            + (row.operations.isEmpty ? "none" : row.operations.map(\.signature).joined(separator: ", ")))
+        }
+        if let vm = request.vm {
+            guard let worker = liveLock.withLock({ running[vm] }) else {
+                throw try read { db in try VMRow.fetchOne(db, key: vm) } == nil
+                    ? .notFound("no VM named \(vm)") : .conflict("VM \(vm) is not running")
+            }
+            let response: WorkerControlResponse
+            do {
+                response = try worker.supervisor.control(.call(plugin: name, operation: request.operation, arguments: request.arguments))
+            } catch {
+                throw .workerFailed("VM \(vm): \(error)")
+            }
+            if let error = response.error { throw .invalid(error) }
+            guard let result = response.result else { throw .workerFailed("VM \(vm) answered without a result") }
+            return result
+        }
+        switch PluginValidator().call(row.path, operation: request.operation, arguments: request.arguments) {
+        case .success(let value):
+            let manifest = try read { db in try PluginRow.fetchOne(db, key: ["name": name, "version": row.version])?.manifest }
+            return ManagementResult(type: manifest?.operation(named: request.operation)?.returnType.rawValue ?? "void",
+                                    value: value.description)
+        case .failure(let error):
+            throw error.controlError
+        }
+    }
+
+    /// The capability catalogue: every installed plug-in with what a policy may set.
+    public func capabilities() throws(ControlError) -> Capabilities {
+        let rows = try read { db in try PluginRow.fetchAll(db) }
+        let byName = Dictionary(grouping: rows, by: \.name)
+        let plugins = byName.keys.sorted().map { name -> Capability in
+            let versions = byName[name]!.sorted { Versions.isNewer($0.version, than: $1.version) }
+            let newest = versions[0].manifest
+            return Capability(plugin: name, versions: versions.map(\.version), vendor: newest.vendor, category: newest.category,
+                              description: newest.description, parameters: newest.parameters)
+        }
+        return Capabilities(categories: FilterCategory.allCases, plugins: plugins)
+    }
+}

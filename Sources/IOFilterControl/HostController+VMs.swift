@@ -1,0 +1,160 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterModel
+
+extension HostController {
+    func vmRow(_ name: String, _ db: Database) throws -> VMRow {
+        guard let row = try VMRow.fetchOne(db, key: name) else {
+            throw ControlError.notFound("no VM named \(name) (see `iofilter vm list`)")
+        }
+        return row
+    }
+
+    func vmInfo(_ row: VMRow, withStatistics: Bool) -> VMInfo {
+        let worker = liveLock.withLock { running[row.name] }
+        var statistics: [DiskStatistics] = []
+        if withStatistics, let worker {
+            do {
+                let response = try worker.supervisor.control(.stats, timeout: 5)
+                statistics = response.disks ?? []
+            } catch {
+                logger.warning("VM \(row.name): no statistics: \(error)")
+            }
+        }
+        var uris: [String: String] = [:]
+        for disk in row.disks { uris[disk] = worker?.uri(disk) }
+        return VMInfo(
+            name: row.name, disks: row.disks, state: worker == nil ? .stopped : .running, pid: worker?.supervisor.pid,
+            restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: statistics,
+            startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt)
+    }
+
+    public func listVMs() throws(ControlError) -> [VMInfo] {
+        try read { db in try VMRow.order(Column("name")).fetchAll(db) }.map { vmInfo($0, withStatistics: false) }
+    }
+
+    /// One VM, with each filter's live statistics while it runs.
+    public func showVM(_ name: String) throws(ControlError) -> VMInfo {
+        vmInfo(try read { db in try vmRow(name, db) }, withStatistics: true)
+    }
+
+    public func createVM(_ request: VMCreateRequest) throws(ControlError) -> VMInfo {
+        try Names.check(request.name, kind: "VM")
+        guard !request.disks.isEmpty else { throw .badRequest("a VM needs at least one disk") }
+        guard Set(request.disks).count == request.disks.count else { throw .badRequest("a disk is named twice") }
+        try exclusive {
+            try store.write { db in
+                if try VMRow.exists(db, key: request.name) { throw ControlError.conflict("a VM named \(request.name) exists") }
+                for name in request.disks {
+                    let disk = try diskRow(name, db)
+                    if let owner = disk.vm { throw ControlError.conflict("disk \(name) already belongs to VM \(owner)") }
+                    if liveLock.withLock({ offline[name] != nil }) {
+                        throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
+                    }
+                }
+                try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now())
+                    .insert(db)
+                for name in request.disks {
+                    var disk = try diskRow(name, db)
+                    disk.vm = request.name
+                    try disk.update(db)
+                }
+            }
+            event("vm-created", request.name, "disks \(request.disks.joined(separator: ", "))")
+        }
+        return try showVM(request.name)
+    }
+
+    public func deleteVM(_ name: String) throws(ControlError) -> VMInfo {
+        let info = try showVM(name)
+        try exclusive {
+            if liveLock.withLock({ running[name] != nil }) { throw ControlError.conflict("VM \(name) is running; stop it first") }
+            try store.write { db in
+                let row = try vmRow(name, db)
+                for disk in row.disks {
+                    guard var diskRow = try DiskRow.fetchOne(db, key: disk) else { continue }
+                    diskRow.vm = nil
+                    try diskRow.update(db)
+                }
+                _ = try VMRow.deleteOne(db, key: name)
+            }
+            try? FileManager.default.removeItem(atPath: vmDirectory(name))
+            event("vm-deleted", name, "its disks are kept")
+        }
+        return info
+    }
+
+    /// Starts the VM's worker: applies each disk's policy first (filters a policy no
+    /// longer names are detached; new ones attach as the worker opens the disk), then
+    /// serves every disk on its own unix socket.
+    public func startVM(_ name: String, resuming: Bool = false) throws(ControlError) -> VMInfo {
+        try exclusive {
+            let row = try store.read { db in try vmRow(name, db) }
+            if liveLock.withLock({ running[name] != nil }) {
+                throw ControlError.conflict("VM \(name) is already running")
+            }
+            var disks: [DiskRow] = []
+            var chains: [[PlannedFilter]] = []
+            for diskName in row.disks {
+                var disk = try store.read { db in try diskRow(diskName, db) }
+                if liveLock.withLock({ offline[diskName] != nil }) {
+                    throw ControlError.conflict("disk \(diskName) is served by an offline session; stop it first")
+                }
+                let desired = try desiredChain(disk)
+                let wanted = Set(desired.map(\.manifest.name))
+                let removed = disk.attached.filter { !wanted.contains($0.manifest.name) }
+                if !removed.isEmpty {
+                    try applyReconcile(&disk, to: disk.attached.filter { wanted.contains($0.manifest.name) })
+                }
+                for path in desired.flatMap(\.filePaths) {
+                    try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+                }
+                disks.append(disk)
+                chains.append(desired)
+            }
+            let worker: LiveWorker
+            do {
+                worker = try launch(name: name, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name))
+            } catch {
+                for var disk in disks {
+                    disk.attachError = "VM \(name) could not start: \(error)"
+                    let saved = disk
+                    _ = try? store.write { db in try saved.update(db) }
+                }
+                throw error
+            }
+            liveLock.withLock { running[name] = worker }
+            try store.write { db in
+                var updated = row
+                updated.desiredState = "running"
+                updated.startedAt = worker.startedAt
+                try updated.update(db)
+                for (disk, chain) in zip(disks, chains) {
+                    var attached = disk
+                    attached.attached = chain
+                    attached.attachError = nil
+                    try attached.update(db)
+                }
+            }
+            event(resuming ? "vm-resumed" : "vm-started", name, "worker \(worker.supervisor.pid.map(String.init) ?? "?")")
+        }
+        return try showVM(name)
+    }
+
+    /// Stops the VM's worker: its filters flush, destage and close first.
+    public func stopVM(_ name: String) throws(ControlError) -> VMInfo {
+        try exclusive {
+            var row = try store.read { db in try vmRow(name, db) }
+            guard let worker = liveLock.withLock({ running.removeValue(forKey: name) }) else {
+                throw ControlError.conflict("VM \(name) is not running")
+            }
+            worker.stop()
+            row.desiredState = "stopped"
+            let saved = row
+            try store.write { db in try saved.update(db) }
+            event("vm-stopped", name, "")
+        }
+        return try showVM(name)
+    }
+}

@@ -1,0 +1,228 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterHost
+import IOFilterModel
+import IOFilterNBD
+import IOFilterPosix
+import Logging
+
+/// The host runtime's brain: installed plug-ins, policies, disks and VMs, kept in
+/// SQLite, and the workers that serve them. The HTTP API is a thin layer over it.
+///
+/// Every change goes through `exclusive`, one at a time, so that concurrent API calls
+/// never interleave halfway through a change; reads go straight to the database and
+/// to the live-worker table.
+public final class HostController: @unchecked Sendable {
+    // @unchecked: `running` and `offline` are guarded by `liveLock`; every change to
+    // the database and the workers runs under `operationLock`.
+    public let stateDirectory: String
+    public let logLevel: String
+    public var watchdogSeconds: Double = 30
+    let store: StateStore
+    let logger: Logger
+    private let operationLock = ConditionLock()
+    let liveLock = ConditionLock()
+    /// Running VMs, by name.
+    var running: [String: LiveWorker] = [:]
+    /// Offline sessions, by disk name.
+    var offline: [String: LiveWorker] = [:]
+
+    /// A worker serving disks: a VM's, or an offline session's.
+    struct LiveWorker {
+        let supervisor: WorkerSupervisor
+        let listenFDs: [Int32]
+        /// Disk name to socket path.
+        let sockets: [String: String]
+        let startedAt: String
+
+        func uri(_ disk: String) -> String? {
+            sockets[disk].map { NBDURI.unix(socket: $0, export: disk).description }
+        }
+
+        func stop() {
+            supervisor.stop()
+            for fd in listenFDs { close(fd) }
+            for path in sockets.values { unlink(path) }
+        }
+    }
+
+    public init(stateDirectory: String, logLevel: String = "info", logger: Logger) throws {
+        self.stateDirectory = (stateDirectory as NSString).standardizingPath
+        self.logLevel = logLevel
+        self.logger = logger
+        for directory in ["plugins", "disks", "vms", "offline", "replicas"] {
+            try FileManager.default.createDirectory(atPath: "\(self.stateDirectory)/\(directory)", withIntermediateDirectories: true)
+        }
+        store = try StateStore(path: "\(self.stateDirectory)/iofilterd.sqlite")
+    }
+
+    // MARK: where things live
+
+    var pluginsDirectory: String { "\(stateDirectory)/plugins" }
+    func diskPath(_ name: String) -> String { "\(stateDirectory)/disks/\(name).img" }
+    func diskStateDirectory(_ name: String) -> String { "\(stateDirectory)/disks/\(name).state" }
+    func vmDirectory(_ name: String) -> String { "\(stateDirectory)/vms/\(name)" }
+
+    // MARK: running changes one at a time
+
+    /// Runs one change of state. Database and worker errors become clear API errors.
+    func exclusive<T>(_ body: () throws -> T) throws(ControlError) -> T {
+        do {
+            return try operationLock.withLock(body)
+        } catch let error as ControlError {
+            throw error
+        } catch let error as DatabaseError {
+            logger.error("database: \(error)")
+            throw .internalError("the state database refused the change: \(error.message ?? "\(error)")")
+        } catch {
+            throw .internalError("\(error)")
+        }
+    }
+
+    func read<T>(_ body: (Database) throws -> T) throws(ControlError) -> T {
+        do {
+            return try store.read(body)
+        } catch let error as ControlError {
+            throw error
+        } catch {
+            throw .internalError("cannot read the state database: \(error)")
+        }
+    }
+
+    func event(_ kind: String, _ subject: String, _ message: String) {
+        logger.info("\(kind) \(subject): \(message)")
+        store.record(kind, subject, message)
+    }
+
+    public func events(limit: Int) throws(ControlError) -> [Event] {
+        try read { db in
+            try EventRow.order(Column("id").desc).limit(max(1, min(limit, 1000))).fetchAll(db).reversed().map {
+                Event(id: $0.id ?? 0, time: $0.time, kind: $0.kind, subject: $0.subject, message: $0.message)
+            }
+        }
+    }
+
+    public func hostInfo(apiSocket: String) -> HostInfo {
+        HostInfo(version: "0.1.0", stateDirectory: stateDirectory, apiSocket: apiSocket, pid: getpid(),
+                 runningVMs: liveLock.withLock { running.keys.sorted() })
+    }
+
+    // MARK: starting and stopping the host
+
+    /// Starts every VM that was running when the host last stopped.
+    public func resume() {
+        let names = (try? store.read { db in try VMRow.filter(Column("desiredState") == "running").fetchAll(db).map(\.name) }) ?? []
+        for name in names {
+            do {
+                _ = try startVM(name, resuming: true)
+            } catch {
+                event("vm-start-failed", name, "could not restart after a host restart: \(error.message)")
+            }
+        }
+    }
+
+    /// Stops every worker gracefully (filters flush and close) and leaves each VM's
+    /// desired state as it was, so the next start brings the same VMs back.
+    public func shutdown() {
+        operationLock.withLock {
+            let workers = liveLock.withLock { () -> [(String, LiveWorker)] in
+                let all = running.map { ($0.key, $0.value) } + offline.map { ("offline \($0.key)", $0.value) }
+                running = [:]
+                offline = [:]
+                return all
+            }
+            // Workers stop in parallel: each may take a while to destage or drain.
+            let group = DispatchGroup()
+            for (name, worker) in workers {
+                group.enter()
+                startThread(name: "stop-worker") { [logger] in
+                    logger.info("stopping \(name)")
+                    worker.stop()
+                    group.leave()
+                }
+            }
+            group.wait()
+        }
+    }
+
+    // MARK: workers
+
+    func workerConfiguration(name: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve)
+        -> WorkerConfiguration
+    {
+        WorkerConfiguration(
+            vmName: name, stateDirectory: vmDirectory(name),
+            disks: disks.map {
+                DiskConfiguration(name: $0.row.name, backend: .file(path: $0.row.path), readOnly: $0.readOnly || $0.row.readOnly,
+                                  filters: $0.filters, listenFD: -1, stateDirectory: diskStateDirectory($0.row.name))
+            },
+            watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
+    }
+
+    /// Starts a supervised worker serving `disks`, one unix socket each.
+    func launch(name: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String)
+        throws(ControlError) -> LiveWorker
+    {
+        do {
+            try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
+        } catch {
+            throw .internalError("cannot create \(socketDirectory): \(error)")
+        }
+        var listenFDs: [Int32] = []
+        var sockets: [String: String] = [:]
+        func cleanUp() {
+            listenFDs.forEach { close($0) }
+            sockets.values.forEach { unlink($0) }
+        }
+        for disk in disks {
+            let path = "\(socketDirectory)/\(disk.row.name).sock"
+            guard path.utf8.count < 108 else {
+                cleanUp()
+                throw .conflict("the socket path \(path) is longer than a unix socket allows; use a shorter --state-dir")
+            }
+            unlink(path)
+            do {
+                listenFDs.append(try Sockets.listenUnix(path: path))
+            } catch {
+                cleanUp()
+                throw .internalError("cannot listen on \(path): \(error)")
+            }
+            sockets[disk.row.name] = path
+        }
+        let configuration = workerConfiguration(name: name, disks: disks)
+        var supervisorLogger = logger
+        supervisorLogger[metadataKey: "worker"] = "\(name)"
+        let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
+        do {
+            try supervisor.start()
+        } catch {
+            cleanUp()
+            throw .workerFailed("\(error)")
+        }
+        return LiveWorker(supervisor: supervisor, listenFDs: listenFDs, sockets: sockets, startedAt: StateStore.now())
+    }
+
+    /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.
+    func maintain(_ disk: DiskRow, filters: [PlannedFilter], task: WorkerTask) throws(ControlError) {
+        let configuration = workerConfiguration(name: "maintain-\(disk.name)", disks: [(disk, filters, false)], task: task)
+        do {
+            try MaintenanceWorker.run(configuration, logger: logger)
+        } catch {
+            throw .workerFailed("disk \(disk.name): \(error.message)")
+        }
+    }
+
+    /// The VM or offline session serving `disk` right now, if any.
+    func server(of disk: DiskRow) -> (what: String, worker: LiveWorker)? {
+        liveLock.withLock {
+            if let vm = disk.vm, let worker = running[vm] { return ("VM \(vm)", worker) }
+            if let worker = offline[disk.name] { return ("offline session", worker) }
+            return nil
+        }
+    }
+}
+
+extension ValidationError {
+    var controlError: ControlError { .invalid(description) }
+}

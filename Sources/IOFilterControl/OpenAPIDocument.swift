@@ -1,0 +1,186 @@
+import Foundation
+
+/// The OpenAPI 3.0 document iofilterd serves at /openapi.json: the paths come from the
+/// route table the router dispatches with, the schemas are written out here and must
+/// describe what the API types encode (the API tests hold them to it).
+enum OpenAPIDocument {
+    indirect enum Schema: Sendable {
+        case string, integer, number, boolean
+        /// A string matching a regular expression.
+        case pattern(String)
+        case enumeration([String])
+        case ref(String)
+        case array(Schema)
+        case map(Schema)
+        case object([String: Schema], required: [String])
+
+        var json: [String: Any] {
+            switch self {
+            case .string: ["type": "string"]
+            case .pattern(let expression): ["type": "string", "pattern": expression]
+            case .integer: ["type": "integer"]
+            case .number: ["type": "number"]
+            case .boolean: ["type": "boolean"]
+            case .enumeration(let values): ["type": "string", "enum": values]
+            case .ref(let name): ["$ref": "#/components/schemas/\(name)"]
+            case .array(let element): ["type": "array", "items": element.json]
+            case .map(let value): ["type": "object", "additionalProperties": value.json]
+            case .object(let properties, let required):
+                ["type": "object", "properties": properties.mapValues(\.json), "required": required, "additionalProperties": false]
+            }
+        }
+
+        /// Keys no schema declares, anywhere in `value` ("filters[0].colour"); the API
+        /// refuses them rather than silently ignoring a misspelt field.
+        func unexpectedKeys(in value: Any, at path: String = "") -> [String] {
+            switch self {
+            case .ref(let name): return OpenAPIDocument.schemas[name]?.unexpectedKeys(in: value, at: path) ?? []
+            case .array(let element):
+                guard let items = value as? [Any] else { return [] }
+                return items.enumerated().flatMap { element.unexpectedKeys(in: $0.element, at: "\(path)[\($0.offset)]") }
+            case .map(let element):
+                guard let object = value as? [String: Any] else { return [] }
+                return object.flatMap { element.unexpectedKeys(in: $0.value, at: path.isEmpty ? $0.key : "\(path).\($0.key)") }
+            case .object(let properties, _):
+                guard let object = value as? [String: Any] else { return [] }
+                return object.keys.sorted().flatMap { key -> [String] in
+                    let at = path.isEmpty ? key : "\(path).\(key)"
+                    guard let schema = properties[key] else { return [at] }
+                    return schema.unexpectedKeys(in: object[key]!, at: at)
+                }
+            default: return []
+            }
+        }
+
+        /// "Disk" or "[Disk]".
+        static func named(_ text: String) -> Schema {
+            text.hasPrefix("[") ? .array(.ref(String(text.dropFirst().dropLast()))) : .ref(text)
+        }
+    }
+
+    static let category = Schema.enumeration(["inspection", "replication", "encryption", "cache", "qos"])
+    /// Names of policies, disks and VMs (see `Names`).
+    static let name = Schema.pattern(Names.pattern)
+    /// Bytes, or a number with a K, M, G or T suffix (powers of 1024), that fits 63 bits.
+    static let size = Schema.pattern("^([1-9][0-9]{0,17}|[1-9][0-9]{0,14}K|[1-9][0-9]{0,11}M|[1-9][0-9]{0,8}G|[1-9][0-9]{0,5}T)$")
+    static let absolutePath = Schema.pattern("^/")
+
+    static let schemas: [String: Schema] = [
+        "Error": .object(["error": .string, "message": .string], required: ["error", "message"]),
+        "HostInfo": .object([
+            "version": .string, "stateDirectory": .string, "apiSocket": .string, "pid": .integer, "runningVMs": .array(.string),
+        ], required: ["version", "stateDirectory", "apiSocket", "pid", "runningVMs"]),
+        "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string],
+                         required: ["id", "time", "kind", "subject", "message"]),
+        "Parameter": .object([
+            "name": .string, "description": .string, "kind": .enumeration(["bool", "int", "size", "string", "enum"]),
+            "required": .boolean, "defaultValue": .string, "min": .integer, "max": .integer, "enumValues": .array(.string),
+            "isPath": .boolean,
+        ], required: ["name", "description", "kind", "required", "isPath"]),
+        "Operation": .object(["name": .string, "signature": .string], required: ["name", "signature"]),
+        "Plugin": .object([
+            "name": .string, "version": .string, "vendor": .string, "category": category, "description": .string,
+            "threadModel": .enumeration(["serialize-all", "serialize-per-disk", "parallel"]),
+            "parameters": .array(.ref("Parameter")), "operations": .array(.ref("Operation")), "path": .string,
+            "installedAt": .string, "attachedTo": .array(.string),
+        ], required: ["name", "version", "vendor", "category", "description", "threadModel", "parameters", "operations", "path",
+                      "installedAt", "attachedTo"]),
+        "PluginInstallRequest": .object(["path": absolutePath], required: ["path"]),
+        "PluginCallRequest": .object(["operation": .pattern("^[a-z][a-z0-9_-]*$"), "arguments": .array(.string), "vm": name, "version": .string],
+                                     required: ["operation", "arguments"]),
+        "ManagementResult": .object(["type": .string, "value": .string], required: ["type", "value"]),
+        "Capability": .object([
+            "plugin": .string, "versions": .array(.string), "vendor": .string, "category": category, "description": .string,
+            "parameters": .array(.ref("Parameter")),
+        ], required: ["plugin", "versions", "vendor", "category", "description", "parameters"]),
+        "Capabilities": .object(["categories": .array(category), "plugins": .array(.ref("Capability"))], required: ["categories", "plugins"]),
+        "PolicyRule": .object(["plugin": .string, "version": .string, "parameters": .map(.string)], required: ["plugin", "parameters"]),
+        "Policy": .object(["name": name, "description": .string, "filters": .array(.ref("PolicyRule")), "createdAt": .string],
+                          required: ["name", "description", "filters"]),
+        "ChainEntry": .object(["plugin": .string, "version": .string, "category": category, "parameters": .map(.string)],
+                              required: ["plugin", "version", "category", "parameters"]),
+        "PolicyValidation": .object(["valid": .boolean, "chain": .array(.ref("ChainEntry")), "errors": .array(.string)],
+                                    required: ["valid", "chain", "errors"]),
+        "Compliance": .object(["status": .enumeration(["compliant", "non-compliant", "pending", "none"]), "reason": .string],
+                              required: ["status"]),
+        "Disk": .object([
+            "name": .string, "path": .string, "sizeBytes": .integer, "format": .enumeration(["raw"]), "readOnly": .boolean,
+            "policy": .string, "vm": .string, "uri": .string, "attached": .array(.ref("ChainEntry")), "compliance": .ref("Compliance"),
+            "snapshotOf": .string, "createdAt": .string,
+        ], required: ["name", "path", "sizeBytes", "format", "readOnly", "attached", "compliance", "createdAt"]),
+        "DiskCreateRequest": .object(["name": name, "size": size, "policy": name], required: ["name", "size"]),
+        "DiskImportRequest": .object(["name": name, "source": absolutePath, "policy": name], required: ["name", "source"]),
+        "DiskGrowRequest": .object(["size": size], required: ["size"]),
+        "DiskPolicyRequest": .object(["policy": name], required: []),
+        "DiskDeriveRequest": .object(["name": name, "policy": name], required: ["name"]),
+        "DiskExportRequest": .object(["path": absolutePath], required: ["path"]),
+        "DiskCopyRequest": .object(["target": name], required: ["target"]),
+        "OfflineServeRequest": .object(["readOnly": .boolean], required: ["readOnly"]),
+        "OfflineSession": .object(["disk": .string, "uri": .string, "readOnly": .boolean, "pid": .integer],
+                                  required: ["disk", "uri", "readOnly"]),
+        "TransferReport": .object(["bytes": .integer, "seconds": .number, "through": .string], required: ["bytes", "seconds", "through"]),
+        "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number)],
+                                    required: ["plugin", "version", "category", "stats"]),
+        "DiskStatistics": .object(["disk": .string, "filters": .array(.ref("FilterStatistics"))], required: ["disk", "filters"]),
+        "VMCreateRequest": .object(["name": name, "disks": .array(name)], required: ["name", "disks"]),
+        "VM": .object([
+            "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
+            "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,
+            "createdAt": .string,
+        ], required: ["name", "disks", "state", "restarts", "uris", "filters", "createdAt"]),
+    ]
+
+    static func json(routes: [Route]) -> [UInt8] {
+        var paths: [String: [String: Any]] = [:]
+        let errorContent: [String: Any] = ["application/json": ["schema": Schema.ref("Error").json]]
+        for route in routes {
+            var responses: [String: Any] = [
+                String(route.success.status): [
+                    "description": "Success.", "content": ["application/json": ["schema": Schema.named(route.success.schema).json]],
+                ],
+            ]
+            for status in Set(route.errors + [400, 500]) {
+                responses[String(status)] = ["description": errorDescription(status), "content": errorContent]
+            }
+            var operation: [String: Any] = ["operationId": route.operationID, "summary": route.summary, "responses": responses]
+            var parameters: [[String: Any]] = route.segments.filter { $0.hasPrefix("{") }.map {
+                ["name": String($0.dropFirst().dropLast()), "in": "path", "required": true, "schema": ["type": "string"]]
+            }
+            parameters += route.query.map {
+                ["name": $0.name, "in": "query", "required": false, "description": $0.description, "schema": ["type": $0.type]]
+            }
+            if !parameters.isEmpty { operation["parameters"] = parameters }
+            if let body = route.body {
+                operation["requestBody"] = ["required": true, "content": ["application/json": ["schema": Schema.ref(body).json]]]
+            }
+            paths[route.path, default: [:]][route.method.lowercased()] = operation
+        }
+        paths["/openapi.json"] = ["get": [
+            "operationId": "getOpenAPI", "summary": "This document.",
+            "responses": ["200": ["description": "The OpenAPI document.", "content": ["application/json": ["schema": ["type": "object"]]]]],
+        ]]
+        let document: [String: Any] = [
+            "openapi": "3.0.3",
+            "info": [
+                "title": "iofilterd", "version": "0.1.0",
+                "description": "The swift-iofilter host runtime: plug-ins, policies, disks, VMs and offline access. "
+                    + "Served on a unix socket (and optionally TCP); every error is a JSON Error with a clear message.",
+            ],
+            "paths": paths,
+            "components": ["schemas": schemas.mapValues(\.json)],
+        ]
+        let data = (try? JSONSerialization.data(withJSONObject: document, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
+        return Array(data)
+    }
+
+    static func errorDescription(_ status: Int) -> String {
+        switch status {
+        case 400: "The request is malformed (bad JSON, a bad name or size)."
+        case 404: "A named plug-in, policy, disk or VM does not exist."
+        case 409: "The request conflicts with the current state (in use, running, exists)."
+        case 422: "The request is well-formed but invalid (a policy that does not validate, a bad plug-in)."
+        case 502: "A worker process failed to do its part."
+        default: "An internal error; the state is unchanged."
+        }
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterModel
+
+// The rows iofilterd keeps in SQLite. Nested values (manifests, chains, rules) are
+// stored as JSON columns: they are read and written whole, never queried inside.
+
+struct PluginRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "plugin"
+    var name: String
+    var version: String
+    var category: String
+    var manifest: PluginManifest
+    var installedAt: String
+}
+
+struct PolicyRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "policy"
+    var name: String
+    var description: String
+    var filters: [PolicyRule]
+    var createdAt: String
+
+    var policy: Policy { Policy(name: name, description: description, filters: filters, createdAt: createdAt) }
+}
+
+struct DiskRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "disk"
+    var name: String
+    var path: String
+    var size: Int64
+    var readOnly: Bool
+    var policy: String?
+    /// The chain attached to the disk: what its next open runs (plug-in paths pinned).
+    var attached: [PlannedFilter]
+    /// Why the last attach or detach failed, if it did.
+    var attachError: String?
+    var snapshotOf: String?
+    var vm: String?
+    var createdAt: String
+}
+
+struct VMRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "vm"
+    var name: String
+    var disks: [String]
+    /// "running" or "stopped": what a restarted iofilterd brings back.
+    var desiredState: String
+    var startedAt: String?
+    var createdAt: String
+}
+
+struct EventRow: Codable, FetchableRecord, MutablePersistableRecord {
+    static let databaseTableName = "event"
+    var id: Int64?
+    var time: String
+    var kind: String
+    var subject: String
+    var message: String
+
+    mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
+}
+
+/// iofilterd's persistent state: one SQLite database under the state directory.
+final class StateStore: Sendable {
+    let database: DatabaseQueue
+
+    init(path: String) throws {
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        database = try DatabaseQueue(path: path, configuration: configuration)
+        try Self.migrator.migrate(database)
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.create(table: "plugin") { t in
+                t.column("name", .text).notNull()
+                t.column("version", .text).notNull()
+                t.column("category", .text).notNull()
+                t.column("manifest", .jsonText).notNull()
+                t.column("installedAt", .text).notNull()
+                t.primaryKey(["name", "version"])
+            }
+            try db.create(table: "policy") { t in
+                t.primaryKey("name", .text)
+                t.column("description", .text).notNull()
+                t.column("filters", .jsonText).notNull()
+                t.column("createdAt", .text).notNull()
+            }
+            try db.create(table: "vm") { t in
+                t.primaryKey("name", .text)
+                t.column("disks", .jsonText).notNull()
+                t.column("desiredState", .text).notNull()
+                t.column("startedAt", .text)
+                t.column("createdAt", .text).notNull()
+            }
+            try db.create(table: "disk") { t in
+                t.primaryKey("name", .text)
+                t.column("path", .text).notNull().unique()
+                t.column("size", .integer).notNull()
+                t.column("readOnly", .boolean).notNull()
+                t.column("policy", .text).references("policy", onDelete: .restrict)
+                t.column("attached", .jsonText).notNull()
+                t.column("attachError", .text)
+                t.column("snapshotOf", .text)
+                t.column("vm", .text).references("vm", onDelete: .restrict)
+                t.column("createdAt", .text).notNull()
+            }
+            try db.create(table: "event") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("time", .text).notNull()
+                t.column("kind", .text).notNull()
+                t.column("subject", .text).notNull()
+                t.column("message", .text).notNull()
+            }
+        }
+        return migrator
+    }
+
+    func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
+    func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
+
+    static func now() -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.string(from: Date())
+    }
+
+    /// Records an event; events are history, so failing to record one fails nothing.
+    func record(_ kind: String, _ subject: String, _ message: String) {
+        _ = try? database.write { db in
+            var row = EventRow(id: nil, time: Self.now(), kind: kind, subject: subject, message: message)
+            try row.insert(db)
+            // Keep the table bounded.
+            try db.execute(sql: "DELETE FROM event WHERE id <= ?", arguments: [(row.id ?? 0) - 10_000])
+        }
+    }
+}

@@ -1,0 +1,121 @@
+import ArgumentParser
+import Foundation
+import IOFilterAPI
+import IOFilterHTTP
+
+/// How a command reaches iofilterd; every command that talks to the daemon has these.
+struct DaemonOptions: ParsableArguments {
+    @Option(help: ArgumentHelp(
+        "iofilterd's API socket (default: $IOFILTERD_SOCKET, else STATE-DIR/api.sock of the default state directory).",
+        valueName: "path"))
+    var socket: String?
+
+    @Option(help: ArgumentHelp("The daemon's state directory, to find its socket.", valueName: "dir"))
+    var stateDir: String?
+
+    @Flag(help: "Print the API's JSON answer instead of text.")
+    var json = false
+
+    var socketPath: String {
+        if let socket { return socket }
+        if let stateDir { return "\(stateDir)/api.sock" }
+        if let fromEnvironment = ProcessInfo.processInfo.environment["IOFILTERD_SOCKET"] { return fromEnvironment }
+        if getuid() == 0 { return "/var/lib/iofilter/api.sock" }
+        let base = ProcessInfo.processInfo.environment["XDG_STATE_HOME"] ?? "\(NSHomeDirectory())/.local/state"
+        return "\(base)/iofilter/api.sock"
+    }
+
+    var client: APIClient { APIClient(http: HTTPClient(address: .unix(path: socketPath)), json: json) }
+}
+
+/// A failure the API reported (or reaching it failed); printed as `error: …`.
+struct CLIFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+struct APIClient {
+    let http: HTTPClient
+    let json: Bool
+
+    /// Sends one request and decodes the answer; an error answer becomes a CLIFailure
+    /// with the daemon's message.
+    func send<T: Decodable>(
+        _ method: String, _ path: String, body: (some Encodable)? = Optional<String>.none, query: [String: String] = [:],
+        as type: T.Type = T.self
+    ) throws -> (value: T, raw: [UInt8]) {
+        var bytes: [UInt8] = []
+        var headers: [String: String] = [:]
+        if let body {
+            bytes = Array(try JSONEncoder().encode(body))
+            headers["Content-Type"] = "application/json"
+        }
+        let response: HTTPResponse
+        do {
+            response = try http.send(HTTPRequest(method: method, path: path, query: query, headers: headers, body: bytes))
+        } catch {
+            throw CLIFailure(description: "\(error) (is iofilterd running? start it with `iofilterd`, or pass --socket)")
+        }
+        guard (200..<300).contains(response.status) else {
+            if let problem = try? JSONDecoder().decode(APIErrorBody.self, from: Data(response.body)) {
+                throw CLIFailure(description: problem.message)
+            }
+            throw CLIFailure(description: "iofilterd answered \(response.status) \(HTTPResponse.reason(response.status))")
+        }
+        do {
+            return (try JSONDecoder().decode(T.self, from: Data(response.body)), response.body)
+        } catch {
+            throw CLIFailure(description: "iofilterd's answer does not match this iofilter's version: \(error)")
+        }
+    }
+
+    /// Sends a request and prints the answer: the JSON with --json, else `text`.
+    func run<T: Decodable>(
+        _ method: String, _ path: String, body: (some Encodable)? = Optional<String>.none, query: [String: String] = [:],
+        as type: T.Type = T.self, text: (T) -> String
+    ) throws {
+        let (value, raw) = try send(method, path, body: body, query: query, as: T.self)
+        print(json ? Self.pretty(raw) : text(value))
+    }
+
+    static func pretty(_ raw: [UInt8]) -> String {
+        guard let object = try? JSONSerialization.jsonObject(with: Data(raw)),
+              let data = try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+        else { return String(decoding: raw, as: UTF8.self) }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// Runs a command body, turning failures into `error: …` and exit status 1.
+func reportingFailures(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let failure as CLIFailure {
+        printError(failure.description)
+        throw ExitCode(1)
+    }
+}
+
+/// Columns padded to their widest cell.
+func table(_ header: [String], _ rows: [[String]]) -> String {
+    let all = [header] + rows
+    let widths = header.indices.map { column in all.map { $0[column].count }.max() ?? 0 }
+    return all.map { row in
+        row.enumerated().map { $0.offset == row.count - 1 ? $0.element : $0.element.padding(toLength: widths[$0.offset], withPad: " ", startingAt: 0) }
+            .joined(separator: "  ")
+    }.joined(separator: "\n")
+}
+
+func absolutePath(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+func sizeText(_ bytes: Int64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    return unit == 0 ? "\(bytes) B" : String(format: value == value.rounded() ? "%.0f %@" : "%.1f %@", value, units[unit])
+}

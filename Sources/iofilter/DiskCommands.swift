@@ -1,0 +1,275 @@
+import ArgumentParser
+import Foundation
+import IOFilterAPI
+import IOFilterPosix
+
+struct DiskCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "disk",
+        abstract: "Create, filter, copy and serve virtual disks.",
+        discussion: """
+            Disks are raw images in the host's state directory. A disk's policy decides its \
+            filters; a disk is served by its VM (see `iofilter vm`) or, while no VM runs it, \
+            offline: export, copy, snapshot, clone and `serve --offline` always go through \
+            the disk's filters in a sandboxed worker, so a write-back cache's data, \
+            encryption and replication are honoured.
+
+              iofilter disk create data --size 10G --policy gold
+              iofilter disk compliance data
+              iofilter disk export data /backup/data.img
+            """,
+        subcommands: [
+            Create.self, Import.self, List.self, Show.self, Delete.self, Grow.self, Snapshot.self, Clone.self,
+            AssignPolicy.self, Compliance.self, Export.self, Copy.self, Serve.self,
+        ])
+
+    static func describe(_ disk: DiskInfo) -> String {
+        var lines = [
+            "\(disk.name)  \(sizeText(disk.sizeBytes)) (\(disk.sizeBytes) bytes) \(disk.format)\(disk.readOnly ? ", read-only" : "")",
+            "  file:        \(disk.path)",
+            "  policy:      \(disk.policy ?? "none")",
+            "  compliance:  \(disk.compliance.status.rawValue)\(disk.compliance.reason.map { " (\($0))" } ?? "")",
+            "  VM:          \(disk.vm ?? "none")",
+        ]
+        if let uri = disk.uri { lines.append("  served at:   \(uri)") }
+        if let source = disk.snapshotOf { lines.append("  snapshot of: \(source)") }
+        lines.append("  filters:     " + (disk.attached.isEmpty ? "none"
+            : disk.attached.map { "\($0.plugin) \($0.version) [\($0.category.rawValue)]" }.joined(separator: " -> ")))
+        return lines.joined(separator: "\n")
+    }
+
+    static func summary(_ disk: DiskInfo) -> [String] {
+        [disk.name, sizeText(disk.sizeBytes), disk.policy ?? "-", disk.compliance.status.rawValue, disk.vm ?? "-",
+         disk.snapshotOf.map { "snapshot of \($0)" } ?? (disk.uri ?? "")]
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an empty (sparse) disk.")
+        @Argument(help: "The disk's name.") var name: String
+        @Option(help: "Its size: bytes, or with K, M, G or T (like 10G).") var size: String
+        @Option(help: "A policy to assign; its filters are attached at once.") var policy: String?
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks", body: DiskCreateRequest(name: name, size: size, policy: policy),
+                                      as: DiskInfo.self, text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct Import: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Copy a raw image in as a new disk (holes stay holes).")
+        @Argument(help: "The new disk's name.") var name: String
+        @Option(name: .customLong("from"), help: "The raw image to copy.") var source: String
+        @Option(help: "A policy to assign after the copy.") var policy: String?
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/import", body: DiskImportRequest(name: name, source: absolutePath(source), policy: policy),
+                                      as: DiskInfo.self, text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the disks with their policy and compliance.")
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("GET", "/disks", as: [DiskInfo].self) { disks in
+                    disks.isEmpty ? "no disks; create one with `iofilter disk create NAME --size 1G`"
+                        : table(["NAME", "SIZE", "POLICY", "COMPLIANCE", "VM", "SERVED AT"], disks.map(DiskCommand.summary))
+                }
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a disk.")
+        @Argument(help: "The disk's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("GET", "/disks/\(name)", as: DiskInfo.self, text: DiskCommand.describe) }
+        }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a disk and its data.", discussion: "Refused while a VM owns the disk or anything serves it.")
+        @Argument(help: "The disk's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("DELETE", "/disks/\(name)", as: DiskInfo.self) { "deleted disk \($0.name)" } }
+        }
+    }
+
+    struct Grow: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Grow a disk no VM is running.",
+            discussion: "Its filters are detached and attached again around the change (a cache destages, replication resyncs).")
+        @Argument(help: "The disk's name.") var name: String
+        @Option(help: "The new, larger size.") var size: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(name)/grow", body: DiskGrowRequest(size: size), as: DiskInfo.self, text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct Snapshot: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a read-only snapshot disk of a disk's contents as its consumer sees them.",
+            discussion: "While the disk's VM runs, the snapshot is read through its worker (crash-consistent).")
+        @Argument(help: "The disk.") var disk: String
+        @Argument(help: "The snapshot's name.") var snapshot: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(disk)/snapshot", body: DiskDeriveRequest(name: snapshot), as: DiskInfo.self,
+                                      text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct Clone: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make a new, independent disk with a disk's contents.")
+        @Argument(help: "The disk (or snapshot) to clone.") var disk: String
+        @Argument(help: "The new disk's name.") var clone: String
+        @Option(help: "The new disk's policy.") var policy: String?
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(disk)/clone", body: DiskDeriveRequest(name: clone, policy: policy), as: DiskInfo.self,
+                                      text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct AssignPolicy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "assign-policy",
+            abstract: "Assign a policy to a disk (or remove it with --none).",
+            discussion: """
+                On a disk no VM is running, the filters are attached (their attach callbacks run: \
+                initial replication sync, cache creation) or detached (a write-back cache destages \
+                first) at once. On a running VM's disk the change is pending until the VM's next \
+                start; `disk compliance` says so.
+                """)
+        @Argument(help: "The disk.") var disk: String
+        @Argument(help: "The policy.") var policy: String?
+        @Flag(help: "Remove the disk's policy and detach its filters.") var none = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func validate() throws {
+            guard (policy == nil) == none else { throw ValidationError("give a policy or --none") }
+        }
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("PUT", "/disks/\(disk)/policy", body: DiskPolicyRequest(policy: policy), as: DiskInfo.self,
+                                      text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct Compliance: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Does a disk's chain match its policy?",
+            discussion: "Prints compliant, non-compliant (with the reason), pending (applies at the VM's next start) or none.")
+        @Argument(help: "The disk.") var disk: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("GET", "/disks/\(disk)/compliance", as: IOFilterAPI.Compliance.self) {
+                    $0.status.rawValue + ($0.reason.map { ": \($0)" } ?? "")
+                }
+            }
+        }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a disk, through its filters, to a new raw image file.",
+            discussion: "While the disk's VM runs, it is read through the VM's worker; never around the filters.")
+        @Argument(help: "The disk.") var disk: String
+        @Argument(help: "The raw image to create (must not exist).") var file: String
+        @Flag(help: "Kept for symmetry with `disk serve --offline`: exports always read through the filters.") var offline = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(disk)/export", body: DiskExportRequest(path: absolutePath(file)), as: TransferReport.self) {
+                    "exported \(sizeText($0.bytes)) to \(file) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                }
+            }
+        }
+    }
+
+    struct Copy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy a disk onto another disk, through both disks' filters.",
+            discussion: "The target must exist, be at least as large, and not be in use.")
+        @Argument(help: "The source disk.") var disk: String
+        @Argument(help: "The target disk.") var target: String
+        @Flag(help: "Kept for symmetry with `disk serve --offline`: copies always go through the filters.") var offline = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(disk)/copy", body: DiskCopyRequest(target: target), as: TransferReport.self) {
+                    "copied \(sizeText($0.bytes)) onto \(target) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                }
+            }
+        }
+    }
+
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve a disk no VM is running over NBD, through its filters.",
+            discussion: """
+                Prints the NBD URI and serves until interrupted (Ctrl-C), then stops. With \
+                --detach, leaves the session running; end it with `iofilter disk serve DISK --stop`.
+
+                  iofilter disk serve data --offline --readonly
+                  qemu-img convert -O qcow2 'nbd+unix:///data?socket=…' data.qcow2
+                """)
+        @Argument(help: "The disk.") var disk: String
+        @Flag(help: "Required: serve a disk whose VM is stopped (a running VM's disks are served by the VM).") var offline = false
+        @Flag(help: "Refuse writes.") var readonly = false
+        @Flag(help: "Leave the session running and return.") var detach = false
+        @Flag(help: "Stop a detached session.") var stop = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func validate() throws {
+            guard offline || stop else { throw ValidationError("give --offline (or --stop to end a detached session)") }
+        }
+
+        func run() throws {
+            try reportingFailures {
+                let client = daemon.client
+                if stop {
+                    try client.run("DELETE", "/disks/\(disk)/offline", as: OfflineSession.self) { "stopped serving \($0.disk)" }
+                    return
+                }
+                let signals = TerminationSignals.block()
+                let (session, raw) = try client.send("POST", "/disks/\(disk)/offline", body: OfflineServeRequest(readOnly: readonly),
+                                                     as: OfflineSession.self)
+                print(daemon.json ? APIClient.pretty(raw) : session.uri)
+                if detach { return }
+                FileHandle.standardError.write(Data("serving \(disk) offline\(session.readOnly ? " (read-only)" : ""); Ctrl-C stops\n".utf8))
+                _ = signals.wait()
+                _ = try client.send("DELETE", "/disks/\(disk)/offline", as: OfflineSession.self)
+            }
+        }
+    }
+}

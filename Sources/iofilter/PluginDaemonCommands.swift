@@ -1,0 +1,149 @@
+import ArgumentParser
+import Foundation
+import IOFilterAPI
+import IOFilterModel
+
+extension IOFilterCommand.Plugin {
+    struct Install: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate plug-ins and install them on the host.",
+            discussion: """
+                iofilterd validates each plug-in in a sandboxed worker, then copies it into its \
+                state directory, keyed by name and version. A newer version of a plug-in in use \
+                is picked up by each VM at its next start.
+
+                Example:  iofilter plugin install ./libmyfilter.so
+                """)
+
+        @Argument(help: "Plug-in shared objects (.so).")
+        var plugins: [String]
+
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                for path in plugins {
+                    try daemon.client.run("POST", "/plugins", body: PluginInstallRequest(path: absolutePath(path)), as: PluginInfo.self) {
+                        "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor))"
+                    }
+                }
+            }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the installed plug-ins.")
+
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("GET", "/plugins", as: [PluginInfo].self) { plugins in
+                    plugins.isEmpty ? "no plug-ins installed; add one with `iofilter plugin install PLUGIN.so`" : table(
+                        ["NAME", "VERSION", "CATEGORY", "VENDOR", "ATTACHED TO"],
+                        plugins.map { [$0.name, $0.version, $0.category.rawValue, $0.vendor, $0.attachedTo.joined(separator: ",")] })
+                }
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a plug-in: versions, parameters, operations.")
+
+        @Argument(help: "The plug-in's name (like org.example.cache).")
+        var name: String
+
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("GET", "/plugins/\(name)", as: [PluginInfo].self) { versions in
+                    versions.map(Self.describe).joined(separator: "\n\n")
+                }
+            }
+        }
+
+        static func describe(_ plugin: PluginInfo) -> String {
+            var lines = [
+                "\(plugin.name) \(plugin.version)  [\(plugin.category.rawValue)]  by \(plugin.vendor)",
+                "  \(plugin.description)",
+                "  installed \(plugin.installedAt) at \(plugin.path); thread model \(plugin.threadModel.rawValue)",
+                "  attached to: \(plugin.attachedTo.isEmpty ? "no disk" : plugin.attachedTo.joined(separator: ", "))",
+            ]
+            if !plugin.parameters.isEmpty {
+                lines.append("  parameters:")
+                lines += plugin.parameters.map { parameterLine($0) }
+            }
+            if !plugin.operations.isEmpty {
+                lines.append("  operations:")
+                lines += plugin.operations.map { "    \($0.signature)" }
+            }
+            return lines.joined(separator: "\n")
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Remove a plug-in that no disk has attached.",
+            discussion: "Refused while a disk has it attached or a policy still needs it.")
+
+        @Argument(help: "The plug-in's name.")
+        var name: String
+
+        @Option(help: "Remove only this version (default: every version).")
+        var version: String?
+
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("DELETE", "/plugins/\(name)", query: version.map { ["version": $0] } ?? [:], as: [PluginInfo].self) {
+                    $0.map { "removed \($0.name) \($0.version)" }.joined(separator: "\n")
+                }
+            }
+        }
+    }
+}
+
+func parameterLine(_ spec: ParameterSpec) -> String {
+    var text = "    \(spec.name) (\(spec.expectation))"
+    if spec.required { text += ", required" } else if let value = spec.defaultValue { text += ", default \(value)" }
+    if spec.isPath { text += ", a path" }
+    return text + ": \(spec.description)"
+}
+
+struct Capabilities: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the host's capability catalogue (JSON).",
+        discussion: """
+            What policies may ask for: every installed plug-in by category, with its versions \
+            and the typed parameters a policy may set. This is the storage-provider view (the \
+            VASA/SPBM analog).
+            """)
+
+    @OptionGroup var daemon: DaemonOptions
+
+    func run() throws {
+        try reportingFailures {
+            let (_, raw) = try daemon.client.send("GET", "/capabilities", as: IOFilterAPI.Capabilities.self)
+            print(APIClient.pretty(raw))
+        }
+    }
+}
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the host's recent events.")
+
+    @Option(help: "How many of the newest events.")
+    var limit = 50
+
+    @OptionGroup var daemon: DaemonOptions
+
+    func run() throws {
+        try reportingFailures {
+            try daemon.client.run("GET", "/events", query: ["limit": String(limit)], as: [Event].self) { events in
+                events.map { "\($0.time)  \($0.kind)  \($0.subject)  \($0.message)" }.joined(separator: "\n")
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import IOFilterAPI
+
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Create, start and stop VMs: named sets of disks one sandboxed worker serves.",
+        discussion: """
+            Each running VM has its own worker process, which loads its disks' filters and \
+            serves every disk over NBD on a unix socket. A crashing filter takes down only \
+            that worker, and iofilterd restarts it. VMs that were running start again when \
+            iofilterd restarts, at the same URIs.
+
+              iofilter vm create web --disk data --disk logs
+              iofilter vm start web
+              iofilter vm show web
+            """,
+        subcommands: [Create.self, Start.self, Stop.self, List.self, Show.self, Delete.self])
+
+    static func describe(_ vm: VMInfo) -> String {
+        var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
+        if let started = vm.startedAt { lines.append("  started: \(started)") }
+        for disk in vm.disks {
+            lines.append("  disk \(disk)" + (vm.uris[disk].map { ": \($0)" } ?? ""))
+            for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
+                let stats = filter.stats.sorted { $0.key < $1.key }.map { "\($0.key)=\(number($0.value))" }.joined(separator: " ")
+                lines.append("    \(filter.plugin) \(filter.version) [\(filter.category.rawValue)]: \(stats)")
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    static func number(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? String(Int64(value)) : String(format: "%.3f", value)
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a VM from existing disks.")
+        @Argument(help: "The VM's name.") var name: String
+        @Option(name: .customLong("disk"), help: "A disk of the VM; repeat for each.") var disks: [String] = []
+        @OptionGroup var daemon: DaemonOptions
+
+        func validate() throws {
+            if disks.isEmpty { throw ValidationError("give at least one --disk") }
+        }
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/vms", body: VMCreateRequest(name: name, disks: disks), as: VMInfo.self, text: VMCommand.describe)
+            }
+        }
+    }
+
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Start a VM's worker and print its disks' NBD URIs.",
+            discussion: "Pending policy changes and plug-in upgrades apply now.")
+        @Argument(help: "The VM's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("POST", "/vms/\(name)/start", as: VMInfo.self, text: VMCommand.describe) }
+        }
+    }
+
+    struct Stop: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop a VM's worker; its filters flush and close first.")
+        @Argument(help: "The VM's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("POST", "/vms/\(name)/stop", as: VMInfo.self, text: VMCommand.describe) }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the VMs.")
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("GET", "/vms", as: [VMInfo].self) { vms in
+                    vms.isEmpty ? "no VMs; create one with `iofilter vm create NAME --disk DISK`" : table(
+                        ["NAME", "STATE", "PID", "RESTARTS", "DISKS"],
+                        vms.map { [$0.name, $0.state.rawValue, $0.pid.map(String.init) ?? "-", String($0.restarts), $0.disks.joined(separator: ",")] })
+                }
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a VM: worker, URIs and each filter's statistics.")
+        @Argument(help: "The VM's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("GET", "/vms/\(name)", as: VMInfo.self, text: VMCommand.describe) }
+        }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a stopped VM; its disks are kept.")
+        @Argument(help: "The VM's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures { try daemon.client.run("DELETE", "/vms/\(name)", as: VMInfo.self) { "deleted VM \($0.name)" } }
+        }
+    }
+}

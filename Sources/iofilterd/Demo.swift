@@ -1,0 +1,61 @@
+import Foundation
+import IOFilterAPI
+import IOFilterControl
+import IOFilterHost
+import Logging
+
+/// The README's first command: sample plug-ins, a policy, a disk and a VM, set up once
+/// on an empty state directory and started on every run.
+struct Demo {
+    let controller: HostController
+    let size: String
+    let logger: Logger
+
+    static let vm = "demo"
+    static let disk = "demo-disk"
+    static let policy = "demo"
+
+    func run() throws {
+        if (try? controller.showVM(Self.vm)) == nil { try setUp() }
+        var vm = try controller.showVM(Self.vm)
+        if vm.state == .stopped { vm = try controller.startVM(Self.vm) }
+        let disk = try controller.showDisk(Self.disk)
+        guard let uri = vm.uris[Self.disk] else { throw ControlError.internalErrorText("the demo VM serves no URI") }
+        let chain = disk.attached.map { "\($0.plugin) [\($0.category.rawValue)]" }.joined(separator: " -> ")
+        FileHandle.standardOutput.write(Data("""
+            \(uri)
+            demo VM '\(Self.vm)' (worker pid \(vm.pid.map(String.init) ?? "?")) serves disk '\(Self.disk)' (\(disk.sizeBytes) bytes) through: \(chain)
+            try it:  qemu-img info '\(uri)'
+                     qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
+                     iofilter --socket \(controller.stateDirectory)/api.sock vm show \(Self.vm)
+
+            """.utf8))
+    }
+
+    private func setUp() throws {
+        let directory = (WorkerExecutable.path() as NSString).deletingLastPathComponent
+        var installed: [String: PluginInfo] = [:]
+        for file in ["libiofilter-passthrough-c.so", "libiofilter-replication.so", "libiofilter-cache.so"] {
+            let path = "\(directory)/\(file)"
+            guard FileManager.default.fileExists(atPath: path) else {
+                throw ControlError.internalErrorText("sample plug-in \(path) is missing; build with `swift build`")
+            }
+            let plugin = try controller.installPlugin(path: path)
+            installed[plugin.category.rawValue] = plugin
+        }
+        var rules = [PolicyRule(plugin: installed["inspection"]!.name)]
+        rules.append(PolicyRule(plugin: installed["replication"]!.name,
+                                parameters: ["target": "{state}/replicas/{disk}.replica.img", "mode": "async"]))
+        rules.append(PolicyRule(plugin: installed["cache"]!.name, parameters: ["mode": "write-back", "size": "256M"]))
+        if (try? controller.showPolicy(Self.policy)) == nil {
+            _ = try controller.createPolicy(Policy(
+                name: Self.policy, description: "demo: inspection, async replication to a local replica file, write-back cache",
+                filters: rules))
+        }
+        if (try? controller.showDisk(Self.disk)) == nil {
+            _ = try controller.createDisk(DiskCreateRequest(name: Self.disk, size: size, policy: Self.policy))
+        }
+        _ = try controller.createVM(VMCreateRequest(name: Self.vm, disks: [Self.disk]))
+        logger.info("demo set up: policy \(Self.policy), disk \(Self.disk), VM \(Self.vm)")
+    }
+}
