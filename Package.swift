@@ -130,7 +130,7 @@ let package = Package(
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IOFilterModel", "IOFilterNBD", "IOFilterHost"],
+            dependencies: ["IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl"],
             exclude: ["Fixtures"]),
     ]
 )

@@ -34,6 +34,8 @@ struct APIRequest {
         guard !http.body.isEmpty else { throw ControlError.badRequest("this request needs a JSON body (see /openapi.json)") }
         do {
             return try JSONDecoder().decode(T.self, from: Data(http.body))
+        } catch DecodingError.dataCorrupted(let context) where context.codingPath.isEmpty {
+            throw ControlError.badRequest("the body is not JSON: \(context.underlyingError.map { "\($0)" } ?? context.debugDescription)")
         } catch let error as DecodingError {
             throw ControlError.badRequest("the JSON body does not match \(T.self): \(Self.describe(error))")
         } catch {

@@ -99,23 +99,22 @@ extension HostController {
     /// be, with the reason.
     func compliance(of disk: DiskRow, plugins: [PluginRow], policies: [PolicyRow]) -> Compliance {
         if let error = disk.attachError { return Compliance(status: .nonCompliant, reason: error) }
-        guard let name = disk.policy else {
-            return disk.attached.isEmpty
-                ? Compliance(status: .none, reason: "no policy assigned")
-                : Compliance(status: .nonCompliant, reason: "no policy assigned, but filters are still attached")
-        }
-        guard let policy = policies.first(where: { $0.name == name }) else {
-            return Compliance(status: .nonCompliant, reason: "policy \(name) does not exist")
-        }
-        let desired: [PlannedFilter]
-        do {
-            desired = try plan(policy.policy, disk: disk.name, plugins: plugins)
-        } catch {
-            return Compliance(status: .nonCompliant, reason: error.message)
+        var desired: [PlannedFilter] = []
+        if let name = disk.policy {
+            guard let policy = policies.first(where: { $0.name == name }) else {
+                return Compliance(status: .nonCompliant, reason: "policy \(name) does not exist")
+            }
+            do {
+                desired = try plan(policy.policy, disk: disk.name, plugins: plugins)
+            } catch {
+                return Compliance(status: .nonCompliant, reason: error.message)
+            }
         }
         let have = disk.attached.map(\.entry)
         let want = desired.map(\.entry)
-        if have == want { return Compliance(status: .compliant) }
+        if have == want {
+            return disk.policy == nil ? Compliance(status: .none, reason: "no policy assigned") : Compliance(status: .compliant)
+        }
         var changes: [String] = []
         for entry in want {
             if let current = have.first(where: { $0.plugin == entry.plugin }) {

@@ -51,15 +51,37 @@ public final class WorkerSupervisor: @unchecked Sendable {
     public var restarts: Int { lock.withLock { restartCount } }
 
     /// Starts the worker and waits until it serves; throws if it dies first.
+    ///
+    /// The worker is spawned from the supervising thread, which lives as long as the
+    /// worker is supervised: the kernel's parent-death signal follows the thread that
+    /// spawned a process, so a worker spawned from a short-lived thread (an API
+    /// request's) would be killed when that thread ends.
     public func start() throws {
-        let (process, ready) = try launch()
+        final class Outcome: @unchecked Sendable {
+            // @unchecked: guarded by `lock`.
+            let lock = ConditionLock()
+            var result: Result<(ChildProcess, (ready: Bool, error: String?)), any Error>?
+        }
+        let outcome = Outcome()
+        startThread(name: "supervise") { [self] in
+            let launched = Result { try launch() }
+            if case .success(let (process, ready)) = launched, ready.ready { lock.withLock { child = process } }
+            outcome.lock.withLock {
+                outcome.result = launched
+                outcome.lock.broadcast()
+            }
+            if case .success(let (process, ready)) = launched, ready.ready { supervise(process) }
+        }
+        let launched = outcome.lock.withLock {
+            while outcome.result == nil { outcome.lock.wait() }
+            return outcome.result!
+        }
+        let (process, ready) = try launched.get()
         guard ready.ready else {
             let status = process.wait(timeout: 5) ?? { process.signal(SIGKILL); return process.wait() ?? -1 }()
             let reason = ready.error.map { ": \($0)" } ?? ""
             throw SupervisorError(message: "the worker for \(configuration.vmName) \(ChildProcess.describe(status: status)) before it was ready\(reason)")
         }
-        lock.withLock { child = process }
-        startThread(name: "supervise") { [self] in supervise(process) }
     }
 
     /// Waits until a worker newer than `generation` is ready (tests, restarts).

@@ -39,6 +39,9 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("Also serve the API on TCP, e.g. 127.0.0.1:8080 (no authentication: loopback only).", valueName: "host:port"))
     var listen: String?
 
+    @Flag(help: "Do not start the VMs that were running when the host stopped (they stay marked running for the next start).")
+    var noResume = false
+
     @Flag(help: "Set up (first time) and start the demo VM, and print its NBD URI.")
     var demo = false
 
@@ -88,7 +91,7 @@ struct IOFilterDaemon: ParsableCommand {
             logger.info("API on http://\(listen)")
         }
 
-        controller.resume()
+        if !noResume { controller.resume() }
         if demo {
             do {
                 try Demo(controller: controller, size: demoSize, logger: logger).run()

@@ -19,6 +19,7 @@
  *   hang-on-read    never return from start for reads past the first MiB
  *   fail-writes     fail every write with ENOSPC
  *   open-outside    in open, try to create `marker` (outside the sandbox's paths), log the errno
+ *   refuse-open     fail open with EACCES (a worker that cannot start)
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
  *                   a toy encryption, so that the disk holds different bytes
  */
@@ -68,7 +69,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 }
 #endif
 
-enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE };
+enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -146,10 +147,14 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     inst->disk = disk;
     const char *b = host->param(disk, "behaviour");
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                        "hang-on-read", "fail-writes", "invert", "open-outside"};
-    for (int i = 0; b && i < 8; i++)
+                                        "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open"};
+    for (int i = 0; b && i < 9; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
+    if (inst->behaviour == REFUSE_OPEN) {
+        free(inst);
+        return EACCES;
+    }
     if (inst->behaviour == EXEC_ON_OPEN) {
         const char *marker = host->param(disk, "marker");
         char command[512];
@@ -232,7 +237,7 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 /* --- descriptor ------------------------------------------------------------------- */
 
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                         "hang-on-read", "fail-writes", "invert", "open-outside", NULL};
+                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif

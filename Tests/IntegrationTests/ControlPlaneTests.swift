@@ -1,0 +1,319 @@
+import Foundation
+import IOFilterAPI
+import Testing
+
+/// iofilterd end to end, through the `iofilter` CLI against a real daemon, real workers,
+/// real plug-ins and real NBD clients.
+@Suite("control plane", .serialized)
+struct ControlPlaneTests {
+    static let cache = "org.swift-iofilter.cache"
+    static let replication = "org.swift-iofilter.replication"
+    static let passthrough = "org.swift-iofilter.passthrough-c"
+
+    static func installSamples(_ daemon: Daemon) throws {
+        try daemon.ok(["plugin", "install"] + ["iofilter-cache", "iofilter-replication", "iofilter-passthrough-c"].map(Daemon.samplePlugin))
+    }
+
+    static func readsBack(_ path: String, _ pattern: String, _ offset: String, _ length: String) -> Bool {
+        let result = try? Harness.run(Harness.tool("qemu-io"), ["-r", "-f", "raw", "-c", "read -P \(pattern) \(offset) \(length)", path])
+        return result?.status == 0 && result?.stdout.contains("Pattern verification failed") == false
+    }
+
+    /// Exited (a zombie counts: in a container nobody may reap an orphan).
+    static func isGone(_ pid: Int32, within seconds: Double = 5) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+            if let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z" { return true }
+            usleep(50_000)
+        } while Date() < deadline
+        return false
+    }
+
+    @Test func aPolicyLifecycleAttachesDetachesAndGuardsWhatIsInUse() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        let plugins: [PluginInfo] = try daemon.json(["plugin", "list"])
+        #expect(Set(plugins.map(\.name)) == [Self.cache, Self.replication, Self.passthrough])
+        for plugin in plugins {
+            #expect(plugin.path.hasPrefix(daemon.state.path + "/plugins/\(plugin.name)/1.0.0/"))
+            #expect(FileManager.default.fileExists(atPath: plugin.path))
+        }
+        // Installing the same build again is a no-op, not a second copy.
+        try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-cache")])
+        let catalogue: Capabilities = try daemon.json(["capabilities"])
+        #expect(catalogue.categories.map(\.rawValue) == ["inspection", "replication", "encryption", "cache", "qos"])
+        #expect(catalogue.plugins.first { $0.plugin == Self.cache }?.parameters.contains { $0.name == "mode" && $0.kind == .enum } == true)
+
+        // Validation: types and ranges, unknown plug-ins, one filter per category.
+        let badMode = try daemon.cli(["policy", "validate", "draft", "--filter", "\(Self.cache):mode=sideways"])
+        #expect(badMode.status == 1)
+        #expect(badMode.stdout.contains("mode") && badMode.stdout.contains("write-back"))
+        #expect(try daemon.refused(["policy", "create", "p0", "--filter", "org.example.nothing"]).contains("not installed"))
+        let directory = Harness.temporaryDirectory("plugins")
+        try daemon.ok(["plugin", "install", try Harness.buildTestPlugin("other-cache", in: directory)])
+        let twoCaches = try daemon.cli(["policy", "validate", "x", "--filter", Self.cache, "--filter", "org.test.filter"])
+        #expect(twoCaches.status == 1)
+        #expect(twoCaches.stdout.contains(Self.cache) && twoCaches.stdout.contains("org.test.filter"))
+
+        try daemon.ok([
+            "policy", "create", "gold", "--description", "replicated and cached",
+            "--filter", "\(Self.replication):target={state}/replicas/{disk}.img,mode=async",
+            "--filter", "\(Self.cache):mode=write-back,size=16M",
+        ])
+        #expect(try daemon.refused(["policy", "create", "gold", "--filter", Self.cache]).contains("exists"))
+        #expect(try daemon.ok(["policy", "validate", "gold"]).contains("\(Self.replication) 1.0.0 [replication] -> \(Self.cache) 1.0.0 [cache]"))
+
+        // Assigning a policy to an idle disk attaches its filters at once.
+        try daemon.ok(["disk", "create", "d1", "--size", "32M", "--policy", "gold"])
+        #expect(try daemon.ok(["disk", "compliance", "d1"]) == "compliant\n")
+        let sidecars = daemon.state.appendingPathComponent("disks/d1.state").path
+        #expect(FileManager.default.fileExists(atPath: "\(sidecars)/\(Self.replication)/regions.map"))
+        #expect(FileManager.default.fileExists(atPath: "\(sidecars)/\(Self.cache)"))
+
+        // What is in use cannot go.
+        #expect(try daemon.refused(["plugin", "remove", Self.cache]).contains("in use"))
+        #expect(try daemon.refused(["policy", "delete", "gold"]).contains("assigned"))
+
+        try daemon.ok(["vm", "create", "vm1", "--disk", "d1"])
+        let started: VMInfo = try daemon.json(["vm", "start", "vm1"])
+        let uri = try #require(started.uris["d1"])
+        _ = try Harness.qemuIO(uri, ["write -P 0x5a 0 4M", "flush"])
+        let shown: VMInfo = try daemon.json(["vm", "show", "vm1"])
+        #expect(shown.state == .running && shown.pid == started.pid && shown.restarts == 0)
+        #expect(shown.filters.first?.filters.map(\.plugin) == [Self.replication, Self.cache])
+        #expect((shown.filters.first?.filters.last?.stats["dirty_bytes"] ?? 0) + (shown.filters.first?.filters.last?.stats["destaged_bytes"] ?? 0) > 0)
+        #expect(try daemon.ok(["plugin", "call", Self.cache, "status", "--vm", "vm1"]).contains("vm1/d1: write-back"))
+
+        // Removing the policy of a running VM's disk waits for the VM's next start.
+        try daemon.ok(["disk", "assign-policy", "d1", "--none"])
+        let pending = try daemon.ok(["disk", "compliance", "d1"])
+        #expect(pending.hasPrefix("pending: detach \(Self.replication), detach \(Self.cache)"), "\(pending)")
+        try daemon.ok(["vm", "stop", "vm1"])
+        try daemon.ok(["vm", "start", "vm1"])
+        #expect(try daemon.ok(["disk", "compliance", "d1"]).hasPrefix("none"))
+        #expect(!FileManager.default.fileExists(atPath: "\(sidecars)/\(Self.cache)"))
+        // The write-back cache destaged before it was detached: the raw file has the data.
+        #expect(Self.readsBack(daemon.state.appendingPathComponent("disks/d1.img").path, "0x5a", "0", "4M"))
+        try daemon.ok(["vm", "stop", "vm1"])
+
+        #expect(try daemon.refused(["plugin", "remove", Self.cache]).contains("policy gold"))
+        try daemon.ok(["policy", "delete", "gold"])
+        try daemon.ok(["plugin", "remove", Self.cache])
+        let left: [PluginInfo] = try daemon.json(["plugin", "list"])
+        #expect(!left.contains { $0.name == Self.cache })
+        #expect(!FileManager.default.fileExists(atPath: daemon.state.appendingPathComponent("plugins/\(Self.cache)").path))
+        let events = try daemon.ok(["events"])
+        for kind in ["plugin-installed", "policy-created", "filters-attached", "vm-started", "filters-detached", "plugin-removed"] {
+            #expect(events.contains(kind))
+        }
+    }
+
+    @Test func aPluginUpgradeAppliesAtTheNextVMStart() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let directory = Harness.temporaryDirectory("upgrade")
+        let old = try Harness.buildTestPlugin("filter-1.0", defines: ["PLUGIN_VERSION=\"1.0.0\""], in: directory)
+        let new = try Harness.buildTestPlugin("filter-1.1", defines: ["PLUGIN_VERSION=\"1.1.0\""], in: directory)
+        try daemon.ok(["plugin", "install", old])
+        try daemon.ok(["policy", "create", "p", "--filter", "org.test.filter"])
+        try daemon.ok(["disk", "create", "u1", "--size", "16M", "--policy", "p"])
+        try daemon.ok(["vm", "create", "vmu", "--disk", "u1"])
+        try daemon.ok(["vm", "start", "vmu"])
+        try daemon.ok(["plugin", "install", new])
+        #expect(try daemon.ok(["disk", "compliance", "u1"]).contains("pending: upgrade org.test.filter 1.0.0 -> 1.1.0 at the next start of VM vmu"))
+        var shown: VMInfo = try daemon.json(["vm", "show", "vmu"])
+        #expect(shown.filters.first?.filters.first?.version == "1.0.0")
+        #expect(try daemon.refused(["plugin", "remove", "org.test.filter", "--version", "1.0.0"]).contains("in use"))
+        try daemon.ok(["vm", "stop", "vmu"])
+        try daemon.ok(["vm", "start", "vmu"])
+        shown = try daemon.json(["vm", "show", "vmu"])
+        #expect(shown.filters.first?.filters.first?.version == "1.1.0")
+        #expect(try daemon.ok(["disk", "compliance", "u1"]) == "compliant\n")
+        try daemon.ok(["plugin", "remove", "org.test.filter", "--version", "1.0.0"])
+        let versions: [PluginInfo] = try daemon.json(["plugin", "show", "org.test.filter"])
+        #expect(versions.map(\.version) == ["1.1.0"])
+    }
+
+    @Test func aRestartedDaemonServesTheSameVMsAtTheSameURIs() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        try daemon.ok(["policy", "create", "wb", "--filter", "\(Self.cache):mode=write-back,size=16M"])
+        try daemon.ok(["disk", "create", "a", "--size", "32M", "--policy", "wb"])
+        try daemon.ok(["disk", "create", "b", "--size", "32M"])
+        try daemon.ok(["vm", "create", "va", "--disk", "a"])
+        try daemon.ok(["vm", "create", "vb", "--disk", "b"])
+        let va: VMInfo = try daemon.json(["vm", "start", "va"])
+        let vb: VMInfo = try daemon.json(["vm", "start", "vb"])
+        _ = try Harness.qemuIO(va.uris["a"]!, ["write -P 0x11 0 2M", "flush"])
+        _ = try Harness.qemuIO(vb.uris["b"]!, ["write -P 0x22 0 2M", "flush"])
+
+        daemon.stop()
+        // A graceful stop stops the workers too.
+        for pid in [va.pid!, vb.pid!] { #expect(Self.isGone(pid)) }
+        try daemon.start()
+        let vms: [VMInfo] = try daemon.json(["vm", "list"])
+        #expect(vms.map(\.name) == ["va", "vb"])
+        #expect(vms.allSatisfy { $0.state == .running })
+        #expect(vms[0].uris == va.uris && vms[1].uris == vb.uris)
+        #expect(vms[0].pid != va.pid && vms[1].pid != vb.pid)
+        #expect(try Harness.qemuIO(va.uris["a"]!, ["read -P 0x11 0 2M"]).contains("read 2097152/2097152"))
+        #expect(try Harness.qemuIO(vb.uris["b"]!, ["read -P 0x22 0 2M"]).contains("read 2097152/2097152"))
+        #expect(try daemon.ok(["events"]).contains("vm-resumed"))
+        // Stopped VMs stay stopped across a restart.
+        try daemon.ok(["vm", "stop", "vb"])
+        daemon.stop()
+        try daemon.start()
+        let again: [VMInfo] = try daemon.json(["vm", "list"])
+        #expect(again.map(\.state) == [.running, .stopped])
+    }
+
+    @Test func offlineAccessGoesThroughAWriteBackCache() throws {
+        let daemon = try Daemon()
+        defer { daemon.kill(SIGKILL) }
+        try Self.installSamples(daemon)
+        // Destaging only when the cache closes: dirty data stays in the cache file.
+        try daemon.ok(["policy", "create", "wb", "--filter", "\(Self.cache):mode=write-back,size=16M,destage-interval-ms=600000"])
+        try daemon.ok(["disk", "create", "c", "--size", "32M", "--policy", "wb"])
+        try daemon.ok(["vm", "create", "vc", "--disk", "c"])
+        let vm: VMInfo = try daemon.json(["vm", "start", "vc"])
+        _ = try Harness.qemuIO(vm.uris["c"]!, ["write -P 0x77 1M 2M", "flush"])
+        let raw = daemon.state.appendingPathComponent("disks/c.img").path
+        #expect(Self.readsBack(raw, "0", "1M", "2M"), "the test needs the new data to sit only in the cache")
+
+        // While the VM runs, an export reads through its worker.
+        let scratch = Harness.temporaryDirectory("exports")
+        let online = scratch.appendingPathComponent("online.img").path
+        #expect(try daemon.ok(["disk", "export", "c", online]).contains("through the VM vc"))
+        #expect(Self.readsBack(online, "0x77", "1M", "2M"))
+        #expect(try daemon.refused(["disk", "serve", "c", "--offline"]).contains("while VM vc serves it"))
+        #expect(try daemon.refused(["disk", "export", "c", online]).contains("exists"))
+
+        // The host dies hard (its workers with it): the flushed data is in the cache only.
+        daemon.kill(SIGKILL)
+        #expect(Self.isGone(vm.pid!))
+        #expect(Self.readsBack(raw, "0", "1M", "2M"))
+        try daemon.start(["--no-resume"])
+        let stopped: VMInfo = try daemon.json(["vm", "show", "vc"])
+        #expect(stopped.state == .stopped)
+
+        // An offline session serves the disk through its chain.
+        let session: OfflineSession = try daemon.json(["disk", "serve", "c", "--offline", "--readonly", "--detach"])
+        #expect(Self.readsBack(session.uri, "0x77", "1M", "2M"))
+        #expect(try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write 0 4k", session.uri]).status != 0)
+        #expect(try daemon.refused(["vm", "start", "vc"]).contains("offline session"))
+        try daemon.ok(["disk", "serve", "c", "--stop"])
+
+        // An offline export equals what the guest wrote.
+        let offline = scratch.appendingPathComponent("offline.img").path
+        #expect(try daemon.ok(["disk", "export", "c", offline]).contains("through the offline worker"))
+        #expect(try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", online, offline]).contains("identical"))
+
+        // Copies and clones read through the chain too.
+        try daemon.ok(["disk", "clone", "c", "c2"])
+        #expect(Self.readsBack(daemon.state.appendingPathComponent("disks/c2.img").path, "0x77", "1M", "2M"))
+        try daemon.ok(["disk", "snapshot", "c", "c-snap"])
+        let snapshot: DiskInfo = try daemon.json(["disk", "show", "c-snap"])
+        #expect(snapshot.readOnly && snapshot.snapshotOf == "c")
+        try daemon.ok(["disk", "create", "c3", "--size", "32M"])
+        try daemon.ok(["disk", "copy", "c", "c3"])
+        #expect(Self.readsBack(daemon.state.appendingPathComponent("disks/c3.img").path, "0x77", "1M", "2M"))
+        #expect(try daemon.refused(["disk", "copy", "c", "c-snap"]).contains("read-only"))
+        try daemon.ok(["vm", "start", "vc"])
+    }
+
+    @Test func concurrentAPICallsLeaveAConsistentState() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        try daemon.ok(["policy", "create", "wt", "--filter", "\(Self.cache):mode=write-through,size=4M"])
+        let group = DispatchGroup()
+        let results = Locked<[String: Int32]>([:])
+        for worker in 0..<6 {
+            DispatchQueue.global().async(group: group) {
+                for index in 0..<3 {
+                    let name = "w\(worker)-\(index)"
+                    let created = (try? daemon.cli(["disk", "create", name, "--size", "8M"] + (index == 0 ? ["--policy", "wt"] : [])))?.status ?? -1
+                    // Everyone races for the same name too: exactly one may win.
+                    let contested = (try? daemon.cli(["disk", "create", "contested", "--size", "8M"]))?.status ?? -1
+                    _ = try? daemon.cli(["disk", "list"])
+                    results.withLock {
+                        $0[name] = created
+                        $0["contested-\(worker)-\(index)"] = contested
+                    }
+                }
+            }
+        }
+        group.wait()
+        let outcome = results.withLock { $0 }
+        #expect(outcome.filter { $0.key.hasPrefix("w") }.allSatisfy { $0.value == 0 })
+        #expect(outcome.filter { $0.key.hasPrefix("contested") && $0.value == 0 }.count == 1)
+        let disks: [DiskInfo] = try daemon.json(["disk", "list"])
+        #expect(disks.count == 19)
+        for disk in disks {
+            #expect(FileManager.default.fileExists(atPath: disk.path))
+            #expect(disk.compliance.status == (disk.policy == nil ? .none : .compliant))
+        }
+        let files = try FileManager.default.contentsOfDirectory(atPath: daemon.state.appendingPathComponent("disks").path)
+        #expect(files.filter { $0.hasSuffix(".img") }.count == 19)
+        let check = try Harness.check(Harness.tool("sqlite3"), [daemon.state.appendingPathComponent("iofilterd.sqlite").path, "PRAGMA integrity_check"])
+        #expect(check == "ok\n")
+    }
+
+    @Test func failuresAnswerWithClearJSONAndChangeNothing() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        func expectError(_ method: String, _ path: String, _ body: String?, status: Int, code: String, saying text: String) throws {
+            let response = try daemon.http(method, path, body: body)
+            #expect(response.status == status, "\(method) \(path): \(String(decoding: response.body, as: UTF8.self))")
+            let problem = try JSONDecoder().decode(APIErrorBody.self, from: Data(response.body))
+            #expect(problem.error == code)
+            #expect(problem.message.contains(text), "\(problem.message)")
+        }
+        try expectError("POST", "/disks", "{not json", status: 400, code: "bad-request", saying: "not JSON")
+        try expectError("POST", "/disks", #"{"name":"d"}"#, status: 400, code: "bad-request", saying: "missing field 'size'")
+        try expectError("POST", "/disks", #"{"name":"d","size":"1G","colour":"red"}"#, status: 400, code: "bad-request", saying: "colour")
+        try expectError("POST", "/disks", #"{"name":"../etc","size":"1G"}"#, status: 400, code: "bad-request", saying: "not valid")
+        try expectError("POST", "/disks", #"{"name":"d","size":"lots"}"#, status: 400, code: "bad-request", saying: "not a positive size")
+        try expectError("POST", "/disks", #"{"name":"d","size":"1M","policy":"nope"}"#, status: 404, code: "not-found", saying: "no policy named nope")
+        try expectError("GET", "/vms/ghost", nil, status: 404, code: "not-found", saying: "no VM named ghost")
+        try expectError("POST", "/vms", #"{"name":"v","disks":["ghost"]}"#, status: 404, code: "not-found", saying: "no disk named ghost")
+        try expectError("GET", "/nowhere", nil, status: 404, code: "no-route", saying: "no API route")
+        try expectError("PATCH", "/disks", nil, status: 405, code: "method-not-allowed", saying: "GET, POST")
+        try expectError("POST", "/plugins", #"{"path":"/etc/hostname"}"#, status: 422, code: "invalid", saying: "not a valid plug-in")
+
+        // A worker that will not start: a policy whose plug-in refuses to open the disk.
+        let directory = Harness.temporaryDirectory("refuses")
+        try daemon.ok(["plugin", "install", try Harness.buildTestPlugin("refuses", in: directory)])
+        try daemon.ok(["policy", "create", "broken", "--filter", "org.test.filter:behaviour=refuse-open"])
+        try daemon.ok(["disk", "create", "d", "--size", "16M"])
+        try daemon.ok(["vm", "create", "v", "--disk", "d"])
+        try daemon.ok(["disk", "assign-policy", "d", "broken"])
+        let refusal = try daemon.refused(["vm", "start", "v"])
+        #expect(refusal.contains("open failed"), "\(refusal)")
+        let vm: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(vm.state == .stopped)
+        #expect(try daemon.ok(["disk", "compliance", "d"]).hasPrefix("non-compliant: VM v could not start"))
+        #expect(!FileManager.default.fileExists(atPath: daemon.state.appendingPathComponent("vms/v/d.sock").path))
+
+        // Nothing above changed what exists.
+        let disks: [DiskInfo] = try daemon.json(["disk", "list"])
+        #expect(disks.map(\.name) == ["d"])
+        let vms: [VMInfo] = try daemon.json(["vm", "list"])
+        #expect(vms.map(\.name) == ["v"])
+    }
+}
+
+final class Locked<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Value
+    init(_ value: Value) { self.value = value }
+    func withLock<T>(_ body: (inout Value) -> T) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&value)
+    }
+}

@@ -1,0 +1,98 @@
+import Foundation
+import IOFilterAPI
+import IOFilterHTTP
+import Testing
+
+/// A real iofilterd on a state directory of its own, driven through the real `iofilter`
+/// CLI (and, where a test checks the wire, through raw HTTP on its socket).
+final class Daemon: @unchecked Sendable {
+    let state: URL
+    let extraArguments: [String]
+    private(set) var process: Process?
+    private var errors: ReadAll?
+    var socket: String { state.appendingPathComponent("api.sock").path }
+
+    init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = []) throws {
+        self.state = state
+        self.extraArguments = arguments
+        try start()
+    }
+
+    deinit { kill(SIGKILL) }
+
+    /// Starts iofilterd and waits until its API answers.
+    func start(_ more: [String] = []) throws {
+        let process = Process()
+        process.executableURL = Harness.binDirectory.appendingPathComponent("iofilterd")
+        process.arguments = ["--state-dir", state.path] + extraArguments + more
+        let err = Pipe()
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = err
+        try process.run()
+        self.process = process
+        errors = ReadAll(err.fileHandleForReading)
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            if process.isRunning == false { throw HarnessError("iofilterd exited: \(log)") }
+            if FileManager.default.fileExists(atPath: socket), (try? cli(["vm", "list"]).status) == 0 { return }
+            usleep(50_000)
+        }
+        throw HarnessError("iofilterd did not answer within 60s: \(log)")
+    }
+
+    var log: String { errors?.snapshot() ?? "" }
+
+    /// SIGTERM: the graceful stop.
+    func stop() {
+        guard let process, process.isRunning else { return }
+        process.terminate()
+        process.waitUntilExit()
+        self.process = nil
+    }
+
+    func kill(_ signal: Int32) {
+        guard let process, process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, signal)
+        process.waitUntilExit()
+        self.process = nil
+    }
+
+    /// Runs `iofilter ARGS --socket …`.
+    @discardableResult
+    func cli(_ arguments: [String], timeout: Double = 120) throws -> Harness.Output {
+        try Harness.run(Harness.iofilter, arguments + ["--socket", socket], timeout: timeout)
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    @discardableResult
+    func ok(_ arguments: [String]) throws -> String {
+        let result = try cli(arguments)
+        guard result.status == 0 else {
+            throw HarnessError("iofilter \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr)\ndaemon log:\n\(log.suffix(3000))")
+        }
+        return result.stdout
+    }
+
+    /// Runs a CLI command that must fail; returns its `error:` line.
+    func refused(_ arguments: [String]) throws -> String {
+        let result = try cli(arguments)
+        guard result.status != 0 else { throw HarnessError("iofilter \(arguments.joined(separator: " ")) succeeded: \(result.stdout)") }
+        return result.stderr
+    }
+
+    /// A CLI command's --json answer, decoded.
+    func json<T: Decodable>(_ arguments: [String], as type: T.Type = T.self) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(try ok(arguments + ["--json"]).utf8))
+    }
+
+    /// Raw HTTP on the API socket.
+    func http(_ method: String, _ path: String, body: String? = nil) throws -> HTTPResponse {
+        let client = HTTPClient(address: .unix(path: socket))
+        return try client.send(HTTPRequest(method: method, path: path, headers: body == nil ? [:] : ["Content-Type": "application/json"],
+                                           body: Array((body ?? "").utf8)))
+    }
+
+    static func samplePlugin(_ name: String) -> String {
+        Harness.binDirectory.appendingPathComponent("lib\(name).so").path
+    }
+}
