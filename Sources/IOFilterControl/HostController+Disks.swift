@@ -290,7 +290,7 @@ extension HostController {
     public func copyDisk(_ name: String, _ request: DiskCopyRequest) throws(ControlError) -> TransferReport {
         try exclusive {
             let (source, target) = try store.read { db in (try diskRow(name, db), try diskRow(request.target, db)) }
-            guard source.name != target.name else { throw ControlError.badRequest("a disk cannot be copied onto itself") }
+            guard source.name != target.name else { throw ControlError.conflict("a disk cannot be copied onto itself") }
             try requireIdle(target, for: "copy onto")
             if target.readOnly { throw ControlError.conflict("disk \(target.name) is a read-only snapshot") }
             guard target.size >= source.size else {

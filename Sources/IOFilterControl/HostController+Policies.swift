@@ -52,6 +52,7 @@ extension HostController {
 
     /// Checks a policy (stored or not) against the plug-ins installed now.
     public func validatePolicy(_ policy: Policy) throws(ControlError) -> PolicyValidation {
+        try Names.check(policy.name, kind: "policy")
         let plugins = try read { db in try PluginRow.fetchAll(db) }
         var errors: [String] = []
         if policy.filters.isEmpty { errors.append("policy \(policy.name) names no filters") }

@@ -11,6 +11,8 @@ enum OpenAPIDocument {
         case enumeration([String])
         case ref(String)
         case array(Schema)
+        /// An array of at least one element.
+        case nonEmpty(Schema)
         case map(Schema)
         case object([String: Schema], required: [String])
 
@@ -24,6 +26,7 @@ enum OpenAPIDocument {
             case .enumeration(let values): ["type": "string", "enum": values]
             case .ref(let name): ["$ref": "#/components/schemas/\(name)"]
             case .array(let element): ["type": "array", "items": element.json]
+            case .nonEmpty(let element): ["type": "array", "items": element.json, "minItems": 1]
             case .map(let value): ["type": "object", "additionalProperties": value.json]
             case .object(let properties, let required):
                 ["type": "object", "properties": properties.mapValues(\.json), "required": required, "additionalProperties": false]
@@ -35,7 +38,7 @@ enum OpenAPIDocument {
         func unexpectedKeys(in value: Any, at path: String = "") -> [String] {
             switch self {
             case .ref(let name): return OpenAPIDocument.schemas[name]?.unexpectedKeys(in: value, at: path) ?? []
-            case .array(let element):
+            case .array(let element), .nonEmpty(let element):
                 guard let items = value as? [Any] else { return [] }
                 return items.enumerated().flatMap { element.unexpectedKeys(in: $0.element, at: "\(path)[\($0.offset)]") }
             case .map(let element):
@@ -94,8 +97,8 @@ enum OpenAPIDocument {
             "parameters": .array(.ref("Parameter")),
         ], required: ["plugin", "versions", "vendor", "category", "description", "parameters"]),
         "Capabilities": .object(["categories": .array(category), "plugins": .array(.ref("Capability"))], required: ["categories", "plugins"]),
-        "PolicyRule": .object(["plugin": .string, "version": .string, "parameters": .map(.string)], required: ["plugin", "parameters"]),
-        "Policy": .object(["name": name, "description": .string, "filters": .array(.ref("PolicyRule")), "createdAt": .string],
+        "PolicyRule": .object(["plugin": .pattern("^[a-z0-9-]+(\\.[a-z0-9-]+)+$"), "version": .pattern("^[0-9]+\\.[0-9]+\\.[0-9]+"), "parameters": .map(.string)], required: ["plugin", "parameters"]),
+        "Policy": .object(["name": name, "description": .string, "filters": .nonEmpty(.ref("PolicyRule")), "createdAt": .string],
                           required: ["name", "description", "filters"]),
         "ChainEntry": .object(["plugin": .string, "version": .string, "category": category, "parameters": .map(.string)],
                               required: ["plugin", "version", "category", "parameters"]),
@@ -122,7 +125,7 @@ enum OpenAPIDocument {
         "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number)],
                                     required: ["plugin", "version", "category", "stats"]),
         "DiskStatistics": .object(["disk": .string, "filters": .array(.ref("FilterStatistics"))], required: ["disk", "filters"]),
-        "VMCreateRequest": .object(["name": name, "disks": .array(name)], required: ["name", "disks"]),
+        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name)], required: ["name", "disks"]),
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
             "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,

@@ -27,7 +27,7 @@ struct Demo {
             demo VM '\(Self.vm)' (worker pid \(vm.pid.map(String.init) ?? "?")) serves disk '\(Self.disk)' (\(disk.sizeBytes) bytes) through: \(chain)
             try it:  qemu-img info '\(uri)'
                      qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
-                     iofilter --socket \(controller.stateDirectory)/api.sock vm show \(Self.vm)
+                     iofilter vm show \(Self.vm) --socket \(controller.stateDirectory)/api.sock
 
             """.utf8))
     }

@@ -103,7 +103,7 @@ struct IOFilterDaemon: ParsableCommand {
                 throw ExitCode(1)
             }
         }
-        FileHandle.standardError.write(Data("iofilterd: ready; state in \(absoluteState); try `iofilter --socket \(apiSocket) vm list`\n".utf8))
+        FileHandle.standardError.write(Data("iofilterd: ready; state in \(absoluteState); try `iofilter vm list --socket \(apiSocket)`\n".utf8))
 
         let received = signals.wait()
         logger.info("signal \(received): finishing API requests, then stopping the workers")

@@ -29,5 +29,14 @@ struct DemoTests {
         #expect(try Harness.qemuIO(uri, ["write -P 0xab 0 1M", "flush", "read -P 0xab 0 1M"]).contains("read 1048576/1048576"))
         let log = errors.snapshot()
         #expect(log.contains("org.swift-iofilter.passthrough-c -> org.swift-iofilter.replication -> org.swift-iofilter.cache"))
+
+        // The demo is ordinary state: a policy, a disk and a VM the CLI can inspect.
+        let socket = state.appendingPathComponent("api.sock").path
+        #expect(try Harness.check(Harness.iofilter, ["disk", "compliance", "demo-disk", "--socket", socket]) == "compliant\n")
+        let show = try Harness.check(Harness.iofilter, ["vm", "show", "demo", "--socket", socket])
+        #expect(show.contains("demo  running, worker pid"))
+        #expect(show.contains("org.swift-iofilter.passthrough-c 1.0.0 [inspection]: failures=0"))
+        #expect(show.contains("write_requests=") && !show.contains("write_requests=0 "), "\(show)")
+        #expect(try Harness.check(Harness.iofilter, ["policy", "show", "demo", "--socket", socket]).contains("target={state}/replicas/{disk}.replica.img"))
     }
 }
