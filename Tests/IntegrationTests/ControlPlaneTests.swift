@@ -221,7 +221,27 @@ struct ControlPlaneTests {
         try daemon.ok(["disk", "copy", "c", "c3"])
         #expect(Self.readsBack(daemon.state.appendingPathComponent("disks/c3.img").path, "0x77", "1M", "2M"))
         #expect(try daemon.refused(["disk", "copy", "c", "c-snap"]).contains("read-only"))
+
+        // Import copies a raw image in, then attaches the policy's filters.
+        try daemon.ok(["disk", "import", "imported", "--from", online, "--policy", "wb"])
+        let imported = scratch.appendingPathComponent("imported.img").path
+        try daemon.ok(["disk", "export", "imported", imported])
+        #expect(try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", online, imported]).contains("identical"))
+
+        // Grow: only idle disks, only larger; the data stays.
+        #expect(try daemon.refused(["disk", "grow", "c2", "--size", "16M"]).contains("can only grow"))
+        let grown: DiskInfo = try daemon.json(["disk", "grow", "c2", "--size", "48M"])
+        #expect(grown.sizeBytes == 48 << 20)
+        #expect(Self.readsBack(grown.path, "0x77", "1M", "2M"))
         try daemon.ok(["vm", "start", "vc"])
+        #expect(try daemon.refused(["disk", "grow", "c", "--size", "64M"]).contains("while VM vc serves it"))
+        #expect(try daemon.refused(["disk", "delete", "c"]).contains("belongs to VM vc"))
+        #expect(try daemon.refused(["vm", "delete", "vc"]).contains("running"))
+        try daemon.ok(["vm", "stop", "vc"])
+        try daemon.ok(["vm", "delete", "vc"])
+        try daemon.ok(["disk", "delete", "c"])
+        #expect(!FileManager.default.fileExists(atPath: raw))
+        #expect(!FileManager.default.fileExists(atPath: daemon.state.appendingPathComponent("disks/c.state").path))
     }
 
     @Test func concurrentAPICallsLeaveAConsistentState() throws {
