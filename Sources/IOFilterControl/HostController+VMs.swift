@@ -115,7 +115,7 @@ extension HostController {
             }
             let worker: LiveWorker
             do {
-                worker = try launch(name: name, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name))
+                worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name))
             } catch {
                 for var disk in disks {
                     disk.attachError = "VM \(name) could not start: \(error)"

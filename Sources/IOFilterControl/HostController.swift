@@ -63,6 +63,8 @@ public final class HostController: @unchecked Sendable {
     func diskPath(_ name: String) -> String { "\(stateDirectory)/disks/\(name).img" }
     func diskStateDirectory(_ name: String) -> String { "\(stateDirectory)/disks/\(name).state" }
     func vmDirectory(_ name: String) -> String { "\(stateDirectory)/vms/\(name)" }
+    /// The working directory of a worker that is not a VM's (offline access, maintenance).
+    func helperDirectory(_ name: String) -> String { "\(stateDirectory)/offline/work/\(name)" }
 
     // MARK: running changes one at a time
 
@@ -148,11 +150,11 @@ public final class HostController: @unchecked Sendable {
 
     // MARK: workers
 
-    func workerConfiguration(name: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve)
-        -> WorkerConfiguration
-    {
+    func workerConfiguration(
+        name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve
+    ) -> WorkerConfiguration {
         WorkerConfiguration(
-            vmName: name, stateDirectory: vmDirectory(name),
+            vmName: name, stateDirectory: directory,
             disks: disks.map {
                 DiskConfiguration(name: $0.row.name, backend: .file(path: $0.row.path), readOnly: $0.readOnly || $0.row.readOnly,
                                   filters: $0.filters, listenFD: -1, stateDirectory: diskStateDirectory($0.row.name))
@@ -160,8 +162,10 @@ public final class HostController: @unchecked Sendable {
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
     }
 
-    /// Starts a supervised worker serving `disks`, one unix socket each.
-    func launch(name: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String)
+    /// Starts a supervised worker serving `disks`, one unix socket each in
+    /// `socketDirectory`. A VM's worker works in its VM directory, any other in a
+    /// directory of its own.
+    func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String)
         throws(ControlError) -> LiveWorker
     {
         do {
@@ -190,7 +194,7 @@ public final class HostController: @unchecked Sendable {
             }
             sockets[disk.row.name] = path
         }
-        let configuration = workerConfiguration(name: name, disks: disks)
+        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks)
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
@@ -205,7 +209,8 @@ public final class HostController: @unchecked Sendable {
 
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.
     func maintain(_ disk: DiskRow, filters: [PlannedFilter], task: WorkerTask) throws(ControlError) {
-        let configuration = workerConfiguration(name: "maintain-\(disk.name)", disks: [(disk, filters, false)], task: task)
+        let name = "maintain-\(disk.name)"
+        let configuration = workerConfiguration(name: name, directory: helperDirectory(name), disks: [(disk, filters, false)], task: task)
         do {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {
