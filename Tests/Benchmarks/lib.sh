@@ -44,9 +44,32 @@ start_nbdkit() {
     uri[$name]="nbd+unix:///?socket=$work/$name.sock"
 }
 
+# settle: waits (up to 3 minutes) until every worker process is idle, so that one
+# server's background work (a replication shipper draining its journal, a cache
+# destaging) never runs during, and is never charged to, another server's row; then
+# writes back the page cache's dirty pages, which the kernel would otherwise flush
+# during the next row.
+settle() {
+    local before after
+    for _ in $(seq 180); do
+        sync
+        before=$(worker_cpu_ticks); sleep 1; after=$(worker_cpu_ticks)
+        [ $((after - before)) -lt 5 ] && return 0
+    done
+    echo "workers still busy after 3 minutes" >&2
+}
+worker_cpu_ticks() {
+    local total=0 pid
+    for pid in $(pgrep -f iofilter-worker); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo $total
+}
+
 # measure ROW SERVER RW BS IODEPTH SIZE [extra fio options...]: one fio run, one result line.
 measure() {
     local row=$1 server=$2 rw=$3 bs=$4 depth=$5 size=$6; shift 6
+    settle
     local out="$work/$row.$server.$RANDOM$RANDOM.json"
     echo "$row on $server..." >&2
     fio --name="$row" --ioengine=nbd --uri="${uri[$server]}" --rw="$rw" --bs="$bs" --iodepth="$depth" --size="$size" \
