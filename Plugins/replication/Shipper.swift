@@ -31,6 +31,7 @@ final class Shipper: @unchecked Sendable {
     }
 
     var connectedTarget: (any BlockTarget)? { lock.withLock { target } }
+    private let sleeping = Atomic<Bool>(false)
     var bytesReplicated: UInt64 { replicatedBytes.load(ordering: .relaxed) }
     func replicated(_ bytes: UInt64) { replicatedBytes.add(bytes, ordering: .relaxed) }
 
@@ -59,7 +60,10 @@ final class Shipper: @unchecked Sendable {
         }
     }
 
+    /// Wakes the shipper if it sleeps. The data path calls this on every write, so it
+    /// costs one atomic load unless the shipper is actually asleep.
     func wake() {
+        guard sleeping.load(ordering: .sequentiallyConsistent) else { return }
         lock.withLock { lock.signal() }
     }
 
@@ -133,12 +137,25 @@ final class Shipper: @unchecked Sendable {
                 replicated(UInt64(length))
                 if regions.dirtyCount == 0 {
                     _ = target.wait { target.flush(completion: $0) }
-                    if journal.resumeJournallingIfClean(regions) { disk.log(.info, "replica \(targetSpec) is in sync") }
+                    if journal.resumeJournallingIfClean(regions) {
+                        disk.log(.info, "replica \(targetSpec) is in sync")
+                        // What follows are small writes: leave no bulk copy cached.
+                        target.releaseCache()
+                    }
                 }
                 continue
             }
             _ = journal.resumeJournallingIfClean(regions)
-            lock.withLock { _ = stopping || lock.wait(nanoseconds: 1_000_000_000) }
+            // Nothing to ship: sleep until a write wakes us. `sleeping` is raised before
+            // the last look at the journal, so a write that lands after that look sees
+            // it and signals (under the lock, once this thread waits).
+            lock.withLock {
+                sleeping.store(true, ordering: .sequentiallyConsistent)
+                if !stopping && journal.pendingBytes == 0 && regions.dirtyCount == 0 {
+                    _ = lock.wait(nanoseconds: 1_000_000_000)
+                }
+                sleeping.store(false, ordering: .sequentiallyConsistent)
+            }
         }
     }
 

@@ -80,6 +80,9 @@ struct IOFilterDaemon: ParsableCommand {
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
         controller.watchdogSeconds = watchdog
         let apiSocket = socket ?? "\(absoluteState)/api.sock"
+        // VMs come back before the API answers, so that the first client sees the
+        // host as it was, not halfway through coming back.
+        if !noResume { controller.resume() }
         let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
         let server = HTTPServer(logger: logger) { router.handle($0) }
         unlink(apiSocket)
@@ -91,7 +94,6 @@ struct IOFilterDaemon: ParsableCommand {
             logger.info("API on http://\(listen)")
         }
 
-        if !noResume { controller.resume() }
         if demo {
             do {
                 try Demo(controller: controller, size: demoSize, logger: logger).run()
