@@ -105,6 +105,15 @@ public final class WorkerSupervisor: @unchecked Sendable {
             lock.broadcast()
             return child
         }
+        defer {
+            // Wait for a control request in progress to end before closing its fd.
+            controlLock.withLock {
+                lock.withLock {
+                    if controlFD >= 0 { close(controlFD) }
+                    controlFD = -1
+                }
+            }
+        }
         guard let process else { return }
         process.signal(SIGTERM)
         if process.wait(timeout: timeout) == nil {
