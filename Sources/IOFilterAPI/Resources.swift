@@ -191,10 +191,13 @@ public struct DiskInfo: Codable, Sendable {
     public var attached: [ChainEntry]
     public var compliance: Compliance
     public var snapshotOf: String?
+    /// A long transfer using the disk right now ("exporting to /backup/d.img").
+    public var activity: String?
     public var createdAt: String
 
     public init(name: String, path: String, sizeBytes: Int64, readOnly: Bool, policy: String?, vm: String?, uri: String?,
-                attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, createdAt: String) {
+                attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, activity: String? = nil, createdAt: String) {
+        self.activity = activity
         self.name = name
         self.path = path
         self.sizeBytes = sizeBytes

@@ -17,7 +17,7 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            createdAt: row.createdAt)
+            activity: liveLock.withLock { busy[row.name] }, createdAt: row.createdAt)
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {
@@ -46,6 +46,7 @@ extension HostController {
 
     /// Refuses when a VM or offline session serves the disk.
     func requireIdle(_ row: DiskRow, for action: String) throws(ControlError) {
+        try requireNotBusy(row.name)
         if let (what, worker) = server(of: row) {
             throw .conflict("cannot \(action) disk \(row.name) while \(what) serves it (\(worker.uri(row.name) ?? "")); stop it first")
         }
@@ -102,6 +103,7 @@ extension HostController {
 
     func newDiskRow(_ name: String, size: Int64, readOnly: Bool = false, snapshotOf: String? = nil) throws -> DiskRow {
         try Names.check(name, kind: "disk")
+        try requireNotBusy(name)
         if try store.read({ db in try DiskRow.exists(db, key: name) }) {
             throw ControlError.conflict("a disk named \(name) exists")
         }
@@ -233,6 +235,7 @@ extension HostController {
             if liveLock.withLock({ offline[name] != nil }) {
                 throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
             }
+            try requireNotBusy(name)
             let previous = row
             row.policy = request.policy
             if let vm = row.vm, liveLock.withLock({ running[vm] != nil }) {
@@ -273,51 +276,63 @@ extension HostController {
     public func exportDisk(_ name: String, _ request: DiskExportRequest) throws(ControlError) -> TransferReport {
         guard request.path.hasPrefix("/") else { throw .badRequest("the export path must be absolute, got '\(request.path)'") }
         guard !FileManager.default.fileExists(atPath: request.path) else { throw .conflict("\(request.path) exists; exports never overwrite") }
-        return try exclusive {
-            let row = try store.read { db in try diskRow(name, db) }
-            let started = monotonicNanoseconds()
-            let (bytes, through) = try withSource(row) { uri, what in
-                (try DiskTransfer.copy(from: uri, to: .newFile(path: request.path), logger: logger), what)
-            }
-            let report = TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
-            event("disk-exported", name, "to \(request.path) through \(through)")
-            return report
+        let row = try read { db in try diskRow(name, db) }
+        let started = monotonicNanoseconds()
+        let (bytes, through) = try whileBusy([name], doing: "exporting to \(request.path)") {
+            try withSource(row) { uri, what in (try DiskTransfer.copy(from: uri, to: .newFile(path: request.path), logger: logger), what) }
         }
+        event("disk-exported", name, "to \(request.path) through \(through)")
+        return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
     }
 
     /// Copies one disk onto another: read through the source's chain, written through
     /// the target's.
     public func copyDisk(_ name: String, _ request: DiskCopyRequest) throws(ControlError) -> TransferReport {
-        try exclusive {
-            let (source, target) = try store.read { db in (try diskRow(name, db), try diskRow(request.target, db)) }
-            guard source.name != target.name else { throw ControlError.conflict("a disk cannot be copied onto itself") }
-            try requireIdle(target, for: "copy onto")
-            if target.readOnly { throw ControlError.conflict("disk \(target.name) is a read-only snapshot") }
-            guard target.size >= source.size else {
-                throw ControlError.conflict("disk \(target.name) (\(target.size) bytes) is smaller than \(name) (\(source.size) bytes); grow it first")
-            }
-            let started = monotonicNanoseconds()
+        let (source, target) = try read { db in (try diskRow(name, db), try diskRow(request.target, db)) }
+        guard source.name != target.name else { throw .conflict("a disk cannot be copied onto itself") }
+        if target.readOnly { throw .conflict("disk \(target.name) is a read-only snapshot") }
+        guard target.size >= source.size else {
+            throw .conflict("disk \(target.name) (\(target.size) bytes) is smaller than \(name) (\(source.size) bytes); grow it first")
+        }
+        let started = monotonicNanoseconds()
+        try exclusive { try requireIdle(target, for: "copy onto") }
+        let (bytes, through) = try whileBusy([name, target.name], doing: "copying \(name) onto \(target.name)") {
             let writer = try launch(name: "offline-\(target.name)", disks: [(target, target.attached, false)],
                                     socketDirectory: "\(stateDirectory)/offline/transfer")
             defer { writer.stop() }
-            let (bytes, through) = try withSource(source) { uri, what in
+            return try withSource(source) { uri, what in
                 (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger), what)
             }
-            event("disk-copied", name, "onto \(target.name) through \(through)")
-            return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
         }
+        event("disk-copied", name, "onto \(target.name) through \(through)")
+        return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
     }
 
     /// A new disk with this disk's contents as its consumer sees them now: a read-only
-    /// snapshot, or a clone with a policy of its own.
+    /// snapshot, or a clone with a policy of its own. The copy runs outside the change
+    /// lock, with the source and the new name marked busy.
     func derive(_ name: String, _ request: DiskDeriveRequest, snapshot: Bool) throws(ControlError) -> DiskInfo {
-        try exclusive {
+        if snapshot && request.policy != nil { throw .badRequest("a snapshot is read-only and takes no policy; clone it instead") }
+        if let policy = request.policy { _ = try showPolicy(policy) }
+        let names = [name, request.name]
+        let activity = "\(snapshot ? "snapshot" : "clone") \(name) as \(request.name)"
+        let (source, row) = try exclusive {
             let source = try store.read { db in try diskRow(name, db) }
             let row = try newDiskRow(request.name, size: source.size, readOnly: snapshot, snapshotOf: snapshot ? name : nil)
-            if snapshot && request.policy != nil { throw ControlError.badRequest("a snapshot is read-only and takes no policy; clone it instead") }
-            try addDisk(row, policy: request.policy) {
-                _ = try withSource(source) { uri, _ in try DiskTransfer.copy(from: uri, to: .newFile(path: row.path), logger: logger) }
-            }
+            try markBusy(names, doing: activity)
+            return (source, row)
+        }
+        defer { unmarkBusy(names) }
+        do {
+            _ = try withSource(source) { uri, _ in try DiskTransfer.copy(from: uri, to: .newFile(path: row.path), logger: logger) }
+        } catch {
+            unlink(row.path)
+            throw (error as? ControlError) ?? .internalError("\(error)")
+        }
+        try exclusive {
+            // The file is in place; recording it (and attaching the clone's policy)
+            // removes it again if that fails.
+            try addDisk(row, policy: request.policy) {}
             event(snapshot ? "disk-snapshot" : "disk-cloned", name, "as \(request.name)")
         }
         return try showDisk(request.name)

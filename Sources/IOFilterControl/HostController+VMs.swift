@@ -101,6 +101,7 @@ extension HostController {
                 if liveLock.withLock({ offline[diskName] != nil }) {
                     throw ControlError.conflict("disk \(diskName) is served by an offline session; stop it first")
                 }
+                try requireNotBusy(diskName)
                 let desired = try desiredChain(disk)
                 let wanted = Set(desired.map(\.manifest.name))
                 let removed = disk.attached.filter { !wanted.contains($0.manifest.name) }

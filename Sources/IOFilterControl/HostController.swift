@@ -27,6 +27,9 @@ public final class HostController: @unchecked Sendable {
     var running: [String: LiveWorker] = [:]
     /// Offline sessions, by disk name.
     var offline: [String: LiveWorker] = [:]
+    /// Disks a long transfer is using (and names a snapshot or clone is being made
+    /// under), with what it is doing.
+    var busy: [String: String] = [:]
 
     /// A worker serving disks: a VM's, or an offline session's.
     struct LiveWorker {
@@ -215,6 +218,43 @@ public final class HostController: @unchecked Sendable {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {
             throw .workerFailed("disk \(disk.name): \(error.message)")
+        }
+    }
+
+    /// Marks disks busy for a long transfer and runs it without holding the change
+    /// lock, so other changes go on meanwhile; anything that would open or change these
+    /// disks is refused until it ends. The marks are taken under the change lock, so a
+    /// VM start either finished before (and the transfer reads through its worker) or
+    /// sees them.
+    func whileBusy<T>(_ disks: [String], doing activity: String, _ body: () throws -> T) throws(ControlError) -> T {
+        try exclusive { try markBusy(disks, doing: activity) }
+        defer { unmarkBusy(disks) }
+        do {
+            return try body()
+        } catch let error as ControlError {
+            throw error
+        } catch {
+            throw .internalError("\(error)")
+        }
+    }
+
+    /// Call under the change lock.
+    func markBusy(_ disks: [String], doing activity: String) throws(ControlError) {
+        let taken: (String, String)? = liveLock.withLock {
+            for disk in disks { if let other = busy[disk] { return (disk, other) } }
+            for disk in disks { busy[disk] = activity }
+            return nil
+        }
+        if let (disk, other) = taken { throw .conflict("disk \(disk) is busy (\(other)); try again when that ends") }
+    }
+
+    func unmarkBusy(_ disks: [String]) {
+        liveLock.withLock { for disk in disks { busy[disk] = nil } }
+    }
+
+    func requireNotBusy(_ disk: String) throws(ControlError) {
+        if let activity = liveLock.withLock({ busy[disk] }) {
+            throw .conflict("disk \(disk) is busy (\(activity)); try again when that ends")
         }
     }
 

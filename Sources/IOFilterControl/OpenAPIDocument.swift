@@ -109,7 +109,7 @@ enum OpenAPIDocument {
         "Disk": .object([
             "name": .string, "path": .string, "sizeBytes": .integer, "format": .enumeration(["raw"]), "readOnly": .boolean,
             "policy": .string, "vm": .string, "uri": .string, "attached": .array(.ref("ChainEntry")), "compliance": .ref("Compliance"),
-            "snapshotOf": .string, "createdAt": .string,
+            "snapshotOf": .string, "activity": .string, "createdAt": .string,
         ], required: ["name", "path", "sizeBytes", "format", "readOnly", "attached", "compliance", "createdAt"]),
         "DiskCreateRequest": .object(["name": name, "size": size, "policy": name], required: ["name", "size"]),
         "DiskImportRequest": .object(["name": name, "source": absolutePath, "policy": name], required: ["name", "source"]),

@@ -33,6 +33,7 @@ struct DiskCommand: ParsableCommand {
         ]
         if let uri = disk.uri { lines.append("  served at:   \(uri)") }
         if let source = disk.snapshotOf { lines.append("  snapshot of: \(source)") }
+        if let activity = disk.activity { lines.append("  busy:        \(activity)") }
         lines.append("  filters:     " + (disk.attached.isEmpty ? "none"
             : disk.attached.map { "\($0.plugin) \($0.version) [\($0.category.rawValue)]" }.joined(separator: " -> ")))
         return lines.joined(separator: "\n")

@@ -282,6 +282,41 @@ struct ControlPlaneTests {
         #expect(check == "ok\n")
     }
 
+    @Test func aLongExportHoldsBackOnlyWhatUsesItsDisk() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let scratch = Harness.temporaryDirectory("busy")
+        let image = scratch.appendingPathComponent("random.img").path
+        try Harness.check("/bin/sh", ["-c", "head -c 512M /dev/urandom > '\(image)'"])
+        try daemon.ok(["disk", "import", "big", "--from", image])
+        try daemon.ok(["vm", "create", "vbig", "--disk", "big"])
+        let exported = scratch.appendingPathComponent("export.img").path
+        let export = Process()
+        export.executableURL = URL(fileURLWithPath: Harness.iofilter)
+        export.arguments = ["disk", "export", "big", exported, "--socket", daemon.socket]
+        export.standardOutput = FileHandle.nullDevice
+        try export.run()
+        var busy: DiskInfo?
+        for _ in 0..<400 where busy == nil {
+            let disk: DiskInfo = try daemon.json(["disk", "show", "big"])
+            if disk.activity != nil { busy = disk } else { usleep(10_000) }
+        }
+        let during = try #require(busy, "the export never showed as the disk's activity")
+        #expect(during.activity == "exporting to \(exported)")
+        // Other changes go on meanwhile; what would open the disk waits its turn.
+        try daemon.ok(["disk", "create", "other", "--size", "16M"])
+        let refusal = try daemon.refused(["vm", "start", "vbig"])
+        let stillExporting = export.isRunning
+        export.waitUntilExit()
+        #expect(export.terminationStatus == 0)
+        #expect(stillExporting, "the export ended too soon to check what it holds back")
+        #expect(refusal.contains("busy (exporting"), "\(refusal)")
+        #expect(try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", image, exported]).contains("identical"))
+        let after: DiskInfo = try daemon.json(["disk", "show", "big"])
+        #expect(after.activity == nil)
+        try daemon.ok(["vm", "start", "vbig"])
+    }
+
     @Test func failuresAnswerWithClearJSONAndChangeNothing() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }

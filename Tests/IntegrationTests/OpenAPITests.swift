@@ -76,6 +76,9 @@ struct OpenAPITests {
             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance",
             // These take paths on the host; generated ones must not touch the test machine.
             "--exclude-operation-id", "installPlugin", "--exclude-operation-id", "exportDisk", "--exclude-operation-id", "importDisk",
+            // These copy a whole disk, and a generated disk may be terabytes (sparse):
+            // their answers are checked by the control-plane tests instead.
+            "--exclude-operation-id", "snapshotDisk", "--exclude-operation-id", "cloneDisk", "--exclude-operation-id", "copyDisk",
         ], timeout: 900, environment: ["NO_COLOR": "1", "SCHEMATHESIS_HOOKS": ""])
         #expect(result.status == 0, "\(result.stdout.suffix(6000))")
         #expect(result.stdout.contains("generated"))
