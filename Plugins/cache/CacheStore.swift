@@ -58,6 +58,10 @@ final class CacheStore: @unchecked Sendable {
             _ = pwrite(metaFD, &fresh, 32, 0)
         }
         ftruncate(dataFD, off_t(slotCount * blockSize))
+        // Allocated up front, so that filling the cache never meets a full file system
+        // halfway (and its writes skip block allocation). Best effort: the file
+        // system may not support it.
+        _ = posix_fallocate(dataFD, 0, off_t(slotCount * blockSize))
     }
 
     /// Reads every entry, checks every valid slot's checksum, keeps the newest valid

@@ -41,8 +41,19 @@ final class Journal: @unchecked Sendable {
         dataFD = open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         stateFD = open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard dataFD >= 0, stateFD >= 0 else { throw FilterError(errno, "cannot open the journal in \(directory): \(String(cString: strerror(errno)))") }
-        guard ftruncate(dataFD, off_t(self.capacity)) == 0,
-              let mapping = mmap(nil, Int(self.capacity), PROT_READ | PROT_WRITE, MAP_SHARED, dataFD, 0), mapping != MAP_FAILED
+        guard ftruncate(dataFD, off_t(self.capacity)) == 0 else {
+            throw FilterError(errno, "cannot size the journal (\(self.capacity) bytes): \(String(cString: strerror(errno)))")
+        }
+        // Allocated up front: a full file system then fails the open with a clear
+        // error, instead of a SIGBUS at some later write into a hole of the mapping.
+        let allocated = posix_fallocate(dataFD, 0, off_t(self.capacity))
+        guard allocated == 0 || allocated == EOPNOTSUPP || allocated == EINVAL else {
+            throw FilterError(allocated, "cannot allocate the journal (\(self.capacity) bytes): \(String(cString: strerror(allocated)))")
+        }
+        // Populated up front: otherwise the first write into each page of the ring
+        // faults it in (a large folio read and zeroed) on the guest's data path.
+        guard let mapping = mmap(nil, Int(self.capacity), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, dataFD, 0),
+              mapping != MAP_FAILED
         else { throw FilterError(errno, "cannot map the journal (\(self.capacity) bytes): \(String(cString: strerror(errno)))") }
         ring = mapping
         guard ftruncate(stateFD, 4096) == 0,
@@ -272,7 +283,8 @@ final class RegionMap: @unchecked Sendable {
         let size = Self.headerSize + count
         let existed = info.st_size > 0
         guard ftruncate(fd, off_t(size)) == 0,
-              let mapped = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED
+              // Populated now rather than faulted in page by page on the data path.
+              let mapped = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0), mapped != MAP_FAILED
         else { throw FilterError(errno, "cannot map the region map: \(String(cString: strerror(errno)))") }
         mapping = mapped
         bytes = (mapped + Self.headerSize).bindMemory(to: UInt8.self, capacity: count)
