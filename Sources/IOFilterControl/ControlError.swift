@@ -15,7 +15,7 @@ public struct ControlError: Error, CustomStringConvertible, Sendable {
     static func conflict(_ message: String) -> ControlError { ControlError(status: 409, code: "conflict", message: message) }
     static func invalid(_ message: String) -> ControlError { ControlError(status: 422, code: "invalid", message: message) }
     static func workerFailed(_ message: String) -> ControlError { ControlError(status: 502, code: "worker-failed", message: message) }
-    static func internalError(_ message: String) -> ControlError { ControlError(status: 500, code: "internal", message: message) }
+    public static func internalError(_ message: String) -> ControlError { ControlError(status: 500, code: "internal", message: message) }
 }
 
 /// Names of policies, disks and VMs: they become file names and URI path segments.
@@ -42,9 +42,4 @@ enum Versions {
         for (p, q) in zip(x, y) where p != q { return p > q }
         return x.count > y.count
     }
-}
-
-extension ControlError {
-    /// For callers outside this module that need to fail with a plain message.
-    public static func internalErrorText(_ message: String) -> ControlError { .internalError(message) }
 }

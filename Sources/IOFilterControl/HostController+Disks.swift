@@ -84,21 +84,7 @@ extension HostController {
 
     /// Applies the disk's policy now and saves the outcome, failed or not.
     func applyPolicy(_ row: inout DiskRow) throws(ControlError) {
-        let desired = try desiredChain(row)
-        var outcome: ControlError?
-        do {
-            try reconcile(&row, to: desired)
-        } catch {
-            row.attachError = error.message
-            outcome = error
-        }
-        let saved = row
-        do {
-            try store.write { db in try saved.update(db) }
-        } catch {
-            throw .internalError("cannot save disk \(row.name): \(error)")
-        }
-        if let outcome { throw outcome }
+        try applyReconcile(&row, to: desiredChain(row))
     }
 
     func newDiskRow(_ name: String, size: Int64, readOnly: Bool = false, snapshotOf: String? = nil) throws -> DiskRow {
@@ -213,18 +199,23 @@ extension HostController {
         return try showDisk(name)
     }
 
-    /// `reconcile`, saving the outcome whether it worked or not.
-    func applyReconcile(_ row: inout DiskRow, to desired: [PlannedFilter]) throws {
-        defer {
-            let saved = row
-            _ = try? store.write { db in try saved.update(db) }
-        }
+    /// `reconcile`, saving the outcome whether it worked or not: `row` ends up saying
+    /// what is really attached, and why the last step failed if it did.
+    func applyReconcile(_ row: inout DiskRow, to desired: [PlannedFilter]) throws(ControlError) {
+        var outcome: ControlError?
         do {
             try reconcile(&row, to: desired)
         } catch {
             row.attachError = error.message
-            throw error
+            outcome = error
         }
+        let saved = row
+        do {
+            try store.write { db in try saved.update(db) }
+        } catch {
+            throw .internalError("cannot save disk \(row.name): \(error)")
+        }
+        if let outcome { throw outcome }
     }
 
     public func assignPolicy(_ name: String, _ request: DiskPolicyRequest) throws(ControlError) -> DiskInfo {
@@ -327,7 +318,7 @@ extension HostController {
             _ = try withSource(source) { uri, _ in try DiskTransfer.copy(from: uri, to: .newFile(path: row.path), logger: logger) }
         } catch {
             unlink(row.path)
-            throw (error as? ControlError) ?? .internalError("\(error)")
+            throw Self.reported(error)
         }
         try exclusive {
             // The file is in place; recording it (and attaching the clone's policy)

@@ -21,12 +21,14 @@ extension HostController {
 
     /// Every installed version of one plug-in, newest first.
     public func showPlugin(_ name: String) throws(ControlError) -> [PluginInfo] {
-        let versions = try read { db in
-            let disks = try DiskRow.fetchAll(db)
-            return try PluginRow.filter(Column("name") == name).fetchAll(db).map { pluginInfo($0, disks: disks) }
-        }
-        guard !versions.isEmpty else { throw .notFound("no plug-in named \(name) is installed (see `iofilter plugin list`)") }
-        return versions.sorted { Versions.isNewer($0.version, than: $1.version) }
+        let (rows, disks) = try read { db in (try PluginRow.filter(Column("name") == name).fetchAll(db), try DiskRow.fetchAll(db)) }
+        return try Self.newestFirst(rows, name: name).map { pluginInfo($0, disks: disks) }
+    }
+
+    /// One plug-in's installed versions, newest first; not found when there are none.
+    static func newestFirst(_ rows: [PluginRow], name: String) throws(ControlError) -> [PluginRow] {
+        guard !rows.isEmpty else { throw .notFound("no plug-in named \(name) is installed (see `iofilter plugin list`)") }
+        return rows.sorted { Versions.isNewer($0.version, than: $1.version) }
     }
 
     /// Validates the `.so` in a sandboxed worker, then copies it into the state
@@ -118,13 +120,13 @@ extension HostController {
     /// Runs a management operation: in a VM's worker when `vm` is given (the operation
     /// sees the live filters), otherwise in a fresh sandboxed worker.
     public func callPlugin(_ name: String, _ request: PluginCallRequest) throws(ControlError) -> ManagementResult {
-        let versions = try showPlugin(name)
-        guard let row = request.version.map({ wanted in versions.first { $0.version == wanted } }) ?? versions.first else {
+        let versions = try Self.newestFirst(try read { db in try PluginRow.filter(Column("name") == name).fetchAll(db) }, name: name)
+        guard let manifest = (request.version.map { wanted in versions.first { $0.version == wanted } } ?? versions.first)?.manifest else {
             throw .notFound("\(name) \(request.version ?? "") is not installed")
         }
-        guard row.operations.contains(where: { $0.name == request.operation }) else {
-            throw .notFound("\(name) \(row.version) has no management operation '\(request.operation)'; it declares: "
-                            + (row.operations.isEmpty ? "none" : row.operations.map(\.signature).joined(separator: ", ")))
+        guard let operation = manifest.operation(named: request.operation) else {
+            throw .notFound("\(name) \(manifest.version) has no management operation '\(request.operation)'; it declares: "
+                            + (manifest.operations.isEmpty ? "none" : manifest.operations.map(\.signature).joined(separator: ", ")))
         }
         if let vm = request.vm {
             guard let worker = liveLock.withLock({ running[vm] }) else {
@@ -141,11 +143,9 @@ extension HostController {
             guard let result = response.result else { throw .workerFailed("VM \(vm) answered without a result") }
             return result
         }
-        switch PluginValidator().call(row.path, operation: request.operation, arguments: request.arguments) {
+        switch PluginValidator().call(manifest.path, operation: request.operation, arguments: request.arguments) {
         case .success(let value):
-            let manifest = try read { db in try PluginRow.fetchOne(db, key: ["name": name, "version": row.version])?.manifest }
-            return ManagementResult(type: manifest?.operation(named: request.operation)?.returnType.rawValue ?? "void",
-                                    value: value.description)
+            return ManagementResult(type: operation.returnType.rawValue, value: value.description)
         case .failure(let error):
             throw error.controlError
         }

@@ -81,8 +81,14 @@ public final class HostController: @unchecked Sendable {
             logger.error("database: \(error)")
             throw .internalError("the state database refused the change: \(error.message ?? "\(error)")")
         } catch {
-            throw .internalError("\(error)")
+            throw Self.reported(error)
         }
+    }
+
+    /// An error from below as the API reports it: a ControlError as it is, anything
+    /// else as an internal error.
+    static func reported(_ error: any Error) -> ControlError {
+        (error as? ControlError) ?? .internalError("\(error)")
     }
 
     func read<T>(_ body: (Database) throws -> T) throws(ControlError) -> T {
@@ -184,15 +190,14 @@ public final class HostController: @unchecked Sendable {
         }
         for disk in disks {
             let path = "\(socketDirectory)/\(disk.row.name).sock"
-            guard path.utf8.count < 108 else {
-                cleanUp()
-                throw .conflict("the socket path \(path) is longer than a unix socket allows; use a shorter --state-dir")
-            }
             unlink(path)
             do {
                 listenFDs.append(try Sockets.listenUnix(path: path))
             } catch {
                 cleanUp()
+                if error.code == ENAMETOOLONG {
+                    throw .conflict("the socket path \(path) is longer than a unix socket allows; use a shorter --state-dir")
+                }
                 throw .internalError("cannot listen on \(path): \(error)")
             }
             sockets[disk.row.name] = path
@@ -231,10 +236,8 @@ public final class HostController: @unchecked Sendable {
         defer { unmarkBusy(disks) }
         do {
             return try body()
-        } catch let error as ControlError {
-            throw error
         } catch {
-            throw .internalError("\(error)")
+            throw Self.reported(error)
         }
     }
 

@@ -1,4 +1,5 @@
 import CSystemShims
+import Foundation
 import Glibc
 import IOFilterPosix
 import Logging
@@ -117,9 +118,12 @@ public final class HTTPServer: @unchecked Sendable {
         }
     }
 
+    /// The error shape of the API above, for requests that never reach it.
     static func plainError(status: Int, message: String) -> HTTPResponse {
-        let text = "{\"error\":\"bad-request\",\"message\":\(jsonQuoted(message))}"
-        return HTTPResponse(status: status, headers: [("Content-Type", "application/json")], body: Array(text.utf8))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let body = (try? encoder.encode(["error": "bad-request", "message": message])) ?? Data()
+        return HTTPResponse(status: status, headers: [("Content-Type", "application/json")], body: Array(body))
     }
 
     @discardableResult
@@ -137,21 +141,4 @@ public final class HTTPServer: @unchecked Sendable {
             return false
         }
     }
-}
-
-/// A JSON string literal for `text`.
-public func jsonQuoted(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        case _ where scalar.value < 0x20: out += "\\u" + String(scalar.value, radix: 16).leftPadded(to: 4)
-        default: out.unicodeScalars.append(scalar)
-        }
-    }
-    return out + "\""
 }

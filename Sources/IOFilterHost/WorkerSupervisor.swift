@@ -135,7 +135,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         do {
             process = try ChildProcess(
                 executable: workerPath, arguments: ["serve"], handOver: handOver, stdin: Array(input), stdout: .capture,
-                environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
+                environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
         } catch {
             close(pair[0])
             throw error
@@ -289,7 +289,7 @@ public enum MaintenanceWorker {
         do {
             process = try ChildProcess(
                 executable: WorkerExecutable.path(), arguments: ["serve"], stdin: Array(input), stdout: .capture,
-                environment: WorkerExecutable.environment.merging(["IOFILTER_LOG_LEVEL": configuration.logLevel]) { $1 })
+                environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
         } catch {
             throw SupervisorError(message: "cannot start a worker: \(error)")
         }

@@ -18,11 +18,9 @@ struct DaemonOptions: ParsableArguments {
 
     var socketPath: String {
         if let socket { return socket }
-        if let stateDir { return "\(stateDir)/api.sock" }
+        if let stateDir { return HostDefaults.apiSocket(in: stateDir) }
         if let fromEnvironment = ProcessInfo.processInfo.environment["IOFILTERD_SOCKET"] { return fromEnvironment }
-        if getuid() == 0 { return "/var/lib/iofilter/api.sock" }
-        let base = ProcessInfo.processInfo.environment["XDG_STATE_HOME"] ?? "\(NSHomeDirectory())/.local/state"
-        return "\(base)/iofilter/api.sock"
+        return HostDefaults.apiSocket(in: HostDefaults.stateDirectory)
     }
 
     var client: APIClient { APIClient(http: HTTPClient(address: .unix(path: socketPath)), json: json) }

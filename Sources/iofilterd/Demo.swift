@@ -8,6 +8,7 @@ import Logging
 /// on an empty state directory and started on every run.
 struct Demo {
     let controller: HostController
+    let apiSocket: String
     let size: String
     let logger: Logger
 
@@ -20,14 +21,14 @@ struct Demo {
         var vm = try controller.showVM(Self.vm)
         if vm.state == .stopped { vm = try controller.startVM(Self.vm) }
         let disk = try controller.showDisk(Self.disk)
-        guard let uri = vm.uris[Self.disk] else { throw ControlError.internalErrorText("the demo VM serves no URI") }
+        guard let uri = vm.uris[Self.disk] else { throw ControlError.internalError("the demo VM serves no URI") }
         let chain = disk.attached.map { "\($0.plugin) [\($0.category.rawValue)]" }.joined(separator: " -> ")
         FileHandle.standardOutput.write(Data("""
             \(uri)
             demo VM '\(Self.vm)' (worker pid \(vm.pid.map(String.init) ?? "?")) serves disk '\(Self.disk)' (\(disk.sizeBytes) bytes) through: \(chain)
             try it:  qemu-img info '\(uri)'
                      qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '\(uri)'
-                     iofilter vm show \(Self.vm) --socket \(controller.stateDirectory)/api.sock
+                     iofilter vm show \(Self.vm) --socket \(apiSocket)
 
             """.utf8))
     }
@@ -38,7 +39,7 @@ struct Demo {
         for file in ["libiofilter-passthrough-c.so", "libiofilter-replication.so", "libiofilter-cache.so"] {
             let path = "\(directory)/\(file)"
             guard FileManager.default.fileExists(atPath: path) else {
-                throw ControlError.internalErrorText("sample plug-in \(path) is missing; build with `swift build`")
+                throw ControlError.internalError("sample plug-in \(path) is missing; build with `swift build`")
             }
             let plugin = try controller.installPlugin(path: path)
             installed[plugin.category.rawValue] = plugin

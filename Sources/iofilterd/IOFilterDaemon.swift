@@ -61,16 +61,10 @@ struct IOFilterDaemon: ParsableCommand {
         return (String(text[..<colon]), port)
     }
 
-    static func defaultStateDirectory() -> String {
-        if getuid() == 0 { return "/var/lib/iofilter" }
-        let base = ProcessInfo.processInfo.environment["XDG_STATE_HOME"] ?? "\(NSHomeDirectory())/.local/state"
-        return "\(base)/iofilter"
-    }
-
     func run() throws {
         StandardErrorLogging.bootstrap()
         let logger = Logger(label: "iofilterd")
-        let state = ((stateDir ?? Self.defaultStateDirectory()) as NSString).standardizingPath
+        let state = ((stateDir ?? HostDefaults.stateDirectory) as NSString).standardizingPath
         let absoluteState = state.hasPrefix("/") ? state : FileManager.default.currentDirectoryPath + "/" + state
         try FileManager.default.createDirectory(atPath: absoluteState, withIntermediateDirectories: true)
         let lock = try StateLock(directory: absoluteState)
@@ -79,7 +73,7 @@ struct IOFilterDaemon: ParsableCommand {
         let signals = TerminationSignals.block()
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
         controller.watchdogSeconds = watchdog
-        let apiSocket = socket ?? "\(absoluteState)/api.sock"
+        let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
         if !noResume { controller.resume() }
@@ -96,7 +90,7 @@ struct IOFilterDaemon: ParsableCommand {
 
         if demo {
             do {
-                try Demo(controller: controller, size: demoSize, logger: logger).run()
+                try Demo(controller: controller, apiSocket: apiSocket, size: demoSize, logger: logger).run()
             } catch {
                 logger.critical("the demo could not start: \(error)")
                 server.stop(timeout: 1)
