@@ -4,7 +4,7 @@ cd "$(dirname "$0")/../.."
 sh scripts/install-dependencies.sh
 swift build -c release >&2
 bin=$(swift build -c release --show-bin-path)
-work=$(mktemp -d /tmp/iofilter-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/iofilter-bench.XXXXXX")
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -36,10 +36,12 @@ start_iofilter() {
     uri[$name]=$(head -1 "$work/$name.uri")
 }
 
-# start_nbdkit NAME [nbdkit arguments...]: sets uri[NAME].
+# start_nbdkit NAME [nbdkit arguments...]: sets uri[NAME]. With `remote=1` before the
+# call, the server stands in for another machine (a replica): it runs at nice 10, so it
+# takes the CPU the servers under test leave idle rather than competing with them.
 start_nbdkit() {
     local name=$1; shift
-    nbdkit -f -U "$work/$name.sock" "$@" & pids+=($!)
+    ${remote:+nice -n 10} nbdkit -f -U "$work/$name.sock" "$@" & pids+=($!)
     wait_for_socket "$work/$name.sock"
     uri[$name]="nbd+unix:///?socket=$work/$name.sock"
 }

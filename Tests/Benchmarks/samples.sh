@@ -39,10 +39,10 @@ for server in uncached iofilter-cache nbdkit-cache; do measure slow-4k-randread-
 fast=$work/fast.img
 make_disk "$fast" 1G
 start_iofilter no-filters "$fast"
-start_nbdkit remote-replica memory 1G
-start_iofilter replication-nbd "$fast" --filter "$replication:target=${uri[remote-replica]},mode=async,journal-size=1G"
-start_iofilter replication-file "$fast" --filter "$replication:target=$work/replica.img,mode=async,journal-size=1G"
-start_iofilter full-chain "$fast" --filter "$replication:target=$work/replica2.img,mode=async,journal-size=1G" \
+remote=1 start_nbdkit remote-replica memory 1G
+start_iofilter replication-nbd "$fast" --filter "$replication:target=${uri[remote-replica]},mode=async,journal-size=256M"
+start_iofilter replication-file "$fast" --filter "$replication:target=$work/replica.img,mode=async,journal-size=256M"
+start_iofilter full-chain "$fast" --filter "$replication:target=$work/replica2.img,mode=async,journal-size=256M" \
     --filter "$cache:size=512M,mode=write-back" --filter "$passthrough"
 # Rows measure steady state: the replicas finish their initial sync first.
 wait_for_log replication-nbd "is in sync"

@@ -69,11 +69,31 @@ struct SamplePluginTests {
         _ = try Harness.qemuIO(served.uri, ["flush"])
         try waitUntilIdentical(source, replica)
         #expect(served.waitForLog("is in sync"))
+        // Async shipping yields the CPU to the guest's data path; in sync mode the
+        // guest waits for the replica, so nothing of it runs at lower priority.
+        let worker = try #require(served.workerPID)
+        #expect(Self.niceValues(of: worker, thread: "replication") == [mode == "async" ? 10 : 0])
+        #expect(Self.niceValues(of: worker, thread: "iofilter-worker") == [0], "only the shipper's own thread yields")
         if mode == "sync" {
             // In sync mode a completed write is on the replica already: no waiting.
             _ = try Harness.qemuIO(served.uri, ["write -P 0x5d 5M 128k"])
             let replicaBytes = try Harness.qemuIO(replica, ["read -P 0x5d 5M 128k"])
             #expect(replicaBytes.contains("read 131072/131072"))
+        }
+    }
+
+    /// The nice values of a process's threads named `thread` (field 19 of their stat).
+    static func niceValues(of pid: pid_t, thread: String) -> [Int] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap { task in
+            guard let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8),
+                  comm.trimmingCharacters(in: .whitespacesAndNewlines) == thread,
+                  let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/stat", encoding: .utf8),
+                  let afterName = stat.range(of: ") ")
+            else { return nil }
+            // Fields after the name start at field 3 (state); nice is field 19.
+            let fields = stat[afterName.upperBound...].split(separator: " ")
+            return fields.count > 16 ? Int(fields[16]) : nil
         }
     }
 
