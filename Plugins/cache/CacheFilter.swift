@@ -76,10 +76,13 @@ public final class CacheFilter: IOFilter {
                  + "\(warm) blocks warm, \(store.lock.withLock { store.dirtyCount }) dirty")
         if writeBack && destageInBackground {
             let interval = Duration.milliseconds(disk.parameter("destage-interval-ms", default: 500))
-            let timer = disk.startTimer(after: interval, every: interval) { [weak self] in _ = self?.destage(limit: 256) }
+            // A strong capture: `close` cancels the timer (waiting for a running
+            // callback), which releases it. A weak one would move the reference count
+            // to a side table and slow every retain on the data path.
+            let timer = disk.startTimer(after: interval, every: interval) { [self] in _ = destage(limit: 256) }
             destager.withLock { $0 = timer }
         }
-        Self.registry.withLock { $0[ObjectIdentifier(self)] = WeakCache(self) }
+        Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
     }
 
     public func close() {
@@ -437,11 +440,9 @@ public final class CacheFilter: IOFilter {
             + "\(Int(figures["cached_bytes"] ?? 0)) cached bytes"
     }
 
-    struct WeakCache: @unchecked Sendable {
-        weak var cache: CacheFilter?
-        init(_ cache: CacheFilter) { self.cache = cache }
-    }
-    static let registry = Mutex<[ObjectIdentifier: WeakCache]>([:])
+    /// The disks open in this process, for `status`; strong references dropped at
+    /// `close` (a weak one would put every retain and release on the slow path).
+    static let registry = Mutex<[ObjectIdentifier: CacheFilter]>([:])
 }
 
 struct InFlight {
@@ -460,7 +461,7 @@ final class Fill: @unchecked Sendable {
 
 @_cdecl("iofilter_cache_status")
 func cacheStatus() -> UnsafePointer<CChar>? {
-    let lines = CacheFilter.registry.withLock { $0.values.compactMap { $0.cache?.statusLine } }
+    let lines = CacheFilter.registry.withLock { $0.values.map(\.statusLine) }
     return ManagementResult.string(lines.isEmpty ? "no cached disks are open in this process" : lines.sorted().joined(separator: "\n"))
 }
 

@@ -89,7 +89,7 @@ public final class ReplicationFilter: IOFilter {
             disk.log(.info, "to ship: \(pending) journal bytes to replay, then \(regions.dirtyCount) dirty regions to resync")
         }
         shipper.start()
-        Self.registry.withLock { $0[ObjectIdentifier(self)] = WeakFilter(self) }
+        Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
     }
 
     public func close() {
@@ -246,17 +246,16 @@ public final class ReplicationFilter: IOFilter {
             + "\(journal.pendingBytes) journal bytes, \(regions.dirtyCount) dirty regions, \(shipper.bytesReplicated) bytes replicated"
     }
 
-    struct WeakFilter: @unchecked Sendable {
-        weak var filter: ReplicationFilter?
-        init(_ filter: ReplicationFilter) { self.filter = filter }
-    }
-    static let registry = Mutex<[ObjectIdentifier: WeakFilter]>([:])
+    /// The disks open in this process, for `status`. Strong references, dropped at
+    /// `close`: a weak one would move the filter's reference count to a side table and
+    /// put every retain and release on the data path on the runtime's slow path.
+    static let registry = Mutex<[ObjectIdentifier: ReplicationFilter]>([:])
 }
 
 /// `status` management operation: one line per replicated disk open in this process.
 @_cdecl("iofilter_replication_status")
 func replicationStatus() -> UnsafePointer<CChar>? {
-    let lines = ReplicationFilter.registry.withLock { $0.values.compactMap { $0.filter?.statusLine } }
+    let lines = ReplicationFilter.registry.withLock { $0.values.map(\.statusLine) }
     return ManagementResult.string(lines.isEmpty ? "no replicated disks are open in this process" : lines.sorted().joined(separator: "\n"))
 }
 
