@@ -10,8 +10,9 @@ import Synchronization
 /// survives the process at once, and reaches the disk at the guest's flush through
 /// msync), and the shipper sends payloads straight from the mapping.
 final class Journal: @unchecked Sendable {
-    // @unchecked: positions are guarded by `lock`; the files are written only under it
-    // (appends) or only by the shipper (reads at the head, which appends never touch).
+    // @unchecked: positions are written under `lock` (the head by the shipper alone,
+    // which may therefore read it without the lock); the ring is written only under
+    // it (appends), and read at the head by the shipper, where appends never write.
     struct Record {
         static let headerSize = 48
         static let magic: UInt32 = 0x494F_464A  // "IOFJ"
@@ -180,21 +181,25 @@ final class Journal: @unchecked Sendable {
         var bytes: UInt64 { records.reduce(0) { $0 + $1.record.length } }
     }
 
+    /// Called by the shipper only. The lock is held just to read the tail: only the
+    /// shipper moves the head, and appends never touch the records between head and
+    /// tail, so the walk itself runs beside the guest's appends instead of holding
+    /// them up.
     func peek(max count: Int) -> Batch? {
-        lock.withLock {
-            var batch = Batch()
-            walk(until: tail) { record, payload, end, endSequence in
-                let range = record.offset..<(record.offset + max(record.length, 1))
-                guard batch.records.count < count, !batch.records.contains(where: {
-                    ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range)
-                }) else { return false }
-                batch.records.append((record, payload))
-                batch.end = end
-                batch.endSequence = endSequence
-                return true
-            }
-            return batch.records.isEmpty ? nil : batch
+        let limit = lock.withLock { tail }
+        var batch = Batch()
+        batch.records.reserveCapacity(count)
+        walk(until: limit) { record, payload, end, endSequence in
+            let range = record.offset..<(record.offset + max(record.length, 1))
+            guard batch.records.count < count, !batch.records.contains(where: {
+                ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range)
+            }) else { return false }
+            batch.records.append((record, payload))
+            batch.end = end
+            batch.endSequence = endSequence
+            return true
         }
+        return batch.records.isEmpty ? nil : batch
     }
 
     /// A batch reached the replica: drop it and persist the new head.

@@ -4,7 +4,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/landlock.h>
+#include <sched.h>
 #include <seccomp.h>
+#include <sys/resource.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -19,6 +21,15 @@ static int result(long rc) { return rc < 0 ? -errno : (int)rc; }
 int iof_set_no_new_privs(void) { return result(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)); }
 int iof_set_parent_death_signal(int signal) { return result(prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0)); }
 int iof_set_thread_name(const char *name) { return result(prctl(PR_SET_NAME, name, 0, 0, 0)); }
+
+int iof_set_thread_background(int nice)
+{
+    /* Both calls act on the calling thread alone on Linux (pid 0 and a thread id). */
+    struct sched_param parameters = {0};
+    if (sched_setscheduler(0, SCHED_BATCH, &parameters) < 0)
+        return -errno;
+    return result(setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice));
+}
 int iof_set_dumpable(int dumpable) { return result(prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)); }
 
 int iof_close_from(int first)

@@ -171,6 +171,30 @@ struct SamplePluginTests {
         #expect(try Harness.qemuIO(disk, ["read -P 0x33 3M 1M"]).contains("read 1048576/1048576"))
     }
 
+    @Test func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks() throws {
+        // The checksum changed since (Fixtures/cache-1.0.0): an upgrade must drop no
+        // acknowledged write the cache alone holds.
+        let disk = image("upgrade.img", size: 4 << 20)
+        let state = directory.appendingPathComponent("upgrade-state")
+        let sidecar = state.appendingPathComponent("upgrade.img/org.swift-iofilter.cache")
+        try FileManager.default.createDirectory(at: sidecar, withIntermediateDirectories: true)
+        let fixture = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/cache-1.0.0")
+        for file in ["cache.data", "cache.meta"] {
+            try FileManager.default.copyItem(at: fixture.appendingPathComponent(file), to: sidecar.appendingPathComponent(file))
+        }
+        let served = try ServedDisk([disk, "--state-dir", state.path,
+                                     "--filter", "\(Self.cache):size=1M,mode=write-back,destage-interval-ms=600000"])
+        defer { served.stop() }
+        #expect(served.waitForLog("18 blocks warm, 18 dirty"))
+        let read = try Harness.qemuIO(served.uri, ["read -P 0x6b 4k 64k", "read -P 0x2c 1M 8k", "read -P 0 0 4k"])
+        #expect(read.contains("read 65536/65536 bytes at offset 4096"))
+        #expect(read.contains("read 8192/8192 bytes at offset 1048576"))
+        #expect(!read.contains("Pattern verification failed"))
+        // Nothing of it was on the disk below: the cache held it alone.
+        let below = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read -P 0 0 4M", disk])
+        #expect(below.stdout.contains("read 4194304/4194304"))
+    }
+
     @Test func offlineAccessToAWriteBackDiskReturnsTheCachedWrites() throws {
         let disk = image("offline.img", size: 16 << 20)
         let filter = "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=600000"

@@ -11,6 +11,9 @@ int iof_set_no_new_privs(void);
 int iof_set_parent_death_signal(int signal);
 int iof_set_dumpable(int dumpable);
 int iof_set_thread_name(const char *name);
+/* Makes the calling thread a background one: SCHED_BATCH (it never preempts a running
+ * thread when it wakes) at the given nice value. 0 or -errno. */
+int iof_set_thread_background(int nice);
 /* Closes every fd >= first. */
 int iof_close_from(int first);
 
