@@ -213,9 +213,10 @@ final class CacheStore: @unchecked Sendable {
         Glibc.close(metaFD)
     }
 
-    /// 64-bit multiply-xor over words: any torn write changes it. Four independent multiply-xorshift lanes over 32-byte strides, then folded: the
-    /// one-lane form before it waited on every product, and at about 1 µs per 4 KiB
-    /// block it was the largest cost of a write-back hit in the full sample chain.
+    /// 64-bit multiply-xorshift over words, so any torn write changes it; four
+    /// independent lanes over 32-byte strides, then folded. The one-lane form before it
+    /// waited on every product: at about 1 µs per 4 KiB block, it was the largest cost
+    /// of a write-back hit in the full sample chain.
     static func checksum(_ buffer: UnsafeRawPointer, count: Int) -> UInt64 {
         let prime: UInt64 = 0x0000_0100_0000_01b3
         @inline(__always) func mix(_ lane: UInt64, _ word: UInt64) -> UInt64 {

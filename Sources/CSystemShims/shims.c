@@ -6,8 +6,8 @@
 #include <linux/landlock.h>
 #include <sched.h>
 #include <seccomp.h>
-#include <sys/resource.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -21,6 +21,7 @@ static int result(long rc) { return rc < 0 ? -errno : (int)rc; }
 int iof_set_no_new_privs(void) { return result(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)); }
 int iof_set_parent_death_signal(int signal) { return result(prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0)); }
 int iof_set_thread_name(const char *name) { return result(prctl(PR_SET_NAME, name, 0, 0, 0)); }
+int iof_set_dumpable(int dumpable) { return result(prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)); }
 
 int iof_set_thread_background(int nice)
 {
@@ -30,7 +31,6 @@ int iof_set_thread_background(int nice)
         return -errno;
     return result(setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice));
 }
-int iof_set_dumpable(int dumpable) { return result(prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)); }
 
 int iof_close_from(int first)
 {

@@ -5,8 +5,8 @@ import Glibc
 public enum ThreadPriority: Sendable {
     /// The data path, and anything a request waits for.
     case normal
-    /// Work nothing waits for right now (shipping a replication journal, destaging a
-    /// cache): SCHED_BATCH at nice 10, so on a busy machine it takes about a tenth of
+    /// Work nothing waits for right now (shipping a replication journal, say):
+    /// SCHED_BATCH at nice 10, so on a busy machine it takes about a tenth of
     /// a CPU that a normal thread also wants, all of an idle one, and it never
     /// interrupts a normal thread when it wakes.
     case background

@@ -72,8 +72,10 @@ struct SamplePluginTests {
         // Async shipping yields the CPU to the guest's data path; in sync mode the
         // guest waits for the replica, so nothing of it runs at lower priority.
         let worker = try #require(served.workerPID)
-        #expect(Self.niceValues(of: worker, thread: "replication") == [mode == "async" ? 10 : 0])
-        #expect(Self.niceValues(of: worker, thread: "iofilter-worker") == [0], "only the shipper's own thread yields")
+        let shipper = Self.scheduling(of: worker, thread: "replication")
+        #expect(shipper.map(\.nice) == [mode == "async" ? 10 : 0])
+        #expect(shipper.map(\.policy) == [mode == "async" ? 3 : 0], "SCHED_BATCH (3) in async mode, SCHED_OTHER (0) in sync")
+        #expect(Self.scheduling(of: worker, thread: "iofilter-worker").map(\.nice) == [0], "only the shipper's own thread yields")
         if mode == "sync" {
             // In sync mode a completed write is on the replica already: no waiting.
             _ = try Harness.qemuIO(served.uri, ["write -P 0x5d 5M 128k"])
@@ -82,8 +84,9 @@ struct SamplePluginTests {
         }
     }
 
-    /// The nice values of a process's threads named `thread` (field 19 of their stat).
-    static func niceValues(of pid: pid_t, thread: String) -> [Int] {
+    /// The nice value and scheduling policy of a process's threads named `thread`
+    /// (fields 19 and 41 of their stat).
+    static func scheduling(of pid: pid_t, thread: String) -> [(nice: Int, policy: Int)] {
         let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
         return tasks.compactMap { task in
             guard let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8),
@@ -91,9 +94,10 @@ struct SamplePluginTests {
                   let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/stat", encoding: .utf8),
                   let afterName = stat.range(of: ") ")
             else { return nil }
-            // Fields after the name start at field 3 (state); nice is field 19.
+            // The fields after the name start at field 3 (state).
             let fields = stat[afterName.upperBound...].split(separator: " ")
-            return fields.count > 16 ? Int(fields[16]) : nil
+            guard fields.count > 38, let nice = Int(fields[16]), let policy = Int(fields[38]) else { return nil }
+            return (nice, policy)
         }
     }
 
