@@ -141,45 +141,38 @@ public final class CacheFilter: IOFilter {
     /// Serves a read from the cache if every block it touches is there.
     private func read(_ request: Request) -> Disposition {
         let range = blocks(of: request)
-        var slots: [Int] = []
-        slots.reserveCapacity(range.count)
-        let allCached: Bool = store.lock.withLock {
-            for block in range {
-                guard let slot = store.pinnedSlot(for: block) else {
-                    for pinned in slots { store.unpin(pinned) }
-                    return false
+        // The pinned slots live on the stack: a hit allocates nothing.
+        return withUnsafeTemporaryAllocation(of: Int.self, capacity: range.count) { slots in
+            var pinned = 0
+            let allCached: Bool = store.lock.withLock {
+                for block in range {
+                    guard let slot = store.pinnedSlot(for: block) else {
+                        for index in 0..<pinned { store.unpin(slots[index]) }
+                        return false
+                    }
+                    slots[pinned] = slot
+                    pinned += 1
                 }
-                slots.append(slot)
+                return true
             }
-            return true
-        }
-        guard allCached else {
-            misses.add(1, ordering: .relaxed)
-            return request.defer { await self.fillAndRead(request, blocks: range) }
-        }
-        defer { store.lock.withLock { for slot in slots { store.unpin(slot) } } }
-        var error: Int32 = 0
-        copyBlocks(range, slots: slots, to: request) { slot, offsetInBlock, destination, count in
-            let rc = store.readSlot(slot, into: destination, offset: offsetInBlock, count: count)
-            if rc != 0 { error = rc }
-        }
-        if error != 0 { return .fail(error) }
-        hits.add(1, ordering: .relaxed)
-        return .complete
-    }
-
-    /// Walks the part of each block that `request` covers.
-    private func copyBlocks(
-        _ range: ClosedRange<UInt64>, slots: [Int], to request: Request,
-        _ body: (Int, Int, UnsafeMutableRawPointer, Int) -> Void
-    ) {
-        var done = 0
-        for (index, block) in range.enumerated() {
-            let blockStart = block * UInt64(blockSize)
-            let from = Int(max(request.offset, blockStart) - blockStart)
-            let count = min(blockSize - from, request.length - done)
-            body(slots[index], from, request.buffer.baseAddress! + done, count)
-            done += count
+            guard allCached else {
+                misses.add(1, ordering: .relaxed)
+                return request.defer { await self.fillAndRead(request, blocks: range) }
+            }
+            defer { store.lock.withLock { for slot in slots { store.unpin(slot) } } }
+            var error: Int32 = 0
+            var done = 0
+            for (index, block) in range.enumerated() {
+                let blockStart = block * UInt64(blockSize)
+                let from = Int(max(request.offset, blockStart) - blockStart)
+                let count = min(blockSize - from, request.length - done)
+                let rc = store.readSlot(slots[index], into: request.buffer.baseAddress! + done, offset: from, count: count)
+                if rc != 0 { error = rc }
+                done += count
+            }
+            if error != 0 { return .fail(error) }
+            hits.add(1, ordering: .relaxed)
+            return .complete
         }
     }
 
