@@ -36,11 +36,11 @@ public func startThread(name: String, priority: ThreadPriority = .normal, _ body
         let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
         _ = iof_set_thread_name(String(box.name.prefix(15)))
         if box.priority == .background {
-            // SCHED_BATCH: a woken batch thread never preempts a running one. Nice
-            // alone left the data path preempted some 1,400 times a second by a
-            // replication shipper's naps and its NBD replica's replies. Neither change
-            // needs privilege, threads started from this one inherit both, and failing
-            // is harmless.
+            // Nice alone lowers the thread's share, but a thread that wakes every
+            // millisecond (a shipper between batches) may still preempt the data path
+            // when it wakes; the kernel never lets a woken SCHED_BATCH thread do that.
+            // Neither change needs privilege, threads started from this one inherit
+            // both, and failing is harmless.
             _ = iof_set_thread_background(10)
         }
         box.body()
