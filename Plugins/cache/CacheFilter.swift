@@ -45,12 +45,12 @@ public final class CacheFilter: IOFilter {
     private let hits = Atomic<UInt64>(0)
     private let misses = Atomic<UInt64>(0)
     private let destagedBytes = Atomic<UInt64>(0)
-    private let destager = Mutex<DiskTimer?>(nil)
+    private let destager = BackgroundLoop(name: "cache-destage")
 
     public static func detach(_ disk: Disk) throws(FilterError) {
         // Detaching a write-back cache destages it first: open it, flush it, delete it.
         // No background destaging here: this thread destages everything itself, and a
-        // timer callback would wait on the very lock `detach` runs under.
+        // background pass writing below would wait on the very lock `detach` runs under.
         let filter = try CacheFilter(disk: disk, destageInBackground: false)
         let error = filter.destageAll()
         filter.close()
@@ -75,19 +75,21 @@ public final class CacheFilter: IOFilter {
         disk.log(.info, "cache \(writeBack ? "write-back" : "write-through"), \(size) bytes in \(blockSize)-byte blocks; "
                  + "\(warm) blocks warm, \(store.lock.withLock { store.dirtyCount }) dirty")
         if writeBack && destageInBackground {
-            let interval = Duration.milliseconds(disk.parameter("destage-interval-ms", default: 500))
-            // A strong capture: `close` cancels the timer (waiting for a running
-            // callback), which releases it. A weak one would move the reference count
-            // to a side table and slow every retain on the data path.
-            let timer = disk.startTimer(after: interval, every: interval) { [self] in _ = destage(limit: 256) }
-            destager.withLock { $0 = timer }
+            // On a thread of its own, in the background: a destage writes up to 256
+            // blocks below one after another, which on the host's timer thread held up
+            // every other filter's timers and competed with the data path. A strong
+            // capture: `close` stops the loop (waiting for a running pass), which
+            // releases it; a weak one would move the reference count to a side table
+            // and slow every retain on the data path.
+            let interval = UInt64(disk.parameter("destage-interval-ms", default: 500)) * 1_000_000
+            destager.start(every: interval) { [self] in _ = destage(limit: 256) }
         }
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
     }
 
     public func close() {
         Self.registry.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(self)) }
-        destager.withLock { $0?.cancel() }
+        destager.stop()
         if writeBack {
             let error = destageAll()
             if error != 0 { disk.log(.warning, "dirty blocks stay in the cache (destage failed: \(String(cString: strerror(error))))") }
@@ -460,3 +462,40 @@ func cacheStatus() -> UnsafePointer<CChar>? {
 
 @_cdecl("iof_plugin_entry")
 public func iofPluginEntry() -> UnsafeRawPointer { exportFilter(CacheFilter.self) }
+
+/// Runs `work` every so often on a background thread until `stop`.
+final class BackgroundLoop: @unchecked Sendable {
+    // @unchecked: `stopping` and `running` are guarded by `lock`.
+    private let name: String
+    private let lock = ConditionLock()
+    private var stopping = false
+    private var running = false
+
+    init(name: String) { self.name = name }
+
+    func start(every nanoseconds: UInt64, _ work: @escaping @Sendable () -> Void) {
+        // Running from here on: a `stop` that comes before the thread does still waits.
+        lock.withLock { running = true }
+        startThread(name: name, priority: .background) { [self] in
+            while lock.withLock({ () -> Bool in
+                if !stopping { _ = lock.wait(nanoseconds: nanoseconds) }
+                return !stopping
+            }) {
+                work()
+            }
+            lock.withLock {
+                running = false
+                lock.broadcast()
+            }
+        }
+    }
+
+    /// Stops the loop and waits for a pass in progress; does nothing if never started.
+    func stop() {
+        lock.withLock {
+            stopping = true
+            lock.broadcast()
+            while running { lock.wait() }
+        }
+    }
+}

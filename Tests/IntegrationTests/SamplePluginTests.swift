@@ -175,6 +175,27 @@ struct SamplePluginTests {
         #expect(try Harness.qemuIO(disk, ["read -P 0x33 3M 1M"]).contains("read 1048576/1048576"))
     }
 
+    @Test func aWriteBackCacheDestagesInTheBackground() throws {
+        let disk = image("destage.img", size: 16 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=100"])
+        defer { served.stop() }
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x3e 1M 256k", "flush"])
+        // While the disk is still served, the bytes reach the disk below within a few
+        // intervals.
+        let deadline = Date().addingTimeInterval(10)
+        var below = ""
+        repeat {
+            usleep(100_000)
+            below = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read -P 0x3e 1M 256k", disk]).stdout
+        } while Date() < deadline && (below.contains("Pattern verification failed") || !below.contains("read 262144/262144"))
+        #expect(below.contains("read 262144/262144") && !below.contains("Pattern verification failed"))
+        // On a thread of its own, in the background (SCHED_BATCH, nice 10).
+        let worker = try #require(served.workerPID)
+        let destager = Self.scheduling(of: worker, thread: "cache-destage")
+        #expect(destager.map(\.policy) == [3])
+        #expect(destager.map(\.nice) == [10])
+    }
+
     @Test func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks() throws {
         // The checksum changed since (Fixtures/cache-1.0.0): an upgrade must drop no
         // acknowledged write the cache alone holds.
@@ -201,7 +222,7 @@ struct SamplePluginTests {
 
     @Test func offlineAccessToAWriteBackDiskReturnsTheCachedWrites() throws {
         let disk = image("offline.img", size: 16 << 20)
-        let filter = "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=600000"
+        let filter = "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=100"
         let served = try ServedDisk([disk, "--filter", filter])
         _ = try Harness.qemuIO(served.uri, ["write -P 0x6b 2M 512k", "flush"])
         // The host dies with the worker: nothing is destaged.
