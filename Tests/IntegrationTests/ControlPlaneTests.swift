@@ -23,8 +23,8 @@ struct ControlPlaneTests {
     static func isGone(_ pid: Int32, within seconds: Double = 5) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         repeat {
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
-            if let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z" { return true }
+            guard let fields = Harness.statFields("/proc/\(pid)/stat") else { return true }
+            if fields.first == "Z" { return true }
             usleep(50_000)
         } while Date() < deadline
         return false

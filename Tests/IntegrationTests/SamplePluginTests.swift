@@ -91,12 +91,9 @@ struct SamplePluginTests {
         return tasks.compactMap { task in
             guard let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8),
                   comm.trimmingCharacters(in: .whitespacesAndNewlines) == thread,
-                  let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/stat", encoding: .utf8),
-                  let afterName = stat.range(of: ") ")
+                  let fields = Harness.statFields("/proc/\(pid)/task/\(task)/stat"),
+                  fields.count > 38, let nice = Int(fields[16]), let policy = Int(fields[38])
             else { return nil }
-            // The fields after the name start at field 3 (state).
-            let fields = stat[afterName.upperBound...].split(separator: " ")
-            guard fields.count > 38, let nice = Int(fields[16]), let policy = Int(fields[38]) else { return nil }
             return (nice, policy)
         }
     }

@@ -148,16 +148,20 @@ enum Harness {
         try check(tool("sha256sum"), [path]).split(separator: " ").first.map(String.init) ?? ""
     }
 
+    /// The fields of a `/proc/…/stat` file after the name, so that index 0 is field 3
+    /// (the state). The name may hold spaces and parentheses: it ends at the last ")".
+    /// Nil if the process or thread is gone.
+    static func statFields(_ path: String) -> [Substring]? {
+        guard let stat = try? String(contentsOfFile: path, encoding: .utf8), let close = stat.lastIndex(of: ")") else { return nil }
+        return stat[stat.index(after: close)...].split(separator: " ")
+    }
+
     /// Child processes of `pid` (the worker under an `iofilter serve`).
     static func children(of pid: pid_t) -> [pid_t] {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
         return entries.compactMap { entry -> pid_t? in
-            guard let child = pid_t(entry),
-                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
-                let close = stat.lastIndex(of: ")")
-            else { return nil }
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            return fields.count > 2 && pid_t(fields[1]) == pid ? child : nil
+            guard let child = pid_t(entry), let fields = statFields("/proc/\(entry)/stat") else { return nil }
+            return fields.count > 1 && pid_t(fields[1]) == pid ? child : nil
         }
     }
 }
