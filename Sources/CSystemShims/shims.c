@@ -153,3 +153,7 @@ int iof_fallocate(int fd, int mode, int64_t offset, int64_t length)
 }
 
 int iof_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno; }
+
+static _Thread_local void *iof_thread_value;
+void *iof_thread_local_get(void) { return iof_thread_value; }
+void iof_thread_local_set(void *value) { iof_thread_value = value; }

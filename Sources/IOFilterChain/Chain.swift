@@ -42,9 +42,13 @@ public final class Chain: @unchecked Sendable {
         buffer: UnsafeMutableRawPointer?, completion: ChainRequest.Completion
     ) -> Int32 {
         guard length <= backend.size, offset <= backend.size - length else { return EINVAL }
-        let request = ChainRequest(chain: self, top: position + 1, completion: completion)
+        switch op {
+        case IOF_OP_READ, IOF_OP_WRITE: guard buffer != nil else { return EINVAL }
+        case IOF_OP_FLUSH, IOF_OP_TRIM, IOF_OP_WRITE_ZEROES: break
+        default: return EINVAL
+        }
+        let request = ChainRequest(chain: self, top: position + 1, completion: completion, oneOff: true)
         request.prepare(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
-        request.retainedUntilFinished = .passRetained(request)
         request.run()
         return 0
     }

@@ -24,6 +24,10 @@ public final class ChainExport: NBDExport {
         ChainRequest(chain: chain, top: 0, completion: .nbd(request))
     }
 
+    public func releaseRequestContext(_ context: AnyObject) {
+        unsafeDowncast(context, to: ChainRequest.self).retire()
+    }
+
     public func submit(_ request: NBDRequest) {
         let chained = unsafeDowncast(request.exportContext!, to: ChainRequest.self)
         var flags: UInt32 = 0

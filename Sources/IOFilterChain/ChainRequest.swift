@@ -2,15 +2,21 @@ import CIOFilter
 import Glibc
 import IOFilterNBD
 import IOFilterPosix
+import Logging
 import Synchronization
 
 /// One request's trip through a chain: down through each filter's `start`, to the
 /// backend, and back up through `done`. The object and its C `iof_request` are reused
 /// for every request of one NBD request slot, so the hot path allocates nothing.
+///
+/// The host is the judge of every request: each decision a filter makes is checked
+/// (a valid disposition, a resume exactly once for a request that waits for one, the
+/// request's op, flags, range and buffer unchanged) before the trip goes on, and a
+/// filter that breaks a rule fails that request with EIO and is named in the log.
 public final class ChainRequest: @unchecked Sendable {
     // @unchecked: a request is driven by one thread at a time. Hand-offs between
     // threads (a deferral resumed elsewhere, a backend completing on its own thread)
-    // go through `deferState` or the backend's own synchronisation.
+    // go through `decision` (acquire/release) or the backend's own synchronisation.
     unowned(unsafe) let chain: Chain
     let io: UnsafeMutablePointer<iof_request>
     /// One pointer-sized slot per filter, `request_private` in the ABI.
@@ -18,16 +24,41 @@ public final class ChainRequest: @unchecked Sendable {
     /// The first filter this request meets: 0 for a consumer's request, k+1 for I/O
     /// that filter k submits below itself.
     let top: Int
+    /// The filter whose callback runs or last ran; stored before the callback, so a
+    /// resume from another thread always continues from the right place.
     @exclusivity(unchecked) private var position = 0
     @exclusivity(unchecked) private var goingUp = false
 
-    /// running → parked (the engine returned) or → resumedEarly (resume came first).
-    private let deferState = Atomic<UInt8>(0)
-    private static let running: UInt8 = 0
-    private static let parked: UInt8 = 1
-    private static let resumedEarly: UInt8 = 2
-    private var resumedDisposition = IOF_PASS
-    private var resumedError: Int32 = 0
+    /// What the request looked like when it entered the chain: no filter may change it.
+    @exclusivity(unchecked) private var expected = Shape()
+
+    /// Where the request stands with respect to a filter's decision, with the decision
+    /// a resume delivered packed beside it, so that every transition is one atomic step:
+    ///
+    ///     idle ──engine calls start/done──▶ inCallback ──returns IOF_DEFER──▶ parked
+    ///       ▲                                  │                                │
+    ///       │            resume during the call▼                    resume (CAS)│
+    ///       └──engine picks the decision up── resumedEarly         idle ◀───────┘
+    ///
+    /// A resume in any other state (idle: never deferred or already resumed;
+    /// resumedEarly: resumed twice) is logged and ignored.
+    private let decision = Atomic<UInt64>(Phase.idle)
+    private enum Phase {
+        static let idle: UInt64 = 0
+        static let inCallback: UInt64 = 1
+        static let parked: UInt64 = 2
+        static let resumedEarly: UInt64 = 3
+        static let mask: UInt64 = 0xff
+
+        static func resumed(_ disposition: iof_disposition, _ error: Int32) -> UInt64 {
+            resumedEarly | UInt64(disposition.rawValue & 0xff) << 8 | UInt64(UInt32(bitPattern: error)) << 32
+        }
+        static func disposition(_ word: UInt64) -> iof_disposition { iof_disposition(rawValue: UInt32((word >> 8) & 0xff)) }
+        static func error(_ word: UInt64) -> Int32 { Int32(bitPattern: UInt32(truncatingIfNeeded: word >> 32)) }
+    }
+    /// Set by the thread that won a resume of a parked request, read by the same thread
+    /// (or the one it hands the request to through the thread's pending list).
+    @exclusivity(unchecked) private var resumedDisposition = IOF_PASS
 
     /// What the watchdog sees of this request. A separate object, so that the watchdog
     /// never holds a reference to a request another thread may be freeing.
@@ -39,13 +70,15 @@ public final class ChainRequest: @unchecked Sendable {
         case swift(@Sendable (Int32) -> Void)
     }
     private let completion: Completion
-    /// A one-off request (submit_below) keeps itself alive until its trip ends.
-    var retainedUntilFinished: Unmanaged<ChainRequest>?
+    /// A one-off request (submit_below, a test's request) retires itself when its trip
+    /// ends; a request slot is retired by its owner when the connection ends.
+    private let retiresWhenFinished: Bool
 
-    init(chain: Chain, top: Int, completion: Completion) {
+    init(chain: Chain, top: Int, completion: Completion, oneOff: Bool = false) {
         self.chain = chain
         self.top = top
         self.completion = completion
+        self.retiresWhenFinished = oneOff
         io = .allocate(capacity: 1)
         io.initialize(to: iof_request())
         io.pointee.struct_size = UInt32(MemoryLayout<iof_request>.size)
@@ -53,6 +86,7 @@ public final class ChainRequest: @unchecked Sendable {
         privates.initialize(repeating: nil, count: max(chain.filters.count, 1))
         io.pointee.host_private = UnsafeRawPointer(Unmanaged.passUnretained(self).toOpaque())
         chain.register(watch)
+        LiveRequests.shared.insert(self)
     }
 
     deinit {
@@ -61,8 +95,10 @@ public final class ChainRequest: @unchecked Sendable {
         privates.deallocate()
     }
 
-    static func from(_ io: UnsafeMutablePointer<iof_request>) -> ChainRequest {
-        Unmanaged<ChainRequest>.fromOpaque(io.pointee.host_private!).takeUnretainedValue()
+    /// Ends the request object's life as far as the host services are concerned: a
+    /// later `resume` of its pointer is refused instead of touching freed memory.
+    public func retire() {
+        LiveRequests.shared.remove(self)
     }
 
     func prepare(op: iof_op, flags: UInt32, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?) {
@@ -73,6 +109,7 @@ public final class ChainRequest: @unchecked Sendable {
         io.pointee.buffer = buffer
         io.pointee.error = 0
         io.pointee.id = chain.nextRequestID()
+        expected = Shape(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
         watch.describe(id: io.pointee.id, op: op, offset: offset, length: length)
     }
 
@@ -94,20 +131,29 @@ public final class ChainRequest: @unchecked Sendable {
         while position < filters.count {
             enter(position)
             privates[position] = nil
-            deferState.store(Self.running, ordering: .relaxed)
-            var disposition = filters[position].start(io, privates + position)
-            if disposition == IOF_DEFER {
-                guard let resumed = park() else { return }
-                disposition = resumed
-            }
+            decision.store(Phase.inCallback, ordering: .relaxed)
+            let returned = filters[position].start(io, privates + position)
+            guard let disposition = settle(returned) else { return }
             if !afterStart(disposition) { return }
         }
         enter(filters.count)
+        // Every filter left the request as it came; the range was checked on entry
+        // (by the NBD server or submit_below). Checked again here, where it is cheap,
+        // because this is the last step before the disk.
+        guard io.pointee.length <= chain.backend.size, io.pointee.offset <= chain.backend.size - io.pointee.length else {
+            io.pointee.error = EINVAL
+            return ascend(from: filters.count - 1)
+        }
         chain.backend.submit(self)
     }
 
     /// Applies `start`'s decision at `position`; true to keep descending.
     private func afterStart(_ disposition: iof_disposition) -> Bool {
+        if !unchanged() {
+            io.pointee.error = EIO
+            ascend(from: position - 1)
+            return false
+        }
         switch disposition {
         case IOF_PASS:
             position += 1
@@ -117,11 +163,28 @@ public final class ChainRequest: @unchecked Sendable {
         case IOF_FAIL:
             if io.pointee.error <= 0 { io.pointee.error = EIO }
         default:
-            chain.filters[position].logInvalidDisposition(disposition, request: io)
+            chain.filters[position].logInvalidDisposition(disposition, request: io, in: "start")
             io.pointee.error = EIO
         }
         ascend(from: position - 1)
         return false
+    }
+
+    /// Applies `done`'s decision at `position` (already the filter that decided).
+    private func afterDone(_ disposition: iof_disposition) {
+        if !unchanged() {
+            io.pointee.error = EIO
+            return
+        }
+        switch disposition {
+        case IOF_PASS:
+            break
+        case IOF_FAIL:
+            if io.pointee.error <= 0 { io.pointee.error = EIO }
+        default:
+            chain.filters[position].logInvalidDisposition(disposition, request: io, in: "done")
+            io.pointee.error = EIO
+        }
     }
 
     /// The backend finished (any thread).
@@ -138,16 +201,11 @@ public final class ChainRequest: @unchecked Sendable {
             let filter = filters[current]
             if filter.hasDone {
                 enter(current)
-                deferState.store(Self.running, ordering: .relaxed)
-                var disposition = filter.done(io, privates[current])
-                if disposition == IOF_DEFER {
-                    guard let resumed = park() else {
-                        position = current
-                        return
-                    }
-                    disposition = resumed
-                }
-                if disposition == IOF_FAIL && io.pointee.error <= 0 { io.pointee.error = EIO }
+                position = current
+                decision.store(Phase.inCallback, ordering: .relaxed)
+                let returned = filter.done(io, privates[current])
+                guard let disposition = settle(returned) else { return }
+                afterDone(disposition)
             }
             current -= 1
         }
@@ -157,41 +215,122 @@ public final class ChainRequest: @unchecked Sendable {
     private func finish() {
         watch.stage.store(-1, ordering: .relaxed)
         let error = io.pointee.error
-        let keeper = retainedUntilFinished
-        retainedUntilFinished = nil
+        if retiresWhenFinished { retire() }
         switch completion {
         case .nbd(let request): request.complete(error: error)
         case .callback(let callback, let arg): callback(arg, error)
         case .swift(let body): body(error)
         }
-        keeper?.release()
+    }
+
+    /// True if the filter at `position` left op, flags, range and buffer alone. If it
+    /// did not, they are put back (so that what reaches the consumer and the disk is
+    /// the request as issued), the filter is named in the log, and the caller fails the
+    /// request.
+    private func unchanged() -> Bool {
+        let now = Shape(io.pointee)
+        guard now != expected else { return true }
+        chain.filters[position].logger.error(
+            "changed request \(io.pointee.id) (\(expected) became \(now)); a filter may change only the bytes: failing it with EIO")
+        io.pointee.op = expected.op
+        io.pointee.flags = expected.flags
+        io.pointee.offset = expected.offset
+        io.pointee.length = expected.length
+        io.pointee.buffer = expected.buffer
+        return false
     }
 
     // MARK: deferral
 
-    /// After a callback returned IOF_DEFER: nil if the request now waits for `resume`,
-    /// or the disposition `resume` already delivered while the callback ran.
-    private func park() -> iof_disposition? {
-        if deferState.compareExchange(expected: Self.running, desired: Self.parked, ordering: .acquiringAndReleasing).exchanged {
-            return nil
+    /// After a callback returned: the decision to act on now, or nil if the request now
+    /// waits for `resume`.
+    private func settle(_ returned: iof_disposition) -> iof_disposition? {
+        if returned == IOF_DEFER {
+            let (exchanged, found) = decision.compareExchange(
+                expected: Phase.inCallback, desired: Phase.parked, ordering: .acquiringAndReleasing)
+            if exchanged { return nil }
+            // resume() came while the callback ran.
+            decision.store(Phase.idle, ordering: .relaxed)
+            if Phase.error(found) > 0 { io.pointee.error = Phase.error(found) }
+            return Phase.disposition(found)
         }
-        io.pointee.error = resumedError
-        return resumedDisposition
+        let (exchanged, _) = decision.compareExchange(
+            expected: Phase.inCallback, desired: Phase.idle, ordering: .acquiringAndReleasing)
+        if !exchanged {
+            decision.store(Phase.idle, ordering: .relaxed)
+            chain.filters[position].logger.error(
+                "resumed request \(io.pointee.id) from a callback that did not defer it; the resume is ignored")
+        }
+        return returned
     }
 
-    /// `host->resume`, from any thread.
-    func resume(_ disposition: iof_disposition, error: Int32) {
-        let decided = disposition == IOF_DEFER ? IOF_FAIL : disposition
-        resumedDisposition = decided
-        resumedError = decided == IOF_FAIL && error <= 0 ? EIO : error
-        if deferState.compareExchange(expected: Self.running, desired: Self.resumedEarly, ordering: .acquiringAndReleasing).exchanged {
-            return  // the engine is still inside the callback and picks it up on return
+    /// `host->resume`, from any thread: checks the call, then carries the request on.
+    static func resume(_ io: UnsafeMutablePointer<iof_request>?, _ disposition: iof_disposition, error: Int32) {
+        guard let io, let request = LiveRequests.shared.lookup(io) else {
+            HostServices.pluginLogger.error(
+                "resume of \(io.map { "\($0)" } ?? "a NULL request"), which is no request in flight in this worker; ignored")
+            return
         }
-        io.pointee.error = resumedError
+        request.resume(disposition, error: error)
+    }
+
+    func resume(_ disposition: iof_disposition, error: Int32) {
+        let decided: iof_disposition
+        var code = error
+        switch disposition {
+        case IOF_PASS, IOF_COMPLETE:
+            decided = disposition
+        case IOF_FAIL:
+            decided = IOF_FAIL
+            if code <= 0 { code = EIO }
+        default:
+            blamedLogger.error(
+                "resumed request \(io.pointee.id) with invalid disposition \(disposition.rawValue); failing it with EIO")
+            decided = IOF_FAIL
+            code = EIO
+        }
+        var word = decision.load(ordering: .acquiring)
+        while true {
+            switch word & Phase.mask {
+            case Phase.inCallback:
+                // The engine is still inside the callback and picks the decision up on return.
+                let (exchanged, found) = decision.compareExchange(
+                    expected: word, desired: Phase.resumed(decided, code), ordering: .acquiringAndReleasing)
+                if exchanged { return }
+                word = found
+            case Phase.parked:
+                let (exchanged, found) = decision.compareExchange(
+                    expected: word, desired: Phase.idle, ordering: .acquiringAndReleasing)
+                if !exchanged {
+                    word = found
+                    continue
+                }
+                // This thread owns the request now.
+                if decided == IOF_FAIL { io.pointee.error = code }
+                resumedDisposition = decided
+                if !PendingResumes.deferIfInsideSerializedCallback(self) { carryOn() }
+                return
+            default:
+                blamedLogger.error(
+                    "resumed request \(io.pointee.id), which is not waiting for a decision (resumed twice, or never deferred); ignored")
+                return
+            }
+        }
+    }
+
+    /// The logger of the filter the request is at, as far as another thread can tell
+    /// (the watchdog's atomics): for misuse reported from a resuming thread.
+    private var blamedLogger: Logger {
+        let stage = watch.stage.load(ordering: .relaxed)
+        return stage >= 0 && stage < chain.filters.count ? chain.filters[stage].logger : HostServices.pluginLogger
+    }
+
+    /// Continues the trip after a resume of a parked request.
+    func carryOn() {
         if goingUp {
-            if decided == IOF_FAIL && io.pointee.error <= 0 { io.pointee.error = EIO }
+            afterDone(resumedDisposition)
             ascend(from: position - 1)
-        } else if afterStart(decided) {
+        } else if afterStart(resumedDisposition) {
             descend()
         }
     }
@@ -199,6 +338,63 @@ public final class ChainRequest: @unchecked Sendable {
 
 extension ChainRequest: NBDClientCompletion {
     public func nbdRequestDidComplete(error: Int32) { backendDidComplete(error: error) }
+}
+
+/// The parts of a request a filter must leave alone.
+private struct Shape: Equatable, CustomStringConvertible {
+    var op = IOF_OP_READ
+    var flags: UInt32 = 0
+    var offset: UInt64 = 0
+    var length: UInt64 = 0
+    var buffer: UnsafeMutableRawPointer? = nil
+
+    init() {}
+    init(op: iof_op, flags: UInt32, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?) {
+        self.op = op
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.buffer = buffer
+    }
+    init(_ io: iof_request) {
+        self.init(op: io.op, flags: io.flags, offset: io.offset, length: io.length, buffer: io.buffer)
+    }
+
+    var description: String {
+        "\(Chain.opName(op)) flags=\(flags) offset=\(offset) length=\(length) buffer=\(buffer.map { "\($0)" } ?? "nil")"
+    }
+}
+
+/// Every request object that may be resumed, so that `host->resume` accepts only a
+/// pointer the host handed out and still owns, whatever a plug-in passes or has
+/// written into `host_private`. Holding the object here also keeps it alive until it
+/// is retired, so a resume never races its deallocation.
+final class LiveRequests: Sendable {
+    static let shared = LiveRequests()
+    private final class Shard: Sendable {
+        let map = Mutex<[UInt: Unmanaged<ChainRequest>]>([:])
+    }
+    private static let shardCount = 16
+    private let shards: [Shard] = (0..<LiveRequests.shardCount).map { _ in Shard() }
+
+    private func shard(_ key: UInt) -> Shard { shards[Int((key >> 6) & UInt(Self.shardCount - 1))] }
+
+    func insert(_ request: ChainRequest) {
+        let key = UInt(bitPattern: request.io)
+        shard(key).map.withLock { $0[key] = Unmanaged.passRetained(request) }
+    }
+
+    func remove(_ request: ChainRequest) {
+        let key = UInt(bitPattern: request.io)
+        shard(key).map.withLock { $0.removeValue(forKey: key) }?.release()
+    }
+
+    func lookup(_ io: UnsafeMutablePointer<iof_request>) -> ChainRequest? {
+        let key = UInt(bitPattern: io)
+        return shard(key).map.withLock { $0[key]?.takeUnretainedValue() }
+    }
+
+    var count: Int { shards.reduce(0) { total, shard in total + shard.map.withLock { $0.count } } }
 }
 
 /// Where a request is and what it is, in atomics the watchdog can read from its own

@@ -129,8 +129,7 @@ public final class FilterInstance: @unchecked Sendable {
     func start(_ io: UnsafeMutablePointer<iof_request>, _ slot: UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> iof_disposition {
         guard let serializer else { return startFunction(instance, io, slot) }
         serializer.lock()
-        defer { serializer.unlock() }
-        return startFunction(instance, io, slot)
+        return PendingResumes.serialized(unlock: serializer.unlock) { startFunction(instance, io, slot) }
     }
 
     @inline(__always)
@@ -138,19 +137,17 @@ public final class FilterInstance: @unchecked Sendable {
         guard let doneFunction else { return IOF_PASS }
         guard let serializer else { return doneFunction(instance, io, slot) }
         serializer.lock()
-        defer { serializer.unlock() }
-        return doneFunction(instance, io, slot)
+        return PendingResumes.serialized(unlock: serializer.unlock) { doneFunction(instance, io, slot) }
     }
 
     private func serialized<T>(_ body: () -> T) -> T {
         guard let serializer else { return body() }
         serializer.lock()
-        defer { serializer.unlock() }
-        return body()
+        return PendingResumes.serialized(unlock: serializer.unlock, body)
     }
 
-    func logInvalidDisposition(_ disposition: iof_disposition, request: UnsafeMutablePointer<iof_request>) {
-        logger.error("returned invalid disposition \(disposition.rawValue) for request \(request.pointee.id); failing it with EIO")
+    func logInvalidDisposition(_ disposition: iof_disposition, request: UnsafeMutablePointer<iof_request>, in callback: String) {
+        logger.error("\(callback) returned invalid disposition \(disposition.rawValue) for request \(request.pointee.id); failing it with EIO")
     }
 }
 

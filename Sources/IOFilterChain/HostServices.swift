@@ -19,8 +19,7 @@ enum HostServices {
                 return filter.parameter(String(cString: key))
             },
             resume: { request, disposition, error in
-                guard let request else { return }
-                ChainRequest.from(request).resume(disposition, error: error)
+                ChainRequest.resume(request, disposition, error: error)
             },
             submit_below: { disk, op, flags, offset, length, buffer, callback, arg in
                 guard let filter = FilterInstance.from(disk), let chain = filter.chain, let callback else { return EINVAL }

@@ -8,12 +8,20 @@ import Synchronization
 /// The connection's thread reads requests in batches, hands each to the export, and
 /// collects the replies of requests the export finished inline; when it runs out of
 /// buffered requests it sends all those replies with one writev. A request the export
-/// defers is answered by whichever thread completes it, under `lock`, so a slow request
-/// never holds up the ones behind it.
+/// defers is answered by whichever thread completes it, so a slow request never holds
+/// up the ones behind it.
+///
+/// Replies from several threads share one socket, so one thread at a time owns the
+/// socket for writing (`writerActive`); the lock guards only the hand-over, never a
+/// write. A completing thread that is not the connection's writes only what the socket
+/// takes without blocking: when a client stops reading, the rest goes to this
+/// connection's own reply thread, so that a backend's or a filter's thread that
+/// completes requests for every connection of a disk is never stalled by one client.
 final class NBDConnection: @unchecked Sendable {
     // @unchecked: fields marked (conn) are touched only by the connection's thread;
-    // fields marked (lock) only with `lock` held. The (conn) fields skip dynamic
-    // exclusivity checks: one thread owns them, and the checks showed in profiles.
+    // fields marked (lock) only with `lock` held; (writer) only by the thread that owns
+    // the socket for writing. The (conn) fields skip dynamic exclusivity checks: one
+    // thread owns them, and the checks showed in profiles.
     let fd: Int32
     let export: any NBDExport
     let logger: Logger
@@ -27,6 +35,11 @@ final class NBDConnection: @unchecked Sendable {
     static let maxBatchBytes = 2 << 20
     static let maxInFlight = 256
     static let pollsBeforeBlocking = 20
+    /// Request buffers of idle slots are kept for reuse up to this many bytes in all
+    /// (a client at 16 x 2 MiB keeps its buffers); past it, a slot returning with a
+    /// buffer larger than `keptBufferBytes` gives it back.
+    static let slotBufferBudget = 64 << 20
+    static let keptBufferBytes = 256 << 10
 
     private let receive: UnsafeMutableRawPointer  // (conn)
     @exclusivity(unchecked) private var receiveStart = 0  // (conn)
@@ -36,12 +49,24 @@ final class NBDConnection: @unchecked Sendable {
     @exclusivity(unchecked) private var batch: [NBDRequest] = []  // (conn)
     @exclusivity(unchecked) private var batchBytes = 0  // (conn)
     @exclusivity(unchecked) private var free: [NBDRequest] = []  // (conn)
-    @exclusivity(unchecked) private var created = 0  // (conn)
+    @exclusivity(unchecked) private var slots: [NBDRequest] = []  // (conn) every slot ever made
+    @exclusivity(unchecked) private var slotBytes = 0  // (conn) buffer bytes of all slots
 
     private let lock = ConditionLock()
-    private var returned: [NBDRequest] = []  // (lock)
-    private var deferredInFlight = 0  // (lock)
+    private var returned: [NBDRequest] = []  // (lock) replied; ready for reuse
+    private var queued: [NBDRequest] = []  // (lock) finished; reply not yet written
+    private var awaitingReply = 0  // (lock) deferred or queued, not yet in `returned`
+    private var writerActive = false  // (lock) a thread owns the socket for writing
+    private var handedOver = false  // (lock) the owner left a partial write to the reply thread
+    private var replyThreadStarted = false  // (lock)
+    private var closing = false  // (lock) the reply thread may exit
     private var broken = false  // (lock) a reply write failed: stop serving
+
+    /// (writer) The replies being written by the owner, and their vectors.
+    private var writing: [NBDRequest] = []
+    private let writeVectors: UnsafeMutablePointer<iovec>
+    private var writeFirst = 0
+    private var writeCount = 0
 
     init(fd: Int32, export: any NBDExport, logger: Logger) {
         self.fd = fd
@@ -51,16 +76,24 @@ final class NBDConnection: @unchecked Sendable {
         self.features = export.features
         receive = .allocate(byteCount: Self.receiveCapacity, alignment: 64)
         vectors = .allocate(capacity: Self.maxBatch * 2)
+        writeVectors = .allocate(capacity: Self.maxInFlight * 2)
         batch.reserveCapacity(Self.maxBatch)
         free.reserveCapacity(Self.maxInFlight)
+        slots.reserveCapacity(Self.maxInFlight)
         returned.reserveCapacity(Self.maxInFlight)
+        queued.reserveCapacity(Self.maxInFlight)
+        writing.reserveCapacity(Self.maxInFlight)
     }
 
     deinit {
         receive.deallocate()
         vectors.deallocate()
+        writeVectors.deallocate()
     }
 
+    /// Serves until the client disconnects, breaks the protocol or the socket is shut
+    /// down; then answers what it accepted, waits for deferred requests, and frees
+    /// every slot (the export's per-slot state included).
     func run() {
         logger.debug("serving export '\(export.name)'")
         do {
@@ -68,15 +101,21 @@ final class NBDConnection: @unchecked Sendable {
         } catch {
             logger.debug("connection ended: \(error)")
         }
-        shutdown(fd, Int32(SHUT_RDWR))
-        // Deferred requests still point at this connection; wait for them.
+        // Replies already batched are still owed to the client (a disconnect or a bad
+        // request after them does not cancel requests that were carried out).
+        try? flushBatch()
         lock.withLock {
-            while deferredInFlight > 0 { lock.wait() }
+            while awaitingReply > 0 || writerActive { lock.wait() }
+            closing = true
+            lock.broadcast()
         }
+        shutdown(fd, Int32(SHUT_RDWR))
         close(fd)
-        // Break the request → context → request cycles so that everything is freed.
-        for request in free { request.exportContext = nil }
-        for request in returned { request.exportContext = nil }
+        for request in slots {
+            if let context = request.exportContext { export.releaseRequestContext(context) }
+            request.exportContext = nil
+        }
+        slots.removeAll()
         free.removeAll()
         returned.removeAll()
     }
@@ -84,8 +123,6 @@ final class NBDConnection: @unchecked Sendable {
     private enum Stop: Error { case disconnect, peerClosed, protocolViolation(String) }
 
     private func serveRequests() throws {
-        let header = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.requestHeaderSize, alignment: 8)
-        defer { header.deallocate() }
         while true {
             guard try fill(atLeast: NBDProtocol.requestHeaderSize) else { throw Stop.peerClosed }
             let raw = UnsafeRawPointer(receive + receiveStart)
@@ -106,6 +143,10 @@ final class NBDConnection: @unchecked Sendable {
             if command == .disconnect { throw Stop.disconnect }
             let payload = command == .write ? Int(length) : 0
             if let error = check(command, flags: flags, offset: offset, length: length) {
+                if payload > NBDProtocol.maxPayload {
+                    // Too large to skip safely: the stream cannot be trusted past it.
+                    throw Stop.protocolViolation("write of \(payload) bytes exceeds the maximum payload")
+                }
                 try discard(payload)
                 try replyImmediately(cookie: cookie, error: error)
                 continue
@@ -122,15 +163,22 @@ final class NBDConnection: @unchecked Sendable {
             request.length = length
             request.cookie = cookie
             request.error = 0
-            if command == .read || command == .write { request.ensureCapacity(Int(length)) }
-            if payload > 0 { try readPayload(into: request.buffer, count: payload) }
+            if command == .read || command == .write { grow(request, to: Int(length)) }
+            if payload > 0 {
+                do {
+                    try readPayload(into: request.buffer, count: payload)
+                } catch {
+                    free.append(request)
+                    throw error
+                }
+            }
 
             request.state.store(NBDRequest.submitting, ordering: .relaxed)
             export.submit(request)
             if request.state.compareExchange(
                 expected: NBDRequest.submitting, desired: NBDRequest.deferred, ordering: .acquiringAndReleasing
             ).exchanged {
-                lock.withLock { deferredInFlight += 1 }
+                lock.withLock { awaitingReply += 1 }
             } else {
                 try appendToBatch(request)
             }
@@ -232,10 +280,11 @@ final class NBDConnection: @unchecked Sendable {
         if let request = free.popLast() { return request }
         reclaimReturned()
         if let request = free.popLast() { return request }
-        if created < Self.maxInFlight {
-            created += 1
+        if slots.count < Self.maxInFlight {
             let request = NBDRequest(connection: self)
             request.exportContext = export.makeRequestContext(for: request)
+            slots.append(request)
+            slotBytes += request.capacity
             return request
         }
         // Every slot is in flight: send our replies, then wait for a deferred one.
@@ -249,11 +298,35 @@ final class NBDConnection: @unchecked Sendable {
         return request
     }
 
-    private func reclaimReturned() {
-        lock.withLock {
-            free.append(contentsOf: returned)
-            returned.removeAll(keepingCapacity: true)
+    private func grow(_ request: NBDRequest, to needed: Int) {
+        guard needed > request.capacity else { return }
+        slotBytes -= request.capacity
+        request.ensureCapacity(needed)
+        slotBytes += request.capacity
+    }
+
+    /// Returns a slot to the free list, giving back a large buffer once idle slots
+    /// hold more than the budget (a burst of 32 MiB requests must not pin 256 of them).
+    @inline(__always)
+    private func recycle(_ request: NBDRequest) {
+        if request.capacity > Self.keptBufferBytes && slotBytes > Self.slotBufferBudget {
+            slotBytes -= request.capacity
+            request.shrink()
+            slotBytes += request.capacity
         }
+        free.append(request)
+    }
+
+    private func reclaimReturned() {
+        lock.lock()
+        let count = returned.count
+        if count == 0 {
+            lock.unlock()
+            return
+        }
+        for request in returned { recycle(request) }
+        returned.removeAll(keepingCapacity: true)
+        lock.unlock()
     }
 
     // MARK: replies
@@ -276,55 +349,153 @@ final class NBDConnection: @unchecked Sendable {
         if batch.count == Self.maxBatch || batchBytes >= Self.maxBatchBytes { try flushBatch() }
     }
 
+    /// Sends the batch. If another thread owns the socket, the batch joins its queue
+    /// instead and this thread goes on reading requests.
     private func flushBatch() throws {
         guard !batch.isEmpty else { return }
         let count = batch.count * 2
         lock.lock()
-        defer { lock.unlock() }
-        free.append(contentsOf: batch)
+        if broken {
+            lock.unlock()
+            for request in batch { recycle(request) }
+            batch.removeAll(keepingCapacity: true)
+            batchBytes = 0
+            throw Stop.protocolViolation("reply path broken")
+        }
+        if writerActive {
+            queued.append(contentsOf: batch)
+            awaitingReply += batch.count
+            lock.unlock()
+            batch.removeAll(keepingCapacity: true)
+            batchBytes = 0
+            return
+        }
+        writerActive = true
+        lock.unlock()
+        var failure: (any Error)?
+        do {
+            try FileDescriptorIO.writeAll(fd, vectors: vectors, count: count)
+        } catch {
+            failure = error
+        }
+        for request in batch { recycle(request) }
         batch.removeAll(keepingCapacity: true)
         batchBytes = 0
-        try FileDescriptorIO.writeAll(fd, vectors: vectors, count: count)
+        if failure != nil { markBroken() }
+        // Replies that queued up meanwhile: this thread may block for its own client.
+        writeQueued(blocking: true)
+        if let failure { throw failure }
     }
 
     private func replyImmediately(cookie: UInt64, error: Int32) throws {
-        try flushBatch()  // keep replies in the order requests were finished
-        var header = (UInt64(0), UInt64(0))
-        try withUnsafeMutableBytes(of: &header) { raw in
-            let base = raw.baseAddress!
-            base.storeBE(NBDProtocol.simpleReplyMagic, at: 0)
-            base.storeBE(UInt32(bitPattern: Self.nbdErrno(error)), at: 4)
-            base.storeBE(cookie, at: 8)
-            try lock.withLock {
-                try FileDescriptorIO.writeAll(fd, base, count: NBDProtocol.simpleReplySize)
-            }
-        }
+        // A slot carries the reply, so that it goes out with the batch like any other.
+        let request = try acquireRequest()
+        request.command = .flush
+        request.cookie = cookie
+        request.error = error
+        try appendToBatch(request)
     }
 
     /// Called by `NBDRequest.complete` on the completing thread for deferred requests.
     func replyDeferred(_ request: NBDRequest) {
-        let dataBytes = prepareReply(request)
-        var pair = (
-            iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize),
-            iovec(iov_base: request.buffer, iov_len: dataBytes)
-        )
-        lock.withLock {
-            if !broken {
-                do {
-                    try withUnsafeMutablePointer(to: &pair) { pointer in
-                        try pointer.withMemoryRebound(to: iovec.self, capacity: 2) { vectors in
-                            try FileDescriptorIO.writeAll(fd, vectors: vectors, count: 2)
-                        }
-                    }
-                } catch {
-                    broken = true
-                    shutdown(fd, Int32(SHUT_RDWR))  // wakes the reader, which ends the connection
+        _ = prepareReply(request)
+        lock.lock()
+        queued.append(request)
+        if writerActive {
+            lock.unlock()  // the owner sends it before letting go of the socket
+            return
+        }
+        writerActive = true
+        lock.unlock()
+        writeQueued(blocking: false)
+    }
+
+    /// Sends queued replies while this thread owns the socket, then lets go of it.
+    /// Without `blocking`, stops where the socket would block and hands the rest to the
+    /// connection's reply thread.
+    private func writeQueued(blocking: Bool) {
+        while true {
+            if writeFirst == writeCount {
+                lock.lock()
+                if !writing.isEmpty {
+                    returned.append(contentsOf: writing)
+                    awaitingReply -= writing.count
+                    writing.removeAll(keepingCapacity: true)
                 }
+                if queued.isEmpty || broken {
+                    if broken {
+                        returned.append(contentsOf: queued)
+                        awaitingReply -= queued.count
+                        queued.removeAll(keepingCapacity: true)
+                    }
+                    writerActive = false
+                    lock.broadcast()
+                    lock.unlock()
+                    return
+                }
+                swap(&writing, &queued)
+                lock.unlock()
+                writeCount = 0
+                for request in writing {
+                    writeVectors[writeCount] = iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize)
+                    let dataBytes = request.command == .read && request.error == 0 ? Int(request.length) : 0
+                    writeVectors[writeCount + 1] = iovec(iov_base: request.buffer, iov_len: dataBytes)
+                    writeCount += 2
+                }
+                writeFirst = 0
             }
-            returned.append(request)
-            deferredInFlight -= 1
+            do {
+                if blocking {
+                    try FileDescriptorIO.writeAll(fd, vectors: writeVectors + writeFirst, count: writeCount - writeFirst)
+                    writeFirst = writeCount
+                } else {
+                    writeFirst += try FileDescriptorIO.sendWithoutBlocking(
+                        fd, vectors: writeVectors + writeFirst, count: writeCount - writeFirst)
+                    if writeFirst < writeCount {
+                        handOverToReplyThread()
+                        return
+                    }
+                }
+            } catch {
+                markBroken()
+                writeFirst = writeCount
+            }
+        }
+    }
+
+    /// Keeps ownership of the socket but passes it, with the partial write, to the
+    /// reply thread (started the first time a client is this slow).
+    private func handOverToReplyThread() {
+        lock.withLock {
+            handedOver = true
+            if !replyThreadStarted {
+                replyThreadStarted = true
+                startThread(name: "nbd-replies") { [self] in replyLoop() }
+            }
             lock.broadcast()
         }
+    }
+
+    private func replyLoop() {
+        while true {
+            lock.lock()
+            while !handedOver && !closing { lock.wait() }
+            if !handedOver {
+                lock.unlock()
+                return
+            }
+            handedOver = false
+            lock.unlock()
+            writeQueued(blocking: true)
+        }
+    }
+
+    private func markBroken() {
+        lock.withLock {
+            broken = true
+            lock.broadcast()
+        }
+        shutdown(fd, Int32(SHUT_RDWR))  // wakes the reader, which ends the connection
     }
 
     /// NBD defines a few errno values; map the rest onto them.

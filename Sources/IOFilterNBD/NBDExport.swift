@@ -29,9 +29,15 @@ public protocol NBDExport: AnyObject, Sendable {
     /// Called once per request slot when the server creates it: per-request state the
     /// export wants to reuse instead of allocating on every request.
     func makeRequestContext(for request: NBDRequest) -> AnyObject?
+    /// Called once per slot when its connection ends, after its last request finished.
+    func releaseRequestContext(_ context: AnyObject)
     /// Carries out the request and calls `request.complete(error:)` exactly once, either
     /// before returning (served inline) or later from any thread (deferred).
     func submit(_ request: NBDRequest)
+}
+
+extension NBDExport {
+    public func releaseRequestContext(_ context: AnyObject) {}
 }
 
 /// Looks exports up by the name a client asks for.
@@ -88,6 +94,14 @@ public final class NBDRequest: @unchecked Sendable {
         while size < needed { size *= 2 }
         capacity = size
         buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+    }
+
+    /// Gives a large buffer back, keeping a page for the next small request.
+    func shrink() {
+        guard capacity > 4096 else { return }
+        buffer.deallocate()
+        capacity = 4096
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
     }
 
     /// Finishes the request: 0 or a positive errno. Call exactly once.

@@ -84,6 +84,35 @@ public enum FileDescriptorIO {
         }
     }
 
+    /// Writes as much of `vectors` as the socket takes without blocking, advancing
+    /// them in place. Returns the index of the first vector not yet written in full
+    /// (`count` when everything went out). Sockets only: a non-socket fd writes nothing.
+    public static func sendWithoutBlocking(_ fd: Int32, vectors: UnsafeMutablePointer<iovec>, count: Int) throws(SystemError) -> Int {
+        var first = 0
+        while first < count {
+            var message = msghdr()
+            message.msg_iov = vectors + first
+            message.msg_iovlen = min(count - first, 1024 /* IOV_MAX */)
+            let n = sendmsg(fd, &message, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOTSOCK { return first }
+                throw SystemError("sendmsg")
+            }
+            var left = n
+            while first < count && left >= vectors[first].iov_len {
+                left -= vectors[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                vectors[first].iov_base = vectors[first].iov_base + left
+                vectors[first].iov_len -= left
+                return first  // the socket buffer is full
+            }
+        }
+        return first
+    }
+
     public static func preadAll(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64) -> Int32 {
         var done = 0
         while done < count {

@@ -53,4 +53,9 @@ int iof_accept_cloexec(int fd);
 /* The calling thread's kernel id. */
 pid_t iof_gettid(void);
 
+/* One pointer that belongs to the calling thread (the chain engine keeps the resumes a
+ * serialized filter issues from inside its own callback there). */
+void *iof_thread_local_get(void);
+void iof_thread_local_set(void *value);
+
 #endif
