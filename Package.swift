@@ -46,6 +46,7 @@ let package = Package(
         .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
 
         .target(name: "IOFilterModel", swiftSettings: strict),
+        .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
             dependencies: ["IOFilterPosix", .product(name: "Logging", package: "swift-log")],
@@ -90,13 +91,13 @@ let package = Package(
             name: "iofilter-worker",
             dependencies: [
                 "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterSandbox",
-                "IOFilterNBD", "IOFilterHost", .product(name: "Logging", package: "swift-log"),
+                "IOFilterNBD", "IOFilterLogging", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .executableTarget(
             name: "iofilter",
             dependencies: [
-                "IOFilterHost", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -104,7 +105,7 @@ let package = Package(
         .executableTarget(
             name: "iofilterd",
             dependencies: [
-                "IOFilterHost", "IOFilterModel", "IOFilterControl", "IOFilterHTTP",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

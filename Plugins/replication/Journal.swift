@@ -284,7 +284,11 @@ final class RegionMap: @unchecked Sendable {
         fd = open("\(directory)/regions.map", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FilterError(errno, "cannot open the region map in \(directory)") }
         var info = stat()
-        fstat(fd, &info)
+        guard fstat(fd, &info) == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw FilterError(code, "cannot stat the region map in \(directory)")
+        }
         let size = Self.headerSize + count
         let existed = info.st_size > 0
         guard ftruncate(fd, off_t(size)) == 0,

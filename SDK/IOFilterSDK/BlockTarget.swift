@@ -115,7 +115,11 @@ final class FileTarget: BlockTarget {
         fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw FilterError(errno, "cannot open \(path): \(String(cString: strerror(errno)))") }
         var info = stat()
-        fstat(fd, &info)
+        guard fstat(fd, &info) == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw FilterError(code, "cannot stat \(path): \(String(cString: strerror(code)))")
+        }
         if let size, UInt64(info.st_size) < size, (info.st_mode & S_IFMT) == S_IFREG {
             guard ftruncate(fd, off_t(size)) == 0 else { throw FilterError(errno, "cannot size \(path)") }
             self.size = size

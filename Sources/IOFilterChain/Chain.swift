@@ -74,7 +74,10 @@ public final class Chain: @unchecked Sendable {
     /// (a cache destaging) still finds the layers below it open; then the backend.
     public func close() {
         for filter in filters { filter.close() }
-        backend.close()
+        let synced = backend.close()
+        if synced != 0 {
+            logger.error("closing \(backend): writes may not be durable: \(String(cString: strerror(synced)))")
+        }
     }
 
     static func opName(_ op: iof_op) -> String {

@@ -59,7 +59,16 @@ public final class WorkerRuntime: @unchecked Sendable {
             // Nearest the disk first: a filter may issue I/O below itself (submit_below)
             // from the moment it is open, so everything below it must be open already.
             for (filter, isNew) in zip(filters, fresh).reversed() {
-                if isNew { try filter.attach() }
+                if isNew {
+                    do {
+                        try filter.attach()
+                    } catch {
+                        // No sidecar directory means "not attached": the next open
+                        // runs attach again instead of opening a half-made filter.
+                        try? FileManager.default.removeItem(atPath: filter.sidecarDirectory)
+                        throw error
+                    }
+                }
                 if !attachOnly { try filter.open() }
             }
             chains.append(chain)

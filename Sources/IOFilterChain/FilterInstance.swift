@@ -12,6 +12,7 @@ public final class FilterInstance: @unchecked Sendable {
     // which changes only in open/close while no request is in flight.
     public let plugin: LoadedPlugin
     public let name: String
+    public let sidecarDirectory: String
     let logger: Logger
     private let parameters: [String: UnsafeMutablePointer<CChar>]
     private let info: UnsafeMutablePointer<iof_disk_info>
@@ -29,6 +30,7 @@ public final class FilterInstance: @unchecked Sendable {
          readOnly: Bool, sidecarDirectory: String, logger: Logger) {
         self.plugin = plugin
         self.name = plugin.library.manifest.name
+        self.sidecarDirectory = sidecarDirectory
         var logger = logger
         logger[metadataKey: "filter"] = "\(plugin.library.manifest.name)"
         self.logger = logger

@@ -4,6 +4,7 @@ import Glibc
 import IOFilterNBD
 import IOFilterPosix
 import Logging
+import Synchronization
 
 /// The storage below a chain. `submit` reads the request's `io` and calls
 /// `request.backendDidComplete(error:)` exactly once, inline or from another thread.
@@ -13,7 +14,8 @@ public protocol StorageBackend: AnyObject, Sendable, CustomStringConvertible {
     var canTrim: Bool { get }
     var canWriteZeroes: Bool { get }
     func submit(_ request: ChainRequest)
-    func close()
+    /// Makes completed writes durable and lets go of the storage: 0 or an errno.
+    func close() -> Int32
 }
 
 /// A raw image file: pread/pwrite on the caller's thread (page-cache hits never hop
@@ -34,11 +36,25 @@ public final class FileBackend: StorageBackend {
         fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else { throw .backend("cannot open \(path): \(String(cString: strerror(errno)))") }
         var info = stat()
-        fstat(fd, &info)
-        if (info.st_mode & S_IFMT) == S_IFBLK {
-            size = UInt64(lseek(fd, 0, SEEK_END))
-        } else {
+        guard fstat(fd, &info) == 0 else {
+            let error = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw .backend("cannot stat \(path): \(error)")
+        }
+        switch info.st_mode & S_IFMT {
+        case S_IFBLK:
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0 else {
+                let error = String(cString: strerror(errno))
+                Glibc.close(fd)
+                throw .backend("cannot find the size of block device \(path): \(error)")
+            }
+            size = UInt64(end)
+        case S_IFREG:
             size = UInt64(info.st_size)
+        default:
+            Glibc.close(fd)
+            throw .backend("\(path) is neither a regular file nor a block device")
         }
     }
 
@@ -101,9 +117,12 @@ public final class FileBackend: StorageBackend {
         return 0
     }
 
-    public func close() {
-        _ = fdatasync(fd)
+    /// Makes every write durable, then closes. An error here means written data may
+    /// not have reached the disk: the caller logs it.
+    public func close() -> Int32 {
+        let synced = fdatasync(fd) == 0 ? 0 : errno
         Glibc.close(fd)
+        return synced
     }
 }
 
@@ -130,8 +149,17 @@ public final class NBDBackend: StorageBackend {
         }
     }
 
+    /// The largest piece sent as one NBD request: the protocol's payload limit for data,
+    /// 1 GiB for trim and write-zeroes (whose length field is 32 bits).
+    static func pieceLimit(_ op: iof_op) -> UInt64 {
+        op == IOF_OP_READ || op == IOF_OP_WRITE ? UInt64(NBDProtocol.maxPayload) : 1 << 30
+    }
+
     public func submit(_ request: ChainRequest) {
         let io = request.io.pointee
+        if io.length > Self.pieceLimit(io.op) {
+            return submitInPieces(request)
+        }
         var flags: NBDProtocol.CommandFlags = []
         if io.flags & UInt32(IOF_REQ_FUA) != 0 && client.canFUA { flags.insert(.fua) }
         let command: NBDProtocol.Command
@@ -159,8 +187,61 @@ public final class NBDBackend: StorageBackend {
         client.submit(command, flags: flags, offset: io.offset, length: Int(io.length), buffer: io.buffer, completion: request)
     }
 
-    public func close() {
+    public func close() -> Int32 {
         client.disconnect()
+        return 0
+    }
+
+    /// A request larger than one NBD request may be (a filter's own submit_below of a
+    /// whole region, say) goes as several, and completes when all have, with the first
+    /// error any of them met.
+    private func submitInPieces(_ request: ChainRequest) {
+        let io = request.io.pointee
+        let limit = Self.pieceLimit(io.op)
+        let pieces = Int((io.length + limit - 1) / limit)
+        let gather = Gather(request: request, count: pieces, flushAfter: io.flags & UInt32(IOF_REQ_FUA) != 0 && client.canFlush)
+        let command: NBDProtocol.Command
+        var flags: NBDProtocol.CommandFlags = []
+        switch io.op {
+        case IOF_OP_READ: command = .read
+        case IOF_OP_WRITE: command = .write
+        case IOF_OP_TRIM:
+            guard client.canTrim else { return request.backendDidComplete(error: 0) }
+            command = .trim
+        default:
+            if io.flags & UInt32(IOF_REQ_NO_HOLE) != 0 { flags.insert(.noHole) }
+            command = .writeZeroes
+        }
+        var offset: UInt64 = 0
+        while offset < io.length {
+            let length = min(limit, io.length - offset)
+            client.submit(command, flags: flags, offset: io.offset + offset, length: Int(length),
+                          buffer: io.buffer.map { $0 + Int(offset) }, completion: gather)
+            offset += length
+        }
+    }
+
+    private final class Gather: NBDClientCompletion, @unchecked Sendable {
+        // @unchecked: the counters are atomics; the request is finished by the last piece.
+        let request: ChainRequest
+        let left: Atomic<Int>
+        let firstError = Atomic<Int32>(0)
+        let flushAfter: Bool
+        init(request: ChainRequest, count: Int, flushAfter: Bool) {
+            self.request = request
+            self.left = Atomic(count)
+            self.flushAfter = flushAfter
+        }
+        func nbdRequestDidComplete(error: Int32) {
+            if error != 0 { _ = firstError.compareExchange(expected: 0, desired: error, ordering: .relaxed) }
+            guard left.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
+            let error = firstError.load(ordering: .relaxed)
+            if error == 0 && flushAfter, let backend = request.chain.backend as? NBDBackend {
+                // FUA for the whole: every piece is written, now make them durable.
+                return backend.client.submit(.flush, offset: 0, length: 0, buffer: nil, completion: request)
+            }
+            request.backendDidComplete(error: error)
+        }
     }
 
     private final class FlushAfter: NBDClientCompletion, @unchecked Sendable {

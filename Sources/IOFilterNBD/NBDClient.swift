@@ -90,6 +90,11 @@ public final class NBDClient: @unchecked Sendable {
             }
             return
         }
+        if let tooLong = requests.firstIndex(where: { $0.length < 0 || UInt64($0.length) > UInt64(UInt32.max) }) {
+            submit(Array(requests[..<tooLong]))
+            requests[tooLong].completion.nbdRequestDidComplete(error: EINVAL)
+            return submit(Array(requests[(tooLong + 1)...]))
+        }
         var cookies: [Int] = []
         cookies.reserveCapacity(requests.count)
         lock.lock()
@@ -145,6 +150,10 @@ public final class NBDClient: @unchecked Sendable {
         _ command: NBDProtocol.Command, flags: NBDProtocol.CommandFlags = [], offset: UInt64, length: Int,
         buffer: UnsafeMutableRawPointer?, completion: any NBDClientCompletion
     ) {
+        guard length >= 0, UInt64(length) <= UInt64(UInt32.max) else {
+            // One NBD request carries a 32-bit length; callers split larger ones.
+            return completion.nbdRequestDidComplete(error: EINVAL)
+        }
         lock.lock()
         while freeCookies.isEmpty && connected { lock.wait() }
         guard connected, let cookie = freeCookies.popLast() else {

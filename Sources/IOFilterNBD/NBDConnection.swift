@@ -109,8 +109,7 @@ final class NBDConnection: @unchecked Sendable {
             closing = true
             lock.broadcast()
         }
-        shutdown(fd, Int32(SHUT_RDWR))
-        close(fd)
+        shutdown(fd, Int32(SHUT_RDWR))  // the server closes it
         for request in slots {
             if let context = request.exportContext { export.releaseRequestContext(context) }
             request.exportContext = nil

@@ -5,37 +5,127 @@ import Logging
 
 /// Serves a catalog of exports on listening sockets it is given. Each accepted client
 /// gets its own thread, which negotiates and then serves requests with blocking I/O.
-public final class NBDServer: Sendable {
+///
+/// `stop` ends it in order: no new clients, every connection's reading side shut down
+/// so that it answers what it accepted and ends, and only then does `stop` return,
+/// so that the caller may close what the exports use.
+public final class NBDServer: @unchecked Sendable {
+    // @unchecked: the mutable state is guarded by `lock`; `wake` is set once in init.
     public let catalog: any NBDExportCatalog
     let logger: Logger
+    private let lock = ConditionLock()
+    private var connections: [Int: Int32] = [:]  // (lock) id → socket
+    private var threads = 0  // (lock) accept and connection threads still running
+    private var stopping = false  // (lock)
+    private var nextID = 0  // (lock)
+    /// A pipe whose read end wakes the accept threads when the server stops.
+    private let wake: (read: Int32, write: Int32)
 
     public init(catalog: any NBDExportCatalog, logger: Logger) {
         self.catalog = catalog
         self.logger = logger
+        var fds: [Int32] = [-1, -1]
+        if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
+        wake = (fds[0], fds[1])
     }
 
-    /// Accepts clients on `listenFD` (a bound, listening socket) on a new thread, forever.
+    deinit {
+        if wake.read >= 0 { close(wake.read) }
+        if wake.write >= 0 { close(wake.write) }
+    }
+
+    /// Accepts clients on `listenFD` (a bound, listening socket) on a new thread until
+    /// `stop`. The listening socket stays open: its owner (the supervisor) keeps it.
     public func serve(listenFD: Int32) {
+        lock.withLock { threads += 1 }
         startThread(name: "nbd-accept") { [self] in
-            var connectionNumber = 0
-            while true {
-                let client = iof_accept_cloexec(listenFD)
-                if client < 0 {
-                    if errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE {
-                        if errno == EMFILE || errno == ENFILE { usleep(10_000) }
-                        continue
-                    }
+            acceptLoop(listenFD)
+            finished(connection: nil)
+        }
+    }
+
+    private func acceptLoop(_ listenFD: Int32) {
+        var ready = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
+        while true {
+            if poll(&ready, nfds_t(wake.read >= 0 ? 2 : 1), -1) < 0 {
+                if errno == EINTR { continue }
+                logger.error("poll on the listening socket failed: \(SystemError("poll"))")
+                return
+            }
+            if ready[1].revents != 0 || lock.withLock({ stopping }) { return }
+            if ready[0].revents & Int16(POLLNVAL) != 0 {
+                logger.error("the listening socket was closed under the server")
+                return
+            }
+            let client = iof_accept_cloexec(listenFD)
+            if client < 0 {
+                switch errno {
+                case EINTR, ECONNABORTED, EAGAIN: continue
+                case EMFILE, ENFILE:
+                    usleep(10_000)
+                    continue
+                default:
                     logger.error("accept failed: \(SystemError("accept"))")
                     return
                 }
-                if Sockets.isTCP(client) { Sockets.setNoDelay(client) }
-                connectionNumber += 1
-                let id = connectionNumber
-                startThread(name: "nbd-conn-\(id)") { [self] in
-                    var connectionLogger = logger
-                    connectionLogger[metadataKey: "conn"] = "\(id)"
-                    Handshake(fd: client, catalog: catalog, logger: connectionLogger).run()
+            }
+            if Sockets.isTCP(client) { Sockets.setNoDelay(client) }
+            let id: Int? = lock.withLock {
+                guard !stopping else { return nil }
+                nextID += 1
+                connections[nextID] = client
+                threads += 1
+                return nextID
+            }
+            guard let id else {
+                close(client)
+                return
+            }
+            startThread(name: "nbd-conn-\(id)") { [self] in
+                var connectionLogger = logger
+                connectionLogger[metadataKey: "conn"] = "\(id)"
+                Handshake(fd: client, catalog: catalog, logger: connectionLogger).run()
+                finished(connection: id)
+                // Closed only once `stop` can no longer see it: it must never shut
+                // down a later file that reuses the number.
+                close(client)
+            }
+        }
+    }
+
+    private func finished(connection id: Int?) {
+        lock.withLock {
+            if let id { connections[id] = nil }
+            threads -= 1
+            lock.broadcast()
+        }
+    }
+
+    /// Stops accepting, lets every connection answer the requests it accepted and end,
+    /// and waits for all of their threads (up to `timeout`, then their sockets are shut
+    /// down both ways and it waits for the threads to notice). Afterwards no thread of
+    /// this server touches an export.
+    public func stop(timeout seconds: Double = 30) {
+        let open = lock.withLock {
+            stopping = true
+            return Array(connections.values)
+        }
+        if wake.write >= 0 {
+            var byte: UInt8 = 1
+            _ = write(wake.write, &byte, 1)
+        }
+        for fd in open { shutdown(fd, Int32(SHUT_RD)) }
+        lock.withLock {
+            let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+            while threads > 0 {
+                let now = monotonicNanoseconds()
+                if now >= deadline {
+                    logger.warning("\(connections.count) connection(s) still busy after \(seconds)s; shutting them down")
+                    for fd in connections.values { shutdown(fd, Int32(SHUT_RDWR)) }
+                    while threads > 0 { lock.wait() }
+                    break
                 }
+                _ = lock.wait(nanoseconds: deadline - now)
             }
         }
     }
@@ -57,7 +147,7 @@ struct Handshake {
         case .serve(let export):
             NBDConnection(fd: fd, export: export, logger: logger).run()
         case .close:
-            close(fd)
+            break  // the server closes the socket
         }
     }
 

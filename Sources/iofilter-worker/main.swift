@@ -10,7 +10,7 @@
 // code runs: whatever a plug-in does, only this process suffers.
 import Foundation
 import IOFilterChain
-import IOFilterHost
+import IOFilterLogging
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPluginLoader
@@ -189,14 +189,20 @@ case "serve" where arguments.count == 1:
         if status == 0 { FileHandle.standardOutput.write(Data("DONE\n".utf8)) }
         exit(status)
     }
+    var servers: [NBDServer] = []
     for (disk, export) in zip(configuration.disks, exports) {
-        NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger).serve(listenFD: disk.listenFD)
+        let server = NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger)
+        server.serve(listenFD: disk.listenFD)
+        servers.append(server)
     }
     if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime) }
     runtime.startWatchdog()
     FileHandle.standardOutput.write(Data("READY\n".utf8))
     let received = signals.wait()
-    logger.info("signal \(received): closing filters and disks")
+    // In order: no new clients, every connection answers what it accepted and ends,
+    // and only then are filters closed (never while a request runs in one of them).
+    logger.info("signal \(received): finishing requests, then closing filters and disks")
+    for server in servers { server.stop() }
     runtime.shutdown()
     exit(0)
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import IOFilterHost
+import IOFilterLogging
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix

@@ -3,6 +3,7 @@ import Foundation
 import IOFilterAPI
 import IOFilterControl
 import IOFilterHost
+import IOFilterLogging
 import IOFilterHTTP
 import IOFilterModel
 import IOFilterNBD
