@@ -130,6 +130,12 @@ let package = Package(
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(
+            name: "IOFilterChainTests",
+            dependencies: [
+                "CIOFilter", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterPluginLoader", "IOFilterPosix",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .testTarget(
             name: "IntegrationTests",
             dependencies: ["IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl"],
             exclude: ["Fixtures"]),

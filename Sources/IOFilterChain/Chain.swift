@@ -36,6 +36,10 @@ public final class Chain: @unchecked Sendable {
         _ = registry.withLock { $0.removeValue(forKey: ObjectIdentifier(watch)) }
     }
 
+    /// Request objects of this chain not yet retired (request slots of open
+    /// connections, one-off requests in flight).
+    public var liveRequestCount: Int { registry.withLock { $0.count } }
+
     /// Issues I/O that enters the chain below filter `position` (`submit_below`).
     func submitBelow(
         position: Int, op: iof_op, flags: UInt32, offset: UInt64, length: UInt64,

@@ -90,14 +90,17 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     deinit {
-        chain.unregister(watch)
+        // Touches nothing of the chain: a thread that held on to the request (a
+        // completion on its way out) may drop the last reference after the chain is gone.
         io.deallocate()
         privates.deallocate()
     }
 
-    /// Ends the request object's life as far as the host services are concerned: a
-    /// later `resume` of its pointer is refused instead of touching freed memory.
+    /// Ends the request object's life as far as the chain and the host services are
+    /// concerned: the watchdog stops looking at it, and a later `resume` of its pointer
+    /// is refused instead of touching freed memory. Called once, while the chain exists.
     public func retire() {
+        chain.unregister(watch)
         LiveRequests.shared.remove(self)
     }
 

@@ -11,7 +11,8 @@ public final class PluginLibrary: @unchecked Sendable {
     // descriptor is read-only by ABI contract.
     public let manifest: PluginManifest
     public let descriptor: UnsafePointer<iof_plugin>
-    private let handle: UnsafeMutableRawPointer
+    /// nil for a plug-in linked into this process.
+    private let handle: UnsafeMutableRawPointer?
 
     /// dlopen's the object, calls its entry point and checks the descriptor against ABI v1.
     public init(path: String) throws(ValidationError) {
@@ -39,6 +40,16 @@ public final class PluginLibrary: @unchecked Sendable {
             throw error
         }
         self.handle = handle
+        self.descriptor = descriptor
+    }
+
+    /// A plug-in linked into this process instead of loaded from a file (the chain
+    /// engine's tests build their filters this way). Its descriptor is checked exactly
+    /// like a loaded one's.
+    public init(linkedDescriptor descriptor: UnsafePointer<iof_plugin>, name: String) throws(ValidationError) {
+        self.manifest = try DescriptorReader.read(descriptor, path: name)
+        try manifest.validate()
+        self.handle = nil
         self.descriptor = descriptor
     }
 
