@@ -1,19 +1,30 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
-// Where things live:
-//   include/                 the C ABI (iofilter.h), the only thing a plug-in builds against
-//   Sources/IOFilterModel    plug-in manifests, parameters, chain ordering rules (pure values)
-//   Sources/IOFilterNBD      the NBD protocol: server and client; knows nothing of filters
+// The layout, described here and nowhere else (the README points here). One job per
+// module; the dependency rules: IOFilterNBD and IOFilterNBDServer know nothing of
+// filters; the SDK and every plug-in depend on the header (and the SDK) only, never on
+// the host; the host library knows no particular plug-in and no executable; only the
+// worker (and the sandboxed validator, which is the worker) dlopen plug-ins.
+//
+//   include/                   iofilter.h: the C ABI and the partner's manual
+//   Sources/IOFilterModel      manifests, parameters, chain rules, worker configuration (values)
+//   Sources/IOFilterPosix      thin wrappers over syscalls: fds, sockets, threads
+//   Sources/IOFilterLogging    how every executable logs
+//   Sources/IOFilterNBD        the NBD protocol and its pipelining client
+//   Sources/IOFilterNBDServer  the NBD server: handshake, connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
-//   Sources/IOFilterChain    the chain engine and storage backends (runs in the worker)
-//   Sources/IOFilterSandbox  seccomp, Landlock, prctl, rlimits for worker processes
-//   Sources/IOFilterHost     spawning and supervising sandboxed workers and validators
-//   Sources/IOFilterHTTP     a small HTTP/1.1 server and client; knows nothing of filters
-//   Sources/IOFilterAPI      the JSON resources of iofilterd's API (shared with clients)
-//   Sources/IOFilterControl  iofilterd's state (SQLite), policies, disks, VMs and the API routes
-//   Sources/iofilter-worker, iofilter, iofilterd   the executables
-//   Plugins/                 sample plug-ins
+//   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
+//   Sources/IOFilterSandbox    seccomp, Landlock, prctl, rlimits for worker processes
+//   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators
+//   Sources/IOFilterHTTP       a small HTTP/1.1 server and client; knows nothing of filters
+//   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
+//   Sources/IOFilterControl    iofilterd's state (SQLite), policies, disks, VMs and the API routes
+//   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
+//   SDK/IOFilterSDK            the Swift SDK: the header's types, threads, locks, block targets
+//   Plugins/                   samples: passthrough-c (C), replication, cache, template-swift
+//   Tests/                     IOFilterModelTests, IOFilterChainTests (the engine, in process),
+//                              IntegrationTests (real clients, workers, faults); Tests/Benchmarks
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
 
 let package = Package(
@@ -45,11 +56,15 @@ let package = Package(
             linkerSettings: [.linkedLibrary("seccomp")]),
         .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
 
-        .target(name: "IOFilterModel", swiftSettings: strict),
+        .target(name: "IOFilterModel", dependencies: ["CIOFilter"], swiftSettings: strict),
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
             dependencies: ["IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterNBDServer",
+            dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "IOFilterPluginLoader",
@@ -58,7 +73,7 @@ let package = Package(
         .target(
             name: "IOFilterChain",
             dependencies: [
-                "CIOFilter", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD",
+                "CIOFilter", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -91,7 +106,7 @@ let package = Package(
             name: "iofilter-worker",
             dependencies: [
                 "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterSandbox",
-                "IOFilterNBD", "IOFilterLogging", .product(name: "Logging", package: "swift-log"),
+                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .executableTarget(
@@ -132,7 +147,7 @@ let package = Package(
         .testTarget(
             name: "IOFilterChainTests",
             dependencies: [
-                "CIOFilter", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterPluginLoader", "IOFilterPosix",
+                "CIOFilter", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterPluginLoader", "IOFilterPosix",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(

@@ -177,7 +177,10 @@ struct iof_request {
     uint64_t offset;     /* bytes from the start of the disk                               */
     uint64_t length;     /* bytes; 0 for FLUSH                                             */
     void *buffer;        /* READ: to fill; WRITE: the data. NULL for other ops.
-                            A filter may change the bytes (encryption) but not the pointer. */
+                            A filter may change the bytes (encryption), nothing else: the
+                            host checks op, flags, offset, length and buffer after every
+                            start and done, and fails a request that was changed with EIO
+                            (the log names the filter). */
     uint64_t id;         /* unique among requests in flight on this disk, for logs         */
     const void *host_private; /* the host's; never touch                                   */
 };
@@ -234,11 +237,21 @@ struct iof_host_services {
     const char *(*param)(iof_host_disk *disk, const char *key);
 
     /* Finish a decision that `start` or `done` deferred. `disposition` is what the call
-     * would have returned (never IOF_DEFER); for IOF_FAIL pass a positive errno.
+     * would have returned (never IOF_DEFER; anything else fails the request with EIO);
+     * for IOF_FAIL pass a positive errno (EIO if not).
      * Call exactly once per deferral, from any thread, even before `start` returns.
      * The host may carry the request on inside this call (down to the disk and up
      * through `done` callbacks, yours included): do not hold a lock of your own that
-     * `done` takes while calling it. */
+     * `done` takes while calling it. Exception: called from inside a callback of a
+     * filter whose thread model serializes calls (SERIALIZE_ALL, SERIALIZE_PER_DISK),
+     * the host carries the request on after that callback has returned, so resuming
+     * one request while handling another never deadlocks on the host's serialization.
+     * The host refuses, logs against the filter and otherwise ignores a resume of a
+     * pointer that is no request in flight, of a request that is not waiting for a
+     * decision (resumed already, or never deferred), and a resume from a callback that
+     * then does not return IOF_DEFER. A second resume that arrives after the request
+     * has moved on to another deferral cannot be told from a resume of that one: the
+     * rule "exactly once" is the filter's to keep. */
     void (*resume)(struct iof_request *req, enum iof_disposition disposition, int error);
 
     /* Issue I/O of the filter's own to the layers below it (e.g. a write-back cache

@@ -73,7 +73,7 @@ final class CacheStore: @unchecked Sendable {
             raw.deallocate()
             block.deallocate()
         }
-        guard FileDescriptorIO.preadAll(metaFD, into: raw, count: 32 * slotCount, offset: UInt64(metaHeaderSize)) == 0 else {
+        guard FileIO.readAll(metaFD, into: raw, count: 32 * slotCount, offset: UInt64(metaHeaderSize)) == 0 else {
             throw FilterError(EIO, "cannot read cache metadata")
         }
         for slot in 0..<slotCount {
@@ -83,7 +83,7 @@ final class CacheStore: @unchecked Sendable {
             let entry = Entry(block: base.load(as: UInt64.self), checksum: base.load(fromByteOffset: 8, as: UInt64.self),
                               state: state, version: base.load(fromByteOffset: 24, as: UInt64.self))
             nextVersion = max(nextVersion, entry.version + 1)
-            guard FileDescriptorIO.preadAll(dataFD, into: block, count: blockSize, offset: UInt64(slot * blockSize)) == 0,
+            guard FileIO.readAll(dataFD, into: block, count: blockSize, offset: UInt64(slot * blockSize)) == 0,
                   Self.checksum(block, count: blockSize) == entry.checksum
                     || Self.legacyChecksum(block, count: blockSize) == entry.checksum
             else { continue }
@@ -196,11 +196,11 @@ final class CacheStore: @unchecked Sendable {
     // MARK: data
 
     func readSlot(_ slot: Int, into buffer: UnsafeMutableRawPointer, offset: Int = 0, count: Int? = nil) -> Int32 {
-        FileDescriptorIO.preadAll(dataFD, into: buffer, count: count ?? blockSize, offset: UInt64(slot * blockSize + offset))
+        FileIO.readAll(dataFD, into: buffer, count: count ?? blockSize, offset: UInt64(slot * blockSize + offset))
     }
 
     func writeSlot(_ slot: Int, from buffer: UnsafeRawPointer) -> Int32 {
-        FileDescriptorIO.pwriteAll(dataFD, buffer, count: blockSize, offset: UInt64(slot * blockSize))
+        FileIO.writeAll(dataFD, buffer, count: blockSize, offset: UInt64(slot * blockSize))
     }
 
     func sync() -> Int32 {

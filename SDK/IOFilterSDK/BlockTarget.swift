@@ -1,6 +1,6 @@
 import Glibc
-import IOFilterNBD
-import IOFilterPosix
+internal import IOFilterNBD
+internal import IOFilterPosix
 import Logging
 
 /// A block device a filter writes to or reads from on its own: a replica, a cache

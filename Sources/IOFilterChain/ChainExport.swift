@@ -1,6 +1,7 @@
 import CIOFilter
 import Glibc
 import IOFilterNBD
+import IOFilterNBDServer
 
 /// Offers a chain to NBD clients: each NBD request slot gets a `ChainRequest` once,
 /// and every request runs through the chain on the connection's thread.

@@ -1,6 +1,7 @@
 import CIOFilter
 import Glibc
 import IOFilterNBD
+import IOFilterNBDServer
 import IOFilterPosix
 import Logging
 import Synchronization

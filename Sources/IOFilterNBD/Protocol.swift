@@ -1,22 +1,22 @@
 /// Numbers from the NBD protocol (proto.md of the nbd project), fixed newstyle only.
 public enum NBDProtocol {
-    static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
-    static let optionMagic: UInt64 = 0x4948_4156_454F_5054  // "IHAVEOPT"
-    static let optionReplyMagic: UInt64 = 0x0003_e889_0455_65a9
-    static let requestMagic: UInt32 = 0x2560_9513
-    static let simpleReplyMagic: UInt32 = 0x6744_6698
+    package static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
+    package static let optionMagic: UInt64 = 0x4948_4156_454F_5054  // "IHAVEOPT"
+    package static let optionReplyMagic: UInt64 = 0x0003_e889_0455_65a9
+    package static let requestMagic: UInt32 = 0x2560_9513
+    package static let simpleReplyMagic: UInt32 = 0x6744_6698
 
-    static let requestHeaderSize = 28
-    static let simpleReplySize = 16
+    package static let requestHeaderSize = 28
+    package static let simpleReplySize = 16
 
-    struct HandshakeFlags {
-        static let fixedNewstyle: UInt16 = 1 << 0
-        static let noZeroes: UInt16 = 1 << 1
+    package struct HandshakeFlags {
+        package static let fixedNewstyle: UInt16 = 1 << 0
+        package static let noZeroes: UInt16 = 1 << 1
     }
 
-    struct ClientFlags {
-        static let fixedNewstyle: UInt32 = 1 << 0
-        static let noZeroes: UInt32 = 1 << 1
+    package struct ClientFlags {
+        package static let fixedNewstyle: UInt32 = 1 << 0
+        package static let noZeroes: UInt32 = 1 << 1
     }
 
     public struct TransmissionFlags: OptionSet, Sendable {
@@ -32,18 +32,18 @@ public enum NBDProtocol {
         public static let canMultiConn = Self(rawValue: 1 << 8)
     }
 
-    enum Option: UInt32 {
+    package enum Option: UInt32 {
         case exportName = 1, abort = 2, list = 3, startTLS = 5, info = 6, go = 7
         case structuredReply = 8, listMetaContext = 9, setMetaContext = 10, extendedHeaders = 11
     }
 
-    enum Reply: UInt32 {
+    package enum Reply: UInt32 {
         case ack = 1, server = 2, info = 3
         case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
         case errUnknown = 0x8000_0006
     }
 
-    enum Info: UInt16 {
+    package enum Info: UInt16 {
         case export = 0, name = 1, description = 2, blockSize = 3
     }
 
@@ -64,48 +64,49 @@ public enum NBDProtocol {
     /// Largest payload we accept or send, advertised as the maximum block size.
     public static let maxPayload = 32 << 20
     /// Longest option payload we read during the handshake.
-    static let maxOptionLength = 64 << 10
+    package static let maxOptionLength = 64 << 10
 }
 
 /// Big-endian field access on raw memory, for headers.
 extension UnsafeMutableRawPointer {
-    @inline(__always) func storeBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+    @inline(__always) package func storeBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
         storeBytes(of: value.bigEndian, toByteOffset: offset, as: T.self)
     }
 }
 
 extension UnsafeRawPointer {
-    @inline(__always) func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
+    @inline(__always) package func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
         T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
     }
 }
 
 /// Builds handshake messages (not the hot path).
-struct MessageWriter {
-    var bytes: [UInt8] = []
-    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
-    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
-    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
-    mutating func append(_ s: String) { bytes += Array(s.utf8) }
-    mutating func append(_ b: [UInt8]) { bytes += b }
+package struct MessageWriter {
+    package var bytes: [UInt8] = []
+    package init() {}
+    package mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
+    package mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
+    package mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes += $0 } }
+    package mutating func append(_ s: String) { bytes += Array(s.utf8) }
+    package mutating func append(_ b: [UInt8]) { bytes += b }
 }
 
 /// Reads handshake fields from a received byte array.
-struct MessageReader {
-    let bytes: [UInt8]
-    var position = 0
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    var remaining: Int { bytes.count - position }
+package struct MessageReader {
+    package let bytes: [UInt8]
+    package var position = 0
+    package init(_ bytes: [UInt8]) { self.bytes = bytes }
+    package var remaining: Int { bytes.count - position }
 
-    func first32() -> UInt32? {
+    package func first32() -> UInt32? {
         var copy = self
         return copy.u32()
     }
 
-    mutating func u16() -> UInt16? { integer() }
-    mutating func u32() -> UInt32? { integer() }
-    mutating func u64() -> UInt64? { integer() }
-    mutating func string(count: Int) -> String? {
+    package mutating func u16() -> UInt16? { integer() }
+    package mutating func u32() -> UInt32? { integer() }
+    package mutating func u64() -> UInt64? { integer() }
+    package mutating func string(count: Int) -> String? {
         guard count >= 0, remaining >= count else { return nil }
         defer { position += count }
         return String(decoding: bytes[position..<position + count], as: UTF8.self)

@@ -13,6 +13,7 @@ import IOFilterChain
 import IOFilterLogging
 import IOFilterModel
 import IOFilterNBD
+import IOFilterNBDServer
 import IOFilterPluginLoader
 import IOFilterPosix
 import IOFilterSandbox

@@ -1,6 +1,7 @@
 @preconcurrency import CIOFilter
 import Glibc
 import IOFilterNBD
+import IOFilterNBDServer
 import IOFilterPosix
 import Synchronization
 import Testing

@@ -1,3 +1,4 @@
+import IOFilterNBD
 import Synchronization
 
 /// What an export can do, as the server advertises it in its transmission flags.

@@ -1,5 +1,6 @@
 import CSystemShims
 import Glibc
+import IOFilterNBD
 import IOFilterPosix
 import Logging
 

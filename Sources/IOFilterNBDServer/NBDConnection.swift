@@ -1,4 +1,5 @@
 import Glibc
+import IOFilterNBD
 import IOFilterPosix
 import Logging
 import Synchronization

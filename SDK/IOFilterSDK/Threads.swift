@@ -1,0 +1,115 @@
+import Glibc
+internal import IOFilterPosix
+
+// What a filter needs to do work of its own — a lock, threads, a background loop, a
+// clock, positional file I/O — as the SDK's own small API. The host's modules that
+// implement them stay internal: a plug-in builds against this SDK and the C header only.
+
+/// A mutex with a condition variable: guard state a filter shares between the data
+/// path and its own threads, and wait for a change another thread makes.
+public final class ConditionLock: @unchecked Sendable {
+    // @unchecked: a wrapper over a lock that is itself thread-safe.
+    private let base = IOFilterPosix.ConditionLock()
+
+    public init() {}
+
+    @inline(__always) public func lock() { base.lock() }
+    @inline(__always) public func unlock() { base.unlock() }
+
+    @inline(__always)
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        base.lock()
+        defer { base.unlock() }
+        return try body()
+    }
+
+    /// Waits for `signal` or `broadcast`; call with the lock held.
+    public func wait() { base.wait() }
+    /// Waits at most `nanoseconds`; false if the time ran out. Call with the lock held.
+    @discardableResult public func wait(nanoseconds: UInt64) -> Bool { base.wait(nanoseconds: nanoseconds) }
+    public func broadcast() { base.broadcast() }
+    public func signal() { base.signal() }
+}
+
+/// How a thread a filter starts competes for the CPU.
+public enum ThreadPriority: Sendable {
+    /// Work a request waits for (sync replication to a replica, say).
+    case normal
+    /// Work nothing waits for right now (shipping a journal, destaging a cache):
+    /// SCHED_BATCH at nice 10, so that it never preempts the data path when it wakes.
+    case background
+}
+
+/// Starts a detached thread of the filter's own.
+public func startThread(name: String, priority: ThreadPriority = .normal, _ body: @escaping @Sendable () -> Void) {
+    IOFilterPosix.startThread(name: name, priority: priority == .background ? .background : .normal, body)
+}
+
+/// A monotonic clock in nanoseconds, for deadlines and rates.
+public func monotonicNanoseconds() -> UInt64 { IOFilterPosix.monotonicNanoseconds() }
+
+/// Positional reads and writes of whole ranges on a file the filter opened itself (a
+/// cache device, a journal), retrying short transfers and EINTR.
+public enum FileIO {
+    /// Reads `count` bytes at `offset`: 0, or an errno (EIO for a file that ends early).
+    public static func readAll(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64) -> Int32 {
+        FileDescriptorIO.preadAll(fd, into: buffer, count: count, offset: offset)
+    }
+
+    /// Writes `count` bytes at `offset`: 0, or an errno.
+    public static func writeAll(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int, offset: UInt64) -> Int32 {
+        FileDescriptorIO.pwriteAll(fd, buffer, count: count, offset: offset)
+    }
+}
+
+/// Runs `work` every so often on a background thread until `stop` (a cache's destager,
+/// a journal's flusher). `poke` runs a pass now instead of at the next interval.
+public final class BackgroundLoop: @unchecked Sendable {
+    // @unchecked: `stopping`, `running` and `poked` are guarded by `lock`.
+    private let name: String
+    private let priority: ThreadPriority
+    private let lock = ConditionLock()
+    private var stopping = false
+    private var running = false
+    private var poked = false
+
+    public init(name: String, priority: ThreadPriority = .background) {
+        self.name = name
+        self.priority = priority
+    }
+
+    public func start(every nanoseconds: UInt64, _ work: @escaping @Sendable () -> Void) {
+        // Running from here on: a `stop` that comes before the thread does still waits.
+        lock.withLock { running = true }
+        startThread(name: name, priority: priority) { [self] in
+            while lock.withLock({ () -> Bool in
+                if !stopping && !poked { lock.wait(nanoseconds: nanoseconds) }
+                poked = false
+                return !stopping
+            }) {
+                work()
+            }
+            lock.withLock {
+                running = false
+                lock.broadcast()
+            }
+        }
+    }
+
+    /// Asks for a pass as soon as the current one (if any) ends.
+    public func poke() {
+        lock.withLock {
+            poked = true
+            lock.broadcast()
+        }
+    }
+
+    /// Stops the loop and waits for a pass in progress; does nothing if never started.
+    public func stop() {
+        lock.withLock {
+            stopping = true
+            lock.broadcast()
+            while running { lock.wait() }
+        }
+    }
+}
