@@ -56,6 +56,10 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var controlFD: Int32?
     /// What the worker does once its disks are open.
     public var task: WorkerTask
+    /// Clients served at once per disk (nil: the default, 16).
+    public var maxConnections: Int?
+    /// Seconds a client may take to negotiate before it is dropped (nil: 10).
+    public var handshakeSeconds: Double?
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,

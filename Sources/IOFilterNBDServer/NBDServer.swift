@@ -4,6 +4,21 @@ import IOFilterNBD
 import IOFilterPosix
 import Logging
 
+/// What the server allows each client, so that idle, slow or hostile clients cannot
+/// starve the ones doing work.
+public struct NBDServerLimits: Sendable, Equatable {
+    /// A client must finish negotiating (greeting to NBD_OPT_GO) within this time.
+    public var handshakeSeconds: Double
+    /// Clients served at once, negotiating or transmitting; one more is accepted and
+    /// closed at once (a clean end, not a hang in the listen queue) and logged.
+    public var maxConnections: Int
+
+    public init(handshakeSeconds: Double = 10, maxConnections: Int = 16) {
+        self.handshakeSeconds = handshakeSeconds
+        self.maxConnections = maxConnections
+    }
+}
+
 /// Serves a catalog of exports on listening sockets it is given. Each accepted client
 /// gets its own thread, which negotiates and then serves requests with blocking I/O.
 ///
@@ -13,6 +28,7 @@ import Logging
 public final class NBDServer: @unchecked Sendable {
     // @unchecked: the mutable state is guarded by `lock`; `wake` is set once in init.
     public let catalog: any NBDExportCatalog
+    public let limits: NBDServerLimits
     let logger: Logger
     private let lock = ConditionLock()
     private var connections: [Int: Int32] = [:]  // (lock) id → socket
@@ -22,8 +38,9 @@ public final class NBDServer: @unchecked Sendable {
     /// A pipe whose read end wakes the accept threads when the server stops.
     private let wake: (read: Int32, write: Int32)
 
-    public init(catalog: any NBDExportCatalog, logger: Logger) {
+    public init(catalog: any NBDExportCatalog, limits: NBDServerLimits = NBDServerLimits(), logger: Logger) {
         self.catalog = catalog
+        self.limits = limits
         self.logger = logger
         var fds: [Int32] = [-1, -1]
         if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
@@ -71,21 +88,31 @@ public final class NBDServer: @unchecked Sendable {
                 }
             }
             if Sockets.isTCP(client) { Sockets.setNoDelay(client) }
-            let id: Int? = lock.withLock {
-                guard !stopping else { return nil }
+            enum Admission { case admitted(Int), full, stopping }
+            let admission: Admission = lock.withLock {
+                if stopping { return .stopping }
+                if connections.count >= limits.maxConnections { return .full }
                 nextID += 1
                 connections[nextID] = client
                 threads += 1
-                return nextID
+                return .admitted(nextID)
             }
-            guard let id else {
+            let id: Int
+            switch admission {
+            case .admitted(let admitted): id = admitted
+            case .full:
+                logger.warning("refused a client: \(limits.maxConnections) connections are open, the most allowed")
+                close(client)
+                continue
+            case .stopping:
                 close(client)
                 return
             }
+            let deadline = monotonicNanoseconds() + UInt64(max(limits.handshakeSeconds, 0.001) * 1e9)
             startThread(name: "nbd-conn-\(id)") { [self] in
                 var connectionLogger = logger
                 connectionLogger[metadataKey: "conn"] = "\(id)"
-                Handshake(fd: client, catalog: catalog, logger: connectionLogger).run()
+                Handshake(fd: client, catalog: catalog, deadline: deadline, logger: connectionLogger).run()
                 finished(connection: id)
                 // Closed only once `stop` can no longer see it: it must never shut
                 // down a later file that reuses the number.
@@ -136,6 +163,8 @@ public final class NBDServer: @unchecked Sendable {
 struct Handshake {
     let fd: Int32
     let catalog: any NBDExportCatalog
+    /// When negotiation must be over (monotonic nanoseconds).
+    let deadline: UInt64
     let logger: Logger
 
     private enum Outcome {
@@ -153,6 +182,10 @@ struct Handshake {
     }
 
     private func negotiate() -> Outcome {
+        // Replies during the handshake are small; a client that does not read them
+        // must not hold this thread past the deadline either.
+        setSendTimeout(nanoseconds: deadline > monotonicNanoseconds() ? deadline - monotonicNanoseconds() : 1)
+        defer { setSendTimeout(nanoseconds: 0) }
         do {
             var greeting = MessageWriter()
             greeting.u64(NBDProtocol.initMagic)
@@ -183,9 +216,19 @@ struct Handshake {
                 if let outcome = try handle(option: option, data: data, noZeroes: noZeroes) { return outcome }
             }
         } catch {
-            logger.debug("handshake ended: \(error)")
+            if error.code == ETIMEDOUT || error.code == EAGAIN {
+                logger.info("dropped a client that did not finish negotiating in time")
+            } else {
+                logger.debug("handshake ended: \(error)")
+            }
             return .close
         }
+    }
+
+    /// 0 blocks without limit (the transmission phase).
+    private func setSendTimeout(nanoseconds: UInt64) {
+        var value = timeval(tv_sec: Int(nanoseconds / 1_000_000_000), tv_usec: Int(nanoseconds % 1_000_000_000 / 1000))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// Returns an outcome when negotiation ends, nil to read the next option.
@@ -296,6 +339,6 @@ struct Handshake {
     }
 
     private func readBytes(_ count: Int) throws(SystemError) -> [UInt8]? {
-        try FileDescriptorIO.readBytes(fd, count: count)
+        try FileDescriptorIO.readBytes(fd, count: count, deadline: deadline)
     }
 }

@@ -30,6 +30,42 @@ public enum FileDescriptorIO {
         return Array(UnsafeRawBufferPointer(start: buffer, count: count))
     }
 
+    /// Reads exactly `count` bytes into a new array before `deadline` (monotonic
+    /// nanoseconds); nil on EOF first. Throws ETIMEDOUT when the time runs out however
+    /// the bytes trickle in. For handshakes, not the data path.
+    public static func readBytes(_ fd: Int32, count: Int, deadline: UInt64) throws(SystemError) -> [UInt8]? {
+        guard count > 0 else { return [] }
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let now = monotonicNanoseconds()
+            guard now < deadline else { throw SystemError("read", code: ETIMEDOUT) }
+            var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let waited = poll(&ready, 1, Int32(min((deadline - now) / 1_000_000 + 1, 60_000)))
+            if waited < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("poll")
+            }
+            if waited == 0 { continue }
+            let n = bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + done, count - done, Int32(MSG_DONTWAIT)) }
+            if n == 0 { return nil }
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                if errno == ENOTSOCK {
+                    // Not a socket (a pipe in a test): read what poll said is there.
+                    let m = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, count - done) }
+                    if m == 0 { return nil }
+                    if m < 0 { throw SystemError("read") }
+                    done += m
+                    continue
+                }
+                throw SystemError("recv")
+            }
+            done += n
+        }
+        return bytes
+    }
+
     /// Reads whatever is available, up to `count`; 0 means EOF.
     public static func readSome(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> Int {
         while true {

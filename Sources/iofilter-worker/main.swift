@@ -192,7 +192,10 @@ case "serve" where arguments.count == 1:
     }
     var servers: [NBDServer] = []
     for (disk, export) in zip(configuration.disks, exports) {
-        let server = NBDServer(catalog: ChainCatalog(exports: [export]), logger: logger)
+        var limits = NBDServerLimits()
+        if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
+        if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
+        let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, logger: logger)
         server.serve(listenFD: disk.listenFD)
         servers.append(server)
     }

@@ -50,10 +50,18 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Kill the worker when a request sits this long in one filter.", valueName: "seconds"))
         var watchdog: Double = 30
 
+        @Option(help: ArgumentHelp("Serve at most this many clients at once; more are turned away.", valueName: "n"))
+        var maxConnections: Int = 16
+
+        @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
+        var handshakeTimeout: Double = 10
+
         func validate() throws {
             if socket != nil && port != nil { throw ValidationError("give --socket or --port, not both") }
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
+            if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+            if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
         }
 
         func run() throws {
@@ -97,13 +105,15 @@ extension IOFilterCommand {
             }
 
             let stateDirectory = stateDir.map(absolute) ?? (isURI ? Self.defaultStateDirectory(for: disk) : diskPath + ".iofilter")
-            let configuration = WorkerConfiguration(
+            var configuration = WorkerConfiguration(
                 vmName: "serve-\(getpid())", stateDirectory: stateDirectory,
                 disks: [DiskConfiguration(
                     name: name, backend: isURI ? .nbd(uri: disk) : .file(path: diskPath), readOnly: readonly,
                     filters: planned, listenFD: 3)],
                 watchdogSeconds: watchdog,
                 logLevel: StandardErrorLogging.level.rawValue)
+            configuration.maxConnections = maxConnections
+            configuration.handshakeSeconds = handshakeTimeout
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
 

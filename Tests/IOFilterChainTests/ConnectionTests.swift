@@ -44,6 +44,11 @@ struct RawClient {
         return (cookie, error)
     }
 
+    /// Connects without negotiating.
+    init(connectingOnly path: String) throws {
+        fd = try Sockets.connectUnix(path: path)
+    }
+
     /// True once the server has closed its end.
     func atEOF() -> Bool {
         var byte: UInt8 = 0
@@ -69,12 +74,12 @@ final class ServedChain: @unchecked Sendable {
     let socketPath: String
     let listenFD: Int32
 
-    init(_ test: TestChain) throws {
+    init(_ test: TestChain, limits: NBDServerLimits = NBDServerLimits()) throws {
         self.test = test
         socketPath = "/tmp/iofilter-chaintests-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         listenFD = try Sockets.listenUnix(path: socketPath)
         server = NBDServer(catalog: ChainCatalog(exports: [ChainExport(name: "disk", chain: test.chain, readOnly: false)]),
-                           logger: test.log.logger)
+                           limits: limits, logger: test.log.logger)
         server.serve(listenFD: listenFD)
     }
 
@@ -227,5 +232,67 @@ struct ConnectionTests {
         client.close()
         // New clients are no longer accepted: the socket still exists, nobody serves it.
         #expect(served.requestsFreed())
+    }
+
+    @Test("a client that does not finish negotiating in time is dropped, however it trickles")
+    func slowHandshakeIsDropped() throws {
+        let served = try ServedChain(TestChain([ScriptedFilter("pass")]), limits: NBDServerLimits(handshakeSeconds: 0.5))
+        let silent = try RawClient(connectingOnly: served.socketPath)
+        let trickler = try RawClient(connectingOnly: served.socketPath)
+        let started = monotonicNanoseconds()
+        var greeting = [UInt8](repeating: 0, count: 18)
+        #expect(try FileDescriptorIO.readExactly(trickler.fd, into: &greeting, count: 18))
+        // One byte of the client flags every 200 ms: each read makes progress, the whole never ends.
+        var dropped = false
+        for _ in 0..<20 {
+            var byte: UInt8 = 0
+            if send(trickler.fd, &byte, 1, Int32(MSG_NOSIGNAL)) < 0 { dropped = true; break }
+            var ready = pollfd(fd: trickler.fd, events: Int16(POLLIN), revents: 0)
+            if poll(&ready, 1, 200) > 0 && trickler.atEOF() { dropped = true; break }
+        }
+        #expect(dropped, "the trickling client was dropped")
+        #expect(try FileDescriptorIO.readExactly(silent.fd, into: &greeting, count: 18))
+        #expect(silent.atEOF(), "the silent client was dropped")
+        let seconds = Double(monotonicNanoseconds() - started) / 1e9
+        #expect(seconds < 3, "dropped after \(seconds) s")
+        // A client that negotiates promptly is served as before.
+        let prompt = try RawClient(socket: served.socketPath)
+        try prompt.send(RawClient.request(0, cookie: 1, length: 4096))
+        #expect(try prompt.reply(dataBytes: 4096)?.error == 0)
+        for client in [silent, trickler, prompt] { client.close() }
+        served.stop()
+    }
+
+    @Test("connections are capped; a client over the cap gets a clean end, and a freed place is taken again")
+    func connectionsAreCapped() throws {
+        let served = try ServedChain(TestChain([ScriptedFilter("pass")]), limits: NBDServerLimits(maxConnections: 2))
+        let first = try RawClient(socket: served.socketPath)
+        let second = try RawClient(socket: served.socketPath)
+        let third = try RawClient(connectingOnly: served.socketPath)
+        #expect(third.atEOF(), "the third client was turned away")
+        #expect(served.test.log.contains("connections are open, the most allowed"))
+        // The first two still work.
+        for client in [first, second] {
+            try client.send(RawClient.request(0, cookie: 5, length: 4096))
+            #expect(try client.reply(dataBytes: 4096)?.cookie == 5)
+        }
+        first.close()
+        var admitted: RawClient?
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while admitted == nil && monotonicNanoseconds() < deadline {
+            usleep(20_000)
+            let candidate = try RawClient(connectingOnly: served.socketPath)
+            var ready = pollfd(fd: candidate.fd, events: Int16(POLLIN), revents: 0)
+            var peek: UInt8 = 0
+            if poll(&ready, 1, 500) > 0 && recv(candidate.fd, &peek, 1, Int32(MSG_PEEK)) == 1 {
+                admitted = candidate
+            } else {
+                candidate.close()
+            }
+        }
+        #expect(admitted != nil, "a new client took the freed place")
+        for client in [second, third] { client.close() }
+        admitted?.close()
+        served.stop()
     }
 }

@@ -1,0 +1,52 @@
+#!/bin/bash
+# What a filter costs as chains grow: 4k random reads (and writes) at QD16 through
+# `iofilter serve` with no filters, one pass-through filter (the C sample; the Swift
+# template built with the SDK), five C pass-through filters (one per category), and
+# five filters that defer every request to another thread and back (start and done),
+# with nbdkit's file plugin in the same run. Ratios are to iofilter without filters.
+#
+#   Tests/Benchmarks/chain.sh [--runtime SECONDS] [--rounds N] [--size 1G] [--quick]
+runtime=5
+rounds=3
+size=1G
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runtime) runtime=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --size) size=$2; shift 2 ;;
+        --quick) runtime=3; rounds=1; size=256M; shift ;;
+        *) echo "usage: $0 [--runtime S] [--rounds N] [--size SIZE] [--quick]" >&2; exit 64 ;;
+    esac
+done
+. "$(dirname "$0")/lib.sh"
+
+disk=$work/disk.img
+echo "preparing a $size raw file..." >&2
+make_disk "$disk" "$size"
+cc -O2 -shared -fPIC -Iinclude -o "$work/passthrough-c.so" Plugins/passthrough-c/passthrough.c
+five=() deferring=()
+for category in inspection replication encryption cache qos; do
+    upper=$(echo "$category" | tr a-z A-Z)
+    cc -O2 -shared -fPIC -Iinclude -DCATEGORY=IOF_CATEGORY_$upper -DPLUGIN_NAME="\"org.bench.$category\"" \
+        -o "$work/$category.so" Tests/IntegrationTests/Fixtures/testfilter.c -lpthread
+    five+=(--filter "$work/$category.so")
+    deferring+=(--filter "$work/$category.so:behaviour=defer")
+done
+
+start_iofilter iofilter "$disk"
+start_nbdkit nbdkit file "$disk"
+start_iofilter 1-c-filter "$disk" --filter "$work/passthrough-c.so"
+start_iofilter 1-swift-filter "$disk" --filter "$bin/libiofilter-template.so"
+start_iofilter 5-c-filters "$disk" "${five[@]}"
+start_iofilter 5-deferring "$disk" "${deferring[@]}"
+
+for workload in "4k-randread-qd16 randread" "4k-randwrite-qd16 randwrite"; do
+    set -- $workload
+    for _ in $(seq "$rounds"); do
+        for server in iofilter nbdkit 1-c-filter 1-swift-filter 5-c-filters 5-deferring; do
+            measure "$1" "$server" "$2" 4k 16 "$size"
+        done
+    done
+done
+
+python3 Tests/Benchmarks/report.py "$results"
