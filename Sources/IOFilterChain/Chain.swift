@@ -16,7 +16,7 @@ public final class Chain: @unchecked Sendable {
     public let backend: any StorageBackend
     let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
-    private let registry = Mutex<[ObjectIdentifier: RequestWatch]>([:])
+    private let registry = Guarded<[ObjectIdentifier: RequestWatch]>([:])
 
     init(diskName: String, filters: [FilterInstance], backend: any StorageBackend, logger: Logger) {
         self.diskName = diskName

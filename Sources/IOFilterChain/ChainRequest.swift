@@ -289,7 +289,7 @@ public final class ChainRequest: @unchecked Sendable {
             if code <= 0 { code = EIO }
         default:
             blamedLogger.error(
-                "resumed request \(io.pointee.id) with invalid disposition \(disposition.rawValue); failing it with EIO")
+                "resumed request \(watch.id.load(ordering: .relaxed)) with invalid disposition \(disposition.rawValue); failing it with EIO")
             decided = IOF_FAIL
             code = EIO
         }
@@ -316,7 +316,7 @@ public final class ChainRequest: @unchecked Sendable {
                 return
             default:
                 blamedLogger.error(
-                    "resumed request \(io.pointee.id), which is not waiting for a decision (resumed twice, or never deferred); ignored")
+                    "resumed request \(watch.id.load(ordering: .relaxed)), which is not waiting for a decision (resumed twice, or never deferred); ignored")
                 return
             }
         }
@@ -376,7 +376,7 @@ private struct Shape: Equatable, CustomStringConvertible {
 final class LiveRequests: Sendable {
     static let shared = LiveRequests()
     private final class Shard: Sendable {
-        let map = Mutex<[UInt: Unmanaged<ChainRequest>]>([:])
+        let map = Guarded<[UInt: Unmanaged<ChainRequest>]>([:])
     }
     private static let shardCount = 16
     private let shards: [Shard] = (0..<LiveRequests.shardCount).map { _ in Shard() }

@@ -133,3 +133,21 @@ public struct TerminationSignals: Sendable {
         return received
     }
 }
+
+/// A value behind a pthread mutex. The engine's shared tables use this rather than the
+/// standard library's Mutex, whose futex-based lock ThreadSanitizer cannot see (every
+/// access under it showed as a race), so that the engine's tests run under TSan.
+public final class Guarded<Value>: @unchecked Sendable {
+    // @unchecked: `value` is only touched with `lock` held.
+    private let lock = ConditionLock()
+    private var value: Value
+
+    public init(_ value: Value) { self.value = value }
+
+    @inline(__always)
+    public func withLock<T>(_ body: (inout Value) throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&value)
+    }
+}

@@ -184,7 +184,7 @@ struct ConnectionTests {
     @Test("a client that hangs up in the middle of a write leaves no request behind")
     func truncatedWriteFreesEverything() throws {
         let filter = ScriptedFilter("slow")
-        let seen = Mutex<[Weak]>([])
+        let seen = Guarded<[Weak]>([])
         filter.onStart = { request in
             // Remember the engine's objects weakly: they must be freed, not just retired.
             if let object = LiveRequests.shared.lookup(request) { seen.withLock { $0.append(Weak(object)) } }

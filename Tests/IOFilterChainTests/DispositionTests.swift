@@ -78,7 +78,7 @@ struct DispositionTests {
 
     @Test("a request every filter passes reaches the disk and comes back up nearest-disk first", arguments: Delivery.allCases)
     func passedRequestsGoDownAndUpInOrder(delivery: Delivery) throws {
-        let order = Mutex<[Int]>([])
+        let order = Guarded<[Int]>([])
         let filters = (0..<5).map { ScriptedFilter("f\($0)") }
         for (index, filter) in filters.enumerated() {
             filter.onStart = { request in delivery.deliver(request, IOF_PASS) }
@@ -102,7 +102,7 @@ struct DispositionTests {
     @Test("done may fail a request the disk completed; filters above learn the error")
     func doneMayFail() throws {
         let filters = (0..<3).map { ScriptedFilter("f\($0)") }
-        let seenAbove = Mutex<Int32>(-1)
+        let seenAbove = Guarded<Int32>(-1)
         filters[2].onDone = { request in
             request.pointee.error = EROFS
             return IOF_FAIL

@@ -21,7 +21,7 @@ final class ScriptedFilter: @unchecked Sendable {
     var onStart: (UnsafeMutablePointer<iof_request>) -> iof_disposition = { _ in IOF_PASS }
     var onDone: (UnsafeMutablePointer<iof_request>) -> iof_disposition = { _ in IOF_PASS }
     /// "start <id>" and "done <id>" in the order the engine made the calls.
-    let events = Mutex<[String]>([])
+    let events = Guarded<[String]>([])
 
     init(_ name: String, threadModel: iof_thread_model = IOF_THREADS_PARALLEL) {
         self.name = name
@@ -77,7 +77,7 @@ final class MemoryBackend: StorageBackend, @unchecked Sendable {
     let size: UInt64
     let bytes: UnsafeMutableRawPointer
     let asynchronous: Bool
-    let seen = Mutex<[(op: iof_op, offset: UInt64, length: UInt64)]>([])
+    let seen = Guarded<[(op: iof_op, offset: UInt64, length: UInt64)]>([])
     var readOnly: Bool { false }
     var canTrim: Bool { true }
     var canWriteZeroes: Bool { true }
@@ -147,7 +147,7 @@ enum Background {
 
 /// Log lines, captured per test.
 final class LogRecord: @unchecked Sendable {
-    let lines = Mutex<[String]>([])
+    let lines = Guarded<[String]>([])
     var all: [String] { lines.withLock { $0 } }
     func contains(_ text: String) -> Bool { all.contains { $0.contains(text) } }
 
@@ -175,11 +175,14 @@ final class TestChain: @unchecked Sendable {
     let chain: Chain
     let log = LogRecord()
 
-    init(_ filters: [ScriptedFilter], size: UInt64 = 1 << 20, asynchronousBackend: Bool = false) throws {
+    /// Over `storage` instead of the memory disk, when given (then `backend` sees nothing).
+    init(_ filters: [ScriptedFilter], size: UInt64 = 1 << 20, asynchronousBackend: Bool = false,
+         storage: (any StorageBackend)? = nil) throws {
         // As in the worker: a client that hung up is an error to handle, not a reason to die.
         signal(SIGPIPE, SIG_IGN)
         self.filters = filters
-        backend = MemoryBackend(size: size, asynchronous: asynchronousBackend)
+        backend = MemoryBackend(size: storage == nil ? size : 4096, asynchronous: asynchronousBackend)
+        let size = storage?.size ?? size
         let categories: [iof_category] = [
             IOF_CATEGORY_INSPECTION, IOF_CATEGORY_REPLICATION, IOF_CATEGORY_ENCRYPTION, IOF_CATEGORY_CACHE, IOF_CATEGORY_QOS,
         ]
@@ -192,7 +195,7 @@ final class TestChain: @unchecked Sendable {
                 plugin: LoadedPlugin(library: library), parameters: ["scripted": "\(address)"], diskName: "disk",
                 vmName: "vm", size: size, readOnly: false, sidecarDirectory: "/nonexistent", logger: logger))
         }
-        chain = Chain(diskName: "disk", filters: instances, backend: backend, logger: logger)
+        chain = Chain(diskName: "disk", filters: instances, backend: storage ?? backend, logger: logger)
         for instance in instances.reversed() { try instance.open() }
     }
 

@@ -13,7 +13,7 @@ struct MisuseTests {
     @Test("a second resume is logged against the filter and ignored")
     func secondResumeIsIgnored() throws {
         let filter = ScriptedFilter("twice")
-        let parked = Mutex<UInt>(0)
+        let parked = Guarded<UInt>(0)
         filter.onStart = { request in
             parked.withLock { $0 = UInt(bitPattern: request) }
             return IOF_DEFER
@@ -113,7 +113,7 @@ struct MisuseTests {
         // In start, directly and after a deferral: the disk sees nothing.
         for delivery in [Delivery.direct, .deferredLater] {
             let top = ScriptedFilter("top"), tamperer = ScriptedFilter("tamperer")
-            let seenAbove = Mutex<String>("")
+            let seenAbove = Guarded<String>("")
             tamperer.onStart = { request in
                 tamper(request)
                 return delivery.deliver(request, IOF_PASS)
@@ -144,7 +144,7 @@ struct MisuseTests {
           arguments: [IOF_THREADS_SERIALIZE_PER_DISK, IOF_THREADS_SERIALIZE_ALL])
     func serializedResumeFromInsideACallback(model: iof_thread_model) throws {
         let filter = ScriptedFilter("serial-\(model.rawValue)", threadModel: model)
-        let parked = Mutex<UInt>(0)
+        let parked = Guarded<UInt>(0)
         filter.onStart = { request in
             if let earlier = UnsafeMutablePointer<iof_request>(bitPattern: parked.withLock({ value -> UInt in
                 defer { value = 0 }

@@ -172,4 +172,25 @@ struct DataPathTests {
         let both = try Harness.run(Harness.iofilter, ["serve", disk, "--socket", "/tmp/x.sock", "--port", "1"], timeout: 30)
         #expect(both.status != 0 && both.stderr.contains("give --socket or --port, not both"))
     }
+
+    @Test func aFailedAttachLeavesNoSidecarSoTheNextOpenAttachesAgain() throws {
+        let disk = image("attach.img", size: 1 << 20)
+        let test = try Harness.buildTestPlugin("tf-attach", in: directory)
+        let sidecar = "\(disk).iofilter/attach.img/org.test.filter"
+        let refused = try Harness.run(Harness.iofilter, ["serve", disk, "--filter", "\(test):behaviour=refuse-attach"], timeout: 30)
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("attach failed"))
+        #expect(!FileManager.default.fileExists(atPath: sidecar), "the refused attach left its sidecar directory")
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=pass"])
+        defer { served.stop() }
+        #expect(FileManager.default.fileExists(atPath: "\(sidecar)/attached"), "attach ran again on the next open")
+    }
+
+    @Test func refusesABackendThatIsNoFileOrBlockDevice() throws {
+        let fifo = directory.appendingPathComponent("fifo").path
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let result = try Harness.run(Harness.iofilter, ["serve", fifo], timeout: 30)
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("neither a regular file nor a block device"), "\(result.stderr)")
+    }
 }

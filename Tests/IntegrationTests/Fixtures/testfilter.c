@@ -20,6 +20,8 @@
  *   fail-writes     fail every write with ENOSPC
  *   open-outside    in open, try to create `marker` (outside the sandbox's paths), log the errno
  *   refuse-open     fail open with EACCES (a worker that cannot start)
+ *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
+ *                   in the sidecar directory)
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
  *                   a toy encryption, so that the disk holds different bytes
  */
@@ -69,7 +71,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 }
 #endif
 
-enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN };
+enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH };
 
 static const struct iof_host_services *host;
 
@@ -140,6 +142,20 @@ static int tf_load(const struct iof_host_services *services)
     return 0;
 }
 
+/* Attach leaves a mark in the sidecar directory, so a test can tell that it ran. */
+static int tf_attach(iof_host_disk *disk, const struct iof_disk_info *info)
+{
+    const char *behaviour = host->param(disk, "behaviour");
+    if (behaviour && strcmp(behaviour, "refuse-attach") == 0)
+        return EACCES;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/attached", info->sidecar_dir);
+    FILE *mark = fopen(path, "w");
+    if (mark)
+        fclose(mark);
+    return 0;
+}
+
 static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void **out)
 {
     (void)info;
@@ -147,7 +163,8 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     inst->disk = disk;
     const char *b = host->param(disk, "behaviour");
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                        "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open"};
+                                        "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
+                                        "refuse-attach"};
     for (int i = 0; b && i < 9; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -237,7 +254,8 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 /* --- descriptor ------------------------------------------------------------------- */
 
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open", NULL};
+                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
+                                         "refuse-attach", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
@@ -282,6 +300,7 @@ static const struct iof_plugin descriptor = {
     .mgmt_op_count = 1,
     .mgmt_ops = ops,
     .load = tf_load,
+    .attach = tf_attach,
     .open = tf_open,
     .close = tf_close,
 #ifndef NO_START
