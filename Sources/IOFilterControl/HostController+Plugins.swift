@@ -57,7 +57,9 @@ extension HostController {
             try? FileManager.default.removeItem(atPath: temporary)
             do {
                 try FileManager.default.copyItem(atPath: path, toPath: temporary)
-                guard rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
+                // The copy keeps the source's mode; the installed object is the host's
+                // alone, and nothing writes to it once validated (read and map only).
+                guard chmod(temporary, 0o500) == 0, rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
             } catch {
                 try? FileManager.default.removeItem(atPath: temporary)
                 throw ControlError.internalError("cannot copy \(path) into \(directory): \(error)")

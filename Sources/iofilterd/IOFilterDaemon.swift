@@ -67,7 +67,15 @@ struct IOFilterDaemon: ParsableCommand {
         let logger = Logger(label: "iofilterd")
         let state = ((stateDir ?? HostDefaults.stateDirectory) as NSString).standardizingPath
         let absoluteState = state.hasPrefix("/") ? state : FileManager.default.currentDirectoryPath + "/" + state
+        // Everything the host and its workers create (the database, disks, journals,
+        // caches, sidecar directories) is private to the host's user: files 0600,
+        // directories 0700. The state directory itself is closed to others even if it
+        // existed before with a looser mode.
+        umask(0o077)
         try FileManager.default.createDirectory(atPath: absoluteState, withIntermediateDirectories: true)
+        guard chmod(absoluteState, 0o700) == 0 else {
+            throw ValidationError("cannot make the state directory \(absoluteState) private: \(String(cString: strerror(errno)))")
+        }
         let lock = try StateLock(directory: absoluteState)
         defer { withExtendedLifetime(lock) {} }
 

@@ -30,6 +30,39 @@ struct ControlPlaneTests {
         return false
     }
 
+    @Test func stateOnDiskIsPrivateToTheHost() throws {
+        // A state directory that existed with a looser mode is closed at start.
+        let state = Harness.temporaryDirectory("private")
+        #expect(chmod(state.path, 0o755) == 0)
+        let daemon = try Daemon(state: state)
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        try daemon.ok([
+            "policy", "create", "private", "--filter", "\(Self.replication):target={state}/replicas/{disk}.img,mode=async",
+            "--filter", "\(Self.cache):mode=write-back,size=16M",
+        ])
+        try daemon.ok(["disk", "create", "p1", "--size", "16M", "--policy", "private"])
+        try daemon.ok(["vm", "create", "pvm", "--disk", "p1"])
+        let started: VMInfo = try daemon.json(["vm", "start", "pvm"])
+        _ = try Harness.qemuIO(try #require(started.uris["p1"]), ["write -P 7 0 1M", "flush"])
+
+        var info = stat()
+        #expect(stat(state.path, &info) == 0 && info.st_mode & 0o777 == 0o700)
+        var checked = 0
+        let walker = FileManager.default.enumerator(atPath: state.path)
+        while let relative = walker?.nextObject() as? String {
+            let path = state.appendingPathComponent(relative).path
+            guard lstat(path, &info) == 0 else { continue }
+            let kind = info.st_mode & S_IFMT
+            guard kind == S_IFDIR || kind == S_IFREG else { continue }  // sockets live inside the closed directory
+            #expect(info.st_mode & 0o077 == 0, "\(relative) is mode \(String(info.st_mode & 0o777, radix: 8))")
+            checked += 1
+        }
+        // The database, the disk, the replica, the journal, the cache and their directories.
+        #expect(checked >= 10, "only \(checked) files and directories")
+        try daemon.ok(["vm", "stop", "pvm"])
+    }
+
     @Test func aPolicyLifecycleAttachesDetachesAndGuardsWhatIsInUse() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }
