@@ -73,6 +73,25 @@ uint64_t iof_landlock_read_rights(void)
 
 uint64_t iof_landlock_execute_right(void) { return LANDLOCK_ACCESS_FS_EXECUTE; }
 
+/* The ruleset attribute as Landlock ABI 6 knows it: the system headers may be older
+ * than the running kernel. */
+struct iof_landlock_ruleset_attr_v6 {
+    uint64_t handled_access_fs;
+    uint64_t handled_access_net;
+    uint64_t scoped;
+};
+#define IOF_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET (1ULL << 0)
+#define IOF_LANDLOCK_SCOPE_SIGNAL (1ULL << 1)
+
+int iof_landlock_create_scoped_ruleset(uint64_t handled_fs)
+{
+    struct iof_landlock_ruleset_attr_v6 attr = {
+        .handled_access_fs = handled_fs,
+        .scoped = IOF_LANDLOCK_SCOPE_SIGNAL | IOF_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET,
+    };
+    return result(syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0));
+}
+
 int iof_landlock_create_ruleset(uint64_t handled_fs)
 {
     struct landlock_ruleset_attr attr = {.handled_access_fs = handled_fs};
@@ -128,6 +147,25 @@ int iof_seccomp_deny(void *ctx, const char *name, int err)
     if (nr == __NR_SCMP_ERROR)
         return -ENOENT;
     return seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), nr, 0);
+}
+
+int iof_seccomp_deny_new_namespaces(void *ctx, int err)
+{
+    /* clone with any CLONE_NEW* flag fails with `err` (one rule per flag: a rule matches
+     * when the flag is set). clone3 passes its flags in memory a filter cannot read, so
+     * it reports ENOSYS and the C library falls back to clone. */
+    const uint64_t flags[] = {CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC,
+                              CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, 0x00000080 /* CLONE_NEWTIME */};
+    for (size_t i = 0; i < sizeof flags / sizeof *flags; i++) {
+        int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(clone), 1,
+                                  SCMP_A0(SCMP_CMP_MASKED_EQ, flags[i], flags[i]));
+        if (rc < 0)
+            return rc;
+    }
+    int clone3 = seccomp_syscall_resolve_name("clone3");
+    if (clone3 != __NR_SCMP_ERROR)
+        return seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), clone3, 0);
+    return 0;
 }
 
 int iof_seccomp_deny_raw_sockets(void *ctx, int err)

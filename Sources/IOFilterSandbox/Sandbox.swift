@@ -29,6 +29,9 @@ public struct Sandbox: Sendable {
         "sethostname", "setdomainname", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
         "unshare", "setns", "userfaultfd", "personality", "iopl", "ioperm", "quotactl", "lookup_dcookie",
         "fanotify_init", "open_by_handle_at", "name_to_handle_at",
+        // Device nodes (and FIFOs): no filter needs to make any, and a device node
+        // would be a door to the hardware.
+        "mknod", "mknodat",
     ]
 
     public struct Report: Sendable {
@@ -53,6 +56,9 @@ public struct Sandbox: Sendable {
         if abi > 0 {
             try applyLandlock(abi: abi)
             landlock = abi
+            if abi < 6 {
+                warnings.append("Landlock ABI \(abi) cannot scope signals (6 can): a filter may signal processes of the same user")
+            }
         } else {
             warnings.append("Landlock is not available (\(String(cString: strerror(-abi)))); file access is not confined")
         }
@@ -64,6 +70,9 @@ public struct Sandbox: Sendable {
                 _ = iof_seccomp_deny(context, name, EPERM)  // a name this kernel lacks needs no rule
             }
             _ = iof_seccomp_deny_raw_sockets(context, EPERM)
+            if iof_seccomp_deny_new_namespaces(context, EPERM) != 0 {
+                warnings.append("seccomp cannot refuse new namespaces made with clone")
+            }
             let rc = iof_seccomp_load(context)
             if rc == 0 {
                 seccomp = true
@@ -79,7 +88,10 @@ public struct Sandbox: Sendable {
 
     private func applyLandlock(abi: Int32) throws {
         let all = iof_landlock_fs_rights(abi)
-        let ruleset = iof_landlock_create_ruleset(all)
+        // From ABI 6 the domain also scopes signals and abstract unix sockets: the
+        // worker can signal only itself and its own children, and reach no abstract
+        // socket of another process.
+        let ruleset = abi >= 6 ? iof_landlock_create_scoped_ruleset(all) : iof_landlock_create_ruleset(all)
         try check(ruleset, "landlock_create_ruleset")
         defer { close(ruleset) }
         let read = iof_landlock_read_rights()

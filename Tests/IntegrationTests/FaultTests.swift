@@ -99,6 +99,24 @@ struct FaultTests {
         #expect(!FileManager.default.fileExists(atPath: outside))
     }
 
+    @Test func aFilterCannotMakeDevicesSignalOutsideItsWorkerOrMakeNamespaces() throws {
+        let test = try Harness.buildTestPlugin("tf-escape", in: directory)
+        let disk = image("escape.img", size: 4 << 20)
+        for (behaviour, refusals) in [
+            ("mknod-on-open", ["mknod refused: Operation not permitted"]),
+            ("signal-parent-on-open", ["signal to the parent refused: Operation not permitted"]),
+            ("namespace-on-open", ["new namespace refused: Operation not permitted", "unshare refused: Operation not permitted"]),
+        ] {
+            let served = try ServedDisk([disk, "--filter", "\(test):behaviour=\(behaviour)",
+                                         "--socket", directory.appendingPathComponent("\(behaviour).sock").path])
+            defer { served.stop() }
+            for refusal in refusals { #expect(served.waitForLog(refusal), "\(behaviour): \(refusal)") }
+            // The disk is still served: the filter only lost the attempt.
+            #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        }
+        #expect(!FileManager.default.fileExists(atPath: "\(disk).iofilter/escape.img/org.test.filter/device"))
+    }
+
     @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
         let test = try Harness.buildTestPlugin("tf", in: directory)
         let disk = image("hang.img", size: 4 << 20)

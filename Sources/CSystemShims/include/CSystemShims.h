@@ -25,6 +25,9 @@ uint64_t iof_landlock_read_rights(void);    /* read files, read dirs            
 uint64_t iof_landlock_execute_right(void);  /* execute (mmap PROT_EXEC of .so)      */
 /* Returns a ruleset fd, or -errno. */
 int iof_landlock_create_ruleset(uint64_t handled_fs);
+/* The same, also scoping signals and abstract unix sockets to the domain (ABI >= 6):
+ * the process may signal and connect to nothing outside its own sandbox. */
+int iof_landlock_create_scoped_ruleset(uint64_t handled_fs);
 /* Allows `rights` beneath `path` (or on the file). -errno on failure. */
 int iof_landlock_allow_path(int ruleset_fd, const char *path, uint64_t rights);
 int iof_landlock_restrict_self(int ruleset_fd);
@@ -33,6 +36,9 @@ int iof_landlock_restrict_self(int ruleset_fd);
 void *iof_seccomp_new(void);
 /* Makes syscall `name` fail with `err`; -ENOENT-like result if the name is unknown here. */
 int iof_seccomp_deny(void *ctx, const char *name, int err);
+/* Refuses clone with any CLONE_NEW* flag (and clone3, whose flags a filter cannot see,
+ * with ENOSYS so that the C library falls back to clone). */
+int iof_seccomp_deny_new_namespaces(void *ctx, int err);
 /* Refuses socket(AF_PACKET, …) and socket(…, SOCK_RAW, …). */
 int iof_seccomp_deny_raw_sockets(void *ctx, int err);
 int iof_seccomp_load(void *ctx);

@@ -20,6 +20,9 @@
  *   fail-writes     fail every write with ENOSPC
  *   open-outside    in open, try to create `marker` (outside the sandbox's paths), log the errno
  *   refuse-open     fail open with EACCES (a worker that cannot start)
+ *   mknod-on-open   in open, try to make a character device in the sidecar, log the errno
+ *   signal-parent-on-open  in open, send SIGWINCH to the parent (the supervisor), log the errno
+ *   namespace-on-open      in open, try clone(CLONE_NEWUSER|CLONE_NEWNET) and unshare, log
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
@@ -34,6 +37,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef PLUGIN_NAME
@@ -71,7 +79,8 @@ __attribute__((constructor)) static void crash_on_load(void)
 }
 #endif
 
-enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH };
+enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
+                 MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -158,16 +167,52 @@ static int tf_attach(iof_host_disk *disk, const struct iof_disk_info *info)
 
 static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void **out)
 {
-    (void)info;
     struct instance *inst = calloc(1, sizeof *inst);
     inst->disk = disk;
     const char *b = host->param(disk, "behaviour");
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
-                                        "refuse-attach"};
-    for (int i = 0; b && i < 9; i++)
+                                        "refuse-attach", "mknod-on-open", "signal-parent-on-open",
+                                        "namespace-on-open"};
+    for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
+    char line[256];
+    if (inst->behaviour == MKNOD_ON_OPEN) {
+        /* A character device like /dev/null: with it, a filter would reach hardware. */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/device", info->sidecar_dir);
+        if (mknod(path, S_IFCHR | 0600, makedev(1, 3)) == 0)
+            snprintf(line, sizeof line, "mknod succeeded");
+        else
+            snprintf(line, sizeof line, "mknod refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == SIGNAL_PARENT_ON_OPEN) {
+        /* SIGWINCH: harmless if it ever arrived (ignored by default). */
+        if (kill(getppid(), SIGWINCH) == 0)
+            snprintf(line, sizeof line, "signal to the parent delivered");
+        else
+            snprintf(line, sizeof line, "signal to the parent refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == NAMESPACE_ON_OPEN) {
+        long child = syscall(SYS_clone, (unsigned long)(CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD), NULL, NULL, NULL, NULL);
+        if (child == 0)
+            _exit(0);
+        if (child > 0) {
+            waitpid((pid_t)child, NULL, 0);
+            snprintf(line, sizeof line, "new namespace made");
+        } else {
+            snprintf(line, sizeof line, "new namespace refused: %s", strerror(errno));
+        }
+        host->log(disk, IOF_LOG_WARNING, line);
+        if (unshare(CLONE_NEWNET) == 0)
+            snprintf(line, sizeof line, "unshare succeeded");
+        else
+            snprintf(line, sizeof line, "unshare refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
     if (inst->behaviour == REFUSE_OPEN) {
         free(inst);
         return EACCES;
@@ -255,7 +300,8 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
-                                         "refuse-attach", NULL};
+                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
+                                         "namespace-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
