@@ -195,3 +195,12 @@ int iof_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errn
 static _Thread_local void *iof_thread_value;
 void *iof_thread_local_get(void) { return iof_thread_value; }
 void iof_thread_local_set(void *value) { iof_thread_value = value; }
+
+int iof_memfd(const char *name)
+{
+    long fd = syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+void iof_store_u64(volatile uint64_t *where, uint64_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }
+uint64_t iof_load_u64(volatile uint64_t *where) { return __atomic_load_n(where, __ATOMIC_ACQUIRE); }

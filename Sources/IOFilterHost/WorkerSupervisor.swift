@@ -26,6 +26,13 @@ public final class WorkerSupervisor: @unchecked Sendable {
     private var restartCount = 0
     private var readyGeneration = 0
 
+    /// A worker whose heartbeat is older than this is killed (and restarted): it is
+    /// frozen or deadlocked, or a filter stopped the thread that beats. By default the
+    /// watchdog's limit, at least 2 s; 0 turns the check off.
+    public var heartbeatTimeout: Double
+    /// The current worker's heartbeat page.
+    private var heartbeat: Heartbeat?
+
     public var minimumBackoff = 0.1
     public var maximumBackoff = 10.0
     /// A worker that ran this long resets the backoff.
@@ -38,10 +45,12 @@ public final class WorkerSupervisor: @unchecked Sendable {
         var configuration = configuration
         for index in configuration.disks.indices { configuration.disks[index].listenFD = Int32(3 + index) }
         configuration.controlFD = Int32(3 + configuration.disks.count)
+        configuration.heartbeatFD = Int32(4 + configuration.disks.count)
         self.configuration = configuration
         self.listenFDs = listenFDs
         self.workerPath = workerPath
         self.readyTimeout = readyTimeout
+        heartbeatTimeout = configuration.watchdogSeconds > 0 ? max(configuration.watchdogSeconds, 2) : 0
         var logger = logger
         logger[metadataKey: "vm"] = "\(configuration.vmName)"
         self.logger = logger
@@ -130,7 +139,9 @@ public final class WorkerSupervisor: @unchecked Sendable {
             throw SystemError("socketpair")
         }
         defer { close(pair[1]) }
-        let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) } + [(pair[1], configuration.controlFD!)]
+        let beat = try Heartbeat()
+        let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
+            + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!)]
         let process: ChildProcess
         do {
             process = try ChildProcess(
@@ -143,6 +154,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         let ready = WaitForLine(process: process)
         let outcome = ready.wait(timeout: readyTimeout)
         lock.withLock {
+            heartbeat = beat
             if controlFD >= 0 { close(controlFD) }
             controlFD = pair[0]
             if outcome.ready {
@@ -194,7 +206,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         var backoff = minimumBackoff
         while true {
             let startedAt = monotonicNanoseconds()
-            let status = process.wait() ?? -1
+            let status = waitWatchingHeartbeat(process)
             if lock.withLock({ stopping }) {
                 logger.info("worker \(process.pid) stopped: \(ChildProcess.describe(status: status))")
                 return
@@ -224,6 +236,25 @@ public final class WorkerSupervisor: @unchecked Sendable {
                     logger.error("cannot restart the worker: \(error); retrying in \(backoff)s")
                 }
             }
+        }
+    }
+}
+
+extension WorkerSupervisor {
+    /// Waits for the worker to exit, killing it if its heartbeat stops.
+    private func waitWatchingHeartbeat(_ process: ChildProcess) -> Int32 {
+        let beat = lock.withLock { heartbeat }
+        guard heartbeatTimeout > 0, let beat else { return process.wait() ?? -1 }
+        let limit = UInt64(heartbeatTimeout * 1e9)
+        let check = min(max(heartbeatTimeout / 4, 0.1), 1)
+        while true {
+            if let status = process.wait(timeout: check) { return status }
+            let last = beat.lastBeat, now = monotonicNanoseconds()
+            guard last > 0, now > last, now - last > limit, !lock.withLock({ stopping }) else { continue }
+            logger.critical(
+                "worker \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a filter); killing it")
+            process.signal(SIGKILL)
+            return process.wait() ?? -1
         }
     }
 }
@@ -283,6 +314,7 @@ public enum MaintenanceWorker {
         precondition(configuration.task != .serve)
         var configuration = configuration
         configuration.controlFD = nil
+        configuration.heartbeatFD = nil
         for index in configuration.disks.indices { configuration.disks[index].listenFD = -1 }
         guard let input = try? JSONEncoder().encode(configuration) else { throw SupervisorError(message: "cannot encode the configuration") }
         let process: ChildProcess

@@ -56,6 +56,10 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var controlFD: Int32?
     /// What the worker does once its disks are open.
     public var task: WorkerTask
+    /// The fd number, in the worker, of a page of memory it shares with its supervisor:
+    /// the worker writes the time there every 250 ms, and a supervisor that sees it
+    /// stop kills the worker (nil: no supervisor watches).
+    public var heartbeatFD: Int32?
     /// Clients served at once per disk (nil: the default, 16).
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 10).

@@ -138,6 +138,7 @@ case "serve" where arguments.count == 1:
     let signals = TerminationSignals.block()
 
     let listenFDs = configuration.disks.map(\.listenFD) + (configuration.controlFD.map { [$0] } ?? [])
+        + (configuration.heartbeatFD.map { [$0] } ?? [])
     if configuration.sandbox {
         var readWrite = [configuration.stateDirectory]
         var readExecute: [String] = []
@@ -201,6 +202,10 @@ case "serve" where arguments.count == 1:
     }
     if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime) }
     runtime.startWatchdog()
+    // The supervisor's watch, which a filter cannot switch off from in here: if this
+    // beat stops (the process frozen, deadlocked, its threads stopped), it kills us.
+    let heartbeat = configuration.heartbeatFD.flatMap { try? Heartbeat(inherited: $0) }
+    heartbeat?.startBeating()
     FileHandle.standardOutput.write(Data("READY\n".utf8))
     let received = signals.wait()
     // In order: no new clients, every connection answers what it accepted and ends,
@@ -208,6 +213,7 @@ case "serve" where arguments.count == 1:
     logger.info("signal \(received): finishing requests, then closing filters and disks")
     for server in servers { server.stop() }
     runtime.shutdown()
+    withExtendedLifetime(heartbeat) {}
     exit(0)
 
 default:

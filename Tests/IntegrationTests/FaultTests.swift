@@ -117,6 +117,28 @@ struct FaultTests {
         #expect(!FileManager.default.fileExists(atPath: "\(disk).iofilter/escape.img/org.test.filter/device"))
     }
 
+    @Test func theSupervisorKillsAWorkerWhoseFilterFrozeIt() throws {
+        // The worker's own watchdog cannot help: the filter stopped every thread of the
+        // worker. The supervisor sees the heartbeat stop from outside.
+        let test = try Harness.buildTestPlugin("tf-freeze", in: directory)
+        let disk = image("freeze.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=freeze-on-read", "--watchdog", "2",
+                                     "--socket", directory.appendingPathComponent("freeze.sock").path])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        let started = Date()
+        let frozen = try Harness.run(qemuIO, ["-f", "raw", "-c", "read 2M 4096", served.uri], timeout: 60)
+        #expect(frozen.status != 0 || !frozen.stdout.contains("read 4096/4096"), "the client got an error, not a hang")
+        #expect(Date().timeIntervalSince(started) < 20)
+        let replacement = try served.waitForNewWorker(replacing: worker)
+        #expect(served.log.contains("worker \(worker) has not beaten for"))
+        #expect(kill(worker, 0) != 0, "the frozen worker is gone")
+        // The new worker serves the same socket.
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        #expect(replacement != worker)
+    }
+
     @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
         let test = try Harness.buildTestPlugin("tf", in: directory)
         let disk = image("hang.img", size: 4 << 20)

@@ -59,6 +59,12 @@ int iof_accept_cloexec(int fd);
 /* The calling thread's kernel id. */
 pid_t iof_gettid(void);
 
+/* An anonymous shared-memory file (memfd_create, close-on-exec): fd or -errno. */
+int iof_memfd(const char *name);
+/* Atomic 64-bit store (release) and load (acquire) on memory shared between processes. */
+void iof_store_u64(volatile uint64_t *where, uint64_t value);
+uint64_t iof_load_u64(volatile uint64_t *where);
+
 /* One pointer that belongs to the calling thread (the chain engine keeps the resumes a
  * serialized filter issues from inside its own callback there). */
 void *iof_thread_local_get(void);

@@ -23,6 +23,7 @@
  *   mknod-on-open   in open, try to make a character device in the sidecar, log the errno
  *   signal-parent-on-open  in open, send SIGWINCH to the parent (the supervisor), log the errno
  *   namespace-on-open      in open, try clone(CLONE_NEWUSER|CLONE_NEWNET) and unshare, log
+ *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
@@ -80,7 +81,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 #endif
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
-                 MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN };
+                 MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ };
 
 static const struct iof_host_services *host;
 
@@ -173,7 +174,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                        "namespace-on-open"};
+                                        "namespace-on-open", "freeze-on-read"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -261,6 +262,11 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
         if (req->op == IOF_OP_WRITE)
             *null_pointer() = 1;
         return IOF_PASS;
+    case FREEZE_ON_READ:
+        /* Stops the whole worker, its watchdog thread included. */
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
+            raise(SIGSTOP);
+        return IOF_PASS;
     case HANG_ON_READ:
         if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
             for (;;)
@@ -301,7 +307,7 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                         "namespace-on-open", NULL};
+                                         "namespace-on-open", "freeze-on-read", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
