@@ -155,28 +155,38 @@ public final class NBDBackend: StorageBackend {
         op == IOF_OP_READ || op == IOF_OP_WRITE ? UInt64(NBDProtocol.maxPayload) : 1 << 30
     }
 
-    public func submit(_ request: ChainRequest) {
-        let io = request.io.pointee
-        if io.length > Self.pieceLimit(io.op) {
-            return submitInPieces(request)
-        }
+    /// What an NBD server is asked for a request: a command and its flags, or nothing
+    /// at all (a flush or trim the server does not offer succeeds as a no-op, an op
+    /// NBD lacks fails).
+    private enum Translation {
+        case send(NBDProtocol.Command, NBDProtocol.CommandFlags)
+        case finish(error: Int32)
+    }
+
+    private func translate(_ io: iof_request) -> Translation {
         var flags: NBDProtocol.CommandFlags = []
         if io.flags & UInt32(IOF_REQ_FUA) != 0 && client.canFUA { flags.insert(.fua) }
-        let command: NBDProtocol.Command
         switch io.op {
-        case IOF_OP_READ: command = .read
-        case IOF_OP_WRITE: command = .write
-        case IOF_OP_FLUSH:
-            guard client.canFlush else { return request.backendDidComplete(error: 0) }
-            command = .flush
-        case IOF_OP_TRIM:
-            guard client.canTrim else { return request.backendDidComplete(error: 0) }
-            command = .trim
+        case IOF_OP_READ: return .send(.read, [])
+        case IOF_OP_WRITE: return .send(.write, flags)
+        case IOF_OP_FLUSH: return client.canFlush ? .send(.flush, []) : .finish(error: 0)
+        case IOF_OP_TRIM: return client.canTrim ? .send(.trim, flags) : .finish(error: 0)
         case IOF_OP_WRITE_ZEROES:
             if io.flags & UInt32(IOF_REQ_NO_HOLE) != 0 { flags.insert(.noHole) }
-            command = .writeZeroes
-        default:
-            return request.backendDidComplete(error: EINVAL)
+            return .send(.writeZeroes, flags)
+        default: return .finish(error: EINVAL)
+        }
+    }
+
+    public func submit(_ request: ChainRequest) {
+        let io = request.io.pointee
+        let command: NBDProtocol.Command, flags: NBDProtocol.CommandFlags
+        switch translate(io) {
+        case .finish(let error): return request.backendDidComplete(error: error)
+        case .send(let translated, let translatedFlags): (command, flags) = (translated, translatedFlags)
+        }
+        if io.length > Self.pieceLimit(io.op) {
+            return submitInPieces(request, command, flags)
         }
         if io.flags & UInt32(IOF_REQ_FUA) != 0 && !client.canFUA && command != .read {
             // The server cannot do FUA: follow the write with a flush.
@@ -195,23 +205,13 @@ public final class NBDBackend: StorageBackend {
     /// A request larger than one NBD request may be (a filter's own submit_below of a
     /// whole region, say) goes as several, and completes when all have, with the first
     /// error any of them met.
-    private func submitInPieces(_ request: ChainRequest) {
+    private func submitInPieces(_ request: ChainRequest, _ command: NBDProtocol.Command, _ flags: NBDProtocol.CommandFlags) {
         let io = request.io.pointee
         let limit = Self.pieceLimit(io.op)
         let pieces = Int((io.length + limit - 1) / limit)
-        let gather = Gather(request: request, count: pieces, flushAfter: io.flags & UInt32(IOF_REQ_FUA) != 0 && client.canFlush)
-        let command: NBDProtocol.Command
-        var flags: NBDProtocol.CommandFlags = []
-        switch io.op {
-        case IOF_OP_READ: command = .read
-        case IOF_OP_WRITE: command = .write
-        case IOF_OP_TRIM:
-            guard client.canTrim else { return request.backendDidComplete(error: 0) }
-            command = .trim
-        default:
-            if io.flags & UInt32(IOF_REQ_NO_HOLE) != 0 { flags.insert(.noHole) }
-            command = .writeZeroes
-        }
+        // Without FUA on the server, one flush after every piece has landed.
+        let flushAfter = io.flags & UInt32(IOF_REQ_FUA) != 0 && !client.canFUA && client.canFlush && command != .read
+        let gather = Gather(request: request, count: pieces, flushAfter: flushAfter)
         var offset: UInt64 = 0
         while offset < io.length {
             let length = min(limit, io.length - offset)

@@ -108,16 +108,24 @@ public enum FileDescriptorIO {
                 if errno == EINTR { continue }
                 throw SystemError("writev")
             }
-            var left = n
-            while first < count && left >= vectors[first].iov_len {
-                left -= vectors[first].iov_len
-                first += 1
-            }
-            if left > 0 {
-                vectors[first].iov_base = vectors[first].iov_base + left
-                vectors[first].iov_len -= left
-            }
+            first = advance(vectors, count: count, from: first, by: n)
         }
+    }
+
+    /// Moves past `written` bytes of `vectors` from index `first`: whole vectors are
+    /// skipped, a partly written one is trimmed in place. Returns the new first index.
+    private static func advance(_ vectors: UnsafeMutablePointer<iovec>, count: Int, from first: Int, by written: Int) -> Int {
+        var first = first
+        var left = written
+        while first < count && left >= vectors[first].iov_len {
+            left -= vectors[first].iov_len
+            first += 1
+        }
+        if left > 0 {
+            vectors[first].iov_base = vectors[first].iov_base + left
+            vectors[first].iov_len -= left
+        }
+        return first
     }
 
     /// Writes as much of `vectors` as the socket takes without blocking, advancing
@@ -126,25 +134,20 @@ public enum FileDescriptorIO {
     public static func sendWithoutBlocking(_ fd: Int32, vectors: UnsafeMutablePointer<iovec>, count: Int) throws(SystemError) -> Int {
         var first = 0
         while first < count {
+            let window = min(count - first, 1024 /* IOV_MAX */)
+            var offered = 0
+            for index in first..<(first + window) { offered += vectors[index].iov_len }
             var message = msghdr()
             message.msg_iov = vectors + first
-            message.msg_iovlen = min(count - first, 1024 /* IOV_MAX */)
+            message.msg_iovlen = window
             let n = sendmsg(fd, &message, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
             if n < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOTSOCK { return first }
                 throw SystemError("sendmsg")
             }
-            var left = n
-            while first < count && left >= vectors[first].iov_len {
-                left -= vectors[first].iov_len
-                first += 1
-            }
-            if left > 0 {
-                vectors[first].iov_base = vectors[first].iov_base + left
-                vectors[first].iov_len -= left
-                return first  // the socket buffer is full
-            }
+            first = advance(vectors, count: count, from: first, by: n)
+            if n < offered { return first }  // the socket buffer is full
         }
         return first
     }

@@ -1,5 +1,16 @@
-# Shared by the benchmark scripts: build, scratch space, servers, fio runs.
+# Shared by the benchmark scripts: options, build, scratch space, servers, fio runs.
+# A script sets its defaults (runtime, rounds, size) and then sources this file, which
+# reads the script's own command line.
 set -euo pipefail
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runtime) runtime=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --size) size=$2; shift 2 ;;
+        --quick) runtime=3; rounds=1; size=256M; shift ;;
+        *) echo "usage: $0 [--runtime SECONDS] [--rounds N] [--size SIZE] [--quick]" >&2; exit 64 ;;
+    esac
+done
 cd "$(dirname "$0")/../.."
 sh scripts/install-dependencies.sh
 swift build -c release >&2

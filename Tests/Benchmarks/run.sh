@@ -11,15 +11,6 @@
 runtime=5
 rounds=3
 size=1G
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --runtime) runtime=$2; shift 2 ;;
-        --rounds) rounds=$2; shift 2 ;;
-        --size) size=$2; shift 2 ;;
-        --quick) runtime=3; rounds=1; size=256M; shift ;;
-        *) echo "usage: $0 [--runtime S] [--rounds N] [--size SIZE] [--quick]" >&2; exit 64 ;;
-    esac
-done
 . "$(dirname "$0")/lib.sh"
 
 disk=$work/disk.img

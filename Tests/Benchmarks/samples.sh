@@ -11,14 +11,6 @@
 #   Tests/Benchmarks/samples.sh [--runtime SECONDS] [--rounds N] [--quick]
 runtime=10
 rounds=3
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --runtime) runtime=$2; shift 2 ;;
-        --rounds) rounds=$2; shift 2 ;;
-        --quick) runtime=3; rounds=1; shift ;;
-        *) echo "usage: $0 [--runtime S] [--rounds N] [--quick]" >&2; exit 64 ;;
-    esac
-done
 . "$(dirname "$0")/lib.sh"
 hot=64M
 cache=$bin/libiofilter-cache.so
