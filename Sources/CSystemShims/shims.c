@@ -168,6 +168,42 @@ int iof_seccomp_deny_new_namespaces(void *ctx, int err)
     return 0;
 }
 
+int iof_seccomp_deny_new_processes(void *ctx, int err)
+{
+    /* A clone without CLONE_THREAD makes a process (fork, vfork, posix_spawn); threads
+     * always carry the flag. */
+    int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(clone), 1,
+                              SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0));
+    if (rc < 0)
+        return rc;
+    const char *names[] = {"fork", "vfork"};
+    for (size_t i = 0; i < 2; i++) {
+        int nr = seccomp_syscall_resolve_name(names[i]);
+        if (nr != __NR_SCMP_ERROR && (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), nr, 0)) < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int iof_seccomp_pin_fd(void *ctx, int fd, int err)
+{
+    int rc;
+    if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(close), 1, SCMP_A0(SCMP_CMP_EQ, (uint64_t)fd))) < 0)
+        return rc;
+    if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(shutdown), 1, SCMP_A0(SCMP_CMP_EQ, (uint64_t)fd))) < 0)
+        return rc;
+    if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(dup2), 1, SCMP_A1(SCMP_CMP_EQ, (uint64_t)fd))) < 0)
+        return rc;
+    if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(dup3), 1, SCMP_A1(SCMP_CMP_EQ, (uint64_t)fd))) < 0)
+        return rc;
+    int close_range = seccomp_syscall_resolve_name("close_range");
+    if (close_range != __NR_SCMP_ERROR)
+        /* close_range over a span that includes the fd: refuse any call whose first fd is
+         * at or below it (the worker itself never calls it once confined). */
+        rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), close_range, 1, SCMP_A0(SCMP_CMP_LE, (uint64_t)fd));
+    return rc < 0 ? rc : 0;
+}
+
 int iof_seccomp_deny_raw_sockets(void *ctx, int err)
 {
     int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(socket), 1,

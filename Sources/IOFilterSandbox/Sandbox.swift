@@ -14,6 +14,9 @@ public struct Sandbox: Sendable {
     public var readExecutePaths: [String] = []
     /// fds below this number stay open; every other inherited fd is closed.
     public var keepFDsBelow: Int32 = 3
+    /// fds the host handed over that must stay as they are (listening sockets): the
+    /// process may not close, shut down or replace them.
+    public var pinnedFDs: [Int32] = []
     /// Address space limit in bytes, or nil for none.
     public var addressSpaceLimit: UInt64?
     public var openFilesLimit: UInt64 = 4096
@@ -72,6 +75,14 @@ public struct Sandbox: Sendable {
             _ = iof_seccomp_deny_raw_sockets(context, EPERM)
             if iof_seccomp_deny_new_namespaces(context, EPERM) != 0 {
                 warnings.append("seccomp cannot refuse new namespaces made with clone")
+            }
+            // A worker is one process: no filter may leave a process behind, fork in a
+            // loop, or signal the world from a child.
+            if iof_seccomp_deny_new_processes(context, EPERM) != 0 {
+                warnings.append("seccomp cannot refuse new processes")
+            }
+            for fd in pinnedFDs where iof_seccomp_pin_fd(context, fd, EPERM) != 0 {
+                warnings.append("seccomp cannot pin fd \(fd)")
             }
             let rc = iof_seccomp_load(context)
             if rc == 0 {

@@ -45,8 +45,9 @@ struct Failure: Encodable {
 }
 struct CallResult: Encodable { let type: String; let value: String }
 
-@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32) {
+@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32, pinned: [Int32] = []) {
     var sandbox = Sandbox()
+    sandbox.pinnedFDs = pinned
     sandbox.readExecutePaths = readExecute
     sandbox.readWritePaths = readWrite
     sandbox.keepFDsBelow = keepFDsBelow
@@ -155,7 +156,8 @@ case "serve" where arguments.count == 1:
             }
         }
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
-        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1)
+        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1,
+                pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 })
     }
     guard chdir(configuration.stateDirectory) == 0 else {
         logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")

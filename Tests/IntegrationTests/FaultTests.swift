@@ -99,13 +99,19 @@ struct FaultTests {
         #expect(!FileManager.default.fileExists(atPath: outside))
     }
 
-    @Test func aFilterCannotMakeDevicesSignalOutsideItsWorkerOrMakeNamespaces() throws {
+    @Test func aFilterCannotMakeDevicesProcessesOrNamespacesSignalOutOrBreakItsSockets() throws {
         let test = try Harness.buildTestPlugin("tf-escape", in: directory)
         let disk = image("escape.img", size: 4 << 20)
         for (behaviour, refusals) in [
             ("mknod-on-open", ["mknod refused: Operation not permitted"]),
             ("signal-parent-on-open", ["signal to the parent refused: Operation not permitted"]),
             ("namespace-on-open", ["new namespace refused: Operation not permitted", "unshare refused: Operation not permitted"]),
+            ("fork-on-open", ["fork refused: Operation not permitted"]),
+            ("break-listener-on-open", [
+                "shutdown of the listening socket refused: Operation not permitted",
+                "dup2 of the listening socket refused: Operation not permitted",
+                "close of the listening socket refused: Operation not permitted",
+            ]),
         ] {
             let served = try ServedDisk([disk, "--filter", "\(test):behaviour=\(behaviour)",
                                          "--socket", directory.appendingPathComponent("\(behaviour).sock").path])

@@ -39,6 +39,11 @@ int iof_seccomp_deny(void *ctx, const char *name, int err);
 /* Refuses clone with any CLONE_NEW* flag (and clone3, whose flags a filter cannot see,
  * with ENOSYS so that the C library falls back to clone). */
 int iof_seccomp_deny_new_namespaces(void *ctx, int err);
+/* Refuses making processes: clone without CLONE_THREAD, fork, vfork. */
+int iof_seccomp_deny_new_processes(void *ctx, int err);
+/* Refuses close, shutdown and close_range of `fd`, and dup2/dup3 onto it: an fd the
+ * host handed over (a listening socket) stays as it was given. */
+int iof_seccomp_pin_fd(void *ctx, int fd, int err);
 /* Refuses socket(AF_PACKET, …) and socket(…, SOCK_RAW, …). */
 int iof_seccomp_deny_raw_sockets(void *ctx, int err);
 int iof_seccomp_load(void *ctx);

@@ -23,6 +23,9 @@
  *   mknod-on-open   in open, try to make a character device in the sidecar, log the errno
  *   signal-parent-on-open  in open, send SIGWINCH to the parent (the supervisor), log the errno
  *   namespace-on-open      in open, try clone(CLONE_NEWUSER|CLONE_NEWNET) and unshare, log
+ *   fork-on-open    in open, try to fork a child that would linger, log the errno
+ *   break-listener-on-open  in open, shut down, replace and close fd 3 (the listening
+ *                   socket), log each errno
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -39,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -81,7 +85,8 @@ __attribute__((constructor)) static void crash_on_load(void)
 #endif
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
-                 MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ };
+                 MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
+                 BREAK_LISTENER_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -174,7 +179,8 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                        "namespace-on-open", "freeze-on-read"};
+                                        "namespace-on-open", "freeze-on-read", "fork-on-open",
+                                        "break-listener-on-open"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -213,6 +219,37 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
         else
             snprintf(line, sizeof line, "unshare refused: %s", strerror(errno));
         host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == FORK_ON_OPEN) {
+        /* A child would outlive the worker, fork in a loop, or signal from elsewhere. */
+        pid_t child = fork();
+        if (child == 0) {
+            for (;;)
+                pause();
+        }
+        if (child > 0) {
+            kill(child, SIGKILL);
+            waitpid(child, NULL, 0);
+            snprintf(line, sizeof line, "fork succeeded");
+        } else {
+            snprintf(line, sizeof line, "fork refused: %s", strerror(errno));
+        }
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == BREAK_LISTENER_ON_OPEN) {
+        /* fd 3 is the first listening socket the host hands a worker. */
+        const char *what[] = {"shutdown", "dup2", "close"};
+        int rc[3];
+        rc[0] = shutdown(3, SHUT_RDWR) == 0 ? 0 : errno;
+        rc[1] = dup2(0, 3) >= 0 ? 0 : errno;
+        rc[2] = close(3) == 0 ? 0 : errno;
+        for (int i = 0; i < 3; i++) {
+            if (rc[i] == 0)
+                snprintf(line, sizeof line, "%s of the listening socket succeeded", what[i]);
+            else
+                snprintf(line, sizeof line, "%s of the listening socket refused: %s", what[i], strerror(rc[i]));
+            host->log(disk, IOF_LOG_WARNING, line);
+        }
     }
     if (inst->behaviour == REFUSE_OPEN) {
         free(inst);
@@ -307,7 +344,8 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                         "namespace-on-open", "freeze-on-read", NULL};
+                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
+                                         "break-listener-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
