@@ -19,6 +19,8 @@ public final class HostController: @unchecked Sendable {
     public let stateDirectory: String
     public let logLevel: String
     public var watchdogSeconds: Double = 30
+    /// Each worker's memory limit (nil: the worker's default).
+    public var workerMemoryLimit: UInt64?
     let store: StateStore
     let logger: Logger
     private let operationLock = ConditionLock()
@@ -162,13 +164,15 @@ public final class HostController: @unchecked Sendable {
     func workerConfiguration(
         name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve
     ) -> WorkerConfiguration {
-        WorkerConfiguration(
+        var configuration = WorkerConfiguration(
             vmName: name, stateDirectory: directory,
             disks: disks.map {
                 DiskConfiguration(name: $0.row.name, backend: .file(path: $0.row.path), readOnly: $0.readOnly || $0.row.readOnly,
                                   filters: $0.filters, listenFD: -1, stateDirectory: diskStateDirectory($0.row.name))
             },
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
+        configuration.memoryLimit = workerMemoryLimit
+        return configuration
     }
 
     /// Starts a supervised worker serving `disks`, one unix socket each in

@@ -60,6 +60,13 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// the worker writes the time there every 250 ms, and a supervisor that sees it
     /// stop kills the worker (nil: no supervisor watches).
     public var heartbeatFD: Int32?
+    /// The most memory (address space, in bytes) the worker may map; nil: the default,
+    /// `WorkerConfiguration.defaultMemoryLimit`. A filter that allocates past it gets
+    /// allocation failures (and its worker, if it crashes on them, is restarted alone).
+    public var memoryLimit: UInt64?
+    /// 8 GiB: room for the Swift runtime, the C library's per-thread arenas, connection
+    /// threads and the samples' largest journals, far below what would hurt a host.
+    public static let defaultMemoryLimit: UInt64 = 8 << 30
     /// Clients served at once per disk (nil: the default, 16).
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 10).

@@ -45,9 +45,11 @@ struct Failure: Encodable {
 }
 struct CallResult: Encodable { let type: String; let value: String }
 
-@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32, pinned: [Int32] = []) {
+@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32, pinned: [Int32] = [],
+                         memoryLimit: UInt64? = nil) {
     var sandbox = Sandbox()
     sandbox.pinnedFDs = pinned
+    sandbox.addressSpaceLimit = memoryLimit
     sandbox.readExecutePaths = readExecute
     sandbox.readWritePaths = readWrite
     sandbox.keepFDsBelow = keepFDsBelow
@@ -157,7 +159,11 @@ case "serve" where arguments.count == 1:
         }
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
         confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1,
-                pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 })
+                pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 },
+                memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit)
+        // cgroup v2 would also count the page cache and kill the worker as a whole; this
+        // host limits each process of the worker by rlimits instead.
+        logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \((configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit) >> 20) MiB")
     }
     guard chdir(configuration.stateDirectory) == 0 else {
         logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")

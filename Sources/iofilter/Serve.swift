@@ -50,6 +50,9 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Kill the worker when a request sits this long in one filter.", valueName: "seconds"))
         var watchdog: Double = 30
 
+        @Option(help: ArgumentHelp("The most memory the worker may map (default 8G); a filter gets allocation failures past it.", valueName: "size"))
+        var memoryLimit: String?
+
         @Option(help: ArgumentHelp("Serve at most this many clients at once; more are turned away.", valueName: "n"))
         var maxConnections: Int = 16
 
@@ -61,6 +64,9 @@ extension IOFilterCommand {
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+            if let memoryLimit, (ParameterSpec.parseSize(memoryLimit) ?? 0) < 256 << 20 {
+                throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
+            }
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
         }
 
@@ -114,6 +120,7 @@ extension IOFilterCommand {
                 logLevel: StandardErrorLogging.level.rawValue)
             configuration.maxConnections = maxConnections
             configuration.handshakeSeconds = handshakeTimeout
+            configuration.memoryLimit = memoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
 

@@ -52,9 +52,15 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("Seconds a request may sit in one filter before its worker is killed.", valueName: "seconds"))
     var watchdog: Double = 30
 
+    @Option(help: ArgumentHelp("The most memory each worker may map (default 8G).", valueName: "size"))
+    var workerMemoryLimit: String?
+
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+        if let workerMemoryLimit, (ParameterSpec.parseSize(workerMemoryLimit) ?? 0) < 256 << 20 {
+            throw ValidationError("--worker-memory-limit '\(workerMemoryLimit)' must be a size of at least 256M")
+        }
     }
 
     static func hostPort(_ text: String) -> (String, UInt16)? {
@@ -82,6 +88,7 @@ struct IOFilterDaemon: ParsableCommand {
         let signals = TerminationSignals.block()
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
         controller.watchdogSeconds = watchdog
+        controller.workerMemoryLimit = workerMemoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.

@@ -145,6 +145,25 @@ struct FaultTests {
         #expect(replacement != worker)
     }
 
+    @Test func aFilterThatAllocatesWithoutBoundMeetsTheWorkersMemoryLimit() throws {
+        let test = try Harness.buildTestPlugin("tf-greedy", in: directory)
+        let disk = image("greedy.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=allocate-on-read", "--memory-limit", "1G",
+                                     "--socket", directory.appendingPathComponent("greedy.sock").path])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        #expect(served.waitForLog("its memory is limited by RLIMIT_AS to 1024 MiB"))
+        let greedy = try Harness.run(qemuIO, ["-f", "raw", "-c", "read 2M 4096", served.uri], timeout: 60)
+        #expect(greedy.status != 0 || !greedy.stdout.contains("read 4096/4096"), "the greedy read failed")
+        #expect(served.waitForLog("allocation refused after"))
+        let refusal = served.log.split(separator: "\n").first { $0.contains("allocation refused after") }.map(String.init) ?? ""
+        let megabytes = Int(refusal.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
+        #expect(megabytes < 1024, "\(refusal)")
+        // The worker lived through it and serves the rest of the disk.
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        #expect(served.workerPID == worker)
+    }
+
     @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
         let test = try Harness.buildTestPlugin("tf", in: directory)
         let disk = image("hang.img", size: 4 << 20)

@@ -26,6 +26,8 @@
  *   fork-on-open    in open, try to fork a child that would linger, log the errno
  *   break-listener-on-open  in open, shut down, replace and close fd 3 (the listening
  *                   socket), log each errno
+ *   allocate-on-read  on reads past the first MiB, allocate (at most 4 GiB) until refused,
+ *                   log how much, free it and fail the read with ENOMEM
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -86,7 +88,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
-                 BREAK_LISTENER_ON_OPEN };
+                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ };
 
 static const struct iof_host_services *host;
 
@@ -180,7 +182,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                        "break-listener-on-open"};
+                                        "break-listener-on-open", "allocate-on-read"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -299,6 +301,29 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
         if (req->op == IOF_OP_WRITE)
             *null_pointer() = 1;
         return IOF_PASS;
+    case ALLOCATE_ON_READ:
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
+            /* Allocates and touches 64 MiB at a time until refused. Bounded at 4 GiB so
+             * that a host whose limit failed cannot be hurt by this test. */
+            enum { chunk = 64 << 20, most = 64 };
+            void *chunks[most];
+            int count = 0;
+            while (count < most && (chunks[count] = malloc(chunk)) != NULL) {
+                memset(chunks[count], 0x5a, chunk);
+                count++;
+            }
+            char line[128];
+            if (count < most)
+                snprintf(line, sizeof line, "allocation refused after %d MiB", count * 64);
+            else
+                snprintf(line, sizeof line, "allocation never refused (%d MiB)", count * 64);
+            host->log(NULL, IOF_LOG_WARNING, line);
+            while (count > 0)
+                free(chunks[--count]);
+            req->error = ENOMEM;
+            return IOF_FAIL;
+        }
+        return IOF_PASS;
     case FREEZE_ON_READ:
         /* Stops the whole worker, its watchdog thread included. */
         if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
@@ -345,7 +370,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                          "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                         "break-listener-on-open", NULL};
+                                         "break-listener-on-open", "allocate-on-read", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
