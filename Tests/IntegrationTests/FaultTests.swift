@@ -164,6 +164,34 @@ struct FaultTests {
         #expect(served.workerPID == worker)
     }
 
+    @Test func aFilterThatKillsEveryProcessItCanSeeHurtsNothing() throws {
+        // Run inside a pid namespace this test makes (unshare --pid --fork): were
+        // containment to fail, only the processes of that namespace could die.
+        let test = try Harness.buildTestPlugin("tf-killall", in: directory)
+        let disk = image("killall.img", size: 4 << 20)
+        let socket = directory.appendingPathComponent("killall.sock").path
+        let out = directory.appendingPathComponent("killall").path
+        let script = """
+            '\(Harness.iofilter)' serve '\(disk)' --socket '\(socket)' --filter '\(test):behaviour=kill-everything-on-open' \\
+                > '\(out).uri' 2> '\(out).log' &
+            serve=$!
+            for i in $(seq 400); do [ -s '\(out).uri' ] && break; sleep 0.05; done
+            sleep 0.5
+            '\(Harness.tool("qemu-io"))' -f raw -c 'read 0 4096' "$(head -1 '\(out).uri')" || true
+            kill -0 $serve && echo SERVE-ALIVE
+            kill $serve; wait $serve
+            echo SHELL-ALIVE
+            """
+        let result = try Harness.run("/usr/bin/unshare", ["--pid", "--fork", "--kill-child", "--mount-proc", "/bin/sh", "-c", script],
+                                     timeout: 120)
+        let log = (try? String(contentsOfFile: out + ".log", encoding: .utf8)) ?? ""
+        // kill(-1) reports success when it tried any process, even if every one refused:
+        // what counts is that the filter did it and that everything outside its worker lived.
+        #expect(log.contains("kill(-1)"), "\(log)")
+        #expect(result.stdout.contains("read 4096/4096"), "the disk was served: \(result.stdout)")
+        #expect(result.stdout.contains("SERVE-ALIVE") && result.stdout.contains("SHELL-ALIVE"), "\(result.stdout) \(result.stderr)")
+    }
+
     @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
         let test = try Harness.buildTestPlugin("tf", in: directory)
         let disk = image("hang.img", size: 4 << 20)

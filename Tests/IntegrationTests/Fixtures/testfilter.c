@@ -28,6 +28,8 @@
  *                   socket), log each errno
  *   allocate-on-read  on reads past the first MiB, allocate (at most 4 GiB) until refused,
  *                   log how much, free it and fail the read with ENOMEM
+ *   kill-everything-on-open  in open, kill(-1, SIGKILL), log the errno (tests run it only
+ *                   inside a pid namespace of their own)
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -88,7 +90,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
-                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ };
+                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -182,7 +184,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                        "break-listener-on-open", "allocate-on-read"};
+                                        "break-listener-on-open", "allocate-on-read", "kill-everything-on-open"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -252,6 +254,15 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                 snprintf(line, sizeof line, "%s of the listening socket refused: %s", what[i], strerror(rc[i]));
             host->log(disk, IOF_LOG_WARNING, line);
         }
+    }
+    if (inst->behaviour == KILL_EVERYTHING_ON_OPEN) {
+        /* Every process this one may signal. Only ever run inside a pid namespace a test
+         * made: if containment failed, it would end every process it can see. */
+        if (kill(-1, SIGKILL) == 0)
+            snprintf(line, sizeof line, "kill(-1) returned 0");
+        else
+            snprintf(line, sizeof line, "kill(-1) failed: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
     }
     if (inst->behaviour == REFUSE_OPEN) {
         free(inst);
@@ -370,7 +381,8 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                          "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                         "break-listener-on-open", "allocate-on-read", NULL};
+                                         "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
+                                         NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
