@@ -302,12 +302,37 @@ public struct OfflineSession: Codable, Sendable {
     }
 }
 
+/// What a VM's worker may use; nil fields take the host's defaults.
+public struct VMLimits: Codable, Sendable, Equatable {
+    /// Bytes of memory the worker may map (at least 256 MiB).
+    public var memoryLimit: UInt64?
+    /// NBD clients served at once per disk (1 to 1024).
+    public var maxConnections: Int?
+
+    public init(memoryLimit: UInt64? = nil, maxConnections: Int? = nil) {
+        self.memoryLimit = memoryLimit
+        self.maxConnections = maxConnections
+    }
+
+    public static let minimumMemory: UInt64 = 256 << 20
+    public static let connectionRange = 1...1024
+
+    /// Why these limits cannot be used, or nil.
+    public var problem: String? {
+        if let memoryLimit, memoryLimit < Self.minimumMemory { return "memoryLimit must be at least 256 MiB (\(Self.minimumMemory) bytes)" }
+        if let maxConnections, !Self.connectionRange.contains(maxConnections) { return "maxConnections must be in 1...1024" }
+        return nil
+    }
+}
+
 public struct VMCreateRequest: Codable, Sendable {
     public var name: String
     public var disks: [String]
-    public init(name: String, disks: [String]) {
+    public var limits: VMLimits?
+    public init(name: String, disks: [String], limits: VMLimits? = nil) {
         self.name = name
         self.disks = disks
+        self.limits = limits
     }
 }
 
@@ -324,9 +349,12 @@ public struct VMInfo: Codable, Sendable {
     public var filters: [DiskStatistics]
     public var startedAt: String?
     public var createdAt: String
+    /// The limits set for this VM (fields left out take the host's defaults).
+    public var limits: VMLimits?
 
     public init(name: String, disks: [String], state: State, pid: Int32?, restarts: Int, uris: [String: String],
-                filters: [DiskStatistics], startedAt: String?, createdAt: String) {
+                filters: [DiskStatistics], startedAt: String?, createdAt: String, limits: VMLimits? = nil) {
+        self.limits = limits
         self.name = name
         self.disks = disks
         self.state = state

@@ -27,7 +27,7 @@ extension HostController {
         return VMInfo(
             name: row.name, disks: row.disks, state: worker == nil ? .stopped : .running, pid: worker?.supervisor.pid,
             restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: statistics,
-            startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt)
+            startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt, limits: row.limits)
     }
 
     public func listVMs() throws(ControlError) -> [VMInfo] {
@@ -43,6 +43,7 @@ extension HostController {
         try Names.check(request.name, kind: "VM")
         guard !request.disks.isEmpty else { throw .badRequest("a VM needs at least one disk") }
         guard Set(request.disks).count == request.disks.count else { throw .badRequest("a disk is named twice") }
+        if let problem = request.limits?.problem { throw .badRequest(problem) }
         try exclusive {
             try store.write { db in
                 if try VMRow.exists(db, key: request.name) { throw ControlError.conflict("a VM named \(request.name) exists") }
@@ -53,7 +54,8 @@ extension HostController {
                         throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
                     }
                 }
-                try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now())
+                try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now(),
+                          memoryLimit: request.limits?.memoryLimit.map(Int64.init), maxConnections: request.limits?.maxConnections)
                     .insert(db)
                 for name in request.disks {
                     var disk = try diskRow(name, db)
@@ -116,7 +118,8 @@ extension HostController {
             }
             let worker: LiveWorker
             do {
-                worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name))
+                worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name),
+                                    limits: row.limits)
             } catch {
                 for var disk in disks {
                     disk.attachError = "VM \(name) could not start: \(error)"

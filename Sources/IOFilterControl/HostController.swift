@@ -162,7 +162,8 @@ public final class HostController: @unchecked Sendable {
     // MARK: workers
 
     func workerConfiguration(
-        name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve
+        name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve,
+        limits: VMLimits? = nil
     ) -> WorkerConfiguration {
         var configuration = WorkerConfiguration(
             vmName: name, stateDirectory: directory,
@@ -171,14 +172,16 @@ public final class HostController: @unchecked Sendable {
                                   filters: $0.filters, listenFD: -1, stateDirectory: diskStateDirectory($0.row.name))
             },
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
-        configuration.memoryLimit = workerMemoryLimit
+        configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit
+        configuration.maxConnections = limits?.maxConnections
         return configuration
     }
 
     /// Starts a supervised worker serving `disks`, one unix socket each in
     /// `socketDirectory`. A VM's worker works in its VM directory, any other in a
     /// directory of its own.
-    func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String)
+    func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String,
+                limits: VMLimits? = nil)
         throws(ControlError) -> LiveWorker
     {
         do {
@@ -206,7 +209,7 @@ public final class HostController: @unchecked Sendable {
             }
             sockets[disk.row.name] = path
         }
-        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks)
+        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks, limits: limits)
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)

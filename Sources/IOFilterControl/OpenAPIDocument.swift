@@ -125,11 +125,12 @@ enum OpenAPIDocument {
         "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number)],
                                     required: ["plugin", "version", "category", "stats"]),
         "DiskStatistics": .object(["disk": .string, "filters": .array(.ref("FilterStatistics"))], required: ["disk", "filters"]),
-        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name)], required: ["name", "disks"]),
+        "VMLimits": .object(["memoryLimit": .integer, "maxConnections": .integer], required: []),
+        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits")], required: ["name", "disks"]),
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
             "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,
-            "createdAt": .string,
+            "createdAt": .string, "limits": .ref("VMLimits"),
         ], required: ["name", "disks", "state", "restarts", "uris", "filters", "createdAt"]),
     ]
 

@@ -49,6 +49,13 @@ struct VMRow: Codable, FetchableRecord, PersistableRecord {
     var desiredState: String
     var startedAt: String?
     var createdAt: String
+    /// The worker's limits (v2); NULL takes the host's defaults.
+    var memoryLimit: Int64?
+    var maxConnections: Int?
+
+    var limits: VMLimits? {
+        memoryLimit == nil && maxConnections == nil ? nil : VMLimits(memoryLimit: memoryLimit.map(UInt64.init), maxConnections: maxConnections)
+    }
 }
 
 struct EventRow: Codable, FetchableRecord, MutablePersistableRecord {
@@ -115,6 +122,12 @@ final class StateStore: Sendable {
                 t.column("kind", .text).notNull()
                 t.column("subject", .text).notNull()
                 t.column("message", .text).notNull()
+            }
+        }
+        migrator.registerMigration("v2: per-VM worker limits") { db in
+            try db.alter(table: "vm") { t in
+                t.add(column: "memoryLimit", .integer)
+                t.add(column: "maxConnections", .integer)
             }
         }
         return migrator

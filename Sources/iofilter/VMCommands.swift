@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import IOFilterAPI
+import IOFilterModel
 
 struct VMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -21,6 +22,10 @@ struct VMCommand: ParsableCommand {
     static func describe(_ vm: VMInfo) -> String {
         var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
         if let started = vm.startedAt { lines.append("  started: \(started)") }
+        if let limits = vm.limits {
+            let parts = [limits.memoryLimit.map { "memory \($0 >> 20) MiB" }, limits.maxConnections.map { "\($0) connections per disk" }]
+            lines.append("  limits: " + parts.compactMap { $0 }.joined(separator: ", "))
+        }
         for disk in vm.disks {
             lines.append("  disk \(disk)" + (vm.uris[disk].map { ": \($0)" } ?? ""))
             for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
@@ -39,15 +44,28 @@ struct VMCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a VM from existing disks.")
         @Argument(help: "The VM's name.") var name: String
         @Option(name: .customLong("disk"), help: "A disk of the VM; repeat for each.") var disks: [String] = []
+        @Option(help: ArgumentHelp("The most memory its worker may map (default: the host's, 8G).", valueName: "size"))
+        var memoryLimit: String?
+        @Option(help: ArgumentHelp("NBD clients served at once per disk (default 16).", valueName: "n"))
+        var maxConnections: Int?
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
             if disks.isEmpty { throw ValidationError("give at least one --disk") }
+            if let memoryLimit, (ParameterSpec.parseSize(memoryLimit) ?? 0) < Int64(VMLimits.minimumMemory) {
+                throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
+            }
+            if let maxConnections, !VMLimits.connectionRange.contains(maxConnections) {
+                throw ValidationError("--max-connections must be in 1...1024")
+            }
         }
 
         func run() throws {
             try reportingFailures {
-                try daemon.client.run("POST", "/vms", body: VMCreateRequest(name: name, disks: disks), as: VMInfo.self, text: VMCommand.describe)
+                try daemon.client.run("POST", "/vms", body: VMCreateRequest(
+                    name: name, disks: disks,
+                    limits: memoryLimit == nil && maxConnections == nil ? nil : VMLimits(
+                        memoryLimit: memoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init), maxConnections: maxConnections)), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

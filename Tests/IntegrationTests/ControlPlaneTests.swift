@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterPosix
 import Testing
 
 /// iofilterd end to end, through the `iofilter` CLI against a real daemon, real workers,
@@ -61,6 +62,45 @@ struct ControlPlaneTests {
         // The database, the disk, the replica, the journal, the cache and their directories.
         #expect(checked >= 10, "only \(checked) files and directories")
         try daemon.ok(["vm", "stop", "pvm"])
+    }
+
+    @Test func aVMsLimitsReachItsWorker() throws {
+        let daemon = try Daemon(arguments: ["--worker-memory-limit", "2G"])
+        defer { daemon.stop() }
+        try daemon.ok(["disk", "create", "l1", "--size", "8M"])
+        try daemon.ok(["disk", "create", "l2", "--size", "8M"])
+        #expect(try daemon.refused(["vm", "create", "tiny", "--disk", "l1", "--memory-limit", "1M"]).contains("at least 256M"))
+        try daemon.ok(["vm", "create", "limited", "--disk", "l1", "--memory-limit", "1G", "--max-connections", "2"])
+        try daemon.ok(["vm", "create", "plain", "--disk", "l2"])
+        let limited: VMInfo = try daemon.json(["vm", "start", "limited"])
+        let plain: VMInfo = try daemon.json(["vm", "start", "plain"])
+        #expect(limited.limits == VMLimits(memoryLimit: 1 << 30, maxConnections: 2))
+        #expect(try daemon.ok(["vm", "show", "limited"]).contains("limits: memory 1024 MiB, 2 connections per disk"))
+        // The worker runs under its VM's limit; another VM under the host's default.
+        func addressSpace(_ pid: Int32?) -> String? {
+            guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8) else { return nil }
+            return text.split(separator: "\n").first { $0.hasPrefix("Max address space") }
+                .map { $0.split(separator: " ", omittingEmptySubsequences: true)[3...3].joined() }
+        }
+        #expect(addressSpace(limited.pid) == "1073741824")
+        #expect(addressSpace(plain.pid) == "2147483648")
+        // Two clients at once; a third is turned away while they stay.
+        let socket = try #require(limited.uris["l1"]?.components(separatedBy: "socket=").last)
+        let clients = (0..<3).map { _ in try? Sockets.connectUnix(path: socket) }
+        defer { clients.forEach { if let fd = $0 { close(fd) } } }
+        var greeting = [UInt8](repeating: 0, count: 18)
+        for fd in clients.prefix(2) {
+            #expect(fd.map { recv($0, &greeting, 18, Int32(MSG_WAITALL)) } == 18, "an admitted client gets the greeting")
+        }
+        #expect(clients[2].map { recv($0, &greeting, 18, Int32(MSG_WAITALL)) } == 0, "the third client is closed at once")
+        // Limits survive a restart of the host.
+        daemon.stop()
+        try daemon.start()
+        let shown: VMInfo = try daemon.json(["vm", "show", "limited"])
+        #expect(shown.limits?.maxConnections == 2 && shown.state == .running)
+        #expect(addressSpace(shown.pid) == "1073741824")
+        try daemon.ok(["vm", "stop", "limited"])
+        try daemon.ok(["vm", "stop", "plain"])
     }
 
     @Test func aPolicyLifecycleAttachesDetachesAndGuardsWhatIsInUse() throws {
