@@ -5,10 +5,11 @@
 #   libsqlite3-dev  iofilterd's state (GRDB)
 #   pkg-config      finds them for SwiftPM
 #   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
+#   sqlite3         the crash drills check the state database's integrity with it
 # With --tests it also installs schemathesis (from PyPI), which the API tests run
 # against iofilterd's OpenAPI document.
 set -eu
-packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit"
+packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

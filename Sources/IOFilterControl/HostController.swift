@@ -21,6 +21,9 @@ public final class HostController: @unchecked Sendable {
     public var watchdogSeconds: Double = 30
     /// Each worker's memory limit (nil: the worker's default).
     public var workerMemoryLimit: UInt64?
+    /// The longest wait before a crashed worker is restarted (the wait doubles from
+    /// 0.1 s with each crash in a row).
+    public var restartBackoffLimit: Double = 10
     let store: StateStore
     let logger: Logger
     private let operationLock = ConditionLock()
@@ -213,6 +216,7 @@ public final class HostController: @unchecked Sendable {
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
+        supervisor.maximumBackoff = max(restartBackoffLimit, supervisor.minimumBackoff)
         do {
             try supervisor.start()
         } catch {

@@ -55,9 +55,13 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("The most memory each worker may map (default 8G).", valueName: "size"))
     var workerMemoryLimit: String?
 
+    @Option(help: ArgumentHelp("The longest wait before restarting a worker that keeps crashing (it doubles from 0.1 s).", valueName: "seconds"))
+    var restartBackoffMax: Double = 10
+
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+        if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
         if let workerMemoryLimit, (ParameterSpec.parseSize(workerMemoryLimit) ?? 0) < 256 << 20 {
             throw ValidationError("--worker-memory-limit '\(workerMemoryLimit)' must be a size of at least 256M")
         }
@@ -89,6 +93,7 @@ struct IOFilterDaemon: ParsableCommand {
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
         controller.watchdogSeconds = watchdog
         controller.workerMemoryLimit = workerMemoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
+        controller.restartBackoffLimit = restartBackoffMax
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
