@@ -141,6 +141,7 @@ public final class HostController: @unchecked Sendable {
     /// Stops every worker gracefully (filters flush and close) and leaves each VM's
     /// desired state as it was, so the next start brings the same VMs back.
     public func shutdown() {
+        defer { markCleanStop() }
         operationLock.withLock {
             let workers = liveLock.withLock { () -> [(String, LiveWorker)] in
                 let all = running.map { ($0.key, $0.value) } + offline.map { ("offline \($0.key)", $0.value) }

@@ -97,6 +97,7 @@ struct IOFilterDaemon: ParsableCommand {
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
+        controller.recoverFromPreviousRun()
         if !noResume { controller.resume() }
         let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
         let server = HTTPServer(logger: logger) { router.handle($0) }

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterModel
 import IOFilterPosix
 import Testing
 
@@ -101,6 +102,51 @@ struct ControlPlaneTests {
         #expect(addressSpace(shown.pid) == "1073741824")
         try daemon.ok(["vm", "stop", "limited"])
         try daemon.ok(["vm", "stop", "plain"])
+    }
+
+    @Test func aHostThatDiedUncleanlyClearsItsLeftoversAtTheNextStart() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        func recoveries() throws -> [Event] {
+            try daemon.json(["events"], as: [Event].self).filter { $0.kind == "host-recovered" }
+        }
+        #expect(try recoveries().isEmpty, "a first start is clean")
+
+        // A worker of this state directory that no running host supervises: what a host
+        // killed in the middle of spawning one could leave behind.
+        let ghost = daemon.state.appendingPathComponent("vms/ghost").path
+        try FileManager.default.createDirectory(atPath: ghost, withIntermediateDirectories: true)
+        let configuration = WorkerConfiguration(vmName: "ghost", stateDirectory: ghost, disks: [], sandbox: false)
+        let worker = Process()
+        worker.executableURL = URL(fileURLWithPath: Harness.worker)
+        worker.arguments = ["serve"]
+        let input = Pipe()
+        worker.standardInput = input
+        worker.standardOutput = FileHandle.nullDevice
+        worker.standardError = FileHandle.nullDevice
+        try worker.run()
+        input.fileHandleForWriting.write(try JSONEncoder().encode(configuration))
+        try input.fileHandleForWriting.close()
+        let leftover = worker.processIdentifier
+        defer { kill(leftover, SIGKILL) }
+        let scratch = daemon.state.appendingPathComponent("offline/work/stale").path
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        usleep(200_000)
+        #expect(!Self.isGone(leftover, within: 0.1), "the stand-in worker runs")
+
+        daemon.kill(SIGKILL)
+        try daemon.start()
+        #expect(Self.isGone(leftover), "the leftover worker was killed at start")
+        #expect(!FileManager.default.fileExists(atPath: scratch), "scratch space was emptied")
+        let after = try recoveries()
+        #expect(after.count == 1)
+        #expect(after.first?.message.contains("did not stop cleanly") == true, "\(after)")
+        #expect(after.first?.message.contains("killed 1 leftover worker(s) (pid \(leftover))") == true, "\(after)")
+
+        // A clean stop leaves no mark.
+        daemon.stop()
+        try daemon.start()
+        #expect(try recoveries().count == 1)
     }
 
     @Test func aPolicyLifecycleAttachesDetachesAndGuardsWhatIsInUse() throws {
