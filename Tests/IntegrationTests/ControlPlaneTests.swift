@@ -149,6 +149,67 @@ struct ControlPlaneTests {
         #expect(try recoveries().count == 1)
     }
 
+    @Test func aHostileFilterInOneVMLeavesTheOtherVMAndTheHostAlone() throws {
+        // Two VMs on one host. VM A's filter misbehaves in turn: it freezes its worker,
+        // allocates without bound (VM A has a 1G limit), forks, breaks its listening
+        // socket and signals the host. VM B verifies its writes throughout.
+        let daemon = try Daemon(arguments: ["--watchdog", "2"])
+        defer { daemon.stop() }
+        try Self.installSamples(daemon)
+        let directory = Harness.temporaryDirectory("hostile")
+        try daemon.ok(["plugin", "install", try Harness.buildTestPlugin("hostile", in: directory)])
+        try daemon.ok(["policy", "create", "calm", "--filter", "\(Self.cache):mode=write-back,size=16M", "--filter", Self.passthrough])
+        try daemon.ok(["disk", "create", "b", "--size", "32M", "--policy", "calm"])
+        try daemon.ok(["vm", "create", "vb", "--disk", "b"])
+        let vmB: VMInfo = try daemon.json(["vm", "start", "vb"])
+        let uriB = try #require(vmB.uris["b"])
+
+        let behaviours = ["freeze-on-read", "allocate-on-read", "fork-on-open", "break-listener-on-open", "signal-parent-on-open"]
+        for (index, behaviour) in behaviours.enumerated() {
+            try daemon.ok(["policy", "create", "hostile-\(index)", "--filter", "org.test.filter:behaviour=\(behaviour)"])
+            try daemon.ok(["disk", "create", "a\(index)", "--size", "8M", "--policy", "hostile-\(index)"])
+            try daemon.ok(["vm", "create", "va\(index)", "--disk", "a\(index)", "--memory-limit", "1G"])
+            var vmA: VMInfo = try daemon.json(["vm", "start", "va\(index)"])
+            let uriA = try #require(vmA.uris["a\(index)"])
+
+            let verifyB = Process()
+            verifyB.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
+            verifyB.arguments = ["--name=b", "--ioengine=nbd", "--uri=\(uriB)", "--rw=randwrite", "--bs=4k", "--size=8M",
+                                 "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--loops=2", "--output-format=terse"]
+            verifyB.standardOutput = FileHandle.nullDevice
+            verifyB.standardError = FileHandle.nullDevice
+            verifyB.currentDirectoryURL = directory
+            try verifyB.run()
+
+            _ = try Harness.qemuIO(uriA, ["write -P 0x4a 0 64k", "flush"])
+            let hostile = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read 2M 4096", uriA], timeout: 60)
+            if behaviour == "freeze-on-read" {
+                #expect(hostile.status != 0 || !hostile.stdout.contains("read 4096/4096"))
+                let frozen = vmA.pid
+                let deadline = Date().addingTimeInterval(30)
+                repeat {
+                    usleep(100_000)
+                    vmA = try daemon.json(["vm", "show", "va\(index)"])
+                } while (vmA.pid == frozen || vmA.filters.isEmpty) && Date() < deadline
+                #expect(vmA.pid != frozen && vmA.restarts >= 1, "the frozen worker was replaced")
+            }
+            // VM A serves its disk, as it was, on the same socket.
+            #expect(try Harness.qemuIO(uriA, ["read -P 0x4a 0 64k"]).contains("read 65536/65536"), "\(behaviour)")
+            verifyB.waitUntilExit()
+            #expect(verifyB.terminationStatus == 0, "VM B's verifying client failed while VM A ran \(behaviour)")
+            try daemon.ok(["vm", "stop", "va\(index)"])
+        }
+        let log = daemon.log
+        for refusal in ["has not beaten for", "allocation refused after", "fork refused: Operation not permitted",
+                        "shutdown of the listening socket refused", "signal to the parent refused: Operation not permitted"] {
+            #expect(log.contains(refusal), "the host's log says: \(refusal)")
+        }
+        let after: VMInfo = try daemon.json(["vm", "show", "vb"])
+        #expect(after.pid == vmB.pid && after.restarts == 0, "VM B's worker never restarted")
+        #expect(daemon.process?.isRunning == true, "the host lives")
+        try daemon.ok(["vm", "stop", "vb"])
+    }
+
     @Test func aPolicyLifecycleAttachesDetachesAndGuardsWhatIsInUse() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }
