@@ -6,6 +6,7 @@
 #include <linux/landlock.h>
 #include <sched.h>
 #include <seccomp.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -240,3 +241,16 @@ int iof_memfd(const char *name)
 
 void iof_store_u64(volatile uint64_t *where, uint64_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }
 uint64_t iof_load_u64(volatile uint64_t *where) { return __atomic_load_n(where, __ATOMIC_ACQUIRE); }
+
+int iof_hide_paths(const char *const *paths, int count)
+{
+    if (unshare(CLONE_NEWNS) != 0)
+        return -errno;
+    /* Mounts made from here on stay in this process's namespace. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        return -errno;
+    for (int i = 0; i < count; i++)
+        if (mount("/dev/null", paths[i], NULL, MS_BIND, NULL) != 0)
+            return -errno;
+    return 0;
+}

@@ -24,6 +24,8 @@ public final class HostController: @unchecked Sendable {
     /// The longest wait before a crashed worker is restarted (the wait doubles from
     /// 0.1 s with each crash in a row).
     public var restartBackoffLimit: Double = 10
+    /// Paths no worker may reach (the API's unix socket).
+    public var hiddenFromWorkers: [String] = []
     let store: StateStore
     let logger: Logger
     private let operationLock = ConditionLock()
@@ -178,6 +180,7 @@ public final class HostController: @unchecked Sendable {
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
         configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit
         configuration.maxConnections = limits?.maxConnections
+        configuration.hiddenPaths = hiddenFromWorkers
         return configuration
     }
 

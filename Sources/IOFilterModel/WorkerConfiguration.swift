@@ -67,6 +67,9 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// 8 GiB: room for the Swift runtime, the C library's per-thread arenas, connection
     /// threads and the samples' largest journals, far below what would hurt a host.
     public static let defaultMemoryLimit: UInt64 = 8 << 30
+    /// Paths the worker must not reach at all, whatever its file rules: the host's own
+    /// control socket. Covered in a private mount namespace before any plug-in loads.
+    public var hiddenPaths: [String]?
     /// Clients served at once per disk (nil: the default, 16).
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 10).

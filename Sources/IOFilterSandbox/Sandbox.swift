@@ -17,6 +17,9 @@ public struct Sandbox: Sendable {
     /// fds the host handed over that must stay as they are (listening sockets): the
     /// process may not close, shut down or replace them.
     public var pinnedFDs: [Int32] = []
+    /// Paths covered (in a private mount namespace) before anything else: the worker
+    /// cannot open or connect to them, even as root.
+    public var hiddenPaths: [String] = []
     /// Address space limit in bytes, or nil for none.
     public var addressSpaceLimit: UInt64?
     public var openFilesLimit: UInt64 = 4096
@@ -47,6 +50,15 @@ public struct Sandbox: Sendable {
     public func apply(logger: Logger) throws -> Report {
         var warnings: [String] = []
         _ = iof_close_from(keepFDsBelow)
+        let present = hiddenPaths.filter { access($0, F_OK) == 0 }
+        if !present.isEmpty {
+            let paths = present.map { UnsafePointer(strdup($0)) }
+            defer { paths.forEach { free(UnsafeMutablePointer(mutating: $0)) } }
+            let rc = paths.withUnsafeBufferPointer { iof_hide_paths($0.baseAddress, Int32($0.count)) }
+            if rc != 0 {
+                warnings.append("cannot hide \(present.joined(separator: ", ")) from the worker (\(String(cString: strerror(-rc))))")
+            }
+        }
         try check(iof_set_no_new_privs(), "PR_SET_NO_NEW_PRIVS")
         try check(iof_set_parent_death_signal(SIGKILL), "PR_SET_PDEATHSIG")
         if getppid() == 1 { _exit(1) }  // the parent died before we could ask to follow it

@@ -46,8 +46,9 @@ struct Failure: Encodable {
 struct CallResult: Encodable { let type: String; let value: String }
 
 @MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32, pinned: [Int32] = [],
-                         memoryLimit: UInt64? = nil) {
+                         memoryLimit: UInt64? = nil, hidden: [String] = []) {
     var sandbox = Sandbox()
+    sandbox.hiddenPaths = hidden
     sandbox.pinnedFDs = pinned
     sandbox.addressSpaceLimit = memoryLimit
     sandbox.readExecutePaths = readExecute
@@ -160,7 +161,8 @@ case "serve" where arguments.count == 1:
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
         confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1,
                 pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 },
-                memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit)
+                memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
+                hidden: configuration.hiddenPaths ?? [])
         // cgroup v2 would also count the page cache and kill the worker as a whole; this
         // host limits each process of the worker by rlimits instead.
         logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \((configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit) >> 20) MiB")

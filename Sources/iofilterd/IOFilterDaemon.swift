@@ -95,15 +95,20 @@ struct IOFilterDaemon: ParsableCommand {
         controller.workerMemoryLimit = workerMemoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
         controller.restartBackoffLimit = restartBackoffMax
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
+        // A worker runs as root today: were it to reach this socket, it could drive the host.
+        controller.hiddenFromWorkers = [apiSocket]
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
         controller.recoverFromPreviousRun()
+        // The socket exists before any worker starts, so that every worker's sandbox
+        // covers this very file; clients wait in its backlog until the VMs are back.
+        unlink(apiSocket)
+        let apiListener = try Sockets.listenUnix(path: apiSocket)
+        chmod(apiSocket, 0o660)
         if !noResume { controller.resume() }
         let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
         let server = HTTPServer(logger: logger) { router.handle($0) }
-        unlink(apiSocket)
-        server.serve(listenFD: try Sockets.listenUnix(path: apiSocket))
-        chmod(apiSocket, 0o660)
+        server.serve(listenFD: apiListener)
         logger.info("API on unix:\(apiSocket) (OpenAPI document at /openapi.json)")
         if let listen, let (host, port) = Self.hostPort(listen) {
             server.serve(listenFD: try Sockets.listenTCP(host: host, port: port))

@@ -152,7 +152,8 @@ struct ControlPlaneTests {
     @Test func aHostileFilterInOneVMLeavesTheOtherVMAndTheHostAlone() throws {
         // Two VMs on one host. VM A's filter misbehaves in turn: it freezes its worker,
         // allocates without bound (VM A has a 1G limit), forks, breaks its listening
-        // socket and signals the host. VM B verifies its writes throughout.
+        // socket, signals the host and tries the host's control socket. VM B verifies its
+        // writes throughout.
         let daemon = try Daemon(arguments: ["--watchdog", "2"])
         defer { daemon.stop() }
         try Self.installSamples(daemon)
@@ -164,7 +165,8 @@ struct ControlPlaneTests {
         let vmB: VMInfo = try daemon.json(["vm", "start", "vb"])
         let uriB = try #require(vmB.uris["b"])
 
-        let behaviours = ["freeze-on-read", "allocate-on-read", "fork-on-open", "break-listener-on-open", "signal-parent-on-open"]
+        let behaviours = ["freeze-on-read", "allocate-on-read", "fork-on-open", "break-listener-on-open", "signal-parent-on-open",
+                          "connect-on-open,marker=\(daemon.socket)"]
         for (index, behaviour) in behaviours.enumerated() {
             try daemon.ok(["policy", "create", "hostile-\(index)", "--filter", "org.test.filter:behaviour=\(behaviour)"])
             try daemon.ok(["disk", "create", "a\(index)", "--size", "8M", "--policy", "hostile-\(index)"])
@@ -201,7 +203,8 @@ struct ControlPlaneTests {
         }
         let log = daemon.log
         for refusal in ["has not beaten for", "allocation refused after", "fork refused: Operation not permitted",
-                        "shutdown of the listening socket refused", "signal to the parent refused: Operation not permitted"] {
+                        "shutdown of the listening socket refused", "signal to the parent refused: Operation not permitted",
+                        "connect to the socket refused: Connection refused"] {
             #expect(log.contains(refusal), "the host's log says: \(refusal)")
         }
         let after: VMInfo = try daemon.json(["vm", "show", "vb"])

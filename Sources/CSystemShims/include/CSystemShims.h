@@ -70,6 +70,10 @@ int iof_memfd(const char *name);
 void iof_store_u64(volatile uint64_t *where, uint64_t value);
 uint64_t iof_load_u64(volatile uint64_t *where);
 
+/* Moves the process into a private mount namespace and covers each path (a file that
+ * exists) with /dev/null there: the host's control socket, say. 0 or -errno. */
+int iof_hide_paths(const char *const *paths, int count);
+
 /* One pointer that belongs to the calling thread (the chain engine keeps the resumes a
  * serialized filter issues from inside its own callback there). */
 void *iof_thread_local_get(void);

@@ -30,6 +30,7 @@
  *                   log how much, free it and fail the read with ENOMEM
  *   kill-everything-on-open  in open, kill(-1, SIGKILL), log the errno (tests run it only
  *                   inside a pid namespace of their own)
+ *   connect-on-open in open, connect to the unix socket `marker` names, log the errno
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -47,6 +48,7 @@
 #include <string.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -90,7 +92,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
-                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN };
+                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -184,7 +186,8 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                        "break-listener-on-open", "allocate-on-read", "kill-everything-on-open"};
+                                        "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
+                                        "connect-on-open"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -254,6 +257,20 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                 snprintf(line, sizeof line, "%s of the listening socket refused: %s", what[i], strerror(rc[i]));
             host->log(disk, IOF_LOG_WARNING, line);
         }
+    }
+    if (inst->behaviour == CONNECT_ON_OPEN) {
+        /* `marker` names a unix socket: the host's control socket, in the tests. */
+        const char *target = host->param(disk, "marker");
+        struct sockaddr_un address = {.sun_family = AF_UNIX};
+        snprintf(address.sun_path, sizeof address.sun_path, "%s", target ? target : "");
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof address) == 0)
+            snprintf(line, sizeof line, "connect to the socket succeeded");
+        else
+            snprintf(line, sizeof line, "connect to the socket refused: %s", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        host->log(disk, IOF_LOG_WARNING, line);
     }
     if (inst->behaviour == KILL_EVERYTHING_ON_OPEN) {
         /* Every process this one may signal. Only ever run inside a pid namespace a test
@@ -382,7 +399,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                          "namespace-on-open", "freeze-on-read", "fork-on-open",
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                         NULL};
+                                         "connect-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
