@@ -163,8 +163,8 @@ case "serve" where arguments.count == 1:
                 pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 },
                 memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
                 hidden: configuration.hiddenPaths ?? [])
-        // cgroup v2 would also count the page cache and kill the worker as a whole; this
-        // host limits each process of the worker by rlimits instead.
+        // No cgroup limits yet (they need cgroup v2 controllers the host can delegate):
+        // the rlimit is the fallback, and the log says so.
         logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \((configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit) >> 20) MiB")
     }
     guard chdir(configuration.stateDirectory) == 0 else {
