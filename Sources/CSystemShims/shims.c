@@ -254,3 +254,7 @@ int iof_hide_paths(const char *const *paths, int count)
             return -errno;
     return 0;
 }
+
+int iof_unshare(int flags) { return unshare(flags) == 0 ? 0 : -errno; }
+int iof_clone_newipc(void) { return CLONE_NEWIPC; }
+int iof_clone_newuts(void) { return CLONE_NEWUTS; }

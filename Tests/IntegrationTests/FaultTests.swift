@@ -192,6 +192,20 @@ struct FaultTests {
         #expect(result.stdout.contains("SERVE-ALIVE") && result.stdout.contains("SHELL-ALIVE"), "\(result.stdout) \(result.stderr)")
     }
 
+    @Test func aFilterCannotReachTheHostsSysVIPC() throws {
+        // A segment of the host's (this test's) IPC namespace, which the worker must not see.
+        let segment = shmget(key_t(0x10f1_7e57), 4096, IPC_CREAT | 0o600)
+        #expect(segment >= 0)
+        defer { shmctl(segment, IPC_RMID, nil) }
+        let test = try Harness.buildTestPlugin("tf-sysv", in: directory)
+        let disk = image("sysv.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=sysv-on-open",
+                                     "--socket", directory.appendingPathComponent("sysv.sock").path])
+        defer { served.stop() }
+        #expect(served.waitForLog("the host's shared memory is out of reach: No such file or directory"))
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+    }
+
     @Test func theWatchdogKillsAWorkerStuckInAFilterAndNamesIt() throws {
         let test = try Harness.buildTestPlugin("tf", in: directory)
         let disk = image("hang.img", size: 4 << 20)

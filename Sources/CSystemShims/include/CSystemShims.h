@@ -70,6 +70,11 @@ int iof_memfd(const char *name);
 void iof_store_u64(volatile uint64_t *where, uint64_t value);
 uint64_t iof_load_u64(volatile uint64_t *where);
 
+/* unshare(2): 0 or -errno; and the flags Swift cannot import as constants. */
+int iof_unshare(int flags);
+int iof_clone_newipc(void);
+int iof_clone_newuts(void);
+
 /* Moves the process into a private mount namespace and covers each path (a file that
  * exists) with /dev/null there: the host's control socket, say. 0 or -errno. */
 int iof_hide_paths(const char *const *paths, int count);

@@ -31,6 +31,7 @@
  *   kill-everything-on-open  in open, kill(-1, SIGKILL), log the errno (tests run it only
  *                   inside a pid namespace of their own)
  *   connect-on-open in open, connect to the unix socket `marker` names, log the errno
+ *   sysv-on-open    in open, look up the SysV shared memory segment 0x10f17e57, log
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -47,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/stat.h>
@@ -92,7 +94,7 @@ __attribute__((constructor)) static void crash_on_load(void)
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
-                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN };
+                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -187,7 +189,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
                                         "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                        "connect-on-open"};
+                                        "connect-on-open", "sysv-on-open"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -270,6 +272,15 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
             snprintf(line, sizeof line, "connect to the socket refused: %s", strerror(errno));
         if (fd >= 0)
             close(fd);
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == SYSV_ON_OPEN) {
+        /* A SysV shared memory segment the test made outside the worker, by its key. */
+        int id = shmget((key_t)0x10f17e57, 0, 0);
+        if (id >= 0)
+            snprintf(line, sizeof line, "the host's shared memory is reachable");
+        else
+            snprintf(line, sizeof line, "the host's shared memory is out of reach: %s", strerror(errno));
         host->log(disk, IOF_LOG_WARNING, line);
     }
     if (inst->behaviour == KILL_EVERYTHING_ON_OPEN) {
@@ -399,7 +410,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                          "namespace-on-open", "freeze-on-read", "fork-on-open",
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                         "connect-on-open", NULL};
+                                         "connect-on-open", "sysv-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
