@@ -17,11 +17,7 @@ public final class ConditionLock: @unchecked Sendable {
     @inline(__always) public func unlock() { base.unlock() }
 
     @inline(__always)
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        base.lock()
-        defer { base.unlock() }
-        return try body()
-    }
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T { try base.withLock(body) }
 
     /// Waits for `signal` or `broadcast`; call with the lock held.
     public func wait() { base.wait() }

@@ -314,12 +314,12 @@ public struct VMLimits: Codable, Sendable, Equatable {
         self.maxConnections = maxConnections
     }
 
-    public static let minimumMemory: UInt64 = 256 << 20
     public static let connectionRange = 1...1024
 
     /// Why these limits cannot be used, or nil.
     public var problem: String? {
-        if let memoryLimit, memoryLimit < Self.minimumMemory { return "memoryLimit must be at least 256 MiB (\(Self.minimumMemory) bytes)" }
+        let minimum = WorkerConfiguration.minimumMemoryLimit
+        if let memoryLimit, memoryLimit < minimum { return "memoryLimit must be at least \(minimum >> 20) MiB (\(minimum) bytes)" }
         if let maxConnections, !Self.connectionRange.contains(maxConnections) { return "maxConnections must be in 1...1024" }
         return nil
     }

@@ -38,7 +38,7 @@ public final class Chain: @unchecked Sendable {
 
     /// Request objects of this chain not yet retired (request slots of open
     /// connections, one-off requests in flight).
-    public var liveRequestCount: Int { registry.withLock { $0.count } }
+    var liveRequestCount: Int { registry.withLock { $0.count } }
 
     /// Issues I/O that enters the chain below filter `position` (`submit_below`).
     func submitBelow(

@@ -106,14 +106,10 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     func prepare(op: iof_op, flags: UInt32, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?) {
-        io.pointee.op = op
-        io.pointee.flags = flags
-        io.pointee.offset = offset
-        io.pointee.length = length
-        io.pointee.buffer = buffer
+        expected = Shape(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
+        expected.write(into: io)
         io.pointee.error = 0
         io.pointee.id = chain.nextRequestID()
-        expected = Shape(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
         watch.describe(id: io.pointee.id, op: op, offset: offset, length: length)
     }
 
@@ -154,7 +150,6 @@ public final class ChainRequest: @unchecked Sendable {
     /// Applies `start`'s decision at `position`; true to keep descending.
     private func afterStart(_ disposition: iof_disposition) -> Bool {
         if !unchanged() {
-            io.pointee.error = EIO
             ascend(from: position - 1)
             return false
         }
@@ -176,10 +171,7 @@ public final class ChainRequest: @unchecked Sendable {
 
     /// Applies `done`'s decision at `position` (already the filter that decided).
     private func afterDone(_ disposition: iof_disposition) {
-        if !unchanged() {
-            io.pointee.error = EIO
-            return
-        }
+        guard unchanged() else { return }
         switch disposition {
         case IOF_PASS:
             break
@@ -229,18 +221,15 @@ public final class ChainRequest: @unchecked Sendable {
 
     /// True if the filter at `position` left op, flags, range and buffer alone. If it
     /// did not, they are put back (so that what reaches the consumer and the disk is
-    /// the request as issued), the filter is named in the log, and the caller fails the
-    /// request.
+    /// the request as issued), the request fails with EIO, and the filter is named in
+    /// the log.
     private func unchanged() -> Bool {
         let now = Shape(io.pointee)
         guard now != expected else { return true }
         chain.filters[position].logger.error(
             "changed request \(io.pointee.id) (\(expected) became \(now)); a filter may change only the bytes: failing it with EIO")
-        io.pointee.op = expected.op
-        io.pointee.flags = expected.flags
-        io.pointee.offset = expected.offset
-        io.pointee.length = expected.length
-        io.pointee.buffer = expected.buffer
+        expected.write(into: io)
+        io.pointee.error = EIO
         return false
     }
 
@@ -364,6 +353,14 @@ private struct Shape: Equatable, CustomStringConvertible {
         self.init(op: io.op, flags: io.flags, offset: io.offset, length: io.length, buffer: io.buffer)
     }
 
+    func write(into io: UnsafeMutablePointer<iof_request>) {
+        io.pointee.op = op
+        io.pointee.flags = flags
+        io.pointee.offset = offset
+        io.pointee.length = length
+        io.pointee.buffer = buffer
+    }
+
     var description: String {
         "\(Chain.opName(op)) flags=\(flags) offset=\(offset) length=\(length) buffer=\(buffer.map { "\($0)" } ?? "nil")"
     }
@@ -398,7 +395,6 @@ final class LiveRequests: Sendable {
         return shard(key).map.withLock { $0[key]?.takeUnretainedValue() }
     }
 
-    var count: Int { shards.reduce(0) { total, shard in total + shard.map.withLock { $0.count } } }
 }
 
 /// Where a request is and what it is, in atomics the watchdog can read from its own

@@ -67,6 +67,15 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// 8 GiB: room for the Swift runtime, the C library's per-thread arenas, connection
     /// threads and the samples' largest journals, far below what would hurt a host.
     public static let defaultMemoryLimit: UInt64 = 8 << 30
+    /// The least a worker may be given: below it the runtime itself cannot start.
+    public static let minimumMemoryLimit: UInt64 = 256 << 20
+
+    /// A memory limit as an operator writes it ("2G", with the suffixes of a size
+    /// parameter), or nil if the text is no size or less than the minimum.
+    public static func memoryLimit(parsing text: String) -> UInt64? {
+        guard let bytes = ParameterSpec.parseSize(text), bytes >= 0, UInt64(bytes) >= minimumMemoryLimit else { return nil }
+        return UInt64(bytes)
+    }
     /// Paths the worker must not reach at all, whatever its file rules: the host's own
     /// control socket. Covered in a private mount namespace before any plug-in loads.
     public var hiddenPaths: [String]?

@@ -331,19 +331,26 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: replies
 
-    private func prepareReply(_ request: NBDRequest) -> Int {
+    private func prepareReply(_ request: NBDRequest) {
         let header = request.replyHeader
         header.storeBE(NBDProtocol.simpleReplyMagic, at: 0)
         header.storeBE(UInt32(bitPattern: Self.nbdErrno(request.error)), at: 4)
         header.storeBE(request.cookie, at: 8)
-        return request.command == .read && request.error == 0 ? Int(request.length) : 0
+    }
+
+    /// The reply's two vectors at `slot`: its header, and a successful read's data.
+    /// Returns the data's length.
+    @inline(__always)
+    private static func storeReplyVectors(of request: NBDRequest, at slot: UnsafeMutablePointer<iovec>) -> Int {
+        let dataBytes = request.command == .read && request.error == 0 ? Int(request.length) : 0
+        slot[0] = iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize)
+        slot[1] = iovec(iov_base: request.buffer, iov_len: dataBytes)
+        return dataBytes
     }
 
     private func appendToBatch(_ request: NBDRequest) throws {
-        let dataBytes = prepareReply(request)
-        let index = batch.count * 2
-        vectors[index] = iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize)
-        vectors[index + 1] = iovec(iov_base: request.buffer, iov_len: dataBytes)
+        prepareReply(request)
+        let dataBytes = Self.storeReplyVectors(of: request, at: vectors + batch.count * 2)
         batch.append(request)
         batchBytes += dataBytes
         if batch.count == Self.maxBatch || batchBytes >= Self.maxBatchBytes { try flushBatch() }
@@ -398,7 +405,7 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Called by `NBDRequest.complete` on the completing thread for deferred requests.
     func replyDeferred(_ request: NBDRequest) {
-        _ = prepareReply(request)
+        prepareReply(request)
         lock.lock()
         queued.append(request)
         if writerActive {
@@ -437,9 +444,7 @@ final class NBDConnection: @unchecked Sendable {
                 lock.unlock()
                 writeCount = 0
                 for request in writing {
-                    writeVectors[writeCount] = iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize)
-                    let dataBytes = request.command == .read && request.error == 0 ? Int(request.length) : 0
-                    writeVectors[writeCount + 1] = iovec(iov_base: request.buffer, iov_len: dataBytes)
+                    _ = Self.storeReplyVectors(of: request, at: writeVectors + writeCount)
                     writeCount += 2
                 }
                 writeFirst = 0

@@ -32,7 +32,7 @@ public enum FileDescriptorIO {
 
     /// Reads exactly `count` bytes into a new array before `deadline` (monotonic
     /// nanoseconds); nil on EOF first. Throws ETIMEDOUT when the time runs out however
-    /// the bytes trickle in. For handshakes, not the data path.
+    /// the bytes trickle in. For a socket's handshake, not the data path.
     public static func readBytes(_ fd: Int32, count: Int, deadline: UInt64) throws(SystemError) -> [UInt8]? {
         guard count > 0 else { return [] }
         var bytes = [UInt8](repeating: 0, count: count)
@@ -51,14 +51,6 @@ public enum FileDescriptorIO {
             if n == 0 { return nil }
             if n < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
-                if errno == ENOTSOCK {
-                    // Not a socket (a pipe in a test): read what poll said is there.
-                    let m = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + done, count - done) }
-                    if m == 0 { return nil }
-                    if m < 0 { throw SystemError("read") }
-                    done += m
-                    continue
-                }
                 throw SystemError("recv")
             }
             done += n

@@ -141,7 +141,7 @@ case "serve" where arguments.count == 1:
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
     let signals = TerminationSignals.block()
 
-    let listenFDs = configuration.disks.map(\.listenFD) + (configuration.controlFD.map { [$0] } ?? [])
+    let inheritedFDs = configuration.disks.map(\.listenFD) + (configuration.controlFD.map { [$0] } ?? [])
         + (configuration.heartbeatFD.map { [$0] } ?? [])
     if configuration.sandbox {
         var readWrite = [configuration.stateDirectory]
@@ -159,7 +159,7 @@ case "serve" where arguments.count == 1:
             }
         }
         try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
-        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(listenFDs.max() ?? 2, 2) + 1,
+        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(inheritedFDs.max() ?? 2, 2) + 1,
                 pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 },
                 memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
                 hidden: configuration.hiddenPaths ?? [])

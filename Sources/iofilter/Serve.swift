@@ -64,7 +64,7 @@ extension IOFilterCommand {
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
-            if let memoryLimit, (ParameterSpec.parseSize(memoryLimit) ?? 0) < 256 << 20 {
+            if let memoryLimit, WorkerConfiguration.memoryLimit(parsing: memoryLimit) == nil {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
@@ -120,7 +120,7 @@ extension IOFilterCommand {
                 logLevel: StandardErrorLogging.level.rawValue)
             configuration.maxConnections = maxConnections
             configuration.handshakeSeconds = handshakeTimeout
-            configuration.memoryLimit = memoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
+            configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
 

@@ -52,7 +52,7 @@ struct VMCommand: ParsableCommand {
 
         func validate() throws {
             if disks.isEmpty { throw ValidationError("give at least one --disk") }
-            if let memoryLimit, (ParameterSpec.parseSize(memoryLimit) ?? 0) < Int64(VMLimits.minimumMemory) {
+            if let memoryLimit, WorkerConfiguration.memoryLimit(parsing: memoryLimit) == nil {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
             if let maxConnections, !VMLimits.connectionRange.contains(maxConnections) {
@@ -65,7 +65,7 @@ struct VMCommand: ParsableCommand {
                 try daemon.client.run("POST", "/vms", body: VMCreateRequest(
                     name: name, disks: disks,
                     limits: memoryLimit == nil && maxConnections == nil ? nil : VMLimits(
-                        memoryLimit: memoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init), maxConnections: maxConnections)), as: VMInfo.self, text: VMCommand.describe)
+                        memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections)), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

@@ -62,7 +62,7 @@ struct IOFilterDaemon: ParsableCommand {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
         if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
-        if let workerMemoryLimit, (ParameterSpec.parseSize(workerMemoryLimit) ?? 0) < 256 << 20 {
+        if let workerMemoryLimit, WorkerConfiguration.memoryLimit(parsing: workerMemoryLimit) == nil {
             throw ValidationError("--worker-memory-limit '\(workerMemoryLimit)' must be a size of at least 256M")
         }
     }
@@ -92,7 +92,7 @@ struct IOFilterDaemon: ParsableCommand {
         let signals = TerminationSignals.block()
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
         controller.watchdogSeconds = watchdog
-        controller.workerMemoryLimit = workerMemoryLimit.flatMap(ParameterSpec.parseSize).map(UInt64.init)
+        controller.workerMemoryLimit = workerMemoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
         controller.restartBackoffLimit = restartBackoffMax
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // A worker runs as root today: were it to reach this socket, it could drive the host.

@@ -11,10 +11,7 @@ rounds=3
 size=1G
 . "$(dirname "$0")/lib.sh"
 
-disk=$work/disk.img
-echo "preparing a $size raw file..." >&2
-make_disk "$disk" "$size"
-cc -O2 -shared -fPIC -Iinclude -o "$work/passthrough-c.so" Plugins/passthrough-c/passthrough.c
+prepare_disk
 five=() deferring=()
 for category in inspection replication encryption cache qos; do
     upper=$(echo "$category" | tr a-z A-Z)
@@ -26,7 +23,7 @@ done
 
 start_iofilter iofilter "$disk"
 start_nbdkit nbdkit file "$disk"
-start_iofilter 1-c-filter "$disk" --filter "$work/passthrough-c.so"
+start_iofilter 1-c-filter "$disk" --filter "$passthrough"
 start_iofilter 1-swift-filter "$disk" --filter "$bin/libiofilter-template.so"
 start_iofilter 5-c-filters "$disk" "${five[@]}"
 start_iofilter 5-deferring "$disk" "${deferring[@]}"

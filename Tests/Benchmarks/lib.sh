@@ -35,6 +35,16 @@ make_disk() {
     cat "$1" > /dev/null
 }
 
+# prepare_disk: a $size raw file in $disk, and the C sample, built with cc and the
+# header alone, in $passthrough.
+prepare_disk() {
+    disk=$work/disk.img
+    echo "preparing a $size raw file..." >&2
+    make_disk "$disk" "$size"
+    passthrough=$work/passthrough-c.so
+    cc -O2 -shared -fPIC -Iinclude -o "$passthrough" Plugins/passthrough-c/passthrough.c
+}
+
 # start_iofilter NAME DISK [serve options...]: sets uri[NAME].
 declare -A uri
 start_iofilter() {

@@ -13,16 +13,13 @@ rounds=3
 size=1G
 . "$(dirname "$0")/lib.sh"
 
-disk=$work/disk.img
-echo "preparing a $size raw file..." >&2
-make_disk "$disk" "$size"
-cc -O2 -shared -fPIC -Iinclude -o "$work/passthrough-c.so" Plugins/passthrough-c/passthrough.c
+prepare_disk
 
 start_nbdkit nbdkit file "$disk"
 qemu-nbd -f raw -k "$work/qemu.sock" -t -e 16 --cache=writeback --aio=threads "$disk" & pids+=($!)
 wait_for_socket "$work/qemu.sock"; uri[qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock"
 start_iofilter iofilter "$disk"
-start_iofilter iofilter+c-sample "$disk" --filter "$work/passthrough-c.so"
+start_iofilter iofilter+c-sample "$disk" --filter "$passthrough"
 
 # Slow storage: nbdkit with 1 ms per request over the file, proxied by nbdkit's nbd
 # plugin and by iofilter's NBD backend.

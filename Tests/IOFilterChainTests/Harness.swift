@@ -206,8 +206,7 @@ final class TestChain: @unchecked Sendable {
     func send(_ op: iof_op, offset: UInt64 = 0, length: UInt64 = 4096, buffer: UnsafeMutableRawPointer? = nil,
               flags: UInt32 = 0, timeout: Double = 10) -> Int32? {
         let waiter = Completion()
-        let request = start(op, offset: offset, length: length, buffer: buffer, flags: flags, waiter: waiter)
-        _ = request
+        start(op, offset: offset, length: length, buffer: buffer, flags: flags, waiter: waiter)
         return waiter.wait(timeout: timeout)
     }
 

@@ -56,16 +56,7 @@ struct FaultTests {
         let workerB = try #require(vmB.workerPID)
 
         // VM B works steadily (with verification) while VM A's filter crashes.
-        let verifyB = Process()
-        verifyB.executableURL = URL(fileURLWithPath: Harness.tool("fio"))
-        verifyB.arguments = ["--name=b", "--ioengine=nbd", "--uri=\(vmB.uri)", "--rw=randwrite", "--bs=4k", "--size=8M",
-                             "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--loops=3", "--output-format=terse"]
-        let errors = Pipe()
-        verifyB.standardError = errors
-        verifyB.standardOutput = FileHandle.nullDevice
-        verifyB.currentDirectoryURL = directory
-        try verifyB.run()
-        let errorText = ReadAll(errors.fileHandleForReading)
+        let (verifyB, errorText) = try Harness.verifyingFio(vmB.uri, loops: 3, in: directory)
 
         let crash = try Harness.run(qemuIO, ["-f", "raw", "-c", "write -P 1 0 4096", vmA.uri])
         #expect(crash.status != 0 || crash.stderr.contains("error") || !crash.stdout.contains("wrote"))

@@ -129,6 +129,21 @@ enum Harness {
         return process
     }
 
+    /// fio's random writes with crc32c verification against `uri`, in the background:
+    /// a client that fails if any byte it wrote comes back wrong. Its stderr is kept.
+    static func verifyingFio(_ uri: String, loops: Int, in directory: URL) throws -> (process: Process, errors: ReadAll) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool("fio"))
+        process.arguments = ["--name=verify", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--size=8M",
+                             "--iodepth=8", "--verify=crc32c", "--verify_fatal=1", "--loops=\(loops)", "--output-format=terse"]
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        process.currentDirectoryURL = directory
+        try process.run()
+        return (process, ReadAll(errors.fileHandleForReading))
+    }
+
     /// Writes `size` bytes of reproducible pseudo-random data.
     static func makeRandomFile(_ path: String, size: Int, seed: UInt64) {
         var state = seed | 1
