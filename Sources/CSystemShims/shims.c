@@ -233,10 +233,20 @@ static _Thread_local void *iof_thread_value;
 void *iof_thread_local_get(void) { return iof_thread_value; }
 void iof_thread_local_set(void *value) { iof_thread_value = value; }
 
-int iof_memfd(const char *name)
+int iof_memfd(const char *name, int64_t size)
 {
-    long fd = syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */);
-    return fd < 0 ? -errno : (int)fd;
+    long fd = syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */ | 2u /* MFD_ALLOW_SEALING */);
+    if (fd < 0)
+        return -errno;
+    /* Sealed at its size: the process it is shared with can neither shrink it (the
+     * other side's next read would be a SIGBUS) nor grow it, nor lift the seals. */
+    if (ftruncate((int)fd, (off_t)size) != 0 ||
+        fcntl((int)fd, 1033 /* F_ADD_SEALS */, 0x0002 | 0x0004 | 0x0001 /* SHRINK | GROW | SEAL */) != 0) {
+        int error = errno;
+        close((int)fd);
+        return -error;
+    }
+    return (int)fd;
 }
 
 void iof_store_u64(volatile uint64_t *where, uint64_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }

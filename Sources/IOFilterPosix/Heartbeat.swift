@@ -12,13 +12,8 @@ public final class Heartbeat: @unchecked Sendable {
 
     /// A new page (the supervisor's side); `fd` is handed to the worker.
     public init() throws(SystemError) {
-        let fd = iof_memfd("iofilter-heartbeat")
+        let fd = iof_memfd("iofilter-heartbeat", 4096)
         guard fd >= 0 else { throw SystemError("memfd_create", code: -fd) }
-        guard ftruncate(fd, 4096) == 0 else {
-            let error = SystemError("ftruncate")
-            close(fd)
-            throw error
-        }
         guard let page = Self.map(fd) else {
             let error = SystemError("mmap")
             close(fd)

@@ -98,6 +98,7 @@ struct FaultTests {
             ("signal-parent-on-open", ["signal to the parent refused: Operation not permitted"]),
             ("namespace-on-open", ["new namespace refused: Operation not permitted", "unshare refused: Operation not permitted"]),
             ("fork-on-open", ["fork refused: Operation not permitted"]),
+            ("shrink-heartbeat-on-open", ["shrinking the heartbeat refused: Operation not permitted"]),
             ("break-listener-on-open", [
                 "shutdown of the listening socket refused: Operation not permitted",
                 "dup2 of the listening socket refused: Operation not permitted",
@@ -108,6 +109,10 @@ struct FaultTests {
                                          "--socket", directory.appendingPathComponent("\(behaviour).sock").path])
             defer { served.stop() }
             for refusal in refusals { #expect(served.waitForLog(refusal), "\(behaviour): \(refusal)") }
+            if behaviour == "shrink-heartbeat-on-open" {
+                usleep(1_500_000)  // the supervisor reads the page at least once a second
+                #expect(served.process.isRunning, "the supervisor lives: its heartbeat page kept its size")
+            }
             // The disk is still served: the filter only lost the attempt.
             #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
         }

@@ -64,8 +64,9 @@ int iof_accept_cloexec(int fd);
 /* The calling thread's kernel id. */
 pid_t iof_gettid(void);
 
-/* An anonymous shared-memory file (memfd_create, close-on-exec): fd or -errno. */
-int iof_memfd(const char *name);
+/* An anonymous shared-memory file of `size` bytes (memfd_create, close-on-exec),
+ * sealed so that its size can never change: fd or -errno. */
+int iof_memfd(const char *name, int64_t size);
 /* Atomic 64-bit store (release) and load (acquire) on memory shared between processes. */
 void iof_store_u64(volatile uint64_t *where, uint64_t value);
 uint64_t iof_load_u64(volatile uint64_t *where);

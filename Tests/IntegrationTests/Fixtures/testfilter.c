@@ -32,6 +32,7 @@
  *                   inside a pid namespace of their own)
  *   connect-on-open in open, connect to the unix socket `marker` names, log the errno
  *   sysv-on-open    in open, look up the SysV shared memory segment 0x10f17e57, log
+ *   shrink-heartbeat-on-open  in open, truncate fd 5 (the heartbeat page), log the errno
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
@@ -94,7 +95,8 @@ __attribute__((constructor)) static void crash_on_load(void)
 
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
-                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN };
+                 BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
+                 SHRINK_HEARTBEAT_ON_OPEN };
 
 static const struct iof_host_services *host;
 
@@ -189,7 +191,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
                                         "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                        "connect-on-open", "sysv-on-open"};
+                                        "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open"};
     for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
         if (strcmp(b, names[i]) == 0)
             inst->behaviour = (enum behaviour)i;
@@ -281,6 +283,15 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
             snprintf(line, sizeof line, "the host's shared memory is reachable");
         else
             snprintf(line, sizeof line, "the host's shared memory is out of reach: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == SHRINK_HEARTBEAT_ON_OPEN) {
+        /* With one disk a worker inherits: 3 the listening socket, 4 the control
+         * channel, 5 the heartbeat page it shares with its supervisor. */
+        if (ftruncate(5, 0) == 0)
+            snprintf(line, sizeof line, "shrinking the heartbeat succeeded");
+        else
+            snprintf(line, sizeof line, "shrinking the heartbeat refused: %s", strerror(errno));
         host->log(disk, IOF_LOG_WARNING, line);
     }
     if (inst->behaviour == KILL_EVERYTHING_ON_OPEN) {
@@ -410,7 +421,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "refuse-attach", "mknod-on-open", "signal-parent-on-open",
                                          "namespace-on-open", "freeze-on-read", "fork-on-open",
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                         "connect-on-open", "sysv-on-open", NULL};
+                                         "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
