@@ -11,11 +11,11 @@ import PackageDescription
 //   Sources/IOFilterModel      manifests, parameters, chain rules, worker configuration (values)
 //   Sources/IOFilterPosix      thin wrappers over syscalls: fds, sockets, threads
 //   Sources/IOFilterLogging    how every executable logs
-//   Sources/IOFilterNBD        the NBD protocol and its pipelining client
+//   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire
 //   Sources/IOFilterNBDServer  the NBD server: handshake, connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
-//   Sources/IOFilterSandbox    seccomp, Landlock, prctl, rlimits for worker processes
+//   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
 //   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators
 //   Sources/IOFilterHTTP       a small HTTP/1.1 server and client; knows nothing of filters
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
@@ -60,7 +60,7 @@ let package = Package(
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
-            dependencies: ["IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "IOFilterNBDServer",
@@ -73,7 +73,7 @@ let package = Package(
         .target(
             name: "IOFilterChain",
             dependencies: [
-                "CIOFilter", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
+                "CIOFilter", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 0
+#define IOF_ABI_MINOR 1
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -273,6 +273,21 @@ struct iof_host_services {
      * declares none or it is not running. Messages are framed as a 4-byte big-endian
      * length followed by that many bytes. The fd belongs to the host. */
     int (*daemon_channel)(iof_host_disk *disk);
+
+    /* --- ABI 1.1; check struct_size (or abi_minor >= 1) before calling ------------- */
+
+    /* Open a target the policy named for this filter: the value of one of its
+     * IOF_PARAM_PATH parameters, exactly as given. A file path is opened read-write
+     * (created 0600 if missing; a regular file or a block device); an NBD URI gives a
+     * stream socket connected to that server, before the NBD handshake. Returns an fd
+     * the filter owns (it closes it), or a negative errno: -EACCES for a target the
+     * policy did not name.
+     * This is the only way a filter reaches a file outside its sidecar directory or
+     * anything on the network: a sandboxed worker has no path to the host's files and
+     * no network of its own; the host opens the target and hands the fd over. `disk` may
+     * be NULL (from a thread of the plug-in's own): then any target named for a filter
+     * of this worker is allowed. */
+    int (*open_target)(iof_host_disk *disk, const char *spec);
 };
 
 /* ------------------------------------------------------------------------------ */

@@ -68,8 +68,12 @@ public final class CacheFilter: IOFilter {
         blockSize = Int(disk.parameter("block-size", default: 4096))
         guard blockSize & (blockSize - 1) == 0 else { throw FilterError(EINVAL, "block-size \(blockSize) is not a power of two") }
         writeBack = disk.parameter("mode") == "write-back"
-        let dataPath = disk.parameter("cache-file").flatMap { $0.isEmpty ? nil : $0 } ?? "\(disk.sidecarDirectory)/cache.data"
-        store = try CacheStore(dataPath: dataPath, metaPath: "\(disk.sidecarDirectory)/cache.meta", size: size,
+        let cacheFile = disk.parameter("cache-file").flatMap { $0.isEmpty ? nil : $0 }
+        let dataPath = cacheFile ?? "\(disk.sidecarDirectory)/cache.data"
+        // A cache file of the operator's choosing lies outside the sidecar directory,
+        // where only the host can open it.
+        let dataFD = try cacheFile.flatMap { path throws(FilterError) in try openTarget(path, disk: disk) }
+        store = try CacheStore(dataPath: dataPath, openedData: dataFD, metaPath: "\(disk.sidecarDirectory)/cache.meta", size: size,
                                blockSize: blockSize, diskSize: disk.size)
         let warm = store.cachedBlocks
         disk.log(.info, "cache \(writeBack ? "write-back" : "write-through"), \(size) bytes in \(blockSize)-byte blocks; "

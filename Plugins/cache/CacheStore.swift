@@ -35,10 +35,12 @@ final class CacheStore: @unchecked Sendable {
     private(set) var evictions: UInt64 = 0
     private let metaHeaderSize = 64
 
-    init(dataPath: String, metaPath: String, size: Int, blockSize: Int, diskSize: UInt64) throws(FilterError) {
+    /// - Parameter openedData: the cache file, when the host opened it (a cache-file outside
+    ///   the sidecar directory); otherwise `dataPath` is opened here.
+    init(dataPath: String, openedData: Int32? = nil, metaPath: String, size: Int, blockSize: Int, diskSize: UInt64) throws(FilterError) {
         self.blockSize = blockSize
         slotCount = max(size / blockSize, 1)
-        dataFD = open(dataPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        dataFD = openedData ?? open(dataPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         metaFD = open(metaPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard dataFD >= 0, metaFD >= 0 else {
             throw FilterError(errno, "cannot open the cache (\(dataPath)): \(String(cString: strerror(errno)))")

@@ -1,4 +1,5 @@
 import Glibc
+import CIOFilter
 internal import IOFilterNBD
 internal import IOFilterPosix
 import Logging
@@ -90,18 +91,47 @@ final class InlineResult: @unchecked Sendable {
     var value: Int32?
 }
 
-/// Opens `spec` — an NBD URI (`nbd://…`, `nbd+unix://…`) or a file path. A file is
-/// created, or grown, to `size` if it is smaller.
+/// Opens `spec` — an NBD URI (`nbd://…`, `nbd+unix://…`) or a file path, the value of
+/// one of the filter's path parameters. A file is created, or grown, to `size` if it
+/// is smaller.
+///
+/// The host opens it (a sandboxed worker reaches no file outside its sidecar directory
+/// and no network), so `spec` must be exactly what the policy set; on a host older
+/// than ABI 1.1 the filter opens it itself.
 public func openBlockTarget(_ spec: String, size: UInt64?) throws(FilterError) -> any BlockTarget {
     if spec.contains("://") {
         guard let uri = NBDURI(spec) else { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
         do {
-            return NBDTarget(client: try NBDClient(uri: uri, logger: Logger(label: "iofilter.sdk.target")))
+            let logger = Logger(label: "iofilter.sdk.target")
+            if let fd = try openTarget(spec) {
+                return NBDTarget(client: try NBDClient(uri: uri, connected: fd, logger: logger))
+            }
+            return NBDTarget(client: try NBDClient(uri: uri, logger: logger))
+        } catch let error as FilterError {
+            throw error
         } catch {
             throw FilterError(EIO, "cannot connect to \(spec): \(error)")
         }
     }
-    return try FileTarget(path: spec, size: size)
+    if let fd = try openTarget(spec) { return try FileTarget(fd: fd, path: spec, size: size) }
+    let fd = open(spec, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { throw FilterError(errno, "cannot open \(spec): \(String(cString: strerror(errno)))") }
+    return try FileTarget(fd: fd, path: spec, size: size)
+}
+
+/// An fd for a target the filter's policy named, opened by the host (`open_target`):
+/// a file opened read-write, or a socket connected to an NBD server. Nil on a host
+/// older than ABI 1.1, which has no such service (the filter opens targets itself).
+public func openTarget(_ spec: String, disk: Disk? = nil) throws(FilterError) -> Int32? {
+    guard let services = Host.services,
+          let offset = MemoryLayout<iof_host_services>.offset(of: \.open_target),
+          services.pointee.struct_size >= offset + MemoryLayout<Int>.size,
+          let open = services.pointee.open_target else { return nil }
+    let fd = open(disk?.handle, spec)
+    guard fd >= 0 else {
+        throw FilterError(-fd, "the host would not open \(spec): \(String(cString: strerror(-fd)))")
+    }
+    return fd
 }
 
 final class FileTarget: BlockTarget {
@@ -110,10 +140,10 @@ final class FileTarget: BlockTarget {
     let size: UInt64
     var description: String { path }
 
-    init(path: String, size: UInt64?) throws(FilterError) {
+    /// Takes ownership of `fd`, an open file or block device.
+    init(fd: Int32, path: String, size: UInt64?) throws(FilterError) {
         self.path = path
-        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FilterError(errno, "cannot open \(path): \(String(cString: strerror(errno)))") }
+        self.fd = fd
         var info = stat()
         guard fstat(fd, &info) == 0 else {
             let code = errno
@@ -121,7 +151,11 @@ final class FileTarget: BlockTarget {
             throw FilterError(code, "cannot stat \(path): \(String(cString: strerror(code)))")
         }
         if let size, UInt64(info.st_size) < size, (info.st_mode & S_IFMT) == S_IFREG {
-            guard ftruncate(fd, off_t(size)) == 0 else { throw FilterError(errno, "cannot size \(path)") }
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                let code = errno
+                Glibc.close(fd)
+                throw FilterError(code, "cannot grow \(path) to \(size) bytes: \(String(cString: strerror(code)))")
+            }
             self.size = size
         } else {
             self.size = UInt64(info.st_size)

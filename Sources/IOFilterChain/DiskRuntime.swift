@@ -1,7 +1,9 @@
 import CIOFilter
+import CSystemShims
 import Foundation
 import Glibc
 import IOFilterModel
+import IOFilterNBD
 import IOFilterPluginLoader
 import IOFilterPosix
 import Logging
@@ -14,10 +16,18 @@ public final class WorkerRuntime: @unchecked Sendable {
     let logger: Logger
     public private(set) var plugins: [String: LoadedPlugin] = [:]
     public private(set) var chains: [Chain] = []
+    /// What `openBackends` opened, one per disk, until `openDisks` builds on it.
+    private var opened: [OpenedBackend] = []
+    private enum OpenedBackend {
+        case file(FileBackend)
+        case nbd(NBDURI, fd: Int32)
+    }
 
     public init(configuration: WorkerConfiguration, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
+        HostServices.configureTargets(configuration.brokerFD.map { .broker(fd: $0) } ?? .direct,
+                                      named: configuration.namedTargets)
     }
 
     /// Loads each plug-in the disks name, once, and calls its `load`.
@@ -31,18 +41,37 @@ public final class WorkerRuntime: @unchecked Sendable {
         }
     }
 
+    /// Opens each disk's file, or connects to its NBD server: what the worker can no
+    /// longer do itself once it is confined (no path to the disk, no network).
+    public func openBackends() throws {
+        for disk in configuration.disks {
+            switch disk.backend {
+            case .file(let path):
+                opened.append(.file(try FileBackend(path: path, readOnly: disk.readOnly)))
+            case .nbd(let text):
+                let uri = try NBDBackend.parse(text)
+                do {
+                    opened.append(.nbd(uri, fd: try uri.connect()))
+                } catch {
+                    throw ChainError.backend("cannot connect to \(text): \(error)")
+                }
+            }
+        }
+    }
+
     /// Opens each disk's backend and filters; a filter meeting a disk for the first
     /// time (no sidecar directory yet) is attached first. With `attachOnly`, filters
     /// are attached but not opened (the host adds filters to a disk no VM uses).
     public func openDisks(attachOnly: Bool = false) throws -> [ChainExport] {
         var exports: [ChainExport] = []
-        for disk in configuration.disks {
+        if opened.isEmpty { try openBackends() }
+        for (disk, backendToOpen) in zip(configuration.disks, opened) {
             var diskLogger = logger
             diskLogger[metadataKey: "disk"] = "\(disk.name)"
             let backend: any StorageBackend
-            switch disk.backend {
-            case .file(let path): backend = try FileBackend(path: path, readOnly: disk.readOnly)
-            case .nbd(let uri): backend = try NBDBackend(uri: uri, logger: diskLogger)
+            switch backendToOpen {
+            case .file(let file): backend = file
+            case .nbd(let uri, let fd): backend = try NBDBackend(uri: uri, connected: fd, logger: diskLogger)
             }
             var filters: [FilterInstance] = []
             var fresh: [Bool] = []
@@ -93,7 +122,7 @@ public final class WorkerRuntime: @unchecked Sendable {
                     if let stuck = chain.stuckRequest(olderThan: limit, now: now) {
                         logger.critical(
                             "watchdog: \(stuck.request) stuck in \(stuck.stage) on disk \(chain.diskName) for \((stuck.seconds * 10).rounded() / 10)s; killing the worker")
-                        kill(getpid(), SIGKILL)
+                        iof_kill_self()
                     }
                 }
             }

@@ -15,6 +15,9 @@ public final class FilterInstance: @unchecked Sendable {
     public let sidecarDirectory: String
     let logger: Logger
     private let parameters: [String: UnsafeMutablePointer<CChar>]
+    /// The files and NBD URIs its policy named (its path parameters' values): what
+    /// `open_target` may open for it.
+    let targets: Set<String>
     private let info: UnsafeMutablePointer<iof_disk_info>
     private let cStrings: [UnsafeMutablePointer<CChar>]
     private var instance: UnsafeMutableRawPointer?
@@ -35,6 +38,7 @@ public final class FilterInstance: @unchecked Sendable {
         logger[metadataKey: "filter"] = "\(plugin.library.manifest.name)"
         self.logger = logger
         self.parameters = parameters.mapValues { strdup($0)! }
+        targets = Set(plugin.library.manifest.parameters.filter(\.isPath).compactMap { parameters[$0.name] }.filter { !$0.isEmpty })
         let disk = strdup(diskName)!, vm = strdup(vmName)!, sidecar = strdup(sidecarDirectory)!
         cStrings = [disk, vm, sidecar]
         info = .allocate(capacity: 1)

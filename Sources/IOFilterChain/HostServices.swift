@@ -1,5 +1,6 @@
 import CIOFilter
 import Glibc
+import IOFilterNBD
 import IOFilterPosix
 import Logging
 
@@ -34,9 +35,48 @@ enum HostServices {
             cancel_timer: { disk, id in
                 FilterInstance.from(disk)?.timers.cancel(id)
             },
-            daemon_channel: { _ in -1 }))
+            daemon_channel: { _ in -1 },
+            open_target: { disk, spec in
+                guard let spec else { return -EINVAL }
+                return HostServices.openTarget(FilterInstance.from(disk), String(cString: spec))
+            }))
         return table
     }()
+
+    /// How this worker's filters reach their targets: through the host's broker (a
+    /// sandboxed worker), or by opening them here (one run without a sandbox).
+    public enum TargetAccess: Sendable {
+        case broker(fd: Int32)
+        case direct
+    }
+    private static let targets = Guarded<(access: TargetAccess, named: Set<String>)>((.direct, []))
+
+    /// Set once at start, before any plug-in loads: how targets are reached, and every
+    /// target this worker's policies name (what a call without a disk may open).
+    public static func configureTargets(_ access: TargetAccess, named: Set<String>) {
+        targets.withLock { $0 = (access, named) }
+    }
+
+    static func openTarget(_ filter: FilterInstance?, _ spec: String) -> Int32 {
+        let logger = filter?.logger ?? pluginLogger
+        // The lock also keeps one request at a time on the broker's socket.
+        return targets.withLock { state -> Int32 in
+            guard filter.map({ $0.targets.contains(spec) }) ?? state.named.contains(spec) else {
+                logger.warning("open_target refused: \(spec) is not a target its policy names")
+                return -EACCES
+            }
+            let outcome = switch state.access {
+            case .broker(let fd): TargetBroker.request(spec, over: fd)
+            case .direct: TargetBroker.open(spec)
+            }
+            switch outcome {
+            case .success(let fd): return fd
+            case .failure(let failure):
+                logger.warning("open_target \(spec): \(failure.message)")
+                return -failure.code
+            }
+        }
+    }
 
     static let pluginLogger = Logger(label: "iofilter.plugin")
 

@@ -138,15 +138,32 @@ public final class NBDBackend: StorageBackend {
     public var canWriteZeroes: Bool { client.canWriteZeroes }
     public var description: String { "nbd \(client.uri)" }
 
-    public init(uri text: String, logger: Logger) throws(ChainError) {
-        guard let uri = NBDURI(text) else {
-            throw .backend("'\(text)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
-        }
+    public convenience init(uri text: String, logger: Logger) throws(ChainError) {
+        let uri = try Self.parse(text)
+        let fd: Int32
         do {
-            client = try NBDClient(uri: uri, logger: logger)
+            fd = try uri.connect()
         } catch {
             throw .backend("cannot connect to \(text): \(error)")
         }
+        try self.init(uri: uri, connected: fd, logger: logger)
+    }
+
+    /// Over a socket already connected to the server (the worker connects before it
+    /// gives up its network); the backend owns `connected`.
+    public init(uri: NBDURI, connected: Int32, logger: Logger) throws(ChainError) {
+        do {
+            client = try NBDClient(uri: uri, connected: connected, logger: logger)
+        } catch {
+            throw .backend("cannot open \(uri): \(error)")
+        }
+    }
+
+    public static func parse(_ text: String) throws(ChainError) -> NBDURI {
+        guard let uri = NBDURI(text) else {
+            throw .backend("'\(text)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+        }
+        return uri
     }
 
     /// The largest piece sent as one NBD request: the protocol's payload limit for data,

@@ -5,6 +5,10 @@ import IOFilterHost
 import IOFilterModel
 
 extension HostController {
+    /// Read and map for everyone who can reach it: workers run as identities of their
+    /// own; the state directory (0700) keeps everyone else out.
+    static let installedPluginMode: mode_t = 0o555
+
     func pluginInfo(_ row: PluginRow, disks: [DiskRow]) -> PluginInfo {
         PluginInfo(
             manifest: row.manifest, installedAt: row.installedAt,
@@ -57,9 +61,10 @@ extension HostController {
             try? FileManager.default.removeItem(atPath: temporary)
             do {
                 try FileManager.default.copyItem(atPath: path, toPath: temporary)
-                // The copy keeps the source's mode; the installed object is the host's
-                // alone, and nothing writes to it once validated (read and map only).
-                guard chmod(temporary, 0o500) == 0, rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
+                // The copy keeps the source's mode; nothing writes to the installed
+                // object once validated. Workers, which run as identities of their own,
+                // read and map it (the 0700 state directory keeps everyone else out).
+                guard chmod(temporary, Self.installedPluginMode) == 0, rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
             } catch {
                 try? FileManager.default.removeItem(atPath: temporary)
                 throw ControlError.internalError("cannot copy \(path) into \(directory): \(error)")

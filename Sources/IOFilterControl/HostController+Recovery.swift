@@ -24,8 +24,14 @@ extension HostController {
         }
         if let walker = FileManager.default.enumerator(atPath: pluginsDirectory) {
             while let relative = walker.nextObject() as? String {
+                let path = "\(pluginsDirectory)/\(relative)"
+                if relative.hasSuffix(".so") {
+                    // Installed by a release whose workers ran as root (0500): readable
+                    // now by the identities workers run as.
+                    chmod(path, Self.installedPluginMode)
+                }
                 guard relative.hasSuffix(".partial") else { continue }
-                if (try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(relative)")) != nil { removed += 1 }
+                if (try? FileManager.default.removeItem(atPath: path)) != nil { removed += 1 }
             }
         }
         if unclean || !killed.isEmpty {

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterModel
+import IOFilterNBD
 import IOFilterPosix
 import Logging
 
@@ -46,6 +47,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         for index in configuration.disks.indices { configuration.disks[index].listenFD = Int32(3 + index) }
         configuration.controlFD = Int32(3 + configuration.disks.count)
         configuration.heartbeatFD = Int32(4 + configuration.disks.count)
+        configuration.brokerFD = Int32(5 + configuration.disks.count)
         self.configuration = configuration
         self.listenFDs = listenFDs
         self.workerPath = workerPath
@@ -140,8 +142,11 @@ public final class WorkerSupervisor: @unchecked Sendable {
         }
         defer { close(pair[1]) }
         let beat = try Heartbeat()
+        let broker = try TargetBroker.makePair()
+        defer { close(broker.worker) }
+        TargetBroker.serve(on: broker.host, allowed: configuration.namedTargets, logger: logger)
         let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
-            + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!)]
+            + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!), (broker.worker, configuration.brokerFD!)]
         let process: ChildProcess
         do {
             process = try ChildProcess(
@@ -315,13 +320,17 @@ public enum MaintenanceWorker {
         var configuration = configuration
         configuration.controlFD = nil
         configuration.heartbeatFD = nil
+        configuration.brokerFD = 3
         for index in configuration.disks.indices { configuration.disks[index].listenFD = -1 }
         guard let input = try? JSONEncoder().encode(configuration) else { throw SupervisorError(message: "cannot encode the configuration") }
         let process: ChildProcess
         do {
+            let broker = try TargetBroker.makePair()
+            defer { close(broker.worker) }
+            TargetBroker.serve(on: broker.host, allowed: configuration.namedTargets, logger: logger)
             process = try ChildProcess(
-                executable: WorkerExecutable.path(), arguments: ["serve"], stdin: Array(input), stdout: .capture,
-                environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
+                executable: WorkerExecutable.path(), arguments: ["serve"], handOver: [(broker.worker, 3)], stdin: Array(input),
+                stdout: .capture, environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
         } catch {
             throw SupervisorError(message: "cannot start a worker: \(error)")
         }

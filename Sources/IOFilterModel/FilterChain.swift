@@ -16,10 +16,14 @@ public struct PlannedFilter: Codable, Sendable, Equatable {
     public var manifest: PluginManifest
     public var parameters: [String: String]
 
-    /// Files the filter opens itself (its path parameters' values that are not URIs).
-    public var filePaths: [String] {
-        manifest.parameters.filter(\.isPath).compactMap { parameters[$0.name] }.filter { !$0.isEmpty && !$0.contains("://") }
+    /// The files and NBD URIs the filter may have the host open for it (its path
+    /// parameters' values).
+    public var targets: [String] {
+        manifest.parameters.filter(\.isPath).compactMap { parameters[$0.name] }.filter { !$0.isEmpty }
     }
+
+    /// Its targets that are files.
+    public var filePaths: [String] { targets.filter { !$0.contains("://") } }
 }
 
 /// The rules that make a set of filters a chain: each plug-in once, at most one filter

@@ -79,6 +79,15 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// Paths the worker must not reach at all, whatever its file rules: the host's own
     /// control socket. Covered in a private mount namespace before any plug-in loads.
     public var hiddenPaths: [String]?
+    /// Who the worker becomes when the host runs as root (nil: `WorkerIdentity(for:)`
+    /// of the VM's name). Ignored for an unprivileged host, whose workers stay its user.
+    public var identity: WorkerIdentity?
+    /// The fd number, in the worker, of its socket to the host's target broker, which
+    /// opens the files and connections the VM's policies name for its filters (nil: the
+    /// worker opens them itself, unconfined).
+    public var brokerFD: Int32?
+    /// Every target a filter of this worker may have the host open (see `brokerFD`).
+    public var namedTargets: Set<String> { Set(disks.flatMap { $0.filters.flatMap(\.targets) }) }
     /// Clients served at once per disk (nil: the default, 16).
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 10).
@@ -111,4 +120,29 @@ public enum WorkerTask: Codable, Sendable, Equatable {
     /// first, with everything below them still open, so a write-back cache can destage)
     /// and delete their sidecar state; close the rest and exit.
     case detach(plugins: [String])
+}
+
+/// The unprivileged user and group a worker runs as on a root host. Each VM gets its
+/// own (derived from its name, so the same across restarts and host reboots), from a
+/// range no distribution hands out to accounts: the ids own nothing on the host but the
+/// VM's own state, which the worker is given when it starts.
+public struct WorkerIdentity: Codable, Sendable, Equatable {
+    public var uid: UInt32
+    public var gid: UInt32
+
+    /// 0x70000000: above the ranges systemd reserves for containers and dynamic users.
+    public static let base: UInt32 = 0x7000_0000
+
+    public init(uid: UInt32, gid: UInt32) {
+        self.uid = uid
+        self.gid = gid
+    }
+
+    /// The identity of the worker named `name` (a VM's, or "validator").
+    public init(for name: String) {
+        var hash: UInt32 = 2_166_136_261  // FNV-1a
+        for byte in name.utf8 { hash = (hash ^ UInt32(byte)) &* 16_777_619 }
+        let id = Self.base + 1 + hash % 0xFFFF
+        self.init(uid: id, gid: id)
+    }
 }

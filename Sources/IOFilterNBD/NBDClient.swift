@@ -36,13 +36,17 @@ public final class NBDClient: @unchecked Sendable {
     private var freeCookies: [Int]
     private var connected = true
 
-    public init(uri: NBDURI, logger: Logger) throws {
+    public convenience init(uri: NBDURI, logger: Logger) throws {
+        try self.init(uri: uri, connected: try uri.connect(), logger: logger)
+    }
+
+    /// Negotiates over `connected`, a stream socket already connected to the server
+    /// `uri` names (a sandboxed worker gets its sockets from the host); the client owns
+    /// it from here, also when this throws.
+    public init(uri: NBDURI, connected: Int32, logger: Logger) throws {
         self.uri = uri
         self.logger = logger
-        switch uri {
-        case .unix(let socket, _): fd = try Sockets.connectUnix(path: socket)
-        case .tcp(let host, let port, _): fd = try Sockets.connectTCP(host: host, port: port)
-        }
+        fd = connected
         slots = Array(repeating: Slot(), count: Self.maxInFlight)
         freeCookies = Array((0..<Self.maxInFlight).reversed())
         do {

@@ -1,3 +1,5 @@
+import IOFilterPosix
+
 /// An NBD URI as in the NBD URI specification: `nbd+unix:///EXPORT?socket=PATH` or
 /// `nbd://HOST[:PORT]/EXPORT`.
 public enum NBDURI: Sendable, Equatable, CustomStringConvertible {
@@ -18,6 +20,14 @@ public enum NBDURI: Sendable, Equatable, CustomStringConvertible {
             "nbd+unix:///\(Self.escape(export))?socket=\(socket)"
         case .tcp(let host, let port, let export):
             "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(Self.escape(export))"
+        }
+    }
+
+    /// A stream socket connected to the server (TCP with no delay), or throws.
+    public func connect() throws(SystemError) -> Int32 {
+        switch self {
+        case .unix(let socket, _): try Sockets.connectUnix(path: socket)
+        case .tcp(let host, let port, _): try Sockets.connectTCP(host: host, port: port)
         }
     }
 

@@ -1,28 +1,46 @@
 import CSystemShims
+import Foundation
 import Glibc
 import Logging
 
 /// Confines the current process before any plug-in code runs in it.
 ///
-/// Order matters: fds and privileges first, then Landlock (which needs the paths to
-/// still be openable), then seccomp last (it would refuse the Landlock syscalls'
-/// callers nothing, but keeping it last keeps the filter small and final).
+/// The order is the design: first everything the process will keep is opened (while
+/// its identity can still reach it); then it leaves the host's namespaces, becomes init
+/// of a pid namespace of its own (a parent stays outside to report how it ended), and
+/// changes its root to a tmpfs that holds only what it was given; then it gives up
+/// its identity and every capability; Landlock and seccomp come last, as further
+/// layers over a process that already has nothing to abuse.
 public struct Sandbox: Sendable {
-    /// Paths the process may read and write below (disks, its sidecar state).
+    /// Paths the process may read and write below (its sidecar state). As root, they
+    /// are handed to `identity` (recursively) before it takes over.
     public var readWritePaths: [String] = []
     /// Paths it may read and map executable (plug-in files and their libraries).
     public var readExecutePaths: [String] = []
-    /// fds below this number stay open; every other inherited fd is closed.
-    public var keepFDsBelow: Int32 = 3
+    /// fds below this number stay open; every other inherited fd is closed (nil: the
+    /// caller did that itself, with `closeInheritedFDs`, before opening what it keeps).
+    public var keepFDsBelow: Int32? = 3
     /// fds the host handed over that must stay as they are (listening sockets): the
     /// process may not close, shut down or replace them.
     public var pinnedFDs: [Int32] = []
-    /// Paths covered (in a private mount namespace) before anything else: the worker
-    /// cannot open or connect to them, even as root.
+    /// Paths covered with /dev/null before anything else, should they be within the
+    /// process's view: the host's control socket, say.
     public var hiddenPaths: [String] = []
     /// Address space limit in bytes, or nil for none.
     public var addressSpaceLimit: UInt64?
     public var openFilesLimit: UInt64 = 4096
+    /// Who the process becomes when it was started as root (ignored otherwise: an
+    /// unprivileged host's workers stay its user, in a user namespace of their own).
+    public var identity: (uid: UInt32, gid: UInt32)?
+    /// Own user, mount, network, IPC and UTS namespaces and a private root; a warning
+    /// (and no isolation beyond Landlock and seccomp) where the kernel refuses them.
+    public var isolate = true
+    /// Also a pid namespace, with this process as its init: nothing it starts can
+    /// outlive it, it sees no other process, and it ignores its own kill signals.
+    /// Forks, so only for processes that are still single-threaded.
+    public var ownPidNamespace = false
+    /// The host's sockets are handed in by the host: no socket(2) or connect(2).
+    public var denySockets = false
 
     public init() {}
 
@@ -43,18 +61,45 @@ public struct Sandbox: Sendable {
     public struct Report: Sendable {
         public var landlockABI: Int32?
         public var seccomp: Bool
+        public var namespaces: Bool
         public var warnings: [String]
     }
 
     /// Applies everything; what the kernel lacks is reported as a warning, not fatal.
     public func apply(logger: Logger) throws -> Report {
         var warnings: [String] = []
-        _ = iof_close_from(keepFDsBelow)
-        // IPC and host name of its own: no SysV shared memory, semaphores or message
-        // queues of other processes are within reach. (Needs root; a warning otherwise.)
-        let isolated = iof_unshare(iof_clone_newipc() | iof_clone_newuts())
-        if isolated != 0 {
-            warnings.append("cannot give the worker IPC and UTS namespaces of its own (\(String(cString: strerror(-isolated))))")
+        if let keepFDsBelow { Self.closeInheritedFDs(keepingBelow: keepFDsBelow) }
+        setLimit(RLIMIT_CORE, 0)
+        setLimit(RLIMIT_NOFILE, openFilesLimit)
+        if let addressSpaceLimit { setLimit(RLIMIT_AS, addressSpaceLimit) }
+        let identity = geteuid() == 0 ? self.identity : nil
+        // Read before the root changes: afterwards the libraries' paths are no longer
+        // what /proc/self/maps shows.
+        let libraries = Self.libraryDirectories()
+
+        var namespaces = false
+        var aliveFD: Int32 = -1
+        if isolate {
+            var flags = iof_clone_newns() | iof_clone_newnet() | iof_clone_newipc() | iof_clone_newuts()
+            if ownPidNamespace { flags |= iof_clone_newpid() }
+            // Root makes these namespaces as root (its view must be built before it
+            // gives up root); anyone else needs a user namespace to make them at all.
+            let rc = identity != nil ? iof_unshare(flags) : iof_enter_user_namespace(flags)
+            if rc == 0 {
+                namespaces = true
+                // Opened now: in the new mount namespace (binds come from its mounts),
+                // while every path is still reachable.
+                let view = try PrivateView(readWrite: readWritePaths, readExecute: readExecutePaths + libraries,
+                                           newProc: ownPidNamespace)
+                defer { view.close() }
+                if ownPidNamespace {
+                    aliveFD = iof_fork_namespace_init(identity?.uid ?? 0, identity?.gid ?? 0, identity != nil ? 1 : 0)
+                    try check(aliveFD, "fork into the pid namespace")
+                }
+                try view.enter()
+            } else {
+                warnings.append("cannot give the worker namespaces of its own (\(String(cString: strerror(-rc)))): it shares the host's network and sees the host's files through Landlock alone")
+            }
         }
         let present = hiddenPaths.filter { access($0, F_OK) == 0 }
         if !present.isEmpty {
@@ -65,17 +110,32 @@ public struct Sandbox: Sendable {
                 warnings.append("cannot hide \(present.joined(separator: ", ")) from the worker (\(String(cString: strerror(-rc))))")
             }
         }
+        if let identity {
+            for path in readWritePaths { Self.handOver(path, to: identity) }
+            try check(iof_become(identity.uid, identity.gid), "switch to uid \(identity.uid)")
+            // And a user namespace of its own, as an unprivileged host's worker has.
+            if namespaces, iof_enter_user_namespace(0) != 0 {
+                warnings.append("cannot give the worker a user namespace of its own")
+            }
+        } else if geteuid() == 0 {
+            warnings.append("the worker runs as root: no identity to switch to was given")
+        }
+        try check(iof_drop_capabilities(), "drop capabilities")
         try check(iof_set_no_new_privs(), "PR_SET_NO_NEW_PRIVS")
+        _ = iof_set_dumpable(0)
+        // Last of the credential changes, each of which clears it.
         try check(iof_set_parent_death_signal(SIGKILL), "PR_SET_PDEATHSIG")
-        if getppid() == 1 { _exit(1) }  // the parent died before we could ask to follow it
-        setLimit(RLIMIT_CORE, 0)
-        setLimit(RLIMIT_NOFILE, openFilesLimit)
-        if let addressSpaceLimit { setLimit(RLIMIT_AS, addressSpaceLimit) }
+        if aliveFD >= 0 {
+            if iof_parent_is_gone(aliveFD) != 0 { _exit(1) }
+            close(aliveFD)
+        } else if getppid() == 1 {
+            _exit(1)  // the parent died before we could ask to follow it
+        }
 
         var landlock: Int32?
         let abi = iof_landlock_abi()
         if abi > 0 {
-            try applyLandlock(abi: abi)
+            try applyLandlock(abi: abi, libraries: libraries)
             landlock = abi
             if abi < 6 {
                 warnings.append("Landlock ABI \(abi) cannot scope signals (6 can): a filter may signal processes of the same user")
@@ -87,7 +147,7 @@ public struct Sandbox: Sendable {
         var seccomp = false
         if let context = iof_seccomp_new() {
             defer { iof_seccomp_release(context) }
-            for name in Self.deniedSyscalls {
+            for name in Self.deniedSyscalls + (denySockets ? ["socket", "connect"] : []) {
                 _ = iof_seccomp_deny(context, name, EPERM)  // a name this kernel lacks needs no rule
             }
             _ = iof_seccomp_deny_raw_sockets(context, EPERM)
@@ -112,10 +172,26 @@ public struct Sandbox: Sendable {
             warnings.append("seccomp is not available")
         }
         for warning in warnings { logger.warning("sandbox: \(warning)") }
-        return Report(landlockABI: landlock, seccomp: seccomp, warnings: warnings)
+        return Report(landlockABI: landlock, seccomp: seccomp, namespaces: namespaces, warnings: warnings)
     }
 
-    private func applyLandlock(abi: Int32) throws {
+    /// Closes every fd from `first` on: whatever the parent leaked stays out of reach.
+    public static func closeInheritedFDs(keepingBelow first: Int32) {
+        _ = iof_close_from(first)
+    }
+
+    /// Gives a directory and everything below it to the worker's identity: state
+    /// written by an earlier worker (of another identity, or of an older version that
+    /// ran as root) stays usable.
+    static func handOver(_ path: String, to identity: (uid: UInt32, gid: UInt32)) {
+        _ = lchown(path, identity.uid, identity.gid)
+        guard let below = FileManager.default.enumerator(atPath: path) else { return }
+        for case let relative as String in below {
+            _ = lchown(path + "/" + relative, identity.uid, identity.gid)
+        }
+    }
+
+    private func applyLandlock(abi: Int32, libraries: [String]) throws {
         let all = iof_landlock_fs_rights(abi)
         // From ABI 6 the domain also scopes signals and abstract unix sockets: the
         // worker can signal only itself and its own children, and reach no abstract
@@ -128,14 +204,13 @@ public struct Sandbox: Sendable {
         for path in readWritePaths {
             try check(iof_landlock_allow_path(ruleset, path, all & ~iof_landlock_execute_right()), "Landlock rule for \(path)")
         }
-        for path in readExecutePaths + Self.libraryDirectories() {
+        for path in readExecutePaths + libraries {
             _ = iof_landlock_allow_path(ruleset, path, readExecute)  // a missing system dir is fine
         }
         // /proc: Dispatch (under Swift concurrency) reads /proc/TID/stat of its worker
         // threads and crashes the process if it cannot; thread ids cannot be named in
         // advance, so procfs is readable (and, like any process of this user, no more).
-        for path in ["/dev/null", "/dev/zero", "/dev/urandom", "/etc/ld.so.cache", "/etc/localtime", "/proc",
-                     "/sys/devices/system/cpu"] {
+        for path in PrivateView.systemReadPaths + ["/dev/null", "/proc"] {
             _ = iof_landlock_allow_path(ruleset, path, read)
         }
         _ = iof_landlock_allow_path(ruleset, "/dev/null", all & ~iof_landlock_execute_right())

@@ -45,22 +45,30 @@ struct Failure: Encodable {
 }
 struct CallResult: Encodable { let type: String; let value: String }
 
-@MainActor func confine(readExecute: [String], readWrite: [String], keepFDsBelow: Int32, pinned: [Int32] = [],
-                         memoryLimit: UInt64? = nil, hidden: [String] = []) {
+/// Confines this process (see `Sandbox`); a worker that cannot be confined does not run.
+@MainActor func confine(_ configure: (inout Sandbox) -> Void) {
     var sandbox = Sandbox()
-    sandbox.hiddenPaths = hidden
-    sandbox.pinnedFDs = pinned
-    sandbox.addressSpaceLimit = memoryLimit
-    sandbox.readExecutePaths = readExecute
-    sandbox.readWritePaths = readWrite
-    sandbox.keepFDsBelow = keepFDsBelow
+    configure(&sandbox)
     do {
         _ = try sandbox.apply(logger: logger)
     } catch {
         logger.critical("\(error)")
+        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
         exit(70)
     }
 }
+
+/// Validating or calling a plug-in runs its code: the same confinement as serving,
+/// with nothing to read or write but the plug-in itself.
+@MainActor func confineForOneCall(plugin path: String) {
+    confine {
+        $0.readExecutePaths = [path]
+        $0.identity = identity(WorkerIdentity(for: "validator"))
+        $0.denySockets = true
+    }
+}
+
+func identity(_ identity: WorkerIdentity) -> (uid: UInt32, gid: UInt32) { (identity.uid, identity.gid) }
 
 func absolute(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
@@ -103,7 +111,7 @@ func serveControl(fd: Int32, runtime: WorkerRuntime) {
 switch mode {
 case "validate" where arguments.count == 2:
     let path = absolute(arguments[1])
-    confine(readExecute: [path], readWrite: [], keepFDsBelow: 3)
+    confineForOneCall(plugin: path)
     do {
         let library = try PluginLibrary(path: path)
         emit(library.manifest)
@@ -115,7 +123,7 @@ case "validate" where arguments.count == 2:
 
 case "call" where arguments.count >= 3:
     let path = absolute(arguments[1])
-    confine(readExecute: [path], readWrite: [], keepFDsBelow: 3)
+    confineForOneCall(plugin: path)
     do {
         let plugin = LoadedPlugin(library: try PluginLibrary(path: path))
         try plugin.load()
@@ -133,7 +141,7 @@ case "call" where arguments.count >= 3:
 
 case "serve" where arguments.count == 1:
     let input = FileHandle.standardInput.readDataToEndOfFile()
-    guard let configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: input) else {
+    guard var configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: input) else {
         logger.critical("serve: no valid configuration on standard input")
         exit(64)
     }
@@ -141,37 +149,51 @@ case "serve" where arguments.count == 1:
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
     let signals = TerminationSignals.block()
 
-    let inheritedFDs = configuration.disks.map(\.listenFD) + (configuration.controlFD.map { [$0] } ?? [])
-        + (configuration.heartbeatFD.map { [$0] } ?? [])
-    if configuration.sandbox {
-        var readWrite = [configuration.stateDirectory]
-        var readExecute: [String] = []
-        for disk in configuration.disks {
-            if case .file(let path) = disk.backend { readWrite.append(path) }
-            if let directory = disk.stateDirectory {
-                try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-                readWrite.append(directory)
-            }
-            readExecute += disk.filters.map(\.manifest.path)
-            for path in disk.filters.flatMap(\.filePaths) {
-                // A file that does not exist yet can only be granted through its directory.
-                readWrite.append(FileManager.default.fileExists(atPath: path) ? path : (path as NSString).deletingLastPathComponent)
-            }
+    configuration.stateDirectory = absolute(configuration.stateDirectory)
+    var ownDirectories = [configuration.stateDirectory]
+    for index in configuration.disks.indices {
+        if let directory = configuration.disks[index].stateDirectory {
+            configuration.disks[index].stateDirectory = absolute(directory)
+            ownDirectories.append(absolute(directory))
         }
-        try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
-        confine(readExecute: readExecute, readWrite: readWrite, keepFDsBelow: max(inheritedFDs.max() ?? 2, 2) + 1,
-                pinned: configuration.disks.map(\.listenFD).filter { $0 >= 0 },
-                memoryLimit: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
-                hidden: configuration.hiddenPaths ?? [])
+    }
+    for directory in ownDirectories {
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+    let handedOver = configuration.disks.map(\.listenFD) + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD].compactMap { $0 }
+    if configuration.sandbox { Sandbox.closeInheritedFDs(keepingBelow: max(handedOver.max() ?? 2, 2) + 1) }
+    let runtime = WorkerRuntime(configuration: configuration, logger: logger)
+    do {
+        // Disks first: once confined, the worker has no path to them and no network.
+        try runtime.openBackends()
+    } catch {
+        logger.critical("cannot start: \(error)")
+        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+        exit(72)
+    }
+    if configuration.sandbox {
+        let memoryLimit = configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
+        confine {
+            $0.readWritePaths = ownDirectories
+            $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
+            $0.keepFDsBelow = nil  // closed above, before the disks were opened
+            $0.pinnedFDs = configuration.disks.map(\.listenFD).filter { $0 >= 0 }
+            $0.addressSpaceLimit = memoryLimit
+            $0.hiddenPaths = configuration.hiddenPaths ?? []
+            $0.identity = identity(configuration.identity ?? WorkerIdentity(for: configuration.vmName))
+            $0.ownPidNamespace = true
+            // Targets come through the host's broker; without one (a host that
+            // predates it) the filters open their own.
+            $0.denySockets = configuration.brokerFD != nil
+        }
         // No cgroup limits yet (they need cgroup v2 controllers the host can delegate):
         // the rlimit is the fallback, and the log says so.
-        logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \((configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit) >> 20) MiB")
+        logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \(memoryLimit >> 20) MiB")
     }
     guard chdir(configuration.stateDirectory) == 0 else {
         logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")
         exit(71)
     }
-    let runtime = WorkerRuntime(configuration: configuration, logger: logger)
     let exports: [ChainExport]
     do {
         try runtime.loadPlugins()

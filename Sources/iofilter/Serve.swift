@@ -119,6 +119,8 @@ extension IOFilterCommand {
                 watchdogSeconds: watchdog,
                 logLevel: StandardErrorLogging.level.rawValue)
             configuration.maxConnections = maxConnections
+            // One identity per disk across runs (the VM name holds this run's pid).
+            configuration.identity = WorkerIdentity(for: "serve \(isURI ? disk : diskPath)")
             configuration.handshakeSeconds = handshakeTimeout
             configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)

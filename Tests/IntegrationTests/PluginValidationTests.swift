@@ -45,6 +45,29 @@ struct PluginValidationTests {
         #expect(text.stdout.contains("chain: consumer -> org.swift-iofilter.passthrough-c [inspection] -> org.test.cache [cache] -> disk"))
     }
 
+    @Test func aPluginBuiltAgainstTheABI10HeaderStillLoadsAndServes() throws {
+        // ABI 1.1 appended open_target to the host's services: a 1.0 plug-in never
+        // looks past its struct_size, and the host takes its 1.0 descriptor as it is.
+        let old = try Harness.buildTestPlugin("abi-1.0", defines: ["PLUGIN_NAME=\"org.test.abi10\""], header: Harness.abi10Header,
+                                              in: directory)
+        let result = try validate([old], json: true)
+        #expect(result.status == 0, "\(result.stderr)")
+        struct Report: Decodable {
+            struct Plugin: Decodable { let name: String; let abiMajor: Int; let abiMinor: Int }
+            let plugins: [Plugin]
+        }
+        let plugin = try #require(try JSONDecoder().decode(Report.self, from: Data(result.stdout.utf8)).plugins.first)
+        #expect(plugin.abiMajor == 1 && plugin.abiMinor == 0)
+        let disk = Harness.makeImage(directory.appendingPathComponent("abi10.img").path, size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(old):behaviour=invert",
+                                     "--socket", directory.appendingPathComponent("abi10.sock").path])
+        defer { served.stop() }
+        #expect(try Harness.qemuIO(served.uri, ["write -P 0x0f 0 64k", "flush", "read -P 0x0f 0 64k"]).contains("read 65536/65536"))
+        // Through the 1.0 filter for real: it inverted the bytes on their way to the disk.
+        let bytes = try #require(FileHandle(forReadingAtPath: disk)?.readData(ofLength: 16))
+        #expect(bytes.allSatisfy { $0 == 0xf0 })
+    }
+
     @Test func refusesAFileThatIsNotASharedObject() throws {
         let path = directory.appendingPathComponent("text.so").path
         _ = FileManager.default.createFile(atPath: path, contents: Data("not an ELF file\n".utf8))
@@ -58,8 +81,8 @@ struct PluginValidationTests {
     @Test(arguments: [
         (["NO_ENTRY"], "does not export iof_plugin_entry"),
         (["ENTRY_RETURNS_NULL"], "iof_plugin_entry() returned NULL"),
-        (["ABI_MAJOR_VALUE=2"], "built for ABI 2.0; this host speaks ABI 1.x"),
-        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.0"),
+        (["ABI_MAJOR_VALUE=2", "ABI_MINOR_VALUE=0"], "built for ABI 2.0; this host speaks ABI 1.x"),
+        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.1"),
         (["STRUCT_SIZE_VALUE=16"], "struct_size is 16, smaller than"),
         (["CATEGORY=9"], "unknown category 9"),
         (["PLUGIN_NAME=\"\""], "name is empty"),

@@ -71,7 +71,7 @@ struct SamplePluginTests {
         #expect(served.waitForLog("is in sync"))
         // Async shipping yields the CPU to the guest's data path; in sync mode the
         // guest waits for the replica, so nothing of it runs at lower priority.
-        let worker = try #require(served.workerPID)
+        let worker = try #require(served.servingPID)
         let shipper = Self.scheduling(of: worker, thread: "replication")
         #expect(shipper.map(\.nice) == [mode == "async" ? 10 : 0])
         #expect(shipper.map(\.policy) == [mode == "async" ? 3 : 0], "SCHED_BATCH (3) in async mode, SCHED_OTHER (0) in sync")
@@ -187,7 +187,7 @@ struct SamplePluginTests {
         } while Date() < deadline && (below.contains("Pattern verification failed") || !below.contains("read 262144/262144"))
         #expect(below.contains("read 262144/262144") && !below.contains("Pattern verification failed"))
         // On a thread of its own, in the background (SCHED_BATCH, nice 10).
-        let worker = try #require(served.workerPID)
+        let worker = try #require(served.servingPID)
         let destager = Self.scheduling(of: worker, thread: "cache-destage")
         #expect(destager.map(\.policy) == [3])
         #expect(destager.map(\.nice) == [10])

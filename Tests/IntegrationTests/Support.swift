@@ -35,10 +35,15 @@ enum Harness {
     }
 
     /// Builds the test plug-in (Fixtures/testfilter.c) with compile-time knobs.
-    static func buildTestPlugin(_ name: String, defines: [String] = [], in directory: URL) throws -> String {
+    /// Builds the hostile test plug-in; `header` is a directory holding the iofilter.h
+    /// to build against (default: the current one in include/).
+    static func buildTestPlugin(_ name: String, defines: [String] = [], header: String? = nil, in directory: URL) throws -> String {
         try compile(source: repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/testfilter.c").path,
-                    output: directory.appendingPathComponent("\(name).so").path, defines: defines)
+                    output: directory.appendingPathComponent("\(name).so").path, defines: defines, header: header)
     }
+
+    /// The header of ABI 1.0, as released: plug-ins built against it must keep loading.
+    static let abi10Header = repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/abi-1.0").path
 
     /// Builds the C pass-through sample with nothing but cc and the header.
     static func buildPassthrough(in directory: URL) throws -> String {
@@ -46,8 +51,8 @@ enum Harness {
                     output: directory.appendingPathComponent("passthrough-c.so").path, defines: [])
     }
 
-    static func compile(source: String, output: String, defines: [String]) throws -> String {
-        let result = try run("/usr/bin/cc", ["-shared", "-fPIC", "-O1", "-w", "-I", repository.appendingPathComponent("include").path]
+    static func compile(source: String, output: String, defines: [String], header: String? = nil) throws -> String {
+        let result = try run("/usr/bin/cc", ["-shared", "-fPIC", "-O1", "-w", "-I", header ?? repository.appendingPathComponent("include").path]
                                 + defines.map { "-D\($0)" } + ["-o", output, source, "-lpthread"])
         guard result.status == 0 else { throw HarnessError("cc failed: \(result.stderr)") }
         return output
@@ -171,6 +176,18 @@ enum Harness {
         return stat[stat.index(after: close)...].split(separator: " ")
     }
 
+    /// Whether `pid` has ended within `seconds` (a zombie counts: in a container nobody
+    /// may reap an orphan).
+    static func isGone(_ pid: pid_t, within seconds: Double = 5) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            guard let fields = statFields("/proc/\(pid)/stat"), fields.count > 1 else { return true }
+            if fields[0] == "Z" { return true }
+            usleep(50_000)
+        } while Date() < deadline
+        return false
+    }
+
     /// Child processes of `pid` (the worker under an `iofilter serve`).
     static func children(of pid: pid_t) -> [pid_t] {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
@@ -218,9 +235,17 @@ final class ServedDisk: @unchecked Sendable {
     let uri: String
     private let stderrReader: ReadAll
 
-    init(_ arguments: [String], timeout: Double = 60) throws {
-        process.executableURL = URL(fileURLWithPath: Harness.iofilter)
-        process.arguments = ["serve"] + arguments
+    /// - Parameters:
+    ///   - executable: the `iofilter` to run (a copy, say, that another user can reach).
+    ///   - user: run it as this uid (and gid), through setpriv: an unprivileged host.
+    init(_ arguments: [String], executable: String = Harness.iofilter, user: UInt32? = nil, timeout: Double = 60) throws {
+        if let user {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            process.arguments = ["--reuid", "\(user)", "--regid", "\(user)", "--clear-groups", executable, "serve"] + arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: executable)
+            process.arguments = ["serve"] + arguments
+        }
         process.environment = ProcessInfo.processInfo.environment.merging(["IOFILTER_LOG_LEVEL": "info"]) { $1 }
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
@@ -259,7 +284,10 @@ final class ServedDisk: @unchecked Sendable {
         return false
     }
 
+    /// The worker process the supervisor started (and waits for).
     var workerPID: pid_t? { Harness.children(of: process.processIdentifier).first }
+    /// The process that serves: the worker's child, init of its own pid namespace.
+    var servingPID: pid_t? { workerPID.flatMap { Harness.children(of: $0).first } }
 
     /// Waits until a worker other than `old` runs and serves.
     func waitForNewWorker(replacing old: pid_t, timeout: Double = 30) throws -> pid_t {

@@ -85,4 +85,55 @@ int iof_hide_paths(const char *const *paths, int count);
 void *iof_thread_local_get(void);
 void iof_thread_local_set(void *value);
 
+/* Sends `length` bytes (one record on a SOCK_SEQPACKET socket) with `fd` attached as
+ * SCM_RIGHTS (none if fd < 0): bytes sent or -errno. */
+ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd);
+/* Receives one record; `*fd` is the attached fd (close-on-exec) or -1. Bytes or -errno. */
+ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd);
+
+/* ---- isolation.c: namespaces, identity, the private root ---------------------- */
+int iof_clone_newuser(void);
+int iof_clone_newns(void);
+int iof_clone_newnet(void);
+int iof_clone_newpid(void);
+/* unshare(CLONE_NEWUSER | other_namespaces), mapping the caller's own uid and gid (and
+ * nothing else) into the new user namespace. The caller must be single-threaded. */
+int iof_enter_user_namespace(int other_namespaces);
+/* Drops supplementary groups, then sets real, effective and saved gid and uid (from
+ * root this drops every capability). 0 or -errno. */
+int iof_become(uint32_t uid, uint32_t gid);
+/* Empties the permitted, effective, inheritable, ambient and bounding sets. */
+int iof_drop_capabilities(void);
+/* 1 if the process holds any capability (in its user namespace), 0 if none, -errno. */
+int iof_has_capabilities(void);
+/* Forks after unshare(CLONE_NEWPID): returns in the child only, as init of the new pid
+ * namespace, with an fd that reports a hang-up once the parent is gone (see
+ * iof_parent_is_gone), or -errno. The parent stays outside: it closes every fd but
+ * stderr, drops to uid/gid if `change_identity`, forwards SIGTERM, SIGINT and SIGHUP to
+ * the child, kills it on iof_kill_self, and exits as the child exits (same status,
+ * or killed by the same signal). */
+int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity);
+int iof_parent_is_gone(int alive_fd);
+/* Kills the calling process for good, even as init of its own pid namespace (which
+ * ignores its own SIGKILL): through the parent iof_fork_namespace_init left outside. */
+void iof_kill_self(void);
+
+enum iof_view_kind { IOF_VIEW_READ_ONLY = 0, IOF_VIEW_READ_WRITE = 1, IOF_VIEW_SYMLINK = 2 };
+struct iof_view_entry {
+    const char *path;  /* where it appears, the same absolute path as outside          */
+    int fd;            /* an O_PATH fd of what is shown there (binds)                  */
+    int kind;          /* enum iof_view_kind                                            */
+    const char *link;  /* the symlink's target (IOF_VIEW_SYMLINK)                      */
+};
+/* Makes a tmpfs mounted on `scratch` the process's root, holding only `entries` (each
+ * bound from its fd, so their parent directories need not be reachable by the
+ * process's identity), /proc (a new procfs if `new_proc`, for a new pid namespace),
+ * and nothing else; the old root is detached. Needs CAP_SYS_ADMIN over the current
+ * mount namespace, which must be private to the process. On failure, `*failed_entry`
+ * is the index of the entry that could not be placed, or -1. */
+/* open(path, O_PATH | O_CLOEXEC): a handle on a file or directory that grants no access by itself. */
+int iof_open_path(const char *path);
+int iof_enter_private_root(const char *scratch, const struct iof_view_entry *entries, int count, int new_proc,
+                           int *failed_entry);
+
 #endif

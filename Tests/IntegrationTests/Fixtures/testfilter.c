@@ -21,7 +21,8 @@
  *   open-outside    in open, try to create `marker` (outside the sandbox's paths), log the errno
  *   refuse-open     fail open with EACCES (a worker that cannot start)
  *   mknod-on-open   in open, try to make a character device in the sidecar, log the errno
- *   signal-parent-on-open  in open, send SIGWINCH to the parent (the supervisor), log the errno
+ *   signal-parent-on-open  in open, send SIGWINCH to the supervisor (the pid `marker`
+ *                   names, else the parent), log the errno
  *   namespace-on-open      in open, try clone(CLONE_NEWUSER|CLONE_NEWNET) and unshare, log
  *   fork-on-open    in open, try to fork a child that would linger, log the errno
  *   break-listener-on-open  in open, shut down, replace and close fd 3 (the listening
@@ -33,7 +34,16 @@
  *   connect-on-open in open, connect to the unix socket `marker` names, log the errno
  *   sysv-on-open    in open, look up the SysV shared memory segment 0x10f17e57, log
  *   shrink-heartbeat-on-open  in open, truncate fd 5 (the heartbeat page), log the errno
- *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB
+ *   connect-tcp-on-open  in open, connect to 127.0.0.1 on the port `marker` names, log
+ *   ptrace-on-open  in open, try to attach to the parent with ptrace, log the errno
+ *   report-on-open  in open, log who the worker is and what it sees: uid, effective
+ *                   capabilities, processes in /proc, network interfaces, and whether
+ *                   the file `marker` names exists for it
+ *   open-target-on-open  in open, ask the host for `target` (open_target, ABI 1.1) and
+ *                   write "brokered" at its start; ask for `marker` too (not a target
+ *                   its policy names) and open `target` directly; log all three
+ *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB; log if that
+ *                   had no effect (init of a pid namespace ignores its own SIGSTOP)
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
@@ -49,6 +59,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <sys/ptrace.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -96,7 +112,16 @@ __attribute__((constructor)) static void crash_on_load(void)
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
-                 SHRINK_HEARTBEAT_ON_OPEN };
+                 SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN };
+/* The `behaviour` parameter's values, in the order of enum behaviour. */
+static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
+                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
+                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
+                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
+                                         "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
+                                         "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
+                                         "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
+                                         "open-target-on-open", NULL};
 
 static const struct iof_host_services *host;
 
@@ -186,14 +211,8 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     struct instance *inst = calloc(1, sizeof *inst);
     inst->disk = disk;
     const char *b = host->param(disk, "behaviour");
-    static const char *const names[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                        "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
-                                        "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                        "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                        "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                        "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open"};
-    for (size_t i = 0; b && i < sizeof names / sizeof *names; i++)
-        if (strcmp(b, names[i]) == 0)
+    for (size_t i = 0; b && behaviours[i]; i++)
+        if (strcmp(b, behaviours[i]) == 0)
             inst->behaviour = (enum behaviour)i;
     char line[256];
     if (inst->behaviour == MKNOD_ON_OPEN) {
@@ -208,7 +227,9 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     }
     if (inst->behaviour == SIGNAL_PARENT_ON_OPEN) {
         /* SIGWINCH: harmless if it ever arrived (ignored by default). */
-        if (kill(getppid(), SIGWINCH) == 0)
+        const char *marker = host->param(disk, "marker");
+        pid_t supervisor = marker && atoi(marker) > 0 ? (pid_t)atoi(marker) : getppid();
+        if (kill(supervisor, SIGWINCH) == 0)
             snprintf(line, sizeof line, "signal to the parent delivered");
         else
             snprintf(line, sizeof line, "signal to the parent refused: %s", strerror(errno));
@@ -276,6 +297,81 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
             close(fd);
         host->log(disk, IOF_LOG_WARNING, line);
     }
+    if (inst->behaviour == CONNECT_TCP_ON_OPEN) {
+        /* A TCP listener of the host's (the test's) on loopback. */
+        const char *port = host->param(disk, "marker");
+        struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(port ? port : "0")),
+                                      .sin_addr = {htonl(INADDR_LOOPBACK)}};
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd >= 0 && connect(fd, (struct sockaddr *)&address, sizeof address) == 0)
+            snprintf(line, sizeof line, "tcp connect succeeded");
+        else
+            snprintf(line, sizeof line, "tcp connect refused: %s", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == PTRACE_ON_OPEN) {
+        if (ptrace(PTRACE_ATTACH, getppid(), NULL, NULL) == 0)
+            snprintf(line, sizeof line, "ptrace succeeded");
+        else
+            snprintf(line, sizeof line, "ptrace refused: %s", strerror(errno));
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == REPORT_ON_OPEN) {
+        char capabilities[32] = "?", text[4096];
+        FILE *status = fopen("/proc/self/status", "r");
+        while (status && fgets(text, sizeof text, status))
+            if (strncmp(text, "CapEff:", 7) == 0)
+                sscanf(text + 7, "%31s", capabilities);
+        if (status)
+            fclose(status);
+        int processes = 0, interfaces = -2; /* /proc/net/dev has two header lines */
+        DIR *proc = opendir("/proc");
+        for (struct dirent *entry; proc && (entry = readdir(proc));)
+            if (entry->d_name[0] >= '0' && entry->d_name[0] <= '9')
+                processes++;
+        if (proc)
+            closedir(proc);
+        FILE *dev = fopen("/proc/net/dev", "r");
+        while (dev && fgets(text, sizeof text, dev))
+            interfaces++;
+        if (dev)
+            fclose(dev);
+        const char *marker = host->param(disk, "marker");
+        struct stat info;
+        snprintf(line, sizeof line, "identity uid=%u caps=%s processes=%d interfaces=%d marker=%s", (unsigned)getuid(),
+                 capabilities, processes, interfaces, marker && stat(marker, &info) == 0 ? "visible" : "hidden");
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+#if IOF_ABI_MINOR >= 1
+    if (inst->behaviour == OPEN_TARGET_ON_OPEN) {
+        const char *target = host->param(disk, "target");
+        const char *marker = host->param(disk, "marker");
+        if (host->struct_size < offsetof(struct iof_host_services, open_target) + sizeof host->open_target) {
+            host->log(disk, IOF_LOG_WARNING, "the host has no open_target");
+        } else {
+            int fd = host->open_target(disk, target);
+            if (fd >= 0 && pwrite(fd, "brokered", 8, 0) == 8)
+                snprintf(line, sizeof line, "open_target of the target succeeded");
+            else
+                snprintf(line, sizeof line, "open_target of the target failed: %s", strerror(fd < 0 ? -fd : errno));
+            if (fd >= 0)
+                close(fd);
+            host->log(disk, IOF_LOG_WARNING, line);
+            fd = host->open_target(disk, marker);
+            snprintf(line, sizeof line, "open_target of the marker %s", fd >= 0 ? "succeeded" : strerror(-fd));
+            if (fd >= 0)
+                close(fd);
+            host->log(disk, IOF_LOG_WARNING, line);
+        }
+        int fd = open(target, O_RDWR | O_CREAT, 0600);
+        snprintf(line, sizeof line, "direct open of the target %s", fd >= 0 ? "succeeded" : strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+#endif
     if (inst->behaviour == SYSV_ON_OPEN) {
         /* A SysV shared memory segment the test made outside the worker, by its key. */
         int id = shmget((key_t)0x10f17e57, 0, 0);
@@ -376,8 +472,10 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
         return IOF_PASS;
     case FREEZE_ON_READ:
         /* Stops the whole worker, its watchdog thread included. */
-        if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
             raise(SIGSTOP);
+            host->log(inst->disk, IOF_LOG_WARNING, "stopping the worker had no effect");
+        }
         return IOF_PASS;
     case HANG_ON_READ:
         if (req->op == IOF_OP_READ && req->offset >= (1u << 20))
@@ -416,12 +514,6 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
 
 /* --- descriptor ------------------------------------------------------------------- */
 
-static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
-                                         "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
-                                         "refuse-attach", "mknod-on-open", "signal-parent-on-open",
-                                         "namespace-on-open", "freeze-on-read", "fork-on-open",
-                                         "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
-                                         "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open", NULL};
 #ifdef BAD_ENUM_SCHEMA
 static const char *const no_values[] = {NULL};
 #endif
@@ -443,6 +535,8 @@ static const struct iof_param_spec params[] = {
     {sizeof(struct iof_param_spec), "depth", "queue depth", IOF_PARAM_INT, 0, "4", 1, 64, NULL},
 #endif
     {sizeof(struct iof_param_spec), "size", "a size", IOF_PARAM_SIZE, 0, "1M", 4096, 1LL << 40, NULL},
+    {sizeof(struct iof_param_spec), "target", "a file or NBD URI the host opens for open-target-on-open",
+     IOF_PARAM_STRING, IOF_PARAM_PATH, "", 0, 0, NULL},
 };
 
 static int32_t add(int32_t a, int32_t b) { return a + b; }
