@@ -187,16 +187,8 @@ struct FaultTests {
         let test = try Harness.buildTestPlugin("tf-escape", in: directory)
         let disk = image("escape.img", size: 4 << 20)
         // A TCP listener of the host's, on loopback: the worker has no network to reach it.
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let (listener, port) = Harness.loopbackListener()
         defer { close(listener) }
-        var address = sockaddr_in(sin_family: sa_family_t(AF_INET), sin_port: 0, sin_addr: in_addr(s_addr: inet_addr("127.0.0.1")),
-                                  sin_zero: (0, 0, 0, 0, 0, 0, 0, 0))
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) == 0 && getsockname(listener, $0, &length) == 0 }
-        }
-        listen(listener, 4)
-        let port = UInt16(bigEndian: address.sin_port)
         for (behaviour, refusals) in [
             ("mknod-on-open", ["mknod refused: Operation not permitted"]),
             // This test's own pid: a process outside the worker's pid namespace, where it

@@ -63,7 +63,7 @@ struct OpenAPITests {
     /// codes, content types, response schemas, and no server errors.
     @Test(.enabled(if: OpenAPITests.schemathesis != nil, "schemathesis is not installed"))
     func schemathesisFindsTheDocumentTrue() throws {
-        let port = Self.freePort()
+        let port = Harness.freePort()
         let daemon = try Daemon(arguments: ["--listen", "127.0.0.1:\(port)"])
         defer { daemon.stop() }
         try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-cache"), Daemon.samplePlugin("iofilter-passthrough-c")])
@@ -90,14 +90,4 @@ struct OpenAPITests {
         let path = found.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         return path.isEmpty ? nil : path
     }()
-
-    static func freePort() -> UInt16 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in(sin_family: sa_family_t(AF_INET), sin_port: 0, sin_addr: in_addr(s_addr: inet_addr("127.0.0.1")), sin_zero: (0, 0, 0, 0, 0, 0, 0, 0))
-        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-        return UInt16(bigEndian: address.sin_port)
-    }
 }

@@ -98,19 +98,25 @@ struct SamplePluginTests {
         }
     }
 
-    @Test func replicatesToAnNBDTargetAndSurvivesItsAbsence() throws {
-        let source = image("repl-nbd.img", size: 32 << 20)
-        let replica = image("replica-nbd.img", size: 32 << 20)
+    /// The worker has no network and no path to the socket: the host's broker connects
+    /// for it, over a unix socket or TCP.
+    @Test(arguments: ["unix", "tcp"])
+    func replicatesToAnNBDTargetAndSurvivesItsAbsence(transport: String) throws {
+        let source = image("repl-nbd-\(transport).img", size: 32 << 20)
+        let replica = image("replica-nbd-\(transport).img", size: 32 << 20)
         let socket = directory.appendingPathComponent("replica.sock").path
+        let port = Harness.freePort()
+        let target = transport == "unix" ? "nbd+unix:///?socket=\(socket)" : "nbd://127.0.0.1:\(port)/"
         // The target is not there yet: the guest's writes must not fail.
-        let served = try ServedDisk([source, "--filter", "\(Self.replication):target=nbd+unix:///?socket=\(socket),mode=async"])
+        let served = try ServedDisk([source, "--filter", "\(Self.replication):target=\(target),mode=async"])
         defer { served.stop() }
         _ = try Harness.qemuIO(served.uri, ["write -P 0x42 0 1M", "flush"])
         #expect(served.waitForLog("replica unreachable"))
         // Then the replica appears (qemu-nbd), and the filter catches up.
         let qemuNBD = Process()
         qemuNBD.executableURL = URL(fileURLWithPath: Harness.tool("qemu-nbd"))
-        qemuNBD.arguments = ["-f", "raw", "-k", socket, "-t", "--cache=writeback", replica]
+        qemuNBD.arguments = ["-f", "raw", "-t", "--cache=writeback", replica]
+            + (transport == "unix" ? ["-k", socket] : ["-b", "127.0.0.1", "-p", "\(port)"])
         qemuNBD.standardOutput = FileHandle.nullDevice
         qemuNBD.standardError = FileHandle.nullDevice
         try qemuNBD.run()

@@ -188,6 +188,26 @@ enum Harness {
         return false
     }
 
+    /// A TCP socket listening on 127.0.0.1 at a port the kernel chose, and that port.
+    static func loopbackListener() -> (fd: Int32, port: UInt16) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in(sin_family: sa_family_t(AF_INET), sin_port: 0, sin_addr: in_addr(s_addr: inet_addr("127.0.0.1")),
+                                  sin_zero: (0, 0, 0, 0, 0, 0, 0, 0))
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        listen(fd, 8)
+        return (fd, UInt16(bigEndian: address.sin_port))
+    }
+
+    /// A loopback port free a moment ago (for a server the test starts).
+    static func freePort() -> UInt16 {
+        let (fd, port) = loopbackListener()
+        close(fd)
+        return port
+    }
+
     /// Child processes of `pid` (the worker under an `iofilter serve`).
     static func children(of pid: pid_t) -> [pid_t] {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
