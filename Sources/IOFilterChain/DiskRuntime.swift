@@ -1,6 +1,6 @@
 import CIOFilter
 import CSystemShims
-import Foundation
+import FoundationEssentials
 import Glibc
 import IOFilterModel
 import IOFilterNBD

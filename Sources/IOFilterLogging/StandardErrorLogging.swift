@@ -1,11 +1,11 @@
-import Foundation
+import Glibc
 import Logging
 
 /// Every executable logs to stderr at the level IOFILTER_LOG_LEVEL names (default info);
 /// workers inherit the host's stderr, so one stream shows the host and its workers.
 public enum StandardErrorLogging {
     public static var level: Logger.Level {
-        ProcessInfo.processInfo.environment["IOFILTER_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        getenv("IOFILTER_LOG_LEVEL").flatMap { Logger.Level(rawValue: String(cString: $0)) } ?? .info
     }
 
     public static func bootstrap() {

@@ -79,6 +79,19 @@ public enum FileDescriptorIO {
         }
     }
 
+    /// Reads until end of file (a pipe's writer closed it).
+    public static func readToEnd(_ fd: Int32) throws(SystemError) -> [UInt8] {
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { throw SystemError("read") }
+            if count == 0 { return bytes }
+            bytes += chunk[..<count]
+        }
+    }
+
     public static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(SystemError) {
         let failure: SystemError? = bytes.withUnsafeBytes { raw in
             do throws(SystemError) {

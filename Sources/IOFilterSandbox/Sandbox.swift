@@ -1,5 +1,4 @@
 import CSystemShims
-import Foundation
 import Glibc
 import Logging
 
@@ -183,11 +182,18 @@ public struct Sandbox: Sendable {
     /// Gives a directory and everything below it to the worker's identity: state
     /// written by an earlier worker (of another identity, or of an older version that
     /// ran as root) stays usable.
+    /// A directory it owns already is taken to be its own throughout (what it makes
+    /// there is its own), so a restart does not walk the tree again.
     static func handOver(_ path: String, to identity: (uid: UInt32, gid: UInt32)) {
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_uid != identity.uid || info.st_gid != identity.gid else { return }
         _ = lchown(path, identity.uid, identity.gid)
-        guard let below = FileManager.default.enumerator(atPath: path) else { return }
-        for case let relative as String in below {
-            _ = lchown(path + "/" + relative, identity.uid, identity.gid)
+        guard (info.st_mode & S_IFMT) == S_IFDIR, let directory = opendir(path) else { return }
+        defer { closedir(directory) }
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name == "." || name == ".." { continue }
+            handOver(path + "/" + name, to: identity)
         }
     }
 

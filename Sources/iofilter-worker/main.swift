@@ -8,7 +8,8 @@
 //
 // It is started by the host (never by hand) and confines itself before any plug-in
 // code runs: whatever a plug-in does, only this process suffers.
-import Foundation
+import FoundationEssentials
+import Glibc
 import IOFilterChain
 import IOFilterLogging
 import IOFilterModel
@@ -24,11 +25,15 @@ let mode = arguments.first ?? ""
 StandardErrorLogging.bootstrap()
 var logger = Logger(label: "iofilter.worker")
 
+/// One line to the host on stdout (READY, ERROR …, DONE, or a JSON answer).
+func say(_ line: String) {
+    try? FileDescriptorIO.writeAll(STDOUT_FILENO, Array((line + "\n").utf8))
+}
+
 func emit(_ value: some Encodable) {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
-    let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
-    FileHandle.standardOutput.write(data + Data("\n".utf8))
+    say((try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) } ?? "{}")
 }
 
 struct Failure: Encodable {
@@ -53,7 +58,7 @@ struct CallResult: Encodable { let type: String; let value: String }
         _ = try sandbox.apply(logger: logger)
     } catch {
         logger.critical("\(error)")
-        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+        say("ERROR \(error)")
         exit(70)
     }
 }
@@ -78,17 +83,17 @@ func absolute(_ path: String) -> String {
 /// the channel.
 func serveControl(fd: Int32, runtime: WorkerRuntime) {
     startThread(name: "control") {
-        let input = FileHandle(fileDescriptor: fd, closeOnDealloc: false)
-        var pending = Data()
+        var pending: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
         while true {
             guard let newline = pending.firstIndex(of: UInt8(ascii: "\n")) else {
-                let chunk = input.availableData
-                if chunk.isEmpty { return }
-                pending += chunk
+                let count = chunk.withUnsafeMutableBytes { (try? FileDescriptorIO.readSome(fd, into: $0.baseAddress!, count: $0.count)) ?? 0 }
+                if count == 0 { return }
+                pending += chunk[..<count]
                 continue
             }
-            let line = pending[pending.startIndex..<newline]
-            pending = Data(pending[(newline + 1)...])
+            let line = Data(pending[..<newline])
+            pending.removeSubrange(...newline)
             var response = WorkerControlResponse()
             switch try? JSONDecoder().decode(WorkerControlRequest.self, from: line) {
             case .stats:
@@ -140,8 +145,8 @@ case "call" where arguments.count >= 3:
     }
 
 case "serve" where arguments.count == 1:
-    let input = FileHandle.standardInput.readDataToEndOfFile()
-    guard var configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: input) else {
+    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
+    guard var configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: Data(input)) else {
         logger.critical("serve: no valid configuration on standard input")
         exit(64)
     }
@@ -168,7 +173,7 @@ case "serve" where arguments.count == 1:
         try runtime.openBackends()
     } catch {
         logger.critical("cannot start: \(error)")
-        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+        say("ERROR \(error)")
         exit(72)
     }
     if configuration.sandbox {
@@ -201,7 +206,7 @@ case "serve" where arguments.count == 1:
     } catch {
         logger.critical("cannot start: \(error)")
         // The host reads this line to tell its caller why.
-        FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+        say("ERROR \(error)")
         exit(72)
     }
     switch configuration.task {
@@ -215,12 +220,12 @@ case "serve" where arguments.count == 1:
                 try runtime.detach(plugins: Set(plugins))
             } catch {
                 logger.error("cannot detach: \(error)")
-                FileHandle.standardOutput.write(Data("ERROR \(error)\n".utf8))
+                say("ERROR \(error)")
                 status = 73
             }
         }
         runtime.shutdown()
-        if status == 0 { FileHandle.standardOutput.write(Data("DONE\n".utf8)) }
+        if status == 0 { say("DONE") }
         exit(status)
     }
     var servers: [NBDServer] = []
@@ -238,7 +243,7 @@ case "serve" where arguments.count == 1:
     // beat stops (the process frozen, deadlocked, its threads stopped), it kills us.
     let heartbeat = configuration.heartbeatFD.flatMap { try? Heartbeat(inherited: $0) }
     heartbeat?.startBeating()
-    FileHandle.standardOutput.write(Data("READY\n".utf8))
+    say("READY")
     let received = signals.wait()
     // In order: no new clients, every connection answers what it accepted and ends,
     // and only then are filters closed (never while a request runs in one of them).
@@ -249,6 +254,6 @@ case "serve" where arguments.count == 1:
     exit(0)
 
 default:
-    FileHandle.standardError.write(Data("usage: iofilter-worker serve | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
+    try? FileDescriptorIO.writeAll(STDERR_FILENO, Array("usage: iofilter-worker serve | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
     exit(64)
 }
