@@ -122,7 +122,7 @@ public final class HostController: @unchecked Sendable {
     }
 
     public func hostInfo(apiSocket: String) -> HostInfo {
-        HostInfo(version: "0.1.0", stateDirectory: stateDirectory, apiSocket: apiSocket, pid: getpid(),
+        HostInfo(version: Release.version, stateDirectory: stateDirectory, apiSocket: apiSocket, pid: getpid(),
                  runningVMs: liveLock.withLock { running.keys.sorted() })
     }
 
@@ -221,6 +221,7 @@ public final class HostController: @unchecked Sendable {
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
         supervisor.maximumBackoff = max(restartBackoffLimit, supervisor.minimumBackoff)
+        supervisor.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
         do {
             try supervisor.start()
         } catch {

@@ -34,6 +34,11 @@ public final class WorkerSupervisor: @unchecked Sendable {
     /// The current worker's heartbeat page.
     private var heartbeat: Heartbeat?
 
+    /// Told (on the supervising thread) each time the worker ends unasked, with what
+    /// happened ("worker 123 killed by SIGSEGV (filters: …); restarting in 0.1s"), and
+    /// each time a replacement serves: for the host's event log.
+    public var onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)?
+
     public var minimumBackoff = 0.1
     public var maximumBackoff = 10.0
     /// A worker that ran this long resets the backoff.
@@ -216,7 +221,11 @@ public final class WorkerSupervisor: @unchecked Sendable {
                 logger.info("worker \(process.pid) stopped: \(ChildProcess.describe(status: status))")
                 return
             }
-            logger.error("worker \(process.pid) \(ChildProcess.describe(status: status)); restarting in \(backoff)s")
+            let filters = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) }).sorted()
+            let running = filters.isEmpty ? "" : " (filters: \(filters.joined(separator: ", ")))"
+            let exit = "worker \(process.pid) \(ChildProcess.describe(status: status))\(running); restarting in \(backoff)s"
+            logger.error("\(exit)")
+            onEvent?(.workerExited, exit)
             if Double(monotonicNanoseconds() - startedAt) / 1e9 > stableAfter { backoff = minimumBackoff }
             while true {
                 let stopNow = lock.withLock { () -> Bool in
@@ -232,7 +241,9 @@ public final class WorkerSupervisor: @unchecked Sendable {
                         restartCount += 1
                     }
                     process = next
-                    if !ready.ready {
+                    if ready.ready {
+                        onEvent?(.workerRestarted, "worker \(next.pid) serves again after \(restarts) restart(s)")
+                    } else {
                         logger.error("restarted worker \(next.pid) did not become ready")
                         next.signal(SIGKILL)
                     }
@@ -262,6 +273,12 @@ extension WorkerSupervisor {
             return process.wait() ?? -1
         }
     }
+}
+
+/// What a supervisor reports to its host's event log.
+public enum SupervisorEvent: String, Sendable {
+    case workerExited = "worker-exited"
+    case workerRestarted = "worker-restarted"
 }
 
 public struct SupervisorError: Error, CustomStringConvertible {

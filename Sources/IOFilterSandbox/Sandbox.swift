@@ -109,15 +109,18 @@ public struct Sandbox: Sendable {
                 warnings.append("cannot hide \(present.joined(separator: ", ")) from the worker (\(String(cString: strerror(-rc))))")
             }
         }
-        if let identity {
+        if let identity, namespaces {
             for path in readWritePaths { Self.handOver(path, to: identity) }
             try check(iof_become(identity.uid, identity.gid), "switch to uid \(identity.uid)")
             // And a user namespace of its own, as an unprivileged host's worker has.
-            if namespaces, iof_enter_user_namespace(0) != 0 {
+            if iof_enter_user_namespace(0) != 0 {
                 warnings.append("cannot give the worker a user namespace of its own")
             }
         } else if geteuid() == 0 {
-            warnings.append("the worker runs as root: no identity to switch to was given")
+            // Without a private root, another identity could not reach the state
+            // directories below the host's (0700): root, without capabilities.
+            warnings.append(identity == nil ? "the worker runs as root: no identity to switch to was given"
+                                            : "the worker stays root (without capabilities): it has no namespaces to switch identity in")
         }
         try check(iof_drop_capabilities(), "drop capabilities")
         try check(iof_set_no_new_privs(), "PR_SET_NO_NEW_PRIVS")

@@ -24,6 +24,7 @@ struct IOFilterCommand: ParsableCommand {
               iofilter disk create data --size 10G --policy gold
               iofilter vm create web --disk data && iofilter vm start web
             """,
+        version: Release.description,
         subcommands: [
             Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, Events.self, Serve.self,
         ])

@@ -29,7 +29,8 @@ struct IOFilterDaemon: ParsableCommand {
             'demo' (inspection sample, async replication to a replica file, write-back \
             cache), a disk 'demo-disk' and a VM 'demo'; then starts the VM and prints its \
             NBD URI and a qemu-img command to try it.
-            """)
+            """,
+        version: Release.description)
 
     @Option(help: ArgumentHelp("Where the host keeps its state (default: /var/lib/iofilter as root, else ~/.local/state/iofilter).", valueName: "dir"))
     var stateDir: String?

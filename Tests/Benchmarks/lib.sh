@@ -42,14 +42,16 @@ prepare_disk() {
     echo "preparing a $size raw file..." >&2
     make_disk "$disk" "$size"
     passthrough=$work/passthrough-c.so
-    cc -O2 -shared -fPIC -Iinclude -o "$passthrough" Plugins/passthrough-c/passthrough.c
+    # Against the ABI 1.0 header: a baseline build from before 1.1 loads it as well.
+    cc -O2 -shared -fPIC -ITests/IntegrationTests/Fixtures/abi-1.0 -o "$passthrough" Plugins/passthrough-c/passthrough.c
 }
 
-# start_iofilter NAME DISK [serve options...]: sets uri[NAME].
+# start_iofilter NAME DISK [serve options...]: sets uri[NAME]. With `build=DIR` before
+# the call, that build's iofilter serves (a baseline to compare with, in the same run).
 declare -A uri
 start_iofilter() {
     local name=$1 disk=$2; shift 2
-    "$bin/iofilter" serve "$disk" --socket "$work/$name.sock" --state-dir "$work/state-$name" "$@" \
+    "${build:-$bin}/iofilter" serve "$disk" --socket "$work/$name.sock" --state-dir "$work/state-$name" "$@" \
         > "$work/$name.uri" 2> "$work/$name.log" &
     pids+=($!)
     for _ in $(seq 400); do [ -s "$work/$name.uri" ] && break; sleep 0.05; done

@@ -8,6 +8,9 @@
 # the CPU clocks happen to be doing at that moment.
 #
 #   Tests/Benchmarks/run.sh [--runtime SECONDS] [--rounds N] [--size 1G] [--quick]
+#
+# With BASELINE_BIN=DIR (another build's bin directory), that build serves too, as
+# "baseline" and "baseline+c-sample", interleaved with the rest.
 runtime=5
 rounds=3
 size=1G
@@ -20,6 +23,12 @@ qemu-nbd -f raw -k "$work/qemu.sock" -t -e 16 --cache=writeback --aio=threads "$
 wait_for_socket "$work/qemu.sock"; uri[qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock"
 start_iofilter iofilter "$disk"
 start_iofilter iofilter+c-sample "$disk" --filter "$passthrough"
+servers=(nbdkit qemu-nbd iofilter iofilter+c-sample)
+if [ -n "${BASELINE_BIN:-}" ]; then
+    build=$BASELINE_BIN start_iofilter baseline "$disk"
+    build=$BASELINE_BIN start_iofilter baseline+c-sample "$disk" --filter "$passthrough"
+    servers+=(baseline baseline+c-sample)
+fi
 
 # Slow storage: nbdkit with 1 ms per request over the file, proxied by nbdkit's nbd
 # plugin and by iofilter's NBD backend.
@@ -32,7 +41,7 @@ workloads=("4k-randread-qd16 randread 4k 16" "4k-randwrite-qd16 randwrite 4k 16"
 for workload in "${workloads[@]}"; do
     set -- $workload
     for _ in $(seq "$rounds"); do
-        for server in nbdkit qemu-nbd iofilter iofilter+c-sample; do measure "$1" "$server" "$2" "$3" "$4" "$size"; done
+        for server in "${servers[@]}"; do measure "$1" "$server" "$2" "$3" "$4" "$size"; done
     done
 done
 for _ in $(seq "$rounds"); do

@@ -193,6 +193,11 @@ struct ControlPlaneTests {
                         "connect to the socket refused: Operation not permitted"] {
             #expect(log.contains(refusal), "the host's log says: \(refusal)")
         }
+        // The hung worker's end and its replacement are events, naming its filters.
+        let events: [Event] = try daemon.json(["events"])
+        #expect(events.contains { $0.kind == "worker-exited" && $0.subject == "va0" && $0.message.contains("org.test.filter") })
+        #expect(events.contains { $0.kind == "worker-restarted" && $0.subject == "va0" })
+        #expect(!events.contains { $0.subject == "vb" && $0.kind.hasPrefix("worker-") })
         let after: VMInfo = try daemon.json(["vm", "show", "vb"])
         #expect(after.pid == vmB.pid && after.restarts == 0, "VM B's worker never restarted")
         #expect(daemon.process?.isRunning == true, "the host lives")

@@ -5,6 +5,14 @@ import Testing
 /// served through the sample chain in a sandboxed worker.
 @Suite("demo")
 struct DemoTests {
+    @Test func bothProgramsTellTheirVersionAndThePluginABI() throws {
+        for program in ["iofilter", "iofilterd"] {
+            let result = try Harness.run(Harness.binDirectory.appendingPathComponent(program).path, ["--version"])
+            #expect(result.status == 0)
+            #expect(result.stdout.hasPrefix("0.") && result.stdout.contains("(plug-in ABI 1.1)"), "\(program): \(result.stdout)")
+        }
+    }
+
     @Test func theDemoServesItsDiskThroughTheSampleChain() throws {
         let state = Harness.temporaryDirectory("demo")
         let process = Process()

@@ -33,7 +33,7 @@ struct FaultTests {
         let second = try served.waitForNewWorker(replacing: first)
         #expect(second != first)
         #expect(served.process.isRunning, "the parent survives")
-        #expect(served.waitForLog("worker \(first) killed by SIGKILL; restarting"))
+        #expect(served.waitForLog("worker \(first) killed by SIGKILL (filters: org.swift-iofilter.passthrough-c); restarting"))
         workload.terminate()
         workload.waitUntilExit()
         for index in 0..<8 {
@@ -61,7 +61,7 @@ struct FaultTests {
         let crash = try Harness.run(qemuIO, ["-f", "raw", "-c", "write -P 1 0 4096", vmA.uri])
         #expect(crash.status != 0 || crash.stderr.contains("error") || !crash.stdout.contains("wrote"))
         let restartedA = try vmA.waitForNewWorker(replacing: workerA)
-        #expect(vmA.waitForLog("worker \(workerA) killed by SIGSEGV; restarting"))
+        #expect(vmA.waitForLog("worker \(workerA) killed by SIGSEGV (filters: org.test.filter); restarting"))
         // VM A still serves reads after its restart.
         #expect(try io(vmA.uri, ["read -P 0 0 4096"]).contains("read 4096/4096"))
         #expect(restartedA != workerA)
@@ -325,6 +325,6 @@ struct FaultTests {
         let log = served.log
         #expect(log.contains("watchdog: request"))
         #expect(log.contains("(read offset=2097152 length=4096) stuck in filter org.test.filter on disk hang.img"))
-        #expect(log.contains("worker \(worker) killed by SIGKILL; restarting"))
+        #expect(log.contains("worker \(worker) killed by SIGKILL (filters: org.test.filter); restarting"))
     }
 }
