@@ -308,19 +308,27 @@ public struct VMLimits: Codable, Sendable, Equatable {
     public var memoryLimit: UInt64?
     /// NBD clients served at once per disk (1 to 1024).
     public var maxConnections: Int?
+    /// The worker's share of CPU against other workers, 1 to 10000 (100 is the
+    /// default); applied where the host gives workers cgroups.
+    public var cpuWeight: Int?
 
-    public init(memoryLimit: UInt64? = nil, maxConnections: Int? = nil) {
+    public init(memoryLimit: UInt64? = nil, maxConnections: Int? = nil, cpuWeight: Int? = nil) {
         self.memoryLimit = memoryLimit
         self.maxConnections = maxConnections
+        self.cpuWeight = cpuWeight
     }
 
     public static let connectionRange = 1...1024
+    public static let cpuWeightRange = 1...10000
+
+    public var isEmpty: Bool { memoryLimit == nil && maxConnections == nil && cpuWeight == nil }
 
     /// Why these limits cannot be used, or nil.
     public var problem: String? {
         let minimum = WorkerConfiguration.minimumMemoryLimit
         if let memoryLimit, memoryLimit < minimum { return "memoryLimit must be at least \(minimum >> 20) MiB (\(minimum) bytes)" }
         if let maxConnections, !Self.connectionRange.contains(maxConnections) { return "maxConnections must be in 1...1024" }
+        if let cpuWeight, !Self.cpuWeightRange.contains(cpuWeight) { return "cpuWeight must be in 1...10000" }
         return nil
     }
 }

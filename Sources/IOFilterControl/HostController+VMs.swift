@@ -55,7 +55,8 @@ extension HostController {
                     }
                 }
                 try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now(),
-                          memoryLimit: request.limits?.memoryLimit.map(Int64.init), maxConnections: request.limits?.maxConnections)
+                          memoryLimit: request.limits?.memoryLimit.map(Int64.init), maxConnections: request.limits?.maxConnections,
+                          cpuWeight: request.limits?.cpuWeight)
                     .insert(db)
                 for name in request.disks {
                     var disk = try diskRow(name, db)

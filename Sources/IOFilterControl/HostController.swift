@@ -180,6 +180,7 @@ public final class HostController: @unchecked Sendable {
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
         configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit
         configuration.maxConnections = limits?.maxConnections
+        configuration.cpuWeight = limits?.cpuWeight
         configuration.hiddenPaths = hiddenFromWorkers
         return configuration
     }

@@ -125,7 +125,7 @@ enum OpenAPIDocument {
         "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number)],
                                     required: ["plugin", "version", "category", "stats"]),
         "DiskStatistics": .object(["disk": .string, "filters": .array(.ref("FilterStatistics"))], required: ["disk", "filters"]),
-        "VMLimits": .object(["memoryLimit": .integer, "maxConnections": .integer], required: []),
+        "VMLimits": .object(["memoryLimit": .integer, "maxConnections": .integer, "cpuWeight": .integer], required: []),
         "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits")], required: ["name", "disks"]),
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,

@@ -52,9 +52,12 @@ struct VMRow: Codable, FetchableRecord, PersistableRecord {
     /// The worker's limits (v2); NULL takes the host's defaults.
     var memoryLimit: Int64?
     var maxConnections: Int?
+    /// (v3)
+    var cpuWeight: Int?
 
     var limits: VMLimits? {
-        memoryLimit == nil && maxConnections == nil ? nil : VMLimits(memoryLimit: memoryLimit.map(UInt64.init), maxConnections: maxConnections)
+        let limits = VMLimits(memoryLimit: memoryLimit.map(UInt64.init), maxConnections: maxConnections, cpuWeight: cpuWeight)
+        return limits.isEmpty ? nil : limits
     }
 }
 
@@ -129,6 +132,9 @@ final class StateStore: Sendable {
                 t.add(column: "memoryLimit", .integer)
                 t.add(column: "maxConnections", .integer)
             }
+        }
+        migrator.registerMigration("v3: per-VM CPU weight") { db in
+            try db.alter(table: "vm") { t in t.add(column: "cpuWeight", .integer) }
         }
         return migrator
     }

@@ -44,11 +44,30 @@ public final class WorkerSupervisor: @unchecked Sendable {
     /// A worker that ran this long resets the backoff.
     public var stableAfter = 30.0
 
+    /// The worker's own cgroup, if the host can make one.
+    public let cgroup: WorkerCgroup?
+
     /// - Parameter listenFDs: one listening socket per disk, in the order of
     ///   `configuration.disks`; the worker gets them as fds 3, 4, …
     public init(configuration: WorkerConfiguration, listenFDs: [Int32], workerPath: String = WorkerExecutable.path(),
-                readyTimeout: Double = 60, logger: Logger) {
+                readyTimeout: Double = 60, cgroupLimits: WorkerCgroupLimits? = nil, logger: Logger) {
         var configuration = configuration
+        var logger = logger
+        logger[metadataKey: "vm"] = "\(configuration.vmName)"
+        // Room for two threads per client of every disk besides the filters' own.
+        let clients = (configuration.maxConnections ?? 16) * max(configuration.disks.count, 1)
+        let limits = cgroupLimits ?? WorkerCgroupLimits(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
+                                                        tasks: WorkerCgroupLimits.defaultTasks + 2 * clients,
+                                                        cpuWeight: configuration.cpuWeight ?? WorkerCgroupLimits.defaultCPUWeight)
+        switch WorkerCgroup.create(name: configuration.vmName, limits: limits) {
+        case .success(let made):
+            cgroup = made
+            configuration.cgroupProcs = made.procsFiles
+            configuration.cgroupSummary = "cgroup v\(made.version): memory \(limits.memory >> 20) MiB, \(limits.tasks) tasks, CPU weight \(limits.cpuWeight)"
+        case .failure(let reason):
+            cgroup = nil
+            logger.warning("no cgroup for the worker (\(reason)): its memory is limited by RLIMIT_AS alone, its threads and CPU not at all")
+        }
         for index in configuration.disks.indices { configuration.disks[index].listenFD = Int32(3 + index) }
         configuration.controlFD = Int32(3 + configuration.disks.count)
         configuration.heartbeatFD = Int32(4 + configuration.disks.count)
@@ -58,8 +77,6 @@ public final class WorkerSupervisor: @unchecked Sendable {
         self.workerPath = workerPath
         self.readyTimeout = readyTimeout
         heartbeatTimeout = configuration.watchdogSeconds > 0 ? max(configuration.watchdogSeconds, 2) : 0
-        var logger = logger
-        logger[metadataKey: "vm"] = "\(configuration.vmName)"
         self.logger = logger
     }
 
@@ -92,8 +109,15 @@ public final class WorkerSupervisor: @unchecked Sendable {
             while outcome.result == nil { outcome.lock.wait() }
             return outcome.result!
         }
-        let (process, ready) = try launched.get()
+        let (process, ready): (ChildProcess, (ready: Bool, error: String?))
+        do {
+            (process, ready) = try launched.get()
+        } catch {
+            cgroup?.remove()
+            throw error
+        }
         guard ready.ready else {
+            defer { cgroup?.remove() }
             let status = process.wait(timeout: 5) ?? { process.signal(SIGKILL); return process.wait() ?? -1 }()
             let reason = ready.error.map { ": \($0)" } ?? ""
             throw SupervisorError(message: "the worker for \(configuration.vmName) \(ChildProcess.describe(status: status)) before it was ready\(reason)")
@@ -130,6 +154,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
                 }
             }
         }
+        defer { cgroup?.remove() }
         guard let process else { return }
         process.signal(SIGTERM)
         if process.wait(timeout: timeout) == nil {
@@ -216,13 +241,20 @@ public final class WorkerSupervisor: @unchecked Sendable {
         var backoff = minimumBackoff
         while true {
             let startedAt = monotonicNanoseconds()
+            let oomKillsBefore = cgroup?.oomKills ?? 0
             let status = waitWatchingHeartbeat(process)
+            cgroup?.killAll()
             if lock.withLock({ stopping }) {
                 logger.info("worker \(process.pid) stopped: \(ChildProcess.describe(status: status))")
                 return
             }
             let filters = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) }).sorted()
             let running = filters.isEmpty ? "" : " (filters: \(filters.joined(separator: ", ")))"
+            if let cgroup, cgroup.oomKills > oomKillsBefore {
+                let limit = "worker \(process.pid) reached its memory limit of \(cgroup.limits.memory >> 20) MiB\(running): the kernel killed it"
+                logger.critical("\(limit)")
+                onEvent?(.workerOutOfMemory, limit)
+            }
             let exit = "worker \(process.pid) \(ChildProcess.describe(status: status))\(running); restarting in \(backoff)s"
             logger.error("\(exit)")
             onEvent?(.workerExited, exit)
@@ -279,6 +311,7 @@ extension WorkerSupervisor {
 public enum SupervisorEvent: String, Sendable {
     case workerExited = "worker-exited"
     case workerRestarted = "worker-restarted"
+    case workerOutOfMemory = "worker-out-of-memory"
 }
 
 public struct SupervisorError: Error, CustomStringConvertible {

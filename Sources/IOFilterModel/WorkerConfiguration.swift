@@ -86,6 +86,14 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// opens the files and connections the VM's policies name for its filters (nil: the
     /// worker opens them itself, unconfined).
     public var brokerFD: Int32?
+    /// The cgroup the worker joins first thing (the `cgroup.procs` file of each
+    /// hierarchy), which limits its memory, tasks and CPU weight; nil: there is none,
+    /// and the worker limits its memory with RLIMIT_AS instead.
+    public var cgroupProcs: [String]?
+    /// The worker's CPU weight in its cgroup, 1 to 10000 (nil: 100).
+    public var cpuWeight: Int?
+    /// What that cgroup allows, for the worker's log line.
+    public var cgroupSummary: String?
     /// Every target a filter of this worker may have the host open (see `brokerFD`).
     public var namedTargets: Set<String> { Set(disks.flatMap { $0.filters.flatMap(\.targets) }) }
     /// Clients served at once per disk (nil: the default, 16).

@@ -152,6 +152,17 @@ case "serve" where arguments.count == 1:
     }
     logger = Logger(label: "iofilter.worker")
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
+    // First of all, while still one process: the cgroup that limits this worker and
+    // everything it will ever be (its pid namespace's init included).
+    var inCgroup = false
+    if let files = configuration.cgroupProcs {
+        inCgroup = files.allSatisfy { file in
+            let fd = open(file, O_WRONLY | O_CLOEXEC)
+            defer { if fd >= 0 { close(fd) } }
+            return fd >= 0 && (try? FileDescriptorIO.writeAll(fd, Array("0".utf8))) != nil
+        }
+        if !inCgroup { logger.warning("cannot join the cgroup the host made (\(String(cString: strerror(errno)))): limits fall back on RLIMIT_AS") }
+    }
     let signals = TerminationSignals.block()
 
     configuration.stateDirectory = absolute(configuration.stateDirectory)
@@ -183,7 +194,9 @@ case "serve" where arguments.count == 1:
             $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
             $0.keepFDsBelow = nil  // closed above, before the disks were opened
             $0.pinnedFDs = configuration.disks.map(\.listenFD).filter { $0 >= 0 }
-            $0.addressSpaceLimit = memoryLimit
+            // The cgroup limits memory as the kernel accounts it; an address-space limit
+            // would only refuse a filter's large but harmless reservations.
+            $0.addressSpaceLimit = inCgroup ? nil : memoryLimit
             $0.hiddenPaths = configuration.hiddenPaths ?? []
             $0.identity = identity(configuration.identity ?? WorkerIdentity(for: configuration.vmName))
             $0.ownPidNamespace = true
@@ -191,9 +204,11 @@ case "serve" where arguments.count == 1:
             // predates it) the filters open their own.
             $0.denySockets = configuration.brokerFD != nil
         }
-        // No cgroup limits yet (they need cgroup v2 controllers the host can delegate):
-        // the rlimit is the fallback, and the log says so.
-        logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \(memoryLimit >> 20) MiB")
+        if inCgroup, let summary = configuration.cgroupSummary {
+            logger.notice("this worker is limited by its \(summary)")
+        } else {
+            logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \(memoryLimit >> 20) MiB")
+        }
     }
     guard chdir(configuration.stateDirectory) == 0 else {
         logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")

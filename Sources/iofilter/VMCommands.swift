@@ -23,7 +23,8 @@ struct VMCommand: ParsableCommand {
         var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
         if let started = vm.startedAt { lines.append("  started: \(started)") }
         if let limits = vm.limits {
-            let parts = [limits.memoryLimit.map { "memory \($0 >> 20) MiB" }, limits.maxConnections.map { "\($0) connections per disk" }]
+            let parts = [limits.memoryLimit.map { "memory \($0 >> 20) MiB" }, limits.maxConnections.map { "\($0) connections per disk" },
+                         limits.cpuWeight.map { "CPU weight \($0)" }]
             lines.append("  limits: " + parts.compactMap { $0 }.joined(separator: ", "))
         }
         for disk in vm.disks {
@@ -48,6 +49,8 @@ struct VMCommand: ParsableCommand {
         var memoryLimit: String?
         @Option(help: ArgumentHelp("NBD clients served at once per disk (default 16).", valueName: "n"))
         var maxConnections: Int?
+        @Option(help: ArgumentHelp("Its worker's share of CPU against other workers, 1-10000 (default 100; where the host gives workers cgroups).", valueName: "n"))
+        var cpuWeight: Int?
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
@@ -58,14 +61,18 @@ struct VMCommand: ParsableCommand {
             if let maxConnections, !VMLimits.connectionRange.contains(maxConnections) {
                 throw ValidationError("--max-connections must be in 1...1024")
             }
+            if let cpuWeight, !VMLimits.cpuWeightRange.contains(cpuWeight) {
+                throw ValidationError("--cpu-weight must be in 1...10000")
+            }
         }
 
         func run() throws {
             try reportingFailures {
                 try daemon.client.run("POST", "/vms", body: VMCreateRequest(
                     name: name, disks: disks,
-                    limits: memoryLimit == nil && maxConnections == nil ? nil : VMLimits(
-                        memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections)), as: VMInfo.self, text: VMCommand.describe)
+                    limits: memoryLimit == nil && maxConnections == nil && cpuWeight == nil ? nil : VMLimits(
+                        memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections,
+                        cpuWeight: cpuWeight)), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

@@ -63,17 +63,35 @@ struct ControlPlaneTests {
         try daemon.ok(["disk", "create", "l1", "--size", "8M"])
         try daemon.ok(["disk", "create", "l2", "--size", "8M"])
         #expect(try daemon.refused(["vm", "create", "tiny", "--disk", "l1", "--memory-limit", "1M"]).contains("at least 256M"))
-        try daemon.ok(["vm", "create", "limited", "--disk", "l1", "--memory-limit", "1G", "--max-connections", "2"])
+        try daemon.ok(["vm", "create", "limited", "--disk", "l1", "--memory-limit", "1G", "--max-connections", "2", "--cpu-weight", "50"])
+        #expect(try daemon.refused(["vm", "create", "greedy", "--disk", "l2", "--cpu-weight", "0"]).contains("1...10000"))
         try daemon.ok(["vm", "create", "plain", "--disk", "l2"])
         let limited: VMInfo = try daemon.json(["vm", "start", "limited"])
         let plain: VMInfo = try daemon.json(["vm", "start", "plain"])
-        #expect(limited.limits == VMLimits(memoryLimit: 1 << 30, maxConnections: 2))
-        #expect(try daemon.ok(["vm", "show", "limited"]).contains("limits: memory 1024 MiB, 2 connections per disk"))
-        // The worker runs under its VM's limit; another VM under the host's default.
+        #expect(limited.limits == VMLimits(memoryLimit: 1 << 30, maxConnections: 2, cpuWeight: 50))
+        #expect(try daemon.ok(["vm", "show", "limited"]).contains("limits: memory 1024 MiB, 2 connections per disk, CPU weight 50"))
+        // The worker runs under its VM's limit; another VM under the host's default:
+        // its cgroup's, or (no cgroup here) its address-space limit.
+        func cgroupValue(_ pid: Int32?, v1 controller: String, _ v1File: String, v2 v2File: String) -> String? {
+            guard let pid, let groups = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else { return nil }
+            for line in groups.split(separator: "\n") where line.contains("iofilter-worker") {
+                let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+                guard parts.count == 3 else { continue }
+                let file = parts[1] == controller ? "/sys/fs/cgroup/\(controller)\(parts[2])/\(v1File)"
+                    : parts[1].isEmpty ? "/sys/fs/cgroup\(parts[2])/\(v2File)" : nil
+                if let file { return (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) }
+            }
+            return nil
+        }
         func addressSpace(_ pid: Int32?) -> String? {
+            if let limit = cgroupValue(pid, v1: "memory", "memory.limit_in_bytes", v2: "memory.max") { return limit }
             guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8) else { return nil }
             return text.split(separator: "\n").first { $0.hasPrefix("Max address space") }
                 .map { $0.split(separator: " ", omittingEmptySubsequences: true)[3...3].joined() }
+        }
+        // CPU weight 50 is half the default: 512 shares in cgroup v1.
+        if let weight = cgroupValue(limited.pid, v1: "cpu", "cpu.shares", v2: "cpu.weight") {
+            #expect(weight == "512" || weight == "50", "\(weight)")
         }
         #expect(addressSpace(limited.pid) == "1073741824")
         #expect(addressSpace(plain.pid) == "2147483648")
@@ -188,7 +206,10 @@ struct ControlPlaneTests {
             try daemon.ok(["vm", "stop", "va\(index)"])
         }
         let log = daemon.log
-        for refusal in ["stuck in filter org.test.filter", "allocation refused after", "fork refused: Operation not permitted",
+        // Memory: the kernel kills the worker at its cgroup's limit, or (no cgroup here)
+        // its allocations fail at the address-space limit.
+        let memory = log.contains("limited by its cgroup") ? "reached its memory limit of 1024 MiB" : "allocation refused after"
+        for refusal in ["stuck in filter org.test.filter", memory, "fork refused: Operation not permitted",
                         "shutdown of the listening socket refused", "signal to the parent refused: No such process",
                         "connect to the socket refused: Operation not permitted"] {
             #expect(log.contains(refusal), "the host's log says: \(refusal)")

@@ -149,6 +149,8 @@ struct FaultTests {
                                     executable: home.appendingPathComponent("iofilter").path, user: nobody)
         defer { served.stop() }
         #expect(served.waitForLog("identity uid=\(nobody) caps=0000000000000000"), "\(served.log)")
+        // An ordinary user cannot make cgroups here: the rlimit, and a warning that says so.
+        #expect(served.log.contains("no cgroup for the worker") && served.log.contains("limited by RLIMIT_AS"))
         if served.log.contains("cannot give the worker namespaces") {
             // A kernel that refuses user namespaces to ordinary users: the worker says
             // so, and still serves under Landlock and seccomp.
@@ -256,16 +258,49 @@ struct FaultTests {
                                      "--socket", directory.appendingPathComponent("greedy.sock").path])
         defer { served.stop() }
         let worker = try #require(served.workerPID)
-        #expect(served.waitForLog("its memory is limited by RLIMIT_AS to 1024 MiB"))
+        #expect(served.waitForLog("limited by its cgroup") || served.log.contains("limited by RLIMIT_AS to 1024 MiB"))
         let greedy = try Harness.run(qemuIO, ["-f", "raw", "-c", "read 2M 4096", served.uri], timeout: 60)
         #expect(greedy.status != 0 || !greedy.stdout.contains("read 4096/4096"), "the greedy read failed")
-        #expect(served.waitForLog("allocation refused after"))
-        let refusal = served.log.split(separator: "\n").first { $0.contains("allocation refused after") }.map(String.init) ?? ""
-        let megabytes = Int(refusal.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
-        #expect(megabytes < 1024, "\(refusal)")
-        // The worker lived through it and serves the rest of the disk.
+        if served.log.contains("limited by its cgroup") {
+            // The kernel kills the worker alone when its group's memory runs out; the
+            // supervisor says which limit, and which filters ran there.
+            print("note: memory limited by a cgroup here")
+            #expect(served.log.contains("this worker is limited by its cgroup v") && served.log.contains("memory 1024 MiB"))
+            let replacement = try served.waitForNewWorker(replacing: worker)
+            #expect(served.log.contains("worker \(worker) reached its memory limit of 1024 MiB (filters: org.test.filter): the kernel killed it"))
+            #expect(replacement != worker)
+        } else {
+            // No cgroup (not root, or no controllers): the address-space limit makes the
+            // allocations fail, and the worker lives.
+            print("note: no cgroup here; checked the RLIMIT_AS fallback")
+            #expect(served.waitForLog("allocation refused after"))
+            let refusal = served.log.split(separator: "\n").first { $0.contains("allocation refused after") }.map(String.init) ?? ""
+            let megabytes = Int(refusal.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
+            #expect(megabytes < 1024, "\(refusal)")
+            #expect(served.workerPID == worker)
+        }
+        // Either way the disk is served, on the same socket.
         #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
-        #expect(served.workerPID == worker)
+    }
+
+    @Test func aFilterThatStartsThreadsWithoutBoundMeetsTheWorkersTaskLimit() throws {
+        let test = try Harness.buildTestPlugin("tf-threads", in: directory)
+        let disk = image("threads.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=threads-on-open",
+                                     "--socket", directory.appendingPathComponent("threads.sock").path])
+        defer { served.stop() }
+        #expect(served.waitForLog("thread"))
+        let line = served.log.split(separator: "\n").first { $0.contains("thread creation refused after") || $0.contains("threads never refused") }
+            .map(String.init) ?? ""
+        if served.log.contains("limited by its cgroup") {
+            // 512 tasks and two per client: far below the filter's 4096.
+            let started = Int(line.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
+            #expect(started < 600, "\(line)")
+        } else {
+            print("note: no cgroup here; a worker's threads are not limited")
+        }
+        // The worker lived through it.
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
     }
 
     @Test func aFilterThatKillsEveryProcessItCanSeeHurtsNothing() throws {

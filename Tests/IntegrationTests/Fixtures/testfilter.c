@@ -42,6 +42,8 @@
  *   open-target-on-open  in open, ask the host for `target` (open_target, ABI 1.1) and
  *                   write "brokered" at its start; ask for `marker` too (not a target
  *                   its policy names) and open `target` directly; log all three
+ *   threads-on-open in open, start threads (at most 4096) until refused, log how many,
+ *                   then let them all end
  *   freeze-on-read  SIGSTOP the whole worker on reads past the first MiB; log if that
  *                   had no effect (init of a pid namespace ignores its own SIGSTOP)
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
@@ -112,7 +114,8 @@ __attribute__((constructor)) static void crash_on_load(void)
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
-                 SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN };
+                 SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
+                 THREADS_ON_OPEN };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -121,7 +124,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
-                                         "open-target-on-open", NULL};
+                                         "open-target-on-open", "threads-on-open", NULL};
 
 static const struct iof_host_services *host;
 
@@ -129,6 +132,14 @@ struct instance {
     iof_host_disk *disk;
     enum behaviour behaviour;
 };
+
+static void *wait_for_gate(void *fd)
+{
+    char byte;
+    while (read((int)(intptr_t)fd, &byte, 1) > 0)
+        ;
+    return NULL;
+}
 
 /* --- a tiny queue for deferred decisions, drained by one thread ------------------ */
 struct pending {
@@ -342,6 +353,22 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
         struct stat info;
         snprintf(line, sizeof line, "identity uid=%u caps=%s processes=%d interfaces=%d marker=%s", (unsigned)getuid(),
                  capabilities, processes, interfaces, marker && stat(marker, &info) == 0 ? "visible" : "hidden");
+        host->log(disk, IOF_LOG_WARNING, line);
+    }
+    if (inst->behaviour == THREADS_ON_OPEN) {
+        /* Each thread waits for the pipe to close, then ends. Bounded at 4096. */
+        int gate[2];
+        int started = 0;
+        if (pipe(gate) == 0) {
+            pthread_t thread;
+            while (started < 4096 && pthread_create(&thread, NULL, wait_for_gate, (void *)(intptr_t)gate[0]) == 0) {
+                pthread_detach(thread);
+                started++;
+            }
+            close(gate[1]);
+        }
+        snprintf(line, sizeof line, started < 4096 ? "thread creation refused after %d threads" : "threads never refused (%d)",
+                 started);
         host->log(disk, IOF_LOG_WARNING, line);
     }
 #if IOF_ABI_MINOR >= 1

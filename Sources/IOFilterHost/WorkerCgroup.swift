@@ -1,0 +1,187 @@
+import Glibc
+import IOFilterModel
+import IOFilterPosix
+
+/// A control group of a worker's own: its memory (without swap), its number of tasks
+/// (threads: the worker makes no processes) and its CPU weight are limited by the
+/// kernel, which kills the worker alone — never the host or another VM — when it goes
+/// past its memory, and everything left in the group is killed when the worker ends.
+///
+/// cgroup v2 where the host can write its own cgroup's subtree (root, or a delegated
+/// subtree); else the v1 memory, pids and cpu hierarchies where they are mounted and
+/// writable. Where neither is possible the worker falls back on rlimits, and says so.
+public final class WorkerCgroup: @unchecked Sendable {
+    // @unchecked: immutable after init.
+    /// One directory per hierarchy (v1), or one (v2).
+    public let directories: [String]
+    /// The files a process writes "0" to, to join the group (one per hierarchy).
+    public let procsFiles: [String]
+    public let limits: WorkerCgroupLimits
+    let version: Int
+
+    init(directories: [String], procsFiles: [String], limits: WorkerCgroupLimits, version: Int) {
+        self.directories = directories
+        self.procsFiles = procsFiles
+        self.limits = limits
+        self.version = version
+    }
+
+    /// Makes (or reuses) the group `name` with `limits`, or says why it cannot.
+    public static func create(name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
+        let mounts = CgroupMounts.read()
+        if let unified = mounts.unified, let own = mounts.ownPath["", default: nil] {
+            let root = unified + (own == "/" ? "" : own)
+            let available = (read("\(root)/cgroup.controllers") ?? "").split(whereSeparator: \.isWhitespace).map(String.init)
+            // A hybrid host's v2 tree holds none of them: its controllers are v1's.
+            if ["memory", "pids", "cpu"].allSatisfy(available.contains) {
+                return createV2(root: root, name: name, limits: limits)
+            }
+        }
+        return createV1(mounts: mounts, name: name, limits: limits)
+    }
+
+    private static func createV2(root: String, name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
+        let wanted = ["memory", "pids", "cpu"]
+        // No process may sit in a group whose controllers are handed to children: the
+        // host moves itself into a leaf of its own first.
+        let host = "\(root)/iofilter-host"
+        if !(read("\(root)/cgroup.subtree_control") ?? "").contains("memory") {
+            guard makeDirectory(host), write("0", to: "\(host)/cgroup.procs"),
+                  write(wanted.map { "+\($0)" }.joined(separator: " "), to: "\(root)/cgroup.subtree_control") else {
+                return .failure(SupervisorError(message: "cannot delegate controllers below \(root): \(String(cString: strerror(errno)))"))
+            }
+        }
+        let directory = "\(root)/worker-\(name)"
+        guard makeDirectory(directory),
+              write("\(limits.memory)", to: "\(directory)/memory.max"),
+              write("\(limits.tasks)", to: "\(directory)/pids.max"),
+              write("\(limits.cpuWeight)", to: "\(directory)/cpu.weight") else {
+            return .failure(SupervisorError(message: "cannot set up \(directory): \(String(cString: strerror(errno)))"))
+        }
+        _ = write("0", to: "\(directory)/memory.swap.max")  // absent without swap accounting
+        return .success(WorkerCgroup(directories: [directory], procsFiles: ["\(directory)/cgroup.procs"], limits: limits, version: 2))
+    }
+
+    private static func createV1(mounts: CgroupMounts, name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
+        var directories: [String] = []
+        for controller in ["memory", "pids", "cpu"] {
+            guard let mount = mounts.v1[controller], let own = mounts.ownPath[controller] ?? nil else {
+                if controller == "cpu" { continue }  // a CPU weight is a nicety; memory and tasks are not
+                return .failure(SupervisorError(message: "no cgroup v2 with controllers, and the cgroup v1 \(controller) hierarchy is not mounted"))
+            }
+            let directory = "\(mount)\(own == "/" ? "" : own)/iofilter-worker-\(name)"
+            guard makeDirectory(directory) else {
+                return .failure(SupervisorError(message: "cannot create \(directory): \(String(cString: strerror(errno)))"))
+            }
+            directories.append(directory)
+            let settings: [(String, String)] = switch controller {
+            case "memory": [("memory.limit_in_bytes", "\(limits.memory)"), ("memory.swappiness", "0")]
+            case "pids": [("pids.max", "\(limits.tasks)")]
+            default: [("cpu.shares", "\(limits.cpuWeight * 1024 / 100)")]
+            }
+            for (file, value) in settings where !write(value, to: "\(directory)/\(file)") && file != "memory.swappiness" {
+                return .failure(SupervisorError(message: "cannot set \(directory)/\(file): \(String(cString: strerror(errno)))"))
+            }
+        }
+        return .success(WorkerCgroup(directories: directories, procsFiles: directories.map { "\($0)/cgroup.procs" },
+                                     limits: limits, version: 1))
+    }
+
+    /// How often the kernel's OOM killer has killed in this group so far.
+    public var oomKills: Int {
+        let file = version == 2 ? "\(directories[0])/memory.events" : "\(directories[0])/memory.oom_control"
+        for line in (Self.read(file) ?? "").split(separator: "\n") where line.hasPrefix("oom_kill ") {
+            return Int(line.dropFirst("oom_kill ".count)) ?? 0
+        }
+        return 0
+    }
+
+    /// Kills whatever is still in the group (nothing should be: the worker makes no
+    /// processes, and the pid namespace's init takes its own with it).
+    public func killAll() {
+        if version == 2, Self.write("1", to: "\(directories[0])/cgroup.kill") { return }
+        for _ in 0..<10 {
+            let pids = procsFiles.flatMap { (Self.read($0) ?? "").split(separator: "\n").compactMap { pid_t($0) } }
+            if pids.isEmpty { return }
+            for pid in pids { kill(pid, SIGKILL) }
+            usleep(10_000)
+        }
+    }
+
+    /// Removes the group (once it is empty).
+    public func remove() {
+        killAll()
+        for directory in directories {
+            for _ in 0..<50 where rmdir(directory) != 0 && errno == EBUSY { usleep(10_000) }
+        }
+    }
+
+    static func makeDirectory(_ path: String) -> Bool { mkdir(path, 0o755) == 0 || errno == EEXIST }
+
+    static func write(_ text: String, to path: String) -> Bool {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return (try? FileDescriptorIO.writeAll(fd, Array(text.utf8))) != nil
+    }
+
+    static func read(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        return (try? FileDescriptorIO.readToEnd(fd)).map { String(decoding: $0, as: UTF8.self) }
+    }
+}
+
+/// What a worker's cgroup allows.
+public struct WorkerCgroupLimits: Sendable, Equatable {
+    /// Bytes of memory (RAM; no swap).
+    public var memory: UInt64
+    /// Tasks: threads, since a worker makes no processes.
+    public var tasks: Int
+    /// CPU weight, 1 to 10000 (cgroup v2's scale; 100 is everyone's default).
+    public var cpuWeight: Int
+
+    public static let defaultTasks = 512
+    public static let defaultCPUWeight = 100
+
+    public init(memory: UInt64, tasks: Int = defaultTasks, cpuWeight: Int = defaultCPUWeight) {
+        self.memory = memory
+        self.tasks = tasks
+        self.cpuWeight = cpuWeight
+    }
+}
+
+/// Where this process's cgroups are: the v2 mount, the v1 controllers' mounts, and this
+/// process's path in each hierarchy (from /proc/self/cgroup; "" is v2's).
+struct CgroupMounts {
+    var unified: String?
+    var v1: [String: String] = [:]
+    var ownPath: [String: String?] = [:]
+
+    static func read() -> CgroupMounts {
+        var mounts = CgroupMounts()
+        for line in (WorkerCgroup.read("/proc/self/mountinfo") ?? "").split(separator: "\n") {
+            let halves = line.split(separator: " - ", maxSplits: 1)
+            guard halves.count == 2 else { continue }
+            let fields = halves[0].split(separator: " "), tail = halves[1].split(separator: " ")
+            guard fields.count > 4, tail.count > 2 else { continue }
+            let point = String(fields[4])
+            if tail[0] == "cgroup2" {
+                mounts.unified = point
+            } else if tail[0] == "cgroup" {
+                for option in tail[2].split(separator: ",") where ["memory", "pids", "cpu"].contains(String(option)) {
+                    mounts.v1[String(option)] = point
+                }
+            }
+        }
+        for line in (WorkerCgroup.read("/proc/self/cgroup") ?? "").split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            for controller in parts[1].split(separator: ",", omittingEmptySubsequences: false) {
+                mounts.ownPath[String(controller)] = String(parts[2])
+            }
+        }
+        return mounts
+    }
+}
