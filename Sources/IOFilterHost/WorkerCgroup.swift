@@ -116,7 +116,16 @@ public final class WorkerCgroup: @unchecked Sendable {
         }
     }
 
-    static func makeDirectory(_ path: String) -> Bool { mkdir(path, 0o755) == 0 || errno == EEXIST }
+    /// Creates a worker's group; first removes the groups of `iofilter serve` runs that
+    /// were killed before they could (named after their pid, which is gone).
+    static func makeDirectory(_ path: String) -> Bool {
+        let parent = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+        let prefix = "iofilter-worker-serve-"
+        for name in Directory.entries(parent) where name.hasPrefix(prefix) {
+            if let pid = pid_t(name.dropFirst(prefix.count)), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(name)") }
+        }
+        return mkdir(path, 0o755) == 0 || errno == EEXIST
+    }
 
     static func write(_ text: String, to path: String) -> Bool {
         let fd = open(path, O_WRONLY | O_CLOEXEC)

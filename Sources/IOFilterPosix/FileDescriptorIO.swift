@@ -187,3 +187,18 @@ public enum FileDescriptorIO {
         return 0
     }
 }
+
+/// A directory's entries.
+public enum Directory {
+    /// The names in `path` (without "." and ".."), or none if it cannot be read.
+    public static func entries(_ path: String) -> [String] {
+        guard let directory = opendir(path) else { return [] }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}

@@ -1,5 +1,6 @@
 import CSystemShims
 import Glibc
+import IOFilterPosix
 import Logging
 
 /// Confines the current process before any plug-in code runs in it.
@@ -191,13 +192,8 @@ public struct Sandbox: Sendable {
         var info = stat()
         guard lstat(path, &info) == 0, info.st_uid != identity.uid || info.st_gid != identity.gid else { return }
         _ = lchown(path, identity.uid, identity.gid)
-        guard (info.st_mode & S_IFMT) == S_IFDIR, let directory = opendir(path) else { return }
-        defer { closedir(directory) }
-        while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name == "." || name == ".." { continue }
-            handOver(path + "/" + name, to: identity)
-        }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else { return }
+        for name in Directory.entries(path) { handOver(path + "/" + name, to: identity) }
     }
 
     private func applyLandlock(abi: Int32, libraries: [String]) throws {
