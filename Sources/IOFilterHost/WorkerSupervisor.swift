@@ -186,6 +186,9 @@ public final class WorkerSupervisor: @unchecked Sendable {
             close(pair[0])
             throw error
         }
+        if let cgroup, !cgroup.add(process.pid) {
+            logger.warning("cannot move worker \(process.pid) into its cgroup: \(String(cString: strerror(errno)))")
+        }
         let ready = WaitForLine(process: process)
         let outcome = ready.wait(timeout: readyTimeout)
         lock.withLock {

@@ -270,3 +270,24 @@ public struct SandboxError: Error, CustomStringConvertible {
     public let message: String
     public var description: String { "sandbox: \(message)" }
 }
+
+/// Whether a process is in the cgroups its supervisor made for it.
+public enum CgroupMembership {
+    /// Waits (at most `seconds`) until every `cgroup.procs` file lists `pid`.
+    public static func wait(until files: [String], contain pid: pid_t, seconds: Double) -> Bool {
+        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        let wanted = "\(pid)"
+        repeat {
+            let present = files.allSatisfy { file in
+                let fd = open(file, O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { return false }
+                defer { close(fd) }
+                let text = (try? FileDescriptorIO.readToEnd(fd)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+                return text.split(separator: "\n").contains { $0 == wanted }
+            }
+            if present { return true }
+            usleep(500)
+        } while monotonicNanoseconds() < deadline
+        return false
+    }
+}

@@ -152,17 +152,6 @@ case "serve" where arguments.count == 1:
     }
     logger = Logger(label: "iofilter.worker")
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
-    // First of all, while still one process: the cgroup that limits this worker and
-    // everything it will ever be (its pid namespace's init included).
-    var inCgroup = false
-    if let files = configuration.cgroupProcs {
-        inCgroup = files.allSatisfy { file in
-            let fd = open(file, O_WRONLY | O_CLOEXEC)
-            defer { if fd >= 0 { close(fd) } }
-            return fd >= 0 && (try? FileDescriptorIO.writeAll(fd, Array("0".utf8))) != nil
-        }
-        if !inCgroup { logger.warning("cannot join the cgroup the host made (\(String(cString: strerror(errno)))): limits fall back on RLIMIT_AS") }
-    }
     let signals = TerminationSignals.block()
 
     configuration.stateDirectory = absolute(configuration.stateDirectory)
@@ -186,6 +175,14 @@ case "serve" where arguments.count == 1:
         logger.critical("cannot start: \(error)")
         say("ERROR \(error)")
         exit(72)
+    }
+    // The cgroup that limits this worker and everything it will ever be (its pid
+    // namespace's init included): the supervisor moves it there while it starts, and
+    // it must be there before it makes its pid namespace.
+    var inCgroup = false
+    if let files = configuration.cgroupProcs {
+        inCgroup = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
+        if !inCgroup { logger.warning("the host did not move this worker into its cgroup: limits fall back on RLIMIT_AS") }
     }
     if configuration.sandbox {
         let memoryLimit = configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
