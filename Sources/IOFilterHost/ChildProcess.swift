@@ -181,7 +181,8 @@ public final class ChildProcess: @unchecked Sendable {
     ]
 }
 
-/// Finds the iofilter-worker executable: $IOFILTER_WORKER, else beside this program.
+/// Finds the iofilter-worker executable: $IOFILTER_WORKER, else beside this program (a
+/// build directory), else in ../libexec/iofilter (an installed prefix).
 public enum WorkerExecutable {
     /// Added to every worker's environment. The Swift runtime's crash backtracer would
     /// try to exec a helper, which the sandbox refuses: the host reports crashes itself.
@@ -198,6 +199,17 @@ public enum WorkerExecutable {
         let n = readlink("/proc/self/exe", &buffer, Int(PATH_MAX))
         let me = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
         let directory = me.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let installed = directory + "/../libexec/iofilter/iofilter-worker"
+        if access(directory + "/iofilter-worker", X_OK) != 0, access(installed, X_OK) == 0 { return installed }
         return directory + "/iofilter-worker"
+    }
+
+    /// Where the sample plug-ins are: beside the worker (a build directory), else in
+    /// PREFIX/lib/iofilter/plugins (an installed prefix).
+    public static func samplesDirectory() -> String {
+        let directory = path().split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let installed = directory + "/../../lib/iofilter/plugins"
+        if access(directory + "/libiofilter-cache.so", F_OK) != 0, access(installed, F_OK) == 0 { return installed }
+        return directory
     }
 }

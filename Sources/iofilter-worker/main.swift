@@ -75,8 +75,14 @@ struct CallResult: Encodable { let type: String; let value: String }
 
 func identity(_ identity: WorkerIdentity) -> (uid: UInt32, gid: UInt32) { (identity.uid, identity.gid) }
 
+/// The path with links and `..` resolved (when it exists): the worker's private root
+/// shows each file at its real path, and nothing of the way to it.
 func absolute(_ path: String) -> String {
-    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+    if let resolved = realpath(path, nil) {
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+    return path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
 /// Answers the host's control requests, one JSON line each way, until the host closes
@@ -157,6 +163,9 @@ case "serve" where arguments.count == 1:
     configuration.stateDirectory = absolute(configuration.stateDirectory)
     var ownDirectories = [configuration.stateDirectory]
     for index in configuration.disks.indices {
+        for filter in configuration.disks[index].filters.indices {
+            configuration.disks[index].filters[filter].manifest.path = absolute(configuration.disks[index].filters[filter].manifest.path)
+        }
         if let directory = configuration.disks[index].stateDirectory {
             configuration.disks[index].stateDirectory = absolute(directory)
             ownDirectories.append(absolute(directory))

@@ -34,7 +34,7 @@ struct Demo {
     }
 
     private func setUp() throws {
-        let directory = (WorkerExecutable.path() as NSString).deletingLastPathComponent
+        let directory = WorkerExecutable.samplesDirectory()
         var installed: [String: PluginInfo] = [:]
         for file in ["libiofilter-passthrough-c.so", "libiofilter-replication.so", "libiofilter-cache.so"] {
             let path = "\(directory)/\(file)"

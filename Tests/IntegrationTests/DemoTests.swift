@@ -13,24 +13,29 @@ struct DemoTests {
         }
     }
 
-    @Test func theDemoServesItsDiskThroughTheSampleChain() throws {
-        let state = Harness.temporaryDirectory("demo")
+    /// Starts `iofilterd --demo` and reads the URI it prints; stop the process when done.
+    static func startDemo(_ executable: String, state: URL, size: String) throws -> (Process, ReadAll, String) {
         let process = Process()
-        process.executableURL = Harness.binDirectory.appendingPathComponent("iofilterd")
-        process.arguments = ["--demo", "--state-dir", state.path, "--demo-size", "64M"]
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = ["--demo", "--state-dir", state.path, "--demo-size", size]
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
         try process.run()
         let errors = ReadAll(err.fileHandleForReading)
+        var line = Data()
+        var byte: UInt8 = 0
+        while read(out.fileHandleForReading.fileDescriptor, &byte, 1) == 1 && byte != UInt8(ascii: "\n") { line.append(byte) }
+        return (process, errors, String(decoding: line, as: UTF8.self))
+    }
+
+    @Test func theDemoServesItsDiskThroughTheSampleChain() throws {
+        let state = Harness.temporaryDirectory("demo")
+        let (process, errors, uri) = try Self.startDemo(Harness.binDirectory.appendingPathComponent("iofilterd").path, state: state, size: "64M")
         defer {
             process.terminate()
             process.waitUntilExit()
         }
-        var line = Data()
-        var byte: UInt8 = 0
-        while read(out.fileHandleForReading.fileDescriptor, &byte, 1) == 1 && byte != UInt8(ascii: "\n") { line.append(byte) }
-        let uri = String(decoding: line, as: UTF8.self)
         #expect(uri.hasPrefix("nbd+unix:///demo-disk?socket="), "no URI; log: \(errors.snapshot())")
         let info = try Harness.check(Harness.tool("qemu-img"), ["info", "--output=json", uri])
         #expect(info.contains("\"virtual-size\": 67108864"))
