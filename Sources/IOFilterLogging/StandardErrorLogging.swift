@@ -8,7 +8,13 @@ public enum StandardErrorLogging {
         getenv("IOFILTER_LOG_LEVEL").flatMap { Logger.Level(rawValue: String(cString: $0)) } ?? .info
     }
 
-    public static func bootstrap() {
+    /// The levels, for a `--log-level` option's help and checks.
+    public static let levels = Logger.Level.allCases.map(\.rawValue)
+
+    /// Logs at `level` (a `--log-level` given), else at IOFILTER_LOG_LEVEL's, else info;
+    /// the level is also put in the environment, where the workers find it.
+    public static func bootstrap(level chosen: String? = nil) {
+        if let chosen { setenv("IOFILTER_LOG_LEVEL", chosen, 1) }
         let level = self.level
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

@@ -35,6 +35,8 @@ public final class NBDClient: @unchecked Sendable {
     private var slots: [Slot]
     private var freeCookies: [Int]
     private var connected = true
+    /// `disconnect` was called: the end of the connection is no error.
+    private var disconnecting = false
 
     public convenience init(uri: NBDURI, logger: Logger) throws {
         try self.init(uri: uri, connected: try uri.connect(), logger: logger)
@@ -205,6 +207,7 @@ public final class NBDClient: @unchecked Sendable {
     }
 
     public func disconnect() {
+        lock.withLock { disconnecting = true }
         var header = (UInt64(0), UInt64(0), UInt64(0), UInt32(0))
         withUnsafeMutableBytes(of: &header) { raw in
             let base = raw.baseAddress!
@@ -259,13 +262,19 @@ public final class NBDClient: @unchecked Sendable {
             }
             completion.nbdRequestDidComplete(error: error)
         }
-        logger.error("lost the connection to \(uri); failing requests in flight")
-        let orphans: [any NBDClientCompletion] = lock.withLock {
+        let (orphans, asked): ([any NBDClientCompletion], Bool) = lock.withLock {
             connected = false
             lock.broadcast()
             let pending = slots.compactMap(\.completion)
             slots = Array(repeating: Slot(), count: Self.maxInFlight)
-            return pending
+            return (pending, disconnecting)
+        }
+        if !asked {
+            logger.error("lost the connection to \(uri); failing \(orphans.count) request(s) in flight")
+        } else if !orphans.isEmpty {
+            logger.warning("disconnected from \(uri) with \(orphans.count) request(s) in flight; failing them")
+        } else {
+            logger.debug("disconnected from \(uri)")
         }
         shutdown(fd, Int32(SHUT_RDWR))
         for completion in orphans { completion.nbdRequestDidComplete(error: EIO) }

@@ -59,8 +59,14 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
         var handshakeTimeout: Double = 10
 
+        @Option(help: ArgumentHelp("Log at this level and above: trace, debug, info, notice, warning, error, critical (default: $IOFILTER_LOG_LEVEL, else info).", valueName: "level"))
+        var logLevel: String?
+
         func validate() throws {
             if socket != nil && port != nil { throw ValidationError("give --socket or --port, not both") }
+            if let logLevel, !StandardErrorLogging.levels.contains(logLevel) {
+                throw ValidationError("--log-level '\(logLevel)' is none of \(StandardErrorLogging.levels.joined(separator: ", "))")
+            }
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
@@ -71,7 +77,7 @@ extension IOFilterCommand {
         }
 
         func run() throws {
-            StandardErrorLogging.bootstrap()
+            StandardErrorLogging.bootstrap(level: logLevel)
             let logger = Logger(label: "iofilter.serve")
             let isURI = NBDURI(disk) != nil
             if disk.hasPrefix("nbd") && !isURI { fail("'\(disk)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }

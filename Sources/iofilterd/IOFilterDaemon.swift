@@ -32,6 +32,9 @@ struct IOFilterDaemon: ParsableCommand {
             """,
         version: Release.description)
 
+    @Option(help: ArgumentHelp("Log at this level and above: trace, debug, info, notice, warning, error, critical (default: $IOFILTER_LOG_LEVEL, else info). Workers log at the same level.", valueName: "level"))
+    var logLevel: String?
+
     @Option(help: ArgumentHelp("Where the host keeps its state (default: /var/lib/iofilter as root, else ~/.local/state/iofilter).", valueName: "dir"))
     var stateDir: String?
 
@@ -61,6 +64,9 @@ struct IOFilterDaemon: ParsableCommand {
 
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
+        if let logLevel, !StandardErrorLogging.levels.contains(logLevel) {
+            throw ValidationError("--log-level '\(logLevel)' is none of \(StandardErrorLogging.levels.joined(separator: ", "))")
+        }
         if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
         if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
         if let workerMemoryLimit, WorkerConfiguration.memoryLimit(parsing: workerMemoryLimit) == nil {
@@ -74,7 +80,7 @@ struct IOFilterDaemon: ParsableCommand {
     }
 
     func run() throws {
-        StandardErrorLogging.bootstrap()
+        StandardErrorLogging.bootstrap(level: logLevel)
         let logger = Logger(label: "iofilterd")
         let state = ((stateDir ?? HostDefaults.stateDirectory) as NSString).standardizingPath
         let absoluteState = state.hasPrefix("/") ? state : FileManager.default.currentDirectoryPath + "/" + state

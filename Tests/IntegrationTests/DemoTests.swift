@@ -13,6 +13,21 @@ struct DemoTests {
         }
     }
 
+    @Test func logLevelReachesTheHostAndItsWorkers() throws {
+        let directory = Harness.temporaryDirectory("loglevel")
+        let disk = Harness.makeImage(directory.appendingPathComponent("quiet.img").path, size: 1 << 20)
+        let quiet = try ServedDisk([disk, "--log-level", "warning", "--socket", directory.appendingPathComponent("q.sock").path])
+        #expect(try Harness.qemuIO(quiet.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        usleep(300_000)  // the log is read as it comes
+        #expect(!quiet.log.contains(" info ") && !quiet.log.contains(" notice "), "warning and above only: \(quiet.log)")
+        quiet.stop()
+        let chatty = try ServedDisk([disk, "--log-level", "info", "--socket", directory.appendingPathComponent("c.sock").path])
+        defer { chatty.stop() }
+        #expect(chatty.waitForLog("is serving") && chatty.waitForLog("notice iofilter.worker"), "\(chatty.log)")
+        let wrong = try Harness.run(Harness.iofilter, ["serve", disk, "--log-level", "loud"])
+        #expect(wrong.status != 0 && wrong.stderr.contains("none of trace, debug, info"))
+    }
+
     /// Starts `iofilterd --demo` and reads the URI it prints; stop the process when done.
     static func startDemo(_ executable: String, state: URL, size: String) throws -> (Process, ReadAll, String) {
         let process = Process()
