@@ -152,12 +152,22 @@ extension HostController {
         return try showDisk(request.name)
     }
 
+    /// Whether `path` lies in the host's state directory (after resolving links).
+    func isInsideStateDirectory(_ path: String) -> Bool {
+        let state = (stateDirectory as NSString).resolvingSymlinksInPath
+        let directory = ((path as NSString).deletingLastPathComponent as NSString).resolvingSymlinksInPath
+        return directory == state || directory.hasPrefix(state + "/")
+    }
+
     public func deleteDisk(_ name: String) throws(ControlError) -> DiskInfo {
         let info = try showDisk(name)
         try exclusive {
             var row = try store.read { db in try diskRow(name, db) }
             if let vm = row.vm { throw ControlError.conflict("disk \(name) belongs to VM \(vm); delete the VM first") }
             try requireIdle(row, for: "delete")
+            // Files its filters wrote for the host (a replica a policy put in the state
+            // directory) go with it; what lies elsewhere is the operator's to remove.
+            let ownFiles = Set(row.attached.flatMap(\.filePaths)).filter { isInsideStateDirectory($0) }.sorted()
             if !row.attached.isEmpty {
                 // Let the filters clean up what they keep elsewhere; the data goes anyway.
                 do {
@@ -169,7 +179,8 @@ extension HostController {
             _ = try store.write { db in try DiskRow.deleteOne(db, key: name) }
             unlink(row.path)
             try? FileManager.default.removeItem(atPath: diskStateDirectory(name))
-            event("disk-deleted", name, "")
+            let removed = ownFiles.filter { unlink($0) == 0 }
+            event("disk-deleted", name, removed.isEmpty ? "" : "with \(removed.joined(separator: ", "))")
         }
         return info
     }

@@ -185,15 +185,26 @@ struct DiskCommand: ParsableCommand {
     struct Compliance: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Does a disk's chain match its policy?",
-            discussion: "Prints compliant, non-compliant (with the reason), pending (applies at the VM's next start) or none.")
+            discussion: """
+                Prints compliant, non-compliant (with the reason), pending (applies at the VM's \
+                next start) or none. Exits 0 when compliant or without a policy, 2 when pending, \
+                3 when non-compliant (1 is an error), so that scripts can wait for compliance.
+                """)
         @Argument(help: "The disk.") var disk: String
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
+            var status: IOFilterAPI.Compliance.Status?
             try reportingFailures {
                 try daemon.client.run("GET", "/disks/\(disk)/compliance", as: IOFilterAPI.Compliance.self) {
-                    $0.status.rawValue + ($0.reason.map { ": \($0)" } ?? "")
+                    status = $0.status
+                    return $0.status.rawValue + ($0.reason.map { ": \($0)" } ?? "")
                 }
+            }
+            switch status {
+            case .pending: throw ExitCode(2)
+            case .nonCompliant: throw ExitCode(3)
+            default: break
             }
         }
     }
