@@ -215,7 +215,9 @@ struct DiskCommand: ParsableCommand {
             discussion: "While the disk's VM runs, it is read through the VM's worker; never around the filters.")
         @Argument(help: "The disk.") var disk: String
         @Argument(help: "The raw image to create (must not exist).") var file: String
-        @Flag(help: "Kept for symmetry with `disk serve --offline`: exports always read through the filters.") var offline = false
+        /// Accepted from scripts written for earlier releases; it never changed anything
+        /// (transfers always go through the filters), so it is no longer offered.
+        @Flag(help: .hidden) var offline = false
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -233,7 +235,9 @@ struct DiskCommand: ParsableCommand {
             discussion: "The target must exist, be at least as large, and not be in use.")
         @Argument(help: "The source disk.") var disk: String
         @Argument(help: "The target disk.") var target: String
-        @Flag(help: "Kept for symmetry with `disk serve --offline`: copies always go through the filters.") var offline = false
+        /// Accepted from scripts written for earlier releases; it never changed anything
+        /// (transfers always go through the filters), so it is no longer offered.
+        @Flag(help: .hidden) var offline = false
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {

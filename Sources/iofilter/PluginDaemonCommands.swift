@@ -21,10 +21,18 @@ extension IOFilterCommand.Plugin {
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
+            let timestamp = ISO8601DateFormatter()
+            timestamp.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
             try reportingFailures {
                 for path in plugins {
+                    let asked = Date()
                     try daemon.client.run("POST", "/plugins", body: PluginInstallRequest(path: absolutePath(path)), as: PluginInfo.self) {
-                        "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor))"
+                        // The host answers an install of the very same build with the copy
+                        // it has: say so rather than pretend something happened.
+                        if let since = timestamp.date(from: $0.installedAt), since < asked.addingTimeInterval(-1) {
+                            return "\($0.name) \($0.version) is already installed (since \($0.installedAt)); nothing to do"
+                        }
+                        return "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor))"
                     }
                 }
             }

@@ -260,8 +260,9 @@ struct ControlPlaneTests {
             #expect(plugin.path.hasPrefix(daemon.state.path + "/plugins/\(plugin.name)/1.0.0/"))
             #expect(FileManager.default.fileExists(atPath: plugin.path))
         }
-        // Installing the same build again is a no-op, not a second copy.
-        try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-cache")])
+        // Installing the same build again is a no-op, not a second copy, and says so.
+        usleep(1_100_000)
+        #expect(try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-cache")]).contains("is already installed"))
         let catalogue: Capabilities = try daemon.json(["capabilities"])
         #expect(catalogue.categories.map(\.rawValue) == ["inspection", "replication", "encryption", "cache", "qos"])
         #expect(catalogue.plugins.first { $0.plugin == Self.cache }?.parameters.contains { $0.name == "mode" && $0.kind == .enum } == true)

@@ -135,7 +135,9 @@ struct FaultTests {
         try FileManager.default.createDirectory(at: home, withIntermediateDirectories: true)
         let bin = Harness.iofilter.split(separator: "/").dropLast().joined(separator: "/")
         for program in ["iofilter", "iofilter-worker"] {
-            try FileManager.default.copyItem(atPath: "/\(bin)/\(program)", toPath: home.appendingPathComponent(program).path)
+            // cp, not a copy in this process: a child another test spawns meanwhile would
+            // inherit the open file, and running the copy would fail with ETXTBSY.
+            try Harness.check("/bin/cp", ["/\(bin)/\(program)", home.appendingPathComponent(program).path])
         }
         let test = try Harness.buildTestPlugin("tf-nobody", in: home)
         let disk = Harness.makeImage(home.appendingPathComponent("nobody.img").path, size: 4 << 20)
