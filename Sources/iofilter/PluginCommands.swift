@@ -5,6 +5,38 @@ import IOFilterHost
 import IOFilterModel
 
 extension IOFilterCommand.Plugin {
+    struct Info: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show what a plug-in file offers: category, parameters with their defaults, operations.",
+            discussion: """
+                Like `nbdkit --dump-plugin`: no host is needed. The plug-in is loaded in a \
+                sandboxed process, as for validate.
+
+                Example:  iofilter plugin info ./libmyfilter.so
+                """)
+
+        @Argument(help: "A plug-in shared object (.so).")
+        var plugin: String
+
+        @Flag(help: "Print the manifest as JSON.")
+        var json = false
+
+        func run() throws {
+            switch PluginValidator().validate(plugin) {
+            case .success(let manifest):
+                if json {
+                    print(jsonLine(manifest))
+                } else {
+                    print(Show.describe(PluginInfo(manifest: manifest, installedAt: "", attachedTo: []), installed: false))
+                    print("  built for ABI \(manifest.abiMajor).\(manifest.abiMinor) (this host speaks \(Release.abi))")
+                }
+            case .failure(let error):
+                printError(error.description)
+                throw ExitCode(1)
+            }
+        }
+    }
+
     struct Validate: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Validate plug-ins, each alone and then together as one chain.",

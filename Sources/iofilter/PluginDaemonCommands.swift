@@ -71,13 +71,22 @@ extension IOFilterCommand.Plugin {
             }
         }
 
-        static func describe(_ plugin: PluginInfo) -> String {
+        static func describe(_ plugin: PluginInfo) -> String { describe(plugin, installed: true) }
+
+        /// A plug-in for people; `installed` adds where and to what the host has it.
+        static func describe(_ plugin: PluginInfo, installed: Bool) -> String {
             var lines = [
                 "\(plugin.name) \(plugin.version)  [\(plugin.category.rawValue)]  by \(plugin.vendor)",
                 "  \(plugin.description)",
-                "  installed \(plugin.installedAt) at \(plugin.path); thread model \(plugin.threadModel.rawValue)",
-                "  attached to: \(plugin.attachedTo.isEmpty ? "no disk" : plugin.attachedTo.joined(separator: ", "))",
             ]
+            if installed {
+                lines += [
+                    "  installed \(plugin.installedAt) at \(plugin.path); thread model \(plugin.threadModel.rawValue)",
+                    "  attached to: \(plugin.attachedTo.isEmpty ? "no disk" : plugin.attachedTo.joined(separator: ", "))",
+                ]
+            } else {
+                lines.append("  \(plugin.path); thread model \(plugin.threadModel.rawValue)")
+            }
             if !plugin.parameters.isEmpty {
                 lines.append("  parameters:")
                 lines += plugin.parameters.map { parameterLine($0) }

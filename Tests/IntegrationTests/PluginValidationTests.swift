@@ -68,6 +68,24 @@ struct PluginValidationTests {
         #expect(bytes.allSatisfy { $0 == 0xf0 })
     }
 
+    @Test func infoShowsWhatAPluginOffersWithoutAHost() throws {
+        let test = try Harness.buildTestPlugin("info", in: directory)
+        let info = try Harness.run(Harness.iofilter, ["plugin", "info", test])
+        #expect(info.status == 0, "\(info.stderr)")
+        for expected in ["org.test.filter 1.0.0  [cache]", "behaviour (one of pass, defer", "default 4", "target (a string)", "a path",
+                         "add(arg1: int32, arg2: int32) -> int32", "built for ABI 1.1"] {
+            #expect(info.stdout.contains(expected), "\(expected) in: \(info.stdout)")
+        }
+        let json = try Harness.run(Harness.iofilter, ["plugin", "info", test, "--json"])
+        struct Manifest: Decodable { let name: String; let parameters: [Parameter]; struct Parameter: Decodable { let name: String } }
+        let manifest = try JSONDecoder().decode(Manifest.self, from: Data(json.stdout.utf8))
+        #expect(manifest.name == "org.test.filter" && manifest.parameters.map(\.name).contains("depth"))
+        let text = directory.appendingPathComponent("not-a-plugin.so").path
+        _ = FileManager.default.createFile(atPath: text, contents: Data("text".utf8))
+        let refused = try Harness.run(Harness.iofilter, ["plugin", "info", text])
+        #expect(refused.status == 1 && refused.stderr.contains("not a shared object"))
+    }
+
     @Test func refusesAFileThatIsNotASharedObject() throws {
         let path = directory.appendingPathComponent("text.so").path
         _ = FileManager.default.createFile(atPath: path, contents: Data("not an ELF file\n".utf8))
