@@ -59,11 +59,18 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
         var handshakeTimeout: Double = 10
 
+        @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
+        var stats = false
+
+        @Option(help: ArgumentHelp("Also print the statistics every this many seconds.", valueName: "seconds"))
+        var statsEvery: Double?
+
         @Option(help: ArgumentHelp("Log at this level and above: trace, debug, info, notice, warning, error, critical (default: $IOFILTER_LOG_LEVEL, else info).", valueName: "level"))
         var logLevel: String?
 
         func validate() throws {
             if socket != nil && port != nil { throw ValidationError("give --socket or --port, not both") }
+            if let statsEvery, !(statsEvery >= 0.1) { throw ValidationError("--stats-every must be at least 0.1 seconds") }
             if let logLevel, !StandardErrorLogging.levels.contains(logLevel) {
                 throw ValidationError("--log-level '\(logLevel)' is none of \(StandardErrorLogging.levels.joined(separator: ", "))")
             }
@@ -142,10 +149,38 @@ extension IOFilterCommand {
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
             FileHandle.standardOutput.write(Data((uri.description + "\n").utf8))
+            if let statsEvery {
+                startThread(name: "stats") {
+                    while true {
+                        usleep(useconds_t(statsEvery * 1e6))
+                        Self.printStatistics(of: supervisor, at: "every \(statsEvery)s")
+                    }
+                }
+            }
             _ = signals.wait()
             logger.info("stopping")
+            if stats || statsEvery != nil { Self.printStatistics(of: supervisor, at: "at exit") }
             supervisor.stop()
             if let socketPath { unlink(socketPath) }
+        }
+
+        /// One line per filter on stderr: "stats DISK PLUGIN key=value …", keys sorted.
+        static func printStatistics(of supervisor: WorkerSupervisor, at moment: String) {
+            guard let disks = try? supervisor.control(.stats).disks else {
+                FileHandle.standardError.write(Data("stats (\(moment)): the worker did not answer\n".utf8))
+                return
+            }
+            var lines: [String] = []
+            for disk in disks {
+                for filter in disk.filters {
+                    let values = filter.stats.sorted { $0.key < $1.key }.map { key, value in
+                        value == value.rounded() && abs(value) < 1e15 ? "\(key)=\(Int64(value))" : "\(key)=\(value)"
+                    }
+                    lines.append("stats (\(moment)) \(disk.disk) \(filter.plugin): \(values.isEmpty ? "(none)" : values.joined(separator: " "))")
+                }
+            }
+            if lines.isEmpty { lines.append("stats (\(moment)): no filters") }
+            FileHandle.standardError.write(Data((lines.joined(separator: "\n") + "\n").utf8))
         }
 
         private func prepareFile(_ path: String) {

@@ -199,6 +199,19 @@ struct SamplePluginTests {
         #expect(destager.map(\.nice) == [10])
     }
 
+    @Test func serveStatsShowWhatTheFiltersCountedWhileServingAndAtExit() throws {
+        let disk = image("stats.img", size: 8 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(Self.cache):size=4M", "--stats", "--stats-every", "0.5"])
+        _ = try Harness.qemuIO(served.uri, ["read 0 1M", "read 0 1M", "read 0 1M"])
+        #expect(served.waitForLog("stats (every 0.5s) stats.img org.swift-iofilter.cache:"))
+        served.stop()
+        usleep(300_000)  // the log is read as it comes
+        let last = served.log.split(separator: "\n").last { $0.contains("stats (at exit) stats.img org.swift-iofilter.cache:") }
+            .map(String.init) ?? ""
+        // Three reads of one range: one miss, then hits, and the range stays cached.
+        #expect(last.contains("misses=1") && last.contains("hits=2") && last.contains("cached_bytes=1048576"), "\(served.log)")
+    }
+
     @Test func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks() throws {
         // The checksum changed since (Fixtures/cache-1.0.0): an upgrade must drop no
         // acknowledged write the cache alone holds.
