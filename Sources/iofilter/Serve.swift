@@ -29,7 +29,7 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Create the file with this size if it does not exist (or grow it). Suffixes K, M, G, T.", valueName: "size"))
         var size: String?
 
-        @Option(name: .customLong("filter"), help: ArgumentHelp("A plug-in and its parameters.", valueName: "plugin.so[:key=value,...]"))
+        @Option(name: .customLong("filter"), help: ArgumentHelp("A plug-in and its parameters; a bare name is a sample's (passthrough-c, cache, replication, template).", valueName: "plugin.so[:key=value,...]"))
         var filters: [String] = []
 
         @Option(help: ArgumentHelp("Serve on this unix socket (default: a new one under $TMPDIR).", valueName: "path"))
@@ -200,12 +200,25 @@ extension IOFilterCommand {
             }
         }
 
-        /// "plugin.so:key=value,key=value" → (path, parameters).
+        /// "plugin.so:key=value,key=value" → (path, parameters). A bare name ("cache",
+        /// "replication:target=r.img") is a sample plug-in's, as nbdkit's --filter=cache.
         static func parseFilter(_ text: String) throws -> (path: String, parameters: [String: String]) {
-            guard let split = text.range(of: ".so:") else { return (text, [:]) }
-            let path = String(text[..<text.index(split.lowerBound, offsetBy: 3)])
+            let path: String, rest: Substring
+            if let split = text.range(of: ".so:") {
+                path = String(text[..<text.index(split.lowerBound, offsetBy: 3)])
+                rest = text[split.upperBound...]
+            } else if text.hasSuffix(".so") || text.contains("/") {
+                return (text, [:])
+            } else {
+                let name = text.split(separator: ":", maxSplits: 1).first.map(String.init) ?? text
+                path = "\(WorkerExecutable.samplesDirectory())/libiofilter-\(name).so"
+                guard FileManager.default.fileExists(atPath: path) else {
+                    throw ValidationError("--filter \(text): no sample plug-in '\(name)' (samples: \(sampleNames().joined(separator: ", ")); or give a .so path)")
+                }
+                rest = text.dropFirst(name.count + 1)
+            }
             var parameters: [String: String] = [:]
-            for pair in text[split.upperBound...].split(separator: ",") {
+            for pair in rest.split(separator: ",") {
                 guard let equals = pair.firstIndex(of: "="), equals != pair.startIndex else {
                     throw ValidationError("--filter \(text): '\(pair)' is not key=value")
                 }
@@ -214,6 +227,13 @@ extension IOFilterCommand {
                 parameters[key] = String(pair[pair.index(after: equals)...])
             }
             return (path, parameters)
+        }
+
+        /// The sample plug-ins' short names (libiofilter-NAME.so beside the worker).
+        static func sampleNames() -> [String] {
+            ((try? FileManager.default.contentsOfDirectory(atPath: WorkerExecutable.samplesDirectory())) ?? [])
+                .filter { $0.hasPrefix("libiofilter-") && $0.hasSuffix(".so") }
+                .map { String($0.dropFirst("libiofilter-".count).dropLast(3)) }.sorted()
         }
 
         static func defaultSocketPath(name: String) -> String {

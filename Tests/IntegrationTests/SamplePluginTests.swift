@@ -201,7 +201,8 @@ struct SamplePluginTests {
 
     @Test func serveStatsShowWhatTheFiltersCountedWhileServingAndAtExit() throws {
         let disk = image("stats.img", size: 8 << 20)
-        let served = try ServedDisk([disk, "--filter", "\(Self.cache):size=4M", "--stats", "--stats-every", "0.5"])
+        // "cache": a sample by its short name, as nbdkit's --filter=cache.
+        let served = try ServedDisk([disk, "--filter", "cache:size=4M", "--stats", "--stats-every", "0.5"])
         _ = try Harness.qemuIO(served.uri, ["read 0 1M", "read 0 1M", "read 0 1M"])
         #expect(served.waitForLog("stats (every 0.5s) stats.img org.swift-iofilter.cache:"))
         served.stop()
@@ -210,6 +211,8 @@ struct SamplePluginTests {
             .map(String.init) ?? ""
         // Three reads of one range: one miss, then hits, and the range stays cached.
         #expect(last.contains("misses=1") && last.contains("hits=2") && last.contains("cached_bytes=1048576"), "\(served.log)")
+        let unknown = try Harness.run(Harness.iofilter, ["serve", disk, "--filter", "nosuch"])
+        #expect(unknown.status == 1 && unknown.stderr.contains("no sample plug-in 'nosuch' (samples: cache, passthrough-c, replication, template"))
     }
 
     @Test func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks() throws {
