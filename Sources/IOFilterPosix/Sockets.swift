@@ -1,3 +1,4 @@
+import CSystemShims
 import Glibc
 
 /// Listening and connecting stream sockets, unix or TCP, blocking and close-on-exec.
@@ -35,6 +36,9 @@ public enum Sockets {
         }
         return fd
     }
+
+    /// The next connection on a listening socket (close-on-exec), or -1 with errno.
+    public static func accept(_ listener: Int32) -> Int32 { iof_accept_cloexec(listener) }
 
     public static func connectUnix(path: String) throws(SystemError) -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

@@ -3,6 +3,7 @@ import Foundation
 import IOFilterAPI
 import IOFilterHost
 import IOFilterModel
+import IOFilterPosix
 
 extension IOFilterCommand.Plugin {
     struct Info: ParsableCommand {
@@ -111,7 +112,11 @@ extension IOFilterCommand.Plugin {
                 converted to the C types the plug-in declared and checked before the call, \
                 which goes through libffi. Without OP, lists the operations.
 
+                With --serve, the call runs inside the worker of a running `iofilter serve`, \
+                through the control socket it logs (its NBD socket's path + .control).
+
                   iofilter plugin call ./libmyfilter.so status
+                  iofilter plugin call ./libmyfilter.so status --serve /tmp/disk.sock.control
                   iofilter plugin call org.swift-iofilter.replication status --vm web
                 """)
 
@@ -129,6 +134,9 @@ extension IOFilterCommand.Plugin {
 
         @Option(help: "Which installed version (default: the newest).")
         var version: String?
+
+        @Option(help: ArgumentHelp("Run it in the worker of the `iofilter serve` whose control socket this is.", valueName: "path"))
+        var serve: String?
 
         @OptionGroup var daemon: DaemonOptions
 
@@ -174,6 +182,10 @@ extension IOFilterCommand.Plugin {
                     return
                 }
             }
+            if let serve {
+                try callServing(at: serve, operation: operation, validator: validator)
+                return
+            }
             switch validator.call(plugin, operation: operation, arguments: arguments) {
             case .failure(let error):
                 printError(error.description)
@@ -186,6 +198,35 @@ extension IOFilterCommand.Plugin {
                 }
             }
         }
+    }
+}
+
+extension IOFilterCommand.Plugin.Call {
+    /// The call, by the plug-in's name, inside a running `iofilter serve`'s worker.
+    func callServing(at path: String, operation: String, validator: PluginValidator) throws {
+        let manifest: PluginManifest
+        switch validator.validate(plugin) {
+        case .success(let valid): manifest = valid
+        case .failure(let error):
+            printError(error.description)
+            throw ExitCode(1)
+        }
+        let response: WorkerControlResponse
+        do {
+            let fd = try Sockets.connectUnix(path: path)
+            defer { close(fd) }
+            let request = try JSONEncoder().encode(WorkerControlRequest.call(plugin: manifest.name, operation: operation, arguments: arguments))
+            try FileDescriptorIO.writeAll(fd, Array(request) + [UInt8(ascii: "\n")])
+            response = try JSONDecoder().decode(WorkerControlResponse.self, from: Data(FileDescriptorIO.readToEnd(fd)))
+        } catch {
+            printError("cannot reach the worker at \(path) (is `iofilter serve` running?): \(error)")
+            throw ExitCode(1)
+        }
+        guard let result = response.result else {
+            printError(response.error ?? "the worker gave no result")
+            throw ExitCode(1)
+        }
+        print(daemon.json ? jsonLine(result) : result.value)
     }
 }
 

@@ -149,6 +149,12 @@ extension IOFilterCommand {
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
             FileHandle.standardOutput.write(Data((uri.description + "\n").utf8))
+            // Where `iofilter plugin call … --serve` reaches this worker's live filters.
+            let controlPath = (socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
+            let control = Self.serveControl(at: controlPath, supervisor: supervisor, logger: logger)
+            defer {
+                if control != nil { unlink(controlPath) }
+            }
             if let statsEvery {
                 startThread(name: "stats") {
                     while true {
@@ -162,6 +168,41 @@ extension IOFilterCommand {
             if stats || statsEvery != nil { Self.printStatistics(of: supervisor, at: "at exit") }
             supervisor.stop()
             if let socketPath { unlink(socketPath) }
+        }
+
+        /// Answers control requests (one JSON line each way, one per connection) on a
+        /// unix socket only this user can reach, by passing them to the worker.
+        static func serveControl(at path: String, supervisor: WorkerSupervisor, logger: Logger) -> Int32? {
+            unlink(path)
+            guard let listener = try? Sockets.listenUnix(path: path) else {
+                logger.warning("no control socket at \(path): `iofilter plugin call --serve` cannot reach this worker")
+                return nil
+            }
+            chmod(path, 0o600)
+            logger.notice("control socket \(path): `iofilter plugin call PLUGIN OP ... --serve \(path)` runs in this worker")
+            startThread(name: "serve-control") {
+                while true {
+                    let client = Sockets.accept(listener)
+                    if client < 0 { if errno == EINTR { continue } else { return } }
+                    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+                    setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                    var line: [UInt8] = []
+                    var byte: UInt8 = 0
+                    while line.count < 1 << 20, read(client, &byte, 1) == 1, byte != UInt8(ascii: "\n") { line.append(byte) }
+                    var response = WorkerControlResponse(error: "malformed control request")
+                    if let request = try? JSONDecoder().decode(WorkerControlRequest.self, from: Data(line)) {
+                        do {
+                            response = try supervisor.control(request)
+                        } catch {
+                            response = WorkerControlResponse(error: "\(error)")
+                        }
+                    }
+                    let answer = ((try? JSONEncoder().encode(response)) ?? Data("{}".utf8)) + Data("\n".utf8)
+                    try? FileDescriptorIO.writeAll(client, Array(answer))
+                    close(client)
+                }
+            }
+            return listener
         }
 
         /// One line per filter on stderr: "stats DISK PLUGIN key=value …", keys sorted.

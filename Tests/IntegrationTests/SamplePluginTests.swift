@@ -205,6 +205,13 @@ struct SamplePluginTests {
         let served = try ServedDisk([disk, "--filter", "cache:size=4M", "--stats", "--stats-every", "0.5"])
         _ = try Harness.qemuIO(served.uri, ["read 0 1M", "read 0 1M", "read 0 1M"])
         #expect(served.waitForLog("stats (every 0.5s) stats.img org.swift-iofilter.cache:"))
+        // The live filter answers a management call through the serve's control socket;
+        // a fresh worker (no --serve) has no disk open.
+        let control = try #require(served.uri.components(separatedBy: "socket=").last) + ".control"
+        let live = try Harness.run(Harness.iofilter, ["plugin", "call", Self.cache, "status", "--serve", control])
+        #expect(live.status == 0 && live.stdout.contains("stats.img: write-through") && live.stdout.contains("1048576 cached bytes"),
+                "\(live.stdout) \(live.stderr)")
+        #expect(try Harness.run(Harness.iofilter, ["plugin", "call", Self.cache, "status"]).stdout.contains("no cached disks"))
         served.stop()
         usleep(300_000)  // the log is read as it comes
         let last = served.log.split(separator: "\n").last { $0.contains("stats (at exit) stats.img org.swift-iofilter.cache:") }
