@@ -140,8 +140,9 @@ let package = Package(
             cSettings: [.headerSearchPath("../../include")]),
 
         .target(name: "TemplateFilter", dependencies: ["IOFilterSDK"], path: "Plugins/template-swift", swiftSettings: strict),
-        .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK"], path: "Plugins/replication", swiftSettings: strict),
-        .target(name: "CacheFilter", dependencies: ["IOFilterSDK"], path: "Plugins/cache", swiftSettings: strict),
+        .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK"], path: "Plugins/replication", exclude: ["README.md"],
+                swiftSettings: strict),
+        .target(name: "CacheFilter", dependencies: ["IOFilterSDK"], path: "Plugins/cache", exclude: ["README.md"], swiftSettings: strict),
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
         .testTarget(

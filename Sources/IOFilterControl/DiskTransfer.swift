@@ -16,8 +16,10 @@ enum DiskTransfer {
     static let chunk = 1 << 20
     static let window = 8
 
-    /// Returns the number of bytes copied.
-    static func copy(from source: String, to sink: Sink, logger: Logger) throws(ControlError) -> Int64 {
+    /// Returns the number of bytes copied; `progress` hears (bytes done, bytes in all)
+    /// after each window.
+    static func copy(from source: String, to sink: Sink, logger: Logger,
+                     progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(ControlError) -> Int64 {
         guard let sourceURI = NBDURI(source) else { throw .internalError("bad source URI \(source)") }
         let reader: NBDClient
         do {
@@ -94,6 +96,7 @@ enum DiskTransfer {
                 }
             }
             offset += UInt64(lengths.reduce(0, +))
+            progress(offset, size)
         }
         if let writer {
             let flush = Batch(count: 1)

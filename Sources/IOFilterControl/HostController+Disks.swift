@@ -280,8 +280,10 @@ extension HostController {
         guard !FileManager.default.fileExists(atPath: request.path) else { throw .conflict("\(request.path) exists; exports never overwrite") }
         let row = try read { db in try diskRow(name, db) }
         let started = monotonicNanoseconds()
-        let (bytes, through) = try whileBusy([name], doing: "exporting to \(request.path)") {
-            try withSource(row) { uri, what in (try DiskTransfer.copy(from: uri, to: .newFile(path: request.path), logger: logger), what) }
+        let (bytes, through) = try whileBusy([name], doing: "exporting to \(request.path)") { progress in
+            try withSource(row) { uri, what in
+                (try DiskTransfer.copy(from: uri, to: .newFile(path: request.path), logger: logger, progress: progress), what)
+            }
         }
         event("disk-exported", name, "to \(request.path) through \(through)")
         return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
@@ -298,12 +300,12 @@ extension HostController {
         }
         let started = monotonicNanoseconds()
         try exclusive { try requireIdle(target, for: "copy onto") }
-        let (bytes, through) = try whileBusy([name, target.name], doing: "copying \(name) onto \(target.name)") {
+        let (bytes, through) = try whileBusy([name, target.name], doing: "copying \(name) onto \(target.name)") { progress in
             let writer = try launch(name: "offline-\(target.name)", disks: [(target, target.attached, false)],
                                     socketDirectory: "\(stateDirectory)/offline/transfer")
             defer { writer.stop() }
             return try withSource(source) { uri, what in
-                (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger), what)
+                (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger, progress: progress), what)
             }
         }
         event("disk-copied", name, "onto \(target.name) through \(through)")

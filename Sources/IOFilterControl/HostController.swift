@@ -249,10 +249,24 @@ public final class HostController: @unchecked Sendable {
     /// VM start either finished before (and the transfer reads through its worker) or
     /// sees them.
     func whileBusy<T>(_ disks: [String], doing activity: String, _ body: () throws -> T) throws(ControlError) -> T {
+        try whileBusy(disks, doing: activity) { (_: (UInt64, UInt64) -> Void) in try body() }
+    }
+
+    /// The same, for a transfer that reports how far it is: the disks' activity (what
+    /// `disk show` and the API give) says "ACTIVITY: 37%" as it goes.
+    func whileBusy<T>(_ disks: [String], doing activity: String,
+                      _ body: (_ progress: (UInt64, UInt64) -> Void) throws -> T) throws(ControlError) -> T {
         try exclusive { try markBusy(disks, doing: activity) }
         defer { unmarkBusy(disks) }
+        var shown = -1
+        let progress = { [self] (done: UInt64, total: UInt64) in
+            let percent = total == 0 ? 100 : Int(done * 100 / total)
+            guard percent != shown else { return }
+            shown = percent
+            liveLock.withLock { for disk in disks { busy[disk] = "\(activity): \(percent)%" } }
+        }
         do {
-            return try body()
+            return try body(progress)
         } catch {
             throw Self.reported(error)
         }

@@ -222,8 +222,10 @@ struct DiskCommand: ParsableCommand {
 
         func run() throws {
             try reportingFailures {
-                try daemon.client.run("POST", "/disks/\(disk)/export", body: DiskExportRequest(path: absolutePath(file)), as: TransferReport.self) {
-                    "exported \(sizeText($0.bytes)) to \(file) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                try withProgress(of: disk, daemon: daemon) {
+                    try daemon.client.run("POST", "/disks/\(disk)/export", body: DiskExportRequest(path: absolutePath(file)), as: TransferReport.self) {
+                        "exported \(sizeText($0.bytes)) to \(file) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                    }
                 }
             }
         }
@@ -242,8 +244,10 @@ struct DiskCommand: ParsableCommand {
 
         func run() throws {
             try reportingFailures {
-                try daemon.client.run("POST", "/disks/\(disk)/copy", body: DiskCopyRequest(target: target), as: TransferReport.self) {
-                    "copied \(sizeText($0.bytes)) onto \(target) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                try withProgress(of: disk, daemon: daemon) {
+                    try daemon.client.run("POST", "/disks/\(disk)/copy", body: DiskCopyRequest(target: target), as: TransferReport.self) {
+                        "copied \(sizeText($0.bytes)) onto \(target) in \(String(format: "%.1f", $0.seconds)) s through the \($0.through)"
+                    }
                 }
             }
         }
