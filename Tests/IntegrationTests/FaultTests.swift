@@ -16,6 +16,12 @@ struct FaultTests {
         try Harness.qemuIO(uri, commands)
     }
 
+    /// The number that follows `word` in a log line ("refused after 542 threads"), or
+    /// Int.max if there is none.
+    static func number(after word: String, in line: String) -> Int {
+        Int(line.split(separator: " ").drop { $0 != word }.dropFirst().first ?? "") ?? Int.max
+    }
+
 
     @Test func killDashNineMidWorkloadLosesNothingFlushed() throws {
         let disk = image("kill.img")
@@ -277,7 +283,7 @@ struct FaultTests {
             print("note: no cgroup here; checked the RLIMIT_AS fallback")
             #expect(served.waitForLog("allocation refused after"))
             let refusal = served.log.split(separator: "\n").first { $0.contains("allocation refused after") }.map(String.init) ?? ""
-            let megabytes = Int(refusal.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
+            let megabytes = Self.number(after: "after", in: refusal)
             #expect(megabytes < 1024, "\(refusal)")
             #expect(served.workerPID == worker)
         }
@@ -296,7 +302,7 @@ struct FaultTests {
             .map(String.init) ?? ""
         if served.log.contains("limited by its cgroup") {
             // 512 tasks and two per client: far below the filter's 4096.
-            let started = Int(line.split(separator: " ").drop { $0 != "after" }.dropFirst().first ?? "") ?? Int.max
+            let started = Self.number(after: "after", in: line)
             #expect(started < 600, "\(line)")
         } else {
             print("note: no cgroup here; a worker's threads are not limited")
