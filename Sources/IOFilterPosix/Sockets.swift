@@ -57,9 +57,30 @@ public enum Sockets {
         return fd
     }
 
-    public static func connectTCP(host: String, port: UInt16) throws(SystemError) -> Int32 {
+    /// A connected TCP socket, or ETIMEDOUT after `timeout` seconds: a peer that never
+    /// answers (a host gone from the network) must not hold the caller for the
+    /// kernel's minutes of SYN retries.
+    public static func connectTCP(host: String, port: UInt16, timeout: Double = 10) throws(SystemError) -> Int32 {
         let (fd, _) = try tcpSocket(host: host, port: port) { fd, address, length throws(SystemError) in
-            guard connect(fd, address, length) == 0 else { throw SystemError("connect \(host):\(port)") }
+            let flags = fcntl(fd, F_GETFL)
+            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            if connect(fd, address, length) != 0 {
+                guard errno == EINPROGRESS else { throw SystemError("connect \(host):\(port)") }
+                let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
+                var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                while true {
+                    let now = monotonicNanoseconds()
+                    guard now < deadline else { throw SystemError("connect \(host):\(port)", code: ETIMEDOUT) }
+                    let ready = poll(&poller, 1, Int32((deadline - now) / 1_000_000) + 1)
+                    if ready > 0 { break }
+                    if ready < 0 && errno != EINTR { throw SystemError("connect \(host):\(port)") }
+                }
+                var failure: Int32 = 0
+                var size = socklen_t(MemoryLayout<Int32>.size)
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &failure, &size)
+                guard failure == 0 else { throw SystemError("connect \(host):\(port)", code: failure) }
+            }
+            _ = fcntl(fd, F_SETFL, flags)
         }
         setNoDelay(fd)
         return fd

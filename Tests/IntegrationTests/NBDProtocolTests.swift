@@ -1,4 +1,5 @@
 import Foundation
+import IOFilterPosix
 import Testing
 
 /// Malformed NBD traffic straight onto the socket: the worker must answer with a clean
@@ -178,5 +179,32 @@ struct SeededGenerator: RandomNumberGenerator {
         state ^= state >> 7
         state ^= state << 17
         return state
+    }
+}
+
+/// Connecting out (an NBD backend, a replica through the broker) gives up at a deadline
+/// when the peer never answers, instead of the kernel's minutes of SYN retries.
+@Suite("connect deadline")
+struct ConnectDeadlineTests {
+    @Test func aTCPConnectToAPeerThatNeverAnswersGivesUpAtItsDeadline() throws {
+        // A loopback listener that never accepts, its queue one deep: once the queue is
+        // full the kernel drops further SYNs, as a vanished host would.
+        let (listener, port) = Harness.loopbackListener()
+        defer { close(listener) }
+        listen(listener, 0)
+        var queued: [Int32] = []
+        defer { queued.forEach { close($0) } }
+        var timedOut: (seconds: Double, error: SystemError)?
+        for _ in 0..<8 where timedOut == nil {
+            let started = Date()
+            do {
+                queued.append(try Sockets.connectTCP(host: "127.0.0.1", port: port, timeout: 0.5))
+            } catch {
+                timedOut = (Date().timeIntervalSince(started), error)
+            }
+        }
+        let outcome = try #require(timedOut, "the listener's queue never filled")
+        #expect(outcome.error.code == ETIMEDOUT, "\(outcome.error)")
+        #expect(outcome.seconds >= 0.4 && outcome.seconds < 3, "gave up after \(outcome.seconds) s")
     }
 }
