@@ -16,7 +16,7 @@ import PackageDescription
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
-//   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators
+//   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators, their cgroups
 //   Sources/IOFilterHTTP       a small HTTP/1.1 server and client; knows nothing of filters
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
 //   Sources/IOFilterControl    iofilterd's state (SQLite), policies, disks, VMs and the API routes
