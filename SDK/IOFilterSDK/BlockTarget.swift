@@ -99,24 +99,25 @@ final class InlineResult: @unchecked Sendable {
 /// and no network), so `spec` must be exactly what the policy set; on a host older
 /// than ABI 1.1 the filter opens it itself.
 public func openBlockTarget(_ spec: String, size: UInt64?) throws(FilterError) -> any BlockTarget {
-    if spec.contains("://") {
-        guard let uri = NBDURI(spec) else { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
-        do {
-            let logger = Logger(label: "iofilter.sdk.target")
-            if let fd = try openTarget(spec) {
-                return NBDTarget(client: try NBDClient(uri: uri, connected: fd, logger: logger))
-            }
-            return NBDTarget(client: try NBDClient(uri: uri, logger: logger))
-        } catch let error as FilterError {
-            throw error
-        } catch {
-            throw FilterError(EIO, "cannot connect to \(spec): \(error)")
+    let uri = NBDURI(spec)
+    if spec.contains("://") && uri == nil { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
+    // On a host older than ABI 1.1, which has no open_target, the filter opens the
+    // target itself, the way the host would.
+    let fd: Int32
+    if let opened = try openTarget(spec) {
+        fd = opened
+    } else {
+        switch TargetBroker.open(spec) {
+        case .success(let opened): fd = opened
+        case .failure(let failure): throw FilterError(failure.code, failure.message)
         }
     }
-    if let fd = try openTarget(spec) { return try FileTarget(fd: fd, path: spec, size: size) }
-    let fd = open(spec, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-    guard fd >= 0 else { throw FilterError(errno, "cannot open \(spec): \(String(cString: strerror(errno)))") }
-    return try FileTarget(fd: fd, path: spec, size: size)
+    guard let uri else { return try FileTarget(fd: fd, path: spec, size: size) }
+    do {
+        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, logger: Logger(label: "iofilter.sdk.target")))
+    } catch {
+        throw FilterError(EIO, "cannot connect to \(spec): \(error)")
+    }
 }
 
 /// An fd for a target the filter's policy named, opened by the host (`open_target`):

@@ -31,9 +31,9 @@ public final class WorkerCgroup: @unchecked Sendable {
         let mounts = CgroupMounts.read()
         if let unified = mounts.unified, let own = mounts.ownPath["", default: nil] {
             let root = unified + (own == "/" ? "" : own)
-            let available = (read("\(root)/cgroup.controllers") ?? "").split(whereSeparator: \.isWhitespace).map(String.init)
+            let available = (FileDescriptorIO.readFile("\(root)/cgroup.controllers") ?? "").split(whereSeparator: \.isWhitespace).map(String.init)
             // A hybrid host's v2 tree holds none of them: its controllers are v1's.
-            if ["memory", "pids", "cpu"].allSatisfy(available.contains) {
+            if controllers.allSatisfy(available.contains) {
                 return createV2(root: root, name: name, limits: limits)
             }
         }
@@ -41,37 +41,35 @@ public final class WorkerCgroup: @unchecked Sendable {
     }
 
     private static func createV2(root: String, name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
-        let wanted = ["memory", "pids", "cpu"]
         // No process may sit in a group whose controllers are handed to children: the
         // host moves itself into a leaf of its own first.
         let host = "\(root)/iofilter-host"
-        if !(read("\(root)/cgroup.subtree_control") ?? "").contains("memory") {
-            guard makeDirectory(host), write("0", to: "\(host)/cgroup.procs"),
-                  write(wanted.map { "+\($0)" }.joined(separator: " "), to: "\(root)/cgroup.subtree_control") else {
+        if !(FileDescriptorIO.readFile("\(root)/cgroup.subtree_control") ?? "").contains("memory") {
+            guard mkdir(host, 0o755) == 0 || errno == EEXIST, FileDescriptorIO.writeFile("0", to: "\(host)/cgroup.procs"),
+                  FileDescriptorIO.writeFile(controllers.map { "+\($0)" }.joined(separator: " "), to: "\(root)/cgroup.subtree_control") else {
                 return .failure(SupervisorError(message: "cannot delegate controllers below \(root): \(String(cString: strerror(errno)))"))
             }
         }
-        let directory = "\(root)/worker-\(name)"
-        guard makeDirectory(directory),
-              write("\(limits.memory)", to: "\(directory)/memory.max"),
-              write("\(limits.tasks)", to: "\(directory)/pids.max"),
-              write("\(limits.cpuWeight)", to: "\(directory)/cpu.weight") else {
-            return .failure(SupervisorError(message: "cannot set up \(directory): \(String(cString: strerror(errno)))"))
+        guard let directory = makeGroup(below: root, for: name),
+              FileDescriptorIO.writeFile("\(limits.memory)", to: "\(directory)/memory.max"),
+              FileDescriptorIO.writeFile("\(limits.tasks)", to: "\(directory)/pids.max"),
+              FileDescriptorIO.writeFile("\(limits.cpuWeight)", to: "\(directory)/cpu.weight") else {
+            return .failure(SupervisorError(message: "cannot set up the group of \(name) below \(root): \(String(cString: strerror(errno)))"))
         }
-        _ = write("0", to: "\(directory)/memory.swap.max")  // absent without swap accounting
+        _ = FileDescriptorIO.writeFile("0", to: "\(directory)/memory.swap.max")  // absent without swap accounting
         return .success(WorkerCgroup(directories: [directory], procsFiles: ["\(directory)/cgroup.procs"], limits: limits, version: 2))
     }
 
     private static func createV1(mounts: CgroupMounts, name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
         var directories: [String] = []
-        for controller in ["memory", "pids", "cpu"] {
+        for controller in controllers {
             guard let mount = mounts.v1[controller], let own = mounts.ownPath[controller] ?? nil else {
                 if controller == "cpu" { continue }  // a CPU weight is a nicety; memory and tasks are not
                 return .failure(SupervisorError(message: "no cgroup v2 with controllers, and the cgroup v1 \(controller) hierarchy is not mounted"))
             }
-            let directory = "\(mount)\(own == "/" ? "" : own)/iofilter-worker-\(name)"
-            guard makeDirectory(directory) else {
-                return .failure(SupervisorError(message: "cannot create \(directory): \(String(cString: strerror(errno)))"))
+            let parent = "\(mount)\(own == "/" ? "" : own)"
+            guard let directory = makeGroup(below: parent, for: name) else {
+                return .failure(SupervisorError(message: "cannot create the group of \(name) below \(parent): \(String(cString: strerror(errno)))"))
             }
             directories.append(directory)
             let settings: [(String, String)] = switch controller {
@@ -79,7 +77,7 @@ public final class WorkerCgroup: @unchecked Sendable {
             case "pids": [("pids.max", "\(limits.tasks)")]
             default: [("cpu.shares", "\(limits.cpuWeight * 1024 / 100)")]
             }
-            for (file, value) in settings where !write(value, to: "\(directory)/\(file)") && file != "memory.swappiness" {
+            for (file, value) in settings where !FileDescriptorIO.writeFile(value, to: "\(directory)/\(file)") && file != "memory.swappiness" {
                 return .failure(SupervisorError(message: "cannot set \(directory)/\(file): \(String(cString: strerror(errno)))"))
             }
         }
@@ -92,13 +90,13 @@ public final class WorkerCgroup: @unchecked Sendable {
     /// the kernel's time, which the worker would otherwise wait for itself.
     @discardableResult
     public func add(_ pid: pid_t) -> Bool {
-        procsFiles.allSatisfy { Self.write("\(pid)", to: $0) }
+        procsFiles.allSatisfy { FileDescriptorIO.writeFile("\(pid)", to: $0) }
     }
 
     /// How often the kernel's OOM killer has killed in this group so far.
     public var oomKills: Int {
         let file = version == 2 ? "\(directories[0])/memory.events" : "\(directories[0])/memory.oom_control"
-        for line in (Self.read(file) ?? "").split(separator: "\n") where line.hasPrefix("oom_kill ") {
+        for line in (FileDescriptorIO.readFile(file) ?? "").split(separator: "\n") where line.hasPrefix("oom_kill ") {
             return Int(line.dropFirst("oom_kill ".count)) ?? 0
         }
         return 0
@@ -107,9 +105,9 @@ public final class WorkerCgroup: @unchecked Sendable {
     /// Kills whatever is still in the group (nothing should be: the worker makes no
     /// processes, and the pid namespace's init takes its own with it).
     public func killAll() {
-        if version == 2, Self.write("1", to: "\(directories[0])/cgroup.kill") { return }
+        if version == 2, FileDescriptorIO.writeFile("1", to: "\(directories[0])/cgroup.kill") { return }
         for _ in 0..<10 {
-            let pids = procsFiles.flatMap { (Self.read($0) ?? "").split(separator: "\n").compactMap { pid_t($0) } }
+            let pids = procsFiles.flatMap { (FileDescriptorIO.readFile($0) ?? "").split(separator: "\n").compactMap { pid_t($0) } }
             if pids.isEmpty { return }
             for pid in pids { kill(pid, SIGKILL) }
             usleep(10_000)
@@ -124,30 +122,21 @@ public final class WorkerCgroup: @unchecked Sendable {
         }
     }
 
-    /// Creates a worker's group; first removes the groups of `iofilter serve` runs that
-    /// were killed before they could (named after their pid, which is gone).
-    static func makeDirectory(_ path: String) -> Bool {
-        let parent = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
-        let prefix = "iofilter-worker-serve-"
-        for name in Directory.entries(parent) where name.hasPrefix(prefix) {
-            if let pid = pid_t(name.dropFirst(prefix.count)), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(name)") }
+    /// The controllers a worker's group limits with.
+    static let controllers = ["memory", "pids", "cpu"]
+
+    /// Makes (or reuses) the group of worker `name` below `parent`, named the same in
+    /// v1 and v2, and returns its path; first removes the groups of `iofilter serve` runs
+    /// that were killed before they could (named after their pid, which is gone).
+    static func makeGroup(below parent: String, for name: String) -> String? {
+        let prefix = "iofilter-worker-", killedServe = prefix + "serve-"
+        for entry in Directory.entries(parent) where entry.hasPrefix(killedServe) {
+            if let pid = pid_t(entry.dropFirst(killedServe.count)), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(entry)") }
         }
-        return mkdir(path, 0o755) == 0 || errno == EEXIST
+        let directory = "\(parent)/\(prefix)\(name)"
+        return mkdir(directory, 0o755) == 0 || errno == EEXIST ? directory : nil
     }
 
-    static func write(_ text: String, to path: String) -> Bool {
-        let fd = open(path, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        return (try? FileDescriptorIO.writeAll(fd, Array(text.utf8))) != nil
-    }
-
-    static func read(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        return (try? FileDescriptorIO.readToEnd(fd)).map { String(decoding: $0, as: UTF8.self) }
-    }
 }
 
 /// What a worker's cgroup allows.
@@ -178,7 +167,7 @@ struct CgroupMounts {
 
     static func read() -> CgroupMounts {
         var mounts = CgroupMounts()
-        for line in (WorkerCgroup.read("/proc/self/mountinfo") ?? "").split(separator: "\n") {
+        for line in (FileDescriptorIO.readFile("/proc/self/mountinfo") ?? "").split(separator: "\n") {
             let halves = line.split(separator: " - ", maxSplits: 1)
             guard halves.count == 2 else { continue }
             let fields = halves[0].split(separator: " "), tail = halves[1].split(separator: " ")
@@ -187,12 +176,12 @@ struct CgroupMounts {
             if tail[0] == "cgroup2" {
                 mounts.unified = point
             } else if tail[0] == "cgroup" {
-                for option in tail[2].split(separator: ",") where ["memory", "pids", "cpu"].contains(String(option)) {
+                for option in tail[2].split(separator: ",") where WorkerCgroup.controllers.contains(String(option)) {
                     mounts.v1[String(option)] = point
                 }
             }
         }
-        for line in (WorkerCgroup.read("/proc/self/cgroup") ?? "").split(separator: "\n") {
+        for line in (FileDescriptorIO.readFile("/proc/self/cgroup") ?? "").split(separator: "\n") {
             let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3 else { continue }
             for controller in parts[1].split(separator: ",", omittingEmptySubsequences: false) {

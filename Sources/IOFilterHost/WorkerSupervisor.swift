@@ -45,20 +45,20 @@ public final class WorkerSupervisor: @unchecked Sendable {
     public var stableAfter = 30.0
 
     /// The worker's own cgroup, if the host can make one.
-    public let cgroup: WorkerCgroup?
+    private let cgroup: WorkerCgroup?
 
     /// - Parameter listenFDs: one listening socket per disk, in the order of
     ///   `configuration.disks`; the worker gets them as fds 3, 4, …
     public init(configuration: WorkerConfiguration, listenFDs: [Int32], workerPath: String = WorkerExecutable.path(),
-                readyTimeout: Double = 60, cgroupLimits: WorkerCgroupLimits? = nil, logger: Logger) {
+                readyTimeout: Double = 60, logger: Logger) {
         var configuration = configuration
         var logger = logger
         logger[metadataKey: "vm"] = "\(configuration.vmName)"
         // Room for two threads per client of every disk besides the filters' own.
         let clients = (configuration.maxConnections ?? 16) * max(configuration.disks.count, 1)
-        let limits = cgroupLimits ?? WorkerCgroupLimits(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
-                                                        tasks: WorkerCgroupLimits.defaultTasks + 2 * clients,
-                                                        cpuWeight: configuration.cpuWeight ?? WorkerCgroupLimits.defaultCPUWeight)
+        let limits = WorkerCgroupLimits(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
+                                        tasks: WorkerCgroupLimits.defaultTasks + 2 * clients,
+                                        cpuWeight: configuration.cpuWeight ?? WorkerCgroupLimits.defaultCPUWeight)
         switch WorkerCgroup.create(name: configuration.vmName, limits: limits) {
         case .success(let made):
             cgroup = made
@@ -172,11 +172,10 @@ public final class WorkerSupervisor: @unchecked Sendable {
         }
         defer { close(pair[1]) }
         let beat = try Heartbeat()
-        let broker = try TargetBroker.makePair()
-        defer { close(broker.worker) }
-        TargetBroker.serve(on: broker.host, allowed: configuration.namedTargets, logger: logger)
+        let broker = try TargetBroker.start(allowed: configuration.namedTargets, logger: logger)
+        defer { close(broker) }
         let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
-            + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!), (broker.worker, configuration.brokerFD!)]
+            + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!), (broker, configuration.brokerFD!)]
         let process: ChildProcess
         do {
             process = try ChildProcess(
@@ -378,11 +377,10 @@ public enum MaintenanceWorker {
         guard let input = try? JSONEncoder().encode(configuration) else { throw SupervisorError(message: "cannot encode the configuration") }
         let process: ChildProcess
         do {
-            let broker = try TargetBroker.makePair()
-            defer { close(broker.worker) }
-            TargetBroker.serve(on: broker.host, allowed: configuration.namedTargets, logger: logger)
+            let broker = try TargetBroker.start(allowed: configuration.namedTargets, logger: logger)
+            defer { close(broker) }
             process = try ChildProcess(
-                executable: WorkerExecutable.path(), arguments: ["serve"], handOver: [(broker.worker, 3)], stdin: Array(input),
+                executable: WorkerExecutable.path(), arguments: ["serve"], handOver: [(broker, 3)], stdin: Array(input),
                 stdout: .capture, environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
         } catch {
             throw SupervisorError(message: "cannot start a worker: \(error)")

@@ -11,6 +11,12 @@ public enum StandardErrorLogging {
     /// The levels, for a `--log-level` option's help and checks.
     public static let levels = Logger.Level.allCases.map(\.rawValue)
 
+    /// Why `--log-level TEXT` cannot be used, or nil.
+    public static func problem(withLevel text: String?) -> String? {
+        guard let text, !levels.contains(text) else { return nil }
+        return "--log-level '\(text)' is none of \(levels.joined(separator: ", "))"
+    }
+
     /// Logs at `level` (a `--log-level` given), else at IOFILTER_LOG_LEVEL's, else info;
     /// the level is also put in the environment, where the workers find it.
     public static func bootstrap(level chosen: String? = nil) {

@@ -71,7 +71,7 @@ public enum TargetBroker {
     /// The host's side: answers requests on `socket` on a thread of its own until the
     /// worker's end closes (it exited), then closes `socket`. Only `allowed` targets
     /// are opened; anything else is refused with EACCES and logged.
-    public static func serve(on socket: Int32, allowed: Set<String>, logger: Logger) {
+    static func serve(on socket: Int32, allowed: Set<String>, logger: Logger) {
         startThread(name: "target-broker") {
             defer { close(socket) }
             var record = [UInt8](repeating: 0, count: maxRecord)
@@ -105,12 +105,14 @@ public enum TargetBroker {
         }
     }
 
-    /// A connected SOCK_SEQPACKET pair (close-on-exec): (host's end, worker's end).
-    public static func makePair() throws(SystemError) -> (host: Int32, worker: Int32) {
+    /// Starts a broker for one worker: returns the worker's end of a SOCK_SEQPACKET pair
+    /// (close-on-exec; hand it over, then close it here) and serves the other end.
+    public static func start(allowed: Set<String>, logger: Logger) throws(SystemError) -> Int32 {
         var pair: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             throw SystemError("socketpair")
         }
-        return (pair[0], pair[1])
+        serve(on: pair[0], allowed: allowed, logger: logger)
+        return pair[1]
     }
 }

@@ -92,6 +92,23 @@ public enum FileDescriptorIO {
         }
     }
 
+    /// A whole (small) file as text — /proc and cgroup files — or nil if it cannot be read.
+    public static func readFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        return (try? readToEnd(fd)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Writes `text` into an existing file (a cgroup or /proc control file); false with
+    /// errno set if it cannot.
+    public static func writeFile(_ text: String, to path: String) -> Bool {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return (try? writeAll(fd, Array(text.utf8))) != nil
+    }
+
     public static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(SystemError) {
         let failure: SystemError? = bytes.withUnsafeBytes { raw in
             do throws(SystemError) {

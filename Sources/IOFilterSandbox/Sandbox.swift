@@ -226,7 +226,7 @@ public struct Sandbox: Sendable {
     /// process already maps a library from (the Swift runtime's, for Swift plug-ins).
     static func libraryDirectories() -> [String] {
         var directories: Set<String> = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"]
-        if let maps = try? readFile("/proc/self/maps") {
+        if let maps = FileDescriptorIO.readFile("/proc/self/maps") {
             for line in maps.split(separator: "\n") {
                 guard let slash = line.firstIndex(of: "/") else { continue }
                 let path = line[slash...]
@@ -235,20 +235,6 @@ public struct Sandbox: Sendable {
             }
         }
         return directories.sorted()
-    }
-
-    static func readFile(_ path: String) throws -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SandboxError(message: "open \(path)") }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, 65536) }
-            if n <= 0 { break }
-            bytes += chunk[0..<n]
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 
     private func setLimit(_ resource: __rlimit_resource, _ value: UInt64) {
@@ -279,11 +265,7 @@ public enum CgroupMembership {
         let wanted = "\(pid)"
         repeat {
             let present = files.allSatisfy { file in
-                let fd = open(file, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else { return false }
-                defer { close(fd) }
-                let text = (try? FileDescriptorIO.readToEnd(fd)).map { String(decoding: $0, as: UTF8.self) } ?? ""
-                return text.split(separator: "\n").contains { $0 == wanted }
+                (FileDescriptorIO.readFile(file) ?? "").split(separator: "\n").contains { $0 == wanted }
             }
             if present { return true }
             usleep(500)

@@ -30,6 +30,14 @@ func say(_ line: String) {
     try? FileDescriptorIO.writeAll(STDOUT_FILENO, Array((line + "\n").utf8))
 }
 
+/// Ends a worker that could not open its disks or plug-ins; the host reads the ERROR
+/// line to tell its caller why.
+@MainActor func cannotStart(_ error: any Error) -> Never {
+    logger.critical("cannot start: \(error)")
+    say("ERROR \(error)")
+    exit(72)
+}
+
 func emit(_ value: some Encodable) {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
@@ -181,9 +189,7 @@ case "serve" where arguments.count == 1:
         // Disks first: once confined, the worker has no path to them and no network.
         try runtime.openBackends()
     } catch {
-        logger.critical("cannot start: \(error)")
-        say("ERROR \(error)")
-        exit(72)
+        cannotStart(error)
     }
     // The cgroup that limits this worker and everything it will ever be (its pid
     // namespace's init included): the supervisor moves it there while it starts, and
@@ -225,10 +231,7 @@ case "serve" where arguments.count == 1:
         try runtime.loadPlugins()
         exports = try runtime.openDisks(attachOnly: configuration.task == .attach)
     } catch {
-        logger.critical("cannot start: \(error)")
-        // The host reads this line to tell its caller why.
-        say("ERROR \(error)")
-        exit(72)
+        cannotStart(error)
     }
     switch configuration.task {
     case .serve:

@@ -71,9 +71,7 @@ extension IOFilterCommand {
         func validate() throws {
             if socket != nil && port != nil { throw ValidationError("give --socket or --port, not both") }
             if let statsEvery, !(statsEvery >= 0.1) { throw ValidationError("--stats-every must be at least 0.1 seconds") }
-            if let logLevel, !StandardErrorLogging.levels.contains(logLevel) {
-                throw ValidationError("--log-level '\(logLevel)' is none of \(StandardErrorLogging.levels.joined(separator: ", "))")
-            }
+            if let problem = StandardErrorLogging.problem(withLevel: logLevel) { throw ValidationError(problem) }
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }

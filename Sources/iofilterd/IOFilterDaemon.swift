@@ -64,9 +64,7 @@ struct IOFilterDaemon: ParsableCommand {
 
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
-        if let logLevel, !StandardErrorLogging.levels.contains(logLevel) {
-            throw ValidationError("--log-level '\(logLevel)' is none of \(StandardErrorLogging.levels.joined(separator: ", "))")
-        }
+        if let problem = StandardErrorLogging.problem(withLevel: logLevel) { throw ValidationError(problem) }
         if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
         if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
         if let workerMemoryLimit, WorkerConfiguration.memoryLimit(parsing: workerMemoryLimit) == nil {
