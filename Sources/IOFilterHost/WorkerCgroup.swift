@@ -126,14 +126,16 @@ public final class WorkerCgroup: @unchecked Sendable {
     static let controllers = ["memory", "pids", "cpu"]
 
     /// Makes (or reuses) the group of worker `name` below `parent`, named the same in
-    /// v1 and v2, and returns its path; first removes the groups of `iofilter serve` runs
-    /// that were killed before they could (named after their pid, which is gone).
+    /// v1 and v2 after this host process and the worker: two hosts on one machine may
+    /// have VMs of the same name, and one's cleanup must not kill the other's worker.
+    /// First removes the groups of hosts that died before they could (their pid is gone).
     static func makeGroup(below parent: String, for name: String) -> String? {
-        let prefix = "iofilter-worker-", killedServe = prefix + "serve-"
-        for entry in Directory.entries(parent) where entry.hasPrefix(killedServe) {
-            if let pid = pid_t(entry.dropFirst(killedServe.count)), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(entry)") }
+        let prefix = "iofilter-worker-"
+        for entry in Directory.entries(parent) where entry.hasPrefix(prefix) {
+            let owner = entry.dropFirst(prefix.count).prefix { $0 != "-" }
+            if let pid = pid_t(owner), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(entry)") }
         }
-        let directory = "\(parent)/\(prefix)\(name)"
+        let directory = "\(parent)/\(prefix)\(getpid())-\(name)"
         return mkdir(directory, 0o755) == 0 || errno == EEXIST ? directory : nil
     }
 

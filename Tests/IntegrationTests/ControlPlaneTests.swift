@@ -225,6 +225,30 @@ struct ControlPlaneTests {
         try daemon.ok(["vm", "stop", "vb"])
     }
 
+    @Test func twoHostsWithVMsOfOneNameKeepTheirWorkersApart() throws {
+        // Their workers' cgroups must not be one: stopping one host's VM would kill
+        // everything in the group, the other host's worker included.
+        let first = try Daemon(), second = try Daemon()
+        defer {
+            first.stop()
+            second.stop()
+        }
+        var uris: [String] = []
+        for daemon in [first, second] {
+            try daemon.ok(["disk", "create", "d", "--size", "8M"])
+            try daemon.ok(["vm", "create", "twin", "--disk", "d"])
+            let vm: VMInfo = try daemon.json(["vm", "start", "twin"])
+            uris.append(try #require(vm.uris["d"]))
+        }
+        let kept: VMInfo = try second.json(["vm", "show", "twin"])
+        try first.ok(["vm", "stop", "twin"])
+        usleep(1_000_000)
+        let after: VMInfo = try second.json(["vm", "show", "twin"])
+        #expect(after.pid == kept.pid && after.restarts == 0, "the other host's worker lives on")
+        #expect(!second.log.contains("worker-exited"), "\(second.log)")
+        #expect(try Harness.qemuIO(uris[1], ["write -P 0x2e 0 64k", "read -P 0x2e 0 64k"]).contains("read 65536/65536"))
+    }
+
     @Test func deletingADiskTakesTheReplicaItsPolicyPutInTheStateDirectory() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }
