@@ -17,6 +17,7 @@ import PackageDescription
 //   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
 //   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators, their cgroups
+//   Sources/IOFilterTrust      plug-in signing keys, signature files, acceptance levels (Ed25519)
 //   Sources/IOFilterHTTP       a small HTTP/1.1 server and client; knows nothing of filters
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
 //   Sources/IOFilterControl    iofilterd's state (SQLite), policies, disks, VMs and the API routes
@@ -45,6 +46,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
         .systemLibrary(name: "CIOFilter", path: "include"),
@@ -89,6 +91,11 @@ let package = Package(
             swiftSettings: strict),
 
         .target(
+            name: "IOFilterTrust",
+            dependencies: ["IOFilterModel", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strict),
+
+        .target(
             name: "IOFilterHTTP",
             dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
@@ -96,7 +103,7 @@ let package = Package(
         .target(
             name: "IOFilterControl",
             dependencies: [
-                "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix",
+                "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix", "IOFilterTrust",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -112,7 +119,7 @@ let package = Package(
         .executableTarget(
             name: "iofilter",
             dependencies: [
-                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP", "IOFilterTrust",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -120,7 +127,7 @@ let package = Package(
         .executableTarget(
             name: "iofilterd",
             dependencies: [
-                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterHTTP",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterHTTP", "IOFilterTrust",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -145,6 +152,7 @@ let package = Package(
         .target(name: "CacheFilter", dependencies: ["IOFilterSDK"], path: "Plugins/cache", exclude: ["README.md"], swiftSettings: strict),
 
         .testTarget(name: "IOFilterModelTests", dependencies: ["IOFilterModel"]),
+        .testTarget(name: "IOFilterTrustTests", dependencies: ["IOFilterModel", "IOFilterTrust"]),
         .testTarget(
             name: "IOFilterChainTests",
             dependencies: [

@@ -33,8 +33,13 @@ public struct PluginInfo: Codable, Sendable, Equatable {
     public var installedAt: String
     /// Disks whose chain has this version attached (it cannot be removed while any has).
     public var attachedTo: [String]
+    /// The level its signatures earned when it was installed (community: unsigned).
+    public var acceptanceLevel: AcceptanceLevel
+    /// Who signed it, with what each signature counted for on this host.
+    public var signers: [PluginSigner]
 
-    public init(manifest: PluginManifest, installedAt: String, attachedTo: [String]) {
+    public init(manifest: PluginManifest, installedAt: String, attachedTo: [String],
+                acceptanceLevel: AcceptanceLevel = .community, signers: [PluginSigner] = []) {
         name = manifest.name
         version = manifest.version
         vendor = manifest.vendor
@@ -46,6 +51,56 @@ public struct PluginInfo: Codable, Sendable, Equatable {
         path = manifest.path
         self.installedAt = installedAt
         self.attachedTo = attachedTo
+        self.acceptanceLevel = acceptanceLevel
+        self.signers = signers
+    }
+}
+
+/// One signature of an installed plug-in.
+public struct PluginSigner: Codable, Sendable, Equatable {
+    public var keyId: String
+    public var comment: String
+    /// The level the signature claims.
+    public var claimed: AcceptanceLevel
+    /// What it counted for: the lower of the claim and the key's enrolment.
+    public var effective: AcceptanceLevel
+
+    public init(keyId: String, comment: String, claimed: AcceptanceLevel, effective: AcceptanceLevel) {
+        self.keyId = keyId
+        self.comment = comment
+        self.claimed = claimed
+        self.effective = effective
+    }
+}
+
+/// A public key enrolled on the host, and the highest level it may sign at.
+public struct TrustedKeyInfo: Codable, Sendable, Equatable {
+    public var keyId: String
+    /// The key's line, as in its .pub file.
+    public var publicKey: String
+    public var comment: String
+    public var level: AcceptanceLevel
+    public var addedAt: String
+    /// Installed plug-ins (name and version) it signed.
+    public var signed: [String]
+
+    public init(keyId: String, publicKey: String, comment: String, level: AcceptanceLevel, addedAt: String, signed: [String]) {
+        self.keyId = keyId
+        self.publicKey = publicKey
+        self.comment = comment
+        self.level = level
+        self.addedAt = addedAt
+        self.signed = signed
+    }
+}
+
+public struct TrustAddRequest: Codable, Sendable {
+    /// The line of a PREFIX.pub file from `iofilter plugin keygen`.
+    public var publicKey: String
+    public var level: AcceptanceLevel
+    public init(publicKey: String, level: AcceptanceLevel) {
+        self.publicKey = publicKey
+        self.level = level
     }
 }
 
@@ -55,7 +110,8 @@ public struct OperationInfo: Codable, Sendable, Equatable {
 }
 
 public struct PluginInstallRequest: Codable, Sendable {
-    /// An absolute path, on the host, of the `.so` to validate and copy.
+    /// An absolute path, on the host, of the `.so` to validate and copy. Its signature
+    /// is read from PATH.sig beside it, if there is one.
     public var path: String
     public init(path: String) { self.path = path }
 }
@@ -396,7 +452,10 @@ public struct HostInfo: Codable, Sendable {
     public var apiSocket: String
     public var pid: Int32
     public var runningVMs: [String]
-    public init(version: String, stateDirectory: String, apiSocket: String, pid: Int32, runningVMs: [String]) {
+    /// The lowest acceptance level of plug-in this host installs.
+    public var acceptanceLevel: AcceptanceLevel
+    public init(version: String, stateDirectory: String, apiSocket: String, pid: Int32, runningVMs: [String], acceptanceLevel: AcceptanceLevel) {
+        self.acceptanceLevel = acceptanceLevel
         self.version = version
         self.stateDirectory = stateDirectory
         self.apiSocket = apiSocket

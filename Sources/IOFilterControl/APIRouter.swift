@@ -169,7 +169,7 @@ extension APIRouter {
 
             route("GET", "/plugins", "listPlugins", "Installed plug-ins, every version.", (200, "[Plugin]")) { _ in try host.listPlugins() },
             route("POST", "/plugins", "installPlugin", "Validate a plug-in in a sandbox and install a copy of it.",
-                  body: "PluginInstallRequest", (201, "Plugin"), errors: [409, 422]) { request in
+                  body: "PluginInstallRequest", (201, "Plugin"), errors: [404, 409, 422]) { request in
                 try host.installPlugin(path: request.decode(PluginInstallRequest.self).path)
             },
             route("GET", "/plugins/{name}", "showPlugin", "Every installed version of one plug-in, newest first.", (200, "[Plugin]"),
@@ -182,6 +182,15 @@ extension APIRouter {
                   body: "PluginCallRequest", (200, "ManagementResult"), errors: [404, 409, 422, 502]) { request in
                 try host.callPlugin(request.parameter("name"), request.decode(PluginCallRequest.self))
             },
+
+            route("GET", "/trust", "listTrust", "The signing keys this host trusts, and the level each may sign at.", (200, "[TrustedKey]")) { _ in
+                try host.listTrust()
+            },
+            route("POST", "/trust", "addTrust", "Enrol a signing key (or change its level).", body: "TrustAddRequest", (201, "TrustedKey")) { request in
+                try host.addTrust(request.decode(TrustAddRequest.self))
+            },
+            route("DELETE", "/trust/{keyId}", "removeTrust", "Stop trusting a key; plug-ins it signed stay installed.", (200, "TrustedKey"),
+                  errors: [404]) { request in try host.removeTrust(request.parameter("keyId")) },
 
             route("GET", "/policies", "listPolicies", "Every policy.", (200, "[Policy]")) { _ in try host.listPolicies() },
             route("POST", "/policies", "createPolicy", "Create a policy; it is validated first.", body: "Policy", (201, "Policy"),

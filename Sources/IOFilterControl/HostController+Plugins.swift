@@ -13,7 +13,8 @@ extension HostController {
         PluginInfo(
             manifest: row.manifest, installedAt: row.installedAt,
             attachedTo: disks.filter { $0.attached.contains { $0.manifest.name == row.name && $0.manifest.version == row.version } }
-                .map(\.name))
+                .map(\.name),
+            acceptanceLevel: row.acceptanceLevel, signers: row.signers)
     }
 
     public func listPlugins() throws(ControlError) -> [PluginInfo] {
@@ -35,20 +36,35 @@ extension HostController {
         return rows.sorted { Versions.isNewer($0.version, than: $1.version) }
     }
 
-    /// Validates the `.so` in a sandboxed worker, then copies it into the state
-    /// directory, keyed by name and version. Installing a newer version of a plug-in in
-    /// use is allowed: VMs pick it up at their next start.
-    public func installPlugin(path: String) throws(ControlError) -> PluginInfo {
+    /// Installs a plug-in: copies the `.so` into the state directory, validates the copy
+    /// in a sandboxed worker and checks its signature (PATH.sig, or `signature`) against
+    /// the trust store and the host's acceptance level; only then does the copy become
+    /// the installed version. Installing a newer version of a plug-in in use is allowed:
+    /// VMs pick it up at their next start.
+    public func installPlugin(path: String, signature givenSignature: Data? = nil) throws(ControlError) -> PluginInfo {
         guard path.hasPrefix("/") else { throw .badRequest("the plug-in path must be absolute, got '\(path)'") }
         guard FileManager.default.isReadableFile(atPath: path) else { throw .notFound("cannot read \(path)") }
+        let signature = givenSignature ?? FileManager.default.contents(atPath: path + ".sig")
+        // What is checked is a private copy, so the file cannot change between the checks
+        // and the install. Workers (identities of their own) read and map it.
+        let staged = "\(pluginsDirectory)/.staged-\(UUID().uuidString).so"
+        do {
+            try FileManager.default.copyItem(atPath: path, toPath: staged)
+        } catch {
+            throw .internalError("cannot copy \(path) into \(pluginsDirectory): \(error)")
+        }
+        defer { unlink(staged) }
+        guard chmod(staged, Self.installedPluginMode) == 0 else { throw .internalError("cannot make \(staged) readable to the validator") }
         let manifest: PluginManifest
-        switch PluginValidator().validate(path) {
+        switch PluginValidator().validate(staged) {
         case .success(let valid): manifest = valid
-        case .failure(let error): throw .invalid("\(path) is not a valid plug-in: \(error)")
+        case .failure(let error): throw .invalid("\(path) is not a valid plug-in: \(String(describing: error).replacingOccurrences(of: staged, with: path))")
         }
         return try exclusive {
+            let verdict = try verifySignature(staged: staged, manifest: manifest, signature: signature, source: path)
             if let existing = try store.read({ db in try PluginRow.fetchOne(db, key: ["name": manifest.name, "version": manifest.version]) }) {
-                if FileManager.default.contentsEqual(atPath: existing.manifest.path, andPath: path) {
+                if FileManager.default.contentsEqual(atPath: existing.manifest.path, andPath: staged) {
+                    logger.info("\(manifest.name) \(manifest.version) from \(path) is already installed")
                     return try store.read { db in pluginInfo(existing, disks: try DiskRow.fetchAll(db)) }
                 }
                 throw ControlError.conflict(
@@ -57,29 +73,25 @@ extension HostController {
             let directory = "\(pluginsDirectory)/\(manifest.name)/\(manifest.version)"
             let destination = "\(directory)/lib\(manifest.name).so"
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            let temporary = destination + ".partial"
-            try? FileManager.default.removeItem(atPath: temporary)
-            do {
-                try FileManager.default.copyItem(atPath: path, toPath: temporary)
-                // The copy keeps the source's mode; nothing writes to the installed
-                // object once validated. Workers, which run as identities of their own,
-                // read and map it (the 0700 state directory keeps everyone else out).
-                guard chmod(temporary, Self.installedPluginMode) == 0, rename(temporary, destination) == 0 else { throw ControlError.internalError("cannot move \(temporary) into place") }
-            } catch {
-                try? FileManager.default.removeItem(atPath: temporary)
-                throw ControlError.internalError("cannot copy \(path) into \(directory): \(error)")
+            if let signature, !FileManager.default.createFile(atPath: destination + ".sig", contents: signature) {
+                throw ControlError.internalError("cannot write \(destination).sig")
+            }
+            guard rename(staged, destination) == 0 else {
+                try? FileManager.default.removeItem(atPath: directory)
+                throw ControlError.internalError("cannot move the validated copy into \(directory): \(String(cString: strerror(errno)))")
             }
             var installed = manifest
             installed.path = destination
             let row = PluginRow(name: manifest.name, version: manifest.version, category: manifest.category.rawValue,
-                                manifest: installed, installedAt: StateStore.now())
+                                manifest: installed, installedAt: StateStore.now(), acceptanceLevel: verdict.level,
+                                signers: verdict.pluginSigners)
             do {
                 try store.write { db in try row.insert(db) }
             } catch {
                 try? FileManager.default.removeItem(atPath: directory)
                 throw error
             }
-            event("plugin-installed", manifest.name, "version \(manifest.version) (\(manifest.category.rawValue)) from \(path)")
+            event("plugin-installed", manifest.name, "version \(manifest.version) (\(manifest.category.rawValue)) from \(path), \(verdict.summary)")
             return try store.read { db in pluginInfo(row, disks: try DiskRow.fetchAll(db)) }
         }
     }

@@ -26,6 +26,8 @@ public final class HostController: @unchecked Sendable {
     public var restartBackoffLimit: Double = 10
     /// Paths no worker may reach (the API's unix socket).
     public var hiddenFromWorkers: [String] = []
+    /// The lowest level of plug-in this host installs; set by `adoptAcceptanceLevel`.
+    public internal(set) var acceptanceLevel = AcceptanceLevel.hostDefault
     let store: StateStore
     let logger: Logger
     private let operationLock = ConditionLock()
@@ -123,7 +125,7 @@ public final class HostController: @unchecked Sendable {
 
     public func hostInfo(apiSocket: String) -> HostInfo {
         HostInfo(version: Release.version, stateDirectory: stateDirectory, apiSocket: apiSocket, pid: getpid(),
-                 runningVMs: liveLock.withLock { running.keys.sorted() })
+                 runningVMs: liveLock.withLock { running.keys.sorted() }, acceptanceLevel: acceptanceLevel)
     }
 
     // MARK: starting and stopping the host

@@ -1,4 +1,5 @@
 import Foundation
+import IOFilterModel
 
 /// The OpenAPI 3.0 document iofilterd serves at /openapi.json: the paths come from the
 /// route table the router dispatches with, the schemas are written out here and must
@@ -67,12 +68,14 @@ enum OpenAPIDocument {
     /// Bytes, or a number with a K, M, G or T suffix (powers of 1024), that fits 63 bits.
     static let size = Schema.pattern("^([1-9][0-9]{0,17}|[1-9][0-9]{0,14}K|[1-9][0-9]{0,11}M|[1-9][0-9]{0,8}G|[1-9][0-9]{0,5}T)$")
     static let absolutePath = Schema.pattern("^/")
+    static let acceptanceLevel = Schema.enumeration(AcceptanceLevel.allCases.map(\.rawValue))
 
     static let schemas: [String: Schema] = [
         "Error": .object(["error": .string, "message": .string], required: ["error", "message"]),
         "HostInfo": .object([
             "version": .string, "stateDirectory": .string, "apiSocket": .string, "pid": .integer, "runningVMs": .array(.string),
-        ], required: ["version", "stateDirectory", "apiSocket", "pid", "runningVMs"]),
+            "acceptanceLevel": acceptanceLevel,
+        ], required: ["version", "stateDirectory", "apiSocket", "pid", "runningVMs", "acceptanceLevel"]),
         "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string],
                          required: ["id", "time", "kind", "subject", "message"]),
         "Parameter": .object([
@@ -85,9 +88,15 @@ enum OpenAPIDocument {
             "name": .string, "version": .string, "vendor": .string, "category": category, "description": .string,
             "threadModel": .enumeration(["serialize-all", "serialize-per-disk", "parallel"]),
             "parameters": .array(.ref("Parameter")), "operations": .array(.ref("Operation")), "path": .string,
-            "installedAt": .string, "attachedTo": .array(.string),
+            "installedAt": .string, "attachedTo": .array(.string), "acceptanceLevel": acceptanceLevel, "signers": .array(.ref("PluginSigner")),
         ], required: ["name", "version", "vendor", "category", "description", "threadModel", "parameters", "operations", "path",
-                      "installedAt", "attachedTo"]),
+                      "installedAt", "attachedTo", "acceptanceLevel", "signers"]),
+        "PluginSigner": .object(["keyId": .string, "comment": .string, "claimed": acceptanceLevel, "effective": acceptanceLevel],
+                                required: ["keyId", "comment", "claimed", "effective"]),
+        "TrustedKey": .object([
+            "keyId": .string, "publicKey": .string, "comment": .string, "level": acceptanceLevel, "addedAt": .string, "signed": .array(.string),
+        ], required: ["keyId", "publicKey", "comment", "level", "addedAt", "signed"]),
+        "TrustAddRequest": .object(["publicKey": .pattern("^iofilter-ed25519 "), "level": acceptanceLevel], required: ["publicKey", "level"]),
         "PluginInstallRequest": .object(["path": absolutePath], required: ["path"]),
         "PluginCallRequest": .object(["operation": .pattern("^[a-z][a-z0-9_-]*$"), "arguments": .array(.string), "vm": name, "version": .string],
                                      required: ["operation", "arguments"]),
@@ -182,7 +191,7 @@ enum OpenAPIDocument {
         case 400: "The request is malformed (bad JSON, a bad name or size)."
         case 404: "A named plug-in, policy, disk or VM does not exist."
         case 409: "The request conflicts with the current state (in use, running, exists)."
-        case 422: "The request is well-formed but invalid (a policy that does not validate, a bad plug-in)."
+        case 422: "The request is well-formed but invalid (a policy that does not validate, a bad plug-in, a plug-in whose signatures this host does not accept)."
         case 502: "A worker process failed to do its part."
         default: "An internal error; the state is unchanged."
         }

@@ -13,6 +13,26 @@ struct PluginRow: Codable, FetchableRecord, PersistableRecord {
     var category: String
     var manifest: PluginManifest
     var installedAt: String
+    /// (v4) What its signatures earned at install; existing rows are community.
+    var acceptanceLevel: AcceptanceLevel
+    var signers: [PluginSigner]
+}
+
+/// (v4) A signing key enrolled on the host.
+struct TrustedKeyRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "trustedKey"
+    var keyId: String
+    var publicKey: String
+    var comment: String
+    var level: AcceptanceLevel
+    var addedAt: String
+}
+
+/// (v4) A host setting that must survive restarts (the acceptance level last used).
+struct SettingRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "setting"
+    var key: String
+    var value: String
 }
 
 struct PolicyRow: Codable, FetchableRecord, PersistableRecord {
@@ -135,6 +155,23 @@ final class StateStore: Sendable {
         }
         migrator.registerMigration("v3: per-VM CPU weight") { db in
             try db.alter(table: "vm") { t in t.add(column: "cpuWeight", .integer) }
+        }
+        migrator.registerMigration("v4: signed plug-ins and the trust store") { db in
+            try db.alter(table: "plugin") { t in
+                t.add(column: "acceptanceLevel", .text).notNull().defaults(to: AcceptanceLevel.community.rawValue)
+                t.add(column: "signers", .jsonText).notNull().defaults(to: "[]")
+            }
+            try db.create(table: "trustedKey") { t in
+                t.primaryKey("keyId", .text)
+                t.column("publicKey", .text).notNull().unique()
+                t.column("comment", .text).notNull()
+                t.column("level", .text).notNull()
+                t.column("addedAt", .text).notNull()
+            }
+            try db.create(table: "setting") { t in
+                t.primaryKey("key", .text)
+                t.column("value", .text).notNull()
+            }
         }
         return migrator
     }

@@ -26,13 +26,13 @@ struct IOFilterCommand: ParsableCommand {
             """,
         version: Release.description,
         subcommands: [
-            Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, Events.self, Serve.self,
+            Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, Events.self, Serve.self, TrustCommand.self,
         ])
 
     struct Plugin: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Validate, install and remove plug-ins, and call their management operations.",
-            subcommands: [Validate.self, Info.self, Install.self, List.self, Show.self, Remove.self, Call.self])
+            subcommands: [Validate.self, Info.self, Install.self, List.self, Show.self, Remove.self, Call.self, Keygen.self, Sign.self, Verify.self])
     }
 }
 

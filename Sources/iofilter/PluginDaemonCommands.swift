@@ -8,9 +8,12 @@ extension IOFilterCommand.Plugin {
         static let configuration = CommandConfiguration(
             abstract: "Validate plug-ins and install them on the host.",
             discussion: """
-                iofilterd validates each plug-in in a sandboxed worker, then copies it into its \
-                state directory, keyed by name and version. A newer version of a plug-in in use \
-                is picked up by each VM at its next start.
+                iofilterd copies each plug-in into its state directory, validates the copy in a \
+                sandboxed worker and checks its signature (PLUGIN.so.sig beside it, from \
+                `iofilter plugin sign`) against the keys it trusts (`iofilter trust`): a plug-in \
+                below the host's acceptance level, signed by an unknown key, changed since it \
+                was signed or carrying another plug-in's signature is refused. A newer version \
+                of a plug-in in use is picked up by each VM at its next start.
 
                 Example:  iofilter plugin install ./libmyfilter.so
                 """)
@@ -32,7 +35,7 @@ extension IOFilterCommand.Plugin {
                         if let since = timestamp.date(from: $0.installedAt), since < asked.addingTimeInterval(-1) {
                             return "\($0.name) \($0.version) is already installed (since \($0.installedAt)); nothing to do"
                         }
-                        return "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor))"
+                        return "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor)) at acceptance level \($0.acceptanceLevel)"
                     }
                 }
             }
@@ -48,8 +51,8 @@ extension IOFilterCommand.Plugin {
             try reportingFailures {
                 try daemon.client.run("GET", "/plugins", as: [PluginInfo].self) { plugins in
                     plugins.isEmpty ? "no plug-ins installed; add one with `iofilter plugin install PLUGIN.so`" : table(
-                        ["NAME", "VERSION", "CATEGORY", "VENDOR", "ATTACHED TO"],
-                        plugins.map { [$0.name, $0.version, $0.category.rawValue, $0.vendor, $0.attachedTo.joined(separator: ",")] })
+                        ["NAME", "VERSION", "CATEGORY", "LEVEL", "VENDOR", "ATTACHED TO"],
+                        plugins.map { [$0.name, $0.version, $0.category.rawValue, $0.acceptanceLevel.rawValue, $0.vendor, $0.attachedTo.joined(separator: ",")] })
                 }
             }
         }
@@ -83,6 +86,8 @@ extension IOFilterCommand.Plugin {
                 lines += [
                     "  installed \(plugin.installedAt) at \(plugin.path); thread model \(plugin.threadModel.rawValue)",
                     "  attached to: \(plugin.attachedTo.isEmpty ? "no disk" : plugin.attachedTo.joined(separator: ", "))",
+                    "  acceptance level \(plugin.acceptanceLevel)" + (plugin.signers.isEmpty ? ", unsigned" : ", signed by "
+                        + plugin.signers.map { "\($0.keyId) (\($0.comment), \($0.claimed), counts as \($0.effective))" }.joined(separator: "; ")),
                 ]
             } else {
                 lines.append("  \(plugin.path); thread model \(plugin.threadModel.rawValue)")

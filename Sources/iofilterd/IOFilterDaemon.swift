@@ -10,6 +10,8 @@ import IOFilterNBD
 import IOFilterPosix
 import Logging
 
+extension AcceptanceLevel: ExpressibleByArgument {}
+
 /// The host runtime: keeps the host's plug-ins, policies, disks and VMs in SQLite under
 /// its state directory, serves the JSON API (`iofilter` is its client) and runs each
 /// VM's sandboxed worker. A restart brings back every VM that was running.
@@ -43,6 +45,11 @@ struct IOFilterDaemon: ParsableCommand {
 
     @Option(help: ArgumentHelp("Also serve the API on TCP, e.g. 127.0.0.1:8080 (no authentication: loopback only).", valueName: "host:port"))
     var listen: String?
+
+    @Option(help: ArgumentHelp(
+        "Install only plug-ins at or above this level: \(AcceptanceLevel.choices). A level above an installed plug-in's is refused; lowering it is recorded as an event.",
+        valueName: "level"))
+    var acceptanceLevel: AcceptanceLevel = .hostDefault
 
     @Flag(help: "Do not start the VMs that were running when the host stopped (they stay marked running for the next start).")
     var noResume = false
@@ -99,6 +106,12 @@ struct IOFilterDaemon: ParsableCommand {
         controller.watchdogSeconds = watchdog
         controller.workerMemoryLimit = workerMemoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
         controller.restartBackoffLimit = restartBackoffMax
+        do {
+            try controller.adoptAcceptanceLevel(acceptanceLevel)
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         // A worker runs as root today: were it to reach this socket, it could drive the host.
         controller.hiddenFromWorkers = [apiSocket]

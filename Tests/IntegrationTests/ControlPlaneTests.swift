@@ -161,7 +161,8 @@ struct ControlPlaneTests {
 
     @Test func aHostileFilterInOneVMLeavesTheOtherVMAndTheHostAlone() throws {
         // Two VMs on one host. VM A's filter misbehaves in turn: it freezes its worker,
-        // allocates without bound (VM A has a 1G limit), forks, breaks its listening
+        // allocates without bound (VM A has a 512M limit: small enough to be reached well
+        // within the watchdog's 2 s on a loaded machine), forks, breaks its listening
         // socket, signals the host and tries the host's control socket. VM B verifies its
         // writes throughout.
         let daemon = try Daemon(arguments: ["--watchdog", "2"])
@@ -181,7 +182,7 @@ struct ControlPlaneTests {
         for (index, behaviour) in behaviours.enumerated() {
             try daemon.ok(["policy", "create", "hostile-\(index)", "--filter", "org.test.filter:behaviour=\(behaviour)"])
             try daemon.ok(["disk", "create", "a\(index)", "--size", "8M", "--policy", "hostile-\(index)"])
-            try daemon.ok(["vm", "create", "va\(index)", "--disk", "a\(index)", "--memory-limit", "1G"])
+            try daemon.ok(["vm", "create", "va\(index)", "--disk", "a\(index)", "--memory-limit", "512M"])
             var vmA: VMInfo = try daemon.json(["vm", "start", "va\(index)"])
             let uriA = try #require(vmA.uris["a\(index)"])
 
@@ -208,7 +209,7 @@ struct ControlPlaneTests {
         let log = daemon.log
         // Memory: the kernel kills the worker at its cgroup's limit, or (no cgroup here)
         // its allocations fail at the address-space limit.
-        let memory = log.contains("limited by its cgroup") ? "reached its memory limit of 1024 MiB" : "allocation refused after"
+        let memory = log.contains("limited by its cgroup") ? "reached its memory limit of 512 MiB" : "allocation refused after"
         for refusal in ["stuck in filter org.test.filter", memory, "fork refused: Operation not permitted",
                         "shutdown of the listening socket refused", "signal to the parent refused: No such process",
                         "connect to the socket refused: Operation not permitted"] {

@@ -12,9 +12,11 @@ final class Daemon: @unchecked Sendable {
     private var errors: ReadAll?
     var socket: String { state.appendingPathComponent("api.sock").path }
 
-    init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = []) throws {
+    /// Test daemons install the unsigned builds of the samples and test plug-ins, so
+    /// they run at community level unless a test asks for another.
+    init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = [], acceptanceLevel: String = "community") throws {
         self.state = state
-        self.extraArguments = arguments
+        self.extraArguments = ["--acceptance-level", acceptanceLevel] + arguments
         try start()
     }
 
