@@ -18,7 +18,8 @@ import PackageDescription
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
 //   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators, their cgroups
 //   Sources/IOFilterTrust      plug-in signing keys, signature files, acceptance levels (Ed25519)
-//   Sources/IOFilterHTTP       a small HTTP/1.1 server and client; knows nothing of filters
+//   Sources/IOFilterHTTP       HTTP messages and a small blocking client; knows nothing of filters
+//   Sources/IOFilterAPIServer  the API's transport on Hummingbird: unix (peer credentials), TCP, TLS, Host/Origin checks
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
 //   Sources/IOFilterControl    iofilterd's state (SQLite), policies, disks, VMs and the API routes
 //   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
@@ -47,6 +48,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
         .systemLibrary(name: "CIOFilter", path: "include"),
@@ -99,12 +102,24 @@ let package = Package(
             name: "IOFilterHTTP",
             dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        .target(
+            name: "IOFilterAPIServer",
+            dependencies: [
+                "IOFilterHTTP",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
         .target(name: "IOFilterAPI", dependencies: ["IOFilterModel"], swiftSettings: strict),
         .target(
             name: "IOFilterControl",
             dependencies: [
                 "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix", "IOFilterTrust",
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -127,7 +142,7 @@ let package = Package(
         .executableTarget(
             name: "iofilterd",
             dependencies: [
-                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterHTTP", "IOFilterTrust",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterAPIServer", "IOFilterTrust",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

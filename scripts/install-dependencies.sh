@@ -7,11 +7,12 @@
 #   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
 #   sqlite3         the crash drills check the state database's integrity with it
 # With --tests it also installs man-db and systemd (the install test renders a manual
-# page and verifies iofilterd.service with systemd-analyze) and schemathesis (from
-# PyPI), which the API tests run against iofilterd's OpenAPI document.
+# page and verifies iofilterd.service with systemd-analyze), openssl and curl (the API's
+# TLS and token tests make a certificate and call it as a browser would) and
+# schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document.
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

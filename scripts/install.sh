@@ -83,6 +83,8 @@ After=local-fs.target network.target
 [Service]
 Type=simple
 ExecStart=@PREFIX@/bin/iofilterd --state-dir /var/lib/iofilter
+# Who may do what, and which plug-ins it installs (see iofilterd(1)), e.g.:
+#   --admin-group iofilter-admin --read-only-group iofilter-view --acceptance-level partner
 # SIGTERM: API requests finish, filters flush and destage, workers stop; then the
 # rest of the group. A write-back cache may take a while to destage.
 KillMode=mixed

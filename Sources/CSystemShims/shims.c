@@ -10,6 +10,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/xattr.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -315,4 +316,8 @@ ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd)
         if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS)
             memcpy(fd, CMSG_DATA(header), sizeof(int));
     return received;
+}
+
+int iof_setxattr(const char *path, const char *name, const void *value, size_t size) {
+    return setxattr(path, name, value, size, 0);
 }

@@ -437,7 +437,10 @@ public struct Event: Codable, Sendable {
     public var kind: String
     public var subject: String
     public var message: String
-    public init(id: Int64, time: String, kind: String, subject: String, message: String) {
+    /// Who made the change, when a caller of the API did ("uid 0 (root)", "token ci").
+    public var actor: String?
+    public init(id: Int64, time: String, kind: String, subject: String, message: String, actor: String? = nil) {
+        self.actor = actor
         self.id = id
         self.time = time
         self.kind = kind
@@ -461,5 +464,44 @@ public struct HostInfo: Codable, Sendable {
         self.apiSocket = apiSocket
         self.pid = pid
         self.runningVMs = runningVMs
+    }
+}
+
+/// What a caller of the API may do. Read-only: list and show. Operator: also start and
+/// stop VMs, take snapshots, export disks, call plug-ins' operations. Admin: everything.
+public enum Role: String, Codable, Sendable, CaseIterable, Comparable {
+    case readOnly = "read-only"
+    case `operator`
+    case admin
+
+    public static func < (lhs: Role, rhs: Role) -> Bool { allCases.firstIndex(of: lhs)! < allCases.firstIndex(of: rhs)! }
+}
+
+public struct TokenCreateRequest: Codable, Sendable {
+    /// What the token is for ("ci", "monitoring"); unique on the host.
+    public var name: String
+    public var role: Role
+    public init(name: String, role: Role) {
+        self.name = name
+        self.role = role
+    }
+}
+
+/// A bearer token for the API over TCP. The host keeps only its hash: `token` is
+/// given once, when it is created.
+public struct TokenInfo: Codable, Sendable {
+    public var id: String
+    public var name: String
+    public var role: Role
+    public var createdAt: String
+    public var lastUsedAt: String?
+    public var token: String?
+    public init(id: String, name: String, role: Role, createdAt: String, lastUsedAt: String?, token: String?) {
+        self.id = id
+        self.name = name
+        self.role = role
+        self.createdAt = createdAt
+        self.lastUsedAt = lastUsedAt
+        self.token = token
     }
 }

@@ -18,6 +18,8 @@ public struct Route: Sendable {
     /// Error statuses it may answer with (besides 400 and 500, which any may).
     public let errors: [Int]
     public let query: [(name: String, description: String, type: String)]
+    /// The least role that may call it.
+    public let role: Role
     let handler: @Sendable (APIRequest) throws -> any Encodable
 
     var segments: [Substring] { path.split(separator: "/") }
@@ -62,11 +64,13 @@ struct APIRequest {
 public struct APIRouter: Sendable {
     public let routes: [Route]
     let openAPI: [UInt8]
+    let host: HostController
     let logger: Logger
 
     public init(controller: HostController, apiSocket: String, logger: Logger) {
         routes = Self.routes(controller, apiSocket: apiSocket)
         openAPI = OpenAPIDocument.json(routes: routes)
+        host = controller
         self.logger = logger
     }
 
@@ -78,6 +82,17 @@ public struct APIRouter: Sendable {
                 return response
             }
             return HTTPResponse(status: 200, headers: [("Content-Type", "application/json")], body: openAPI)
+        }
+        // Who is calling comes first: a caller the host does not know learns nothing,
+        // not even which routes exist.
+        let caller: Caller
+        do {
+            caller = try host.authenticate(request)
+        } catch {
+            logger.warning("refused \(request.method) \(request.path) from \(request.peer.map { "\($0)" } ?? "?"): \(error.message)")
+            var response = Self.error(error)
+            if error.status == 401 { response.headers.append(("WWW-Authenticate", "Bearer realm=\"iofilterd\"")) }
+            return response
         }
         let segments = request.path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
         // The most specific template names the resource ("/disks/import" over
@@ -96,6 +111,26 @@ public struct APIRouter: Sendable {
             response.headers.append(("Allow", allowed.joined(separator: ", ")))
             return response
         }
+        guard caller.role >= route.role else {
+            host.store.record("access-denied", route.operationID, "\(request.method) \(request.path) needs the \(route.role.rawValue) role",
+                              actor: caller.name)
+            return Self.error(.forbidden(
+                "\(caller.name) has the \(caller.role.rawValue) role; \(request.method) \(request.path) needs \(route.role.rawValue) "
+                    + "(roles: read-only < operator < admin)"))
+        }
+        let call = APICall(caller: caller)
+        return APICall.$current.withValue(call) {
+            let response = respond(route, parameters, request)
+            // A change made through the API is an event naming its caller, even where the
+            // change itself records none.
+            if route.method != "GET", (200..<300).contains(response.status), !call.recordedEvent {
+                host.event("api-call", route.operationID, "\(request.method) \(request.path)")
+            }
+            return response
+        }
+    }
+
+    private func respond(_ route: Route, _ parameters: [String: String], _ request: HTTPRequest) -> HTTPResponse {
         do {
             if let body = route.body { try Self.refuseUnknownFields(request.body, schema: body) }
             let value = try route.handler(APIRequest(http: request, parameters: parameters))
@@ -149,11 +184,14 @@ public struct APIRouter: Sendable {
 
 extension APIRouter {
     static func routes(_ host: HostController, apiSocket: String) -> [Route] {
+        // Reading is for every role, changing the host for admins; `role: .operator`
+        // marks what operators do daily.
         func route(_ method: String, _ path: String, _ id: String, _ summary: String, body: String? = nil,
-                   _ success: (Int, String), errors: [Int] = [], query: [(String, String, String)] = [],
+                   _ success: (Int, String), errors: [Int] = [], query: [(String, String, String)] = [], role: Role? = nil,
                    _ handler: @escaping @Sendable (APIRequest) throws -> any Encodable) -> Route {
             Route(method: method, path: path, operationID: id, summary: summary, body: body, success: success, errors: errors,
-                  query: query.map { (name: $0.0, description: $0.1, type: $0.2) }, handler: handler)
+                  query: query.map { (name: $0.0, description: $0.1, type: $0.2) }, role: role ?? (method == "GET" ? .readOnly : .admin),
+                  handler: handler)
         }
         return [
             route("GET", "/host", "getHost", "The host runtime: version, state directory, running VMs.", (200, "HostInfo")) { _ in
@@ -179,7 +217,7 @@ extension APIRouter {
                 try host.removePlugin(request.parameter("name"), version: request.http.query["version"])
             },
             route("POST", "/plugins/{name}/call", "callPlugin", "Call a management operation, in a VM's worker or a fresh one.",
-                  body: "PluginCallRequest", (200, "ManagementResult"), errors: [404, 409, 422, 502]) { request in
+                  body: "PluginCallRequest", (200, "ManagementResult"), errors: [404, 409, 422, 502], role: .operator) { request in
                 try host.callPlugin(request.parameter("name"), request.decode(PluginCallRequest.self))
             },
 
@@ -191,6 +229,17 @@ extension APIRouter {
             },
             route("DELETE", "/trust/{keyId}", "removeTrust", "Stop trusting a key; plug-ins it signed stay installed.", (200, "TrustedKey"),
                   errors: [404]) { request in try host.removeTrust(request.parameter("keyId")) },
+
+            route("GET", "/tokens", "listTokens", "API tokens (their secrets are never shown again).", (200, "[Token]"), role: .admin) { _ in
+                try host.listTokens()
+            },
+            route("POST", "/tokens", "createToken", "Create a bearer token for the API over TCP; the answer holds its secret, once.",
+                  body: "TokenCreateRequest", (201, "Token"), errors: [409]) { request in
+                try host.createToken(request.decode(TokenCreateRequest.self))
+            },
+            route("DELETE", "/tokens/{id}", "revokeToken", "Revoke a token (by id or name).", (200, "Token"), errors: [404]) { request in
+                try host.revokeToken(request.parameter("id"))
+            },
 
             route("GET", "/policies", "listPolicies", "Every policy.", (200, "[Policy]")) { _ in try host.listPolicies() },
             route("POST", "/policies", "createPolicy", "Create a policy; it is validated first.", body: "Policy", (201, "Policy"),
@@ -223,7 +272,7 @@ extension APIRouter {
             route("POST", "/disks/{name}/grow", "growDisk", "Grow an idle disk.", body: "DiskGrowRequest", (200, "Disk"),
                   errors: [404, 409, 422, 502]) { request in try host.growDisk(request.parameter("name"), request.decode(DiskGrowRequest.self)) },
             route("POST", "/disks/{name}/snapshot", "snapshotDisk", "A read-only copy of the disk as its consumer sees it now.",
-                  body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 502]) { request in
+                  body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 502], role: .operator) { request in
                 try host.snapshotDisk(request.parameter("name"), request.decode(DiskDeriveRequest.self))
             },
             route("POST", "/disks/{name}/clone", "cloneDisk", "A new, independent disk with this disk's contents.",
@@ -237,7 +286,7 @@ extension APIRouter {
             route("GET", "/disks/{name}/compliance", "diskCompliance", "Does the disk's chain match its policy?", (200, "Compliance"),
                   errors: [404]) { request in try host.diskCompliance(request.parameter("name")) },
             route("POST", "/disks/{name}/export", "exportDisk", "Write the disk, through its filters, to a new raw file.",
-                  body: "DiskExportRequest", (200, "TransferReport"), errors: [404, 409, 502]) { request in
+                  body: "DiskExportRequest", (200, "TransferReport"), errors: [404, 409, 502], role: .operator) { request in
                 try host.exportDisk(request.parameter("name"), request.decode(DiskExportRequest.self))
             },
             route("POST", "/disks/{name}/copy", "copyDisk", "Copy the disk onto another, through both chains.", body: "DiskCopyRequest",
@@ -260,9 +309,9 @@ extension APIRouter {
                 try host.deleteVM(request.parameter("name"))
             },
             route("POST", "/vms/{name}/start", "startVM", "Start the VM's worker; prints its NBD URIs.", (200, "VM"),
-                  errors: [404, 409, 422, 502]) { request in try host.startVM(request.parameter("name")) },
+                  errors: [404, 409, 422, 502], role: .operator) { request in try host.startVM(request.parameter("name")) },
             route("POST", "/vms/{name}/stop", "stopVM", "Stop the VM's worker; filters flush and close.", (200, "VM"),
-                  errors: [404, 409]) { request in try host.stopVM(request.parameter("name")) },
+                  errors: [404, 409], role: .operator) { request in try host.stopVM(request.parameter("name")) },
         ]
     }
 }

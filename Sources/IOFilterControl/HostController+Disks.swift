@@ -138,7 +138,7 @@ extension HostController {
 
     /// Copies a raw image in as a new disk (holes stay holes), then applies the policy.
     public func importDisk(_ request: DiskImportRequest) throws(ControlError) -> DiskInfo {
-        guard request.source.hasPrefix("/") else { throw .badRequest("the source path must be absolute, got '\(request.source)'") }
+        try allowedPaths.check(request.source, "the import source")
         var info = stat()
         guard stat(request.source, &info) == 0 else { throw .notFound("\(request.source): \(String(cString: strerror(errno)))") }
         guard (info.st_mode & S_IFMT) == S_IFREG else { throw .conflict("\(request.source) is not a regular file") }
@@ -276,7 +276,11 @@ extension HostController {
 
     /// Writes the disk, as its consumer sees it through its filters, to a new raw file.
     public func exportDisk(_ name: String, _ request: DiskExportRequest) throws(ControlError) -> TransferReport {
-        guard request.path.hasPrefix("/") else { throw .badRequest("the export path must be absolute, got '\(request.path)'") }
+        try allowedPaths.check(request.path, "the export destination")
+        var parent = ObjCBool(false)
+        guard FileManager.default.fileExists(atPath: (request.path as NSString).deletingLastPathComponent, isDirectory: &parent), parent.boolValue else {
+            throw .notFound("the directory of \(request.path) does not exist; exports create no directories")
+        }
         guard !FileManager.default.fileExists(atPath: request.path) else { throw .conflict("\(request.path) exists; exports never overwrite") }
         let row = try read { db in try diskRow(name, db) }
         let started = monotonicNanoseconds()

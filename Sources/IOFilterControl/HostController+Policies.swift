@@ -28,11 +28,22 @@ extension HostController {
             }
             selections.append(FilterSelection(manifest: chosen.manifest, parameters: parameters))
         }
+        let chain: [PlannedFilter]
         do {
-            return try FilterChain.plan(selections)
+            chain = try FilterChain.plan(selections)
         } catch {
             throw .invalid("policy \(policy.name): \(error)")
         }
+        // A worker's files and sockets are opened for it by the host: they must lie
+        // where the admin allows.
+        let allowed = allowedPaths
+        for filter in chain {
+            for spec in filter.manifest.parameters where spec.isPath {
+                guard let value = filter.parameters[spec.name], !value.isEmpty else { continue }
+                try allowed.checkTarget(value, "policy \(policy.name): \(filter.manifest.name)'s \(spec.name)")
+            }
+        }
+        return chain
     }
 
     func policyRow(_ name: String, _ db: Database) throws -> PolicyRow {

@@ -26,6 +26,11 @@ public final class HostController: @unchecked Sendable {
     public var restartBackoffLimit: Double = 10
     /// Paths no worker may reach (the API's unix socket).
     public var hiddenFromWorkers: [String] = []
+    /// Directories requests and policies may name files under (--allow-path), besides
+    /// the state directory.
+    public var allowedRoots: [String] = []
+    /// Who gets which role on the unix socket.
+    public var accessGroups = AccessGroups()
     /// The lowest level of plug-in this host installs; set by `adoptAcceptanceLevel`.
     public internal(set) var acceptanceLevel = AcceptanceLevel.hostDefault
     let store: StateStore
@@ -110,15 +115,18 @@ public final class HostController: @unchecked Sendable {
         }
     }
 
+    /// Records an event, naming the API caller whose request made it, if one did.
     func event(_ kind: String, _ subject: String, _ message: String) {
-        logger.info("\(kind) \(subject): \(message)")
-        store.record(kind, subject, message)
+        let call = APICall.current
+        call?.recordedEvent = true
+        logger.info("\(kind) \(subject): \(message)\(call.map { " (by \($0.caller.name))" } ?? "")")
+        store.record(kind, subject, message, actor: call?.caller.name)
     }
 
     public func events(limit: Int) throws(ControlError) -> [Event] {
         try read { db in
             try EventRow.order(Column("id").desc).limit(max(1, min(limit, 1000))).fetchAll(db).reversed().map {
-                Event(id: $0.id ?? 0, time: $0.time, kind: $0.kind, subject: $0.subject, message: $0.message)
+                Event(id: $0.id ?? 0, time: $0.time, kind: $0.kind, subject: $0.subject, message: $0.message, actor: $0.actor)
             }
         }
     }

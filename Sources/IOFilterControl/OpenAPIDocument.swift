@@ -1,4 +1,5 @@
 import Foundation
+import IOFilterAPI
 import IOFilterModel
 
 /// The OpenAPI 3.0 document iofilterd serves at /openapi.json: the paths come from the
@@ -68,6 +69,7 @@ enum OpenAPIDocument {
     /// Bytes, or a number with a K, M, G or T suffix (powers of 1024), that fits 63 bits.
     static let size = Schema.pattern("^([1-9][0-9]{0,17}|[1-9][0-9]{0,14}K|[1-9][0-9]{0,11}M|[1-9][0-9]{0,8}G|[1-9][0-9]{0,5}T)$")
     static let absolutePath = Schema.pattern("^/")
+    static let role = Schema.enumeration(Role.allCases.map(\.rawValue))
     static let acceptanceLevel = Schema.enumeration(AcceptanceLevel.allCases.map(\.rawValue))
 
     static let schemas: [String: Schema] = [
@@ -76,7 +78,7 @@ enum OpenAPIDocument {
             "version": .string, "stateDirectory": .string, "apiSocket": .string, "pid": .integer, "runningVMs": .array(.string),
             "acceptanceLevel": acceptanceLevel,
         ], required: ["version", "stateDirectory", "apiSocket", "pid", "runningVMs", "acceptanceLevel"]),
-        "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string],
+        "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string, "actor": .string],
                          required: ["id", "time", "kind", "subject", "message"]),
         "Parameter": .object([
             "name": .string, "description": .string, "kind": .enumeration(["bool", "int", "size", "string", "enum"]),
@@ -96,6 +98,10 @@ enum OpenAPIDocument {
         "TrustedKey": .object([
             "keyId": .string, "publicKey": .string, "comment": .string, "level": acceptanceLevel, "addedAt": .string, "signed": .array(.string),
         ], required: ["keyId", "publicKey", "comment", "level", "addedAt", "signed"]),
+        "Token": .object([
+            "id": .string, "name": .string, "role": role, "createdAt": .string, "lastUsedAt": .string, "token": .string,
+        ], required: ["id", "name", "role", "createdAt"]),
+        "TokenCreateRequest": .object(["name": name, "role": role], required: ["name", "role"]),
         "TrustAddRequest": .object(["publicKey": .pattern("^iofilter-ed25519 "), "level": acceptanceLevel], required: ["publicKey", "level"]),
         "PluginInstallRequest": .object(["path": absolutePath], required: ["path"]),
         "PluginCallRequest": .object(["operation": .pattern("^[a-z][a-z0-9_-]*$"), "arguments": .array(.string), "vm": name, "version": .string],
@@ -152,10 +158,13 @@ enum OpenAPIDocument {
                     "description": "Success.", "content": ["application/json": ["schema": Schema.named(route.success.schema).json]],
                 ],
             ]
-            for status in Set(route.errors + [400, 500]) {
+            for status in Set(route.errors + [400, 401, 403, 500]) {
                 responses[String(status)] = ["description": errorDescription(status), "content": errorContent]
             }
-            var operation: [String: Any] = ["operationId": route.operationID, "summary": route.summary, "responses": responses]
+            var operation: [String: Any] = [
+                "operationId": route.operationID, "summary": route.summary + " Needs the \(route.role.rawValue) role.", "responses": responses,
+                "x-required-role": route.role.rawValue,
+            ]
             var parameters: [[String: Any]] = route.segments.filter { $0.hasPrefix("{") }.map {
                 ["name": String($0.dropFirst().dropLast()), "in": "path", "required": true, "schema": ["type": "string"]]
             }
@@ -171,16 +180,28 @@ enum OpenAPIDocument {
         paths["/openapi.json"] = ["get": [
             "operationId": "getOpenAPI", "summary": "This document.",
             "responses": ["200": ["description": "The OpenAPI document.", "content": ["application/json": ["schema": ["type": "object"]]]]],
+            "security": [[String: Any]](),
         ]]
         let document: [String: Any] = [
             "openapi": "3.0.3",
             "info": [
                 "title": "iofilterd", "version": "0.1.0",
                 "description": "The swift-iofilter host runtime: plug-ins, policies, disks, VMs and offline access. "
-                    + "Served on a unix socket (and optionally TCP); every error is a JSON Error with a clear message.",
+                    + "Served on a unix socket, where callers are known by their uid and groups, and optionally on TCP, "
+                    + "where every request carries a bearer token (TLS off loopback). Every error is a JSON Error with a clear message.",
             ],
             "paths": paths,
-            "components": ["schemas": schemas.mapValues(\.json)],
+            // On the unix socket the kernel names the caller (SO_PEERCRED): nothing to send.
+            "security": [[String: [String]](), ["bearerToken": [String]()]],
+            "components": [
+                "schemas": schemas.mapValues(\.json),
+                "securitySchemes": [
+                    "bearerToken": [
+                        "type": "http", "scheme": "bearer",
+                        "description": "A token from `iofilter token create`, on TCP listeners. The unix socket needs none: the kernel tells iofilterd the caller's uid and groups.",
+                    ],
+                ] as [String: Any],
+            ],
         ]
         let data = (try? JSONSerialization.data(withJSONObject: document, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
         return Array(data)
@@ -189,6 +210,8 @@ enum OpenAPIDocument {
     static func errorDescription(_ status: Int) -> String {
         switch status {
         case 400: "The request is malformed (bad JSON, a bad name or size)."
+        case 401: "No valid token (TCP listeners need `Authorization: Bearer TOKEN`)."
+        case 403: "The caller's role does not allow this, or a browser's cross-site request."
         case 404: "A named plug-in, policy, disk or VM does not exist."
         case 409: "The request conflicts with the current state (in use, running, exists)."
         case 422: "The request is well-formed but invalid (a policy that does not validate, a bad plug-in, a plug-in whose signatures this host does not accept)."

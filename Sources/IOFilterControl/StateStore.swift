@@ -88,8 +88,21 @@ struct EventRow: Codable, FetchableRecord, MutablePersistableRecord {
     var kind: String
     var subject: String
     var message: String
+    /// (v5)
+    var actor: String?
 
     mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
+}
+
+/// (v5) An API token: only its SHA-256 is kept.
+struct TokenRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "token"
+    var id: String
+    var name: String
+    var role: Role
+    var hash: String
+    var createdAt: String
+    var lastUsedAt: String?
 }
 
 /// iofilterd's persistent state: one SQLite database under the state directory.
@@ -173,6 +186,17 @@ final class StateStore: Sendable {
                 t.column("value", .text).notNull()
             }
         }
+        migrator.registerMigration("v5: API tokens and who made each change") { db in
+            try db.create(table: "token") { t in
+                t.primaryKey("id", .text)
+                t.column("name", .text).notNull().unique()
+                t.column("role", .text).notNull()
+                t.column("hash", .text).notNull().unique()
+                t.column("createdAt", .text).notNull()
+                t.column("lastUsedAt", .text)
+            }
+            try db.alter(table: "event") { t in t.add(column: "actor", .text) }
+        }
         return migrator
     }
 
@@ -186,9 +210,9 @@ final class StateStore: Sendable {
     }
 
     /// Records an event; events are history, so failing to record one fails nothing.
-    func record(_ kind: String, _ subject: String, _ message: String) {
+    func record(_ kind: String, _ subject: String, _ message: String, actor: String? = nil) {
         _ = try? database.write { db in
-            var row = EventRow(id: nil, time: Self.now(), kind: kind, subject: subject, message: message)
+            var row = EventRow(id: nil, time: Self.now(), kind: kind, subject: subject, message: message, actor: actor)
             try row.insert(db)
             // Keep the table bounded.
             try db.execute(sql: "DELETE FROM event WHERE id <= ?", arguments: [(row.id ?? 0) - 10_000])

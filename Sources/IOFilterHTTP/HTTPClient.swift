@@ -26,6 +26,14 @@ public final class HTTPClient {
 
     public init(address: Address) { self.address = address }
 
+    /// The Host a TCP listener expects (its address); "localhost" on a unix socket.
+    var authority: String {
+        switch address {
+        case .unix: "localhost"
+        case .tcp(let host, let port): "\(host.contains(":") ? "[\(host)]" : host):\(port)"
+        }
+    }
+
     deinit { disconnect() }
 
     public func disconnect() {
@@ -49,7 +57,7 @@ public final class HTTPClient {
     /// Sends `request` and returns the response. A kept-alive connection the server
     /// closed in the meantime is reopened once.
     public func send(_ request: HTTPRequest) throws(Failure) -> HTTPResponse {
-        var head = "\(request.method) \(request.target) HTTP/1.1\r\nHost: iofilterd\r\n"
+        var head = "\(request.method) \(request.target) HTTP/1.1\r\nHost: \(authority)\r\n"
         for (name, value) in request.headers { head += "\(name): \(value)\r\n" }
         head += "Content-Length: \(request.body.count)\r\n\r\n"
         let bytes = Array(head.utf8) + request.body

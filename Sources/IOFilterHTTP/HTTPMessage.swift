@@ -7,13 +7,42 @@ public struct HTTPRequest: Sendable {
     /// Header names in lower case.
     public var headers: [String: String]
     public var body: [UInt8]
+    /// Who sent it, as the server's transport knows (nil on the client's side).
+    public var peer: HTTPPeer?
 
-    public init(method: String, path: String, query: [String: String] = [:], headers: [String: String] = [:], body: [UInt8] = []) {
+    public init(method: String, path: String, query: [String: String] = [:], headers: [String: String] = [:], body: [UInt8] = [],
+                peer: HTTPPeer? = nil) {
+        self.peer = peer
         self.method = method
         self.path = path
         self.query = query
         self.headers = headers
         self.body = body
+    }
+
+    /// Splits a request target ("/disks/a%20b?limit=5") into its percent-decoded path
+    /// and query; the error says which part is malformed.
+    public static func parse(target: some StringProtocol) -> Result<(path: String, query: [String: String]), MalformedTarget> {
+        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts[0].hasPrefix("/"), let path = percentDecode(parts[0]) else {
+            return .failure(MalformedTarget(description: "malformed percent-escape in the path"))
+        }
+        var query: [String: String] = [:]
+        if parts.count == 2 {
+            for pair in parts[1].split(separator: "&") {
+                let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                guard let key = percentDecode(kv[0], plusIsSpace: true),
+                      let value = percentDecode(kv.count == 2 ? kv[1] : "", plusIsSpace: true) else {
+                    return .failure(MalformedTarget(description: "malformed percent-escape in the query"))
+                }
+                query[key] = value
+            }
+        }
+        return .success((path, query))
+    }
+
+    public struct MalformedTarget: Error, CustomStringConvertible {
+        public let description: String
     }
 
     /// The request target as sent on the wire: the path and query, percent-encoded.
@@ -22,6 +51,14 @@ public struct HTTPRequest: Sendable {
         guard !query.isEmpty else { return encodedPath }
         return encodedPath + "?" + query.sorted { $0.key < $1.key }.map { "\(percentEncode($0.key))=\(percentEncode($0.value))" }.joined(separator: "&")
     }
+}
+
+/// Where a request came from.
+public enum HTTPPeer: Sendable, Equatable {
+    /// A process on this host, over the unix socket, by its kernel-checked credentials.
+    case local(uid: UInt32, gid: UInt32, pid: Int32)
+    /// A TCP client, by its address; `secure` when the connection is TLS.
+    case network(address: String, secure: Bool)
 }
 
 /// An HTTP/1.1 response.
@@ -47,6 +84,8 @@ public struct HTTPResponse: Sendable {
         case 202: "Accepted"
         case 204: "No Content"
         case 400: "Bad Request"
+        case 401: "Unauthorized"
+        case 403: "Forbidden"
         case 404: "Not Found"
         case 405: "Method Not Allowed"
         case 409: "Conflict"

@@ -1,14 +1,11 @@
 import Glibc
 import IOFilterPosix
 
-/// Reads HTTP/1.1 messages off a socket with a buffer of its own, so that pipelined
-/// requests and a response's head and body may arrive in any split.
+/// Reads HTTP/1.1 responses off a socket with a buffer of its own, so that a response's
+/// head and body may arrive in any split.
 struct HTTPReader {
-    enum Outcome {
-        case request(HTTPRequest)
-        case closed
-        case malformed(status: Int, message: String)
-    }
+    static let maximumHeaderBytes = 64 << 10
+    static let maximumBodyBytes = 256 << 20
 
     let fd: Int32
     private var buffer: [UInt8] = []
@@ -45,7 +42,7 @@ struct HTTPReader {
                 }
                 scanned = buffer.count - start - 3
             }
-            if buffer.count - start > HTTPServer.maximumHeaderBytes { return (nil, true) }
+            if buffer.count - start > Self.maximumHeaderBytes { return (nil, true) }
             guard fill() else { return (nil, false) }
         }
     }
@@ -71,48 +68,12 @@ struct HTTPReader {
         return headers
     }
 
-    /// The body, or why there is none.
-    private mutating func body(headers: [String: String]) -> (body: [UInt8]?, failure: Outcome?) {
-        if headers["transfer-encoding"] != nil {
-            return (nil, .malformed(status: 400, message: "chunked bodies are not accepted; send Content-Length"))
-        }
-        guard let lengthText = headers["content-length"] else { return ([], nil) }
-        guard let length = Int(lengthText), length >= 0 else {
-            return (nil, .malformed(status: 400, message: "Content-Length '\(lengthText)' is not a number"))
-        }
-        guard length <= HTTPServer.maximumBodyBytes else {
-            return (nil, .malformed(status: 413, message: "the body is larger than \(HTTPServer.maximumBodyBytes) bytes"))
-        }
-        guard let body = readBody(count: length) else { return (nil, .closed) }
-        return (body, nil)
-    }
-
-    mutating func readRequest() -> Outcome {
-        let (head, tooLarge) = readHead()
-        if tooLarge { return .malformed(status: 431, message: "the request head is larger than \(HTTPServer.maximumHeaderBytes) bytes") }
-        guard let head, let requestLine = head.first else { return .closed }
-        let parts = requestLine.split(separator: " ", omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[2].hasPrefix("HTTP/1."), !parts[0].isEmpty, parts[1].hasPrefix("/") else {
-            return .malformed(status: 400, message: "malformed request line")
-        }
-        guard let headers = headers(head.dropFirst()) else { return .malformed(status: 400, message: "malformed header line") }
-        let target = parts[1]
-        let rawPath = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-        guard let path = percentDecode(rawPath[0]) else { return .malformed(status: 400, message: "malformed percent-escape in the path") }
-        var query: [String: String] = [:]
-        if rawPath.count == 2 {
-            for pair in rawPath[1].split(separator: "&") {
-                let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-                guard let key = percentDecode(kv[0], plusIsSpace: true),
-                      let value = percentDecode(kv.count == 2 ? kv[1] : "", plusIsSpace: true) else {
-                    return .malformed(status: 400, message: "malformed percent-escape in the query")
-                }
-                query[key] = value
-            }
-        }
-        let (body, failure) = body(headers: headers)
-        guard let body else { return failure ?? .closed }
-        return .request(HTTPRequest(method: String(parts[0]), path: path, query: query, headers: headers, body: body))
+    /// The body framed by Content-Length (the API's server always sends one).
+    private mutating func body(headers: [String: String]) -> [UInt8]? {
+        guard headers["transfer-encoding"] == nil else { return nil }
+        guard let lengthText = headers["content-length"] else { return [] }
+        guard let length = Int(lengthText), length >= 0, length <= Self.maximumBodyBytes else { return nil }
+        return readBody(count: length)
     }
 
     /// Reads one response (client side).
@@ -120,7 +81,7 @@ struct HTTPReader {
         guard let head = readHead().lines, let statusLine = head.first else { return nil }
         let parts = statusLine.split(separator: " ", maxSplits: 2)
         guard parts.count >= 2, let status = Int(parts[1]), let headers = headers(head.dropFirst()) else { return nil }
-        guard let body = body(headers: headers).body else { return nil }
+        guard let body = body(headers: headers) else { return nil }
         return HTTPResponse(status: status, headers: headers.map { ($0.key, $0.value) }, body: body)
     }
 }

@@ -13,6 +13,12 @@ struct DaemonOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The daemon's state directory, to find its socket.", valueName: "dir"))
     var stateDir: String?
 
+    @Option(help: ArgumentHelp("Reach iofilterd over TCP instead, e.g. http://127.0.0.1:8080 (default: $IOFILTER_URL).", valueName: "url"))
+    var url: String?
+
+    @Option(help: ArgumentHelp("The API token for --url (default: $IOFILTER_TOKEN); see `iofilter token create`.", valueName: "token"))
+    var token: String?
+
     @Flag(help: "Print the API's JSON answer instead of text.")
     var json = false
 
@@ -23,7 +29,35 @@ struct DaemonOptions: ParsableArguments {
         return HostDefaults.apiSocket(in: HostDefaults.stateDirectory)
     }
 
-    var client: APIClient { APIClient(http: HTTPClient(address: .unix(path: socketPath)), json: json) }
+    var client: APIClient {
+        get throws {
+            let (address, token) = try endpoint
+            return APIClient(http: HTTPClient(address: address), json: json, token: token)
+        }
+    }
+
+    /// Where the daemon is, and the token to show it (TCP only).
+    var endpoint: (address: HTTPClient.Address, token: String?) {
+        get throws {
+            let environment = ProcessInfo.processInfo.environment
+            guard let url = url ?? (socket == nil && stateDir == nil ? environment["IOFILTER_URL"] : nil) else {
+                return (.unix(path: socketPath), nil)
+            }
+            guard url.hasPrefix("http://"), let (host, port) = Self.hostPort(url.dropFirst(7).split(separator: "/").first.map(String.init) ?? "") else {
+                throw CLIFailure(description: url.hasPrefix("https://")
+                    ? "this iofilter speaks plain HTTP only (to a loopback listener); reach an https listener with curl and a token, or run iofilter on that host"
+                    : "--url '\(url)' is not http://HOST:PORT")
+            }
+            return (.tcp(host: host, port: port), token ?? environment["IOFILTER_TOKEN"])
+        }
+    }
+
+    static func hostPort(_ text: String) -> (String, UInt16)? {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
 }
 
 /// A failure the API reported (or reaching it failed); printed as `error: …`.
@@ -34,6 +68,7 @@ struct CLIFailure: Error, CustomStringConvertible {
 struct APIClient {
     let http: HTTPClient
     let json: Bool
+    let token: String?
 
     /// Sends one request and decodes the answer; an error answer becomes a CLIFailure
     /// with the daemon's message.
@@ -43,6 +78,7 @@ struct APIClient {
     ) throws -> (value: T, raw: [UInt8]) {
         var bytes: [UInt8] = []
         var headers: [String: String] = [:]
+        if let token { headers["Authorization"] = "Bearer \(token)" }
         if let body {
             bytes = Array(try JSONEncoder().encode(body))
             headers["Content-Type"] = "application/json"

@@ -276,7 +276,7 @@ struct DiskCommand: ParsableCommand {
 
         func run() throws {
             try reportingFailures {
-                let client = daemon.client
+                let client = try daemon.client
                 if stop {
                     try client.run("DELETE", "/disks/\(disk)/offline", as: OfflineSession.self) { "stopped serving \($0.disk)" }
                     return

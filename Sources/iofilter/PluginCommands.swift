@@ -155,7 +155,7 @@ extension IOFilterCommand.Plugin {
         }
 
         func callInstalled() throws {
-            let client = daemon.client
+            let client = try daemon.client
             guard let operation else {
                 try client.run("GET", "/plugins/\(plugin)", as: [PluginInfo].self) { versions in
                     let chosen = versions.first { $0.version == version } ?? versions[0]

@@ -164,7 +164,8 @@ struct Events: ParsableCommand {
     func run() throws {
         try reportingFailures {
             try daemon.client.run("GET", "/events", query: ["limit": String(limit)], as: [Event].self) { events in
-                events.map { "\($0.time)  \($0.kind)  \($0.subject)  \($0.message)" }.joined(separator: "\n")
+                events.map { "\($0.time)  \($0.kind)  \($0.subject)  \($0.message)" + ($0.actor.map { "  (by \($0))" } ?? "") }
+                    .joined(separator: "\n")
             }
         }
     }

@@ -4,7 +4,7 @@ import IOFilterAPI
 import IOFilterControl
 import IOFilterHost
 import IOFilterLogging
-import IOFilterHTTP
+import IOFilterAPIServer
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
@@ -43,8 +43,33 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("The API's unix socket (default: STATE-DIR/api.sock).", valueName: "path"))
     var socket: String?
 
-    @Option(help: ArgumentHelp("Also serve the API on TCP, e.g. 127.0.0.1:8080 (no authentication: loopback only).", valueName: "host:port"))
+    @Option(help: ArgumentHelp(
+        "Also serve the API on TCP, e.g. 127.0.0.1:8080. Every request needs a token (`iofilter token create`); any address but loopback needs --tls-cert and --tls-key.",
+        valueName: "host:port"))
     var listen: String?
+
+    @Option(help: ArgumentHelp("The TLS certificate chain (PEM) for --listen.", valueName: "file"))
+    var tlsCert: String?
+
+    @Option(help: ArgumentHelp("The TLS private key (PEM) for --listen.", valueName: "file"))
+    var tlsKey: String?
+
+    @Option(help: ArgumentHelp("A host name clients may call --listen by (besides its address); repeat for several. Requests naming any other Host are refused.", valueName: "name"))
+    var serverName: [String] = []
+
+    @Option(help: ArgumentHelp(
+        "A directory under which requests and policies may name files (imports, exports, replica and cache files, NBD sockets), besides the state directory; repeat for several.",
+        valueName: "dir"))
+    var allowPath: [String] = []
+
+    @Option(help: ArgumentHelp("Members of this group (name or number) are admins on the unix socket, like root; repeat for several.", valueName: "group"))
+    var adminGroup: [String] = []
+
+    @Option(help: ArgumentHelp("Members of this group may also start and stop VMs, take snapshots, export disks and call operations.", valueName: "group"))
+    var operatorGroup: [String] = []
+
+    @Option(help: ArgumentHelp("Members of this group may list and show (read-only).", valueName: "group"))
+    var readOnlyGroup: [String] = []
 
     @Option(help: ArgumentHelp(
         "Install only plug-ins at or above this level: \(AcceptanceLevel.choices). A level above an installed plug-in's is refused; lowering it is recorded as an event.",
@@ -72,7 +97,24 @@ struct IOFilterDaemon: ParsableCommand {
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let problem = StandardErrorLogging.problem(withLevel: logLevel) { throw ValidationError(problem) }
-        if let listen, Self.hostPort(listen) == nil { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+        if let listen {
+            guard let (host, _) = Self.hostPort(listen) else { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+            if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
+            if tlsCert == nil && !Self.isLoopback(host) {
+                throw ValidationError("--listen \(listen) is not a loopback address: give --tls-cert and --tls-key, so that tokens and data never cross the network in clear")
+            }
+        } else if tlsCert != nil || tlsKey != nil {
+            throw ValidationError("--tls-cert and --tls-key are for --listen")
+        }
+        for directory in allowPath {
+            var isDirectory = ObjCBool(false)
+            guard directory.hasPrefix("/"), FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ValidationError("--allow-path \(directory) must be an existing directory, given as an absolute path")
+            }
+        }
+        for group in adminGroup + operatorGroup + readOnlyGroup where AccessGroups.gid(group) == nil {
+            throw ValidationError("no group '\(group)' on this host")
+        }
         if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
         if let workerMemoryLimit, WorkerConfiguration.memoryLimit(parsing: workerMemoryLimit) == nil {
             throw ValidationError("--worker-memory-limit '\(workerMemoryLimit)' must be a size of at least 256M")
@@ -81,7 +123,19 @@ struct IOFilterDaemon: ParsableCommand {
 
     static func hostPort(_ text: String) -> (String, UInt16)? {
         guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
-        return (String(text[..<colon]), port)
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
+
+    static func isLoopback(_ host: String) -> Bool { host.hasPrefix("127.") || host == "::1" || host == "localhost" }
+
+    var accessGroups: AccessGroups {
+        var groups = AccessGroups()
+        groups.admin = adminGroup.compactMap(AccessGroups.gid)
+        groups.operator = operatorGroup.compactMap(AccessGroups.gid)
+        groups.readOnly = readOnlyGroup.compactMap(AccessGroups.gid)
+        return groups
     }
 
     func run() throws {
@@ -112,26 +166,31 @@ struct IOFilterDaemon: ParsableCommand {
             logger.critical("\(error)")
             throw ExitCode(1)
         }
+        controller.accessGroups = accessGroups
+        controller.allowedRoots = allowPath
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
-        // A worker runs as root today: were it to reach this socket, it could drive the host.
         controller.hiddenFromWorkers = [apiSocket]
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
         controller.recoverFromPreviousRun()
-        // The socket exists before any worker starts, so that every worker's sandbox
-        // covers this very file; clients wait in its backlog until the VMs are back.
-        unlink(apiSocket)
-        let apiListener = try Sockets.listenUnix(path: apiSocket)
-        chmod(apiSocket, 0o660)
         if !noResume { controller.resume() }
         let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
-        let server = HTTPServer(logger: logger) { router.handle($0) }
-        server.serve(listenFD: apiListener)
-        logger.info("API on unix:\(apiSocket) (OpenAPI document at /openapi.json)")
+        let server = APIServer(logger: logger) { router.handle($0) }
+        var listeners = [APIServer.Listener.unix(path: apiSocket, mode: 0o600, group: nil)]
         if let listen, let (host, port) = Self.hostPort(listen) {
-            server.serve(listenFD: try Sockets.listenTCP(host: host, port: port))
-            logger.info("API on http://\(listen)")
+            listeners.append(.tcp(host: host, port: Int(port), tls: tlsCert.map { APIServer.TLSFiles(certificateChain: $0, privateKey: tlsKey!) },
+                                  names: serverName))
         }
+        do {
+            try server.start(listeners)
+            try admitGroups(to: apiSocket, stateDirectory: absoluteState, logger: logger)
+        } catch {
+            logger.critical("cannot serve the API: \(error)")
+            server.stop(timeout: 1)
+            controller.shutdown()
+            throw ExitCode(1)
+        }
+        for listener in listeners { logger.info("API on \(listener) (OpenAPI document at /openapi.json)") }
 
         if demo {
             do {
@@ -140,7 +199,6 @@ struct IOFilterDaemon: ParsableCommand {
                 logger.critical("the demo could not start: \(error)")
                 server.stop(timeout: 1)
                 controller.shutdown()
-                unlink(apiSocket)
                 throw ExitCode(1)
             }
         }
@@ -152,6 +210,21 @@ struct IOFilterDaemon: ParsableCommand {
         controller.shutdown()
         unlink(apiSocket)
         logger.info("stopped")
+    }
+
+    /// The unix socket is the owner's alone unless groups were given roles: then each
+    /// such group may connect (read and write the socket) and pass through the socket's
+    /// directory, and nobody else may. What a member may do is the role's business.
+    func admitGroups(to socket: String, stateDirectory: String, logger: Logger) throws {
+        let groups = accessGroups.all
+        guard !groups.isEmpty else { return }
+        do {
+            try AccessControlList.grant(socket, owner: 0o6, groups: groups, permissions: 0o6)
+            let directory = (socket as NSString).deletingLastPathComponent
+            if directory == stateDirectory { try AccessControlList.grant(directory, owner: 0o7, groups: groups, permissions: 0o1) }
+        } catch {
+            throw ValidationError("cannot let the role groups reach \(socket) (does the file system take POSIX ACLs?): \(error)")
+        }
     }
 }
 

@@ -13,10 +13,12 @@ final class Daemon: @unchecked Sendable {
     var socket: String { state.appendingPathComponent("api.sock").path }
 
     /// Test daemons install the unsigned builds of the samples and test plug-ins, so
-    /// they run at community level unless a test asks for another.
-    init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = [], acceptanceLevel: String = "community") throws {
+    /// they run at community level unless a test asks for another; they may name files
+    /// anywhere in the tests' scratch space unless a test says where.
+    init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = [], acceptanceLevel: String = "community",
+         allowedPaths: [String] = [Harness.scratch.path]) throws {
         self.state = state
-        self.extraArguments = ["--acceptance-level", acceptanceLevel] + arguments
+        self.extraArguments = ["--acceptance-level", acceptanceLevel] + allowedPaths.flatMap { ["--allow-path", $0] } + arguments
         try start()
     }
 

@@ -136,4 +136,7 @@ int iof_open_path(const char *path);
 int iof_enter_private_root(const char *scratch, const struct iof_view_entry *entries, int count, int new_proc,
                            int *failed_entry);
 
+/// setxattr(2), which Glibc's Swift module does not export (sys/xattr.h).
+int iof_setxattr(const char *path, const char *name, const void *value, size_t size);
+
 #endif

@@ -1,0 +1,141 @@
+import Crypto
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterHTTP
+
+/// Who is calling the API, as the host established it.
+public struct Caller: Sendable, CustomStringConvertible {
+    public let role: Role
+    /// For events and logs: "uid 0 (root)", "token ci".
+    public let name: String
+    public var description: String { "\(name) [\(role.rawValue)]" }
+}
+
+/// The groups whose members get each role on the unix socket (root and the daemon's own
+/// user are always admin).
+public struct AccessGroups: Sendable {
+    public var admin: [gid_t] = []
+    public var `operator`: [gid_t] = []
+    public var readOnly: [gid_t] = []
+    public init() {}
+
+    public var all: [gid_t] { admin + self.operator + readOnly }
+
+    /// A group by name or number.
+    public static func gid(_ text: String) -> gid_t? {
+        if let number = gid_t(text) { return number }
+        return text.withCString { getgrnam($0) }.map { $0.pointee.gr_gid }
+    }
+}
+
+/// The API call being handled on this thread: who made it, and whether it has recorded
+/// an event yet (every change made through the API is an event naming its caller).
+final class APICall: @unchecked Sendable {
+    // @unchecked: one call is handled on one thread; nothing else reads it.
+    @TaskLocal static var current: APICall?
+    let caller: Caller
+    var recordedEvent = false
+    init(caller: Caller) { self.caller = caller }
+}
+
+extension ControlError {
+    static func unauthenticated(_ message: String) -> ControlError { ControlError(status: 401, code: "unauthenticated", message: message) }
+    static func forbidden(_ message: String) -> ControlError { ControlError(status: 403, code: "forbidden", message: message) }
+}
+
+extension HostController {
+    /// Establishes who sent `request`: by peer credentials on the unix socket, by bearer
+    /// token over TCP.
+    func authenticate(_ request: HTTPRequest) throws(ControlError) -> Caller {
+        switch request.peer {
+        case .local(let uid, let gid, _):
+            return try localCaller(uid: uid, gid: gid)
+        case .network:
+            return try tokenCaller(request.headers["authorization"])
+        case nil:
+            throw .unauthenticated("the request came with no peer")
+        }
+    }
+
+    func localCaller(uid: uid_t, gid: gid_t) throws(ControlError) -> Caller {
+        let user = getpwuid(uid).map { String(cString: $0.pointee.pw_name) }
+        let name = "uid \(uid)" + (user.map { " (\($0))" } ?? "")
+        if uid == 0 || uid == geteuid() { return Caller(role: .admin, name: name) }
+        var groups = Set([gid])
+        if let user {
+            var count: Int32 = 64
+            var list = [gid_t](repeating: 0, count: Int(count))
+            if getgrouplist(user, gid, &list, &count) == -1 {
+                list = [gid_t](repeating: 0, count: Int(count))
+                _ = getgrouplist(user, gid, &list, &count)
+            }
+            groups.formUnion(list.prefix(Int(max(0, count))))
+        }
+        let granted: [(Role, [gid_t])] = [(.admin, accessGroups.admin), (.operator, accessGroups.operator), (.readOnly, accessGroups.readOnly)]
+        if let role = granted.first(where: { !groups.isDisjoint(with: $0.1) })?.0 { return Caller(role: role, name: name) }
+        throw .forbidden("\(name) may not use this API: it is not root, nor in a group iofilterd grants a role "
+                         + "(--admin-group, --operator-group, --read-only-group)")
+    }
+
+    static func tokenHash(_ token: String) -> String {
+        SHA256.hash(data: Data(token.utf8)).map { String(format: "%02x", $0) }.joined()
+    }
+
+    func tokenCaller(_ authorization: String?) throws(ControlError) -> Caller {
+        guard let authorization, authorization.lowercased().hasPrefix("bearer ") else {
+            throw .unauthenticated("the API over TCP needs a token: create one on the host with `iofilter token create NAME --role ROLE` "
+                                   + "and pass it with --token or IOFILTER_TOKEN (header Authorization: Bearer TOKEN)")
+        }
+        let hash = Self.tokenHash(String(authorization.dropFirst(7)).trimmingCharacters(in: .whitespaces))
+        guard var row = try read({ db in try TokenRow.filter(Column("hash") == hash).fetchOne(db) }) else {
+            throw .unauthenticated("the token is not valid here (revoked, or issued by another host)")
+        }
+        // Last use to the minute is enough, and spares a write per request.
+        let now = StateStore.now()
+        if row.lastUsedAt.map({ $0.prefix(16) != now.prefix(16) }) ?? true {
+            row.lastUsedAt = now
+            _ = try? store.write { db in try row.update(db) }
+        }
+        return Caller(role: row.role, name: "token \(row.name)")
+    }
+
+    // MARK: tokens
+
+    public func createToken(_ request: TokenCreateRequest) throws(ControlError) -> TokenInfo {
+        try Names.check(request.name, kind: "token")
+        // SystemRandomNumberGenerator is the kernel's CSPRNG (getrandom).
+        var generator = SystemRandomNumberGenerator()
+        let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let token = "iof_" + Data(secret).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+            .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let row = TokenRow(id: String(Self.tokenHash(token).prefix(12)), name: request.name, role: request.role, hash: Self.tokenHash(token),
+                           createdAt: StateStore.now(), lastUsedAt: nil)
+        return try exclusive {
+            if try store.read({ db in try TokenRow.filter(Column("name") == request.name).fetchCount(db) }) > 0 {
+                throw ControlError.conflict("a token named \(request.name) exists; revoke it first or pick another name")
+            }
+            try store.write { db in try row.insert(db) }
+            event("token-created", request.name, "role \(request.role.rawValue), id \(row.id)")
+            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: nil, token: token)
+        }
+    }
+
+    public func listTokens() throws(ControlError) -> [TokenInfo] {
+        try read { db in try TokenRow.order(Column("createdAt")).fetchAll(db) }.map {
+            TokenInfo(id: $0.id, name: $0.name, role: $0.role, createdAt: $0.createdAt, lastUsedAt: $0.lastUsedAt, token: nil)
+        }
+    }
+
+    /// Revokes a token, by id or name.
+    public func revokeToken(_ key: String) throws(ControlError) -> TokenInfo {
+        try exclusive {
+            guard let row = try store.read({ db in try TokenRow.filter(Column("id") == key || Column("name") == key).fetchOne(db) }) else {
+                throw ControlError.notFound("no token \(key) (see `iofilter token list`)")
+            }
+            try store.write { db in _ = try TokenRow.deleteOne(db, key: row.id) }
+            event("token-revoked", row.name, "id \(row.id), role \(row.role.rawValue)")
+            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: row.lastUsedAt, token: nil)
+        }
+    }
+}
