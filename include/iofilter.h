@@ -1,5 +1,5 @@
 /*
- * iofilter.h — the swift-iofilter plug-in ABI, version 1.
+ * iofilter.h — the swift-iofilter plug-in ABI, version 1.2.
  *
  * A filter plug-in is a shared object that exports one function,
  *
@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 1
+#define IOF_ABI_MINOR 2
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -83,12 +83,26 @@ enum iof_op {
     IOF_OP_WRITE        = 1, /* write buffer[0..length) to the disk                          */
     IOF_OP_FLUSH        = 2, /* make every completed write durable; offset/length are 0      */
     IOF_OP_TRIM         = 3, /* the range's contents may be discarded (a hint)               */
-    IOF_OP_WRITE_ZEROES = 4  /* the range must read back as zeroes                           */
+    IOF_OP_WRITE_ZEROES = 4, /* the range must read back as zeroes                           */
+    /* --- ABI 1.2. A filter sees these only if its descriptor declares them
+     * (IOF_PLUGIN_BLOCK_STATUS, IOF_PLUGIN_CACHE); the host passes them by every other
+     * filter (see IOF_PLUGIN_BLOCK_STATUS for the exception). --------------------- */
+    IOF_OP_BLOCK_STATUS = 5, /* what [offset, offset+length) holds: the disk answers with
+                                extents (host->extent, host->set_extent); buffer is NULL   */
+    IOF_OP_CACHE        = 6  /* a hint: the consumer will read the range soon (prefetch)    */
 };
 
 /* Request flags (iof_request.flags). */
 #define IOF_REQ_FUA     (1u << 0) /* write/trim/write-zeroes: durable before completion   */
 #define IOF_REQ_NO_HOLE (1u << 1) /* write-zeroes: allocate, do not punch a hole          */
+/* ABI 1.2. write-zeroes: fail at once with ENOTSUP unless the zeroes can be had
+ * without writing them (a hole punched, a range zeroed in metadata); the consumer
+ * then writes them itself. Filters built for 1.1 see it and may ignore it. */
+#define IOF_REQ_FAST_ZERO (1u << 2)
+
+/* ABI 1.2. What an extent of IOF_OP_BLOCK_STATUS is (NBD's base:allocation). */
+#define IOF_EXTENT_HOLE (1u << 0) /* not allocated                                        */
+#define IOF_EXTENT_ZERO (1u << 1) /* reads as zeroes                                      */
 
 /* How the host may call one filter instance concurrently. */
 enum iof_thread_model {
@@ -288,6 +302,22 @@ struct iof_host_services {
      * be NULL (from a thread of the plug-in's own): then any target named for a filter
      * of this worker is allowed. */
     int (*open_target)(iof_host_disk *disk, const char *spec);
+
+    /* --- ABI 1.2; check struct_size (or abi_minor >= 2) before calling ------------- */
+
+    /* The extents of an IOF_OP_BLOCK_STATUS request, in `done` after the layers below
+     * answered (or in `start`, before completing it yourself: the range then starts as
+     * one extent of data). Extents are contiguous from req->offset and may cover less
+     * than req->length (the layers below may answer only a prefix).
+     * extent() returns 0 and fills the outputs, or ERANGE past the last. */
+    uint32_t (*extent_count)(struct iof_request *req);
+    int (*extent)(struct iof_request *req, uint32_t index, uint64_t *offset, uint64_t *length,
+                  uint32_t *flags);
+    /* Make [offset, offset+length) one extent with IOF_EXTENT_* `flags`, splitting and
+     * merging neighbours; clipped to what the extents cover. A cache marks what it holds
+     * as data (flags 0); an encryption filter marks holes as data unless it knows that
+     * zeroes below read as zeroes above. Returns 0, or EINVAL. */
+    int (*set_extent)(struct iof_request *req, uint64_t offset, uint64_t length, uint32_t flags);
 };
 
 /* ------------------------------------------------------------------------------ */
@@ -297,6 +327,14 @@ struct iof_host_services {
 /* Descriptor flags. */
 #define IOF_PLUGIN_NO_MULTI_CONN (1u << 0) /* the filter keeps per-connection state: the
                                               host must not advertise multi-conn        */
+/* ABI 1.2. The filter handles IOF_OP_BLOCK_STATUS in start/done. Without it the host
+ * passes block status by the filter unchanged, except for an encryption or cache
+ * filter, whose contents are not what lies below: there the host reports the whole
+ * range as data, so that no consumer skips what the filter holds or transforms. */
+#define IOF_PLUGIN_BLOCK_STATUS (1u << 1)
+/* ABI 1.2. The filter handles IOF_OP_CACHE (a cache can prefetch); without it the host
+ * passes the hint by. */
+#define IOF_PLUGIN_CACHE (1u << 2)
 
 struct iof_plugin {
     uint32_t struct_size;   /* sizeof(struct iof_plugin) as the plug-in was built          */

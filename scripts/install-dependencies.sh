@@ -8,11 +8,12 @@
 #   sqlite3         the crash drills check the state database's integrity with it
 # With --tests it also installs man-db and systemd (the install test renders a manual
 # page and verifies iofilterd.service with systemd-analyze), openssl and curl (the API's
-# TLS and token tests make a certificate and call it as a browser would) and
+# TLS and token tests make a certificate and call it as a browser would),
+# nbdsh's Python module (python3-libnbd: fast-zero, cache and block-status requests) and
 # schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document.
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

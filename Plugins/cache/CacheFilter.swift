@@ -33,7 +33,7 @@ public final class CacheFilter: IOFilter {
                       description: "write-back: how often dirty blocks are written down"),
         ],
         operations: [ManagementOperation("status", "hit ratio and dirty bytes of every cached disk in this worker", function: cacheStatus)],
-        observesCompletions: true)
+        observesCompletions: true, answersBlockStatus: true)
 
     let disk: Disk
     let store: CacheStore
@@ -120,10 +120,29 @@ public final class CacheFilter: IOFilter {
     }
 
     public func done(_ request: Request) -> Disposition {
+        if request.operation == .blockStatus {
+            markDirtyBlocksAsData(request)
+            return .pass
+        }
         if request.privateWord != 0 {
             inFlight.withLock { _ = $0.writes.removeValue(forKey: request.id) }
         }
         return .pass
+    }
+
+    /// Block status: the disk below answers for what it holds, except where this cache
+    /// holds newer bytes (write-back's dirty blocks), which are data whatever lies below.
+    private func markDirtyBlocksAsData(_ request: Request) {
+        guard writeBack else { return }
+        let first = request.offset / UInt64(blockSize), end = (request.offset + UInt64(request.length) + UInt64(blockSize) - 1) / UInt64(blockSize)
+        let dirty = store.lock.withLock {
+            store.index.compactMap { block, slot in
+                block >= first && block < end && store.entries[Int(slot)].state == .dirty ? block : nil
+            }
+        }
+        for block in dirty {
+            request.setExtent(offset: block * UInt64(blockSize), length: UInt64(blockSize))
+        }
     }
 
     /// Registers a write-like request that goes down, until its `done`.

@@ -62,6 +62,8 @@ public final class Disk: @unchecked Sendable {
             case .flush: IOF_OP_FLUSH
             case .trim: IOF_OP_TRIM
             case .writeZeroes, .unknown: IOF_OP_WRITE_ZEROES
+            case .cache: IOF_OP_CACHE
+            case .blockStatus: IOF_OP_BLOCK_STATUS  // the host refuses it (EINVAL): its answer has no way back
             }
         let box = Unmanaged.passRetained(CompletionBox(completion)).toOpaque()
         let rc = Host.services.pointee.submit_below(

@@ -24,6 +24,12 @@ enum Host {
     nonisolated(unsafe) static var filterType: (any IOFilter.Type)?
     nonisolated(unsafe) static var descriptor: UnsafeMutablePointer<iof_plugin>?
     nonisolated(unsafe) static var services: UnsafePointer<iof_host_services>!
+
+    /// The services, if the host speaks ABI 1.`minor` or later (its table is that long).
+    static func servicesSince(minor: UInt16) -> UnsafePointer<iof_host_services>? {
+        guard let services, services.pointee.abi_minor >= minor else { return nil }
+        return services
+    }
 }
 
 /// The filter instance behind the ABI's `void *instance`.
@@ -48,7 +54,9 @@ enum DescriptorBuilder {
         plugin.description = keep(metadata.description)
         plugin.category = metadata.category.abiValue
         plugin.thread_model = metadata.threadModel.abiValue
-        plugin.flags = metadata.multiConnSafe ? 0 : UInt32(IOF_PLUGIN_NO_MULTI_CONN)
+        plugin.flags = (metadata.multiConnSafe ? 0 : UInt32(IOF_PLUGIN_NO_MULTI_CONN))
+            | (metadata.answersBlockStatus ? UInt32(IOF_PLUGIN_BLOCK_STATUS) : 0)
+            | (metadata.handlesCacheHints ? UInt32(IOF_PLUGIN_CACHE) : 0)
 
         let params = UnsafeMutablePointer<iof_param_spec>.allocate(capacity: max(metadata.parameters.count, 1))
         for (index, parameter) in metadata.parameters.enumerated() {

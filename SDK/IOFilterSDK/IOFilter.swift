@@ -135,12 +135,21 @@ public struct FilterMetadata: Sendable {
     public var observesCompletions: Bool
     /// The filter keeps per-connection state: the host must not offer multi-conn.
     public var multiConnSafe: Bool
+    /// The filter sees `.blockStatus` requests (and adjusts their extents in `done`).
+    /// Without it the host passes them by; for a cache or encryption filter it then
+    /// reports the whole range as data.
+    public var answersBlockStatus: Bool
+    /// The filter sees `.cache` (prefetch) hints; without it the host passes them by.
+    public var handlesCacheHints: Bool
 
     public init(
         name: String, vendor: String, version: String, description: String, category: FilterCategory,
         threadModel: ThreadModel = .parallel, parameters: [Parameter] = [], operations: [ManagementOperation] = [],
-        observesCompletions: Bool = false, multiConnSafe: Bool = true
+        observesCompletions: Bool = false, multiConnSafe: Bool = true, answersBlockStatus: Bool = false,
+        handlesCacheHints: Bool = false
     ) {
+        self.answersBlockStatus = answersBlockStatus
+        self.handlesCacheHints = handlesCacheHints
         self.name = name
         self.vendor = vendor
         self.version = version

@@ -12,7 +12,13 @@ public struct Request: @unchecked Sendable {
     let storedWord: UnsafeMutableRawPointer?
 
     public enum Operation: Sendable {
-        case read, write, flush, trim, writeZeroes, unknown
+        case read, write, flush, trim, writeZeroes
+        /// What the range holds (ABI 1.2; only for filters whose metadata sets
+        /// `answersBlockStatus`): see `extents` and `setExtent`.
+        case blockStatus
+        /// A prefetch hint (ABI 1.2; only with `handlesCacheHints`).
+        case cache
+        case unknown
     }
 
     public var operation: Operation {
@@ -22,9 +28,44 @@ public struct Request: @unchecked Sendable {
         case IOF_OP_FLUSH: .flush
         case IOF_OP_TRIM: .trim
         case IOF_OP_WRITE_ZEROES: .writeZeroes
+        case IOF_OP_BLOCK_STATUS: .blockStatus
+        case IOF_OP_CACHE: .cache
         default: .unknown
         }
     }
+
+    /// One answer of a block-status request.
+    public struct Extent: Sendable, Equatable {
+        public var offset: UInt64
+        public var length: UInt64
+        /// Not allocated below.
+        public var isHole: Bool
+        /// Reads as zeroes.
+        public var isZero: Bool
+    }
+
+    /// Block status, in `done`: what the layers below answered (contiguous from
+    /// `offset`; possibly only a prefix of the range). Empty on a host older than 1.2.
+    public var extents: [Extent] {
+        guard let services = Host.servicesSince(minor: 2), let count = services.pointee.extent_count,
+              let extent = services.pointee.extent else { return [] }
+        return (0..<count(raw)).compactMap { index in
+            var offset: UInt64 = 0, length: UInt64 = 0, flags: UInt32 = 0
+            guard extent(raw, index, &offset, &length, &flags) == 0 else { return nil }
+            return Extent(offset: offset, length: length, isHole: flags & UInt32(IOF_EXTENT_HOLE) != 0,
+                          isZero: flags & UInt32(IOF_EXTENT_ZERO) != 0)
+        }
+    }
+
+    /// Block status: makes [offset, offset+length) one extent (by default: data, which
+    /// is what a cache says of what it holds).
+    public func setExtent(offset: UInt64, length: UInt64, isHole: Bool = false, isZero: Bool = false) {
+        guard let services = Host.servicesSince(minor: 2), let set = services.pointee.set_extent else { return }
+        _ = set(raw, offset, length, (isHole ? UInt32(IOF_EXTENT_HOLE) : 0) | (isZero ? UInt32(IOF_EXTENT_ZERO) : 0))
+    }
+
+    /// Write-zeroes that must fail (ENOTSUP) rather than write zeroes slowly.
+    public var isFastZero: Bool { raw.pointee.flags & UInt32(IOF_REQ_FAST_ZERO) != 0 }
 
     public var offset: UInt64 { raw.pointee.offset }
     public var length: Int { Int(raw.pointee.length) }

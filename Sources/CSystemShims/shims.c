@@ -321,3 +321,7 @@ ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd)
 int iof_setxattr(const char *path, const char *name, const void *value, size_t size) {
     return setxattr(path, name, value, size, 0);
 }
+
+int iof_fadvise_willneed(int fd, int64_t offset, int64_t length) {
+    return posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_WILLNEED);
+}

@@ -48,8 +48,8 @@ public final class Chain: @unchecked Sendable {
         guard length <= backend.size, offset <= backend.size - length else { return EINVAL }
         switch op {
         case IOF_OP_READ, IOF_OP_WRITE: guard buffer != nil else { return EINVAL }
-        case IOF_OP_FLUSH, IOF_OP_TRIM, IOF_OP_WRITE_ZEROES: break
-        default: return EINVAL
+        case IOF_OP_FLUSH, IOF_OP_TRIM, IOF_OP_WRITE_ZEROES, IOF_OP_CACHE: break
+        default: return EINVAL  // block status: its answer would have no way back
         }
         let request = ChainRequest(chain: self, top: position + 1, completion: completion, oneOff: true)
         request.prepare(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
@@ -91,6 +91,8 @@ public final class Chain: @unchecked Sendable {
         case IOF_OP_FLUSH: "flush"
         case IOF_OP_TRIM: "trim"
         case IOF_OP_WRITE_ZEROES: "write-zeroes"
+        case IOF_OP_BLOCK_STATUS: "block-status"
+        case IOF_OP_CACHE: "cache"
         default: "op \(op.rawValue)"
         }
     }

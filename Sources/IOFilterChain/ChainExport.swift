@@ -18,7 +18,8 @@ public final class ChainExport: NBDExport {
         features = NBDExportFeatures(
             readOnly: readOnly || backend.readOnly, flush: true, fua: true, trim: backend.canTrim,
             writeZeroes: backend.canWriteZeroes,
-            multiConn: chain.filters.allSatisfy { $0.plugin.library.manifest.multiConn })
+            multiConn: chain.filters.allSatisfy { $0.plugin.library.manifest.multiConn },
+            cache: true, fastZero: backend.canWriteZeroes, blockStatus: true)
     }
 
     public func makeRequestContext(for request: NBDRequest) -> AnyObject? {
@@ -34,6 +35,7 @@ public final class ChainExport: NBDExport {
         var flags: UInt32 = 0
         if request.flags.contains(.fua) { flags |= UInt32(IOF_REQ_FUA) }
         if request.flags.contains(.noHole) { flags |= UInt32(IOF_REQ_NO_HOLE) }
+        if request.flags.contains(.fastZero) { flags |= UInt32(IOF_REQ_FAST_ZERO) }
         let op: iof_op
         var buffer: UnsafeMutableRawPointer? = nil
         switch request.command {
@@ -42,6 +44,8 @@ public final class ChainExport: NBDExport {
         case .flush: op = IOF_OP_FLUSH
         case .trim: op = IOF_OP_TRIM
         case .writeZeroes: op = IOF_OP_WRITE_ZEROES
+        case .blockStatus: op = IOF_OP_BLOCK_STATUS
+        case .cache: op = IOF_OP_CACHE
         default: return request.complete(error: EINVAL)
         }
         chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)

@@ -61,6 +61,9 @@ public final class ChainRequest: @unchecked Sendable {
     /// (or the one it hands the request to through the thread's pending list).
     @exclusivity(unchecked) private var resumedDisposition = IOF_PASS
 
+    /// A block-status request's answer; made the first time this slot carries one.
+    @exclusivity(unchecked) private(set) var extents: Extents?
+
     /// What the watchdog sees of this request. A separate object, so that the watchdog
     /// never holds a reference to a request another thread may be freeing.
     let watch = RequestWatch()
@@ -106,6 +109,10 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     func prepare(op: iof_op, flags: UInt32, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?) {
+        if op == IOF_OP_BLOCK_STATUS {
+            if extents == nil { extents = Extents() }
+            extents!.removeAll()
+        }
         expected = Shape(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
         expected.write(into: io)
         io.pointee.error = 0
@@ -128,7 +135,13 @@ public final class ChainRequest: @unchecked Sendable {
 
     private func descend() {
         let filters = chain.filters
+        let op = io.pointee.op
         while position < filters.count {
+            // ABI 1.2 ops pass by the filters that did not declare them.
+            if !filters[position].sees(op) {
+                position += 1
+                continue
+            }
             enter(position)
             privates[position] = nil
             decision.store(Phase.inCallback, ordering: .relaxed)
@@ -159,6 +172,8 @@ public final class ChainRequest: @unchecked Sendable {
             return true
         case IOF_COMPLETE:
             io.pointee.error = 0
+            // A filter that answers block status itself starts from "all data".
+            if let extents, extents.count == 0 { extents.append(length: io.pointee.length, flags: 0, at: io.pointee.offset) }
         case IOF_FAIL:
             if io.pointee.error <= 0 { io.pointee.error = EIO }
         default:
@@ -192,10 +207,17 @@ public final class ChainRequest: @unchecked Sendable {
     private func ascend(from index: Int) {
         goingUp = true
         let filters = chain.filters
+        let op = io.pointee.op
         var current = index
         while current >= top {
             let filter = filters[current]
-            if filter.hasDone {
+            if !filter.sees(op) {
+                // What a cache holds or an encryption filter transforms is not what lies
+                // below it: a filter that does not answer block status turns it into data.
+                if op == IOF_OP_BLOCK_STATUS, filter.hidesExtents, let extents {
+                    extents.set(offset: io.pointee.offset, length: io.pointee.length, flags: 0)
+                }
+            } else if filter.hasDone {
                 enter(current)
                 position = current
                 decision.store(Phase.inCallback, ordering: .relaxed)
@@ -213,7 +235,13 @@ public final class ChainRequest: @unchecked Sendable {
         let error = io.pointee.error
         if retiresWhenFinished { retire() }
         switch completion {
-        case .nbd(let request): request.complete(error: error)
+        case .nbd(let request):
+            if error == 0, io.pointee.op == IOF_OP_BLOCK_STATUS, let extents {
+                for index in 0..<extents.count where !request.appendExtent(length: UInt32(extents.lengths[index]), flags: extents.flags[index]) {
+                    break
+                }
+            }
+            request.complete(error: error)
         case .callback(let callback, let arg): callback(arg, error)
         case .swift(let body): body(error)
         }

@@ -25,6 +25,12 @@ public final class FilterInstance: @unchecked Sendable {
     private let startFunction: @convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<iof_request>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> iof_disposition
     private let doneFunction: (@convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<iof_request>?, UnsafeMutableRawPointer?) -> iof_disposition)?
     let hasDone: Bool
+    /// ABI 1.2 ops it declared; the others pass it by.
+    let handlesBlockStatus: Bool
+    let handlesCache: Bool
+    /// Its contents are not what lies below (encryption, cache): block status it does
+    /// not answer itself is reported as data across it.
+    let hidesExtents: Bool
     unowned(unsafe) var chain: Chain?
     var position = 0
     let timers = TimerSet()
@@ -49,6 +55,10 @@ public final class FilterInstance: @unchecked Sendable {
         startFunction = descriptor.start!
         doneFunction = descriptor.done
         hasDone = descriptor.done != nil
+        let manifest = plugin.library.manifest
+        handlesBlockStatus = manifest.callbacks.contains("block_status")
+        handlesCache = manifest.callbacks.contains("cache")
+        hidesExtents = !handlesBlockStatus && (manifest.category == .encryption || manifest.category == .cache)
         switch plugin.library.manifest.threadModel {
         case .parallel: serializer = nil
         case .serializePerDisk: serializer = ConditionLock()
@@ -130,6 +140,16 @@ public final class FilterInstance: @unchecked Sendable {
     }
 
     // MARK: the data path
+
+    /// Whether the request's op reaches this filter's callbacks.
+    @inline(__always)
+    func sees(_ op: iof_op) -> Bool {
+        switch op {
+        case IOF_OP_BLOCK_STATUS: handlesBlockStatus
+        case IOF_OP_CACHE: handlesCache
+        default: true
+        }
+    }
 
     @inline(__always)
     func start(_ io: UnsafeMutablePointer<iof_request>, _ slot: UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> iof_disposition {

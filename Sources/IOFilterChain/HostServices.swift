@@ -39,6 +39,24 @@ enum HostServices {
             open_target: { disk, spec in
                 guard let spec else { return -EINVAL }
                 return HostServices.openTarget(FilterInstance.from(disk), String(cString: spec))
+            },
+            extent_count: { io in
+                guard let io, let extents = LiveRequests.shared.lookup(io)?.extents else { return 0 }
+                return UInt32(extents.count)
+            },
+            extent: { io, index, offset, length, flags in
+                guard let io, let extents = LiveRequests.shared.lookup(io)?.extents else { return EINVAL }
+                guard Int(index) < extents.count else { return ERANGE }
+                offset?.pointee = extents.offsets[Int(index)]
+                length?.pointee = extents.lengths[Int(index)]
+                flags?.pointee = extents.flags[Int(index)]
+                return 0
+            },
+            set_extent: { io, offset, length, flags in
+                guard let io, io.pointee.op == IOF_OP_BLOCK_STATUS, let extents = LiveRequests.shared.lookup(io)?.extents,
+                      flags & ~UInt32(IOF_EXTENT_HOLE | IOF_EXTENT_ZERO) == 0 else { return EINVAL }
+                extents.set(offset: offset, length: length, flags: flags)
+                return 0
             }))
         return table
     }()

@@ -59,8 +59,42 @@ public final class FileBackend: StorageBackend {
     }
 
     public func submit(_ request: ChainRequest) {
+        if request.io.pointee.op == IOF_OP_BLOCK_STATUS, let extents = request.extents {
+            return request.backendDidComplete(error: blockStatus(request.io, into: extents))
+        }
         request.backendDidComplete(error: perform(request.io))
     }
+
+    /// The range's data and holes, from SEEK_DATA and SEEK_HOLE (a file system without
+    /// them, or a block device, reports all data); up to `Extents.maximum` extents.
+    private func blockStatus(_ io: UnsafeMutablePointer<iof_request>, into extents: Extents) -> Int32 {
+        let start = io.pointee.offset, stop = start + io.pointee.length
+        var position = start
+        while position < stop && !extents.isFull {
+            let data = lseek(fd, off_t(position), Self.seekData)
+            if data < 0 {
+                // ENXIO: no data past `position` (the rest is a hole). Anything else: no
+                // hole information at all.
+                extents.append(length: stop - position, flags: errno == ENXIO ? Self.hole : 0, at: position)
+                break
+            }
+            if UInt64(data) > position {
+                extents.append(length: min(UInt64(data), stop) - position, flags: Self.hole, at: position)
+                position = min(UInt64(data), stop)
+                continue
+            }
+            let hole = lseek(fd, off_t(position), Self.seekHole)
+            let dataEnd = hole < 0 ? stop : min(UInt64(hole), stop)
+            extents.append(length: max(dataEnd, position + 1) - position, flags: 0, at: position)
+            position = max(dataEnd, position + 1)
+        }
+        return 0
+    }
+
+    private static let hole = UInt32(IOF_EXTENT_HOLE | IOF_EXTENT_ZERO)
+    // <unistd.h> under _GNU_SOURCE, which Glibc's Swift module does not import.
+    private static let seekData: Int32 = 3
+    private static let seekHole: Int32 = 4
 
     private func perform(_ io: UnsafeMutablePointer<iof_request>) -> Int32 {
         let offset = io.pointee.offset
@@ -84,8 +118,13 @@ public final class FileBackend: StorageBackend {
             return fua ? sync() : 0
         case IOF_OP_WRITE_ZEROES:
             if readOnly { return EROFS }
-            let rc = writeZeroes(offset: offset, length: length, mayPunch: io.pointee.flags & UInt32(IOF_REQ_NO_HOLE) == 0)
+            let rc = writeZeroes(offset: offset, length: length, mayPunch: io.pointee.flags & UInt32(IOF_REQ_NO_HOLE) == 0,
+                                 fast: io.pointee.flags & UInt32(IOF_REQ_FAST_ZERO) != 0)
             return rc != 0 || !fua ? rc : sync()
+        case IOF_OP_CACHE:
+            // Prefetch into the page cache; a hint, so its failure is no error.
+            _ = iof_fadvise_willneed(fd, Int64(offset), Int64(length))
+            return 0
         default:
             return EINVAL
         }
@@ -95,13 +134,15 @@ public final class FileBackend: StorageBackend {
         fdatasync(fd) == 0 ? 0 : errno
     }
 
-    private func writeZeroes(offset: UInt64, length: Int, mayPunch: Bool) -> Int32 {
+    private func writeZeroes(offset: UInt64, length: Int, mayPunch: Bool, fast: Bool) -> Int32 {
         if mayPunch, iof_fallocate(fd, IOF_FALLOC_PUNCH_HOLE | IOF_FALLOC_KEEP_SIZE, Int64(offset), Int64(length)) == 0 {
             return 0
         }
         if iof_fallocate(fd, IOF_FALLOC_ZERO_RANGE | IOF_FALLOC_KEEP_SIZE, Int64(offset), Int64(length)) == 0 {
             return 0
         }
+        // A fast zero must not fall back to writing: the consumer writes them itself.
+        if fast { return ENOTSUP }
         // No fallocate support: write zeroes ourselves (rare; a block device, say).
         let chunk = min(length, 1 << 20)
         let zeroes = UnsafeMutableRawPointer.allocate(byteCount: max(chunk, 1), alignment: 4096)
@@ -189,13 +230,23 @@ public final class NBDBackend: StorageBackend {
         case IOF_OP_FLUSH: return client.canFlush ? .send(.flush, []) : .finish(error: 0)
         case IOF_OP_TRIM: return client.canTrim ? .send(.trim, flags) : .finish(error: 0)
         case IOF_OP_WRITE_ZEROES:
+            // This client does not negotiate fast zero: such a request fails as the
+            // protocol lets it, and the consumer writes the zeroes.
+            if io.flags & UInt32(IOF_REQ_FAST_ZERO) != 0 { return .finish(error: ENOTSUP) }
             if io.flags & UInt32(IOF_REQ_NO_HOLE) != 0 { flags.insert(.noHole) }
             return .send(.writeZeroes, flags)
+        case IOF_OP_CACHE: return .finish(error: 0)  // a hint
         default: return .finish(error: EINVAL)
         }
     }
 
     public func submit(_ request: ChainRequest) {
+        // This client does not ask the server for block status: all data, which is
+        // always true (a consumer only loses the chance to skip holes).
+        if request.io.pointee.op == IOF_OP_BLOCK_STATUS, let extents = request.extents {
+            extents.append(length: request.io.pointee.length, flags: 0, at: request.io.pointee.offset)
+            return request.backendDidComplete(error: 0)
+        }
         let io = request.io.pointee
         let command: NBDProtocol.Command, flags: NBDProtocol.CommandFlags
         switch translate(io) {

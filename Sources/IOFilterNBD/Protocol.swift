@@ -6,8 +6,21 @@ public enum NBDProtocol {
     package static let requestMagic: UInt32 = 0x2560_9513
     package static let simpleReplyMagic: UInt32 = 0x6744_6698
 
+    package static let structuredReplyMagic: UInt32 = 0x668e_33ef
+
     package static let requestHeaderSize = 28
     package static let simpleReplySize = 16
+    /// A structured reply chunk's header: magic, flags, type, cookie, length.
+    package static let chunkHeaderSize = 20
+    /// The only metadata context offered, and its id.
+    package static let baseAllocation = "base:allocation"
+    package static let baseAllocationID: UInt32 = 1
+
+    package enum ChunkType: UInt16 {
+        case none = 0, offsetData = 1, offsetHole = 2, blockStatus = 5
+        case error = 0x8001, errorOffset = 0x8002
+    }
+    package static let chunkFlagDone: UInt16 = 1 << 0
 
     package struct HandshakeFlags {
         package static let fixedNewstyle: UInt16 = 1 << 0
@@ -30,6 +43,8 @@ public enum NBDProtocol {
         public static let sendTrim = Self(rawValue: 1 << 5)
         public static let sendWriteZeroes = Self(rawValue: 1 << 6)
         public static let canMultiConn = Self(rawValue: 1 << 8)
+        public static let sendCache = Self(rawValue: 1 << 10)
+        public static let sendFastZero = Self(rawValue: 1 << 11)
     }
 
     package enum Option: UInt32 {
@@ -38,7 +53,7 @@ public enum NBDProtocol {
     }
 
     package enum Reply: UInt32 {
-        case ack = 1, server = 2, info = 3
+        case ack = 1, server = 2, info = 3, metaContext = 4
         case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
         case errUnknown = 0x8000_0006
     }
@@ -58,6 +73,7 @@ public enum NBDProtocol {
         public static let fua = Self(rawValue: 1 << 0)
         public static let noHole = Self(rawValue: 1 << 1)
         public static let dontFragment = Self(rawValue: 1 << 2)
+        public static let requestOne = Self(rawValue: 1 << 3)
         public static let fastZero = Self(rawValue: 1 << 4)
     }
 

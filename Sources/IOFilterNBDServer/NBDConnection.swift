@@ -28,6 +28,10 @@ final class NBDConnection: @unchecked Sendable {
     let logger: Logger
     let exportSize: UInt64
     let features: NBDExportFeatures
+    /// Negotiated: structured replies (reads and block status answer in chunks), and
+    /// the base:allocation metadata context (block status allowed).
+    let structured: Bool
+    let baseAllocation: Bool
 
     // Big enough to batch many small requests, small enough that a large write payload
     // is mostly read straight into its request buffer rather than copied through here.
@@ -69,9 +73,11 @@ final class NBDConnection: @unchecked Sendable {
     private var writeFirst = 0
     private var writeCount = 0
 
-    init(fd: Int32, export: any NBDExport, logger: Logger) {
+    init(fd: Int32, export: any NBDExport, logger: Logger, structured: Bool = false, baseAllocation: Bool = false) {
         self.fd = fd
         self.export = export
+        self.structured = structured
+        self.baseAllocation = structured && baseAllocation && export.features.blockStatus
         self.logger = logger
         self.exportSize = export.size
         self.features = export.features
@@ -148,7 +154,7 @@ final class NBDConnection: @unchecked Sendable {
                     throw Stop.protocolViolation("write of \(payload) bytes exceeds the maximum payload")
                 }
                 try discard(payload)
-                try replyImmediately(cookie: cookie, error: error)
+                try replyImmediately(cookie: cookie, error: error, to: command)
                 continue
             }
             if length == 0 && command != .flush {
@@ -164,6 +170,10 @@ final class NBDConnection: @unchecked Sendable {
             request.cookie = cookie
             request.error = 0
             if command == .read || command == .write { grow(request, to: Int(length)) }
+            if command == .blockStatus {
+                grow(request, to: Self.blockStatusReplyBytes)
+                request.extentBytes = 0
+            }
             if payload > 0 {
                 do {
                     try readPayload(into: request.buffer, count: payload)
@@ -193,12 +203,15 @@ final class NBDConnection: @unchecked Sendable {
         case .write: allowed = features.fua ? [.fua] : []
         case .flush: allowed = []
         case .trim where features.trim: allowed = features.fua ? [.fua] : []
-        case .writeZeroes where features.writeZeroes: allowed = features.fua ? [.fua, .noHole] : [.noHole]
-        default: return EINVAL  // trim/write-zeroes not offered, cache, block status
+        case .writeZeroes where features.writeZeroes:
+            allowed = NBDProtocol.CommandFlags([.noHole]).union(features.fua ? [.fua] : []).union(features.fastZero ? [.fastZero] : [])
+        case .cache where features.cache: allowed = []
+        case .blockStatus where baseAllocation: allowed = [.requestOne]
+        default: return EINVAL  // not offered (or block status without its context)
         }
         guard flags.isSubset(of: allowed) else { return EINVAL }
         if command == .flush { return features.flush ? nil : EINVAL }
-        if features.readOnly && command != .read { return EPERM }
+        if features.readOnly && command != .read && command != .cache && command != .blockStatus { return EPERM }
         if Int(length) > NBDProtocol.maxPayload && (command == .read || command == .write) { return EINVAL }
         if UInt64(length) > exportSize || offset > exportSize - UInt64(length) {
             return command == .write ? ENOSPC : EINVAL
@@ -331,21 +344,61 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: replies
 
+    /// Room for this many block-status extents in one reply.
+    static let blockStatusReplyBytes = 1024 * 8
+
     private func prepareReply(_ request: NBDRequest) {
         let header = request.replyHeader
-        header.storeBE(NBDProtocol.simpleReplyMagic, at: 0)
-        header.storeBE(UInt32(bitPattern: Self.nbdErrno(request.error)), at: 4)
+        guard structured && (request.command == .read || request.command == .blockStatus) else {
+            header.storeBE(NBDProtocol.simpleReplyMagic, at: 0)
+            header.storeBE(UInt32(bitPattern: Self.nbdErrno(request.error)), at: 4)
+            header.storeBE(request.cookie, at: 8)
+            request.replyHeaderLength = NBDProtocol.simpleReplySize
+            request.replyDataLength = request.command == .read && request.error == 0 ? Int(request.length) : 0
+            return
+        }
+        // One chunk, flagged done: the data of a read, the extents of a block status,
+        // or the error of either.
+        var error = request.error
+        var extentBytes = request.command == .blockStatus && request.flags.contains(.requestOne)
+            ? min(request.extentBytes, 8) : request.extentBytes
+        if error == 0 && request.command == .blockStatus && extentBytes == 0 {
+            error = EIO  // a reply must hold at least one extent
+            extentBytes = 0
+        }
+        header.storeBE(NBDProtocol.structuredReplyMagic, at: 0)
+        header.storeBE(NBDProtocol.chunkFlagDone, at: 4)
         header.storeBE(request.cookie, at: 8)
+        let headerSize = NBDProtocol.chunkHeaderSize
+        if error != 0 {
+            header.storeBE(NBDProtocol.ChunkType.error.rawValue, at: 6)
+            header.storeBE(UInt32(6), at: 16)
+            header.storeBE(UInt32(bitPattern: Self.nbdErrno(error)), at: headerSize)
+            header.storeBE(UInt16(0), at: headerSize + 4)  // no message
+            request.replyHeaderLength = headerSize + 6
+            request.replyDataLength = 0
+        } else if request.command == .read {
+            header.storeBE(NBDProtocol.ChunkType.offsetData.rawValue, at: 6)
+            header.storeBE(UInt32(8) + request.length, at: 16)
+            header.storeBE(request.offset, at: headerSize)
+            request.replyHeaderLength = headerSize + 8
+            request.replyDataLength = Int(request.length)
+        } else {
+            header.storeBE(NBDProtocol.ChunkType.blockStatus.rawValue, at: 6)
+            header.storeBE(UInt32(4 + extentBytes), at: 16)
+            header.storeBE(NBDProtocol.baseAllocationID, at: headerSize)
+            request.replyHeaderLength = headerSize + 4
+            request.replyDataLength = extentBytes
+        }
     }
 
-    /// The reply's two vectors at `slot`: its header, and a successful read's data.
-    /// Returns the data's length.
+    /// The reply's two vectors at `slot`: its header, and the data it carries (a read's,
+    /// a block status's extents). Returns the data's length.
     @inline(__always)
     private static func storeReplyVectors(of request: NBDRequest, at slot: UnsafeMutablePointer<iovec>) -> Int {
-        let dataBytes = request.command == .read && request.error == 0 ? Int(request.length) : 0
-        slot[0] = iovec(iov_base: request.replyHeader, iov_len: NBDProtocol.simpleReplySize)
-        slot[1] = iovec(iov_base: request.buffer, iov_len: dataBytes)
-        return dataBytes
+        slot[0] = iovec(iov_base: request.replyHeader, iov_len: request.replyHeaderLength)
+        slot[1] = iovec(iov_base: request.buffer, iov_len: request.replyDataLength)
+        return request.replyDataLength
     }
 
     private func appendToBatch(_ request: NBDRequest) throws {
@@ -394,10 +447,14 @@ final class NBDConnection: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    private func replyImmediately(cookie: UInt64, error: Int32) throws {
+    /// An answer without the export: an error (in a chunk where the command needs one),
+    /// or success for a request with nothing to do.
+    private func replyImmediately(cookie: UInt64, error: Int32, to command: NBDProtocol.Command = .flush) throws {
         // A slot carries the reply, so that it goes out with the batch like any other.
         let request = try acquireRequest()
-        request.command = .flush
+        request.command = error != 0 ? command : .flush
+        request.flags = []
+        request.length = 0
         request.cookie = cookie
         request.error = error
         try appendToBatch(request)

@@ -9,9 +9,17 @@ public struct NBDExportFeatures: Sendable, Equatable {
     public var trim: Bool
     public var writeZeroes: Bool
     public var multiConn: Bool
+    /// NBD_CMD_CACHE (prefetch), NBD_CMD_FLAG_FAST_ZERO, and base:allocation block status.
+    public var cache: Bool
+    public var fastZero: Bool
+    public var blockStatus: Bool
 
     public init(readOnly: Bool = false, flush: Bool = true, fua: Bool = true, trim: Bool = true,
-                writeZeroes: Bool = true, multiConn: Bool = true) {
+                writeZeroes: Bool = true, multiConn: Bool = true, cache: Bool = false, fastZero: Bool = false,
+                blockStatus: Bool = false) {
+        self.cache = cache
+        self.fastZero = fastZero
+        self.blockStatus = blockStatus
         self.readOnly = readOnly
         self.flush = flush
         self.fua = fua
@@ -66,8 +74,14 @@ public final class NBDRequest: @unchecked Sendable {
 
     var cookie: UInt64 = 0
     var capacity: Int
-    /// The reply header, kept with the request so that batches can point at it.
+    /// The reply header (simple, or a structured chunk's with its fixed payload), kept
+    /// with the request so that batches can point at it; and how much of it is used.
     let replyHeader: UnsafeMutableRawPointer
+    var replyHeaderLength = NBDProtocol.simpleReplySize
+    /// Bytes of `buffer` the reply carries after its header.
+    var replyDataLength = 0
+    /// BLOCK_STATUS: bytes of extent descriptors written into `buffer`.
+    var extentBytes = 0
     unowned(unsafe) let connection: NBDConnection
     /// submitting → (complete first) completedInline, or → deferred → (complete) finished.
     let state = Atomic<UInt8>(0)
@@ -80,7 +94,7 @@ public final class NBDRequest: @unchecked Sendable {
         self.connection = connection
         self.capacity = 4096
         self.buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-        self.replyHeader = UnsafeMutableRawPointer.allocate(byteCount: NBDProtocol.simpleReplySize, alignment: 8)
+        self.replyHeader = UnsafeMutableRawPointer.allocate(byteCount: Self.replyHeaderCapacity, alignment: 8)
     }
 
     deinit {
@@ -103,6 +117,22 @@ public final class NBDRequest: @unchecked Sendable {
         buffer.deallocate()
         capacity = 4096
         buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+    }
+
+    /// The longest reply header: a chunk's header and an error chunk's payload.
+    static let replyHeaderCapacity = 32
+
+    /// BLOCK_STATUS: how many extents the reply can carry.
+    public var extentCapacity: Int { capacity / 8 }
+
+    /// BLOCK_STATUS: appends the next extent (contiguous from `offset`) to the reply;
+    /// false when the reply is full (a shorter answer is allowed).
+    public func appendExtent(length: UInt32, flags: UInt32) -> Bool {
+        guard extentBytes + 8 <= capacity else { return false }
+        (buffer + extentBytes).storeBE(length, at: 0)
+        (buffer + extentBytes).storeBE(flags, at: 4)
+        extentBytes += 8
+        return true
     }
 
     /// Finishes the request: 0 or a positive errno. Call exactly once.

@@ -172,10 +172,18 @@ struct Handshake {
         case close
     }
 
+    /// What the client negotiated so far.
+    private final class Negotiated {
+        var structured = false
+        var baseAllocation = false
+    }
+    private let negotiated = Negotiated()
+
     func run() {
         switch negotiate() {
         case .serve(let export):
-            NBDConnection(fd: fd, export: export, logger: logger).run()
+            NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
+                          baseAllocation: negotiated.baseAllocation).run()
         case .close:
             break  // the server closes the socket
         }
@@ -308,10 +316,65 @@ struct Handshake {
             try reply(rawOption, .errPolicy, message: "TLS is not offered; use a unix socket or a private network")
             return nil
 
-        case .structuredReply, .listMetaContext, .setMetaContext, .extendedHeaders:
-            try reply(rawOption, .errUnsupported, message: "option \(option) is not supported")
+        case .structuredReply:
+            guard data.isEmpty else {
+                try reply(rawOption, .errInvalid, message: "STRUCTURED_REPLY takes no data")
+                return nil
+            }
+            negotiated.structured = true
+            try reply(rawOption, .ack)
+            return nil
+
+        case .listMetaContext, .setMetaContext:
+            try metaContext(rawOption, data: data, select: option == .setMetaContext)
+            return nil
+
+        case .extendedHeaders:
+            try reply(rawOption, .errUnsupported, message: "extended headers are not supported")
             return nil
         }
+    }
+
+    /// LIST_META_CONTEXT and SET_META_CONTEXT: the one context offered is
+    /// base:allocation, for exports that answer block status.
+    private func metaContext(_ option: UInt32, data: [UInt8], select: Bool) throws(SystemError) {
+        guard negotiated.structured else {
+            try reply(option, .errInvalid, message: "negotiate structured replies first")
+            return
+        }
+        var reader = MessageReader(data)
+        guard let nameLength = reader.u32(), let name = reader.string(count: Int(nameLength)), let count = reader.u32() else {
+            try reply(option, .errInvalid, message: "malformed meta context request")
+            return
+        }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let length = reader.u32(), let query = reader.string(count: Int(length)) else {
+                try reply(option, .errInvalid, message: "malformed meta context query")
+                return
+            }
+            queries.append(query)
+        }
+        guard reader.remaining == 0 else {
+            try reply(option, .errInvalid, message: "trailing bytes in the meta context request")
+            return
+        }
+        guard let export = catalog.export(named: name) else {
+            try reply(option, .errUnknown, message: "no export named '\(name)'")
+            return
+        }
+        let context = NBDProtocol.baseAllocation
+        // An empty LIST asks for everything; "base:" names the namespace.
+        let matched = export.features.blockStatus
+            && (select ? queries.contains(context) : (queries.isEmpty || queries.contains(context) || queries.contains("base:")))
+        if select { negotiated.baseAllocation = matched }
+        if matched {
+            var entry = MessageWriter()
+            entry.u32(select ? NBDProtocol.baseAllocationID : 0)
+            entry.append(context)
+            try reply(option, .metaContext, data: entry.bytes)
+        }
+        try reply(option, .ack)
     }
 
     static func transmissionFlags(_ export: any NBDExport) -> NBDProtocol.TransmissionFlags {
@@ -323,6 +386,8 @@ struct Handshake {
         if features.trim && !features.readOnly { flags.insert(.sendTrim) }
         if features.writeZeroes && !features.readOnly { flags.insert(.sendWriteZeroes) }
         if features.multiConn { flags.insert(.canMultiConn) }
+        if features.cache { flags.insert(.sendCache) }
+        if features.fastZero && features.writeZeroes && !features.readOnly { flags.insert(.sendFastZero) }
         return flags
     }
 

@@ -56,6 +56,9 @@ enum DescriptorReader {
         if plugin.event != nil { callbacks.append("event") }
         if plugin.stats != nil { callbacks.append("stats") }
         if plugin.daemon_main != nil { callbacks.append("daemon_main") }
+        // ABI 1.2 ops a filter declares it handles, listed with its callbacks.
+        if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_BLOCK_STATUS) != 0 { callbacks.append("block_status") }
+        if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_CACHE) != 0 { callbacks.append("cache") }
 
         return PluginManifest(
             name: name, vendor: String(cString: vendor), version: String(cString: version),

@@ -249,7 +249,8 @@ struct SamplePluginTests {
     @Test func offlineAccessToAWriteBackDiskReturnsTheCachedWrites() throws {
         let disk = image("offline.img", size: 16 << 20)
         let filter = "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=100"
-        let served = try ServedDisk([disk, "--filter", filter])
+        // No destage before the kill, however slow the machine is to deliver it.
+        let served = try ServedDisk([disk, "--filter", "\(Self.cache):mode=write-back,size=8M,destage-interval-ms=600000"])
         _ = try Harness.qemuIO(served.uri, ["write -P 0x6b 2M 512k", "flush"])
         // The host dies with the worker: nothing is destaged.
         let worker = try #require(served.workerPID)

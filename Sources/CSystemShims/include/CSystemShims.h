@@ -51,6 +51,8 @@ void iof_seccomp_release(void *ctx);
 
 /* fallocate(2); mode bits FALLOC_FL_*. */
 int iof_fallocate(int fd, int mode, int64_t offset, int64_t length);
+/// posix_fadvise(POSIX_FADV_WILLNEED): 0 or an errno.
+int iof_fadvise_willneed(int fd, int64_t offset, int64_t length);
 #define IOF_FALLOC_KEEP_SIZE 0x01
 #define IOF_FALLOC_PUNCH_HOLE 0x02
 #define IOF_FALLOC_ZERO_RANGE 0x10
