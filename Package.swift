@@ -12,7 +12,7 @@ import PackageDescription
 //   Sources/IOFilterPosix      thin wrappers over syscalls: fds, sockets, threads
 //   Sources/IOFilterLogging    how every executable logs
 //   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire
-//   Sources/IOFilterNBDServer  the NBD server: handshake, connections, request slots
+//   Sources/IOFilterNBDServer  the NBD server: handshake, TLS (Sources/CTLS, GnuTLS), connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
@@ -60,6 +60,8 @@ let package = Package(
             name: "CSystemShims",
             linkerSettings: [.linkedLibrary("seccomp")]),
         .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
+        // TLS for the NBD server, on GnuTLS (what libnbd, nbdkit and QEMU speak).
+        .target(name: "CTLS", linkerSettings: [.linkedLibrary("gnutls")]),
 
         .target(name: "IOFilterModel", dependencies: ["CIOFilter"], swiftSettings: strict),
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
@@ -69,7 +71,7 @@ let package = Package(
             swiftSettings: strict),
         .target(
             name: "IOFilterNBDServer",
-            dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "CTLS", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "IOFilterPluginLoader",

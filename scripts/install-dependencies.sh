@@ -3,17 +3,19 @@
 #   libffi-dev      management calls (libffi)
 #   libseccomp-dev  the worker sandbox
 #   libsqlite3-dev  iofilterd's state (GRDB)
+#   libgnutls28-dev NBD over TLS (PSK and X.509), as libnbd, nbdkit and QEMU speak it
 #   pkg-config      finds them for SwiftPM
 #   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
 #   sqlite3         the crash drills check the state database's integrity with it
 # With --tests it also installs man-db and systemd (the install test renders a manual
 # page and verifies iofilterd.service with systemd-analyze), openssl and curl (the API's
 # TLS and token tests make a certificate and call it as a browser would),
-# nbdsh's Python module (python3-libnbd: fast-zero, cache and block-status requests) and
+# nbdsh's Python module (python3-libnbd: fast-zero, cache and block-status requests),
+# gnutls-bin (psktool and certtool make the NBD TLS tests' keys and certificates) and
 # schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document.
 set -eu
-packages="libffi-dev libseccomp-dev libsqlite3-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd"
+packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

@@ -101,6 +101,8 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 10).
     public var handshakeSeconds: Double?
+    /// TLS every NBD client must start (nil: plaintext).
+    public var tls: TLSSettings?
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,
@@ -114,6 +116,31 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
         self.watchdogSeconds = watchdogSeconds
         self.sandbox = sandbox
         self.logLevel = logLevel
+    }
+}
+
+/// TLS for a worker's NBD clients, as nbdkit and qemu-nbd take it: a psktool file, or a
+/// directory with ca-cert.pem, server-cert.pem and server-key.pem.
+public struct TLSSettings: Codable, Sendable, Equatable {
+    public var pskFile: String?
+    public var certificatesDirectory: String?
+    /// X.509: clients must present a certificate the CA signed.
+    public var verifyPeer: Bool
+
+    public init(pskFile: String? = nil, certificatesDirectory: String? = nil, verifyPeer: Bool = false) {
+        self.pskFile = pskFile
+        self.certificatesDirectory = certificatesDirectory
+        self.verifyPeer = verifyPeer
+    }
+
+    /// Why these settings cannot work, or nil.
+    public var problem: String? {
+        switch (pskFile, certificatesDirectory) {
+        case (nil, nil): "give a PSK file or a certificates directory"
+        case (.some, .some): "give a PSK file or a certificates directory, not both"
+        case (.some, nil) where verifyPeer: "verifying peers is for certificates, not PSK"
+        default: nil
+        }
     }
 }
 

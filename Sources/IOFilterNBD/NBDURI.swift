@@ -23,6 +23,11 @@ public enum NBDURI: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The URI a client gives for a server that requires TLS: nbds:// or nbds+unix://.
+    public func description(tls: Bool) -> String {
+        tls ? "nbds" + description.dropFirst(3) : description
+    }
+
     /// A stream socket connected to the server (TCP with no delay), or throws.
     public func connect() throws(SystemError) -> Int32 {
         switch self {

@@ -55,7 +55,7 @@ public enum NBDProtocol {
     package enum Reply: UInt32 {
         case ack = 1, server = 2, info = 3, metaContext = 4
         case errUnsupported = 0x8000_0001, errPolicy = 0x8000_0002, errInvalid = 0x8000_0003
-        case errUnknown = 0x8000_0006
+        case errTLSRequired = 0x8000_0005, errUnknown = 0x8000_0006
     }
 
     package enum Info: UInt16 {

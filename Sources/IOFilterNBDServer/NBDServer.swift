@@ -38,7 +38,11 @@ public final class NBDServer: @unchecked Sendable {
     /// A pipe whose read end wakes the accept threads when the server stops.
     private let wake: (read: Int32, write: Int32)
 
-    public init(catalog: any NBDExportCatalog, limits: NBDServerLimits = NBDServerLimits(), logger: Logger) {
+    /// TLS every client must start before anything else (nil: plaintext).
+    public let tls: NBDTLS?
+
+    public init(catalog: any NBDExportCatalog, limits: NBDServerLimits = NBDServerLimits(), tls: NBDTLS? = nil, logger: Logger) {
+        self.tls = tls
         self.catalog = catalog
         self.limits = limits
         self.logger = logger
@@ -112,7 +116,7 @@ public final class NBDServer: @unchecked Sendable {
             startThread(name: "nbd-conn-\(id)") { [self] in
                 var connectionLogger = logger
                 connectionLogger[metadataKey: "conn"] = "\(id)"
-                Handshake(fd: client, catalog: catalog, deadline: deadline, logger: connectionLogger).run()
+                Handshake(fd: client, catalog: catalog, tls: tls, deadline: deadline, logger: connectionLogger).run()
                 finished(connection: id)
                 // Closed only once `stop` can no longer see it: it must never shut
                 // down a later file that reuses the number.
@@ -161,8 +165,11 @@ public final class NBDServer: @unchecked Sendable {
 
 /// The fixed-newstyle negotiation phase for one client.
 struct Handshake {
-    let fd: Int32
+    /// The client's socket.
+    let socket: Int32
     let catalog: any NBDExportCatalog
+    /// When set, the client must start TLS before anything else.
+    let tls: NBDTLS?
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
     let logger: Logger
@@ -176,8 +183,22 @@ struct Handshake {
     private final class Negotiated {
         var structured = false
         var baseAllocation = false
+        /// After STARTTLS: the plaintext end of the TLS session, which the rest of the
+        /// negotiation and the transmission phase use.
+        var secured: Int32?
     }
     private let negotiated = Negotiated()
+
+    /// Where the protocol's bytes go: the socket, or the TLS session's plaintext.
+    private var fd: Int32 { negotiated.secured ?? socket }
+
+    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, deadline: UInt64, logger: Logger) {
+        self.socket = fd
+        self.catalog = catalog
+        self.tls = tls
+        self.deadline = deadline
+        self.logger = logger
+    }
 
     func run() {
         switch negotiate() {
@@ -187,6 +208,7 @@ struct Handshake {
         case .close:
             break  // the server closes the socket
         }
+        if let secured = negotiated.secured { close(secured) }
     }
 
     private func negotiate() -> Outcome {
@@ -243,6 +265,15 @@ struct Handshake {
     private func handle(option rawOption: UInt32, data: [UInt8], noZeroes: Bool) throws(SystemError) -> Outcome? {
         guard let option = NBDProtocol.Option(rawValue: rawOption) else {
             try reply(rawOption, .errUnsupported, message: "option \(rawOption) is not supported")
+            return nil
+        }
+        // With TLS configured, nothing but STARTTLS (or leaving) before it.
+        if tls != nil && negotiated.secured == nil && option != .startTLS && option != .abort {
+            if option == .exportName {
+                logger.info("a client asked for an export without TLS; closing")
+                return .close  // EXPORT_NAME has no error reply
+            }
+            try reply(rawOption, .errTLSRequired, message: "this server requires TLS: send STARTTLS first")
             return nil
         }
         switch option {
@@ -313,8 +344,25 @@ struct Handshake {
             return option == .go ? .serve(export) : nil
 
         case .startTLS:
-            try reply(rawOption, .errPolicy, message: "TLS is not offered; use a unix socket or a private network")
-            return nil
+            guard let tls else {
+                try reply(rawOption, .errPolicy, message: "TLS is not offered; use a unix socket or a private network")
+                return nil
+            }
+            guard data.isEmpty, negotiated.secured == nil else {
+                try reply(rawOption, .errInvalid, message: negotiated.secured == nil ? "STARTTLS takes no data" : "TLS is already on")
+                return nil
+            }
+            try reply(rawOption, .ack)
+            let left = deadline > monotonicNanoseconds() ? deadline - monotonicNanoseconds() : 1_000_000
+            switch tls.accept(socket, timeoutMilliseconds: Int32(min(left / 1_000_000, UInt64(Int32.max)))) {
+            case .success(let plaintext):
+                negotiated.secured = plaintext
+                setSendTimeout(nanoseconds: left)
+                return nil
+            case .failure(let failure):
+                logger.info("\(failure)")
+                return .close
+            }
 
         case .structuredReply:
             guard data.isEmpty else {

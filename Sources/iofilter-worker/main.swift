@@ -191,6 +191,19 @@ case "serve" where arguments.count == 1:
     } catch {
         cannotStart(error)
     }
+    // TLS credentials too: their files are not in the confined view.
+    var tls: NBDTLS?
+    if let settings = configuration.tls {
+        do {
+            if let file = settings.pskFile {
+                tls = try .psk(file: file)
+            } else if let directory = settings.certificatesDirectory {
+                tls = try .certificates(directory: directory, verifyPeer: settings.verifyPeer)
+            }
+        } catch {
+            cannotStart(error)
+        }
+    }
     // The cgroup that limits this worker and everything it will ever be (its pid
     // namespace's init included): the supervisor moves it there while it starts, and
     // it must be there before it makes its pid namespace.
@@ -257,7 +270,7 @@ case "serve" where arguments.count == 1:
         var limits = NBDServerLimits()
         if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
         if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
-        let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, logger: logger)
+        let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, tls: tls, logger: logger)
         server.serve(listenFD: disk.listenFD)
         servers.append(server)
     }

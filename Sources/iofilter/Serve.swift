@@ -59,6 +59,15 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
         var handshakeTimeout: Double = 10
 
+        @Option(help: ArgumentHelp("Require TLS with pre-shared keys from this psktool file (username:hexkey lines).", valueName: "file"))
+        var tlsPsk: String?
+
+        @Option(help: ArgumentHelp("Require TLS with X.509 certificates from this directory (ca-cert.pem, server-cert.pem, server-key.pem).", valueName: "dir"))
+        var tlsCertificates: String?
+
+        @Flag(help: "With --tls-certificates: clients must present a certificate the CA signed.")
+        var tlsVerifyPeer = false
+
         @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
         var stats = false
 
@@ -79,6 +88,12 @@ extension IOFilterCommand {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
+            if let problem = tls?.problem { throw ValidationError("TLS: \(problem) (--tls-psk FILE or --tls-certificates DIR)") }
+        }
+
+        var tls: TLSSettings? {
+            guard tlsPsk != nil || tlsCertificates != nil || tlsVerifyPeer else { return nil }
+            return TLSSettings(pskFile: tlsPsk.map(absolute), certificatesDirectory: tlsCertificates.map(absolute), verifyPeer: tlsVerifyPeer)
         }
 
         func run() throws {
@@ -133,6 +148,7 @@ extension IOFilterCommand {
             // One identity per disk across runs (the VM name holds this run's pid).
             configuration.identity = WorkerIdentity(for: "serve \(isURI ? disk : diskPath)")
             configuration.handshakeSeconds = handshakeTimeout
+            configuration.tls = tls
             configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
@@ -146,7 +162,7 @@ extension IOFilterCommand {
                 fail("\(error)")
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
-            FileHandle.standardOutput.write(Data((uri.description + "\n").utf8))
+            FileHandle.standardOutput.write(Data((uri.description(tls: tls != nil) + "\n").utf8))
             // Where `iofilter plugin call … --serve` reaches this worker's live filters.
             let controlPath = (socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
             let control = Self.serveControl(at: controlPath, supervisor: supervisor, logger: logger)

@@ -1,0 +1,53 @@
+import CTLS
+import Glibc
+
+/// TLS credentials for the NBD server, loaded once (before a worker is confined, while
+/// their files are still reachable): a PSK file, or X.509 certificates.
+public final class NBDTLS: @unchecked Sendable {
+    // @unchecked: the credentials are read-only after loading; GnuTLS shares them
+    // between sessions on any thread.
+    private let credentials: OpaquePointer
+    public let description: String
+
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// A psktool file: `username:hexkey` lines.
+    public static func psk(file: String) throws(Failure) -> NBDTLS {
+        try load("PSK from \(file)") { iof_tls_load_psk(file, $0, $1) }
+    }
+
+    /// A directory holding ca-cert.pem, server-cert.pem and server-key.pem; with
+    /// `verifyPeer`, clients must present a certificate the CA signed.
+    public static func certificates(directory: String, verifyPeer: Bool) throws(Failure) -> NBDTLS {
+        try load("X.509 from \(directory)\(verifyPeer ? ", clients verified" : "")") {
+            iof_tls_load_x509(directory, verifyPeer ? 1 : 0, $0, $1)
+        }
+    }
+
+    private static func load(_ description: String, _ body: (UnsafeMutablePointer<CChar>, Int) -> OpaquePointer?) throws(Failure) -> NBDTLS {
+        var error = [CChar](repeating: 0, count: 512)
+        guard let credentials = error.withUnsafeMutableBufferPointer({ body($0.baseAddress!, $0.count) }) else {
+            throw Failure(description: Self.text(error))
+        }
+        return NBDTLS(credentials: credentials, description: description)
+    }
+
+    private init(credentials: OpaquePointer, description: String) {
+        self.credentials = credentials
+        self.description = description
+    }
+
+    private static func text(_ message: [CChar]) -> String {
+        String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// The TLS handshake on `fd`; then the plaintext end of the session (close it when
+    /// done; `fd` stays the caller's).
+    func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, Failure> {
+        var error = [CChar](repeating: 0, count: 512)
+        let plaintext = error.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
+        return plaintext >= 0 ? .success(plaintext) : .failure(Failure(description: Self.text(error)))
+    }
+}

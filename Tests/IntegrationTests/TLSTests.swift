@@ -1,0 +1,117 @@
+import Foundation
+import Testing
+
+/// NBD over TLS as nbdkit and qemu-nbd offer it: pre-shared keys (psktool) and X.509
+/// certificates (certtool), from nbdinfo, nbdcopy, qemu-img and qemu-io; plaintext and
+/// wrong keys refused.
+@Suite("NBD over TLS")
+struct TLSTests {
+    let directory = Harness.temporaryDirectory("tls")
+
+    func disk() throws -> String {
+        let path = directory.appendingPathComponent("disk.img").path
+        Harness.makeRandomFile(path, size: 8 << 20, seed: 7)
+        return path
+    }
+
+    /// `psktool -u USER -p FILE`.
+    func pskFile(_ name: String, user: String = "alice") throws -> String {
+        let path = directory.appendingPathComponent(name).path
+        try Harness.check(Harness.tool("psktool"), ["-u", user, "-p", path])
+        return path
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, as nbdkit's
+    /// and QEMU's manuals make them; the server's directory and the client's.
+    func certificates() throws -> (server: String, client: String) {
+        let server = directory.appendingPathComponent("pki"), client = directory.appendingPathComponent("client")
+        try FileManager.default.createDirectory(at: server, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: client, withIntermediateDirectories: true)
+        let certtool = Harness.tool("certtool")
+        func file(_ base: URL, _ name: String) -> String { base.appendingPathComponent(name).path }
+        func key(_ path: String) throws { try Data(try Harness.check(certtool, ["--generate-privkey"]).utf8).write(to: URL(fileURLWithPath: path)) }
+        func template(_ name: String, _ text: String) throws -> String {
+            let path = file(directory, name)
+            try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        try key(file(server, "ca-key.pem"))
+        try Harness.check(certtool, ["--generate-self-signed", "--load-privkey", file(server, "ca-key.pem"), "--outfile", file(server, "ca-cert.pem"),
+                                     "--template", try template("ca.info", "cn = Test CA\nca\ncert_signing_key\nexpiration_days = 2\n")])
+        try key(file(server, "server-key.pem"))
+        try Harness.check(certtool, [
+            "--generate-certificate", "--load-ca-certificate", file(server, "ca-cert.pem"), "--load-ca-privkey", file(server, "ca-key.pem"),
+            "--load-privkey", file(server, "server-key.pem"), "--outfile", file(server, "server-cert.pem"),
+            "--template", try template("server.info", "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n"),
+        ])
+        try key(file(client, "client-key.pem"))
+        try Harness.check(certtool, [
+            "--generate-certificate", "--load-ca-certificate", file(server, "ca-cert.pem"), "--load-ca-privkey", file(server, "ca-key.pem"),
+            "--load-privkey", file(client, "client-key.pem"), "--outfile", file(client, "client-cert.pem"),
+            "--template", try template("client.info", "cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n"),
+        ])
+        try FileManager.default.copyItem(atPath: file(server, "ca-cert.pem"), toPath: file(client, "ca-cert.pem"))
+        return (server.path, client.path)
+    }
+
+    @Test func preSharedKeys() throws {
+        let disk = try disk(), keys = try pskFile("keys.psk"), wrong = try pskFile("wrong.psk")
+        let socket = directory.appendingPathComponent("psk.sock").path
+        let served = try ServedDisk([disk, "--socket", socket, "--tls-psk", keys, "--filter", Daemon.samplePlugin("iofilter-passthrough-c")])
+        defer { served.stop() }
+        #expect(served.uri == "nbds+unix:///disk.img?socket=\(socket)")
+        let uri = "nbds+unix://alice@/disk.img?socket=\(socket)&tls-psk-file=\(keys)"
+        let nbdinfo = Harness.tool("nbdinfo")
+        #expect(try Harness.check(nbdinfo, [uri]).contains("export-size: 8388608"))
+        let copy = directory.appendingPathComponent("copy.img").path
+        try Harness.check(Harness.tool("nbdcopy"), [uri, copy])
+        #expect(try Harness.sha(copy) == Harness.sha(disk))
+
+        // QEMU reads the key from keys.psk in a directory of its own.
+        let qemuKeys = directory.appendingPathComponent("qemu-psk")
+        try FileManager.default.createDirectory(at: qemuKeys, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: keys, toPath: qemuKeys.appendingPathComponent("keys.psk").path)
+        let object = "tls-creds-psk,id=tls0,endpoint=client,dir=\(qemuKeys.path),username=alice"
+        let image = "driver=nbd,path=\(socket),export=disk.img,tls-creds=tls0"
+        #expect(try Harness.check(Harness.tool("qemu-img"), ["info", "--object", object, "--image-opts", image]).contains("8 MiB"))
+        let written = try Harness.check(Harness.tool("qemu-io"), ["--object", object, "--image-opts", image,
+                                                                  "-c", "write -P 0x5a 1M 64k", "-c", "read -P 0x5a 1M 64k"])
+        #expect(written.contains("read 65536/65536") && !written.contains("Pattern verification failed"))
+
+        // Plaintext is refused (TLS required), and so is a wrong key.
+        let plain = try Harness.run(nbdinfo, ["nbd+unix:///disk.img?socket=\(socket)"])
+        #expect(plain.status != 0)
+        let refused = try Harness.run(nbdinfo, ["nbds+unix://alice@/disk.img?socket=\(socket)&tls-psk-file=\(wrong)"])
+        #expect(refused.status != 0)
+        #expect(served.waitForLog("TLS handshake failed"))
+    }
+
+    @Test func certificatesWithClientVerification() throws {
+        let disk = try disk()
+        let (server, client) = try certificates()
+        let served = try ServedDisk([disk, "--port", "0", "--tls-certificates", server, "--tls-verify-peer"])
+        defer { served.stop() }
+        #expect(served.uri.hasPrefix("nbds://127.0.0.1:"))
+        let nbdinfo = Harness.tool("nbdinfo")
+        #expect(try Harness.check(nbdinfo, ["\(served.uri)?tls-certificates=\(client)"]).contains("export-size: 8388608"))
+        let port = served.uri.split(separator: ":")[2].split(separator: "/")[0]
+        let object = "tls-creds-x509,id=tls0,endpoint=client,dir=\(client)"
+        let image = "driver=nbd,host=127.0.0.1,port=\(port),export=disk.img,tls-creds=tls0"
+        let read = try Harness.check(Harness.tool("qemu-io"), ["-r", "--object", object, "--image-opts", image, "-c", "read 0 1M"])
+        #expect(read.contains("read 1048576/1048576"))
+        // A client without a certificate of the CA's is turned away.
+        let anonymous = directory.appendingPathComponent("anonymous")
+        try FileManager.default.createDirectory(at: anonymous, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: client + "/ca-cert.pem", toPath: anonymous.appendingPathComponent("ca-cert.pem").path)
+        #expect(try Harness.run(nbdinfo, ["\(served.uri)?tls-certificates=\(anonymous.path)"]).status != 0)
+        #expect(served.waitForLog("Certificate is required"))
+    }
+
+    @Test func misconfiguredTLSIsRefusedUpFront() throws {
+        let disk = try disk()
+        let missing = try Harness.run(Harness.iofilter, ["serve", disk, "--tls-psk", directory.appendingPathComponent("nope.psk").path])
+        #expect(missing.status != 0 && missing.stderr.contains("cannot read the PSK file"), "\(missing.stderr)")
+        let both = try Harness.run(Harness.iofilter, ["serve", disk, "--tls-psk", "a", "--tls-certificates", "b"])
+        #expect(both.status != 0 && both.stderr.contains("not both"))
+    }
+}
