@@ -393,7 +393,10 @@ public struct VMCreateRequest: Codable, Sendable {
     public var name: String
     public var disks: [String]
     public var limits: VMLimits?
-    public init(name: String, disks: [String], limits: VMLimits? = nil) {
+    /// TLS every NBD client of the VM must start (nil: plaintext on its unix sockets).
+    public var tls: TLSSettings?
+    public init(name: String, disks: [String], limits: VMLimits? = nil, tls: TLSSettings? = nil) {
+        self.tls = tls
         self.name = name
         self.disks = disks
         self.limits = limits
@@ -415,10 +418,12 @@ public struct VMInfo: Codable, Sendable {
     public var createdAt: String
     /// The limits set for this VM (fields left out take the host's defaults).
     public var limits: VMLimits?
+    public var tls: TLSSettings?
 
     public init(name: String, disks: [String], state: State, pid: Int32?, restarts: Int, uris: [String: String],
-                filters: [DiskStatistics], startedAt: String?, createdAt: String, limits: VMLimits? = nil) {
+                filters: [DiskStatistics], startedAt: String?, createdAt: String, limits: VMLimits? = nil, tls: TLSSettings? = nil) {
         self.limits = limits
+        self.tls = tls
         self.name = name
         self.disks = disks
         self.state = state

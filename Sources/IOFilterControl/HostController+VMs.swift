@@ -27,7 +27,7 @@ extension HostController {
         return VMInfo(
             name: row.name, disks: row.disks, state: worker == nil ? .stopped : .running, pid: worker?.supervisor.pid,
             restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: statistics,
-            startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt, limits: row.limits)
+            startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt, limits: row.limits, tls: row.tls)
     }
 
     public func listVMs() throws(ControlError) -> [VMInfo] {
@@ -44,6 +44,11 @@ extension HostController {
         guard !request.disks.isEmpty else { throw .badRequest("a VM needs at least one disk") }
         guard Set(request.disks).count == request.disks.count else { throw .badRequest("a disk is named twice") }
         if let problem = request.limits?.problem { throw .badRequest(problem) }
+        if let tls = request.tls {
+            if let problem = tls.problem { throw .badRequest("tls: \(problem)") }
+            if let file = tls.pskFile { try allowedPaths.check(file, "the TLS PSK file") }
+            if let directory = tls.certificatesDirectory { try allowedPaths.check(directory, "the TLS certificates directory") }
+        }
         try exclusive {
             try store.write { db in
                 if try VMRow.exists(db, key: request.name) { throw ControlError.conflict("a VM named \(request.name) exists") }
@@ -56,7 +61,7 @@ extension HostController {
                 }
                 try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now(),
                           memoryLimit: request.limits?.memoryLimit.map(Int64.init), maxConnections: request.limits?.maxConnections,
-                          cpuWeight: request.limits?.cpuWeight)
+                          cpuWeight: request.limits?.cpuWeight, tls: request.tls)
                     .insert(db)
                 for name in request.disks {
                     var disk = try diskRow(name, db)
@@ -120,7 +125,7 @@ extension HostController {
             let worker: LiveWorker
             do {
                 worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name),
-                                    limits: row.limits)
+                                    limits: row.limits, tls: row.tls)
             } catch {
                 for var disk in disks {
                     disk.attachError = "VM \(name) could not start: \(error)"

@@ -52,9 +52,11 @@ public final class HostController: @unchecked Sendable {
         /// Disk name to socket path.
         let sockets: [String: String]
         let startedAt: String
+        /// Its clients must start TLS (the URIs say nbds+unix).
+        var tls = false
 
         func uri(_ disk: String) -> String? {
-            sockets[disk].map { NBDURI.unix(socket: $0, export: disk).description }
+            sockets[disk].map { NBDURI.unix(socket: $0, export: disk).description(tls: tls) }
         }
 
         func stop() {
@@ -179,7 +181,7 @@ public final class HostController: @unchecked Sendable {
 
     func workerConfiguration(
         name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve,
-        limits: VMLimits? = nil
+        limits: VMLimits? = nil, tls: TLSSettings? = nil
     ) -> WorkerConfiguration {
         var configuration = WorkerConfiguration(
             vmName: name, stateDirectory: directory,
@@ -192,6 +194,7 @@ public final class HostController: @unchecked Sendable {
         configuration.maxConnections = limits?.maxConnections
         configuration.cpuWeight = limits?.cpuWeight
         configuration.hiddenPaths = hiddenFromWorkers
+        configuration.tls = tls
         return configuration
     }
 
@@ -199,7 +202,7 @@ public final class HostController: @unchecked Sendable {
     /// `socketDirectory`. A VM's worker works in its VM directory, any other in a
     /// directory of its own.
     func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String,
-                limits: VMLimits? = nil)
+                limits: VMLimits? = nil, tls: TLSSettings? = nil)
         throws(ControlError) -> LiveWorker
     {
         do {
@@ -227,7 +230,7 @@ public final class HostController: @unchecked Sendable {
             }
             sockets[disk.row.name] = path
         }
-        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks, limits: limits)
+        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks, limits: limits, tls: tls)
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
@@ -239,7 +242,9 @@ public final class HostController: @unchecked Sendable {
             cleanUp()
             throw .workerFailed("\(error)")
         }
-        return LiveWorker(supervisor: supervisor, listenFDs: listenFDs, sockets: sockets, startedAt: StateStore.now())
+        var worker = LiveWorker(supervisor: supervisor, listenFDs: listenFDs, sockets: sockets, startedAt: StateStore.now())
+        worker.tls = tls != nil
+        return worker
     }
 
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.

@@ -141,11 +141,13 @@ enum OpenAPIDocument {
                                     required: ["plugin", "version", "category", "stats"]),
         "DiskStatistics": .object(["disk": .string, "filters": .array(.ref("FilterStatistics"))], required: ["disk", "filters"]),
         "VMLimits": .object(["memoryLimit": .integer, "maxConnections": .integer, "cpuWeight": .integer], required: []),
-        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits")], required: ["name", "disks"]),
+        "TLSSettings": .object(["pskFile": absolutePath, "certificatesDirectory": absolutePath, "verifyPeer": .boolean], required: ["verifyPeer"]),
+        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits"), "tls": .ref("TLSSettings")],
+                                   required: ["name", "disks"]),
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
             "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,
-            "createdAt": .string, "limits": .ref("VMLimits"),
+            "createdAt": .string, "limits": .ref("VMLimits"), "tls": .ref("TLSSettings"),
         ], required: ["name", "disks", "state", "restarts", "uris", "filters", "createdAt"]),
     ]
 

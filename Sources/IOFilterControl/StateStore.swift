@@ -74,6 +74,8 @@ struct VMRow: Codable, FetchableRecord, PersistableRecord {
     var maxConnections: Int?
     /// (v3)
     var cpuWeight: Int?
+    /// (v6) TLS for its NBD clients.
+    var tls: TLSSettings?
 
     var limits: VMLimits? {
         let limits = VMLimits(memoryLimit: memoryLimit.map(UInt64.init), maxConnections: maxConnections, cpuWeight: cpuWeight)
@@ -196,6 +198,9 @@ final class StateStore: Sendable {
                 t.column("lastUsedAt", .text)
             }
             try db.alter(table: "event") { t in t.add(column: "actor", .text) }
+        }
+        migrator.registerMigration("v6: NBD over TLS per VM") { db in
+            try db.alter(table: "vm") { t in t.add(column: "tls", .jsonText) }
         }
         return migrator
     }

@@ -27,6 +27,10 @@ struct VMCommand: ParsableCommand {
                          limits.cpuWeight.map { "CPU weight \($0)" }]
             lines.append("  limits: " + parts.compactMap { $0 }.joined(separator: ", "))
         }
+        if let tls = vm.tls {
+            lines.append("  TLS required: " + (tls.pskFile.map { "pre-shared keys from \($0)" }
+                ?? "certificates from \(tls.certificatesDirectory ?? "?")" + (tls.verifyPeer ? ", clients verified" : "")))
+        }
         for disk in vm.disks {
             lines.append("  disk \(disk)" + (vm.uris[disk].map { ": \($0)" } ?? ""))
             for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
@@ -51,6 +55,12 @@ struct VMCommand: ParsableCommand {
         var maxConnections: Int?
         @Option(help: ArgumentHelp("Its worker's share of CPU against other workers, 1-10000 (default 100; where the host gives workers cgroups).", valueName: "n"))
         var cpuWeight: Int?
+        @Option(help: ArgumentHelp("Its NBD clients must start TLS with a pre-shared key from this psktool file (on the host).", valueName: "file"))
+        var tlsPsk: String?
+        @Option(help: ArgumentHelp("Its NBD clients must start TLS with X.509 certificates from this directory (ca-cert.pem, server-cert.pem, server-key.pem).", valueName: "dir"))
+        var tlsCertificates: String?
+        @Flag(help: "With --tls-certificates: clients must present a certificate the CA signed.")
+        var tlsVerifyPeer = false
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
@@ -64,6 +74,12 @@ struct VMCommand: ParsableCommand {
             if let cpuWeight, !VMLimits.cpuWeightRange.contains(cpuWeight) {
                 throw ValidationError("--cpu-weight must be in 1...10000")
             }
+            if let problem = tls?.problem { throw ValidationError("TLS: \(problem) (--tls-psk FILE or --tls-certificates DIR)") }
+        }
+
+        var tls: TLSSettings? {
+            guard tlsPsk != nil || tlsCertificates != nil || tlsVerifyPeer else { return nil }
+            return TLSSettings(pskFile: tlsPsk.map(absolutePath), certificatesDirectory: tlsCertificates.map(absolutePath), verifyPeer: tlsVerifyPeer)
         }
 
         func run() throws {
@@ -72,7 +88,8 @@ struct VMCommand: ParsableCommand {
                     name: name, disks: disks,
                     limits: memoryLimit == nil && maxConnections == nil && cpuWeight == nil ? nil : VMLimits(
                         memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections,
-                        cpuWeight: cpuWeight)), as: VMInfo.self, text: VMCommand.describe)
+                        cpuWeight: cpuWeight),
+                    tls: tls), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

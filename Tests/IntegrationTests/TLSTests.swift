@@ -1,4 +1,5 @@
 import Foundation
+import IOFilterAPI
 import Testing
 
 /// NBD over TLS as nbdkit and qemu-nbd offer it: pre-shared keys (psktool) and X.509
@@ -113,5 +114,23 @@ struct TLSTests {
         #expect(missing.status != 0 && missing.stderr.contains("cannot read the PSK file"), "\(missing.stderr)")
         let both = try Harness.run(Harness.iofilter, ["serve", disk, "--tls-psk", "a", "--tls-certificates", "b"])
         #expect(both.status != 0 && both.stderr.contains("not both"))
+    }
+
+    @Test func aHostServesAVMsDisksOverTLS() throws {
+        let keys = try pskFile("vm.psk", user: "backup")
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        try daemon.ok(["disk", "create", "secret", "--size", "16M"])
+        try daemon.ok(["vm", "create", "tlsvm", "--disk", "secret", "--tls-psk", keys])
+        let vm: VMInfo = try daemon.json(["vm", "start", "tlsvm"])
+        let uri = try #require(vm.uris["secret"])
+        #expect(uri.hasPrefix("nbds+unix:///secret?socket=") && vm.tls?.pskFile == keys)
+        let socket = String(uri.split(separator: "=", maxSplits: 1)[1])
+        let client = "nbds+unix://backup@/secret?socket=\(socket)&tls-psk-file=\(keys)"
+        #expect(try Harness.check(Harness.tool("nbdinfo"), [client]).contains("export-size: 16777216"))
+        #expect(try Harness.run(Harness.tool("nbdinfo"), ["nbd+unix:///secret?socket=\(socket)"]).status != 0)
+        // Keys must lie where the admin allows paths, like any file a request names.
+        let outside = try daemon.refused(["vm", "create", "other", "--disk", "secret", "--tls-psk", "/etc/passwd"])
+        #expect(outside.contains("lies outside"), "\(outside)")
     }
 }
