@@ -13,8 +13,11 @@ struct DaemonOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The daemon's state directory, to find its socket.", valueName: "dir"))
     var stateDir: String?
 
-    @Option(help: ArgumentHelp("Reach iofilterd over TCP instead, e.g. http://127.0.0.1:8080 (default: $IOFILTER_URL).", valueName: "url"))
+    @Option(help: ArgumentHelp("Reach iofilterd over TCP instead: http://127.0.0.1:8080, or https://HOST:PORT (default: $IOFILTER_URL).", valueName: "url"))
     var url: String?
+
+    @Option(help: ArgumentHelp("For an https --url: trust certificates this CA signed (default: $IOFILTER_CACERT, else the system's).", valueName: "file"))
+    var cacert: String?
 
     @Option(help: ArgumentHelp("The API token for --url (default: $IOFILTER_TOKEN); see `iofilter token create`.", valueName: "token"))
     var token: String?
@@ -30,25 +33,39 @@ struct DaemonOptions: ParsableArguments {
     }
 
     var client: APIClient {
-        get throws {
-            let (address, token) = try endpoint
-            return APIClient(http: HTTPClient(address: address), json: json, token: token)
-        }
+        get throws { APIClient(transport: try endpoint.transport(), json: json, token: try endpoint.token) }
     }
 
     /// Where the daemon is, and the token to show it (TCP only).
-    var endpoint: (address: HTTPClient.Address, token: String?) {
+    struct Endpoint: Sendable {
+        enum Address: Sendable {
+            case plain(HTTPClient.Address)
+            case secure(host: String, port: Int, caFile: String?)
+        }
+        let address: Address
+        let token: String?
+
+        func transport() -> any APITransport {
+            switch address {
+            case .plain(let address): HTTPClient(address: address)
+            case .secure(let host, let port, let caFile): HTTPSClient(host: host, port: port, caFile: caFile)
+            }
+        }
+    }
+
+    var endpoint: Endpoint {
         get throws {
             let environment = ProcessInfo.processInfo.environment
             guard let url = url ?? (socket == nil && stateDir == nil ? environment["IOFILTER_URL"] : nil) else {
-                return (.unix(path: socketPath), nil)
+                return Endpoint(address: .plain(.unix(path: socketPath)), token: nil)
             }
-            guard url.hasPrefix("http://"), let (host, port) = Self.hostPort(url.dropFirst(7).split(separator: "/").first.map(String.init) ?? "") else {
-                throw CLIFailure(description: url.hasPrefix("https://")
-                    ? "this iofilter speaks plain HTTP only (to a loopback listener); reach an https listener with curl and a token, or run iofilter on that host"
-                    : "--url '\(url)' is not http://HOST:PORT")
-            }
-            return (.tcp(host: host, port: port), token ?? environment["IOFILTER_TOKEN"])
+            let secure = url.hasPrefix("https://")
+            guard secure || url.hasPrefix("http://"),
+                  let (host, port) = Self.hostPort(url.dropFirst(secure ? 8 : 7).split(separator: "/").first.map(String.init) ?? "")
+            else { throw CLIFailure(description: "--url '\(url)' is not http://HOST:PORT or https://HOST:PORT") }
+            let token = token ?? environment["IOFILTER_TOKEN"]
+            if secure { return Endpoint(address: .secure(host: host, port: Int(port), caFile: cacert ?? environment["IOFILTER_CACERT"]), token: token) }
+            return Endpoint(address: .plain(.tcp(host: host, port: port)), token: token)
         }
     }
 
@@ -66,7 +83,7 @@ struct CLIFailure: Error, CustomStringConvertible {
 }
 
 struct APIClient {
-    let http: HTTPClient
+    let transport: any APITransport
     let json: Bool
     let token: String?
 
@@ -85,7 +102,7 @@ struct APIClient {
         }
         let response: HTTPResponse
         do {
-            response = try http.send(HTTPRequest(method: method, path: path, query: query, headers: headers, body: bytes))
+            response = try transport.send(HTTPRequest(method: method, path: path, query: query, headers: headers, body: bytes))
         } catch {
             throw CLIFailure(description: "\(error) (is iofilterd running? start it with `iofilterd`, or pass --socket)")
         }

@@ -10,9 +10,9 @@ func withProgress<T>(of disk: String, daemon: DaemonOptions, _ body: () throws -
     let watch = ProgressWatch()
     let terminal = isatty(STDERR_FILENO) != 0
     let interval: UInt64 = terminal ? 300_000_000 : 5_000_000_000
-    let (address, token) = try daemon.endpoint
+    let endpoint = try daemon.endpoint
     startThread(name: "progress") {
-        let client = APIClient(http: HTTPClient(address: address), json: false, token: token)
+        let client = APIClient(transport: endpoint.transport(), json: false, token: endpoint.token)
         var shown: String?
         defer {
             if terminal && shown != nil { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }

@@ -125,6 +125,13 @@ struct AccessTests {
         #expect(byName == "[]")
         let cleartext = try Harness.run(curl, ["-sS", "-m", "5", "-H", "Authorization: Bearer \(token)", "http://127.0.0.1:\(port)/vms"])
         #expect(cleartext.status != 0 || !cleartext.stdout.contains("[]"), "plain HTTP was answered on the TLS port: \(cleartext.stdout)")
+
+        // The CLI itself, over HTTPS, trusting this certificate (its IP name is checked).
+        let listed = try Harness.run(Harness.iofilter, ["vm", "list", "--url", "https://127.0.0.1:\(port)", "--cacert", certificate, "--token", token])
+        #expect(listed.status == 0 && listed.stdout.contains("no VMs"), "\(listed.stderr)")
+        let untrusted = try Harness.run(Harness.iofilter, ["vm", "list", "--url", "https://127.0.0.1:\(port)", "--token", token])
+        #expect(untrusted.status != 0 && untrusted.stderr.contains("cannot connect") == false && untrusted.stderr.lowercased().contains("certificate"),
+                "\(untrusted.stderr)")
     }
 
     @Test func requestsAndPoliciesNameFilesOnlyWhereTheAdminAllows() throws {
