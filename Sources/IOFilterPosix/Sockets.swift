@@ -3,6 +3,14 @@ import Glibc
 
 /// Listening and connecting stream sockets, unix or TCP, blocking and close-on-exec.
 public enum Sockets {
+    /// "HOST:PORT" (a bracketed IPv6 address allowed) as its parts; nil if malformed.
+    public static func hostPort(_ text: String) -> (host: String, port: UInt16)? {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
+
     public static func listenUnix(path: String, backlog: Int32 = 128) throws(SystemError) -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemError("socket") }

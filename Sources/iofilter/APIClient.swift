@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import IOFilterAPI
 import IOFilterHTTP
+import IOFilterPosix
 
 /// How a command reaches iofilterd; every command that talks to the daemon has these.
 struct DaemonOptions: ParsableArguments {
@@ -61,7 +62,7 @@ struct DaemonOptions: ParsableArguments {
             }
             let secure = url.hasPrefix("https://")
             guard secure || url.hasPrefix("http://"),
-                  let (host, port) = Self.hostPort(url.dropFirst(secure ? 8 : 7).split(separator: "/").first.map(String.init) ?? "")
+                  let (host, port) = Sockets.hostPort(url.dropFirst(secure ? 8 : 7).split(separator: "/").first.map(String.init) ?? "")
             else { throw CLIFailure(description: "--url '\(url)' is not http://HOST:PORT or https://HOST:PORT") }
             let token = token ?? environment["IOFILTER_TOKEN"]
             if secure { return Endpoint(address: .secure(host: host, port: Int(port), caFile: cacert ?? environment["IOFILTER_CACERT"]), token: token) }
@@ -69,12 +70,6 @@ struct DaemonOptions: ParsableArguments {
         }
     }
 
-    static func hostPort(_ text: String) -> (String, UInt16)? {
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
-        var host = String(text[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return (host, port)
-    }
 }
 
 /// A failure the API reported (or reaching it failed); printed as `error: …`.

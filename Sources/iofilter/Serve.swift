@@ -59,14 +59,7 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
         var handshakeTimeout: Double = 10
 
-        @Option(help: ArgumentHelp("Require TLS with pre-shared keys from this psktool file (username:hexkey lines).", valueName: "file"))
-        var tlsPsk: String?
-
-        @Option(help: ArgumentHelp("Require TLS with X.509 certificates from this directory (ca-cert.pem, server-cert.pem, server-key.pem).", valueName: "dir"))
-        var tlsCertificates: String?
-
-        @Flag(help: "With --tls-certificates: clients must present a certificate the CA signed.")
-        var tlsVerifyPeer = false
+        @OptionGroup var tlsOptions: TLSOptions
 
         @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
         var stats = false
@@ -88,20 +81,16 @@ extension IOFilterCommand {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
-            if let problem = tls?.problem { throw ValidationError("TLS: \(problem) (--tls-psk FILE or --tls-certificates DIR)") }
         }
 
-        var tls: TLSSettings? {
-            guard tlsPsk != nil || tlsCertificates != nil || tlsVerifyPeer else { return nil }
-            return TLSSettings(pskFile: tlsPsk.map(absolute), certificatesDirectory: tlsCertificates.map(absolute), verifyPeer: tlsVerifyPeer)
-        }
+        var tls: TLSSettings? { tlsOptions.settings }
 
         func run() throws {
             StandardErrorLogging.bootstrap(level: logLevel)
             let logger = Logger(label: "iofilter.serve")
             let isURI = NBDURI(disk) != nil
             if disk.hasPrefix("nbd") && !isURI { fail("'\(disk)' is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }
-            let diskPath = isURI ? disk : absolute(disk)
+            let diskPath = isURI ? disk : absolutePath(disk)
             if !isURI { prepareFile(diskPath) }
 
             var selections: [(path: String, parameters: [String: String])] = []
@@ -113,7 +102,7 @@ extension IOFilterCommand {
                 }
             }
             let planned: [PlannedFilter]
-            switch PluginValidator().validateChain(selections.map { (absolute($0.path), $0.parameters) }) {
+            switch PluginValidator().validateChain(selections.map { (absolutePath($0.path), $0.parameters) }) {
             case .failure(let error): fail(error.description)
             case .success(let chain): planned = chain
             }
@@ -127,7 +116,7 @@ extension IOFilterCommand {
                     listenFD = try Sockets.listenTCP(host: bind, port: port)
                     uri = .tcp(host: bind, port: Sockets.localPort(listenFD), export: name)
                 } else {
-                    let path = socket.map(absolute) ?? Self.defaultSocketPath(name: name)
+                    let path = socket.map(absolutePath) ?? Self.defaultSocketPath(name: name)
                     listenFD = try Sockets.listenUnix(path: path)
                     socketPath = path
                     uri = .unix(socket: path, export: name)
@@ -136,7 +125,7 @@ extension IOFilterCommand {
                 fail("cannot listen: \(error)")
             }
 
-            let stateDirectory = stateDir.map(absolute) ?? (isURI ? Self.defaultStateDirectory(for: disk) : diskPath + ".iofilter")
+            let stateDirectory = stateDir.map(absolutePath) ?? (isURI ? Self.defaultStateDirectory(for: disk) : diskPath + ".iofilter")
             var configuration = WorkerConfiguration(
                 vmName: "serve-\(getpid())", stateDirectory: stateDirectory,
                 disks: [DiskConfiguration(
@@ -301,10 +290,6 @@ extension IOFilterCommand {
             return "/var/tmp/iofilter-serve/\(String(safe).suffix(80))"
         }
     }
-}
-
-func absolute(_ path: String) -> String {
-    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
 func fail(_ message: String) -> Never {

@@ -55,12 +55,7 @@ struct VMCommand: ParsableCommand {
         var maxConnections: Int?
         @Option(help: ArgumentHelp("Its worker's share of CPU against other workers, 1-10000 (default 100; where the host gives workers cgroups).", valueName: "n"))
         var cpuWeight: Int?
-        @Option(help: ArgumentHelp("Its NBD clients must start TLS with a pre-shared key from this psktool file (on the host).", valueName: "file"))
-        var tlsPsk: String?
-        @Option(help: ArgumentHelp("Its NBD clients must start TLS with X.509 certificates from this directory (ca-cert.pem, server-cert.pem, server-key.pem).", valueName: "dir"))
-        var tlsCertificates: String?
-        @Flag(help: "With --tls-certificates: clients must present a certificate the CA signed.")
-        var tlsVerifyPeer = false
+        @OptionGroup var tls: TLSOptions
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
@@ -74,12 +69,6 @@ struct VMCommand: ParsableCommand {
             if let cpuWeight, !VMLimits.cpuWeightRange.contains(cpuWeight) {
                 throw ValidationError("--cpu-weight must be in 1...10000")
             }
-            if let problem = tls?.problem { throw ValidationError("TLS: \(problem) (--tls-psk FILE or --tls-certificates DIR)") }
-        }
-
-        var tls: TLSSettings? {
-            guard tlsPsk != nil || tlsCertificates != nil || tlsVerifyPeer else { return nil }
-            return TLSSettings(pskFile: tlsPsk.map(absolutePath), certificatesDirectory: tlsCertificates.map(absolutePath), verifyPeer: tlsVerifyPeer)
         }
 
         func run() throws {
@@ -89,7 +78,7 @@ struct VMCommand: ParsableCommand {
                     limits: memoryLimit == nil && maxConnections == nil && cpuWeight == nil ? nil : VMLimits(
                         memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections,
                         cpuWeight: cpuWeight),
-                    tls: tls), as: VMInfo.self, text: VMCommand.describe)
+                    tls: tls.settings), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

@@ -98,7 +98,7 @@ struct IOFilterDaemon: ParsableCommand {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let problem = StandardErrorLogging.problem(withLevel: logLevel) { throw ValidationError(problem) }
         if let listen {
-            guard let (host, _) = Self.hostPort(listen) else { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
+            guard let (host, _) = Sockets.hostPort(listen) else { throw ValidationError("--listen '\(listen)' is not HOST:PORT") }
             if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("--tls-cert and --tls-key go together") }
             if tlsCert == nil && !Self.isLoopback(host) {
                 throw ValidationError("--listen \(listen) is not a loopback address: give --tls-cert and --tls-key, so that tokens and data never cross the network in clear")
@@ -121,12 +121,6 @@ struct IOFilterDaemon: ParsableCommand {
         }
     }
 
-    static func hostPort(_ text: String) -> (String, UInt16)? {
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
-        var host = String(text[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return (host, port)
-    }
 
     static func isLoopback(_ host: String) -> Bool { host.hasPrefix("127.") || host == "::1" || host == "localhost" }
 
@@ -177,7 +171,7 @@ struct IOFilterDaemon: ParsableCommand {
         let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
         let server = APIServer(logger: logger) { router.handle($0) }
         var listeners = [APIServer.Listener.unix(path: apiSocket, mode: 0o600, group: nil)]
-        if let listen, let (host, port) = Self.hostPort(listen) {
+        if let listen, let (host, port) = Sockets.hostPort(listen) {
             listeners.append(.tcp(host: host, port: Int(port), tls: tlsCert.map { APIServer.TLSFiles(certificateChain: $0, privateKey: tlsKey!) },
                                   names: serverName))
         }
