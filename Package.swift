@@ -69,7 +69,7 @@ let package = Package(
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
-            dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "CTLS", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "IOFilterNBDServer",

@@ -35,6 +35,9 @@ public final class ReplicationFilter: IOFilter {
                       description: "async: bytes of journal in the sidecar directory; when full, dirty regions are tracked instead"),
             Parameter("region-size", .size(default: "4K", range: 1 << 12...1 << 30),
                       description: "granularity of the dirty-region map used for resync (contiguous dirty regions are copied together)"),
+            Parameter("tls-psk", .path(default: ""),
+                      description: "an NBD target that requires TLS: a psktool file with its pre-shared key"),
+            Parameter("tls-username", .string(default: ""), description: "the PSK's user (default: the file's first)"),
             Parameter("on-target-failure", .choice(default: "degrade", values: ["degrade", "fail"]),
                       description: "sync: when the replica fails a write, keep going degraded (resync later) or fail the guest's write"),
         ],
@@ -80,7 +83,12 @@ public final class ReplicationFilter: IOFilter {
         journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)))
         regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
                                 regionSize: UInt64(disk.parameter("region-size", default: Int64(4 << 10))))
-        shipper = Shipper(disk: disk, targetSpec: target, journal: journal, regions: regions, synchronousMode: synchronous)
+        var tls: TargetTLS?
+        if let psk = disk.parameter("tls-psk"), !psk.isEmpty {
+            let user = disk.parameter("tls-username") ?? ""
+            tls = try TargetTLS(pskFile: psk, username: user.isEmpty ? nil : user, disk: disk)
+        }
+        shipper = Shipper(disk: disk, targetSpec: target, tls: tls, journal: journal, regions: regions, synchronousMode: synchronous)
         let pending = journal.pendingBytes
         for range in journal.pendingRanges() {
             regions.mark(offset: range.offset, length: range.length)

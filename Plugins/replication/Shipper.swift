@@ -9,6 +9,8 @@ final class Shipper: @unchecked Sendable {
     // @unchecked: `target`, `retired`, `stopping` and `connected` are guarded by `lock`.
     let disk: Disk
     let targetSpec: String
+    /// An NBD target that requires TLS.
+    let tls: TargetTLS?
     let journal: Journal
     let regions: RegionMap
     let synchronousMode: Bool
@@ -20,9 +22,10 @@ final class Shipper: @unchecked Sendable {
     private var lastFailure = ""
     private let replicatedBytes = Atomic<UInt64>(0)
 
-    init(disk: Disk, targetSpec: String, journal: Journal, regions: RegionMap, synchronousMode: Bool) {
+    init(disk: Disk, targetSpec: String, tls: TargetTLS?, journal: Journal, regions: RegionMap, synchronousMode: Bool) {
         self.disk = disk
         self.targetSpec = targetSpec
+        self.tls = tls
         self.journal = journal
         self.regions = regions
         self.synchronousMode = synchronousMode
@@ -30,7 +33,7 @@ final class Shipper: @unchecked Sendable {
         // the guest waits for is served at normal priority. Async mode connects from the
         // shipper's own (background) thread, and an NBD replica's reply reader inherits
         // that priority.
-        if synchronousMode, let opened = try? openBlockTarget(targetSpec, size: disk.size) { target = opened }
+        if synchronousMode, let opened = try? openBlockTarget(targetSpec, size: disk.size, tls: tls) { target = opened }
     }
 
     var connectedTarget: (any BlockTarget)? { lock.withLock { target } }
@@ -188,7 +191,7 @@ final class Shipper: @unchecked Sendable {
 
     private func reconnect() -> (any BlockTarget)? {
         do throws(FilterError) {
-            let opened = try openBlockTarget(targetSpec, size: disk.size)
+            let opened = try openBlockTarget(targetSpec, size: disk.size, tls: tls)
             lock.withLock { target = opened }
             disk.log(.info, "connected to replica \(targetSpec)")
             return opened

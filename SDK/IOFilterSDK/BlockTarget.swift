@@ -98,7 +98,7 @@ final class InlineResult: @unchecked Sendable {
 /// The host opens it (a sandboxed worker reaches no file outside its sidecar directory
 /// and no network), so `spec` must be exactly what the policy set; on a host older
 /// than ABI 1.1 the filter opens it itself.
-public func openBlockTarget(_ spec: String, size: UInt64?) throws(FilterError) -> any BlockTarget {
+public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil) throws(FilterError) -> any BlockTarget {
     let uri = NBDURI(spec)
     if spec.contains("://") && uri == nil { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
     // On a host older than ABI 1.1, which has no open_target, the filter opens the
@@ -114,9 +114,39 @@ public func openBlockTarget(_ spec: String, size: UInt64?) throws(FilterError) -
     }
     guard let uri else { return try FileTarget(fd: fd, path: spec, size: size) }
     do {
-        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, logger: Logger(label: "iofilter.sdk.target")))
+        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, tls: tls?.client, logger: Logger(label: "iofilter.sdk.target")))
     } catch {
         throw FilterError(EIO, "cannot connect to \(spec): \(error)")
+    }
+}
+
+/// TLS for an NBD target that requires it: a pre-shared key from a psktool file the
+/// policy names (declare it `.path`: the host opens it, as any target).
+public struct TargetTLS: Sendable {
+    let client: NBDClientTLS
+
+    /// `username`'s key (default: the file's first).
+    public init(pskFile spec: String, username: String? = nil, disk: Disk? = nil) throws(FilterError) {
+        let fd: Int32
+        if let opened = try openTarget(spec, disk: disk) {
+            fd = opened
+        } else {
+            fd = open(spec, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw FilterError(errno, "cannot read \(spec): \(String(cString: strerror(errno)))") }
+        }
+        defer { close(fd) }
+        var text: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = pread(fd, &chunk, chunk.count, off_t(text.count))
+            if n <= 0 { break }
+            text += chunk[..<n]
+        }
+        do {
+            client = try NBDClientTLS(pskFile: String(decoding: text, as: UTF8.self), username: username)
+        } catch {
+            throw FilterError(EINVAL, "\(spec): \(error)")
+        }
     }
 }
 

@@ -215,6 +215,49 @@ done:
     return NULL;
 }
 
+/* Starts the two threads that carry a session's bytes; returns the caller's end of
+ * the socket pair, or -1 (then the session and `network` are freed). */
+static int start_tunnel(gnutls_session_t session, int network, char *error, size_t error_size) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+        fail(error, error_size, "socketpair", 0);
+        gnutls_deinit(session);
+        close(network);
+        return -1;
+    }
+    struct tunnel *tunnel = calloc(1, sizeof *tunnel);
+    tunnel->session = session;
+    tunnel->network = network;
+    tunnel->plain = pair[0];
+    atomic_init(&tunnel->references, 2);
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attributes, 256 << 10);
+    pthread_t thread;
+    if (pthread_create(&thread, &attributes, inbound, tunnel) != 0) {
+        fail(error, error_size, "pthread_create", 0);
+        gnutls_deinit(session);
+        close(network);
+        close(pair[0]);
+        close(pair[1]);
+        free(tunnel);
+        pthread_attr_destroy(&attributes);
+        return -1;
+    }
+    if (pthread_create(&thread, &attributes, outbound, tunnel) != 0) {
+        /* The inbound thread holds one reference; end it by closing our side. */
+        shutdown(network, SHUT_RDWR);
+        release(tunnel);
+        close(pair[1]);
+        pthread_attr_destroy(&attributes);
+        fail(error, error_size, "pthread_create", 0);
+        return -1;
+    }
+    pthread_attr_destroy(&attributes);
+    return pair[1];
+}
+
 static void set_timeouts(int fd, int timeout_ms) {
     struct timeval value = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &value, sizeof value);
@@ -263,42 +306,49 @@ int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, cha
         return -1;
     }
     set_timeouts(network, 0);
-    int pair[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
-        fail(error, error_size, "socketpair", 0);
+    return start_tunnel(session, network, error, error_size);
+}
+
+int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, size_t key_size, int timeout_ms,
+                        char *error, size_t error_size) {
+    gnutls_psk_client_credentials_t credentials;
+    int rc = gnutls_psk_allocate_client_credentials(&credentials);
+    if (rc < 0) {
+        fail(error, error_size, "gnutls_psk_allocate_client_credentials", rc);
+        return -1;
+    }
+    gnutls_datum_t datum = {(unsigned char *)key, (unsigned)key_size};
+    rc = gnutls_psk_set_client_credentials(credentials, username, &datum, GNUTLS_PSK_KEY_RAW);
+    gnutls_session_t session;
+    if (rc == 0) rc = gnutls_init(&session, GNUTLS_CLIENT);
+    if (rc < 0) {
+        fail(error, error_size, "setting up the TLS client", rc);
+        gnutls_psk_free_client_credentials(credentials);
+        return -1;
+    }
+    rc = gnutls_priority_set_direct(session, "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
+    if (rc == 0) rc = gnutls_credentials_set(session, GNUTLS_CRD_PSK, credentials);
+    int network = rc == 0 ? dup(fd) : -1;
+    if (network < 0) {
+        fail(error, error_size, rc < 0 ? "setting up the TLS client" : "dup", rc);
         gnutls_deinit(session);
+        gnutls_psk_free_client_credentials(credentials);
+        return -1;
+    }
+    gnutls_transport_set_int(session, network);
+    set_timeouts(network, timeout_ms);
+    do {
+        rc = gnutls_handshake(session);
+    } while (rc < 0 && !gnutls_error_is_fatal(rc) && rc != GNUTLS_E_AGAIN);
+    if (rc < 0) {
+        snprintf(error, error_size, "TLS handshake failed: %s", rc == GNUTLS_E_AGAIN ? "timed out" : gnutls_strerror(rc));
+        gnutls_deinit(session);
+        gnutls_psk_free_client_credentials(credentials);
         close(network);
         return -1;
     }
-    struct tunnel *tunnel = calloc(1, sizeof *tunnel);
-    tunnel->session = session;
-    tunnel->network = network;
-    tunnel->plain = pair[0];
-    atomic_init(&tunnel->references, 2);
-    pthread_attr_t attributes;
-    pthread_attr_init(&attributes);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attributes, 256 << 10);
-    pthread_t thread;
-    if (pthread_create(&thread, &attributes, inbound, tunnel) != 0) {
-        fail(error, error_size, "pthread_create", 0);
-        gnutls_deinit(session);
-        close(network);
-        close(pair[0]);
-        close(pair[1]);
-        free(tunnel);
-        pthread_attr_destroy(&attributes);
-        return -1;
-    }
-    if (pthread_create(&thread, &attributes, outbound, tunnel) != 0) {
-        /* The inbound thread holds one reference; end it by closing our side. */
-        shutdown(network, SHUT_RDWR);
-        release(tunnel);
-        close(pair[1]);
-        pthread_attr_destroy(&attributes);
-        fail(error, error_size, "pthread_create", 0);
-        return -1;
-    }
-    pthread_attr_destroy(&attributes);
-    return pair[1];
+    set_timeouts(network, 0);
+    /* The session keeps using the credentials for its life: they live as long as the
+     * process (one per target connection; a handful per worker). */
+    return start_tunnel(session, network, error, error_size);
 }

@@ -19,7 +19,9 @@ public final class NBDClient: @unchecked Sendable {
     public let uri: NBDURI
     public private(set) var size: UInt64 = 0
     public private(set) var flags: NBDProtocol.TransmissionFlags = []
-    let fd: Int32
+    /// The socket, or after STARTTLS the TLS session's plaintext end: changed only while negotiating,
+    /// before the reply thread starts.
+    private(set) var fd: Int32
     let logger: Logger
 
     private struct Slot {
@@ -45,14 +47,15 @@ public final class NBDClient: @unchecked Sendable {
     /// Negotiates over `connected`, a stream socket already connected to the server
     /// `uri` names (a sandboxed worker gets its sockets from the host); the client owns
     /// it from here, also when this throws.
-    public init(uri: NBDURI, connected: Int32, logger: Logger) throws {
+    /// With `tls`, the client starts TLS first (a server that requires it).
+    public init(uri: NBDURI, connected: Int32, tls: NBDClientTLS? = nil, logger: Logger) throws {
         self.uri = uri
         self.logger = logger
         fd = connected
         slots = Array(repeating: Slot(), count: Self.maxInFlight)
         freeCookies = Array((0..<Self.maxInFlight).reversed())
         do {
-            try negotiate()
+            try negotiate(tls: tls)
         } catch {
             close(fd)
             throw error
@@ -282,7 +285,7 @@ public final class NBDClient: @unchecked Sendable {
 
     // MARK: handshake
 
-    private func negotiate() throws {
+    private func negotiate(tls: NBDClientTLS?) throws {
         var greeting = [UInt8](repeating: 0, count: 18)
         try readExactly(&greeting)
         var reader = MessageReader(greeting)
@@ -293,6 +296,7 @@ public final class NBDClient: @unchecked Sendable {
         var clientFlags = MessageWriter()
         clientFlags.u32(NBDProtocol.ClientFlags.fixedNewstyle | (noZeroes ? NBDProtocol.ClientFlags.noZeroes : 0))
         try FileDescriptorIO.writeAll(fd, clientFlags.bytes)
+        if let tls { try startTLS(tls) }
 
         let name = Array(uri.export.utf8)
         var go = MessageWriter()
@@ -327,6 +331,35 @@ public final class NBDClient: @unchecked Sendable {
                 throw NBDClientError(description: "\(uri): server refused export '\(uri.export)'" + (message.isEmpty ? "" : ": \(message)"))
             }
         }
+    }
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake; from here on `fd` is the session's
+    /// plaintext end (the network socket is the session's).
+    private func startTLS(_ tls: NBDClientTLS) throws {
+        var option = MessageWriter()
+        option.u64(NBDProtocol.optionMagic)
+        option.u32(NBDProtocol.Option.startTLS.rawValue)
+        option.u32(0)
+        try FileDescriptorIO.writeAll(fd, option.bytes)
+        var header = [UInt8](repeating: 0, count: 20)
+        try readExactly(&header)
+        var reader = MessageReader(header)
+        guard reader.u64() == NBDProtocol.optionReplyMagic, reader.u32() == NBDProtocol.Option.startTLS.rawValue, let type = reader.u32(),
+              let length = reader.u32(), length <= NBDProtocol.maxOptionLength
+        else { throw NBDClientError(description: "\(uri): bad reply to STARTTLS") }
+        var message = [UInt8](repeating: 0, count: Int(length))
+        try readExactly(&message)
+        guard type == NBDProtocol.Reply.ack.rawValue else {
+            throw NBDClientError(description: "\(uri): the server does not offer TLS" + (message.isEmpty ? "" : ": \(String(decoding: message, as: UTF8.self))"))
+        }
+        let plaintext: Int32
+        do {
+            plaintext = try tls.connect(fd)
+        } catch {
+            throw NBDClientError(description: "\(uri): \(error)")
+        }
+        close(fd)
+        fd = plaintext
     }
 
     private func readExactly(_ bytes: inout [UInt8]) throws {

@@ -251,9 +251,10 @@ extension IOFilterCommand {
             if let split = text.range(of: ".so:") {
                 path = String(text[..<text.index(split.lowerBound, offsetBy: 3)])
                 rest = text[split.upperBound...]
-            } else if text.hasSuffix(".so") || text.contains("/") {
+            } else if text.hasSuffix(".so") || text.split(separator: ":", maxSplits: 1).first?.contains("/") != false {
                 return (text, [:])
             } else {
+                // A sample's short name; its parameters may hold paths and URIs.
                 let name = text.split(separator: ":", maxSplits: 1).first.map(String.init) ?? text
                 path = "\(WorkerExecutable.samplesDirectory())/libiofilter-\(name).so"
                 guard FileManager.default.fileExists(atPath: path) else {

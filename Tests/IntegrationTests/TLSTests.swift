@@ -133,4 +133,34 @@ struct TLSTests {
         let outside = try daemon.refused(["vm", "create", "other", "--disk", "secret", "--tls-psk", "/etc/passwd"])
         #expect(outside.contains("lies outside"), "\(outside)")
     }
+
+    @Test func theReplicationSampleShipsToATargetThatRequiresTLS() throws {
+        let disk = try disk(), keys = try pskFile("replica.psk", user: "replica")
+        let socket = directory.appendingPathComponent("replica.sock").path
+        let replica = Process()
+        replica.executableURL = URL(fileURLWithPath: Harness.tool("nbdkit"))
+        replica.arguments = ["-f", "-U", socket, "--tls=require", "--tls-psk=\(keys)", "memory", "8M"]
+        try replica.run()
+        defer {
+            kill(replica.processIdentifier, SIGKILL)
+            replica.waitUntilExit()
+        }
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: socket) { usleep(50_000) }
+        let served = try ServedDisk([disk, "--filter", "replication:target=nbd+unix:///?socket=\(socket),tls-psk=\(keys),mode=sync"])
+        defer { served.stop() }
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x3c 1M 256k", "flush"])
+        // The initial sync and the write reach the replica; read it back over TLS until
+        // it matches the disk.
+        let copy = directory.appendingPathComponent("replica-copy.img").path
+        let deadline = Date().addingTimeInterval(30)
+        var same = false
+        while !same && Date() < deadline {
+            try? FileManager.default.removeItem(atPath: copy)
+            try Harness.check(Harness.tool("nbdcopy"), ["nbds+unix://replica@/?socket=\(socket)&tls-psk-file=\(keys)", copy])
+            same = try Harness.sha(copy) == Harness.sha(disk)
+            if !same { usleep(250_000) }
+        }
+        #expect(same, "the replica never matched the disk")
+        #expect(try Harness.qemuIO(copy, ["read -P 0x3c 1M 256k"]).contains("read 262144/262144"))
+    }
 }

@@ -23,4 +23,9 @@ iof_tls_credentials *iof_tls_load_x509(const char *directory, int verify_peer, c
  * `fd`; the caller still closes its own. -1 with `error` filled on failure. */
 int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, char *error, size_t error_size);
 
+/* The client side with a pre-shared key: the handshake on `fd`, then the plaintext end
+ * of a socket pair as for iof_tls_accept. */
+int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, size_t key_size, int timeout_ms,
+                        char *error, size_t error_size);
+
 #endif
