@@ -14,6 +14,8 @@ public final class Chain: @unchecked Sendable {
     public let diskName: String
     public let filters: [FilterInstance]
     public let backend: any StorageBackend
+    /// Its consumers' requests, per op, for the host's metrics.
+    let io = IOCounters()
     let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
     private let registry = Guarded<[ObjectIdentifier: RequestWatch]>([:])

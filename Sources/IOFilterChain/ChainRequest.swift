@@ -61,6 +61,9 @@ public final class ChainRequest: @unchecked Sendable {
     /// (or the one it hands the request to through the thread's pending list).
     @exclusivity(unchecked) private var resumedDisposition = IOF_PASS
 
+    /// When a consumer's request entered the chain (for its latency).
+    @exclusivity(unchecked) private var startedAt: UInt64 = 0
+
     /// A block-status request's answer; made the first time this slot carries one.
     @exclusivity(unchecked) private(set) var extents: Extents?
 
@@ -118,6 +121,7 @@ public final class ChainRequest: @unchecked Sendable {
         io.pointee.error = 0
         io.pointee.id = chain.nextRequestID()
         watch.describe(id: io.pointee.id, op: op, offset: offset, length: length)
+        if case .nbd = completion { startedAt = monotonicNanoseconds() }
     }
 
     // MARK: the trip
@@ -236,6 +240,7 @@ public final class ChainRequest: @unchecked Sendable {
         if retiresWhenFinished { retire() }
         switch completion {
         case .nbd(let request):
+            chain.io.record(io.pointee.op, bytes: io.pointee.length, error: error, nanoseconds: monotonicNanoseconds() &- startedAt)
             if error == 0, io.pointee.op == IOF_OP_BLOCK_STATUS, let extents {
                 for index in 0..<extents.count where !request.appendExtent(length: UInt32(extents.lengths[index]), flags: extents.flags[index]) {
                     break

@@ -152,7 +152,7 @@ public final class WorkerRuntime: @unchecked Sendable {
                 return FilterStatistics(
                     plugin: manifest.name, version: manifest.version, category: manifest.category,
                     stats: Dictionary(filter.stats(), uniquingKeysWith: { _, last in last }))
-            })
+            }, io: chain.io.snapshot())
         }
     }
 

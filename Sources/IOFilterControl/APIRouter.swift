@@ -1,7 +1,10 @@
 import Foundation
 import IOFilterAPI
 import IOFilterHTTP
+import IOFilterPosix
 import Logging
+import Metrics
+import Prometheus
 
 /// One operation of the API: its method and path template, what it takes and gives
 /// (which the OpenAPI document is built from), and the controller call that does it.
@@ -66,11 +69,15 @@ public struct APIRouter: Sendable {
     let openAPI: [UInt8]
     let host: HostController
     let logger: Logger
+    /// Where the daemon's own metrics go (swift-metrics is bootstrapped onto it).
+    let registry: PrometheusCollectorRegistry
 
-    public init(controller: HostController, apiSocket: String, logger: Logger) {
+    public init(controller: HostController, apiSocket: String, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+                logger: Logger) {
         routes = Self.routes(controller, apiSocket: apiSocket)
         openAPI = OpenAPIDocument.json(routes: routes)
         host = controller
+        self.registry = registry
         self.logger = logger
     }
 
@@ -93,6 +100,13 @@ public struct APIRouter: Sendable {
             var response = Self.error(error)
             if error.status == 401 { response.headers.append(("WWW-Authenticate", "Bearer realm=\"iofilterd\"")) }
             return response
+        }
+        if request.path == "/metrics" {
+            guard request.method == "GET" else {
+                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /metrics"))
+            }
+            return HTTPResponse(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                                body: Array(host.prometheusMetrics(registry: registry).utf8))
         }
         let segments = request.path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
         // The most specific template names the resource ("/disks/import" over
@@ -119,8 +133,13 @@ public struct APIRouter: Sendable {
                     + "(roles: read-only < operator < admin)"))
         }
         let call = APICall(caller: caller)
+        let started = monotonicNanoseconds()
         return APICall.$current.withValue(call) {
             let response = respond(route, parameters, request)
+            Counter(label: "iofilterd_api_requests_total", dimensions: [("operation", route.operationID), ("status", String(response.status))])
+                .increment()
+            Metrics.Timer(label: "iofilterd_api_request_duration_seconds", dimensions: [("operation", route.operationID)])
+                .recordNanoseconds(Int64(monotonicNanoseconds() - started))
             // A change made through the API is an event naming its caller, even where the
             // change itself records none.
             if route.method != "GET", (200..<300).contains(response.status), !call.recordedEvent {

@@ -179,6 +179,15 @@ enum OpenAPIDocument {
             }
             paths[route.path, default: [:]][route.method.lowercased()] = operation
         }
+        paths["/metrics"] = ["get": [
+            "operationId": "getMetrics", "summary": "Prometheus metrics: every VM's I/O per disk and op, its filters' statistics, its worker; the API's own. Needs the read-only role.",
+            "x-required-role": "read-only",
+            "responses": [
+                "200": ["description": "The Prometheus text format.", "content": ["text/plain": ["schema": ["type": "string"]]]],
+                "401": ["description": errorDescription(401), "content": errorContent],
+                "403": ["description": errorDescription(403), "content": errorContent],
+            ],
+        ]]
         paths["/openapi.json"] = ["get": [
             "operationId": "getOpenAPI", "summary": "This document.",
             "responses": ["200": ["description": "The OpenAPI document.", "content": ["application/json": ["schema": ["type": "object"]]]]],

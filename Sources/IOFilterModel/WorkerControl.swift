@@ -26,10 +26,61 @@ public struct FilterStatistics: Codable, Sendable, Equatable {
 public struct DiskStatistics: Codable, Sendable, Equatable {
     public var disk: String
     public var filters: [FilterStatistics]
+    /// What its consumers asked of it, per op (nil from a worker that predates it).
+    public var io: [OperationStatistics]?
 
-    public init(disk: String, filters: [FilterStatistics]) {
+    public init(disk: String, filters: [FilterStatistics], io: [OperationStatistics]? = nil) {
         self.disk = disk
         self.filters = filters
+        self.io = io
+    }
+}
+
+/// One op's requests on a disk since its worker started.
+public struct OperationStatistics: Codable, Sendable, Equatable {
+    public var op: String
+    public var requests: UInt64
+    /// Reads and writes: bytes moved.
+    public var bytes: UInt64
+    public var errors: UInt64
+    /// The sum of their latencies.
+    public var latencySeconds: Double
+    /// Cumulative counts at each upper bound (the last is +Inf), as Prometheus wants.
+    public var latencyBuckets: [LatencyBucket]
+
+    public init(op: String, requests: UInt64, bytes: UInt64, errors: UInt64, latencySeconds: Double, latencyBuckets: [LatencyBucket]) {
+        self.op = op
+        self.requests = requests
+        self.bytes = bytes
+        self.errors = errors
+        self.latencySeconds = latencySeconds
+        self.latencyBuckets = latencyBuckets
+    }
+}
+
+public struct LatencyBucket: Codable, Sendable, Equatable {
+    /// Seconds; infinity for the last. Encoded as a string ("+Inf" for the last).
+    public var le: Double
+    public var count: UInt64
+
+    public init(le: Double, count: UInt64) {
+        self.le = le
+        self.count = count
+    }
+
+    enum CodingKeys: String, CodingKey { case le, count }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        let text = try container.decode(String.self, forKey: .le)
+        le = text == "+Inf" ? .infinity : Double(text) ?? .infinity
+        count = try container.decode(UInt64.self, forKey: .count)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(le.isInfinite ? "+Inf" : String(le), forKey: .le)
+        try container.encode(count, forKey: .count)
     }
 }
 

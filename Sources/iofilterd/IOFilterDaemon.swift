@@ -9,6 +9,8 @@ import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
 import Logging
+import Metrics
+import Prometheus
 
 extension AcceptanceLevel: ExpressibleByArgument {}
 
@@ -168,7 +170,13 @@ struct IOFilterDaemon: ParsableCommand {
         // host as it was, not halfway through coming back.
         controller.recoverFromPreviousRun()
         if !noResume { controller.resume() }
-        let router = APIRouter(controller: controller, apiSocket: apiSocket, logger: logger)
+        // The daemon's own metrics (swift-metrics) land in the registry GET /metrics emits.
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        registry.makeGauge(name: "iofilterd_start_time_seconds", help: "When this iofilterd started (Unix time).")
+            .set(Date().timeIntervalSince1970)
+        registry.makeGauge(name: "iofilterd_up", labels: [("version", Release.version)], help: "1 while iofilterd serves its API.").set(1.0)
+        let router = APIRouter(controller: controller, apiSocket: apiSocket, registry: registry, logger: logger)
         let server = APIServer(logger: logger) { router.handle($0) }
         var listeners = [APIServer.Listener.unix(path: apiSocket, mode: 0o600, group: nil)]
         if let listen, let (host, port) = Sockets.hostPort(listen) {
