@@ -381,7 +381,13 @@ struct iof_plugin {
     enum iof_disposition (*done)(void *instance, struct iof_request *req,
                                  void *request_private);
 
-    /* Optional. Snapshot, clone, grow. Non-zero (an errno) vetoes the event. */
+    /* Optional. Snapshot, clone, grow, before the host carries them out: delivered to
+     * every filter of the disk, consumer side first, by the VM's running worker or by a
+     * worker the host starts for it when no VM runs. For a snapshot no consumer's
+     * request is in flight during the call (flush what the snapshot must hold). Non-zero
+     * (an errno) vetoes the event: the operation fails naming the filter, nothing
+     * changes, and the filters after this one never hear of it. A grow no longer
+     * detaches and re-attaches the filters. */
     int (*event)(void *instance, const struct iof_disk_event *event);
 
     /* Optional. Report statistics as key/value pairs through `emit`. */

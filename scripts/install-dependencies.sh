@@ -12,7 +12,8 @@
 # TLS and token tests make a certificate and call it as a browser would),
 # nbdsh's Python module (python3-libnbd: fast-zero, cache and block-status requests),
 # gnutls-bin (psktool and certtool make the NBD TLS tests' keys and certificates) and
-# schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document.
+# schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document,
+# and prometheus-client (from PyPI), whose parser reads /metrics in the tests.
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
 [ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin"
@@ -31,4 +32,8 @@ fi
 if [ "${1:-}" = "--tests" ] && ! command -v schemathesis >/dev/null 2>&1; then
     echo "installing: schemathesis (PyPI)" >&2
     python3 -m pip install -q schemathesis >&2 || python3 -m pip install -q --break-system-packages schemathesis >&2
+fi
+if [ "${1:-}" = "--tests" ] && ! python3 -c 'import prometheus_client' 2>/dev/null; then
+    echo "installing: prometheus-client (PyPI)" >&2
+    python3 -m pip install -q prometheus-client >&2 || python3 -m pip install -q --break-system-packages prometheus-client >&2
 fi

@@ -16,6 +16,8 @@ public final class Chain: @unchecked Sendable {
     public let backend: any StorageBackend
     /// Its consumers' requests, per op, for the host's metrics.
     let io = IOCounters()
+    /// Holds consumers' requests back while filters handle a snapshot.
+    let quiesce = Quiesce()
     let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
     private let registry = Guarded<[ObjectIdentifier: RequestWatch]>([:])

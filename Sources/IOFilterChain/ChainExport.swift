@@ -48,6 +48,7 @@ public final class ChainExport: NBDExport {
         case .cache: op = IOF_OP_CACHE
         default: return request.complete(error: EINVAL)
         }
+        chain.quiesce.enter()  // left when the request is answered (ChainRequest.finish)
         chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
         chained.run()
     }

@@ -246,6 +246,8 @@ public final class ChainRequest: @unchecked Sendable {
                     break
                 }
             }
+            // Done with the chain (the reply is the connection's business now).
+            chain.quiesce.leave()
             request.complete(error: error)
         case .callback(let callback, let arg): callback(arg, error)
         case .swift(let body): body(error)

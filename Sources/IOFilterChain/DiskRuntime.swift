@@ -144,6 +144,41 @@ public final class WorkerRuntime: @unchecked Sendable {
         }
     }
 
+    /// Tells every filter of `disk` (all disks when nil), consumer side first, of a
+    /// lifecycle event. A snapshot is delivered with the disk quiesced: no consumer's
+    /// request in flight while the filters flush. The first filter that returns an
+    /// errno vetoes it: the error names the filter, and the filters after it never hear.
+    public func deliver(_ event: DiskLifecycleEvent, disk: String?) throws(ChainError) {
+        let chosen = chains.filter { disk == nil || $0.diskName == disk }
+        if let disk, chosen.isEmpty { throw .backend("this worker has no disk \(disk)") }
+        for chain in chosen {
+            var abi = iof_disk_event()
+            abi.struct_size = UInt32(MemoryLayout<iof_disk_event>.size)
+            let target = strdup(event.targetName ?? "")
+            defer { free(target) }
+            switch event {
+            case .snapshot: abi.type = IOF_EVENT_SNAPSHOT
+            case .clone: abi.type = IOF_EVENT_CLONE
+            case .grow(let size): abi.type = IOF_EVENT_GROW; abi.new_size = size
+            }
+            abi.target_name = UnsafePointer(target)
+            let quiesced = event == .snapshot
+            if quiesced, !chain.quiesce.pause(seconds: 30) {
+                chain.quiesce.resume()
+                throw .backend("disk \(chain.diskName): requests still in flight after 30 s; no snapshot")
+            }
+            defer { if quiesced { chain.quiesce.resume() } }
+            for filter in chain.filters {
+                let error = filter.event(abi)
+                if error != 0 {
+                    filter.logger.warning("vetoed the \(event) of disk \(chain.diskName): \(String(cString: strerror(error)))")
+                    throw .vetoed("\(filter.name) vetoed the \(event) of disk \(chain.diskName): \(String(cString: strerror(error))) (errno \(error))")
+                }
+            }
+            logger.info("disk \(chain.diskName): \(event) delivered to \(chain.filters.count) filter(s)")
+        }
+    }
+
     /// Every filter's statistics, per disk.
     public func statistics() -> [DiskStatistics] {
         chains.map { chain in

@@ -202,12 +202,14 @@ public final class LoadedPlugin: Sendable {
 public enum ChainError: Error, CustomStringConvertible, Sendable {
     case filterRefused(filter: String, step: String, errno: Int32)
     case backend(String)
+    /// A filter refused a disk lifecycle event.
+    case vetoed(String)
 
     public var description: String {
         switch self {
         case .filterRefused(let filter, let step, let code):
             "\(filter): \(step) failed: \(String(cString: strerror(code))) (errno \(code))"
-        case .backend(let message):
+        case .backend(let message), .vetoed(let message):
             message
         }
     }

@@ -59,7 +59,7 @@ extension HostController {
     }
 
     func localCaller(uid: uid_t, gid: gid_t) throws(ControlError) -> Caller {
-        let user = getpwuid(uid).map { String(cString: $0.pointee.pw_name) }
+        let user = Self.userName(uid)
         let name = "uid \(uid)" + (user.map { " (\($0))" } ?? "")
         if uid == 0 || uid == geteuid() { return Caller(role: .admin, name: name) }
         var groups = Set([gid])
@@ -76,6 +76,17 @@ extension HostController {
         if let role = granted.first(where: { !groups.isDisjoint(with: $0.1) })?.0 { return Caller(role: role, name: name) }
         throw .forbidden("\(name) may not use this API: it is not root, nor in a group iofilterd grants a role "
                          + "(--admin-group, --operator-group, --read-only-group)")
+    }
+
+    /// The user's name, if it has one (getpwuid_r: requests run on many threads).
+    static func userName(_ uid: uid_t) -> String? {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        return buffer.withUnsafeMutableBufferPointer { storage in
+            var entry = passwd()
+            var result: UnsafeMutablePointer<passwd>?
+            guard getpwuid_r(uid, &entry, storage.baseAddress!, storage.count, &result) == 0, result != nil, let name = entry.pw_name else { return nil }
+            return String(cString: name)
+        }
     }
 
     static func tokenHash(_ token: String) -> String {

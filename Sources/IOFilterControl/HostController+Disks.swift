@@ -197,14 +197,14 @@ extension HostController {
             guard size > row.size else {
                 throw ControlError.conflict("disk \(name) is \(row.size) bytes; it can only grow (shrinking would lose data)")
             }
-            let chain = row.attached
-            if !chain.isEmpty { try applyReconcile(&row, to: []) }
+            // The filters hear of it first (a write-back cache keeps its blocks, replication
+            // its replica); any of them may veto, and then nothing changes.
+            try deliver(.grow(newSize: UInt64(size)), to: row)
             guard truncate(row.path, off_t(size)) == 0 else {
                 throw ControlError.conflict("cannot grow \(row.path): \(String(cString: strerror(errno)))")
             }
             row.size = size
             try store.write { db in try row.update(db) }
-            if !chain.isEmpty { try applyReconcile(&row, to: try desiredChain(row)) }
             event("disk-grown", name, "to \(size) bytes")
         }
         return try showDisk(name)
@@ -331,6 +331,9 @@ extension HostController {
             return (source, row)
         }
         defer { unmarkBusy(names) }
+        // The filters hear of it before the copy (a snapshot quiesces the disk while they
+        // flush); a veto leaves everything as it was.
+        try deliver(snapshot ? .snapshot : .clone(target: request.name), to: source)
         do {
             _ = try withSource(source) { uri, _ in try DiskTransfer.copy(from: uri, to: .newFile(path: row.path), logger: logger) }
         } catch {
@@ -344,6 +347,25 @@ extension HostController {
             event(snapshot ? "disk-snapshot" : "disk-cloned", name, "as \(request.name)")
         }
         return try showDisk(request.name)
+    }
+
+    /// Delivers a lifecycle event to the disk's filters: through its VM's running worker,
+    /// or a maintenance worker that opens the chain for it. A veto is a conflict naming
+    /// the filter and its errno.
+    func deliver(_ lifecycle: DiskLifecycleEvent, to disk: DiskRow) throws(ControlError) {
+        guard !disk.attached.isEmpty else { return }
+        if let vm = disk.vm, let worker = liveLock.withLock({ running[vm] }) {
+            let response: WorkerControlResponse
+            do {
+                response = try worker.supervisor.control(.event(disk: disk.name, event: lifecycle), timeout: 60)
+            } catch {
+                throw .workerFailed("VM \(vm) could not deliver the \(lifecycle) of disk \(disk.name): \(error)")
+            }
+            if let error = response.error { throw .conflict(error) }
+        } else {
+            try maintain(disk, filters: disk.attached, task: .event(lifecycle))
+        }
+        event("disk-event", disk.name, "\(lifecycle) delivered to " + disk.attached.map(\.manifest.name).joined(separator: ", "))
     }
 
     public func snapshotDisk(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {

@@ -254,6 +254,8 @@ public final class HostController: @unchecked Sendable {
         do {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {
+            // A filter's veto is an answer, not a failure.
+            if error.message.contains(" vetoed the ") { throw .conflict(error.message) }
             throw .workerFailed("disk \(disk.name): \(error.message)")
         }
     }

@@ -103,6 +103,8 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var handshakeSeconds: Double?
     /// TLS every NBD client must start (nil: plaintext).
     public var tls: TLSSettings?
+    /// False: refuse structured replies (and so block status), like nbdkit --no-sr.
+    public var structuredReplies: Bool?
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,
@@ -156,6 +158,9 @@ public enum WorkerTask: Codable, Sendable, Equatable {
     /// first, with everything below them still open, so a write-back cache can destage)
     /// and delete their sidecar state; close the rest and exit.
     case detach(plugins: [String])
+    /// Open the disks and deliver a lifecycle event to their filters, then exit (a
+    /// disk no VM runs; a veto fails the task).
+    case event(DiskLifecycleEvent)
 }
 
 /// The unprivileged user and group a worker runs as on a root host. Each VM gets its

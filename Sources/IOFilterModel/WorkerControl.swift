@@ -6,6 +6,32 @@ public enum WorkerControlRequest: Codable, Sendable, Equatable {
     /// A management operation of a plug-in the worker has loaded, run inside the worker
     /// so that it sees the live filter instances.
     case call(plugin: String, operation: String, arguments: [String])
+    /// A disk lifecycle event for every filter of one disk; any filter may veto it.
+    case event(disk: String, event: DiskLifecycleEvent)
+}
+
+/// What happens to a disk that its filters hear of (`event` in the ABI) and may veto.
+public enum DiskLifecycleEvent: Codable, Sendable, Equatable, CustomStringConvertible {
+    /// A snapshot is taken: the disk is quiesced while the filters flush their state.
+    case snapshot
+    /// The disk is cloned to a new disk of this name.
+    case clone(target: String)
+    /// The disk grows to this many bytes.
+    case grow(newSize: UInt64)
+
+    /// The clone's name.
+    public var targetName: String? {
+        if case .clone(let target) = self { return target }
+        return nil
+    }
+
+    public var description: String {
+        switch self {
+        case .snapshot: "snapshot"
+        case .clone(let target): "clone to \(target)"
+        case .grow(let size): "grow to \(size) bytes"
+        }
+    }
 }
 
 /// The statistics one filter reported.

@@ -12,10 +12,14 @@ public struct NBDServerLimits: Sendable, Equatable {
     /// Clients served at once, negotiating or transmitting; one more is accepted and
     /// closed at once (a clean end, not a hang in the listen queue) and logged.
     public var maxConnections: Int
+    /// Offer structured replies (and with them block status). Off, as nbdkit's --no-sr,
+    /// for clients that read faster without them.
+    public var structuredReplies: Bool
 
-    public init(handshakeSeconds: Double = 10, maxConnections: Int = 16) {
+    public init(handshakeSeconds: Double = 10, maxConnections: Int = 16, structuredReplies: Bool = true) {
         self.handshakeSeconds = handshakeSeconds
         self.maxConnections = maxConnections
+        self.structuredReplies = structuredReplies
     }
 }
 
@@ -116,7 +120,8 @@ public final class NBDServer: @unchecked Sendable {
             startThread(name: "nbd-conn-\(id)") { [self] in
                 var connectionLogger = logger
                 connectionLogger[metadataKey: "conn"] = "\(id)"
-                Handshake(fd: client, catalog: catalog, tls: tls, deadline: deadline, logger: connectionLogger).run()
+                Handshake(fd: client, catalog: catalog, tls: tls, structuredReplies: limits.structuredReplies, deadline: deadline,
+                          logger: connectionLogger).run()
                 finished(connection: id)
                 // Closed only once `stop` can no longer see it: it must never shut
                 // down a later file that reuses the number.
@@ -170,6 +175,7 @@ struct Handshake {
     let catalog: any NBDExportCatalog
     /// When set, the client must start TLS before anything else.
     let tls: NBDTLS?
+    let structuredReplies: Bool
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
     let logger: Logger
@@ -192,7 +198,8 @@ struct Handshake {
     /// Where the protocol's bytes go: the socket, or the TLS session's plaintext.
     private var fd: Int32 { negotiated.secured ?? socket }
 
-    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, deadline: UInt64, logger: Logger) {
+    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger) {
+        self.structuredReplies = structuredReplies
         self.socket = fd
         self.catalog = catalog
         self.tls = tls
@@ -365,6 +372,10 @@ struct Handshake {
             }
 
         case .structuredReply:
+            guard structuredReplies else {
+                try reply(rawOption, .errUnsupported, message: "structured replies are turned off on this server")
+                return nil
+            }
             guard data.isEmpty else {
                 try reply(rawOption, .errInvalid, message: "STRUCTURED_REPLY takes no data")
                 return nil

@@ -118,6 +118,12 @@ func serveControl(fd: Int32, runtime: WorkerRuntime) {
                 } catch {
                     response.error = "\(error)"
                 }
+            case .event(let disk, let event):
+                do {
+                    try runtime.deliver(event, disk: disk)
+                } catch {
+                    response.error = "\(error)"
+                }
             case nil:
                 response.error = "malformed control request"
             }
@@ -249,14 +255,23 @@ case "serve" where arguments.count == 1:
     switch configuration.task {
     case .serve:
         break
-    case .attach, .detach:
-        // A maintenance run: the filters are attached by now; detach what was asked.
+    case .attach, .detach, .event:
+        // A maintenance run: the filters are attached by now; detach what was asked, or
+        // deliver the event.
         var status: Int32 = 0
         if case .detach(let plugins) = configuration.task {
             do {
                 try runtime.detach(plugins: Set(plugins))
             } catch {
                 logger.error("cannot detach: \(error)")
+                say("ERROR \(error)")
+                status = 73
+            }
+        }
+        if case .event(let event) = configuration.task {
+            do {
+                try runtime.deliver(event, disk: nil)
+            } catch {
                 say("ERROR \(error)")
                 status = 73
             }
@@ -270,6 +285,7 @@ case "serve" where arguments.count == 1:
         var limits = NBDServerLimits()
         if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
         if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
+        if let structuredReplies = configuration.structuredReplies { limits.structuredReplies = structuredReplies }
         let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, tls: tls, logger: logger)
         server.serve(listenFD: disk.listenFD)
         servers.append(server)

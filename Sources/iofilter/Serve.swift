@@ -61,6 +61,9 @@ extension IOFilterCommand {
 
         @OptionGroup var tlsOptions: TLSOptions
 
+        @Flag(name: .customLong("no-sr"), help: "Offer no structured replies (and so no block status), like nbdkit --no-sr: simple replies only.")
+        var noStructuredReplies = false
+
         @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
         var stats = false
 
@@ -138,6 +141,7 @@ extension IOFilterCommand {
             configuration.identity = WorkerIdentity(for: "serve \(isURI ? disk : diskPath)")
             configuration.handshakeSeconds = handshakeTimeout
             configuration.tls = tls
+            if noStructuredReplies { configuration.structuredReplies = false }
             configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)

@@ -23,7 +23,9 @@ qemu-nbd -f raw -k "$work/qemu.sock" -t -e 16 --cache=writeback --aio=threads "$
 wait_for_socket "$work/qemu.sock"; uri[qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock"
 start_iofilter iofilter "$disk"
 start_iofilter iofilter+c-sample "$disk" --filter "$passthrough"
-servers=(nbdkit qemu-nbd iofilter iofilter+c-sample)
+# Simple replies only (like nbdkit --no-sr): what structured replies cost the client.
+start_iofilter iofilter-no-sr "$disk" --no-sr
+servers=(nbdkit qemu-nbd iofilter iofilter+c-sample iofilter-no-sr)
 if [ -n "${BASELINE_BIN:-}" ]; then
     build=$BASELINE_BIN start_iofilter baseline "$disk"
     build=$BASELINE_BIN start_iofilter baseline+c-sample "$disk" --filter "$passthrough"
@@ -40,11 +42,13 @@ workloads=("4k-randread-qd16 randread 4k 16" "4k-randwrite-qd16 randwrite 4k 16"
            "1m-seqread-qd8 read 1M 8" "1m-seqwrite-qd8 write 1M 8")
 for workload in "${workloads[@]}"; do
     set -- $workload
+    # ONLY=NAME runs one workload (and skips the slow-storage row).
+    [ -n "${ONLY:-}" ] && [ "$1" != "$ONLY" ] && continue
     for _ in $(seq "$rounds"); do
         for server in "${servers[@]}"; do measure "$1" "$server" "$2" "$3" "$4" "$size"; done
     done
 done
-for _ in $(seq "$rounds"); do
+for _ in $(seq "$([ -n "${ONLY:-}" ] && echo 0 || echo "$rounds")"); do
     for server in nbdkit-nbd-proxy iofilter-nbd-proxy; do measure slow-1ms-4k-randread-qd16 "$server" randread 4k 16 "$size"; done
 done
 

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterPosix
 import Testing
 
 /// Who may do what to a real iofilterd: local users by their uid and groups on the unix
@@ -23,17 +24,21 @@ struct AccessTests {
 
     @Test func localUsersGetTheRoleTheirGroupsGrant() throws {
         let cli = try Self.publicCLI()
-        let reader = 47_301, operatorGroup = 47_302, stranger = 47_303
+        let reader = 47_301, operatorGroup = 47_302
         let daemon = try Daemon(arguments: ["--read-only-group", "\(reader)", "--operator-group", "\(operatorGroup)"])
         defer { daemon.stop() }
         try daemon.ok(["disk", "create", "d", "--size", "8M"])
         try daemon.ok(["vm", "create", "v", "--disk", "d"])
 
-        // Nobody else can even connect; the state directory stays closed to them.
-        let outsider = try Self.cli(cli, uid: 47_400, gid: stranger, ["vm", "list"], socket: daemon.socket)
+        // Nobody else can even connect (`nobody` here); the state directory and its files
+        // stay closed to them.
+        let outsider = try Self.cli(cli, uid: 65_534, gid: 65_534, ["vm", "list"], socket: daemon.socket)
         #expect(outsider.status != 0 && outsider.stderr.contains("Permission denied"), "\(outsider.stderr)")
         let listing = try Harness.run("/usr/bin/setpriv", ["--reuid", "47400", "--regid", "\(reader)", "--clear-groups", "/bin/ls", daemon.state.path])
         #expect(listing.status != 0, "a group member could list the state directory: \(listing.stdout)")
+        let database = try Harness.run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--clear-groups", "/bin/cat",
+                                                             daemon.state.appendingPathComponent("iofilterd.sqlite").path])
+        #expect(database.status != 0, "nobody could read the state database")
 
         // Read-only: lists, and is told what it may not do.
         let list = try Self.cli(cli, uid: 47_401, gid: reader, ["vm", "list"], socket: daemon.socket)
@@ -52,6 +57,28 @@ struct AccessTests {
         #expect(events.contains { $0.kind == "vm-started" && $0.actor == "uid 47402" })
         #expect(events.contains { $0.kind == "disk-created" && $0.actor?.hasPrefix("uid 0") == true })
         #expect(events.contains { $0.kind == "access-denied" && $0.actor == "uid 47401" && $0.subject == "startVM" })
+    }
+
+    @Test func stalledConnectionsDoNotStopOtherClients() throws {
+        let port = Harness.freePort()
+        let daemon = try Daemon(arguments: ["--listen", "127.0.0.1:\(port)"])
+        defer { daemon.stop() }
+        let token = try daemon.ok(["token", "create", "--role", "read-only"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        // 100 clients on each listener that send half a request head and then nothing.
+        var stalled: [Int32] = []
+        defer { stalled.forEach { close($0) } }
+        for index in 0..<200 {
+            let fd = index % 2 == 0 ? try Sockets.connectTCP(host: "127.0.0.1", port: port) : try Sockets.connectUnix(path: daemon.socket)
+            let partial = Array("GET /vms HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nX-Slow: ".utf8)
+            _ = partial.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            stalled.append(fd)
+        }
+        let started = Date()
+        for _ in 0..<5 {
+            #expect(try daemon.cli(["vm", "list"]).status == 0)
+            #expect(try Harness.run(Harness.iofilter, ["vm", "list", "--url", "http://127.0.0.1:\(port)", "--token", token]).status == 0)
+        }
+        #expect(Date().timeIntervalSince(started) < 30, "normal clients waited behind stalled ones")
     }
 
     @Test func overTCPEveryRequestNeedsATokenAndItsRole() throws {

@@ -21,6 +21,24 @@ struct MetricsTests {
         return (samples, malformed)
     }
 
+    /// The samples as prometheus-client's parser (PyPI) reads them: "name{k=v,...}".
+    static func parsedByPrometheusClient(_ text: String) throws -> [String: Double] {
+        let script = """
+            import json, sys
+            from prometheus_client.parser import text_string_to_metric_families
+            out = {}
+            for family in text_string_to_metric_families(sys.stdin.read()):
+                for s in family.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    out[f"{s.name}{{{labels}}}"] = s.value
+            print(json.dumps(out))
+            """
+        let input = Harness.scratch.appendingPathComponent("metrics-\(UUID().uuidString).txt")
+        try Data(text.utf8).write(to: input)
+        let output = try Harness.check("/bin/sh", ["-c", "python3 -c '\(script)' < '\(input.path)'"])
+        return try JSONDecoder().decode([String: Double].self, from: Data(output.utf8))
+    }
+
     @Test func theHostReportsEachVMsIOAndFilters() throws {
         let port = Harness.freePort()
         let daemon = try Daemon(arguments: ["--listen", "127.0.0.1:\(port)"])
@@ -51,6 +69,10 @@ struct MetricsTests {
         #expect(samples["iofilter_vm_up{\(vmLabel)}"] == 1)
         #expect(samples["iofilterd_api_requests_total{operation=\"startVM\",status=\"200\"}"] == 1)
         #expect(text.contains("# TYPE iofilter_request_duration_seconds histogram"))
+        // Prometheus' own client library reads it as we do.
+        let parsed = try Self.parsedByPrometheusClient(text)
+        #expect(parsed["iofilter_requests_total{disk=d,op=read,vm=v}"] == 32, "\(parsed.keys.sorted().prefix(20))")
+        #expect(parsed["iofilter_request_duration_seconds_bucket{disk=d,le=+Inf,op=read,vm=v}"] == 32)
 
         // A restarted worker counts; a stopped VM's I/O series are gone.
         let pid = try #require(vm.pid)

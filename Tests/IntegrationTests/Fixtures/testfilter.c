@@ -11,7 +11,12 @@
  *   NO_ENTRY                    export no entry point at all
  *   THREAD_MODEL                an iof_thread_model
  *
+ * Every lifecycle event (snapshot, clone, grow) is appended to events.log in the
+ * sidecar directory, one line each ("snapshot", "clone NAME", "grow BYTES").
+ *
  * Run-time behaviours (parameter `behaviour`):
+ *   veto-snapshot   refuse snapshots with EBUSY (after logging them)
+ *   veto-grow       refuse growing with ENOSPC (after logging it)
  *   pass            pass everything down
  *   defer           defer every start and done, resumed from another thread
  *   segv-on-write   dereference NULL on the first write
@@ -115,7 +120,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -124,13 +129,14 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
-                                         "open-target-on-open", "threads-on-open", NULL};
+                                         "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", NULL};
 
 static const struct iof_host_services *host;
 
 struct instance {
     iof_host_disk *disk;
     enum behaviour behaviour;
+    char sidecar[4096];
 };
 
 static void *wait_for_gate(void *fd)
@@ -221,6 +227,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
 {
     struct instance *inst = calloc(1, sizeof *inst);
     inst->disk = disk;
+    if (info->sidecar_dir) snprintf(inst->sidecar, sizeof inst->sidecar, "%s", info->sidecar_dir);
     const char *b = host->param(disk, "behaviour");
     for (size_t i = 0; b && behaviours[i]; i++)
         if (strcmp(b, behaviours[i]) == 0)
@@ -456,6 +463,27 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
 
 static void tf_close(void *instance) { free(instance); }
 
+static int tf_event(void *instance, const struct iof_disk_event *event)
+{
+    struct instance *inst = instance;
+    char path[4200], line[512];
+    snprintf(path, sizeof path, "%s/events.log", inst->sidecar);
+    if (event->type == IOF_EVENT_SNAPSHOT)
+        snprintf(line, sizeof line, "snapshot\n");
+    else if (event->type == IOF_EVENT_CLONE)
+        snprintf(line, sizeof line, "clone %s\n", event->target_name ? event->target_name : "?");
+    else
+        snprintf(line, sizeof line, "grow %llu\n", (unsigned long long)event->new_size);
+    FILE *log = fopen(path, "a");
+    if (log) {
+        fputs(line, log);
+        fclose(log);
+    }
+    if (inst->behaviour == VETO_SNAPSHOT && event->type == IOF_EVENT_SNAPSHOT) return EBUSY;
+    if (inst->behaviour == VETO_GROW && event->type == IOF_EVENT_GROW) return ENOSPC;
+    return 0;
+}
+
 static void invert(struct iof_request *req)
 {
     unsigned char *bytes = req->buffer;
@@ -594,6 +622,7 @@ static const struct iof_plugin descriptor = {
     .start = tf_start,
 #endif
     .done = tf_done,
+    .event = tf_event,
 };
 
 #ifndef NO_ENTRY
