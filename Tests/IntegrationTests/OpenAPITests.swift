@@ -33,7 +33,8 @@ struct OpenAPITests {
         // The router's own table, built the way iofilterd builds it, against the document.
         let controller = try HostController(stateDirectory: Harness.temporaryDirectory("router").path, logger: Logger(label: "test"))
         let router = APIRouter(controller: controller, apiSocket: "/unused", logger: Logger(label: "test"))
-        let served = Set(router.routes.map { Operation(method: $0.method, path: $0.path) } + [Operation(method: "GET", path: "/openapi.json")])
+        let served = Set(router.routes.map { Operation(method: $0.method, path: $0.path) }
+            + [Operation(method: "GET", path: "/openapi.json"), Operation(method: "GET", path: "/metrics")])
         #expect(served == Set(operations.keys), "served but undocumented: \(served.subtracting(operations.keys)); documented but not served: \(Set(operations.keys).subtracting(served))")
 
         // Every schema a document refers to exists.
@@ -51,7 +52,8 @@ struct OpenAPITests {
             let response = try daemon.http(operation.method, path, body: details["requestBody"] == nil ? nil : "{}")
             let statuses = Set((details["responses"] as? [String: Any] ?? [:]).keys)
             #expect(statuses.contains(String(response.status)), "\(operation) answered \(response.status), documents \(statuses.sorted())")
-            #expect(response.header("content-type") == "application/json")
+            #expect(response.header("content-type") == (operation.path == "/metrics" && response.status == 200
+                ? "text/plain; version=0.0.4; charset=utf-8" : "application/json"))
             if response.status >= 400 {
                 #expect((try? JSONDecoder().decode(APIErrorBody.self, from: Data(response.body))) != nil, "\(operation): not an Error body")
             }
