@@ -161,7 +161,8 @@ static void release(struct tunnel *tunnel) {
     free(tunnel);
 }
 
-enum { PUMP_BUFFER = 256 << 10 };
+/* Large enough that a 1 MiB read reply crosses in few steps. */
+enum { PUMP_BUFFER = 1 << 20, PAIR_BUFFER = 4 << 20 };
 
 static int write_all(int fd, const char *data, size_t count) {
     while (count > 0) {
@@ -225,6 +226,13 @@ static int start_tunnel(gnutls_session_t session, int network, char *error, size
         close(network);
         return -1;
     }
+    /* Room for whole replies in the pair, so that the NBD writer and the pump trade
+     * fewer wake-ups (the kernel caps it at net.core.wmem_max/rmem_max). */
+    int room = PAIR_BUFFER;
+    for (int i = 0; i < 2; i++) {
+        setsockopt(pair[i], SOL_SOCKET, SO_SNDBUF, &room, sizeof room);
+        setsockopt(pair[i], SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
+    }
     struct tunnel *tunnel = calloc(1, sizeof *tunnel);
     tunnel->session = session;
     tunnel->network = network;
@@ -233,7 +241,7 @@ static int start_tunnel(gnutls_session_t session, int network, char *error, size
     pthread_attr_t attributes;
     pthread_attr_init(&attributes);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attributes, 256 << 10);
+    pthread_attr_setstacksize(&attributes, 256 << 10);  /* the buffers are on the heap */
     pthread_t thread;
     if (pthread_create(&thread, &attributes, inbound, tunnel) != 0) {
         fail(error, error_size, "pthread_create", 0);
@@ -264,6 +272,31 @@ static void set_timeouts(int fd, int timeout_ms) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &value, sizeof value);
 }
 
+/* The handshake on a dup of `fd` (within `timeout_ms`), then the tunnel; on failure the
+ * session is freed and -1 returned with `error` filled. */
+static int handshake_and_tunnel(gnutls_session_t session, int fd, int timeout_ms, char *error, size_t error_size) {
+    int network = dup(fd);
+    if (network < 0) {
+        fail(error, error_size, "dup", 0);
+        gnutls_deinit(session);
+        return -1;
+    }
+    gnutls_transport_set_int(session, network);
+    set_timeouts(network, timeout_ms);
+    int rc;
+    do {
+        rc = gnutls_handshake(session);
+    } while (rc < 0 && !gnutls_error_is_fatal(rc) && rc != GNUTLS_E_AGAIN);
+    if (rc < 0) {
+        snprintf(error, error_size, "TLS handshake failed: %s", rc == GNUTLS_E_AGAIN ? "timed out" : gnutls_strerror(rc));
+        gnutls_deinit(session);
+        close(network);
+        return -1;
+    }
+    set_timeouts(network, 0);
+    return start_tunnel(session, network, error, error_size);
+}
+
 int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, char *error, size_t error_size) {
     gnutls_session_t session;
     int rc = gnutls_init(&session, GNUTLS_SERVER);
@@ -288,25 +321,7 @@ int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, cha
         gnutls_deinit(session);
         return -1;
     }
-    int network = dup(fd);
-    if (network < 0) {
-        fail(error, error_size, "dup", 0);
-        gnutls_deinit(session);
-        return -1;
-    }
-    gnutls_transport_set_int(session, network);
-    set_timeouts(network, timeout_ms);
-    do {
-        rc = gnutls_handshake(session);
-    } while (rc < 0 && !gnutls_error_is_fatal(rc) && rc != GNUTLS_E_AGAIN);
-    if (rc < 0) {
-        snprintf(error, error_size, "TLS handshake failed: %s", rc == GNUTLS_E_AGAIN ? "timed out" : gnutls_strerror(rc));
-        gnutls_deinit(session);
-        close(network);
-        return -1;
-    }
-    set_timeouts(network, 0);
-    return start_tunnel(session, network, error, error_size);
+    return handshake_and_tunnel(session, fd, timeout_ms, error, error_size);
 }
 
 int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, size_t key_size, int timeout_ms,
@@ -328,27 +343,15 @@ int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, 
     }
     rc = gnutls_priority_set_direct(session, "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", NULL);
     if (rc == 0) rc = gnutls_credentials_set(session, GNUTLS_CRD_PSK, credentials);
-    int network = rc == 0 ? dup(fd) : -1;
-    if (network < 0) {
-        fail(error, error_size, rc < 0 ? "setting up the TLS client" : "dup", rc);
-        gnutls_deinit(session);
-        gnutls_psk_free_client_credentials(credentials);
-        return -1;
-    }
-    gnutls_transport_set_int(session, network);
-    set_timeouts(network, timeout_ms);
-    do {
-        rc = gnutls_handshake(session);
-    } while (rc < 0 && !gnutls_error_is_fatal(rc) && rc != GNUTLS_E_AGAIN);
     if (rc < 0) {
-        snprintf(error, error_size, "TLS handshake failed: %s", rc == GNUTLS_E_AGAIN ? "timed out" : gnutls_strerror(rc));
+        fail(error, error_size, "setting up the TLS client", rc);
         gnutls_deinit(session);
         gnutls_psk_free_client_credentials(credentials);
-        close(network);
         return -1;
     }
-    set_timeouts(network, 0);
+    int plaintext = handshake_and_tunnel(session, fd, timeout_ms, error, error_size);
+    if (plaintext < 0) gnutls_psk_free_client_credentials(credentials);
     /* The session keeps using the credentials for its life: they live as long as the
      * process (one per target connection; a handful per worker). */
-    return start_tunnel(session, network, error, error_size);
+    return plaintext;
 }
