@@ -139,7 +139,7 @@ struct TLSTests {
         let socket = directory.appendingPathComponent("replica.sock").path
         let replica = Process()
         replica.executableURL = URL(fileURLWithPath: Harness.tool("nbdkit"))
-        replica.arguments = ["-f", "-U", socket, "--tls=require", "--tls-psk=\(keys)", "memory", "8M"]
+        replica.arguments = ["-f", "--exit-with-parent", "-U", socket, "--tls=require", "--tls-psk=\(keys)", "memory", "8M"]
         try replica.run()
         defer {
             kill(replica.processIdentifier, SIGKILL)
