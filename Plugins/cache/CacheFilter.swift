@@ -33,7 +33,7 @@ public final class CacheFilter: IOFilter {
                       description: "write-back: how often dirty blocks are written down"),
         ],
         operations: [ManagementOperation("status", "hit ratio and dirty bytes of every cached disk in this worker", function: cacheStatus)],
-        observesCompletions: true, answersBlockStatus: true)
+        observesCompletions: true, answersBlockStatus: true, handlesCacheHints: true)
 
     let disk: Disk
     let store: CacheStore
@@ -109,6 +109,7 @@ public final class CacheFilter: IOFilter {
         case .read: return read(request)
         case .write: return writeBack ? writeIntoCache(request) : passingDown(request, invalidateAndPass(request))
         case .trim, .writeZeroes: return passingDown(request, zeroRange(request))
+        case .cache: return request.defer { await self.prefetch(request) }
         case .flush:
             if writeBack {
                 let error = store.sync()
@@ -201,9 +202,29 @@ public final class CacheFilter: IOFilter {
         }
     }
 
-    /// A miss: read the whole blocks below, keep them, then answer from them. Blocks
-    /// already cached (dirty ones in write-back mode) win over what the disk returned.
+    /// NBD_CMD_CACHE: fetch the range's blocks the cache lacks, in 8 MiB steps, up to half
+    /// the cache (a hint larger than that would only evict what it just fetched).
+    private func prefetch(_ request: Request) async -> Disposition {
+        let range = blocks(of: request)
+        let step = max(1, (8 << 20) / blockSize), most = max(1, store.slotCount / 2)
+        var block = range.lowerBound
+        while block <= range.upperBound && block - range.lowerBound < UInt64(most) {
+            let last = min(range.upperBound, block + UInt64(step) - 1)
+            let missing = store.lock.withLock { (block...last).contains { store.index[$0] == nil } }
+            if missing, case .fail(let error) = await fill(block...last, into: nil) { return .fail(error) }
+            block = last + 1
+        }
+        return .complete
+    }
+
+    /// A miss: read the whole blocks below, keep them, then answer from them.
     private func fillAndRead(_ request: Request, blocks range: ClosedRange<UInt64>) async -> Disposition {
+        await fill(range, into: request)
+    }
+
+    /// Reads whole blocks below and keeps them; then answers `request` (a read) from them.
+    /// Blocks already cached (dirty ones in write-back mode) win over what the disk returned.
+    private func fill(_ range: ClosedRange<UInt64>, into request: Request?) async -> Disposition {
         let fill = Fill(blocks: range)
         inFlight.withLock { state in
             state.fills[ObjectIdentifier(fill)] = fill
@@ -234,8 +255,10 @@ public final class CacheFilter: IOFilter {
                 }
             }
         }
-        let from = Int(request.offset - range.lowerBound * UInt64(blockSize))
-        memcpy(request.buffer.baseAddress!, staging + from, request.length)
+        if let request {
+            let from = Int(request.offset - range.lowerBound * UInt64(blockSize))
+            memcpy(request.buffer.baseAddress!, staging + from, request.length)
+        }
         return .complete
     }
 

@@ -114,4 +114,21 @@ struct BlockStatusTests {
         try Harness.check(Harness.tool("nbdcopy"), [served.uri, copy])
         #expect(try Harness.sha(copy) == Harness.sha(disk))
     }
+
+    @Test func theCacheSamplePrefetchesOnACacheHint() throws {
+        let disk = try sparseDisk()
+        let socket = directory.appendingPathComponent("d.sock").path
+        let cache = Daemon.samplePlugin("iofilter-cache")
+        let served = try ServedDisk([disk, "--socket", socket, "--filter", cache + ":size=8M"])
+        defer { served.stop() }
+        func status() throws -> String {
+            try Harness.check(Harness.iofilter, ["plugin", "call", cache, "status", "--serve", socket + ".control"])
+        }
+        _ = try Self.nbdsh(served.uri, "h.cache(1 << 20, 10 << 20)")
+        #expect(try status().contains("1048576 cached bytes"))
+        // The hinted range is then read from the cache alone.
+        #expect(try Harness.qemuIO(served.uri, ["read 10M 1M"]).contains("read 1048576/1048576"))
+        let after = try status()
+        #expect(after.contains("hit ratio 100%"), "\(after)")
+    }
 }
