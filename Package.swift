@@ -111,7 +111,7 @@ let package = Package(
         .target(
             name: "IOFilterAPIServer",
             dependencies: [
-                "IOFilterHTTP",
+                "IOFilterHTTP", "IOFilterPosix",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),

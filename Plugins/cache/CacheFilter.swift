@@ -140,9 +140,14 @@ public final class CacheFilter: IOFilter {
             store.index.compactMap { block, slot in
                 block >= first && block < end && store.entries[Int(slot)].state == .dirty ? block : nil
             }
-        }
-        for block in dirty {
-            request.setExtent(offset: block * UInt64(blockSize), length: UInt64(blockSize))
+        }.sorted()
+        // One call per run of adjacent dirty blocks: each call rewrites the extent list.
+        var index = 0
+        while index < dirty.count {
+            var last = index
+            while last + 1 < dirty.count && dirty[last + 1] == dirty[last] + 1 { last += 1 }
+            request.setExtent(offset: dirty[index] * UInt64(blockSize), length: UInt64(last - index + 1) * UInt64(blockSize))
+            index = last + 1
         }
     }
 

@@ -4,6 +4,7 @@ import Hummingbird
 import HummingbirdCore
 import HummingbirdTLS
 import IOFilterHTTP
+import IOFilterPosix
 import Logging
 import NIOCore
 import NIOSSL
@@ -50,7 +51,10 @@ public final class APIServer: Sendable {
 
     let handler: Handler
     let logger: Logger
-    private let group: ServiceGroupBox = ServiceGroupBox()
+    /// The running service group and the task that runs it, once `start` made them.
+    private let running = Guarded<(group: ServiceGroup, task: Task<Void, Never>)?>(nil)
+    /// Signalled when the service group has ended.
+    private let finished = DispatchSemaphore(value: 0)
 
     public init(logger: Logger, handler: @escaping Handler) {
         self.handler = handler
@@ -61,7 +65,7 @@ public final class APIServer: Sendable {
     /// bound, or throws what stopped one.
     public func start(_ listeners: [Listener]) throws {
         let started = DispatchSemaphore(value: 0)
-        let outcome = Outcome()
+        let failure = Guarded<String?>(nil)
         var applications: [any Service] = []
         for listener in listeners {
             let responder = Responder(handler: handler, listener: listener, logger: logger)
@@ -99,31 +103,33 @@ public final class APIServer: Sendable {
         let serviceGroup = ServiceGroup(configuration: ServiceGroupConfiguration(
             services: applications.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
             gracefulShutdownSignals: [], cancellationSignals: [], logger: logger))
-        group.set(serviceGroup)
-        let finished = group.finished
-        Task.detached {
+        let finished = self.finished
+        let task = Task.detached {
             do {
                 try await serviceGroup.run()
             } catch {
-                outcome.fail("\(error)")
+                failure.withLock { $0 = "\(error)" }
             }
             finished.signal()
             started.signal()
         }
+        running.withLock { $0 = (serviceGroup, task) }
         for _ in listeners {
             started.wait()
-            if let failure = outcome.failure { throw StartFailure(description: failure) }
+            if let failure = failure.withLock({ $0 }) { throw StartFailure(description: failure) }
         }
     }
 
     /// Stops accepting, lets requests being handled finish (up to `timeout` seconds),
     /// then closes every connection.
     public func stop(timeout: Double = 30) {
-        guard let serviceGroup = group.get() else { return }
+        guard let (serviceGroup, task) = running.withLock({ $0 }) else { return }
         Task.detached { await serviceGroup.triggerGracefulShutdown() }
-        if group.finished.wait(timeout: .now() + timeout) == .timedOut {
+        if finished.wait(timeout: .now() + timeout) == .timedOut {
+            // Cancelling the group's task cancels its servers, which close their connections.
             logger.warning("API requests still running after \(timeout)s; closing their connections")
-            Task.detached { await serviceGroup.triggerGracefulShutdown() }
+            task.cancel()
+            _ = finished.wait(timeout: .now() + 5)
         }
     }
 
@@ -134,25 +140,6 @@ public final class APIServer: Sendable {
         configuration.minimumTLSVersion = .tlsv12
         return configuration
     }
-}
-
-/// The one service group, set once `start` made it.
-private final class ServiceGroupBox: @unchecked Sendable {
-    // @unchecked: `value` is guarded by `lock`.
-    private let lock = NSLock()
-    private var value: ServiceGroup?
-    let finished = DispatchSemaphore(value: 0)
-
-    func set(_ group: ServiceGroup) { lock.withLock { value = group } }
-    func get() -> ServiceGroup? { lock.withLock { value } }
-}
-
-private final class Outcome: @unchecked Sendable {
-    // @unchecked: `failure` is guarded by `lock`.
-    private let lock = NSLock()
-    private var _failure: String?
-    func fail(_ text: String) { lock.withLock { _failure = text } }
-    var failure: String? { lock.withLock { _failure } }
 }
 
 /// The request context: Hummingbird's, plus the connection, for its peer credentials.

@@ -255,7 +255,7 @@ public final class HostController: @unchecked Sendable {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {
             // A filter's veto is an answer, not a failure.
-            if error.message.contains(" vetoed the ") { throw .conflict(error.message) }
+            if error.vetoed { throw .conflict(error.message) }
             throw .workerFailed("disk \(disk.name): \(error.message)")
         }
     }

@@ -318,6 +318,8 @@ public enum SupervisorEvent: String, Sendable {
 
 public struct SupervisorError: Error, CustomStringConvertible {
     public let message: String
+    /// A maintenance worker's filter vetoed the event it delivered.
+    public var vetoed = false
     public var description: String { message }
 }
 
@@ -392,7 +394,8 @@ public enum MaintenanceWorker {
             throw SupervisorError(message: "the worker did not finish within \(timeout)s")
         }
         guard outcome.ready, ChildProcess.exitCode(status: status) == 0 else {
-            throw SupervisorError(message: outcome.error ?? "the worker \(ChildProcess.describe(status: status))")
+            throw SupervisorError(message: outcome.error ?? "the worker \(ChildProcess.describe(status: status))",
+                                  vetoed: ChildProcess.exitCode(status: status) == WorkerTask.vetoedExitStatus)
         }
     }
 }

@@ -161,6 +161,10 @@ public enum WorkerTask: Codable, Sendable, Equatable {
     /// Open the disks and deliver a lifecycle event to their filters, then exit (a
     /// disk no VM runs; a veto fails the task).
     case event(DiskLifecycleEvent)
+
+    /// The exit status of a maintenance worker whose event a filter vetoed (an answer,
+    /// not a failure).
+    public static let vetoedExitStatus: Int32 = 75
 }
 
 /// The unprivileged user and group a worker runs as on a root host. Each VM gets its

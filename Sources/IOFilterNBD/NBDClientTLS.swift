@@ -1,4 +1,5 @@
 import CTLS
+import IOFilterPosix
 
 /// What an NBD client needs to start TLS with a server that requires it: a pre-shared
 /// key, as psktool writes it (`username:hexkey` lines).
@@ -41,7 +42,7 @@ public struct NBDClientTLS: Sendable {
             }
         }
         guard plaintext >= 0 else {
-            throw Failure(description: String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+            throw Failure(description: String(nulTerminated: error))
         }
         return plaintext
     }

@@ -1,5 +1,6 @@
 import CTLS
 import Glibc
+import IOFilterPosix
 
 /// TLS credentials for the NBD server, loaded once (before a worker is confined, while
 /// their files are still reachable): a PSK file, or X.509 certificates.
@@ -29,7 +30,7 @@ public final class NBDTLS: @unchecked Sendable {
     private static func load(_ description: String, _ body: (UnsafeMutablePointer<CChar>, Int) -> OpaquePointer?) throws(Failure) -> NBDTLS {
         var error = [CChar](repeating: 0, count: 512)
         guard let credentials = error.withUnsafeMutableBufferPointer({ body($0.baseAddress!, $0.count) }) else {
-            throw Failure(description: Self.text(error))
+            throw Failure(description: String(nulTerminated: error))
         }
         return NBDTLS(credentials: credentials, description: description)
     }
@@ -39,15 +40,11 @@ public final class NBDTLS: @unchecked Sendable {
         self.description = description
     }
 
-    private static func text(_ message: [CChar]) -> String {
-        String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     /// The TLS handshake on `fd`; then the plaintext end of the session (close it when
     /// done; `fd` stays the caller's).
     func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, Failure> {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
-        return plaintext >= 0 ? .success(plaintext) : .failure(Failure(description: Self.text(error)))
+        return plaintext >= 0 ? .success(plaintext) : .failure(Failure(description: String(nulTerminated: error)))
     }
 }

@@ -273,7 +273,7 @@ case "serve" where arguments.count == 1:
                 try runtime.deliver(event, disk: nil)
             } catch {
                 say("ERROR \(error)")
-                status = 73
+                if case .vetoed = error { status = WorkerTask.vetoedExitStatus } else { status = 73 }
             }
         }
         runtime.shutdown()
