@@ -1,5 +1,5 @@
 /*
- * iofilter.h — the swift-iofilter plug-in ABI, version 1.2.
+ * iofilter.h — the swift-iofilter plug-in ABI, version 1.3.
  *
  * A filter plug-in is a shared object that exports one function,
  *
@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 2
+#define IOF_ABI_MINOR 3
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -283,9 +283,15 @@ struct iof_host_services {
                             iof_timer_callback callback, void *arg);
     void (*cancel_timer)(iof_host_disk *disk, uint64_t timer_id);
 
-    /* A connected stream socket to this plug-in's partner daemon, or -1 if the plug-in
-     * declares none or it is not running. Messages are framed as a 4-byte big-endian
-     * length followed by that many bytes. The fd belongs to the host. */
+    /* A connected stream socket to this plug-in's partner daemon (its `daemon_main`),
+     * or -1 if the plug-in declares none or the daemon is not running (it is being
+     * restarted, or failed): the filter decides itself whether to pass, fail or defer
+     * until it is back. The host connects it (the worker has no path or network of its
+     * own); the daemon accepts it on its `listen_fd`. What passes on it is the plug-in's
+     * own protocol; the host never reads it.
+     * The fd belongs to the host: each call returns the disk's channel, the same one as
+     * long as it lives; once the daemon has closed it (a restart) the next call gives a
+     * fresh one. Do not close it, and call again rather than keep the number. */
     int (*daemon_channel)(iof_host_disk *disk);
 
     /* --- ABI 1.1; check struct_size (or abi_minor >= 1) before calling ------------- */
@@ -318,6 +324,26 @@ struct iof_host_services {
      * as data (flags 0); an encryption filter marks holes as data unless it knows that
      * zeroes below read as zeroes above. Returns 0, or EINVAL. */
     int (*set_extent)(struct iof_request *req, uint64_t offset, uint64_t length, uint32_t flags);
+
+    /* --- ABI 1.3; check struct_size (or abi_minor >= 3) before calling ------------- */
+
+    /* For a partner daemon only (NULL disk; -EPERM elsewhere).
+     *
+     * The socket on which the daemon accepts its peers on other hosts: a listening TCP
+     * socket the host opened at the address the operator allowed for this plug-in
+     * (`iofilter plugin daemon-listen NAME HOST:PORT`), or -1 if none is allowed or the
+     * plug-in does not declare IOF_DAEMON_LISTENS. The fd belongs to the host. A daemon
+     * has no other network: outgoing connections to peers go through open_target, with
+     * a NULL disk and an `iofilter://HOST:PORT/…` target that a policy using this
+     * plug-in names. */
+    int (*peer_listener)(void);
+    /* Open, creating it the first time with `size` bytes, the disk `name` of this host
+     * as a replica this plug-in keeps: the host lists it (`iofilter disk list`), keeps
+     * it read-only to VMs while it is a replica, and hands the daemon a read-write fd to
+     * it (the daemon closes it). Returns the fd or a negative errno: -EEXIST if `name` is
+     * a disk that is not this plug-in's replica (a promoted one included), -EINVAL for a
+     * name the host does not accept. */
+    int (*open_replica)(const char *name, uint64_t size);
 };
 
 /* ------------------------------------------------------------------------------ */
@@ -394,10 +420,24 @@ struct iof_plugin {
     void (*stats)(void *instance, iof_stat_emitter emit, void *emit_ctx);
 
     /* Optional. The partner daemon's main function, run by the host in its own
-     * sandboxed process, one per host. `listen_fd` accepts the filters' channels.
-     * Return to exit (the host restarts it). */
+     * sandboxed process (the same confinement as a worker), one per host for each
+     * installed plug-in version (and by `iofilter serve` for its filters). `listen_fd`
+     * accepts the filters' channels (host->daemon_channel). The daemon runs in its own
+     * state directory (the current directory, kept across restarts); host->param(NULL,
+     * "listen") gives the address it may accept peers on, if any. `load` is called
+     * first, as in a worker. Return to exit: the host restarts it with backoff, as it
+     * does when it crashes. */
     int (*daemon_main)(const struct iof_host_services *host, int listen_fd);
+
+    /* --- ABI 1.3 ------------------------------------------------------------------- */
+
+    /* IOF_DAEMON_*: what the daemon asks of the host besides its channels. */
+    uint32_t daemon_flags;
 };
+
+/* ABI 1.3. The daemon listens for peers on other hosts: the host opens a TCP listening
+ * socket where the operator allows it and hands it over (host->peer_listener). */
+#define IOF_DAEMON_LISTENS (1u << 0)
 
 /* Every plug-in defines this, with IOF_EXPORT. */
 typedef const struct iof_plugin *(*iof_plugin_entry_fn)(void);

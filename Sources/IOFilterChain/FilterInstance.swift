@@ -112,10 +112,31 @@ public final class FilterInstance: @unchecked Sendable {
 
     func close() {
         timers.cancelAll()
+        defer { channel.withLock { if $0 >= 0 { Glibc.close($0) }; $0 = -1 } }
         guard instance != nil else { return }
         let close = plugin.library.descriptor.pointee.close!
         serialized { close(instance) }
         instance = nil
+    }
+
+    /// This instance's channel to its plug-in's daemon (-1: none yet, or closed).
+    private let channel = Guarded<Int32>(-1)
+
+    /// `daemon_channel`: the channel while the daemon keeps its end open; once it has
+    /// closed it (it exited, and the host restarts it), a fresh one from the host, or
+    /// -1 while there is none to be had.
+    func daemonChannel() -> Int32 {
+        guard plugin.library.manifest.hasDaemon else { return -1 }
+        return channel.withLock { fd -> Int32 in
+            if fd >= 0 {
+                var peer = pollfd(fd: fd, events: 0x2000 /* POLLRDHUP, which Glibc does not export */, revents: 0)
+                if poll(&peer, 1, 0) == 0 { return fd }
+                Glibc.close(fd)
+                fd = -1
+            }
+            fd = HostServices.requestDaemonChannel(name, logger: logger)
+            return fd
+        }
     }
 
     func event(_ event: iof_disk_event) -> Int32 {

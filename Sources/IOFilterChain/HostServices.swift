@@ -1,5 +1,6 @@
 import CIOFilter
 import Glibc
+import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
 import Logging
@@ -16,7 +17,8 @@ enum HostServices {
                 HostServices.log(disk, level, message)
             },
             param: { disk, key in
-                guard let filter = FilterInstance.from(disk), let key else { return nil }
+                guard let key else { return nil }
+                guard let filter = FilterInstance.from(disk) else { return HostServices.daemonSetting(String(cString: key)) }
                 return filter.parameter(String(cString: key))
             },
             resume: { request, disposition, error in
@@ -35,7 +37,9 @@ enum HostServices {
             cancel_timer: { disk, id in
                 FilterInstance.from(disk)?.timers.cancel(id)
             },
-            daemon_channel: { _ in -1 },
+            daemon_channel: { disk in
+                FilterInstance.from(disk)?.daemonChannel() ?? -1
+            },
             open_target: { disk, spec in
                 guard let spec else { return -EINVAL }
                 return HostServices.openTarget(FilterInstance.from(disk), String(cString: spec))
@@ -57,6 +61,13 @@ enum HostServices {
                       flags & ~UInt32(IOF_EXTENT_HOLE | IOF_EXTENT_ZERO) == 0 else { return EINVAL }
                 extents.set(offset: offset, length: length, flags: flags)
                 return 0
+            },
+            peer_listener: {
+                HostServices.targets.withLock { $0.daemon?.peerFD ?? -1 }
+            },
+            open_replica: { name, size in
+                guard let name else { return -EINVAL }
+                return HostServices.openReplica(String(cString: name), size: size)
             }))
         return table
     }()
@@ -67,39 +78,95 @@ enum HostServices {
         case broker(fd: Int32)
         case direct
     }
-    private static let targets = Guarded<(access: TargetAccess, named: Set<String>)>((.direct, []))
+    /// A partner daemon's process: what only a daemon may ask for, and its settings
+    /// (`param` with a NULL disk), as C strings that live as long as the process.
+    struct DaemonRole {
+        let peerFD: Int32?
+        let settings: [String: UnsafeMutablePointer<CChar>]
+        let logger: Logger
+    }
+
+    static func daemonSetting(_ key: String) -> UnsafePointer<CChar>? {
+        targets.withLock { $0.daemon?.settings[key].map { UnsafePointer($0) } }
+    }
+    private struct TargetState {
+        var access: TargetAccess = .direct
+        var named: Set<String> = []
+        var daemon: DaemonRole?
+    }
+    private static let targets = Guarded(TargetState())
 
     /// Set once at start, before any plug-in loads: how targets are reached, and every
     /// target this worker's policies name (what a call without a disk may open).
     public static func configureTargets(_ access: TargetAccess, named: Set<String>) {
-        targets.withLock { $0 = (access, named) }
+        targets.withLock { $0 = TargetState(access: access, named: named) }
+    }
+
+    /// Set once at start of a partner daemon's process: its broker decides what the
+    /// daemon may open (the host knows which policies use the plug-in, and when), and
+    /// the peer listener the operator allowed, if any.
+    public static func configureDaemon(plugin: String, brokerFD: Int32?, peerFD: Int32?, settings: [String: String]) {
+        var logger = Logger(label: "iofilter.daemon")
+        logger[metadataKey: "plugin"] = "\(plugin)"
+        let role = DaemonRole(peerFD: peerFD, settings: settings.mapValues { strdup($0)! }, logger: logger)
+        targets.withLock { $0 = TargetState(access: brokerFD.map { .broker(fd: $0) } ?? .direct, named: [], daemon: role) }
     }
 
     static func openTarget(_ filter: FilterInstance?, _ spec: String) -> Int32 {
         let logger = filter?.logger ?? pluginLogger
-        // The lock also keeps one request at a time on the broker's socket.
         return targets.withLock { state -> Int32 in
-            guard filter.map({ $0.targets.contains(spec) }) ?? state.named.contains(spec) else {
+            // A daemon's requests are the host's to judge; a worker's are its policies'.
+            let allowed = filter.map { $0.targets.contains(spec) } ?? (state.daemon != nil || state.named.contains(spec))
+            guard allowed, !spec.hasPrefix(BrokerRequest.daemonChannelPrefix), !spec.hasPrefix(BrokerRequest.replicaPrefix) else {
                 logger.warning("open_target refused: \(spec) is not a target its policy names")
                 return -EACCES
             }
-            let outcome = switch state.access {
-            case .broker(let fd): TargetBroker.request(spec, over: fd)
-            case .direct: TargetBroker.open(spec)
+            return ask(state.access, for: spec, logger: logger, what: "open_target")
+        }
+    }
+
+    static func openReplica(_ name: String, size: UInt64) -> Int32 {
+        targets.withLock { state -> Int32 in
+            guard state.daemon != nil else {
+                pluginLogger.warning("open_replica refused: only a partner daemon keeps replica disks")
+                return -EPERM
             }
-            switch outcome {
-            case .success(let fd): return fd
+            return ask(state.access, for: "\(BrokerRequest.replicaPrefix)\(size):\(name)", logger: pluginLogger, what: "open_replica")
+        }
+    }
+
+    /// A fresh channel to `plugin`'s daemon from the host, or -1.
+    static func requestDaemonChannel(_ plugin: String, logger: Logger) -> Int32 {
+        targets.withLock { state -> Int32 in
+            guard case .broker(let fd) = state.access else { return -1 }
+            switch TargetBroker.request(BrokerRequest.daemonChannelPrefix + plugin, over: fd) {
+            case .success(let channel): return channel
             case .failure(let failure):
-                logger.warning("open_target \(spec): \(failure.message)")
-                return -failure.code
+                logger.debug("no daemon channel: \(failure.message)")
+                return -1
             }
+        }
+    }
+
+    /// Sends one request to the broker (or opens the target here, without one).
+    /// Callers hold `targets`' lock, which keeps one request at a time on its socket.
+    private static func ask(_ access: TargetAccess, for spec: String, logger: Logger, what: String) -> Int32 {
+        let outcome = switch access {
+        case .broker(let fd): TargetBroker.request(spec, over: fd)
+        case .direct: TargetBroker.open(spec)
+        }
+        switch outcome {
+        case .success(let fd): return fd
+        case .failure(let failure):
+            logger.warning("\(what) \(spec): \(failure.message)")
+            return -failure.code
         }
     }
 
     static let pluginLogger = Logger(label: "iofilter.plugin")
 
     static func log(_ disk: OpaquePointer?, _ level: iof_log_level, _ message: UnsafePointer<CChar>?) {
-        let logger = FilterInstance.from(disk)?.logger ?? pluginLogger
+        let logger = FilterInstance.from(disk)?.logger ?? targets.withLock { $0.daemon?.logger } ?? pluginLogger
         let text = message.map { String(cString: $0) } ?? ""
         switch level {
         case IOF_LOG_ERROR: logger.error("\(text)")

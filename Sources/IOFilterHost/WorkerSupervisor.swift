@@ -47,6 +47,10 @@ public final class WorkerSupervisor: @unchecked Sendable {
     /// The worker's own cgroup, if the host can make one.
     private let cgroup: WorkerCgroup?
 
+    /// Connects a filter instance to its plug-in's partner daemon, by plug-in name
+    /// (the host's daemons); set before `start`. Without it filters get no channel.
+    public var daemonChannels: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?
+
     /// - Parameter listenFDs: one listening socket per disk, in the order of
     ///   `configuration.disks`; the worker gets them as fds 3, 4, …
     public init(configuration: WorkerConfiguration, listenFDs: [Int32], workerPath: String = WorkerExecutable.path(),
@@ -172,7 +176,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
         }
         defer { close(pair[1]) }
         let beat = try Heartbeat()
-        let broker = try TargetBroker.start(allowed: configuration.namedTargets, logger: logger)
+        let broker = try TargetBroker.start(logger: logger, answer: brokerAnswer())
         defer { close(broker) }
         let handOver = listenFDs.enumerated().map { ($0.element, Int32(3 + $0.offset)) }
             + [(pair[1], configuration.controlFD!), (beat.fd, configuration.heartbeatFD!), (broker, configuration.brokerFD!)]
@@ -201,6 +205,20 @@ public final class WorkerSupervisor: @unchecked Sendable {
         }
         if outcome.ready { logger.info("worker \(process.pid) is serving") }
         return (process, outcome)
+    }
+
+    /// The worker's broker opens the targets its policies name and connects its
+    /// filters to the daemons of their own plug-ins.
+    private func brokerAnswer() -> TargetBroker.Answer {
+        let targets = TargetBroker.opening(configuration.namedTargets)
+        let plugins = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) })
+        let daemons = daemonChannels
+        return { spec in
+            guard spec.hasPrefix(BrokerRequest.daemonChannelPrefix) else { return targets(spec) }
+            let plugin = String(spec.dropFirst(BrokerRequest.daemonChannelPrefix.count))
+            guard plugins.contains(plugin) else { return .failure(TargetBroker.Failure(EACCES, "no filter of this VM is \(plugin)")) }
+            return daemons?(plugin) ?? .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon on this host"))
+        }
     }
 
     /// Sends one request over the current worker's control channel and waits (at most
@@ -293,18 +311,8 @@ public final class WorkerSupervisor: @unchecked Sendable {
 extension WorkerSupervisor {
     /// Waits for the worker to exit, killing it if its heartbeat stops.
     private func waitWatchingHeartbeat(_ process: ChildProcess) -> Int32 {
-        let beat = lock.withLock { heartbeat }
-        guard heartbeatTimeout > 0, let beat else { return process.wait() ?? -1 }
-        let limit = UInt64(heartbeatTimeout * 1e9)
-        let check = min(max(heartbeatTimeout / 4, 0.1), 1)
-        while true {
-            if let status = process.wait(timeout: check) { return status }
-            let last = beat.lastBeat, now = monotonicNanoseconds()
-            guard last > 0, now > last, now - last > limit, !lock.withLock({ stopping }) else { continue }
-            logger.critical(
-                "worker \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a filter); killing it")
-            process.signal(SIGKILL)
-            return process.wait() ?? -1
+        HeartbeatWatch.wait(for: process, beat: lock.withLock { heartbeat }, timeout: heartbeatTimeout, logger: logger) {
+            lock.withLock { stopping }
         }
     }
 }

@@ -39,6 +39,12 @@ public struct PluginManifest: Codable, Sendable, Equatable {
         self.path = path
     }
 
+    /// It has a partner daemon (`daemon_main`), which the host runs beside its filters.
+    public var hasDaemon: Bool { callbacks.contains("daemon_main") }
+    /// Its daemon accepts peers on other hosts where the operator allows it (ABI 1.3's
+    /// IOF_DAEMON_LISTENS).
+    public var daemonListens: Bool { callbacks.contains("daemon_listens") }
+
     public func operation(named name: String) -> ManagementOperation? {
         operations.first { $0.name == name }
     }

@@ -68,10 +68,20 @@ public enum TargetBroker {
         return .failure(Failure(code == 0 ? EIO : code, String(decoding: answer[4..<received], as: UTF8.self)))
     }
 
+    /// What the host answers one request with: an fd to hand over, or why not.
+    public typealias Answer = @Sendable (_ spec: String) -> Result<Int32, Failure>
+
+    /// The answer of a worker's broker: only `allowed` targets are opened; anything
+    /// else is refused with EACCES.
+    public static func opening(_ allowed: Set<String>) -> Answer {
+        { spec in
+            allowed.contains(spec) ? open(spec) : .failure(Failure(EACCES, "\(spec) is not a target any policy of this VM names"))
+        }
+    }
+
     /// The host's side: answers requests on `socket` on a thread of its own until the
-    /// worker's end closes (it exited), then closes `socket`. Only `allowed` targets
-    /// are opened; anything else is refused with EACCES and logged.
-    static func serve(on socket: Int32, allowed: Set<String>, logger: Logger) {
+    /// worker's end closes (it exited), then closes `socket`. Refusals are logged.
+    static func serve(on socket: Int32, logger: Logger, answer: @escaping Answer) {
         startThread(name: "target-broker") {
             defer { close(socket) }
             var record = [UInt8](repeating: 0, count: maxRecord)
@@ -81,38 +91,36 @@ public enum TargetBroker {
                 if ignored >= 0 { close(ignored) }
                 guard received > 0 else { return }
                 let spec = String(decoding: record[0..<received], as: UTF8.self)
-                let outcome: Result<Int32, Failure>
-                if allowed.contains(spec) {
-                    outcome = open(spec)
-                } else {
-                    outcome = .failure(Failure(EACCES, "\(spec) is not a target any policy of this VM names"))
-                }
-                var answer: [UInt8]
+                var reply: [UInt8]
                 var fd: Int32 = -1
-                switch outcome {
+                switch answer(spec) {
                 case .success(let opened):
                     fd = opened
-                    answer = withUnsafeBytes(of: Int32(0).littleEndian, Array.init)
-                    logger.info("opened \(spec) for the worker")
+                    reply = withUnsafeBytes(of: Int32(0).littleEndian, Array.init)
+                    logger.debug("opened \(spec) for the sandboxed process")
                 case .failure(let failure):
-                    answer = withUnsafeBytes(of: failure.code.littleEndian, Array.init) + Array(failure.message.utf8.prefix(maxRecord - 4))
-                    logger.warning("refused the worker \(spec): \(failure.message)")
+                    reply = withUnsafeBytes(of: failure.code.littleEndian, Array.init) + Array(failure.message.utf8.prefix(maxRecord - 4))
+                    logger.warning("refused \(spec): \(failure.message)")
                 }
-                let sent = answer.withUnsafeBytes { iof_send_with_fd(socket, $0.baseAddress, $0.count, fd) }
+                let sent = reply.withUnsafeBytes { iof_send_with_fd(socket, $0.baseAddress, $0.count, fd) }
                 if fd >= 0 { close(fd) }
                 if sent < 0 { return }
             }
         }
     }
 
-    /// Starts a broker for one worker: returns the worker's end of a SOCK_SEQPACKET pair
-    /// (close-on-exec; hand it over, then close it here) and serves the other end.
+    /// Starts a broker for one sandboxed process: returns its end of a SOCK_SEQPACKET
+    /// pair (close-on-exec; hand it over, then close it here) and serves the other end.
     public static func start(allowed: Set<String>, logger: Logger) throws(SystemError) -> Int32 {
+        try start(logger: logger, answer: opening(allowed))
+    }
+
+    public static func start(logger: Logger, answer: @escaping Answer) throws(SystemError) -> Int32 {
         var pair: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             throw SystemError("socketpair")
         }
-        serve(on: pair[0], allowed: allowed, logger: logger)
+        serve(on: pair[0], logger: logger, answer: answer)
         return pair[1]
     }
 }

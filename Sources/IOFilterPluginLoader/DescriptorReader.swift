@@ -11,12 +11,14 @@ enum DescriptorReader {
 
     static func read(_ pointer: UnsafePointer<iof_plugin>, path: String) throws(ValidationError) -> PluginManifest {
         let size = Int(pointer.pointee.struct_size)
-        let minimum = MemoryLayout<iof_plugin>.size
+        // ABI 1.0's descriptor ends with daemon_main; 1.3 appended daemon_flags.
+        let minimum = MemoryLayout<iof_plugin>.offset(of: \iof_plugin.daemon_flags)!
         guard size >= minimum else {
             throw .loadFailed(
                 path: path,
                 reason: "descriptor struct_size is \(size), smaller than ABI \(IOF_ABI_MAJOR).0's \(minimum)")
         }
+        // The loader hands over a copy zero-extended past struct_size (PluginLibrary.extend).
         let plugin = pointer.pointee
         guard Int32(plugin.abi_major) == IOF_ABI_MAJOR else {
             throw .loadFailed(
@@ -59,6 +61,10 @@ enum DescriptorReader {
         // ABI 1.2 ops a filter declares it handles, listed with its callbacks.
         if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_BLOCK_STATUS) != 0 { callbacks.append("block_status") }
         if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_CACHE) != 0 { callbacks.append("cache") }
+        // ABI 1.3: a daemon that accepts peers on other hosts.
+        if plugin.daemon_main != nil && plugin.abi_minor >= 3 && plugin.daemon_flags & UInt32(IOF_DAEMON_LISTENS) != 0 {
+            callbacks.append("daemon_listens")
+        }
 
         return PluginManifest(
             name: name, vendor: String(cString: vendor), version: String(cString: version),

@@ -28,10 +28,11 @@ public final class PluginLibrary: @unchecked Sendable {
             throw .loadFailed(path: path, reason: "does not export \(IOF_PLUGIN_ENTRY_SYMBOL); is it an iofilter plug-in?")
         }
         let entry = unsafeBitCast(symbol, to: (@convention(c) () -> UnsafePointer<iof_plugin>?).self)
-        guard let descriptor = entry() else {
+        guard let declared = entry() else {
             dlclose(handle)
             throw .loadFailed(path: path, reason: "\(IOF_PLUGIN_ENTRY_SYMBOL)() returned NULL")
         }
+        let descriptor = Self.extend(declared)
         do {
             self.manifest = try DescriptorReader.read(descriptor, path: path)
             try manifest.validate()
@@ -46,7 +47,8 @@ public final class PluginLibrary: @unchecked Sendable {
     /// A plug-in linked into this process instead of loaded from a file (the chain
     /// engine's tests build their filters this way). Its descriptor is checked exactly
     /// like a loaded one's.
-    public init(linkedDescriptor descriptor: UnsafePointer<iof_plugin>, name: String) throws(ValidationError) {
+    public init(linkedDescriptor declared: UnsafePointer<iof_plugin>, name: String) throws(ValidationError) {
+        let descriptor = Self.extend(declared)
         self.manifest = try DescriptorReader.read(descriptor, path: name)
         try manifest.validate()
         self.handle = nil
@@ -61,6 +63,18 @@ public final class PluginLibrary: @unchecked Sendable {
             return ops + index
         }
         return nil
+    }
+
+    /// The descriptor as this host's ABI lays it out: a plug-in built against an older
+    /// minor declares a shorter struct (its struct_size), and reading the fields
+    /// appended since would read past it. The copy holds the declared bytes and zeroes
+    /// after them; it lives as long as the process, like the loaded object.
+    private static func extend(_ declared: UnsafePointer<iof_plugin>) -> UnsafePointer<iof_plugin> {
+        let copy = UnsafeMutablePointer<iof_plugin>.allocate(capacity: 1)
+        copy.initialize(to: iof_plugin())
+        let declaredSize = Int(UnsafeRawPointer(declared).loadUnaligned(as: UInt32.self))
+        memcpy(copy, declared, min(declaredSize, MemoryLayout<iof_plugin>.size))
+        return UnsafePointer(copy)
     }
 
     /// dlerror repeats the path; keep the reason.

@@ -3,6 +3,8 @@
 //   iofilter-worker serve                   serve a VM's disks; configuration as JSON on
 //                                           stdin, listening sockets as fds 3, 4, …;
 //                                           prints READY on stdout once serving
+//   iofilter-worker daemon                  run a plug-in's partner daemon; configuration
+//                                           as JSON on stdin, its channel listener as fd 3
 //   iofilter-worker validate PLUGIN.so      print the plug-in's manifest as JSON
 //   iofilter-worker call PLUGIN.so OP ARG…  call a management operation, print the result
 //
@@ -306,7 +308,66 @@ case "serve" where arguments.count == 1:
     withExtendedLifetime(heartbeat) {}
     exit(0)
 
+case "daemon" where arguments.count == 1:
+    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
+    guard var configuration = try? JSONDecoder().decode(DaemonConfiguration.self, from: Data(input)) else {
+        logger.critical("daemon: no valid configuration on standard input")
+        exit(64)
+    }
+    logger = Logger(label: "iofilter.daemon")
+    logger[metadataKey: "plugin"] = "\(configuration.plugin.name)"
+    let signals = TerminationSignals.block()
+    configuration.stateDirectory = absolute(configuration.stateDirectory)
+    configuration.plugin.path = absolute(configuration.plugin.path)
+    try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
+    let listeners = [configuration.channelFD] + [configuration.peerFD].compactMap { $0 }
+    let handedOver = listeners + [configuration.brokerFD, configuration.heartbeatFD].compactMap { $0 }
+    if configuration.sandbox { Sandbox.closeInheritedFDs(keepingBelow: max(handedOver.max() ?? 2, 2) + 1) }
+    var inCgroup = false
+    if let files = configuration.cgroupProcs {
+        inCgroup = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
+        if !inCgroup { logger.warning("the host did not move this daemon into its cgroup: limits fall back on RLIMIT_AS") }
+    }
+    if configuration.sandbox {
+        // A worker's confinement: its own directory, its plug-in, the sockets it was
+        // handed; no network but those and what the host's broker opens for it.
+        confine {
+            $0.readWritePaths = [configuration.stateDirectory]
+            $0.readExecutePaths = [configuration.plugin.path]
+            $0.keepFDsBelow = nil
+            $0.pinnedFDs = listeners
+            $0.addressSpaceLimit = inCgroup ? nil : configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
+            $0.hiddenPaths = configuration.hiddenPaths ?? []
+            $0.identity = identity(configuration.identity ?? WorkerIdentity(for: "daemon:" + configuration.plugin.name))
+            $0.ownPidNamespace = true
+            $0.denySockets = configuration.brokerFD != nil
+        }
+    }
+    guard chdir(configuration.stateDirectory) == 0 else {
+        logger.critical("cannot enter state directory \(configuration.stateDirectory): \(String(cString: strerror(errno)))")
+        exit(71)
+    }
+    let plugin: LoadedPlugin
+    do {
+        plugin = try DaemonRuntime.load(configuration)
+    } catch {
+        cannotStart(error)
+    }
+    let heartbeat = configuration.heartbeatFD.flatMap { try? Heartbeat(inherited: $0) }
+    heartbeat?.startBeating()
+    let daemonLogger = logger
+    startThread(name: "signals") {
+        let received = signals.wait()
+        daemonLogger.info("signal \(received): stopping the daemon")
+        exit(0)
+    }
+    say("READY")
+    let status = DaemonRuntime.run(plugin, channelFD: configuration.channelFD)
+    logger.notice("daemon_main returned \(status)")
+    withExtendedLifetime(heartbeat) {}
+    exit(status == 0 ? 0 : 1)
+
 default:
-    try? FileDescriptorIO.writeAll(STDERR_FILENO, Array("usage: iofilter-worker serve | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
+    try? FileDescriptorIO.writeAll(STDERR_FILENO, Array("usage: iofilter-worker serve | daemon | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
     exit(64)
 }

@@ -64,6 +64,9 @@ extension IOFilterCommand {
         @Flag(name: .customLong("no-sr"), help: "Offer no structured replies (and so no block status), like nbdkit --no-sr: simple replies only.")
         var noStructuredReplies = false
 
+        @Option(help: ArgumentHelp("Where a filter's partner daemon accepts its peers on other hosts (if the plug-in declares IOF_DAEMON_LISTENS).", valueName: "host:port"))
+        var daemonListen: String?
+
         @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
         var stats = false
 
@@ -84,6 +87,7 @@ extension IOFilterCommand {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be more than 0 seconds") }
+            if let daemonListen, Sockets.hostPort(daemonListen) == nil { throw ValidationError("--daemon-listen '\(daemonListen)' is not HOST:PORT") }
         }
 
         var tls: TLSSettings? { tlsOptions.settings }
@@ -145,8 +149,15 @@ extension IOFilterCommand {
             configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
             let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
-
             let signals = TerminationSignals.block()
+            let daemons = startDaemons(for: planned, stateDirectory: stateDirectory, logger: logger)
+            defer {
+                daemons.values.forEach { $0.stop() }
+                if !daemons.isEmpty { rmdir(Self.daemonSocketDirectory) }
+            }
+            supervisor.daemonChannels = { plugin in
+                daemons[plugin]?.connectChannel() ?? .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon"))
+            }
 
             do {
                 try supervisor.start()
@@ -175,6 +186,38 @@ extension IOFilterCommand {
             if stats || statsEvery != nil { Self.printStatistics(of: supervisor, at: "at exit") }
             supervisor.stop()
             if let socketPath { unlink(socketPath) }
+        }
+
+        /// Short (unix socket paths are), and this run's alone.
+        static var daemonSocketDirectory: String { "/tmp/iofilter-serve-\(getuid())-\(getpid())" }
+
+        /// The partner daemons of the filters that declare one, as iofilterd would run
+        /// them: sandboxed, restarted when they die. Replicas they keep are files in
+        /// STATE/replicas.
+        func startDaemons(for planned: [PlannedFilter], stateDirectory: String, logger: Logger) -> [String: DaemonSupervisor] {
+            var daemons: [String: DaemonSupervisor] = [:]
+            let sockets = Self.daemonSocketDirectory
+            for filter in planned where filter.manifest.hasDaemon {
+                let name = filter.manifest.name
+                let peers = Set(filter.targets.filter { $0.hasPrefix(BrokerRequest.peerScheme) })
+                if daemonListen != nil && !filter.manifest.daemonListens {
+                    logger.warning("\(name) does not declare IOF_DAEMON_LISTENS: its daemon gets no peer listener")
+                }
+                do {
+                    let daemon = try DaemonSupervisor(
+                        plugin: filter.manifest, directory: stateDirectory + "/daemons/" + name, socketDirectory: sockets,
+                        listen: filter.manifest.daemonListens ? daemonListen : nil, logLevel: StandardErrorLogging.level.rawValue,
+                        logger: logger,
+                        answer: DaemonSupervisor.brokerAnswer(plugin: name, peers: { peers },
+                                                              replica: DaemonSupervisor.fileReplicas(in: stateDirectory + "/replicas")))
+                    daemon.start()
+                    if let address = daemon.listenAddress { logger.notice("the daemon of \(name) accepts peers on \(address)") }
+                    daemons[name] = daemon
+                } catch {
+                    fail("\(error)")
+                }
+            }
+            return daemons
         }
 
         /// Answers control requests (one JSON line each way, one per connection) on a

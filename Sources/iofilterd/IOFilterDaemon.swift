@@ -173,9 +173,11 @@ struct IOFilterDaemon: ParsableCommand {
         // The daemon's own metrics (swift-metrics) land in the registry GET /metrics emits.
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-        registry.makeGauge(name: "iofilterd_start_time_seconds", help: "When this iofilterd started (Unix time).")
+        registry.makeGauge(descriptor: MetricNameDescriptor(namespace: "iofilterd", metricName: "start_time", unitName: "seconds",
+                                                            helpText: "When this iofilterd started (Unix time)."))
             .set(Date().timeIntervalSince1970)
-        registry.makeGauge(name: "iofilterd_up", labels: [("version", Release.version)], help: "1 while iofilterd serves its API.").set(1.0)
+        registry.makeGauge(descriptor: MetricNameDescriptor(namespace: "iofilterd", metricName: "up", unitName: "", helpText: "1 while iofilterd serves its API."),
+                           labels: [("version", Release.version)]).set(1.0)
         let router = APIRouter(controller: controller, apiSocket: apiSocket, registry: registry, logger: logger)
         let server = APIServer(logger: logger) { router.handle($0) }
         var listeners = [APIServer.Listener.unix(path: apiSocket, mode: 0o600, group: nil)]

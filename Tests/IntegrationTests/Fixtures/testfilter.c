@@ -10,6 +10,15 @@
  *   BAD_ENUM_SCHEMA, BAD_RANGE_SCHEMA, BAD_DEFAULT_SCHEMA
  *   NO_ENTRY                    export no entry point at all
  *   THREAD_MODEL                an iof_thread_model
+ *   WITH_DAEMON                 a partner daemon: it counts its starts in the file
+ *                               `starts` of its state directory and answers each line
+ *                               on a channel with "echo START LINE"; it logs whether
+ *                               socket(2) was refused it. The management operation
+ *                               daemon_echo(text) sends "DISK text" over every open
+ *                               instance's channel and returns "DISK=REPLY;" for each
+ *                               ("DISK=down;" when daemon_channel gives -1).
+ *   DAEMON_LISTENS              its daemon declares IOF_DAEMON_LISTENS (ABI 1.3) and
+ *                               answers each peer on its listener with "peer START"
  *
  * Every lifecycle event (snapshot, clone, grow) is appended to events.log in the
  * sidecar directory, one line each ("snapshot", "clone NAME", "grow BYTES").
@@ -222,6 +231,11 @@ static int tf_attach(iof_host_disk *disk, const struct iof_disk_info *info)
         fclose(mark);
     return 0;
 }
+
+#ifdef WITH_DAEMON
+static void remember_disk(iof_host_disk *disk, const char *name);
+static void forget_disk(iof_host_disk *disk);
+#endif
 
 static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void **out)
 {
@@ -457,11 +471,20 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
             fclose(file);
         host->log(disk, IOF_LOG_WARNING, line);
     }
+#ifdef WITH_DAEMON
+    remember_disk(disk, info->disk_name);
+#endif
     *out = inst;
     return 0;
 }
 
-static void tf_close(void *instance) { free(instance); }
+static void tf_close(void *instance)
+{
+#ifdef WITH_DAEMON
+    forget_disk(((struct instance *)instance)->disk);
+#endif
+    free(instance);
+}
 
 static int tf_event(void *instance, const struct iof_disk_event *event)
 {
@@ -596,8 +619,158 @@ static const struct iof_param_spec params[] = {
 
 static int32_t add(int32_t a, int32_t b) { return a + b; }
 static const enum iof_value_type two_ints[] = {IOF_VALUE_INT32, IOF_VALUE_INT32};
+
+#ifdef WITH_DAEMON
+/* --- the partner daemon ------------------------------------------------------------ */
+
+static long daemon_starts;
+
+static int read_line(int fd, char *line, size_t size)
+{
+    size_t used = 0;
+    while (used + 1 < size) {
+        ssize_t n = read(fd, line + used, 1);
+        if (n <= 0) return -1;
+        if (line[used] == '\n') break;
+        used++;
+    }
+    line[used] = 0;
+    return (int)used;
+}
+
+static void write_all(int fd, const char *text)
+{
+    size_t left = strlen(text);
+    while (left > 0) {
+        ssize_t n = write(fd, text, left);
+        if (n <= 0) return;
+        text += n;
+        left -= (size_t)n;
+    }
+}
+
+static void *echo_channel(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char line[1024], reply[1200];
+    while (read_line(fd, line, sizeof line) >= 0) {
+        snprintf(reply, sizeof reply, "echo %ld %s\n", daemon_starts, line);
+        write_all(fd, reply);
+    }
+    close(fd);
+    return NULL;
+}
+
+static void *answer_peers(void *arg)
+{
+    int listener = (int)(intptr_t)arg;
+    for (;;) {
+        int peer = accept(listener, NULL, NULL);
+        if (peer < 0) continue;
+        char reply[64];
+        snprintf(reply, sizeof reply, "peer %ld\n", daemon_starts);
+        write_all(peer, reply);
+        close(peer);
+    }
+    return NULL;
+}
+
+static int tf_daemon_main(const struct iof_host_services *services, int listen_fd)
+{
+    FILE *counter = fopen("starts", "r");
+    if (counter) {
+        if (fscanf(counter, "%ld", &daemon_starts) != 1) daemon_starts = 0;
+        fclose(counter);
+    }
+    daemon_starts++;
+    counter = fopen("starts", "w");
+    if (counter) {
+        fprintf(counter, "%ld\n", daemon_starts);
+        fclose(counter);
+    }
+    int probe = socket(AF_INET, SOCK_STREAM, 0);
+    char line[160];
+    snprintf(line, sizeof line, "daemon start %ld; socket(2): %s", daemon_starts, probe < 0 ? strerror(errno) : "allowed");
+    if (probe >= 0) close(probe);
+    services->log(NULL, IOF_LOG_WARNING, line);
+#if IOF_ABI_MINOR >= 3
+    if (services->struct_size > offsetof(struct iof_host_services, peer_listener)) {
+        int peers = services->peer_listener();
+        snprintf(line, sizeof line, "daemon peer listener: %d", peers);
+        services->log(NULL, IOF_LOG_WARNING, line);
+        if (peers >= 0) {
+            pthread_t thread;
+            pthread_create(&thread, NULL, answer_peers, (void *)(intptr_t)peers);
+            pthread_detach(thread);
+        }
+    }
+#endif
+    for (;;) {
+        int channel = accept(listen_fd, NULL, NULL);
+        if (channel < 0) continue;
+        pthread_t thread;
+        pthread_create(&thread, NULL, echo_channel, (void *)(intptr_t)channel);
+        pthread_detach(thread);
+    }
+    return 0;
+}
+
+/* The open instances, for daemon_echo. */
+static pthread_mutex_t instances_lock = PTHREAD_MUTEX_INITIALIZER;
+static iof_host_disk *open_disks[64];
+static char open_names[64][128];
+
+static void remember_disk(iof_host_disk *disk, const char *name)
+{
+    pthread_mutex_lock(&instances_lock);
+    for (int i = 0; i < 64; i++)
+        if (!open_disks[i]) {
+            open_disks[i] = disk;
+            snprintf(open_names[i], sizeof open_names[i], "%s", name);
+            break;
+        }
+    pthread_mutex_unlock(&instances_lock);
+}
+
+static void forget_disk(iof_host_disk *disk)
+{
+    pthread_mutex_lock(&instances_lock);
+    for (int i = 0; i < 64; i++)
+        if (open_disks[i] == disk) open_disks[i] = NULL;
+    pthread_mutex_unlock(&instances_lock);
+}
+
+static const char *daemon_echo(const char *text)
+{
+    static char result[4096];
+    result[0] = 0;
+    pthread_mutex_lock(&instances_lock);
+    for (int i = 0; i < 64; i++) {
+        if (!open_disks[i]) continue;
+        char line[1200], reply[1200];
+        int fd = host->daemon_channel(open_disks[i]);
+        if (fd < 0) {
+            snprintf(reply, sizeof reply, "down");
+        } else {
+            snprintf(line, sizeof line, "%s %s\n", open_names[i], text);
+            write_all(fd, line);
+            if (read_line(fd, reply, sizeof reply) < 0) snprintf(reply, sizeof reply, "closed");
+        }
+        size_t used = strlen(result);
+        snprintf(result + used, sizeof result - used, "%s=%s;", open_names[i], reply);
+    }
+    pthread_mutex_unlock(&instances_lock);
+    return result;
+}
+static const enum iof_value_type one_string[] = {IOF_VALUE_STRING};
+#endif
+
 static const struct iof_mgmt_op ops[] = {
     {sizeof(struct iof_mgmt_op), "add", "adds two numbers", (void (*)(void))add, IOF_VALUE_INT32, 2, two_ints, NULL},
+#ifdef WITH_DAEMON
+    {sizeof(struct iof_mgmt_op), "daemon_echo", "echoes text through the daemon over every instance's channel",
+     (void (*)(void))daemon_echo, IOF_VALUE_STRING, 1, one_string, NULL},
+#endif
 };
 
 static const struct iof_plugin descriptor = {
@@ -612,7 +785,7 @@ static const struct iof_plugin descriptor = {
     .thread_model = THREAD_MODEL,
     .param_count = sizeof params / sizeof params[0],
     .params = params,
-    .mgmt_op_count = 1,
+    .mgmt_op_count = sizeof ops / sizeof ops[0],
     .mgmt_ops = ops,
     .load = tf_load,
     .attach = tf_attach,
@@ -623,6 +796,12 @@ static const struct iof_plugin descriptor = {
 #endif
     .done = tf_done,
     .event = tf_event,
+#ifdef WITH_DAEMON
+    .daemon_main = tf_daemon_main,
+#if defined(DAEMON_LISTENS) && IOF_ABI_MINOR >= 3
+    .daemon_flags = IOF_DAEMON_LISTENS,
+#endif
+#endif
 };
 
 #ifndef NO_ENTRY
