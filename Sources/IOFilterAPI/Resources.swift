@@ -37,9 +37,14 @@ public struct PluginInfo: Codable, Sendable, Equatable {
     public var acceptanceLevel: AcceptanceLevel
     /// Who signed it, with what each signature counted for on this host.
     public var signers: [PluginSigner]
+    /// Its partner daemon, on the version that runs it (the newest installed).
+    public var daemon: DaemonStatus?
+    /// Its daemon may accept peers on other hosts (IOF_DAEMON_LISTENS).
+    public var daemonListens: Bool?
 
     public init(manifest: PluginManifest, installedAt: String, attachedTo: [String],
-                acceptanceLevel: AcceptanceLevel = .community, signers: [PluginSigner] = []) {
+                acceptanceLevel: AcceptanceLevel = .community, signers: [PluginSigner] = [], daemon: DaemonStatus? = nil) {
+        self.daemon = daemon
         name = manifest.name
         version = manifest.version
         vendor = manifest.vendor
@@ -53,6 +58,7 @@ public struct PluginInfo: Codable, Sendable, Equatable {
         self.attachedTo = attachedTo
         self.acceptanceLevel = acceptanceLevel
         self.signers = signers
+        daemonListens = manifest.hasDaemon ? manifest.daemonListens : nil
     }
 }
 
@@ -113,7 +119,19 @@ public struct PluginInstallRequest: Codable, Sendable {
     /// An absolute path, on the host, of the `.so` to validate and copy. Its signature
     /// is read from PATH.sig beside it, if there is one.
     public var path: String
-    public init(path: String) { self.path = path }
+    /// Where its partner daemon may accept peers on other hosts ("HOST:PORT"), if it
+    /// declares IOF_DAEMON_LISTENS: as `PUT /plugins/{name}/daemon-listen` would set.
+    public var daemonListen: String?
+    public init(path: String, daemonListen: String? = nil) {
+        self.path = path
+        self.daemonListen = daemonListen
+    }
+}
+
+/// Where a plug-in's partner daemon accepts peers on other hosts; null: nowhere.
+public struct DaemonListenRequest: Codable, Sendable {
+    public var address: String?
+    public init(address: String?) { self.address = address }
 }
 
 public struct PluginCallRequest: Codable, Sendable {
@@ -250,10 +268,15 @@ public struct DiskInfo: Codable, Sendable {
     /// A long transfer using the disk right now ("exporting to /backup/d.img").
     public var activity: String?
     public var createdAt: String
+    /// The plug-in whose daemon keeps this disk as a replica of another host's; it is
+    /// read-only until `iofilter disk promote`.
+    public var replicaOf: String?
 
     public init(name: String, path: String, sizeBytes: Int64, readOnly: Bool, policy: String?, vm: String?, uri: String?,
-                attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, activity: String? = nil, createdAt: String) {
+                attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, activity: String? = nil, createdAt: String,
+                replicaOf: String? = nil) {
         self.activity = activity
+        self.replicaOf = replicaOf
         self.name = name
         self.path = path
         self.sizeBytes = sizeBytes

@@ -227,7 +227,13 @@ extension APIRouter {
             route("GET", "/plugins", "listPlugins", "Installed plug-ins, every version.", (200, "[Plugin]")) { _ in try host.listPlugins() },
             route("POST", "/plugins", "installPlugin", "Validate a plug-in in a sandbox and install a copy of it.",
                   body: "PluginInstallRequest", (201, "Plugin"), errors: [404, 409, 422]) { request in
-                try host.installPlugin(path: request.decode(PluginInstallRequest.self).path)
+                let install = try request.decode(PluginInstallRequest.self)
+                return try host.installPlugin(path: install.path, daemonListen: install.daemonListen)
+            },
+            route("PUT", "/plugins/{name}/daemon-listen", "setDaemonListen",
+                  "Where the plug-in's partner daemon accepts peers on other hosts (no address: nowhere); restarts the daemon.",
+                  body: "DaemonListenRequest", (200, "Plugin"), errors: [400, 404, 409]) { request in
+                try host.setDaemonListen(request.parameter("name"), address: request.decode(DaemonListenRequest.self).address)
             },
             route("GET", "/plugins/{name}", "showPlugin", "Every installed version of one plug-in, newest first.", (200, "[Plugin]"),
                   errors: [404]) { request in try host.showPlugin(request.parameter("name")) },
@@ -288,6 +294,9 @@ extension APIRouter {
             },
             route("DELETE", "/disks/{name}", "deleteDisk", "Delete a disk no VM owns and nothing serves.", (200, "Disk"),
                   errors: [404, 409]) { request in try host.deleteDisk(request.parameter("name")) },
+            route("POST", "/disks/{name}/promote", "promoteDisk",
+                  "Make a replica an ordinary, writable disk of this host (failover); its replication stream is refused from then on.",
+                  (200, "Disk"), errors: [404, 409]) { request in try host.promoteDisk(request.parameter("name")) },
             route("POST", "/disks/{name}/grow", "growDisk", "Grow an idle disk.", body: "DiskGrowRequest", (200, "Disk"),
                   errors: [404, 409, 422, 502]) { request in try host.growDisk(request.parameter("name"), request.decode(DiskGrowRequest.self)) },
             route("POST", "/disks/{name}/snapshot", "snapshotDisk", "A read-only copy of the disk as its consumer sees it now.",

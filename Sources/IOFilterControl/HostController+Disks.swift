@@ -17,7 +17,7 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            activity: liveLock.withLock { busy[row.name] }, createdAt: row.createdAt)
+            activity: liveLock.withLock { busy[row.name] }, createdAt: row.createdAt, replicaOf: row.replicaOf)
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {

@@ -14,7 +14,7 @@ extension HostController {
             manifest: row.manifest, installedAt: row.installedAt,
             attachedTo: disks.filter { $0.attached.contains { $0.manifest.name == row.name && $0.manifest.version == row.version } }
                 .map(\.name),
-            acceptanceLevel: row.acceptanceLevel, signers: row.signers)
+            acceptanceLevel: row.acceptanceLevel, signers: row.signers, daemon: daemonStatus(row.name, version: row.version))
     }
 
     public func listPlugins() throws(ControlError) -> [PluginInfo] {
@@ -41,7 +41,7 @@ extension HostController {
     /// the trust store and the host's acceptance level; only then does the copy become
     /// the installed version. Installing a newer version of a plug-in in use is allowed:
     /// VMs pick it up at their next start.
-    public func installPlugin(path: String, signature givenSignature: Data? = nil) throws(ControlError) -> PluginInfo {
+    public func installPlugin(path: String, signature givenSignature: Data? = nil, daemonListen: String? = nil) throws(ControlError) -> PluginInfo {
         guard path.hasPrefix("/") else { throw .badRequest("the plug-in path must be absolute, got '\(path)'") }
         guard FileManager.default.isReadableFile(atPath: path) else { throw .notFound("cannot read \(path)") }
         let signature = givenSignature ?? FileManager.default.contents(atPath: path + ".sig")
@@ -92,6 +92,17 @@ extension HostController {
                 throw error
             }
             event("plugin-installed", manifest.name, "version \(manifest.version) (\(manifest.category.rawValue)) from \(path), \(verdict.summary)")
+            // Its daemon: the newest version's runs, so an upgrade replaces it.
+            let versions = try store.read { db in try PluginRow.filter(Column("name") == manifest.name).fetchAll(db) }
+            if installed.hasDaemon, !versions.contains(where: { Versions.isNewer($0.version, than: manifest.version) }) {
+                if let daemonListen {
+                    try applyDaemonListen(installed, address: daemonListen)
+                } else {
+                    try startDaemon(installed)
+                }
+            } else if daemonListen != nil {
+                throw ControlError.badRequest("\(manifest.name) \(manifest.version) was installed, but its daemon does not run (it has none, or a newer version's does)")
+            }
             return try store.read { db in pluginInfo(row, disks: try DiskRow.fetchAll(db)) }
         }
     }
@@ -132,6 +143,13 @@ extension HostController {
                 event("plugin-removed", name, "version \(row.version)")
             }
             if remaining.isEmpty { try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(name)") }
+            // The daemon goes with its version; an older one left takes over.
+            if doomed.contains(where: { daemonStatus(name, version: $0.version) != nil }) {
+                stopDaemon(name)
+                if let next = remaining.max(by: { Versions.isNewer($1.version, than: $0.version) }), next.manifest.hasDaemon {
+                    try startDaemon(next.manifest)
+                }
+            }
             return doomed.map { pluginInfo($0, disks: []) }
         }
     }

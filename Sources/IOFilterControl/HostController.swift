@@ -44,6 +44,8 @@ public final class HostController: @unchecked Sendable {
     /// Disks a long transfer is using (and names a snapshot or clone is being made
     /// under), with what it is doing.
     var busy: [String: String] = [:]
+    /// Partner daemons, by plug-in name.
+    var daemons: [String: DaemonSupervisor] = [:]
 
     /// A worker serving disks: a VM's, or an offline session's.
     struct LiveWorker {
@@ -70,7 +72,7 @@ public final class HostController: @unchecked Sendable {
         self.stateDirectory = (stateDirectory as NSString).standardizingPath
         self.logLevel = logLevel
         self.logger = logger
-        for directory in ["plugins", "disks", "vms", "offline", "replicas"] {
+        for directory in ["plugins", "disks", "vms", "offline", "replicas", "daemons", "run"] {
             try FileManager.default.createDirectory(atPath: "\(self.stateDirectory)/\(directory)", withIntermediateDirectories: true)
         }
         store = try StateStore(path: "\(self.stateDirectory)/iofilterd.sqlite")
@@ -175,6 +177,7 @@ public final class HostController: @unchecked Sendable {
             }
             group.wait()
         }
+        stopDaemons()
     }
 
     // MARK: workers
@@ -236,6 +239,9 @@ public final class HostController: @unchecked Sendable {
         let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
         supervisor.maximumBackoff = max(restartBackoffLimit, supervisor.minimumBackoff)
         supervisor.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
+        supervisor.daemonChannels = { [weak self] plugin in
+            self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
+        }
         do {
             try supervisor.start()
         } catch {

@@ -69,6 +69,8 @@ enum OpenAPIDocument {
     /// Bytes, or a number with a K, M, G or T suffix (powers of 1024), that fits 63 bits.
     static let size = Schema.pattern("^([1-9][0-9]{0,17}|[1-9][0-9]{0,14}K|[1-9][0-9]{0,11}M|[1-9][0-9]{0,8}G|[1-9][0-9]{0,5}T)$")
     static let absolutePath = Schema.pattern("^/")
+    /// "HOST:PORT" ("[::1]:PORT" for IPv6).
+    static let hostPort = Schema.pattern("^.+:[0-9]{1,5}$")
     static let role = Schema.enumeration(Role.allCases.map(\.rawValue))
     static let acceptanceLevel = Schema.enumeration(AcceptanceLevel.allCases.map(\.rawValue))
 
@@ -91,6 +93,7 @@ enum OpenAPIDocument {
             "threadModel": .enumeration(["serialize-all", "serialize-per-disk", "parallel"]),
             "parameters": .array(.ref("Parameter")), "operations": .array(.ref("Operation")), "path": .string,
             "installedAt": .string, "attachedTo": .array(.string), "acceptanceLevel": acceptanceLevel, "signers": .array(.ref("PluginSigner")),
+            "daemon": .ref("DaemonStatus"), "daemonListens": .boolean,
         ], required: ["name", "version", "vendor", "category", "description", "threadModel", "parameters", "operations", "path",
                       "installedAt", "attachedTo", "acceptanceLevel", "signers"]),
         "PluginSigner": .object(["keyId": .string, "comment": .string, "claimed": acceptanceLevel, "effective": acceptanceLevel],
@@ -103,7 +106,12 @@ enum OpenAPIDocument {
         ], required: ["id", "name", "role", "createdAt"]),
         "TokenCreateRequest": .object(["name": name, "role": role], required: ["name", "role"]),
         "TrustAddRequest": .object(["publicKey": .pattern("^iofilter-ed25519 "), "level": acceptanceLevel], required: ["publicKey", "level"]),
-        "PluginInstallRequest": .object(["path": absolutePath], required: ["path"]),
+        "PluginInstallRequest": .object(["path": absolutePath, "daemonListen": hostPort], required: ["path"]),
+        "DaemonStatus": .object([
+            "state": .enumeration(["starting", "running", "restarting", "stopped"]), "pid": .integer, "restarts": .integer,
+            "lastError": .string, "listen": .string,
+        ], required: ["state", "restarts"]),
+        "DaemonListenRequest": .object(["address": hostPort], required: []),
         "PluginCallRequest": .object(["operation": .pattern("^[a-z][a-z0-9_-]*$"), "arguments": .array(.string), "vm": name, "version": .string],
                                      required: ["operation", "arguments"]),
         "ManagementResult": .object(["type": .string, "value": .string], required: ["type", "value"]),
@@ -124,7 +132,7 @@ enum OpenAPIDocument {
         "Disk": .object([
             "name": .string, "path": .string, "sizeBytes": .integer, "format": .enumeration(["raw"]), "readOnly": .boolean,
             "policy": .string, "vm": .string, "uri": .string, "attached": .array(.ref("ChainEntry")), "compliance": .ref("Compliance"),
-            "snapshotOf": .string, "activity": .string, "createdAt": .string,
+            "snapshotOf": .string, "activity": .string, "createdAt": .string, "replicaOf": .string,
         ], required: ["name", "path", "sizeBytes", "format", "readOnly", "attached", "compliance", "createdAt"]),
         "DiskCreateRequest": .object(["name": name, "size": size, "policy": name], required: ["name", "size"]),
         "DiskImportRequest": .object(["name": name, "source": absolutePath, "policy": name], required: ["name", "source"]),

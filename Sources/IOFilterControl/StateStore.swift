@@ -59,6 +59,8 @@ struct DiskRow: Codable, FetchableRecord, PersistableRecord {
     var snapshotOf: String?
     var vm: String?
     var createdAt: String
+    /// (v7) The plug-in whose daemon keeps it as a replica; read-only while set.
+    var replicaOf: String?
 }
 
 struct VMRow: Codable, FetchableRecord, PersistableRecord {
@@ -201,6 +203,9 @@ final class StateStore: Sendable {
         }
         migrator.registerMigration("v6: NBD over TLS per VM") { db in
             try db.alter(table: "vm") { t in t.add(column: "tls", .jsonText) }
+        }
+        migrator.registerMigration("v7: replica disks that partner daemons keep") { db in
+            try db.alter(table: "disk") { t in t.add(column: "replicaOf", .text) }
         }
         return migrator
     }

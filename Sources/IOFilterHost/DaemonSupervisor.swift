@@ -102,6 +102,8 @@ public final class DaemonSupervisor: @unchecked Sendable {
                                         cpuWeight: WorkerCgroupLimits.defaultCPUWeight)
         switch WorkerCgroup.create(name: "daemon-" + Self.socketName(plugin.name), limits: limits) {
         case .success(let made):
+            // A daemon a crashed host left behind in it goes now.
+            made.killAll()
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
         case .failure(let reason):

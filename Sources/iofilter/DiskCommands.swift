@@ -20,7 +20,7 @@ struct DiskCommand: ParsableCommand {
             """,
         subcommands: [
             Create.self, Import.self, List.self, Show.self, Delete.self, Grow.self, Snapshot.self, Clone.self,
-            AssignPolicy.self, Compliance.self, Export.self, Copy.self, Serve.self,
+            AssignPolicy.self, Compliance.self, Export.self, Copy.self, Serve.self, Promote.self,
         ])
 
     static func describe(_ disk: DiskInfo) -> String {
@@ -33,6 +33,7 @@ struct DiskCommand: ParsableCommand {
         ]
         if let uri = disk.uri { lines.append("  served at:   \(uri)") }
         if let source = disk.snapshotOf { lines.append("  snapshot of: \(source)") }
+        if let keeper = disk.replicaOf { lines.append("  replica:     kept by the daemon of \(keeper); read-only until `iofilter disk promote \(disk.name)`") }
         if let activity = disk.activity { lines.append("  busy:        \(activity)") }
         lines.append("  filters:     " + (disk.attached.isEmpty ? "none"
             : disk.attached.map { "\($0.plugin) \($0.version) [\($0.category.rawValue)]" }.joined(separator: " -> ")))
@@ -41,7 +42,7 @@ struct DiskCommand: ParsableCommand {
 
     static func summary(_ disk: DiskInfo) -> [String] {
         [disk.name, sizeText(disk.sizeBytes), disk.policy ?? "-", disk.compliance.status.rawValue, disk.vm ?? "-",
-         disk.snapshotOf.map { "snapshot of \($0)" } ?? (disk.uri ?? "")]
+         disk.snapshotOf.map { "snapshot of \($0)" } ?? disk.replicaOf.map { "replica (\($0))" } ?? (disk.uri ?? "")]
     }
 
     struct Create: ParsableCommand {
@@ -112,7 +113,7 @@ struct DiskCommand: ParsableCommand {
     struct Grow: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Grow a disk no VM is running.",
-            discussion: "Its filters are detached and attached again around the change (a cache destages, replication resyncs).")
+            discussion: "Its filters hear of it first (their `event` callback, in the VM's worker or a maintenance one) and may veto it.")
         @Argument(help: "The disk's name.") var name: String
         @Option(help: "The new, larger size.") var size: String
         @OptionGroup var daemon: DaemonOptions
@@ -120,6 +121,28 @@ struct DiskCommand: ParsableCommand {
         func run() throws {
             try reportingFailures {
                 try daemon.client.run("POST", "/disks/\(name)/grow", body: DiskGrowRequest(size: size), as: DiskInfo.self, text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct Promote: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a replica an ordinary, writable disk of this host (failover).",
+            discussion: """
+                A replica is a disk a plug-in's daemon writes for another host (replication to \
+                iofilter://HOST:PORT/DISK). Promoted, it is this host's own: writable, usable by a VM, \
+                and the daemon refuses the old primary's stream from then on (no split brain).
+
+                Failover drill:  (host A) iofilter vm stop web
+                                 (host B) iofilter disk promote web-replica
+                                 (host B) iofilter vm create web --disk web-replica && iofilter vm start web
+                """)
+        @Argument(help: "The replica disk.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(name)/promote", as: DiskInfo.self) { "promoted \($0.name): writable, no longer a replica" }
             }
         }
     }

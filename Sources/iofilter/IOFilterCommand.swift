@@ -32,7 +32,7 @@ struct IOFilterCommand: ParsableCommand {
     struct Plugin: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Validate, install and remove plug-ins, and call their management operations.",
-            subcommands: [Validate.self, Info.self, Install.self, List.self, Show.self, Remove.self, Call.self, Keygen.self, Sign.self, Verify.self])
+            subcommands: [Validate.self, Info.self, Install.self, List.self, Show.self, Remove.self, Call.self, DaemonListen.self, Keygen.self, Sign.self, Verify.self])
     }
 }
 

@@ -21,6 +21,10 @@ extension IOFilterCommand.Plugin {
         @Argument(help: "Plug-in shared objects (.so).")
         var plugins: [String]
 
+        @Option(help: ArgumentHelp("Where the plug-in's partner daemon may accept peers on other hosts, if it declares IOF_DAEMON_LISTENS.",
+                                   valueName: "host:port"))
+        var daemonListen: String?
+
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -29,7 +33,7 @@ extension IOFilterCommand.Plugin {
             try reportingFailures {
                 for path in plugins {
                     let asked = Date()
-                    try daemon.client.run("POST", "/plugins", body: PluginInstallRequest(path: absolutePath(path)), as: PluginInfo.self) {
+                    try daemon.client.run("POST", "/plugins", body: PluginInstallRequest(path: absolutePath(path), daemonListen: daemonListen), as: PluginInfo.self) {
                         // The host answers an install of the very same build with the copy
                         // it has: say so rather than pretend something happened.
                         if let since = timestamp.date(from: $0.installedAt), since < asked.addingTimeInterval(-1) {
@@ -53,6 +57,37 @@ extension IOFilterCommand.Plugin {
                     plugins.isEmpty ? "no plug-ins installed; add one with `iofilter plugin install PLUGIN.so`" : table(
                         ["NAME", "VERSION", "CATEGORY", "LEVEL", "VENDOR", "ATTACHED TO"],
                         plugins.map { [$0.name, $0.version, $0.category.rawValue, $0.acceptanceLevel.rawValue, $0.vendor, $0.attachedTo.joined(separator: ",")] })
+                }
+            }
+        }
+    }
+
+    struct DaemonListen: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "daemon-listen",
+            abstract: "Let a plug-in's partner daemon accept peers from other hosts on an address, or on none.",
+            discussion: """
+                The host opens the listening socket and hands it to the daemon (restarted for it); \
+                the daemon gets no other network. Only plug-ins that declare IOF_DAEMON_LISTENS \
+                (ABI 1.3) take peers.
+
+                Example:  iofilter plugin daemon-listen org.swift-iofilter.replication 192.0.2.10:10900
+                          iofilter plugin daemon-listen org.swift-iofilter.replication --off
+                """)
+
+        @Argument(help: "The plug-in's name.") var name: String
+        @Argument(help: ArgumentHelp("Where to accept peers.", valueName: "host:port")) var address: String?
+        @Flag(help: "Accept no peers.") var off = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func validate() throws {
+            if off == (address != nil) { throw ValidationError("give HOST:PORT or --off") }
+        }
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("PUT", "/plugins/\(name)/daemon-listen", body: DaemonListenRequest(address: address), as: PluginInfo.self) {
+                    $0.daemon?.listen.map { "the daemon of \(name) accepts peers on \($0)" } ?? "the daemon of \(name) accepts no peers"
                 }
             }
         }
@@ -89,6 +124,13 @@ extension IOFilterCommand.Plugin {
                     "  acceptance level \(plugin.acceptanceLevel)" + (plugin.signers.isEmpty ? ", unsigned" : ", signed by "
                         + plugin.signers.map { "\($0.keyId) (\($0.comment), \($0.claimed), counts as \($0.effective))" }.joined(separator: "; ")),
                 ]
+                if let status = plugin.daemon {
+                    lines.append("  daemon: \(status.state.rawValue)" + (status.pid.map { ", pid \($0)" } ?? "") + ", \(status.restarts) restart(s)"
+                                 + (status.lastError.map { ", last exit: \($0)" } ?? "")
+                                 + (status.listen.map { ", accepts peers on \($0)" } ?? (plugin.daemonListens == true ? ", accepts no peers (iofilter plugin daemon-listen)" : "")))
+                } else if plugin.daemonListens != nil {
+                    lines.append("  daemon: not run by this version (a newer one's runs)")
+                }
             } else {
                 lines.append("  \(plugin.path); thread model \(plugin.threadModel.rawValue)")
             }

@@ -169,6 +169,8 @@ struct IOFilterDaemon: ParsableCommand {
         // VMs come back before the API answers, so that the first client sees the
         // host as it was, not halfway through coming back.
         controller.recoverFromPreviousRun()
+        // Daemons before VMs: their filters ask for channels as they open.
+        controller.startDaemons()
         if !noResume { controller.resume() }
         // The daemon's own metrics (swift-metrics) land in the registry GET /metrics emits.
         let registry = PrometheusCollectorRegistry()

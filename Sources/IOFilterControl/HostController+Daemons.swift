@@ -1,0 +1,214 @@
+import Foundation
+import GRDB
+import IOFilterAPI
+import IOFilterHost
+import IOFilterModel
+import IOFilterNBD
+import IOFilterPosix
+
+/// Partner daemons: one per installed plug-in that defines `daemon_main` (its newest
+/// version), sandboxed and supervised like a worker, started with the host, replaced
+/// when a newer version is installed, stopped when the plug-in is removed.
+extension HostController {
+    /// Where the host keeps the daemons' channel sockets: in the state directory,
+    /// which no sandboxed process sees.
+    var daemonSocketDirectory: String { "\(stateDirectory)/run" }
+    func daemonDirectory(_ plugin: String) -> String { "\(stateDirectory)/daemons/\(plugin)" }
+    static func daemonListenSetting(_ plugin: String) -> String { "daemon-listen/\(plugin)" }
+
+    /// Starts the daemon of every installed plug-in that has one (at host start).
+    public func startDaemons() {
+        let rows = (try? store.read { db in try PluginRow.fetchAll(db) }) ?? []
+        for (name, versions) in Dictionary(grouping: rows, by: \.name) {
+            guard let newest = versions.max(by: { Versions.isNewer($1.version, than: $0.version) }), newest.manifest.hasDaemon else { continue }
+            do {
+                try startDaemon(newest.manifest)
+            } catch {
+                event("daemon-failed", name, error.message)
+            }
+        }
+    }
+
+    /// Stops every daemon (at host stop, after the workers).
+    public func stopDaemons() {
+        let all = liveLock.withLock { () -> [DaemonSupervisor] in
+            defer { daemons = [:] }
+            return Array(daemons.values)
+        }
+        for daemon in all { daemon.stop() }
+    }
+
+    /// (Re)starts the daemon of `manifest`'s plug-in, replacing one of another version.
+    func startDaemon(_ manifest: PluginManifest) throws(ControlError) {
+        stopDaemon(manifest.name)
+        let name = manifest.name
+        let listen = manifest.daemonListens ? daemonListenAddress(name) : nil
+        let daemon: DaemonSupervisor
+        do {
+            daemon = try DaemonSupervisor(
+                plugin: manifest, directory: daemonDirectory(name), socketDirectory: daemonSocketDirectory, listen: listen,
+                logLevel: logLevel, hiddenPaths: hiddenFromWorkers, logger: logger,
+                answer: DaemonSupervisor.brokerAnswer(
+                    plugin: name, peers: { [weak self] in self?.peerTargets(of: name) ?? [] },
+                    replica: { [weak self] replica, size in
+                        self?.openReplica(replica, size: size, keptBy: name)
+                            ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
+                    }))
+        } catch {
+            throw .conflict("\(error)")
+        }
+        daemon.maximumBackoff = max(restartBackoffLimit, daemon.minimumBackoff)
+        daemon.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
+        liveLock.withLock { daemons[name] = daemon }
+        daemon.start()
+        let status = daemon.status
+        event("daemon-started", name, "version \(manifest.version)"
+              + (status.state == .running ? ", pid \(status.pid ?? 0)" : ", not running yet: \(status.lastError ?? "?")")
+              + (daemon.listenAddress.map { ", accepting peers on \($0)" } ?? ""))
+    }
+
+    func stopDaemon(_ plugin: String) {
+        guard let daemon = liveLock.withLock({ daemons.removeValue(forKey: plugin) }) else { return }
+        daemon.stop()
+        event("daemon-stopped", plugin, "version \(daemon.plugin.version)")
+    }
+
+    /// A connection to `plugin`'s daemon for one filter instance (the workers' brokers
+    /// ask for it).
+    func daemonChannel(_ plugin: String) -> Result<Int32, TargetBroker.Failure> {
+        guard let daemon = liveLock.withLock({ daemons[plugin] }) else {
+            return .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon running on this host"))
+        }
+        return daemon.connectChannel()
+    }
+
+    func daemonStatus(_ plugin: String, version: String) -> DaemonStatus? {
+        liveLock.withLock { daemons[plugin] }.flatMap { $0.plugin.version == version ? $0.status : nil }
+    }
+
+    func daemonListenAddress(_ plugin: String) -> String? {
+        try? store.read { db in try SettingRow.fetchOne(db, key: Self.daemonListenSetting(plugin))?.value }
+    }
+
+    /// Lets `plugin`'s daemon accept peers on `address` ("HOST:PORT"), or nowhere (nil),
+    /// and restarts it on the new socket.
+    public func setDaemonListen(_ plugin: String, address: String?) throws(ControlError) -> PluginInfo {
+        try exclusive {
+            let newest = try Self.newestFirst(try store.read { db in try PluginRow.filter(Column("name") == plugin).fetchAll(db) }, name: plugin)[0]
+            try applyDaemonListen(newest.manifest, address: address)
+        }
+        return try showPlugin(plugin)[0]
+    }
+
+    /// Call under the change lock.
+    func applyDaemonListen(_ manifest: PluginManifest, address: String?) throws {
+        guard manifest.hasDaemon else { throw ControlError.badRequest("\(manifest.name) has no partner daemon") }
+        guard manifest.daemonListens else {
+            throw ControlError.badRequest("\(manifest.name) does not declare IOF_DAEMON_LISTENS: its daemon takes no peers from the network")
+        }
+        if let address {
+            guard let (host, _) = Sockets.hostPort(address), !host.isEmpty else {
+                throw ControlError.badRequest("'\(address)' is not HOST:PORT")
+            }
+        }
+        let previous = daemonListenAddress(manifest.name)
+        try store.write { db in
+            if let address {
+                try SettingRow(key: Self.daemonListenSetting(manifest.name), value: address).save(db)
+            } else {
+                _ = try SettingRow.deleteOne(db, key: Self.daemonListenSetting(manifest.name))
+            }
+        }
+        do {
+            try startDaemon(manifest)
+        } catch {
+            // Back to how it was: the address is refused (in use, not ours), not the daemon.
+            try store.write { db in
+                if let previous {
+                    try SettingRow(key: Self.daemonListenSetting(manifest.name), value: previous).save(db)
+                } else {
+                    _ = try SettingRow.deleteOne(db, key: Self.daemonListenSetting(manifest.name))
+                }
+            }
+            try? startDaemon(manifest)
+            throw error
+        }
+        event("daemon-listen-set", manifest.name, address.map { "accepts peers on \($0)" } ?? "accepts no peers")
+    }
+
+    /// The peers (`iofilter://HOST:PORT/DISK`) the policies that use `plugin` name: what
+    /// its daemon may connect to, decided when it asks.
+    func peerTargets(of plugin: String) -> Set<String> {
+        let policies = (try? store.read { db in try PolicyRow.fetchAll(db) }) ?? []
+        return Set(policies.flatMap { $0.filters.filter { $0.plugin == plugin }.flatMap(\.parameters.values) }
+            .filter { $0.hasPrefix(BrokerRequest.peerScheme) })
+    }
+
+    /// A daemon's `open_replica`: the disk `name`, created the first time as a replica
+    /// `plugin` keeps (read-only to VMs until promoted), grown if `size` is larger.
+    func openReplica(_ name: String, size: UInt64, keptBy plugin: String) -> Result<Int32, TargetBroker.Failure> {
+        guard (try? Names.check(name, kind: "disk")) != nil else {
+            return .failure(TargetBroker.Failure(EINVAL, "'\(name)' is not a valid disk name"))
+        }
+        guard size > 0, size < UInt64(Int64.max), size % 512 == 0 else {
+            return .failure(TargetBroker.Failure(EINVAL, "a replica's size must be a positive multiple of 512, not \(size)"))
+        }
+        do {
+            return .success(try exclusive { () throws -> Int32 in
+                if var row = try store.read({ db in try DiskRow.fetchOne(db, key: name) }) {
+                    guard row.replicaOf == plugin else {
+                        throw ControlError.conflict(row.replicaOf.map { "disk \(name) is a replica \($0) keeps" }
+                                                    ?? "disk \(name) exists and is not a replica (promoted, or never one)")
+                    }
+                    let fd = open(row.path, O_RDWR | O_CLOEXEC)
+                    guard fd >= 0 else { throw ControlError.internalError("cannot open \(row.path): \(String(cString: strerror(errno)))") }
+                    if Int64(size) > row.size {
+                        guard ftruncate(fd, off_t(size)) == 0 else {
+                            close(fd)
+                            throw ControlError.conflict("cannot grow \(row.path) to \(size) bytes: \(String(cString: strerror(errno)))")
+                        }
+                        row.size = Int64(size)
+                        try store.write { db in try row.update(db) }
+                        event("replica-grown", name, "to \(size) bytes")
+                    }
+                    return fd
+                }
+                var row = try newDiskRow(name, size: Int64(size), readOnly: true)
+                row.replicaOf = plugin
+                var fd: Int32 = -1
+                try addDisk(row, policy: nil) {
+                    fd = open(row.path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+                    guard fd >= 0 else { throw ControlError.internalError("cannot create \(row.path): \(String(cString: strerror(errno)))") }
+                    guard ftruncate(fd, off_t(size)) == 0 else {
+                        close(fd)
+                        throw ControlError.conflict("cannot size \(row.path) to \(size) bytes: \(String(cString: strerror(errno)))")
+                    }
+                }
+                event("replica-created", name, "\(size) bytes, kept by the daemon of \(plugin)")
+                return fd
+            })
+        } catch {
+            let code: Int32 = switch error.status {
+            case 409: EEXIST
+            case 400: EINVAL
+            default: EIO
+            }
+            return .failure(TargetBroker.Failure(code, error.message))
+        }
+    }
+
+    /// Makes a replica an ordinary disk of this host (failover): writable, and no
+    /// longer written by the daemon that kept it, which is refused from now on.
+    public func promoteDisk(_ name: String) throws(ControlError) -> DiskInfo {
+        try exclusive {
+            var row = try store.read { db in try diskRow(name, db) }
+            guard let keeper = row.replicaOf else { throw ControlError.conflict("disk \(name) is not a replica") }
+            try requireIdle(row, for: "promote")
+            row.replicaOf = nil
+            row.readOnly = false
+            try store.write { db in try row.update(db) }
+            event("disk-promoted", name, "no longer a replica \(keeper) keeps: writable, and its replication stream is refused")
+        }
+        return try showDisk(name)
+    }
+}
