@@ -26,7 +26,7 @@ public final class ReplicationFilter: IOFilter {
         threadModel: .parallel,
         parameters: [
             Parameter("target", .path(default: ""), required: true,
-                      description: "the replica: a raw file path or an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=path)"),
+                      description: "the replica: a raw file path, an NBD URI (nbd://host:port/export, nbd+unix:///export?socket=path), or iofilter://host:port/disk, a disk the replication daemon on another host keeps"),
             Parameter("mode", .choice(default: "async", values: ["async", "sync"]),
                       description: "sync: a write completes when both sides have it; async: journalled and shipped in order"),
             Parameter("rpo-seconds", .int(default: 15, range: 1...86_400),
@@ -44,7 +44,8 @@ public final class ReplicationFilter: IOFilter {
         operations: [
             ManagementOperation("status", "state and lag of every replicated disk in this worker", function: replicationStatus),
         ],
-        observesCompletions: true)
+        observesCompletions: true,
+        daemon: ReplicationDaemon.daemon)
 
     let disk: Disk
     let synchronous: Bool

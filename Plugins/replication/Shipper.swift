@@ -22,8 +22,12 @@ final class Shipper: @unchecked Sendable {
     private var lastFailure = ""
     private let replicatedBytes = Atomic<UInt64>(0)
 
+    /// The way to the local daemon, for a replica another host keeps (iofilter://).
+    private let peer: (link: PeerLink, address: PeerAddress)?
+
     init(disk: Disk, targetSpec: String, tls: TargetTLS?, journal: Journal, regions: RegionMap, synchronousMode: Bool) {
         self.disk = disk
+        peer = PeerAddress(targetSpec).map { (PeerLink(disk: disk), $0) }
         self.targetSpec = targetSpec
         self.tls = tls
         self.journal = journal
@@ -33,7 +37,14 @@ final class Shipper: @unchecked Sendable {
         // the guest waits for is served at normal priority. Async mode connects from the
         // shipper's own (background) thread, and an NBD replica's reply reader inherits
         // that priority.
-        if synchronousMode, let opened = try? openBlockTarget(targetSpec, size: disk.size, tls: tls) { target = opened }
+        if synchronousMode, let opened = try? openReplica() { target = opened }
+    }
+
+    /// The replica: a file or NBD export the host opens, or a disk another host's
+    /// replication daemon keeps, reached through this host's daemon.
+    private func openReplica() throws(FilterError) -> any BlockTarget {
+        if let peer { return try peer.link.open(peer.address) }
+        return try openBlockTarget(targetSpec, size: disk.size, tls: tls)
     }
 
     var connectedTarget: (any BlockTarget)? { lock.withLock { target } }
@@ -191,7 +202,7 @@ final class Shipper: @unchecked Sendable {
 
     private func reconnect() -> (any BlockTarget)? {
         do throws(FilterError) {
-            let opened = try openBlockTarget(targetSpec, size: disk.size, tls: tls)
+            let opened = try openReplica()
             lock.withLock { target = opened }
             disk.log(.info, "connected to replica \(targetSpec)")
             return opened

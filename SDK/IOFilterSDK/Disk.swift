@@ -36,17 +36,21 @@ public final class Disk: @unchecked Sendable {
         parameter(key).map { $0 == "true" } ?? value
     }
 
-    public enum LogLevel: Sendable { case error, warning, info, debug }
+    public enum LogLevel: Sendable {
+        case error, warning, info, debug
 
-    public func log(_ level: LogLevel, _ message: String) {
-        let abi: iof_log_level =
-            switch level {
+        var abi: iof_log_level {
+            switch self {
             case .error: IOF_LOG_ERROR
             case .warning: IOF_LOG_WARNING
             case .info: IOF_LOG_INFO
             case .debug: IOF_LOG_DEBUG
             }
-        Host.services.pointee.log(handle, abi, message)
+        }
+    }
+
+    public func log(_ level: LogLevel, _ message: String) {
+        Host.services.pointee.log(handle, level.abi, message)
     }
 
     /// I/O of the filter's own to the layers below it. `completion` runs exactly once,

@@ -147,6 +147,15 @@ enum DescriptorBuilder {
             }
         }
 
+        if let daemon = metadata.daemon {
+            plugin.daemon_main = { services, channels in
+                // A daemon's process loads the plug-in (`load` above) before this.
+                if Host.services == nil { Host.services = services }
+                return Host.filterType!.metadata.daemon!.main(DaemonHost(channels: channels))
+            }
+            plugin.daemon_flags = daemon.listensForPeers ? UInt32(IOF_DAEMON_LISTENS) : 0
+        }
+
         let descriptor = UnsafeMutablePointer<iof_plugin>.allocate(capacity: 1)
         descriptor.initialize(to: plugin)
         return descriptor

@@ -141,13 +141,16 @@ public struct FilterMetadata: Sendable {
     public var answersBlockStatus: Bool
     /// The filter sees `.cache` (prefetch) hints; without it the host passes them by.
     public var handlesCacheHints: Bool
+    /// The plug-in's partner daemon, if it has one.
+    public var daemon: PartnerDaemon?
 
     public init(
         name: String, vendor: String, version: String, description: String, category: FilterCategory,
         threadModel: ThreadModel = .parallel, parameters: [Parameter] = [], operations: [ManagementOperation] = [],
         observesCompletions: Bool = false, multiConnSafe: Bool = true, answersBlockStatus: Bool = false,
-        handlesCacheHints: Bool = false
+        handlesCacheHints: Bool = false, daemon: PartnerDaemon? = nil
     ) {
+        self.daemon = daemon
         self.answersBlockStatus = answersBlockStatus
         self.handlesCacheHints = handlesCacheHints
         self.name = name

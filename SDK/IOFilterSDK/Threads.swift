@@ -1,4 +1,5 @@
 import Glibc
+internal import CSystemShims
 internal import IOFilterPosix
 
 // What a filter needs to do work of its own — a lock, threads, a background loop, a
@@ -56,6 +57,27 @@ public enum FileIO {
     public static func writeAll(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int, offset: UInt64) -> Int32 {
         FileDescriptorIO.pwriteAll(fd, buffer, count: count, offset: offset)
     }
+
+    /// Makes a range read as zeroes, keeping the file's size: a hole where the file
+    /// system can punch one, zeroes written otherwise. 0, or an errno.
+    public static func zero(_ fd: Int32, offset: UInt64, length: UInt64) -> Int32 {
+        if iof_fallocate(fd, IOF_FALLOC_PUNCH_HOLE | IOF_FALLOC_KEEP_SIZE, Int64(offset), Int64(length)) == 0 { return 0 }
+        let chunk = 1 << 20
+        let zeroes = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeroes.deallocate() }
+        zeroes.initializeMemory(as: UInt8.self, repeating: 0, count: chunk)
+        var done: UInt64 = 0
+        while done < length {
+            let count = Int(min(UInt64(chunk), length - done))
+            let error = FileDescriptorIO.pwriteAll(fd, zeroes, count: count, offset: offset + done)
+            if error != 0 { return error }
+            done += UInt64(count)
+        }
+        return 0
+    }
+
+    /// Accepts a connection on `listener` (close-on-exec): the fd, or -1 with errno set.
+    public static func accept(_ listener: Int32) -> Int32 { Sockets.accept(listener) }
 }
 
 /// Runs `work` every so often on a background thread until `stop` (a cache's destager,

@@ -15,9 +15,14 @@ final class Daemon: @unchecked Sendable {
     /// Test daemons install the unsigned builds of the samples and test plug-ins, so
     /// they run at community level unless a test asks for another; they may name files
     /// anywhere in the tests' scratch space unless a test says where.
+    /// Runs iofilterd through this (`ip netns exec NS`, which execs it: the process is
+    /// iofilterd's own).
+    let launcher: [String]
+
     init(state: URL = Harness.temporaryDirectory("daemon"), arguments: [String] = [], acceptanceLevel: String = "community",
-         allowedPaths: [String] = [Harness.scratch.path]) throws {
+         allowedPaths: [String] = [Harness.scratch.path], launcher: [String] = []) throws {
         self.state = state
+        self.launcher = launcher
         self.extraArguments = ["--acceptance-level", acceptanceLevel] + allowedPaths.flatMap { ["--allow-path", $0] } + arguments
         try start()
     }
@@ -27,8 +32,9 @@ final class Daemon: @unchecked Sendable {
     /// Starts iofilterd and waits until its API answers.
     func start(_ more: [String] = []) throws {
         let process = Process()
-        process.executableURL = Harness.binDirectory.appendingPathComponent("iofilterd")
-        process.arguments = ["--state-dir", state.path] + extraArguments + more
+        let iofilterd = Harness.binDirectory.appendingPathComponent("iofilterd")
+        process.executableURL = launcher.first.map { URL(fileURLWithPath: $0) } ?? iofilterd
+        process.arguments = launcher.dropFirst() + (launcher.isEmpty ? [] : [iofilterd.path]) + ["--state-dir", state.path] + extraArguments + more
         let err = Pipe()
         process.standardOutput = FileHandle.nullDevice
         process.standardError = err
