@@ -11,13 +11,18 @@ import IOFilterSDK
 // On the channel each request is one frame, each answer one reply frame:
 //   request: u32 size of what follows | u8 kind | u64 id | u64 offset | u32 length | payload
 //   reply:   u32 size of what follows | u64 id | u32 errno | message (UTF-8)
-// HELLO's payload is the target (iofilter://HOST:PORT/DISK) and its offset the disk's
-// size; WRITE carries `length` bytes; ZERO and FLUSH carry none. Integers big-endian.
+// HELLO's payload is the target (iofilter://HOST:PORT/DISK), its offset the disk's
+// size and its length 1 if the guest waits for the replica (sync mode), else 0; WRITE carries `length` bytes; ZERO and FLUSH carry none. BATCH carries `length`
+// records, each u8 kind (WRITE or ZERO) | u64 offset | u32 length | data (WRITE), and is
+// answered once, when the replica has them all: the shipper sends its journal in
+// batches, and a frame and a reply per record cost more than the record.
+// Integers big-endian.
 
 enum PeerFrame {
     enum Kind: UInt8 {
-        case hello = 1, write = 2, zero = 3, flush = 4
+        case hello = 1, write = 2, zero = 3, flush = 4, batch = 5
     }
+    static let batchRecordHeaderSize = 1 + 8 + 4
     static let requestHeaderSize = 4 + 1 + 8 + 8 + 4
     static let replyHeaderSize = 4 + 8 + 4
     /// Larger frames are a broken peer, not a request.
@@ -99,6 +104,53 @@ enum Stream {
             line.append(byte)
         }
         return nil
+    }
+}
+
+/// Reads a stream in large chunks: a peer sends many small requests back to back, and
+/// a read(2) per header and per payload cost more than the requests.
+struct BufferedReader: ~Copyable {
+    let fd: Int32
+    private let storage: UnsafeMutableRawPointer
+    private let capacity = 1 << 20
+    private var start = 0
+    private var end = 0
+
+    init(fd: Int32) {
+        self.fd = fd
+        storage = .allocate(byteCount: capacity, alignment: 4096)
+    }
+
+    deinit { storage.deallocate() }
+
+    /// Nothing buffered: the next read blocks (write out what you owe first).
+    var isDrained: Bool { start == end }
+
+    /// Reads exactly `count` bytes; false at EOF or on an error.
+    mutating func read(into buffer: UnsafeMutableRawPointer, count: Int) -> Bool {
+        var done = 0
+        while done < count {
+            if start == end {
+                // A large payload goes straight into its buffer.
+                if count - done >= capacity { return Stream.read(fd, into: buffer + done, count: count - done) }
+                let n = Glibc.read(fd, storage, capacity)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return false }
+                start = 0
+                end = n
+            }
+            let take = min(end - start, count - done)
+            (buffer + done).copyMemory(from: storage + start, byteCount: take)
+            start += take
+            done += take
+        }
+        return true
+    }
+
+    mutating func read(count: Int) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let ok = count == 0 || bytes.withUnsafeMutableBytes { read(into: $0.baseAddress!, count: count) }
+        return ok ? bytes : nil
     }
 }
 

@@ -17,13 +17,13 @@ final class PeerLink: @unchecked Sendable {
     init(disk: Disk) { self.disk = disk }
 
     /// A session to `address` through the daemon: it connects to the peer and answers.
-    func open(_ address: PeerAddress) throws(FilterError) -> PeerTarget {
+    func open(_ address: PeerAddress, synchronous: Bool) throws(FilterError) -> PeerTarget {
         guard let fd = currentChannel() else {
             throw FilterError(ECONNREFUSED, "the replication daemon on this host is not running")
         }
         let payload = Array(address.target.utf8)
         let answer = Answer()
-        send(.hello, offset: disk.size, length: 0, payload: payload, on: fd) { error, message in answer.finish(error, message) }
+        send(.hello, offset: disk.size, length: synchronous ? 1 : 0, payload: payload, on: fd) { error, message in answer.finish(error, message) }
         let (error, message) = answer.wait()
         guard error == 0 else { throw FilterError(error, message.isEmpty ? String(cString: strerror(error)) : message) }
         return PeerTarget(link: self, address: address, size: disk.size, channel: fd)
@@ -133,6 +133,19 @@ final class PeerTarget: BlockTarget, @unchecked Sendable {
 
     func flush(completion: @escaping @Sendable (Int32) -> Void) {
         link.send(.flush, offset: 0, length: 0, on: channel) { error, _ in completion(error) }
+    }
+
+    /// The shipper's journal batch as one frame, answered once.
+    func writeBatch(_ writes: [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)], completion: @escaping @Sendable (Int32) -> Void) {
+        var payload: [UInt8] = []
+        payload.reserveCapacity(writes.reduce(0) { $0 + PeerFrame.batchRecordHeaderSize + ($1.buffer == nil ? 0 : $1.length) })
+        for write in writes {
+            payload.append(write.buffer == nil ? PeerFrame.Kind.zero.rawValue : PeerFrame.Kind.write.rawValue)
+            PeerFrame.append(write.offset, to: &payload)
+            PeerFrame.append(UInt32(write.length), to: &payload)
+            if let buffer = write.buffer { payload += UnsafeRawBufferPointer(start: buffer, count: write.length) }
+        }
+        link.send(.batch, offset: 0, length: UInt32(writes.count), payload: payload, on: channel) { error, _ in completion(error) }
     }
 
     /// The shipper never reads its replica.

@@ -39,6 +39,7 @@ final class ChannelRelay: @unchecked Sendable {
     let host: DaemonHost
     let channel: Int32
     private var target: (any BlockTarget)?
+    private var background = false
     private let writeLock = ConditionLock()
 
     init(host: DaemonHost, channel: Int32) {
@@ -77,6 +78,12 @@ final class ChannelRelay: @unchecked Sendable {
             case .hello:
                 let text = String(decoding: UnsafeRawBufferPointer(start: buffer, count: payload), as: UTF8.self)
                 payloadBuffer.free()
+                // Nobody waits for an async stream: like the filter's shipper, its relay
+                // (and the NBD reader it starts) takes only CPU the guests leave idle.
+                if length == 0 && !background {
+                    moveThisThreadToBackground()
+                    background = true
+                }
                 hello(id: id, target: text, size: offset)
             case .write:
                 guard let target, payload == length else { answer(target == nil ? ENOTCONN : EINVAL); continue }
@@ -87,8 +94,39 @@ final class ChannelRelay: @unchecked Sendable {
             case .flush:
                 guard let target else { answer(ENOTCONN); continue }
                 target.flush(completion: answer)
+            case .batch:
+                guard let target else { answer(ENOTCONN); continue }
+                guard let writes = Self.records(in: UnsafeRawBufferPointer(start: buffer, count: payload), count: length) else {
+                    answer(EINVAL)
+                    continue
+                }
+                target.writeBatch(writes, completion: answer)
             }
         }
+    }
+
+    /// A BATCH frame's records, pointing into its payload; nil if it is malformed.
+    static func records(in payload: UnsafeRawBufferPointer, count: Int) -> [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)]? {
+        var writes: [(offset: UInt64, length: Int, buffer: UnsafeRawPointer?)] = []
+        writes.reserveCapacity(count)
+        var position = 0
+        for _ in 0..<count {
+            guard payload.count - position >= PeerFrame.batchRecordHeaderSize else { return nil }
+            let kind = payload[position]
+            let offset = UInt64(bigEndian: payload.loadUnaligned(fromByteOffset: position + 1, as: UInt64.self))
+            let length = Int(UInt32(bigEndian: payload.loadUnaligned(fromByteOffset: position + 9, as: UInt32.self)))
+            position += PeerFrame.batchRecordHeaderSize
+            if kind == PeerFrame.Kind.write.rawValue {
+                guard payload.count - position >= length else { return nil }
+                writes.append((offset, length, payload.baseAddress! + position))
+                position += length
+            } else if kind == PeerFrame.Kind.zero.rawValue {
+                writes.append((offset, length, nil))
+            } else {
+                return nil
+            }
+        }
+        return position == payload.count ? writes : nil
     }
 
     private func reply(id: UInt64, error: Int32, message: String = "") {
@@ -215,7 +253,15 @@ struct ReplicaServer {
         var capacity = 1 << 20
         var buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
         defer { buffer.deallocate() }
-        while let header = Stream.read(fd, count: 28) {
+        var input = BufferedReader(fd: fd)
+        // Replies wait here while more requests are already in: one write for many.
+        var owed: [UInt8] = []
+        while true {
+            if input.isDrained && !owed.isEmpty {
+                guard Stream.write(fd, owed) else { return }
+                owed.removeAll(keepingCapacity: true)
+            }
+            guard let header = input.read(count: 28) else { return }
             guard PeerFrame.load(UInt32.self, from: header, at: 0) == Self.requestMagic else { return }
             let type = PeerFrame.load(UInt16.self, from: header, at: 6)
             let handle = PeerFrame.load(UInt64.self, from: header, at: 8)
@@ -229,7 +275,7 @@ struct ReplicaServer {
                 capacity = length
                 buffer = .allocate(byteCount: capacity, alignment: 4096)
             }
-            if command == .write, !Stream.read(fd, into: buffer, count: length) { return }
+            if command == .write, !input.read(into: buffer, count: length) { return }
             var error: Int32 = 0
             if offset > size || UInt64(length) > size - offset {
                 error = EINVAL
@@ -243,11 +289,10 @@ struct ReplicaServer {
                 case .disconnect, nil: error = EINVAL
                 }
             }
-            var reply: [UInt8] = []
-            PeerFrame.append(Self.replyMagic, to: &reply)
-            PeerFrame.append(UInt32(bitPattern: error), to: &reply)
-            PeerFrame.append(handle, to: &reply)
-            guard Stream.write(fd, reply), command != .read || error != 0 || Stream.write(fd, buffer, count: length) else { return }
+            PeerFrame.append(Self.replyMagic, to: &owed)
+            PeerFrame.append(UInt32(bitPattern: error), to: &owed)
+            PeerFrame.append(handle, to: &owed)
+            if command == .read && error == 0 { owed += UnsafeRawBufferPointer(start: buffer, count: length) }
         }
     }
 }

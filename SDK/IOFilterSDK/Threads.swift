@@ -42,6 +42,14 @@ public func startThread(name: String, priority: ThreadPriority = .normal, _ body
     IOFilterPosix.startThread(name: name, priority: priority == .background ? .background : .normal, body)
 }
 
+/// Moves the calling thread to background priority (see `ThreadPriority.background`),
+/// with the threads it starts from now on: for work that found out only after it
+/// started that nobody waits for it (a daemon's connection serving an async stream).
+/// There is no way back up.
+public func moveThisThreadToBackground() {
+    _ = iof_set_thread_background(10)
+}
+
 /// A monotonic clock in nanoseconds, for deadlines and rates.
 public func monotonicNanoseconds() -> UInt64 { IOFilterPosix.monotonicNanoseconds() }
 

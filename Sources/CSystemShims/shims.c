@@ -35,6 +35,19 @@ int iof_set_thread_background(int nice)
     return result(setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice));
 }
 
+int iof_inherit_process_nice(void)
+{
+    /* PRIO_PROCESS with the process id names its main thread on Linux. */
+    errno = 0;
+    int process = getpriority(PRIO_PROCESS, (id_t)getpid());
+    if (errno != 0) return -errno;
+    id_t self = (id_t)syscall(SYS_gettid);
+    errno = 0;
+    int mine = getpriority(PRIO_PROCESS, self);
+    if (errno != 0) return -errno;
+    return mine < process ? result(setpriority(PRIO_PROCESS, self, process)) : 0;
+}
+
 int iof_close_from(int first)
 {
     if (syscall(SYS_close_range, (unsigned)first, ~0u, 0) == 0)

@@ -35,6 +35,10 @@ public func startThread(name: String, priority: ThreadPriority = .normal, _ body
     let rc = pthread_create(&thread, &attributes, { raw in
         let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
         _ = iof_set_thread_name(String(box.name.prefix(15)))
+        // A thread takes its creator's nice value; one started from a pool thread
+        // (libdispatch sets its workers' priority by QoS) would otherwise run a host
+        // started under `nice` at full priority, and so would the workers it spawns.
+        _ = iof_inherit_process_nice()
         if box.priority == .background {
             // Nice alone lowers the thread's share, but a thread that wakes every
             // millisecond (a shipper between batches) may still preempt the data path

@@ -14,6 +14,9 @@ int iof_set_thread_name(const char *name);
 /* Makes the calling thread a background one: SCHED_BATCH (it never preempts a running
  * thread when it wakes) at the given nice value. 0 or -errno. */
 int iof_set_thread_background(int nice);
+/* Raises the calling thread's nice value to its process's (its main thread's) if it
+ * is lower. 0 or -errno. */
+int iof_inherit_process_nice(void);
 /* Closes every fd >= first. */
 int iof_close_from(int first);
 
