@@ -5,13 +5,15 @@ import IOFilterSDK
 //
 //   filter  --channel (frames below)-->  daemon on host A
 //   daemon A  --TCP, the host opens it-->  daemon B on its peer listener:
+//       TLS with a pre-shared key first, if B's operator gave one (daemon-listen --tls-psk),
 //       "IOFILTER-REPLICA 1 DISK SIZE\n", answered "OK\n" or "ERR message\n",
 //       then NBD (fixed newstyle, OPT_GO, simple replies) onto B's replica disk.
 //
 // On the channel each request is one frame, each answer one reply frame:
 //   request: u32 size of what follows | u8 kind | u64 id | u64 offset | u32 length | payload
 //   reply:   u32 size of what follows | u64 id | u32 errno | message (UTF-8)
-// HELLO's payload is the target (iofilter://HOST:PORT/DISK), its offset the disk's
+// HELLO's payload is the target (iofilter://HOST:PORT/DISK), followed, if the peer
+// requires TLS, by a line with the pre-shared key (username:hexkey); its offset is the disk's
 // size and its length 1 if the guest waits for the replica (sync mode), else 0; WRITE carries `length` bytes; ZERO and FLUSH carry none. BATCH carries `length`
 // records, each u8 kind (WRITE or ZERO) | u64 offset | u32 length | data (WRITE), and is
 // answered once, when the replica has them all: the shipper sends its journal in

@@ -17,11 +17,12 @@ final class PeerLink: @unchecked Sendable {
     init(disk: Disk) { self.disk = disk }
 
     /// A session to `address` through the daemon: it connects to the peer and answers.
-    func open(_ address: PeerAddress, synchronous: Bool) throws(FilterError) -> PeerTarget {
+    /// `tls`: the peer requires TLS; the daemon, which holds the connection, speaks it.
+    func open(_ address: PeerAddress, synchronous: Bool, tls: TargetTLS?) throws(FilterError) -> PeerTarget {
         guard let fd = currentChannel() else {
             throw FilterError(ECONNREFUSED, "the replication daemon on this host is not running")
         }
-        let payload = Array(address.target.utf8)
+        let payload = Array((address.target + (tls.map { "\n" + $0.pskLine } ?? "")).utf8)
         let answer = Answer()
         send(.hello, offset: disk.size, length: synchronous ? 1 : 0, payload: payload, on: fd) { error, message in answer.finish(error, message) }
         let (error, message) = answer.wait()

@@ -9,8 +9,22 @@ import IOFilterSDK
 enum ReplicationDaemon {
     static let daemon = PartnerDaemon(listensForPeers: true) { host in
         if let peers = host.peerListener {
-            host.log(.info, "accepting replication peers on \(host.setting("listen") ?? "the host's listener")")
-            startThread(name: "replica-peers") { acceptLoop(peers) { ReplicaServer(host: host, fd: $0).run() } }
+            // The operator's key for peers (`daemon-listen --tls-psk`), copied by the
+            // host into this daemon's directory.
+            var tls: PeerTLS.Server?
+            if let psk = host.setting("tls-psk") {
+                do throws(FilterError) {
+                    tls = try PeerTLS.Server(pskFile: psk)
+                } catch {
+                    host.log(.error, "cannot load the peers' TLS key: \(error.message); refusing peers")
+                    return 1
+                }
+            }
+            host.log(.info, "accepting replication peers on \(host.setting("listen") ?? "the host's listener")\(tls == nil ? "" : " (TLS, PSK)")")
+            startThread(name: "replica-peers") { [tls] in acceptLoop(peers) {
+                var server = ReplicaServer(host: host, fd: $0, tls: tls)
+                server.run()
+            } }
         }
         acceptLoop(host.channels) { ChannelRelay(host: host, channel: $0).run() }
         return 0
@@ -135,17 +149,24 @@ final class ChannelRelay: @unchecked Sendable {
     }
 
     /// Connects this channel's session to the peer that keeps `target`'s replica.
-    private func hello(id: UInt64, target spec: String, size: UInt64) {
+    private func hello(id: UInt64, target text: String, size: UInt64) {
         target?.close()
         target = nil
+        let lines = text.split(separator: "\n", maxSplits: 1).map(String.init)
+        let spec = lines.first ?? ""
         guard let address = PeerAddress(spec) else {
             return reply(id: id, error: EINVAL, message: "'\(spec)' is not iofilter://HOST:PORT/DISK")
         }
         do throws(FilterError) {
-            let fd = try host.connect(toPeer: spec)
+            var fd = try host.connect(toPeer: spec)
+            if lines.count == 2 {
+                let connection = fd
+                defer { close(connection) }
+                fd = try PeerTLS.connect(connection, pskLine: lines[1])
+            }
             guard Stream.write(fd, Array("IOFILTER-REPLICA 1 \(address.disk) \(size)\n".utf8)), let answer = Stream.readLine(fd) else {
                 close(fd)
-                throw FilterError(ECONNRESET, "\(spec) closed the connection (is the replication daemon listening there?)")
+                throw FilterError(ECONNRESET, "\(spec) closed the connection (is the replication daemon listening there, and does it require TLS?)")
             }
             guard answer == "OK" else {
                 close(fd)
@@ -173,7 +194,15 @@ final class PayloadBuffer: @unchecked Sendable {
 /// relay (one request at a time, answered in order).
 struct ReplicaServer {
     let host: DaemonHost
-    let fd: Int32
+    /// The peer's connection (the plaintext end of its TLS session, once `run` has it).
+    var fd: Int32
+    let tls: PeerTLS.Server?
+
+    init(host: DaemonHost, fd: Int32, tls: PeerTLS.Server?) {
+        self.host = host
+        self.fd = fd
+        self.tls = tls
+    }
 
     // The few NBD protocol values this server speaks (the NBD project's proto.md).
     static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
@@ -187,8 +216,18 @@ struct ReplicaServer {
     /// HAS_FLAGS, SEND_FLUSH, SEND_TRIM, SEND_WRITE_ZEROES.
     static let transmissionFlags: UInt16 = 1 | 4 | 32 | 64
 
-    func run() {
-        defer { close(fd) }
+    mutating func run() {
+        let connection = fd
+        defer { close(connection) }
+        if let tls {
+            do throws(FilterError) {
+                fd = try tls.accept(connection)
+            } catch {
+                host.log(.warning, "a peer failed the TLS handshake: \(error.message)")
+                return
+            }
+        }
+        defer { if fd != connection { close(fd) } }
         guard let line = Stream.readLine(fd) else { return }
         let words = line.split(separator: " ")
         guard words.count == 4, words[0] == "IOFILTER-REPLICA", words[1] == "1", let size = UInt64(words[3]) else {

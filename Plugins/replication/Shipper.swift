@@ -43,7 +43,7 @@ final class Shipper: @unchecked Sendable {
     /// The replica: a file or NBD export the host opens, or a disk another host's
     /// replication daemon keeps, reached through this host's daemon.
     private func openReplica() throws(FilterError) -> any BlockTarget {
-        if let peer { return try peer.link.open(peer.address, synchronous: synchronousMode) }
+        if let peer { return try peer.link.open(peer.address, synchronous: synchronousMode, tls: tls) }
         return try openBlockTarget(targetSpec, size: disk.size, tls: tls)
     }
 

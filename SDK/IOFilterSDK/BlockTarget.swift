@@ -125,6 +125,13 @@ public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil
 public struct TargetTLS: Sendable {
     let client: NBDClientTLS
 
+    /// The key as psktool writes it (`username:hexkey`): what a filter hands its daemon
+    /// when the daemon is the one to speak TLS (`PeerTLS.connect`).
+    public var pskLine: String {
+        let digits = Array("0123456789abcdef")
+        return client.username + ":" + String(client.key.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] })
+    }
+
     /// `username`'s key (default: the file's first).
     public init(pskFile spec: String, username: String? = nil, disk: Disk? = nil) throws(FilterError) {
         let fd: Int32

@@ -1,4 +1,6 @@
 import CIOFilter
+internal import CTLS
+internal import IOFilterPosix
 import Glibc
 internal import IOFilterNBD
 import Logging
@@ -87,5 +89,52 @@ public func openNBDTarget(connected fd: Int32, export: String, description: Stri
         return NBDTarget(client: client)
     } catch {
         throw FilterError(EIO, "NBD handshake with \(description) failed: \(error)")
+    }
+}
+
+/// TLS with a pre-shared key between a daemon and its peers on other hosts (GnuTLS).
+/// Both calls hand back the plaintext end of the session: read and write it as the
+/// connection, and close it to end the session.
+public enum PeerTLS {
+    /// The client's handshake on a connected `fd` (which the caller may close after),
+    /// with a key as psktool writes it (`username:hexkey`).
+    public static func connect(_ fd: Int32, pskLine: String, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
+        let psk: NBDClientTLS
+        do {
+            psk = try NBDClientTLS(pskFile: pskLine)
+        } catch {
+            throw FilterError(EINVAL, "\(error)")
+        }
+        var message = [CChar](repeating: 0, count: 512)
+        let plaintext = message.withUnsafeMutableBufferPointer { buffer in
+            psk.key.withUnsafeBufferPointer { key in
+                iof_tls_connect_psk(fd, psk.username, key.baseAddress, key.count, timeoutMilliseconds, buffer.baseAddress!, buffer.count)
+            }
+        }
+        guard plaintext >= 0 else { throw FilterError(EPROTO, "TLS: \(String(nulTerminated: message))") }
+        return plaintext
+    }
+
+    /// The server's side: credentials loaded once from a psktool file the daemon can
+    /// read (in its own directory), then a handshake per peer.
+    public final class Server: @unchecked Sendable {
+        // @unchecked: read-only after loading; GnuTLS shares them between sessions.
+        private let credentials: OpaquePointer
+
+        public init(pskFile path: String) throws(FilterError) {
+            var message = [CChar](repeating: 0, count: 512)
+            guard let loaded = message.withUnsafeMutableBufferPointer({ iof_tls_load_psk(path, $0.baseAddress!, $0.count) }) else {
+                throw FilterError(EINVAL, "TLS: \(String(nulTerminated: message))")
+            }
+            credentials = loaded
+        }
+
+        /// The handshake on `fd` (which stays the caller's).
+        public func accept(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
+            var message = [CChar](repeating: 0, count: 512)
+            let plaintext = message.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
+            guard plaintext >= 0 else { throw FilterError(EPROTO, "TLS: \(String(nulTerminated: message))") }
+            return plaintext
+        }
     }
 }

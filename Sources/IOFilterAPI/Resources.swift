@@ -131,7 +131,12 @@ public struct PluginInstallRequest: Codable, Sendable {
 /// Where a plug-in's partner daemon accepts peers on other hosts; null: nowhere.
 public struct DaemonListenRequest: Codable, Sendable {
     public var address: String?
-    public init(address: String?) { self.address = address }
+    /// Peers must start TLS with this pre-shared key (a psktool file, absolute).
+    public var tlsPsk: String?
+    public init(address: String?, tlsPsk: String? = nil) {
+        self.address = address
+        self.tlsPsk = tlsPsk
+    }
 }
 
 public struct PluginCallRequest: Codable, Sendable {

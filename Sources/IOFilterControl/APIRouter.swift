@@ -232,8 +232,9 @@ extension APIRouter {
             },
             route("PUT", "/plugins/{name}/daemon-listen", "setDaemonListen",
                   "Where the plug-in's partner daemon accepts peers on other hosts (no address: nowhere); restarts the daemon.",
-                  body: "DaemonListenRequest", (200, "Plugin"), errors: [400, 404, 409]) { request in
-                try host.setDaemonListen(request.parameter("name"), address: request.decode(DaemonListenRequest.self).address)
+                  body: "DaemonListenRequest", (200, "Plugin"), errors: [400, 403, 404, 409]) { request in
+                let listen = try request.decode(DaemonListenRequest.self)
+                return try host.setDaemonListen(request.parameter("name"), address: listen.address, tlsPSK: listen.tlsPsk)
             },
             route("GET", "/plugins/{name}", "showPlugin", "Every installed version of one plug-in, newest first.", (200, "[Plugin]"),
                   errors: [404]) { request in try host.showPlugin(request.parameter("name")) },

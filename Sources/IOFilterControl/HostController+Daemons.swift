@@ -15,6 +15,7 @@ extension HostController {
     var daemonSocketDirectory: String { "\(stateDirectory)/run" }
     func daemonDirectory(_ plugin: String) -> String { "\(stateDirectory)/daemons/\(plugin)" }
     static func daemonListenSetting(_ plugin: String) -> String { "daemon-listen/\(plugin)" }
+    static func daemonTLSSetting(_ plugin: String) -> String { "daemon-tls-psk/\(plugin)" }
 
     /// Starts the daemon of every installed plug-in that has one (at host start).
     public func startDaemons() {
@@ -47,6 +48,7 @@ extension HostController {
         do {
             daemon = try DaemonSupervisor(
                 plugin: manifest, directory: daemonDirectory(name), socketDirectory: daemonSocketDirectory, listen: listen,
+                peerPSK: listen == nil ? nil : setting(Self.daemonTLSSetting(name)),
                 logLevel: logLevel, hiddenPaths: hiddenFromWorkers, logger: logger,
                 answer: DaemonSupervisor.brokerAnswer(
                     plugin: name, peers: { [weak self] in self?.peerTargets(of: name) ?? [] },
@@ -86,22 +88,29 @@ extension HostController {
         liveLock.withLock { daemons[plugin] }.flatMap { $0.plugin.version == version ? $0.status : nil }
     }
 
-    func daemonListenAddress(_ plugin: String) -> String? {
-        try? store.read { db in try SettingRow.fetchOne(db, key: Self.daemonListenSetting(plugin))?.value }
+    func daemonListenAddress(_ plugin: String) -> String? { setting(Self.daemonListenSetting(plugin)) }
+
+    func setting(_ key: String) -> String? {
+        try? store.read { db in try SettingRow.fetchOne(db, key: key)?.value }
     }
 
     /// Lets `plugin`'s daemon accept peers on `address` ("HOST:PORT"), or nowhere (nil),
-    /// and restarts it on the new socket.
-    public func setDaemonListen(_ plugin: String, address: String?) throws(ControlError) -> PluginInfo {
+    /// with TLS if `tlsPSK` names a key file, and restarts it on the new socket.
+    public func setDaemonListen(_ plugin: String, address: String?, tlsPSK: String? = nil) throws(ControlError) -> PluginInfo {
+        if let tlsPSK {
+            guard address != nil else { throw .badRequest("a TLS key is for peers: give an address too") }
+            try allowedPaths.check(tlsPSK, "the peers' TLS key")
+            guard FileManager.default.isReadableFile(atPath: tlsPSK) else { throw .notFound("cannot read \(tlsPSK)") }
+        }
         try exclusive {
             let newest = try Self.newestFirst(try store.read { db in try PluginRow.filter(Column("name") == plugin).fetchAll(db) }, name: plugin)[0]
-            try applyDaemonListen(newest.manifest, address: address)
+            try applyDaemonListen(newest.manifest, address: address, tlsPSK: tlsPSK)
         }
         return try showPlugin(plugin)[0]
     }
 
     /// Call under the change lock.
-    func applyDaemonListen(_ manifest: PluginManifest, address: String?) throws {
+    func applyDaemonListen(_ manifest: PluginManifest, address: String?, tlsPSK: String? = nil) throws {
         guard manifest.hasDaemon else { throw ControlError.badRequest("\(manifest.name) has no partner daemon") }
         guard manifest.daemonListens else {
             throw ControlError.badRequest("\(manifest.name) does not declare IOF_DAEMON_LISTENS: its daemon takes no peers from the network")
@@ -111,29 +120,26 @@ extension HostController {
                 throw ControlError.badRequest("'\(address)' is not HOST:PORT")
             }
         }
-        let previous = daemonListenAddress(manifest.name)
-        try store.write { db in
-            if let address {
-                try SettingRow(key: Self.daemonListenSetting(manifest.name), value: address).save(db)
-            } else {
-                _ = try SettingRow.deleteOne(db, key: Self.daemonListenSetting(manifest.name))
+        let keys = [Self.daemonListenSetting(manifest.name), Self.daemonTLSSetting(manifest.name)]
+        let previous = keys.map(setting)
+        func save(_ values: [String?]) throws {
+            try store.write { db in
+                for (key, value) in zip(keys, values) {
+                    if let value { try SettingRow(key: key, value: value).save(db) } else { _ = try SettingRow.deleteOne(db, key: key) }
+                }
             }
         }
+        try save([address, tlsPSK])
         do {
             try startDaemon(manifest)
         } catch {
             // Back to how it was: the address is refused (in use, not ours), not the daemon.
-            try store.write { db in
-                if let previous {
-                    try SettingRow(key: Self.daemonListenSetting(manifest.name), value: previous).save(db)
-                } else {
-                    _ = try SettingRow.deleteOne(db, key: Self.daemonListenSetting(manifest.name))
-                }
-            }
+            try save(previous)
             try? startDaemon(manifest)
             throw error
         }
-        event("daemon-listen-set", manifest.name, address.map { "accepts peers on \($0)" } ?? "accepts no peers")
+        event("daemon-listen-set", manifest.name, address.map { "accepts peers on \($0)" + (tlsPSK == nil ? "" : " with TLS (PSK \(tlsPSK!))") }
+              ?? "accepts no peers")
     }
 
     /// The peers (`iofilter://HOST:PORT/DISK`) the policies that use `plugin` name: what

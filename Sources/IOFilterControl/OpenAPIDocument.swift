@@ -111,7 +111,7 @@ enum OpenAPIDocument {
             "state": .enumeration(["starting", "running", "restarting", "stopped"]), "pid": .integer, "restarts": .integer,
             "lastError": .string, "listen": .string,
         ], required: ["state", "restarts"]),
-        "DaemonListenRequest": .object(["address": hostPort], required: []),
+        "DaemonListenRequest": .object(["address": hostPort, "tlsPsk": absolutePath], required: []),
         "PluginCallRequest": .object(["operation": .pattern("^[a-z][a-z0-9_-]*$"), "arguments": .array(.string), "vm": name, "version": .string],
                                      required: ["operation", "arguments"]),
         "ManagementResult": .object(["type": .string, "value": .string], required: ["type", "value"]),

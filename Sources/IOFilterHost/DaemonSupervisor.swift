@@ -20,6 +20,8 @@ public final class DaemonSupervisor: @unchecked Sendable {
     /// for port 0).
     public let listenAddress: String?
     private let configuration: DaemonConfiguration
+    private let peerPSK: String?
+    static let peerPSKName = "peer-tls.psk"
     private let channelListener: Int32
     private let peerListener: Int32?
     private let answer: TargetBroker.Answer
@@ -53,7 +55,11 @@ public final class DaemonSupervisor: @unchecked Sendable {
     ///   - listen: "HOST:PORT" for peers, if the operator allows it and the plug-in
     ///     declares IOF_DAEMON_LISTENS.
     ///   - answer: what its broker opens for it (peer daemons, replica disks).
-    public init(plugin: PluginManifest, directory: String, socketDirectory: String, listen: String?, settings: [String: String] = [:],
+    ///   - peerPSK: a psktool file peers must start TLS with; copied into the daemon's
+    ///     directory at each start (it cannot reach the original), named by its
+    ///     "tls-psk" setting.
+    public init(plugin: PluginManifest, directory: String, socketDirectory: String, listen: String?, peerPSK: String? = nil,
+                settings: [String: String] = [:],
                 logLevel: String, hiddenPaths: [String] = [], sandbox: Bool = true, workerPath: String = WorkerExecutable.path(),
                 logger: Logger, answer: @escaping TargetBroker.Answer) throws(SupervisorError) {
         self.plugin = plugin
@@ -91,6 +97,8 @@ public final class DaemonSupervisor: @unchecked Sendable {
         listenAddress = address
         var settings = settings
         if let address { settings["listen"] = address }
+        if peerPSK != nil { settings["tls-psk"] = Self.peerPSKName }
+        self.peerPSK = peerPSK
         var configuration = DaemonConfiguration(plugin: plugin, stateDirectory: directory, settings: settings, sandbox: sandbox,
                                                 logLevel: logLevel)
         configuration.peerFD = peer == nil ? nil : 4
@@ -190,7 +198,22 @@ public final class DaemonSupervisor: @unchecked Sendable {
         unlink(channelPath)
     }
 
+    /// Puts the peers' key where the confined daemon can read it: its own directory,
+    /// owned by its identity, 0600.
+    private func stagePeerKey() throws {
+        guard let peerPSK else { return }
+        try FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
+        let copy = configuration.stateDirectory + "/" + Self.peerPSKName
+        unlink(copy)
+        guard let key = FileManager.default.contents(atPath: peerPSK),
+              FileManager.default.createFile(atPath: copy, contents: key, attributes: [.posixPermissions: 0o600]) else {
+            throw SupervisorError(message: "cannot copy the peers' TLS key \(peerPSK) for the daemon")
+        }
+        if geteuid() == 0, let identity = configuration.identity { _ = chown(copy, identity.uid, identity.gid) }
+    }
+
     private func launch() throws -> (ChildProcess, (ready: Bool, error: String?)) {
+        try stagePeerKey()
         let input = try JSONEncoder().encode(configuration)
         let beat = try Heartbeat()
         let broker = try TargetBroker.start(logger: logger, answer: answer)

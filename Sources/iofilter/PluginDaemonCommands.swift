@@ -72,21 +72,25 @@ extension IOFilterCommand.Plugin {
                 (ABI 1.3) take peers.
 
                 Example:  iofilter plugin daemon-listen org.swift-iofilter.replication 192.0.2.10:10900
+                          iofilter plugin daemon-listen org.swift-iofilter.replication 192.0.2.10:10900 --tls-psk /etc/iofilter/peers.psk
                           iofilter plugin daemon-listen org.swift-iofilter.replication --off
                 """)
 
         @Argument(help: "The plug-in's name.") var name: String
         @Argument(help: ArgumentHelp("Where to accept peers.", valueName: "host:port")) var address: String?
         @Flag(help: "Accept no peers.") var off = false
+        @Option(help: ArgumentHelp("Peers must start TLS with this pre-shared key (a psktool file).", valueName: "file"))
+        var tlsPsk: String?
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
             if off == (address != nil) { throw ValidationError("give HOST:PORT or --off") }
+            if off && tlsPsk != nil { throw ValidationError("--tls-psk is for peers; not with --off") }
         }
 
         func run() throws {
             try reportingFailures {
-                try daemon.client.run("PUT", "/plugins/\(name)/daemon-listen", body: DaemonListenRequest(address: address), as: PluginInfo.self) {
+                try daemon.client.run("PUT", "/plugins/\(name)/daemon-listen", body: DaemonListenRequest(address: address, tlsPsk: tlsPsk.map(absolutePath)), as: PluginInfo.self) {
                     $0.daemon?.listen.map { "the daemon of \(name) accepts peers on \($0)" } ?? "the daemon of \(name) accepts no peers"
                 }
             }

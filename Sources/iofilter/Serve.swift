@@ -67,6 +67,9 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("Where a filter's partner daemon accepts its peers on other hosts (if the plug-in declares IOF_DAEMON_LISTENS).", valueName: "host:port"))
         var daemonListen: String?
 
+        @Option(help: ArgumentHelp("Peers of the daemon must start TLS with this pre-shared key (a psktool file).", valueName: "file"))
+        var daemonTlsPsk: String?
+
         @Flag(help: "Print every filter's statistics to stderr when stopping (and with --stats-every, as it serves).")
         var stats = false
 
@@ -206,7 +209,8 @@ extension IOFilterCommand {
                 do {
                     let daemon = try DaemonSupervisor(
                         plugin: filter.manifest, directory: stateDirectory + "/daemons/" + name, socketDirectory: sockets,
-                        listen: filter.manifest.daemonListens ? daemonListen : nil, logLevel: StandardErrorLogging.level.rawValue,
+                        listen: filter.manifest.daemonListens ? daemonListen : nil, peerPSK: daemonTlsPsk.map(absolutePath),
+                        logLevel: StandardErrorLogging.level.rawValue,
                         logger: logger,
                         answer: DaemonSupervisor.brokerAnswer(plugin: name, peers: { peers },
                                                               replica: DaemonSupervisor.fileReplicas(in: stateDirectory + "/replicas")))

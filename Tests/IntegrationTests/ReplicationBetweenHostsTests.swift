@@ -144,4 +144,33 @@ struct ReplicationBetweenHostsTests {
         let status = try hosts.a.ok(["plugin", "call", Self.plugin, "status", "--vm", "web"])
         #expect(status.contains("degraded"), "\(status)")
     }
+
+    @Test func daemonsSpeakTLSWithAPreSharedKeyAndRefuseAPeerWithout() throws {
+        let hosts = try TwoHosts()
+        let replication = Daemon.samplePlugin("iofilter-replication")
+        let listen = "\(TwoHosts.addressB):\(TwoHosts.peerPort)"
+        let keys = directory.appendingPathComponent("peers.psk").path
+        try Harness.check("/usr/bin/psktool", ["-u", "host-a", "-p", keys])
+        try hosts.b.ok(["plugin", "install", replication])
+        try hosts.b.ok(["plugin", "daemon-listen", Self.plugin, listen, "--tls-psk", keys])
+        try hosts.a.ok(["plugin", "install", replication])
+        // One disk with the key, one without: only the first is replicated.
+        try hosts.a.ok(["policy", "create", "keyed", "--filter", "\(Self.plugin):target=iofilter://\(listen)/keyed-replica,tls-psk=\(keys)"])
+        try hosts.a.ok(["policy", "create", "keyless", "--filter", "\(Self.plugin):target=iofilter://\(listen)/keyless-replica"])
+        for disk in ["keyed", "keyless"] {
+            try hosts.a.ok(["disk", "create", disk, "--size", "16M", "--policy", disk])
+        }
+        try hosts.a.ok(["vm", "create", "web", "--disk", "keyed", "--disk", "keyless"])
+        let vm: VMInfo = try hosts.a.json(["vm", "start", "web"])
+        for disk in ["keyed", "keyless"] {
+            #expect(try Harness.qemuIO(try #require(vm.uris[disk]), ["write -P 0x3c 0 1M"]).contains("wrote 1048576/1048576"))
+        }
+        try Self.waitForSync(hosts.a, vm: "web", disk: "keyed")
+        let replica: DiskInfo = try hosts.b.json(["disk", "show", "keyed-replica"])
+        #expect(try Self.compare(hosts.a.state.appendingPathComponent("disks/keyed.img").path, replica.path).status == 0)
+        // The peer without the key never gets a replica made.
+        #expect(hosts.b.log.contains("a peer failed the TLS handshake"), "\(hosts.b.log.suffix(2000))")
+        #expect(try hosts.b.cli(["disk", "show", "keyless-replica"]).status != 0)
+        #expect(try Self.replicationStats(hosts.a, vm: "web", disk: "keyless")["state_degraded"] == 1)
+    }
 }
