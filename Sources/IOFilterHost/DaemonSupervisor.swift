@@ -108,10 +108,14 @@ public final class DaemonSupervisor: @unchecked Sendable {
         configuration.identity = WorkerIdentity(for: "daemon:" + plugin.name)
         let limits = WorkerCgroupLimits(memory: WorkerConfiguration.defaultMemoryLimit, tasks: WorkerCgroupLimits.defaultTasks,
                                         cpuWeight: WorkerCgroupLimits.defaultCPUWeight)
-        switch WorkerCgroup.create(name: "daemon-" + Self.socketName(plugin.name), limits: limits) {
+        // A group of its own per supervisor: the one it replaces (an upgrade) may still
+        // be emptying its group while this one starts.
+        let instance = Self.instances.withLock { count -> Int in
+            count += 1
+            return count
+        }
+        switch WorkerCgroup.create(name: "daemon-\(Self.socketName(plugin.name))-\(instance)", limits: limits) {
         case .success(let made):
-            // A daemon a crashed host left behind in it goes now.
-            made.killAll()
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
         case .failure(let reason):
@@ -120,6 +124,8 @@ public final class DaemonSupervisor: @unchecked Sendable {
         }
         self.configuration = configuration
     }
+
+    private static let instances = Guarded(0)
 
     /// A file name for a plug-in's name (reverse-DNS names are safe already; anything
     /// else is folded).
@@ -258,14 +264,15 @@ public final class DaemonSupervisor: @unchecked Sendable {
                     process.signal(SIGKILL)
                 }
                 status = lock.withLock({ stopping }) ? (process.wait() ?? -1)
-                    : HeartbeatWatch.wait(for: process, beat: currentHeartbeat(), timeout: heartbeatTimeout, logger: logger) { [self] in
+                    : HeartbeatWatch.wait(for: process, beat: currentHeartbeat(), timeout: heartbeatTimeout, logger: logger, what: "daemon") { [self] in
                         lock.withLock { stopping }
                     }
             } catch {
                 lock.withLock { lastError = "cannot start: \(error)" }
             }
-            cgroup?.killAll()
+            // Once stopping, `stop` empties and removes the group itself.
             if lock.withLock({ stopping }) { return }
+            cgroup?.killAll()
             let why = pid == 0 ? (lock.withLock { lastError } ?? "it did not start") : ChildProcess.describe(status: status)
             let message = "daemon \(pid) of \(plugin.name) \(why); restarting in \(backoff)s"
             logger.error("\(message)")
@@ -300,7 +307,7 @@ public enum DaemonEvent: String, Sendable {
 /// Waits for a sandboxed process to exit, killing it if its heartbeat stops: frozen,
 /// deadlocked, or its threads stopped by a plug-in.
 enum HeartbeatWatch {
-    static func wait(for process: ChildProcess, beat: Heartbeat?, timeout: Double, logger: Logger,
+    static func wait(for process: ChildProcess, beat: Heartbeat?, timeout: Double, logger: Logger, what: String,
                      stopping: () -> Bool) -> Int32 {
         guard timeout > 0, let beat else { return process.wait() ?? -1 }
         let limit = UInt64(timeout * 1e9)
@@ -310,7 +317,7 @@ enum HeartbeatWatch {
             let last = beat.lastBeat, now = monotonicNanoseconds()
             guard last > 0, now > last, now - last > limit, !stopping() else { continue }
             logger.critical(
-                "process \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a plug-in); killing it")
+                "\(what) \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a plug-in); killing it")
             process.signal(SIGKILL)
             return process.wait() ?? -1
         }

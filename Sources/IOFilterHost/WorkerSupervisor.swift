@@ -311,7 +311,7 @@ public final class WorkerSupervisor: @unchecked Sendable {
 extension WorkerSupervisor {
     /// Waits for the worker to exit, killing it if its heartbeat stops.
     private func waitWatchingHeartbeat(_ process: ChildProcess) -> Int32 {
-        HeartbeatWatch.wait(for: process, beat: lock.withLock { heartbeat }, timeout: heartbeatTimeout, logger: logger) {
+        HeartbeatWatch.wait(for: process, beat: lock.withLock { heartbeat }, timeout: heartbeatTimeout, logger: logger, what: "worker") {
             lock.withLock { stopping }
         }
     }

@@ -108,6 +108,19 @@ struct PartnerDaemonTests {
         #expect(info.first?.daemon?.listen == nil)
         #expect((try? Self.greeting(from: address)) == nil || (try? Self.greeting(from: address)) == "", "the old listener is closed")
 
+        // An upgrade replaces the daemon: the newer version's runs, the old one is gone.
+        let old = try #require(try daemon.json(["plugin", "show", "org.test.daemon"], as: [PluginInfo].self).first?.daemon?.pid)
+        let newer = try Harness.buildTestPlugin("with-daemon-1.1", defines: ["WITH_DAEMON", "PLUGIN_NAME=\"org.test.daemon\"",
+                                                                             "PLUGIN_VERSION=\"1.1.0\""], in: directory)
+        try daemon.ok(["plugin", "install", newer])
+        let versions: [PluginInfo] = try daemon.json(["plugin", "show", "org.test.daemon"])
+        #expect(versions.map(\.version) == ["1.1.0", "1.0.0"] && versions[0].daemon?.state == .running && versions[1].daemon == nil)
+        #expect(kill(old, 0) != 0, "the old version's daemon kept running")
+        try daemon.ok(["plugin", "remove", "org.test.daemon", "--version", "1.1.0"])
+        let afterRemoval: [PluginInfo] = try daemon.json(["plugin", "show", "org.test.daemon"])
+        #expect(afterRemoval.first?.daemon?.state == .running,
+                "removing the newer version hands the daemon back to the older one: \(afterRemoval.map { ($0.version, $0.daemon) })\n\(daemon.log.suffix(3000))")
+
         // Removing the plug-in stops its daemon.
         try daemon.ok(["vm", "stop", "v"])
         try daemon.ok(["vm", "delete", "v"])

@@ -304,8 +304,14 @@ final class ServedDisk: @unchecked Sendable {
         return false
     }
 
-    /// The worker process the supervisor started (and waits for).
-    var workerPID: pid_t? { Harness.children(of: process.processIdentifier).first }
+    /// The worker process the supervisor started (and waits for); not a partner daemon,
+    /// its other kind of child.
+    var workerPID: pid_t? {
+        Harness.children(of: process.processIdentifier).first { pid in
+            let arguments = ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").split(separator: "\0")
+            return arguments.dropFirst().first == "serve"
+        }
+    }
     /// The process that serves: the worker's child, init of its own pid namespace.
     var servingPID: pid_t? { workerPID.flatMap { Harness.children(of: $0).first } }
 
