@@ -130,6 +130,8 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            // The web console's page, style and script, compiled into iofilterd.
+            resources: [.embedInCode("Console/console.html"), .embedInCode("Console/console.css"), .embedInCode("Console/console.js")],
             swiftSettings: strict),
 
         .executableTarget(

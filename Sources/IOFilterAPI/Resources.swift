@@ -502,6 +502,17 @@ public struct HostInfo: Codable, Sendable {
 
 /// What a caller of the API may do. Read-only: list and show. Operator: also start and
 /// stop VMs, take snapshots, export disks, call plug-ins' operations. Admin: everything.
+/// Who the caller is (`GET /session`): what the console shows, and which of its
+/// actions it offers.
+public struct Session: Codable, Sendable {
+    public var name: String
+    public var role: Role
+    public init(name: String, role: Role) {
+        self.name = name
+        self.role = role
+    }
+}
+
 public enum Role: String, Codable, Sendable, CaseIterable, Comparable {
     case readOnly = "read-only"
     case `operator`

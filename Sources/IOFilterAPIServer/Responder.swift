@@ -3,6 +3,7 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import IOFilterHTTP
+import IOFilterPosix
 import Logging
 import NIOCore
 
@@ -75,6 +76,31 @@ struct Responder: HTTPResponder {
         for (name, value) in answer.headers {
             guard let field = HTTPField.Name(name), field != .contentLength, field != .connection else { continue }
             fields.append(HTTPField(name: field, value: value))
+        }
+        if let produce = answer.stream {
+            return Response(status: .init(code: answer.status), headers: fields, body: ResponseBody { writer in
+                if !answer.body.isEmpty { try await writer.write(ByteBuffer(bytes: answer.body)) }
+                // The producer blocks (it asks workers for their figures): its own thread,
+                // handing chunks over a stream that ends when it returns or the client goes.
+                let (chunks, continuation) = AsyncStream.makeStream(of: [UInt8].self, bufferingPolicy: .bufferingNewest(16))
+                let gone = Guarded(false)
+                continuation.onTermination = { _ in gone.withLock { $0 = true } }
+                startThread(name: "api-stream") {
+                    produce { chunk in
+                        guard !gone.withLock({ $0 }) else { return false }
+                        continuation.yield(chunk)
+                        return true
+                    }
+                    continuation.finish()
+                }
+                do {
+                    for await chunk in chunks { try await writer.write(ByteBuffer(bytes: chunk)) }
+                } catch {
+                    continuation.finish()
+                    gone.withLock { $0 = true }
+                }
+                try await writer.finish(nil)
+            })
         }
         return Response(
             status: .init(code: answer.status), headers: fields,

@@ -90,6 +90,15 @@ public struct APIRouter: Sendable {
             }
             return HTTPResponse(status: 200, headers: [("Content-Type", "application/json")], body: openAPI)
         }
+        // The console's page and scripts hold no data: anyone may load them, and they
+        // ask for a token before they ask the API anything.
+        if let asset = ConsoleAssets.asset(request.path) {
+            guard request.method == "GET" else {
+                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on \(request.path)"))
+            }
+            return HTTPResponse(status: 200, headers: [("Content-Type", asset.contentType), ("Cache-Control", "no-cache")] + ConsoleAssets.securityHeaders,
+                                body: asset.body)
+        }
         // Who is calling comes first: a caller the host does not know learns nothing,
         // not even which routes exist.
         let caller: Caller
@@ -100,6 +109,12 @@ public struct APIRouter: Sendable {
             var response = Self.error(error)
             if error.status == 401 { response.headers.append(("WWW-Authenticate", "Bearer realm=\"iofilterd\"")) }
             return response
+        }
+        if request.path == "/live" {
+            guard request.method == "GET" else {
+                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /live"))
+            }
+            return liveUpdates(for: caller)
         }
         if request.path == "/metrics" {
             guard request.method == "GET" else {
@@ -147,6 +162,32 @@ public struct APIRouter: Sendable {
             }
             return response
         }
+    }
+
+    /// Server-sent events for the console: every second, each VM with its live figures
+    /// (per-op I/O counters and every filter's statistics) and the newest events, until
+    /// the client goes away.
+    func liveUpdates(for caller: Caller) -> HTTPResponse {
+        struct Snapshot: Encodable {
+            let time: Double
+            let vms: [VMInfo]
+            let events: [Event]
+        }
+        var response = HTTPResponse(status: 200, headers: [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")],
+                                    body: Array("retry: 2000\n\n".utf8))
+        let host = self.host
+        response.stream = { send in
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            while true {
+                let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name)) ?? vm) : vm }
+                let snapshot = Snapshot(time: Date().timeIntervalSince1970, vms: vms, events: (try? host.events(limit: 30)) ?? [])
+                guard let data = try? encoder.encode(snapshot), send(Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)) else { return }
+                usleep(1_000_000)
+            }
+        }
+        logger.info("live updates for \(caller)")
+        return response
     }
 
     private func respond(_ route: Route, _ parameters: [String: String], _ request: HTTPRequest) -> HTTPResponse {
@@ -213,6 +254,10 @@ extension APIRouter {
                   handler: handler)
         }
         return [
+            route("GET", "/session", "getSession", "Who the caller is, and the role it has.", (200, "Session")) { _ in
+                guard let caller = APICall.current?.caller else { throw ControlError.internalError("no caller for this request") }
+                return Session(name: caller.name, role: caller.role)
+            },
             route("GET", "/host", "getHost", "The host runtime: version, state directory, running VMs.", (200, "HostInfo")) { _ in
                 host.hostInfo(apiSocket: apiSocket)
             },

@@ -76,6 +76,7 @@ enum OpenAPIDocument {
 
     static let schemas: [String: Schema] = [
         "Error": .object(["error": .string, "message": .string], required: ["error", "message"]),
+        "Session": .object(["name": .string, "role": role], required: ["name", "role"]),
         "HostInfo": .object([
             "version": .string, "stateDirectory": .string, "apiSocket": .string, "pid": .integer, "runningVMs": .array(.string),
             "acceptanceLevel": acceptanceLevel,

@@ -66,6 +66,10 @@ public struct HTTPResponse: Sendable {
     public var status: Int
     public var headers: [(String, String)]
     public var body: [UInt8]
+    /// A body sent as it is made (server-sent events): after `body`, the server runs
+    /// this on a thread of its own and sends each chunk it hands to `send`, until it
+    /// returns or `send` returns false (the client went away).
+    public var stream: (@Sendable (_ send: @Sendable ([UInt8]) -> Bool) -> Void)?
 
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status
