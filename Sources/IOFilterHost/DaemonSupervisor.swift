@@ -230,13 +230,14 @@ public final class DaemonSupervisor: @unchecked Sendable {
         let process = try ChildProcess(
             executable: workerPath, arguments: ["daemon"], handOver: handOver, stdin: Array(input), stdout: .capture,
             environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
+        // Known at once, so that a stop while it starts reaches it.
+        lock.withLock { child = process }
         if let cgroup, !cgroup.add(process.pid) {
             logger.warning("cannot move daemon \(process.pid) into its cgroup: \(String(cString: strerror(errno)))")
         }
         let outcome = WaitForLine(process: process).wait(timeout: 30)
         lock.withLock {
             heartbeat = beat
-            child = process
             if outcome.ready {
                 state = .running
                 readyGeneration += 1
@@ -263,6 +264,7 @@ public final class DaemonSupervisor: @unchecked Sendable {
                 } else {
                     process.signal(SIGKILL)
                 }
+                if lock.withLock({ stopping }) { process.signal(SIGKILL) }
                 status = lock.withLock({ stopping }) ? (process.wait() ?? -1)
                     : HeartbeatWatch.wait(for: process, beat: currentHeartbeat(), timeout: heartbeatTimeout, logger: logger, what: "daemon") { [self] in
                         lock.withLock { stopping }

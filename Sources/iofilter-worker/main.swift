@@ -95,6 +95,25 @@ func absolute(_ path: String) -> String {
     return path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
+/// The configuration the host wrote on standard input; a process without one does not run.
+@MainActor func readConfiguration<T: Decodable>(_ type: T.Type, for mode: String) -> T {
+    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
+    guard let configuration = try? JSONDecoder().decode(T.self, from: Data(input)) else {
+        logger.critical("\(mode): no valid configuration on standard input")
+        exit(64)
+    }
+    return configuration
+}
+
+/// Waits until the host has moved this process into its cgroup (it must be there
+/// before it makes its pid namespace); false if there is none or it never came.
+@MainActor func joinedCgroup(_ files: [String]?, what: String) -> Bool {
+    guard let files else { return false }
+    let joined = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
+    if !joined { logger.warning("the host did not move this \(what) into its cgroup: limits fall back on RLIMIT_AS") }
+    return joined
+}
+
 /// Answers the host's control requests, one JSON line each way, until the host closes
 /// the channel.
 func serveControl(fd: Int32, runtime: WorkerRuntime) {
@@ -167,11 +186,7 @@ case "call" where arguments.count >= 3:
     }
 
 case "serve" where arguments.count == 1:
-    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
-    guard var configuration = try? JSONDecoder().decode(WorkerConfiguration.self, from: Data(input)) else {
-        logger.critical("serve: no valid configuration on standard input")
-        exit(64)
-    }
+    var configuration = readConfiguration(WorkerConfiguration.self, for: "serve")
     logger = Logger(label: "iofilter.worker")
     logger[metadataKey: "vm"] = "\(configuration.vmName)"
     let signals = TerminationSignals.block()
@@ -215,11 +230,7 @@ case "serve" where arguments.count == 1:
     // The cgroup that limits this worker and everything it will ever be (its pid
     // namespace's init included): the supervisor moves it there while it starts, and
     // it must be there before it makes its pid namespace.
-    var inCgroup = false
-    if let files = configuration.cgroupProcs {
-        inCgroup = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
-        if !inCgroup { logger.warning("the host did not move this worker into its cgroup: limits fall back on RLIMIT_AS") }
-    }
+    let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "worker")
     if configuration.sandbox {
         let memoryLimit = configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
         confine {
@@ -309,11 +320,7 @@ case "serve" where arguments.count == 1:
     exit(0)
 
 case "daemon" where arguments.count == 1:
-    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
-    guard var configuration = try? JSONDecoder().decode(DaemonConfiguration.self, from: Data(input)) else {
-        logger.critical("daemon: no valid configuration on standard input")
-        exit(64)
-    }
+    var configuration = readConfiguration(DaemonConfiguration.self, for: "daemon")
     logger = Logger(label: "iofilter.daemon")
     logger[metadataKey: "plugin"] = "\(configuration.plugin.name)"
     let signals = TerminationSignals.block()
@@ -323,11 +330,7 @@ case "daemon" where arguments.count == 1:
     let listeners = [configuration.channelFD] + [configuration.peerFD].compactMap { $0 }
     let handedOver = listeners + [configuration.brokerFD, configuration.heartbeatFD].compactMap { $0 }
     if configuration.sandbox { Sandbox.closeInheritedFDs(keepingBelow: max(handedOver.max() ?? 2, 2) + 1) }
-    var inCgroup = false
-    if let files = configuration.cgroupProcs {
-        inCgroup = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
-        if !inCgroup { logger.warning("the host did not move this daemon into its cgroup: limits fall back on RLIMIT_AS") }
-    }
+    let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "daemon")
     if configuration.sandbox {
         // A worker's confinement: its own directory, its plug-in, the sockets it was
         // handed; no network but those and what the host's broker opens for it.
