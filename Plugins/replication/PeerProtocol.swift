@@ -6,7 +6,8 @@ import IOFilterSDK
 //   filter  --channel (frames below)-->  daemon on host A
 //   daemon A  --TCP, the host opens it-->  daemon B on its peer listener:
 //       TLS with a pre-shared key first, if B's operator gave one (daemon-listen --tls-psk),
-//       "IOFILTER-REPLICA 1 DISK SIZE\n", answered "OK\n" or "ERR message\n",
+//       "IOFILTER-REPLICA 1 DISK SIZE\n", answered "OK IDENTITY\n" or "ERR message\n"
+//       (the identity of the replica disk, which HELLO's answer passes on to the filter),
 //       then NBD (fixed newstyle, OPT_GO, simple replies) onto B's replica disk.
 //
 // On the channel each request is one frame, each answer one reply frame:

@@ -27,7 +27,7 @@ final class PeerLink: @unchecked Sendable {
         send(.hello, offset: disk.size, length: synchronous ? 1 : 0, payload: payload, on: fd) { error, message in answer.finish(error, message) }
         let (error, message) = answer.wait()
         guard error == 0 else { throw FilterError(error, message.isEmpty ? String(cString: strerror(error)) : message) }
-        return PeerTarget(link: self, address: address, size: disk.size, channel: fd)
+        return PeerTarget(link: self, address: address, size: disk.size, channel: fd, identity: message)
     }
 
     /// The channel to use: the one a reader serves, or a fresh one from the host (after
@@ -114,13 +114,16 @@ final class PeerTarget: BlockTarget, @unchecked Sendable {
     let address: PeerAddress
     let size: UInt64
     let channel: Int32
+    /// The replica disk's identity, as its keeper reported it.
+    let identity: String
     var description: String { address.target }
 
-    init(link: PeerLink, address: PeerAddress, size: UInt64, channel: Int32) {
+    init(link: PeerLink, address: PeerAddress, size: UInt64, channel: Int32, identity: String) {
         self.link = link
         self.address = address
         self.size = size
         self.channel = channel
+        self.identity = identity
     }
 
     func write(offset: UInt64, length: Int, from buffer: UnsafeRawPointer, completion: @escaping @Sendable (Int32) -> Void) {

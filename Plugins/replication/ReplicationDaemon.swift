@@ -168,13 +168,14 @@ final class ChannelRelay: @unchecked Sendable {
                 close(fd)
                 throw FilterError(ECONNRESET, "\(spec) closed the connection (is the replication daemon listening there, and does it require TLS?)")
             }
-            guard answer == "OK" else {
+            guard answer == "OK" || answer.hasPrefix("OK ") else {
                 close(fd)
                 throw FilterError(EEXIST, "\(spec) refused: \(answer.hasPrefix("ERR ") ? String(answer.dropFirst(4)) : answer)")
             }
             target = try openNBDTarget(connected: fd, export: address.disk, description: spec)
             host.log(.info, "replicating to \(spec) (\(size) bytes)")
-            reply(id: id, error: 0)
+            // The answer carries the replica's identity to the filter.
+            reply(id: id, error: 0, message: String(answer.dropFirst(3)))
         } catch {
             host.log(.warning, "cannot reach \(spec): \(error.message)")
             reply(id: id, error: error.errno, message: error.message)
@@ -244,7 +245,9 @@ struct ReplicaServer {
             return
         }
         defer { close(replica) }
-        guard Stream.write(fd, Array("OK\n".utf8)), negotiate(size: size) else { return }
+        // The replica's identity: a sender that synced another one (this disk was
+        // deleted and made again, say) copies everything again.
+        guard Stream.write(fd, Array("OK \(FileIO.identity(of: replica))\n".utf8)), negotiate(size: size) else { return }
         host.log(.info, "receiving the replica \(name) (\(size) bytes)")
         serve(replica, size: size)
     }

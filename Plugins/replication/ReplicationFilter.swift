@@ -69,7 +69,7 @@ public final class ReplicationFilter: IOFilter {
     }
 
     public static func detach(_ disk: Disk) throws(FilterError) {
-        for file in ["journal.data", "journal.state", "regions.map"] {
+        for file in ["journal.data", "journal.state", "regions.map", "replica.id"] {
             unlink("\(disk.sidecarDirectory)/\(file)")
         }
     }

@@ -43,8 +43,38 @@ final class Shipper: @unchecked Sendable {
     /// The replica: a file or NBD export the host opens, or a disk another host's
     /// replication daemon keeps, reached through this host's daemon.
     private func openReplica() throws(FilterError) -> any BlockTarget {
-        if let peer { return try peer.link.open(peer.address, synchronous: synchronousMode, tls: tls) }
-        return try openBlockTarget(targetSpec, size: disk.size, tls: tls)
+        guard let peer else { return try openBlockTarget(targetSpec, size: disk.size, tls: tls) }
+        let target = try peer.link.open(peer.address, synchronous: synchronousMode, tls: tls)
+        adopt(target.identity)
+        return target
+    }
+
+    /// A replica other than the one this filter synced (made anew on the other host:
+    /// deleted and recreated, its host rebuilt) holds nothing it was sent before: copy
+    /// everything again. The map says so durably before the new identity is recorded.
+    private func adopt(_ identity: String) {
+        guard !identity.isEmpty else { return }
+        let file = disk.sidecarDirectory + "/replica.id"
+        var known = ""
+        let existing = open(file, O_RDONLY | O_CLOEXEC)
+        if existing >= 0 {
+            var bytes = [UInt8](repeating: 0, count: 256)
+            let count = read(existing, &bytes, bytes.count)
+            close(existing)
+            known = String(decoding: bytes[..<max(count, 0)], as: UTF8.self)
+        }
+        guard known != identity else { return }
+        if !known.isEmpty {
+            regions.markAll()
+            regions.sync()
+            disk.log(.warning, "replica \(targetSpec) is not the one synced before (it was made anew): copying the whole disk again")
+        }
+        let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        if fd >= 0 {
+            _ = Array(identity.utf8).withUnsafeBytes { FileIO.writeAll(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+            fsync(fd)
+            close(fd)
+        }
     }
 
     var connectedTarget: (any BlockTarget)? { lock.withLock { target } }
@@ -193,8 +223,20 @@ final class Shipper: @unchecked Sendable {
                 }
                 sleeping.store(false, ordering: .sequentiallyConsistent)
             }
+            // A replica another host keeps can go away while nothing is written (that
+            // host restarted, its disk made anew): ask after it now and then, so that
+            // the state says so and a new replica is copied at once, not at the next write.
+            if peer != nil, monotonicNanoseconds() - lastPeerCheck > Self.peerCheckNanoseconds {
+                lastPeerCheck = monotonicNanoseconds()
+                let error = target.wait { target.flush(completion: $0) }
+                if error != 0 { targetFailed("idle check: \(String(cString: strerror(error)))") }
+            }
         }
     }
+
+    /// How often an idle shipper checks a replica on another host.
+    static let peerCheckNanoseconds: UInt64 = 5_000_000_000
+    private var lastPeerCheck: UInt64 = 0
 
     private func nap() {
         lock.withLock { _ = stopping || lock.wait(nanoseconds: Self.napNanoseconds) }

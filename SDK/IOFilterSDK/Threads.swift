@@ -84,6 +84,31 @@ public enum FileIO {
         return 0
     }
 
+    /// An identity of the file behind `fd` that a new file at the same path never has
+    /// (a random one kept in its extended attribute user.iofilter.id, made the first
+    /// time; where the file system keeps none, its device and inode). A replica keeper
+    /// tells its sender with it that the disk was made anew and needs copying in full.
+    public static func identity(of fd: Int32) -> String {
+        let name = "user.iofilter.id"
+        for _ in 0..<2 {
+            var stored = [UInt8](repeating: 0, count: 64)
+            let count = iof_fgetxattr(fd, name, &stored, stored.count)
+            if count > 0 { return String(decoding: stored[..<count], as: UTF8.self) }
+            guard errno == ENODATA else { break }
+            var generator = SystemRandomNumberGenerator()
+            let fresh = Array((0..<2).map { _ in
+                let word = String(generator.next() as UInt64, radix: 16)
+                return String(repeating: "0", count: 16 - word.count) + word
+            }.joined().utf8)
+            // Another opener may have made one first (EEXIST): read theirs.
+            if iof_fsetxattr_create(fd, name, fresh, fresh.count) == 0 { return String(decoding: fresh, as: UTF8.self) }
+            guard errno == EEXIST else { break }
+        }
+        var info = stat()
+        fstat(fd, &info)
+        return "dev\(info.st_dev)-ino\(info.st_ino)"
+    }
+
     /// Accepts a connection on `listener` (close-on-exec): the fd, or -1 with errno set.
     public static func accept(_ listener: Int32) -> Int32 { Sockets.accept(listener) }
 }

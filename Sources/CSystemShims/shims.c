@@ -335,6 +335,14 @@ int iof_setxattr(const char *path, const char *name, const void *value, size_t s
     return setxattr(path, name, value, size, 0);
 }
 
+long iof_fgetxattr(int fd, const char *name, void *value, size_t size) {
+    return (long)fgetxattr(fd, name, value, size);
+}
+
+int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t size) {
+    return fsetxattr(fd, name, value, size, XATTR_CREATE);
+}
+
 int iof_fadvise_willneed(int fd, int64_t offset, int64_t length) {
     return posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_WILLNEED);
 }

@@ -122,6 +122,18 @@ struct ReplicationBetweenHostsTests {
         try Self.waitForSync(hosts.a, vm: "web", disk: "web", timeout: 90)
         #expect(try Self.compare(primaryFile, replica.path).status == 0)
 
+        // B loses the replica (deleted, and B restarted): the disk its daemon makes anew
+        // has another identity, so A copies everything again rather than only what comes.
+        try hosts.b.ok(["disk", "delete", "web-replica"])
+        hosts.b.stop()
+        try hosts.b.start()
+        let remadeBy = Date().addingTimeInterval(30)
+        while !hosts.a.log.contains("is not the one synced before") && Date() < remadeBy { usleep(100_000) }
+        #expect(hosts.a.log.contains("is not the one synced before"), "\(hosts.a.log.suffix(3000))")
+        try Self.waitForSync(hosts.a, vm: "web", disk: "web", timeout: 90)
+        let remade: DiskInfo = try hosts.b.json(["disk", "show", "web-replica"])
+        #expect(try Self.compare(primaryFile, remade.path).status == 0, "the remade replica holds the whole disk")
+
         // Failover drill: A's VM stops; B promotes the replica and runs a VM on it; the
         // data is the same.
         try hosts.a.ok(["vm", "stop", "web"])

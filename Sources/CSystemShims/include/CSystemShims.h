@@ -143,5 +143,9 @@ int iof_enter_private_root(const char *scratch, const struct iof_view_entry *ent
 
 /// setxattr(2), which Glibc's Swift module does not export (sys/xattr.h).
 int iof_setxattr(const char *path, const char *name, const void *value, size_t size);
+/* fgetxattr(2): the value's size, or -1 with errno set. */
+long iof_fgetxattr(int fd, const char *name, void *value, size_t size);
+/* fsetxattr(2) with XATTR_CREATE: fails with EEXIST if the attribute is there. */
+int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t size);
 
 #endif
