@@ -21,7 +21,7 @@ public final class ReplicationFilter: IOFilter {
         name: "org.swift-iofilter.replication",
         vendor: "swift-iofilter",
         version: "1.0.0",
-        description: "Replicates every write to a file or NBD target, synchronously or through a journal",
+        description: "Replicates every write to a file, an NBD target or another host, synchronously or through a journal",
         category: .replication,
         threadModel: .parallel,
         parameters: [

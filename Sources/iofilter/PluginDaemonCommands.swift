@@ -137,6 +137,9 @@ extension IOFilterCommand.Plugin {
                 }
             } else {
                 lines.append("  \(plugin.path); thread model \(plugin.threadModel.rawValue)")
+                if let listens = plugin.daemonListens {
+                    lines.append("  partner daemon: yes" + (listens ? ", accepts peers on other hosts (IOF_DAEMON_LISTENS)" : ""))
+                }
             }
             if !plugin.parameters.isEmpty {
                 lines.append("  parameters:")
