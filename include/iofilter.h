@@ -327,7 +327,8 @@ struct iof_host_services {
 
     /* --- ABI 1.3; check struct_size (or abi_minor >= 3) before calling ------------- */
 
-    /* For a partner daemon only (NULL disk; -EPERM elsewhere).
+    /* For a partner daemon only: in a worker peer_listener gives -1 and open_replica
+     * -EPERM.
      *
      * The socket on which the daemon accepts its peers on other hosts: a listening TCP
      * socket the host opened at the address the operator allowed for this plug-in
