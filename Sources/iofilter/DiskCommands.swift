@@ -133,9 +133,11 @@ struct DiskCommand: ParsableCommand {
                 iofilter://HOST:PORT/DISK). Promoted, it is this host's own: writable, usable by a VM, \
                 and the daemon refuses the old primary's stream from then on (no split brain).
 
-                Failover drill:  (host A) iofilter vm stop web
-                                 (host B) iofilter disk promote web-replica
-                                 (host B) iofilter vm create web --disk web-replica && iofilter vm start web
+                Failover drill:
+                  host A: iofilter vm stop web
+                  host B: iofilter disk promote web-replica
+                  host B: iofilter vm create web --disk web-replica
+                  host B: iofilter vm start web
                 """)
         @Argument(help: "The replica disk.") var name: String
         @OptionGroup var daemon: DaemonOptions

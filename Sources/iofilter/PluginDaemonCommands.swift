@@ -71,9 +71,10 @@ extension IOFilterCommand.Plugin {
                 the daemon gets no other network. Only plug-ins that declare IOF_DAEMON_LISTENS \
                 (ABI 1.3) take peers.
 
-                Example:  iofilter plugin daemon-listen org.swift-iofilter.replication 192.0.2.10:10900
-                          iofilter plugin daemon-listen org.swift-iofilter.replication 192.0.2.10:10900 --tls-psk /etc/iofilter/peers.psk
-                          iofilter plugin daemon-listen org.swift-iofilter.replication --off
+                Examples (NAME: the plug-in, like org.swift-iofilter.replication):
+                  iofilter plugin daemon-listen NAME 192.0.2.10:10900
+                  iofilter plugin daemon-listen NAME 192.0.2.10:10900 --tls-psk peers.psk
+                  iofilter plugin daemon-listen NAME --off
                 """)
 
         @Argument(help: "The plug-in's name.") var name: String
