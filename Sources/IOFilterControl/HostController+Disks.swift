@@ -164,6 +164,12 @@ extension HostController {
         try exclusive {
             var row = try store.read { db in try diskRow(name, db) }
             if let vm = row.vm { throw ControlError.conflict("disk \(name) belongs to VM \(vm); delete the VM first") }
+            // A daemon may be writing it for another host right now: its stream would go
+            // on into the deleted file. Promoted, it is refused and the disk is ours.
+            if let keeper = row.replicaOf, liveLock.withLock({ daemons[keeper] != nil }) {
+                throw ControlError.conflict("disk \(name) is a replica the daemon of \(keeper) keeps for another host; "
+                                            + "`iofilter disk promote \(name)` first (its stream is refused from then on), then delete it")
+            }
             try requireIdle(row, for: "delete")
             // Files its filters wrote for the host (a replica a policy put in the state
             // directory) go with it; what lies elsewhere is the operator's to remove.

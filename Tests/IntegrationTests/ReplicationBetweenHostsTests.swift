@@ -122,8 +122,12 @@ struct ReplicationBetweenHostsTests {
         try Self.waitForSync(hosts.a, vm: "web", disk: "web", timeout: 90)
         #expect(try Self.compare(primaryFile, replica.path).status == 0)
 
-        // B loses the replica (deleted, and B restarted): the disk its daemon makes anew
-        // has another identity, so A copies everything again rather than only what comes.
+        // B loses the replica (promoted to be deleted, and B restarted): the disk its
+        // daemon makes anew has another identity, so A copies everything again rather
+        // than only what comes. A replica being kept cannot simply be deleted.
+        let kept = try hosts.b.refused(["disk", "delete", "web-replica"])
+        #expect(kept.contains("is a replica the daemon of \(Self.plugin) keeps"), "\(kept)")
+        try hosts.b.ok(["disk", "promote", "web-replica"])
         try hosts.b.ok(["disk", "delete", "web-replica"])
         hosts.b.stop()
         try hosts.b.start()
