@@ -166,7 +166,7 @@ let package = Package(
 
         // The Swift SDK: what a Swift plug-in depends on (with the header).
         .target(
-            name: "IOFilterSDK", dependencies: ["CIOFilter", "CSystemShims", "CTLS", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            name: "IOFilterSDK", dependencies: ["CIOFilter", "CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             path: "SDK/IOFilterSDK", swiftSettings: strict),
 
         // The C sample, built by SwiftPM as a shared object; it needs only the header.

@@ -343,7 +343,8 @@ struct iof_host_services {
      * it read-only to VMs while it is a replica, and hands the daemon a read-write fd to
      * it (the daemon closes it). Returns the fd or a negative errno: -EEXIST if `name` is
      * a disk that is not this plug-in's replica (a promoted one included), -EINVAL for a
-     * name the host does not accept. */
+     * name the host does not accept, -EPERM for a plug-in of another category than
+     * replication. */
     int (*open_replica)(const char *name, uint64_t size);
 };
 

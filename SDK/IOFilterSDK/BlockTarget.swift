@@ -128,8 +128,7 @@ public struct TargetTLS: Sendable {
     /// The key as psktool writes it (`username:hexkey`): what a filter hands its daemon
     /// when the daemon is the one to speak TLS (`PeerTLS.connect`).
     public var pskLine: String {
-        let digits = Array("0123456789abcdef")
-        return client.username + ":" + String(client.key.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] })
+        client.username + ":" + hexadecimal(client.key)
     }
 
     /// `username`'s key (default: the file's first).

@@ -1,6 +1,4 @@
 import CIOFilter
-internal import CTLS
-internal import IOFilterPosix
 import Glibc
 internal import IOFilterNBD
 import Logging
@@ -99,42 +97,32 @@ public enum PeerTLS {
     /// The client's handshake on a connected `fd` (which the caller may close after),
     /// with a key as psktool writes it (`username:hexkey`).
     public static func connect(_ fd: Int32, pskLine: String, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
-        let psk: NBDClientTLS
         do {
-            psk = try NBDClientTLS(pskFile: pskLine)
+            return try NBDClientTLS(pskFile: pskLine).connect(fd, timeoutMilliseconds: timeoutMilliseconds)
         } catch {
-            throw FilterError(EINVAL, "\(error)")
+            throw FilterError(EPROTO, "TLS: \(error)")
         }
-        var message = [CChar](repeating: 0, count: 512)
-        let plaintext = message.withUnsafeMutableBufferPointer { buffer in
-            psk.key.withUnsafeBufferPointer { key in
-                iof_tls_connect_psk(fd, psk.username, key.baseAddress, key.count, timeoutMilliseconds, buffer.baseAddress!, buffer.count)
-            }
-        }
-        guard plaintext >= 0 else { throw FilterError(EPROTO, "TLS: \(String(nulTerminated: message))") }
-        return plaintext
     }
 
     /// The server's side: credentials loaded once from a psktool file the daemon can
     /// read (in its own directory), then a handshake per peer.
-    public final class Server: @unchecked Sendable {
-        // @unchecked: read-only after loading; GnuTLS shares them between sessions.
-        private let credentials: OpaquePointer
+    public final class Server: Sendable {
+        private let credentials: NBDTLS
 
         public init(pskFile path: String) throws(FilterError) {
-            var message = [CChar](repeating: 0, count: 512)
-            guard let loaded = message.withUnsafeMutableBufferPointer({ iof_tls_load_psk(path, $0.baseAddress!, $0.count) }) else {
-                throw FilterError(EINVAL, "TLS: \(String(nulTerminated: message))")
+            do {
+                credentials = try NBDTLS.psk(file: path)
+            } catch {
+                throw FilterError(EINVAL, "TLS: \(error)")
             }
-            credentials = loaded
         }
 
         /// The handshake on `fd` (which stays the caller's).
         public func accept(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
-            var message = [CChar](repeating: 0, count: 512)
-            let plaintext = message.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
-            guard plaintext >= 0 else { throw FilterError(EPROTO, "TLS: \(String(nulTerminated: message))") }
-            return plaintext
+            switch credentials.accept(fd, timeoutMilliseconds: timeoutMilliseconds) {
+            case .success(let plaintext): return plaintext
+            case .failure(let failure): throw FilterError(EPROTO, "TLS: \(failure)")
+            }
         }
     }
 }

@@ -96,10 +96,7 @@ public enum FileIO {
             if count > 0 { return String(decoding: stored[..<count], as: UTF8.self) }
             guard errno == ENODATA else { break }
             var generator = SystemRandomNumberGenerator()
-            let fresh = Array((0..<2).map { _ in
-                let word = String(generator.next() as UInt64, radix: 16)
-                return String(repeating: "0", count: 16 - word.count) + word
-            }.joined().utf8)
+            let fresh = Array(hexadecimal((0..<16).map { _ in generator.next() as UInt8 }).utf8)
             // Another opener may have made one first (EEXIST): read theirs.
             if iof_fsetxattr_create(fd, name, fresh, fresh.count) == 0 { return String(decoding: fresh, as: UTF8.self) }
             guard errno == EEXIST else { break }
@@ -163,4 +160,10 @@ public final class BackgroundLoop: @unchecked Sendable {
             while running { lock.wait() }
         }
     }
+}
+
+/// Lowercase hexadecimal, two digits a byte.
+func hexadecimal(_ bytes: some Sequence<UInt8>) -> String {
+    let digits = Array("0123456789abcdef")
+    return String(bytes.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] })
 }

@@ -83,19 +83,13 @@ public struct APIRouter: Sendable {
 
     public func handle(_ request: HTTPRequest) -> HTTPResponse {
         if request.path == "/openapi.json" {
-            guard request.method == "GET" else {
-                var response = Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /openapi.json"))
-                response.headers.append(("Allow", "GET"))
-                return response
-            }
+            guard request.method == "GET" else { return Self.onlyGET(request.path) }
             return HTTPResponse(status: 200, headers: [("Content-Type", "application/json")], body: openAPI)
         }
         // The console's page and scripts hold no data: anyone may load them, and they
         // ask for a token before they ask the API anything.
         if let asset = ConsoleAssets.asset(request.path) {
-            guard request.method == "GET" else {
-                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on \(request.path)"))
-            }
+            guard request.method == "GET" else { return Self.onlyGET(request.path) }
             return HTTPResponse(status: 200, headers: [("Content-Type", asset.contentType), ("Cache-Control", "no-cache")] + ConsoleAssets.securityHeaders,
                                 body: asset.body)
         }
@@ -111,15 +105,11 @@ public struct APIRouter: Sendable {
             return response
         }
         if request.path == "/live" {
-            guard request.method == "GET" else {
-                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /live"))
-            }
+            guard request.method == "GET" else { return Self.onlyGET(request.path) }
             return liveUpdates(for: caller)
         }
         if request.path == "/metrics" {
-            guard request.method == "GET" else {
-                return Self.error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on /metrics"))
-            }
+            guard request.method == "GET" else { return Self.onlyGET(request.path) }
             return HTTPResponse(status: 200, headers: [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                                 body: Array(host.prometheusMetrics(registry: registry).utf8))
         }
@@ -228,6 +218,13 @@ public struct APIRouter: Sendable {
             }
         }
         return (parameters, literals)
+    }
+
+    /// 405 for a path that is not a route and answers GET alone.
+    static func onlyGET(_ path: String) -> HTTPResponse {
+        var response = error(ControlError(status: 405, code: "method-not-allowed", message: "only GET is allowed on \(path)"))
+        response.headers.append(("Allow", "GET"))
+        return response
     }
 
     static func json(status: Int, _ value: any Encodable) -> HTTPResponse {

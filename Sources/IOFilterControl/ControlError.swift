@@ -1,4 +1,5 @@
 import IOFilterAPI
+import IOFilterModel
 
 /// A request the control plane refuses, with the HTTP status it answers with. The
 /// message says what was wrong and, where it can, what to do instead.
@@ -20,14 +21,12 @@ public struct ControlError: Error, CustomStringConvertible, Sendable {
 
 /// Names of policies, disks and VMs: they become file names and URI path segments.
 enum Names {
-    static let pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    static let pattern = ResourceName.pattern
     /// Path segments the API uses for operations ("/disks/import").
     static let reserved: Set<String> = ["import", "validate"]
 
     static func check(_ name: String, kind: String) throws(ControlError) {
-        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-        guard !name.isEmpty, name.count <= 64, name.allSatisfy(allowed.contains),
-              name.first!.isLetter || name.first!.isNumber else {
+        guard ResourceName.isValid(name) else {
             throw .badRequest("\(kind) name '\(name)' is not valid: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         }
         guard !reserved.contains(name) else { throw .conflict("'\(name)' is reserved; pick another \(kind) name") }

@@ -51,7 +51,7 @@ extension HostController {
                 peerPSK: listen == nil ? nil : setting(Self.daemonTLSSetting(name)),
                 logLevel: logLevel, hiddenPaths: hiddenFromWorkers, logger: logger,
                 answer: DaemonSupervisor.brokerAnswer(
-                    plugin: name, peers: { [weak self] in self?.peerTargets(of: name) ?? [] },
+                    plugin: manifest, peers: { [weak self] in self?.peerTargets(of: name) ?? [] },
                     replica: { [weak self] replica, size in
                         self?.openReplica(replica, size: size, keptBy: name)
                             ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))

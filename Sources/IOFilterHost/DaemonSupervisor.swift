@@ -36,7 +36,6 @@ public final class DaemonSupervisor: @unchecked Sendable {
     private var lastError: String?
     private var stopping = false
     private var heartbeat: Heartbeat?
-    private var readyGeneration = 0
 
     public var minimumBackoff = 0.2
     public var maximumBackoff = 10.0
@@ -140,28 +139,13 @@ public final class DaemonSupervisor: @unchecked Sendable {
         }
     }
 
-    public var generation: Int { lock.withLock { readyGeneration } }
-
-    /// Waits until a daemon newer than `generation` serves.
-    public func waitUntilRunning(after generation: Int, timeout: Double) -> Bool {
-        lock.withLock {
-            let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
-            while readyGeneration <= generation {
-                let now = monotonicNanoseconds()
-                if now >= deadline { return false }
-                _ = lock.wait(nanoseconds: deadline - now)
-            }
-            return true
-        }
-    }
-
     /// Starts supervising; returns once the first daemon serves or has failed (then it
     /// is retried with backoff, and `status` says why).
     public func start(timeout: Double = 30) {
         startThread(name: "daemon-supervise") { [self] in supervise() }
         lock.withLock {
             let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
-            while readyGeneration == 0 && restartCount == 0 && lastError == nil && !stopping {
+            while state == .starting && restartCount == 0 && lastError == nil && !stopping {
                 let now = monotonicNanoseconds()
                 if now >= deadline { return }
                 _ = lock.wait(nanoseconds: deadline - now)
@@ -240,7 +224,6 @@ public final class DaemonSupervisor: @unchecked Sendable {
             heartbeat = beat
             if outcome.ready {
                 state = .running
-                readyGeneration += 1
             } else {
                 lastError = outcome.error ?? "it did not start"
             }
@@ -330,15 +313,20 @@ extension DaemonSupervisor {
     /// What a daemon's broker answers:
     /// - `iofilter://HOST:PORT/…`: a TCP connection to that peer, if `peers()` (the
     ///   targets the policies using the plug-in name, at the time of asking) has it;
-    /// - `replica:SIZE:NAME`: what `replica` opens;
-    /// - a file in `files` (the daemon's settings name it): opened read-write.
+    /// - `replica:SIZE:NAME`: what `replica` opens, for a replication plug-in only (a
+    ///   replica is a disk of the host: no other kind of plug-in makes one).
     /// Anything else is refused with EACCES.
     public static func brokerAnswer(
-        plugin: String, peers: @escaping @Sendable () -> Set<String>, files: Set<String> = [],
+        plugin: PluginManifest, peers: @escaping @Sendable () -> Set<String>,
         replica: @escaping @Sendable (_ name: String, _ size: UInt64) -> Result<Int32, TargetBroker.Failure>
     ) -> TargetBroker.Answer {
-        { spec in
+        let name = plugin.name
+        let keepsReplicas = plugin.category == .replication
+        return { spec in
             if spec.hasPrefix(BrokerRequest.replicaPrefix) {
+                guard keepsReplicas else {
+                    return .failure(TargetBroker.Failure(EPERM, "\(name) is not a replication plug-in: it keeps no replica disks"))
+                }
                 let rest = spec.dropFirst(BrokerRequest.replicaPrefix.count)
                 guard let colon = rest.firstIndex(of: ":"), let size = UInt64(rest[..<colon]) else {
                     return .failure(TargetBroker.Failure(EINVAL, "malformed replica request"))
@@ -347,7 +335,7 @@ extension DaemonSupervisor {
             }
             if spec.hasPrefix(BrokerRequest.peerScheme) {
                 guard peers().contains(spec) else {
-                    return .failure(TargetBroker.Failure(EACCES, "no policy using \(plugin) names \(spec)"))
+                    return .failure(TargetBroker.Failure(EACCES, "no policy using \(name) names \(spec)"))
                 }
                 guard let uri = NBDURI("nbd://" + spec.dropFirst(BrokerRequest.peerScheme.count)) else {
                     return .failure(TargetBroker.Failure(EINVAL, "'\(spec)' is not iofilter://HOST:PORT/DISK"))
@@ -358,10 +346,7 @@ extension DaemonSupervisor {
                     return .failure(TargetBroker.Failure(error.code == 0 ? EIO : error.code, "cannot connect to \(spec): \(error)"))
                 }
             }
-            guard files.contains(spec) else {
-                return .failure(TargetBroker.Failure(EACCES, "\(spec) is neither a peer a policy names nor a file of the daemon's settings"))
-            }
-            return TargetBroker.open(spec)
+            return .failure(TargetBroker.Failure(EACCES, "\(spec) is not a peer any policy using \(name) names"))
         }
     }
 
@@ -369,7 +354,7 @@ extension DaemonSupervisor {
     /// offers a daemon in development; iofilterd keeps managed disks instead).
     public static func fileReplicas(in directory: String) -> @Sendable (String, UInt64) -> Result<Int32, TargetBroker.Failure> {
         { name, size in
-            guard ReplicaName.isValid(name) else { return .failure(TargetBroker.Failure(EINVAL, "'\(name)' is not a valid disk name")) }
+            guard ResourceName.isValid(name) else { return .failure(TargetBroker.Failure(EINVAL, "'\(name)' is not a valid disk name")) }
             try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             let path = directory + "/" + name + ".img"
             let opened = TargetBroker.open(path)
@@ -379,14 +364,5 @@ extension DaemonSupervisor {
             }
             return opened
         }
-    }
-}
-
-/// Names a daemon may give its replicas: a disk name of the host's (letters, digits,
-/// '.', '-', '_'; not starting with '.').
-public enum ReplicaName {
-    public static func isValid(_ name: String) -> Bool {
-        !name.isEmpty && name.count <= 128 && !name.hasPrefix(".")
-            && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "_") }
     }
 }

@@ -34,7 +34,7 @@ public struct NBDClientTLS: Sendable {
 
     /// The TLS handshake as the client on `fd`; then the plaintext end of the session
     /// (the session keeps its own copy of `fd`).
-    func connect(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(Failure) -> Int32 {
+    public func connect(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(Failure) -> Int32 {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { message in
             key.withUnsafeBufferPointer { key in

@@ -212,7 +212,7 @@ extension IOFilterCommand {
                         listen: filter.manifest.daemonListens ? daemonListen : nil, peerPSK: daemonTlsPsk.map(absolutePath),
                         logLevel: StandardErrorLogging.level.rawValue,
                         logger: logger,
-                        answer: DaemonSupervisor.brokerAnswer(plugin: name, peers: { peers },
+                        answer: DaemonSupervisor.brokerAnswer(plugin: filter.manifest, peers: { peers },
                                                               replica: DaemonSupervisor.fileReplicas(in: stateDirectory + "/replicas")))
                     daemon.start()
                     if let address = daemon.listenAddress { logger.notice("the daemon of \(name) accepts peers on \(address)") }

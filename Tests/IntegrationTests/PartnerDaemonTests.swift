@@ -48,6 +48,8 @@ struct PartnerDaemonTests {
         #expect(try echo("one") == "d.img=echo 1 d.img one;")
         // The daemon is confined like a worker: no socket of its own.
         #expect(served.waitForLog("daemon start 1; socket(2): Operation not permitted"), "\(served.log)")
+        // Nor may it make disks of the host: it is no replication plug-in.
+        #expect(served.waitForLog("daemon open_replica: Operation not permitted"), "\(served.log)")
         let address = try #require(served.log.firstMatch(of: /accepts peers on (127\.0\.0\.1:\d+)/)?.1)
         #expect(try Self.greeting(from: String(address)) == "peer 1")
 

@@ -16,7 +16,8 @@
  *                               socket(2) was refused it. The management operation
  *                               daemon_echo(text) sends "DISK text" over every open
  *                               instance's channel and returns "DISK=REPLY;" for each
- *                               ("DISK=down;" when daemon_channel gives -1).
+ *                               ("DISK=down;" when daemon_channel gives -1). It
+ *                               asks for a replica disk "probe" and logs the answer.
  *   DAEMON_LISTENS              its daemon declares IOF_DAEMON_LISTENS (ABI 1.3) and
  *                               answers each peer on its listener with "peer START"
  *
@@ -697,6 +698,11 @@ static int tf_daemon_main(const struct iof_host_services *services, int listen_f
     if (services->struct_size > offsetof(struct iof_host_services, peer_listener)) {
         int peers = services->peer_listener();
         snprintf(line, sizeof line, "daemon peer listener: %d", peers);
+        services->log(NULL, IOF_LOG_WARNING, line);
+        /* Not a replication plug-in (unless built as one): the host keeps no replica for it. */
+        int replica = services->open_replica("probe", 1 << 20);
+        snprintf(line, sizeof line, "daemon open_replica: %s", replica < 0 ? strerror(-replica) : "allowed");
+        if (replica >= 0) close(replica);
         services->log(NULL, IOF_LOG_WARNING, line);
         if (peers >= 0) {
             pthread_t thread;

@@ -2,8 +2,10 @@ import CTLS
 import Glibc
 import IOFilterPosix
 
-/// TLS credentials for the NBD server, loaded once (before a worker is confined, while
-/// their files are still reachable): a PSK file, or X.509 certificates.
+/// TLS credentials for a server side — the NBD server's, a partner daemon's for its peers —
+/// loaded once (before a worker is confined, while their files are still reachable): a
+/// PSK file, or X.509 certificates. Here rather than beside the NBD server so that the
+/// SDK, which links the client side only, can offer it to daemons.
 public final class NBDTLS: @unchecked Sendable {
     // @unchecked: the credentials are read-only after loading; GnuTLS shares them
     // between sessions on any thread.
@@ -42,7 +44,7 @@ public final class NBDTLS: @unchecked Sendable {
 
     /// The TLS handshake on `fd`; then the plaintext end of the session (close it when
     /// done; `fd` stays the caller's).
-    func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, Failure> {
+    public func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, Failure> {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
         return plaintext >= 0 ? .success(plaintext) : .failure(Failure(description: String(nulTerminated: error)))
