@@ -47,7 +47,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
@@ -66,8 +65,13 @@ let package = Package(
         .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
         // TLS for the NBD server, on GnuTLS (what libnbd, nbdkit and QEMU speak).
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("gnutls")]),
+        // Ed25519 and SHA-256 for plug-in signatures and API tokens, from Nettle: GnuTLS's
+        // own library, so the host compiles no second cryptographic library.
+        .systemLibrary(name: "CNettle", path: "Sources/CNettle", pkgConfig: "hogweed", providers: [.apt(["nettle-dev"])]),
 
-        .target(name: "IOFilterModel", dependencies: ["CIOFilter"], swiftSettings: strict),
+        // The header's enumerations and flags in Swift, once: the host and the SDK share them.
+        .target(name: "IOFilterABI", dependencies: ["CIOFilter"], swiftSettings: strict),
+        .target(name: "IOFilterModel", dependencies: ["CIOFilter", "IOFilterABI"], swiftSettings: strict),
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
@@ -79,7 +83,7 @@ let package = Package(
             swiftSettings: strict),
         .target(
             name: "IOFilterPluginLoader",
-            dependencies: ["CIOFilter", "CLibFFI", "IOFilterModel"],
+            dependencies: ["CIOFilter", "CLibFFI", "IOFilterABI", "IOFilterModel"],
             swiftSettings: strict),
         .target(
             name: "IOFilterChain",
@@ -101,7 +105,7 @@ let package = Package(
 
         .target(
             name: "IOFilterTrust",
-            dependencies: ["IOFilterModel", .product(name: "Crypto", package: "swift-crypto")],
+            dependencies: ["CNettle", "IOFilterModel"],
             swiftSettings: strict),
 
         .target(
@@ -125,7 +129,6 @@ let package = Package(
             dependencies: [
                 "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix", "IOFilterTrust",
                 .product(name: "GRDB", package: "GRDB.swift"),
-                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
@@ -166,7 +169,7 @@ let package = Package(
 
         // The Swift SDK: what a Swift plug-in depends on (with the header).
         .target(
-            name: "IOFilterSDK", dependencies: ["CIOFilter", "CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            name: "IOFilterSDK", dependencies: ["CIOFilter", "IOFilterABI", "CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             path: "SDK/IOFilterSDK", swiftSettings: strict),
 
         // The C sample, built by SwiftPM as a shared object; it needs only the header.

@@ -4,6 +4,7 @@
 #   libseccomp-dev  the worker sandbox
 #   libsqlite3-dev  iofilterd's state (GRDB)
 #   libgnutls28-dev NBD over TLS (PSK and X.509), as libnbd, nbdkit and QEMU speak it
+#   nettle-dev      Ed25519 and SHA-256 for plug-in signatures and API tokens (GnuTLS's own library)
 #   pkg-config      finds them for SwiftPM
 #   qemu-utils libnbd-bin fio nbdkit   real NBD clients and servers for tests and benchmarks
 #   sqlite3         the crash drills check the state database's integrity with it
@@ -15,7 +16,7 @@
 # schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document,
 # and prometheus-client (from PyPI), whose parser reads /metrics in the tests.
 set -eu
-packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
+packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev nettle-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
 [ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium"
 missing=""
 for package in $packages; do

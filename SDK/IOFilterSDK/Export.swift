@@ -54,9 +54,11 @@ enum DescriptorBuilder {
         plugin.description = keep(metadata.description)
         plugin.category = metadata.category.abiValue
         plugin.thread_model = metadata.threadModel.abiValue
-        plugin.flags = (metadata.multiConnSafe ? 0 : UInt32(IOF_PLUGIN_NO_MULTI_CONN))
-            | (metadata.answersBlockStatus ? UInt32(IOF_PLUGIN_BLOCK_STATUS) : 0)
-            | (metadata.handlesCacheHints ? UInt32(IOF_PLUGIN_CACHE) : 0)
+        var flags: PluginFlags = []
+        if !metadata.multiConnSafe { flags.insert(.noMultiConn) }
+        if metadata.answersBlockStatus { flags.insert(.blockStatus) }
+        if metadata.handlesCacheHints { flags.insert(.cacheHints) }
+        plugin.flags = flags.rawValue
 
         let params = UnsafeMutablePointer<iof_param_spec>.allocate(capacity: max(metadata.parameters.count, 1))
         for (index, parameter) in metadata.parameters.enumerated() {

@@ -1,4 +1,5 @@
 import CIOFilter
+@_exported import IOFilterABI
 
 /// A filter plug-in written in Swift.
 ///
@@ -68,33 +69,6 @@ public enum Disposition: Sendable, Equatable {
     case fail(Int32)
     /// The filter decides later and calls ``Request/resume(_:)`` exactly once.
     case deferred
-}
-
-public enum FilterCategory: Sendable {
-    case inspection, replication, encryption, cache, qos
-
-    var abiValue: iof_category {
-        switch self {
-        case .inspection: IOF_CATEGORY_INSPECTION
-        case .replication: IOF_CATEGORY_REPLICATION
-        case .encryption: IOF_CATEGORY_ENCRYPTION
-        case .cache: IOF_CATEGORY_CACHE
-        case .qos: IOF_CATEGORY_QOS
-        }
-    }
-}
-
-/// How the host may call one filter concurrently; it takes the locks.
-public enum ThreadModel: Sendable {
-    case serializeAll, serializePerDisk, parallel
-
-    var abiValue: iof_thread_model {
-        switch self {
-        case .serializeAll: IOF_THREADS_SERIALIZE_ALL
-        case .serializePerDisk: IOF_THREADS_SERIALIZE_PER_DISK
-        case .parallel: IOF_THREADS_PARALLEL
-        }
-    }
 }
 
 /// A typed parameter a policy may set.

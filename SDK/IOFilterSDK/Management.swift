@@ -12,22 +12,8 @@ import Glibc
 /// ```
 public struct ManagementOperation: @unchecked Sendable {
     // @unchecked: `function` is a C function pointer, immutable.
-    public enum ValueType: Sendable {
-        case void, int32, int64, uint32, uint64, double, bool, string
-
-        var abi: iof_value_type {
-            switch self {
-            case .void: IOF_VALUE_VOID
-            case .int32: IOF_VALUE_INT32
-            case .int64: IOF_VALUE_INT64
-            case .uint32: IOF_VALUE_UINT32
-            case .uint64: IOF_VALUE_UINT64
-            case .double: IOF_VALUE_DOUBLE
-            case .bool: IOF_VALUE_BOOL
-            case .string: IOF_VALUE_STRING
-            }
-        }
-    }
+    /// The C types an operation takes and returns (the header's `enum iof_value_type`).
+    public typealias ValueType = IOFilterABI.ValueType
 
     public var name: String
     public var description: String
@@ -70,13 +56,13 @@ public struct ManagementOperation: @unchecked Sendable {
         op.name = keep(name)
         op.description = keep(description)
         op.function = unsafeBitCast(function, to: (@convention(c) () -> Void).self)
-        op.return_type = returns.abi
+        op.return_type = returns.abiValue
         op.arg_count = UInt32(arguments.count)
         if !arguments.isEmpty {
             let types = UnsafeMutablePointer<iof_value_type>.allocate(capacity: arguments.count)
             let names = UnsafeMutablePointer<UnsafePointer<CChar>?>.allocate(capacity: arguments.count)
             for (index, argument) in arguments.enumerated() {
-                types[index] = argument.type.abi
+                types[index] = argument.type.abiValue
                 names[index] = keep(argument.name)
             }
             op.arg_types = UnsafePointer(types)

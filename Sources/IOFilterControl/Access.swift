@@ -1,8 +1,8 @@
-import Crypto
 import Foundation
 import GRDB
 import IOFilterAPI
 import IOFilterHTTP
+import IOFilterTrust
 
 /// Who is calling the API, as the host established it.
 public struct Caller: Sendable, CustomStringConvertible {
@@ -90,7 +90,7 @@ extension HostController {
     }
 
     static func tokenHash(_ token: String) -> String {
-        SHA256.hash(data: Data(token.utf8)).map { String(format: "%02x", $0) }.joined()
+        SHA256Digest.hex(Data(token.utf8))
     }
 
     func tokenCaller(_ authorization: String?) throws(ControlError) -> Caller {

@@ -1,14 +1,3 @@
-/// The C types a management operation takes and returns (`enum iof_value_type`).
-public enum ValueType: String, Codable, Sendable {
-    case void, int32, int64, uint32, uint64, double, bool, string
-
-    public init?(abiValue: UInt32) {
-        let all: [ValueType] = [.void, .int32, .int64, .uint32, .uint64, .double, .bool, .string]
-        guard abiValue < all.count else { return nil }
-        self = all[Int(abiValue)]
-    }
-}
-
 /// A typed value passed to or returned from a management operation.
 public enum ManagementValue: Sendable, Equatable, Codable, CustomStringConvertible {
     case void

@@ -33,7 +33,7 @@ enum DescriptorReader {
         let name = plugin.name.map { String(cString: $0) } ?? ""
         let who = name.isEmpty ? path : name
         guard let category = FilterCategory(abiValue: plugin.category.rawValue) else {
-            let known = FilterCategory.allCases.map { "\($0.abiValue)=\($0.rawValue)" }.joined(separator: ", ")
+            let known = FilterCategory.allCases.map { "\($0.abiValue.rawValue)=\($0.rawValue)" }.joined(separator: ", ")
             throw .badDescriptor(plugin: who, reason: "unknown category \(plugin.category.rawValue) (known: \(known))")
         }
         guard let threadModel = ThreadModel(abiValue: plugin.thread_model.rawValue) else {
@@ -58,9 +58,10 @@ enum DescriptorReader {
         if plugin.event != nil { callbacks.append("event") }
         if plugin.stats != nil { callbacks.append("stats") }
         if plugin.daemon_main != nil { callbacks.append("daemon_main") }
+        let flags = PluginFlags(rawValue: plugin.flags)
         // ABI 1.2 ops a filter declares it handles, listed with its callbacks.
-        if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_BLOCK_STATUS) != 0 { callbacks.append("block_status") }
-        if plugin.abi_minor >= 2 && plugin.flags & UInt32(IOF_PLUGIN_CACHE) != 0 { callbacks.append("cache") }
+        if plugin.abi_minor >= 2 && flags.contains(.blockStatus) { callbacks.append("block_status") }
+        if plugin.abi_minor >= 2 && flags.contains(.cacheHints) { callbacks.append("cache") }
         // ABI 1.3: a daemon that accepts peers on other hosts.
         if plugin.daemon_main != nil && plugin.abi_minor >= 3 && plugin.daemon_flags & UInt32(IOF_DAEMON_LISTENS) != 0 {
             callbacks.append("daemon_listens")
@@ -71,7 +72,7 @@ enum DescriptorReader {
             description: plugin.description.map { String(cString: $0) } ?? "",
             category: category, threadModel: threadModel,
             abiMajor: Int(plugin.abi_major), abiMinor: Int(plugin.abi_minor),
-            multiConn: plugin.flags & UInt32(IOF_PLUGIN_NO_MULTI_CONN) == 0,
+            multiConn: !flags.contains(.noMultiConn),
             parameters: try readParameters(plugin, who: who),
             operations: try readOperations(plugin, who: who),
             callbacks: callbacks, path: path)

@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import IOFilterModel
 
@@ -34,7 +33,7 @@ public struct PluginDigest: Sendable, Equatable {
     public init(file path: String) throws(TrustError) {
         guard let handle = FileHandle(forReadingAtPath: path) else { throw .unreadable(path) }
         defer { try? handle.close() }
-        var hasher = SHA256()
+        var hasher = SHA256Digest()
         var size: Int64 = 0
         while true {
             let chunk: Data
@@ -44,10 +43,10 @@ public struct PluginDigest: Sendable, Equatable {
             } catch {
                 throw .unreadable(path)
             }
-            hasher.update(data: chunk)
+            hasher.update(chunk)
             size += Int64(chunk.count)
         }
-        self.init(sha256: hasher.finalize().map { String(format: "%02x", $0) }.joined(), size: size)
+        self.init(sha256: hasher.finalize().hexString, size: size)
     }
 }
 

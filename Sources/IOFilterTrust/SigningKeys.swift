@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 
 /// An Ed25519 public key as it travels: one line, `iofilter-ed25519 BASE64 COMMENT`,
@@ -12,7 +11,7 @@ public struct PublicSigningKey: Sendable, Hashable, Codable {
     public var comment: String
 
     public init(raw: Data, comment: String) throws(TrustError) {
-        guard (try? Curve25519.Signing.PublicKey(rawRepresentation: raw)) != nil else {
+        guard raw.count == Ed25519.keySize else {
             throw .malformedKey("an Ed25519 public key is 32 bytes, got \(raw.count)")
         }
         self.raw = raw
@@ -38,13 +37,12 @@ public struct PublicSigningKey: Sendable, Hashable, Codable {
     }
 
     /// A short, stable name for the key: the first 8 bytes of its SHA-256, in hex.
-    public var id: String { SHA256.hash(data: raw).prefix(8).map { String(format: "%02x", $0) }.joined() }
+    public var id: String { String(SHA256Digest.hex(raw).prefix(16)) }
 
     public var line: String { "\(Self.scheme) \(raw.base64EncodedString())\(comment.isEmpty ? "" : " " + comment)" }
 
     func isValidSignature(_ signature: Data, for message: Data) -> Bool {
-        guard let key = try? Curve25519.Signing.PublicKey(rawRepresentation: raw) else { return false }
-        return key.isValidSignature(signature, for: message)
+        Ed25519.isValid(signature, for: message, publicKey: raw)
     }
 }
 
@@ -53,43 +51,40 @@ public struct PublicSigningKey: Sendable, Hashable, Codable {
 public struct PrivateSigningKey: Sendable {
     static let scheme = "iofilter-ed25519-secret"
 
-    let key: Curve25519.Signing.PrivateKey
+    /// The 32-byte Ed25519 seed.
+    let seed: Data
     public let comment: String
 
     public static func generate(comment: String) -> PrivateSigningKey {
-        PrivateSigningKey(key: Curve25519.Signing.PrivateKey(), comment: comment)
+        PrivateSigningKey(seed: Ed25519.generateSeed(), comment: comment)
     }
 
     public init(file path: String) throws(TrustError) {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw .unreadable(path) }
         let fields = text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ", maxSplits: 2)
         guard fields.count >= 2, fields[0] == Self.scheme, let seed = Data(base64Encoded: String(fields[1])),
-              let key = try? Curve25519.Signing.PrivateKey(rawRepresentation: seed)
+              seed.count == Ed25519.keySize
         else { throw .malformedKey("\(path) is not an \(Self.scheme) key (a .key file from `iofilter plugin keygen`)") }
-        self.init(key: key, comment: fields.count > 2 ? String(fields[2]) : "")
+        self.init(seed: seed, comment: fields.count > 2 ? String(fields[2]) : "")
     }
 
-    init(key: Curve25519.Signing.PrivateKey, comment: String) {
-        self.key = key
+    init(seed: Data, comment: String) {
+        self.seed = seed
         self.comment = comment
     }
 
     public var publicKey: PublicSigningKey {
-        // A key Curve25519 made is always 32 valid bytes.
-        try! PublicSigningKey(raw: key.publicKey.rawRepresentation, comment: comment)
+        // Nettle always derives 32 bytes from a 32-byte seed.
+        try! PublicSigningKey(raw: Ed25519.publicKey(seed: seed), comment: comment)
     }
 
     func signature(for message: Data) throws(TrustError) -> Data {
-        do {
-            return try key.signature(for: message)
-        } catch {
-            throw .signingFailed("\(error)")
-        }
+        Ed25519.sign(message, seed: seed)
     }
 
     /// Writes PREFIX.key (0600, never over an existing file) and PREFIX.pub.
     public func write(prefix: String) throws(TrustError) {
-        let secret = "\(Self.scheme) \(key.rawRepresentation.base64EncodedString())\(comment.isEmpty ? "" : " " + comment)\n"
+        let secret = "\(Self.scheme) \(seed.base64EncodedString())\(comment.isEmpty ? "" : " " + comment)\n"
         let privatePath = prefix + ".key"
         let fd = open(privatePath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {

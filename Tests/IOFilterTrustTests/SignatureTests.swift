@@ -1,6 +1,6 @@
 import Foundation
 import IOFilterModel
-import IOFilterTrust
+@testable import IOFilterTrust
 import Testing
 
 /// Signatures over real bytes with real Ed25519 keys: what a host accepts, and why it
@@ -13,6 +13,29 @@ import Testing
 
     func trusted(_ key: PrivateSigningKey, _ level: AcceptanceLevel) -> TrustedKey {
         TrustedKey(publicKey: key.publicKey, level: level, addedAt: "")
+    }
+
+    /// RFC 8032, section 7.1, test 1: the signing keys are plain Ed25519, so keys and
+    /// signatures made before the host moved to Nettle (or by any other Ed25519 tool)
+    /// still verify.
+    @Test func rfc8032TestVector() throws {
+        func bytes(_ hex: String) -> Data {
+            Data(stride(from: 0, to: hex.count, by: 2).map { UInt8(hex.dropFirst($0).prefix(2), radix: 16)! })
+        }
+        let seed = bytes("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+        let expectedPublic = bytes("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+        let expectedSignature = bytes(
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+        let key = PrivateSigningKey(seed: seed, comment: "rfc8032")
+        #expect(key.publicKey.raw == expectedPublic)
+        #expect(try key.signature(for: Data()) == expectedSignature)
+        #expect(key.publicKey.isValidSignature(expectedSignature, for: Data()))
+        var forged = expectedSignature
+        forged[0] ^= 1
+        #expect(!key.publicKey.isValidSignature(forged, for: Data()))
+        #expect(!key.publicKey.isValidSignature(expectedSignature, for: Data([0])))
+        // SHA-256 of "abc" (FIPS 180-2), the digest plug-in signatures and key ids use.
+        #expect(SHA256Digest.hex(Data("abc".utf8)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     }
 
     @Test func unsignedIsCommunity() {
