@@ -96,10 +96,12 @@ let package = Package(
             name: "IOFilterSandbox",
             dependencies: ["IOFilterPosix", "CSystemShims", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // What crosses between the host and its sandboxed processes: the control channel.
+        .target(name: "IOFilterWire", dependencies: ["IOFilterModel", "IOFilterPosix"], swiftSettings: strict),
         .target(
             name: "IOFilterHost",
             dependencies: [
-                "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterNBD", .product(name: "Logging", package: "swift-log"),
+                "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterNBD", "IOFilterWire", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
 
@@ -141,13 +143,15 @@ let package = Package(
             name: "iofilter-worker",
             dependencies: [
                 "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterSandbox",
-                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", .product(name: "Logging", package: "swift-log"),
+                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterWire",
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .executableTarget(
             name: "iofilter",
             dependencies: [
                 "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterAPI", "IOFilterHTTP", "IOFilterTrust",
+                "IOFilterNBD", "IOFilterPosix", "IOFilterWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

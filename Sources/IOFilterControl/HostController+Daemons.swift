@@ -59,7 +59,7 @@ extension HostController {
         } catch {
             throw .conflict("\(error)")
         }
-        daemon.maximumBackoff = max(restartBackoffLimit, daemon.minimumBackoff)
+        daemon.restartPolicy.maximumBackoff = max(restartBackoffLimit, daemon.restartPolicy.minimumBackoff)
         daemon.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
         liveLock.withLock { daemons[name] = daemon }
         daemon.start()

@@ -138,7 +138,7 @@ extension HostController {
             try store.write { db in
                 var updated = row
                 updated.desiredState = "running"
-                updated.startedAt = worker.startedAt
+                updated.startedAt = StateStore.timestamp(worker.startedAt)
                 try updated.update(db)
                 for (disk, chain) in zip(disks, chains) {
                     var attached = disk

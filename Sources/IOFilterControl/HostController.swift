@@ -48,25 +48,7 @@ public final class HostController: @unchecked Sendable {
     var daemons: [String: DaemonSupervisor] = [:]
 
     /// A worker serving disks: a VM's, or an offline session's.
-    struct LiveWorker {
-        let supervisor: WorkerSupervisor
-        let listenFDs: [Int32]
-        /// Disk name to socket path.
-        let sockets: [String: String]
-        let startedAt: String
-        /// Its clients must start TLS (the URIs say nbds+unix).
-        var tls = false
-
-        func uri(_ disk: String) -> String? {
-            sockets[disk].map { NBDURI.unix(socket: $0, export: disk).description(tls: tls) }
-        }
-
-        func stop() {
-            supervisor.stop()
-            for fd in listenFDs { close(fd) }
-            for path in sockets.values { unlink(path) }
-        }
-    }
+    typealias LiveWorker = VMSession
 
     public init(stateDirectory: String, logLevel: String = "info", logger: Logger) throws {
         self.stateDirectory = (stateDirectory as NSString).standardizingPath
@@ -213,44 +195,34 @@ public final class HostController: @unchecked Sendable {
         } catch {
             throw .internalError("cannot create \(socketDirectory): \(error)")
         }
-        var listenFDs: [Int32] = []
-        var sockets: [String: String] = [:]
-        func cleanUp() {
-            listenFDs.forEach { close($0) }
-            sockets.values.forEach { unlink($0) }
-        }
+        var listeners: [VMSession.Listener] = []
         for disk in disks {
             let path = "\(socketDirectory)/\(disk.row.name).sock"
-            unlink(path)
             do {
-                listenFDs.append(try Sockets.listenUnix(path: path))
+                listeners.append(try .unix(disk: disk.row.name, path: path))
             } catch {
-                cleanUp()
+                listeners.forEach { $0.close() }
                 if error.code == ENAMETOOLONG {
                     throw .conflict("the socket path \(path) is longer than a unix socket allows; use a shorter --state-dir")
                 }
                 throw .internalError("cannot listen on \(path): \(error)")
             }
-            sockets[disk.row.name] = path
         }
         let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks, limits: limits, tls: tls)
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
-        let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listenFDs, logger: supervisorLogger)
-        supervisor.maximumBackoff = max(restartBackoffLimit, supervisor.minimumBackoff)
-        supervisor.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
-        supervisor.daemonChannels = { [weak self] plugin in
-            self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
-        }
+        let session = VMSession(
+            configuration: configuration, listeners: listeners, backoffLimit: restartBackoffLimit, logger: supervisorLogger,
+            daemonChannels: { [weak self] plugin in
+                self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
+            },
+            onEvent: { [weak self] kind, message in self?.event(kind.rawValue, name, message) })
         do {
-            try supervisor.start()
+            try session.start()
         } catch {
-            cleanUp()
             throw .workerFailed("\(error)")
         }
-        var worker = LiveWorker(supervisor: supervisor, listenFDs: listenFDs, sockets: sockets, startedAt: StateStore.now())
-        worker.tls = tls != nil
-        return worker
+        return session
     }
 
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.

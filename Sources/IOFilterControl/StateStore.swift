@@ -213,10 +213,12 @@ final class StateStore: Sendable {
     func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
     func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
 
-    static func now() -> String {
+    static func now() -> String { timestamp(Date()) }
+
+    static func timestamp(_ date: Date) -> String {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.string(from: Date())
+        return formatter.string(from: date)
     }
 
     /// Records an event; events are history, so failing to record one fails nothing.

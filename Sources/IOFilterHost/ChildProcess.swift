@@ -188,11 +188,6 @@ public enum WorkerExecutable {
     /// try to exec a helper, which the sandbox refuses: the host reports crashes itself.
     public static let environment = ["SWIFT_BACKTRACE": "enable=no"]
 
-    /// The environment of a worker that serves disks, logging at `logLevel`.
-    public static func environment(logLevel: String) -> [String: String] {
-        environment.merging(["IOFILTER_LOG_LEVEL": logLevel]) { $1 }
-    }
-
     public static func path() -> String {
         if let explicit = getenv("IOFILTER_WORKER") { return String(cString: explicit) }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)

@@ -13,7 +13,7 @@ import Logging
 /// process sees; the host connects each channel and hands it to the worker through its
 /// broker), and, where the operator allowed it, a TCP socket for peers on other hosts.
 public final class DaemonSupervisor: @unchecked Sendable {
-    // @unchecked: mutable state is guarded by `lock`.
+    // @unchecked: fixed after init (`core` is set once, at its end).
     public let plugin: PluginManifest
     public let channelPath: String
     /// "HOST:PORT" where it accepts peers, if allowed (with the port the kernel chose
@@ -27,25 +27,20 @@ public final class DaemonSupervisor: @unchecked Sendable {
     private let answer: TargetBroker.Answer
     private let workerPath: String
     private let logger: Logger
-    private let cgroup: WorkerCgroup?
-
-    private let lock = ConditionLock()
-    private var child: ChildProcess?
-    private var state = DaemonStatus.State.starting
-    private var restartCount = 0
-    private var lastError: String?
-    private var stopping = false
-    private var heartbeat: Heartbeat?
-
-    public var minimumBackoff = 0.2
-    public var maximumBackoff = 10.0
-    /// A daemon that ran this long resets the backoff.
-    public var stableAfter = 30.0
-    public var heartbeatTimeout = 10.0
+    /// Set once, at the end of init (its launch closure needs `self`).
+    private var core: ProcessSupervisor!
 
     /// Told (on the supervising thread) when the daemon ends unasked and when it serves
     /// again: for the host's event log.
-    public var onEvent: (@Sendable (_ kind: DaemonEvent, _ message: String) -> Void)?
+    public var onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? {
+        get { core.onEvent }
+        set { core.onEvent = newValue }
+    }
+
+    public var restartPolicy: RestartPolicy {
+        get { core.policy }
+        set { core.policy = newValue }
+    }
 
     /// - Parameters:
     ///   - directory: the daemon's own state directory (kept across restarts).
@@ -100,9 +95,6 @@ public final class DaemonSupervisor: @unchecked Sendable {
         self.peerPSK = peerPSK
         var configuration = DaemonConfiguration(plugin: plugin, stateDirectory: directory, settings: settings, sandbox: sandbox,
                                                 logLevel: logLevel)
-        configuration.peerFD = peer == nil ? nil : 4
-        configuration.brokerFD = peer == nil ? 4 : 5
-        configuration.heartbeatFD = configuration.brokerFD! + 1
         configuration.hiddenPaths = hiddenPaths + [socketDirectory]
         configuration.identity = WorkerIdentity(for: "daemon:" + plugin.name)
         let limits = WorkerCgroupLimits(memory: WorkerConfiguration.defaultMemoryLimit, tasks: WorkerCgroupLimits.defaultTasks,
@@ -113,15 +105,20 @@ public final class DaemonSupervisor: @unchecked Sendable {
             count += 1
             return count
         }
+        var cgroup: WorkerCgroup?
         switch WorkerCgroup.create(name: "daemon-\(Self.socketName(plugin.name))-\(instance)", limits: limits) {
         case .success(let made):
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
         case .failure(let reason):
-            cgroup = nil
             logger.warning("no cgroup for the daemon (\(reason)): RLIMIT_AS limits its memory")
         }
         self.configuration = configuration
+        var policy = RestartPolicy()
+        policy.readyTimeout = 30
+        core = ProcessSupervisor(role: "daemon", owner: " of \(plugin.name)", policy: policy, cgroup: cgroup, logger: logger) {
+            [unowned self] in try prepareLaunch()
+        }
     }
 
     private static let instances = Guarded(0)
@@ -133,29 +130,19 @@ public final class DaemonSupervisor: @unchecked Sendable {
     }
 
     public var status: DaemonStatus {
-        lock.withLock {
-            DaemonStatus(state: state, pid: state == .running ? child?.pid : nil, restarts: restartCount, lastError: lastError,
-                         listen: listenAddress)
-        }
+        DaemonStatus(state: core.state, pid: core.pid, restarts: core.restarts, lastError: core.lastError, listen: listenAddress)
     }
 
     /// Starts supervising; returns once the first daemon serves or has failed (then it
     /// is retried with backoff, and `status` says why).
-    public func start(timeout: Double = 30) {
-        startThread(name: "daemon-supervise") { [self] in supervise() }
-        lock.withLock {
-            let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
-            while state == .starting && restartCount == 0 && lastError == nil && !stopping {
-                let now = monotonicNanoseconds()
-                if now >= deadline { return }
-                _ = lock.wait(nanoseconds: deadline - now)
-            }
-        }
+    public func start() {
+        // A daemon's first start never throws: it is retried like any exit.
+        try? core.start(mustServe: false)
     }
 
     /// A new connection to the daemon for one filter instance, or why there is none.
     public func connectChannel() -> Result<Int32, TargetBroker.Failure> {
-        guard lock.withLock({ state == .running }) else {
+        guard core.state == .running else {
             return .failure(TargetBroker.Failure(ECONNREFUSED, "the daemon of \(plugin.name) is not running"))
         }
         do {
@@ -167,22 +154,7 @@ public final class DaemonSupervisor: @unchecked Sendable {
 
     /// Stops the daemon (SIGTERM, then SIGKILL after `timeout`) and closes its sockets.
     public func stop(timeout: Double = 5) {
-        let process: ChildProcess? = lock.withLock {
-            stopping = true
-            lock.broadcast()
-            return child
-        }
-        if let process {
-            process.signal(SIGTERM)
-            if process.wait(timeout: timeout) == nil {
-                logger.warning("daemon \(process.pid) did not stop within \(timeout)s; killing it")
-                process.signal(SIGKILL)
-                _ = process.wait()
-            }
-        }
-        cgroup?.killAll()
-        cgroup?.remove()
-        lock.withLock { state = .stopped }
+        core.stop(timeout: timeout)
         close(channelListener)
         if let peerListener { close(peerListener) }
         unlink(channelPath)
@@ -202,110 +174,21 @@ public final class DaemonSupervisor: @unchecked Sendable {
         if geteuid() == 0, let identity = configuration.identity { _ = chown(copy, identity.uid, identity.gid) }
     }
 
-    private func launch() throws -> (ChildProcess, (ready: Bool, error: String?)) {
+    /// A daemon's start: its channel listener, its peer listener if allowed, a broker
+    /// and its heartbeat, handed over in that order.
+    private func prepareLaunch() throws -> PreparedLaunch {
         try stagePeerKey()
-        let input = try JSONEncoder().encode(configuration)
+        var configuration = configuration
+        var launch = SandboxedLaunch(mode: .daemon, executable: workerPath)
+        launch.logLevel = configuration.logLevel
         let beat = try Heartbeat()
         let broker = try TargetBroker.start(logger: logger, answer: answer)
-        defer { close(broker) }
-        var handOver = [(channelListener, configuration.channelFD)]
-        if let peerListener, let fd = configuration.peerFD { handOver.append((peerListener, fd)) }
-        handOver += [(broker, configuration.brokerFD!), (beat.fd, configuration.heartbeatFD!)]
-        let process = try ChildProcess(
-            executable: workerPath, arguments: ["daemon"], handOver: handOver, stdin: Array(input), stdout: .capture,
-            environment: WorkerExecutable.environment(logLevel: configuration.logLevel))
-        // Known at once, so that a stop while it starts reaches it.
-        lock.withLock { child = process }
-        if let cgroup, !cgroup.add(process.pid) {
-            logger.warning("cannot move daemon \(process.pid) into its cgroup: \(String(cString: strerror(errno)))")
-        }
-        let outcome = WaitForLine(process: process).wait(timeout: 30)
-        lock.withLock {
-            heartbeat = beat
-            if outcome.ready {
-                state = .running
-            } else {
-                lastError = outcome.error ?? "it did not start"
-            }
-            lock.broadcast()
-        }
-        return (process, outcome)
-    }
-
-    private func supervise() {
-        var backoff = minimumBackoff
-        while !lock.withLock({ stopping }) {
-            let startedAt = monotonicNanoseconds()
-            var status: Int32 = -1
-            var pid: pid_t = 0
-            do {
-                let (process, ready) = try launch()
-                pid = process.pid
-                if ready.ready {
-                    logger.info("daemon \(process.pid) is running")
-                    if restarts > 0 { onEvent?(.daemonRestarted, "daemon \(process.pid) of \(plugin.name) runs again after \(restarts) restart(s)") }
-                } else {
-                    process.signal(SIGKILL)
-                }
-                if lock.withLock({ stopping }) { process.signal(SIGKILL) }
-                status = lock.withLock({ stopping }) ? (process.wait() ?? -1)
-                    : HeartbeatWatch.wait(for: process, beat: currentHeartbeat(), timeout: heartbeatTimeout, logger: logger, what: "daemon") { [self] in
-                        lock.withLock { stopping }
-                    }
-            } catch {
-                lock.withLock { lastError = "cannot start: \(error)" }
-            }
-            // Once stopping, `stop` empties and removes the group itself.
-            if lock.withLock({ stopping }) { return }
-            cgroup?.killAll()
-            let why = pid == 0 ? (lock.withLock { lastError } ?? "it did not start") : ChildProcess.describe(status: status)
-            let message = "daemon \(pid) of \(plugin.name) \(why); restarting in \(backoff)s"
-            logger.error("\(message)")
-            lock.withLock {
-                state = .restarting
-                lastError = why
-                restartCount += 1
-                lock.broadcast()
-            }
-            onEvent?(.daemonExited, message)
-            if Double(monotonicNanoseconds() - startedAt) / 1e9 > stableAfter { backoff = minimumBackoff }
-            let stopNow = lock.withLock { () -> Bool in
-                if !stopping { _ = lock.wait(nanoseconds: UInt64(backoff * 1e9)) }
-                return stopping
-            }
-            if stopNow { return }
-            backoff = min(backoff * 2, maximumBackoff)
-            lock.withLock { state = .starting }
-        }
-    }
-
-    private var restarts: Int { lock.withLock { restartCount } }
-    private func currentHeartbeat() -> Heartbeat? { lock.withLock { heartbeat } }
-}
-
-/// What a daemon supervisor reports to its host's event log.
-public enum DaemonEvent: String, Sendable {
-    case daemonExited = "daemon-exited"
-    case daemonRestarted = "daemon-restarted"
-}
-
-/// Waits for a sandboxed process to exit, killing it if its heartbeat stops: frozen,
-/// deadlocked, or its threads stopped by a plug-in.
-enum HeartbeatWatch {
-    static func wait(for process: ChildProcess, beat: Heartbeat?, timeout: Double, logger: Logger, what: String,
-                     stopping: () -> Bool) -> Int32 {
-        guard timeout > 0, let beat else { return process.wait() ?? -1 }
-        let limit = UInt64(timeout * 1e9)
-        let check = min(max(timeout / 4, 0.1), 1)
-        while true {
-            if let status = process.wait(timeout: check) { return status }
-            let last = beat.lastBeat, now = monotonicNanoseconds()
-            guard last > 0, now > last, now - last > limit, !stopping() else { continue }
-            logger.critical(
-                "\(what) \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a plug-in); killing it")
-            process.signal(SIGKILL)
-            return process.wait() ?? -1
-        }
+        configuration.channelFD = launch.fds.hand(channelListener)
+        configuration.peerFD = peerListener.map { launch.fds.hand($0) }
+        configuration.brokerFD = launch.fds.hand(broker)
+        configuration.heartbeatFD = launch.fds.hand(beat.fd)
+        launch.configuration = try JSONEncoder().encode(configuration)
+        return PreparedLaunch(launch: launch, heartbeat: beat) { _, _ in close(broker) }
     }
 }
 

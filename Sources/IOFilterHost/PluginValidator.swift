@@ -18,7 +18,7 @@ public struct PluginValidator: Sendable {
         guard FileManager.default.fileExists(atPath: path) else {
             return .failure(.loadFailed(path: path, reason: "no such file"))
         }
-        switch runWorker(["validate", absolute(path)], what: "loading") {
+        switch runWorker(.validate, [absolute(path)], what: "loading") {
         case .failure(let error):
             return .failure(.loadFailed(path: path, reason: error.reason))
         case .success(let output):
@@ -72,7 +72,7 @@ public struct PluginValidator: Sendable {
         } catch {
             return .failure(error)
         }
-        switch runWorker(["call", absolute(path), operation] + arguments, what: "calling \(operation)") {
+        switch runWorker(.call, [absolute(path), operation] + arguments, what: "calling \(operation)") {
         case .failure(let failure):
             return .failure(.badManagementCall(plugin: manifest.name, reason: failure.reason))
         case .success(let output):
@@ -86,35 +86,22 @@ public struct PluginValidator: Sendable {
     }
 
     /// Runs the worker and returns its stdout, or why it failed.
-    private func runWorker(_ arguments: [String], what: String) -> Result<Data, WorkerFailure> {
-        let child: ChildProcess
+    private func runWorker(_ mode: WorkerMode, _ arguments: [String], what: String) -> Result<Data, ValidatorFailure> {
+        let outcome: (status: Int32?, output: [UInt8])
         do {
-            child = try ChildProcess(
-                executable: workerPath, arguments: arguments, stdout: .capture, environment: WorkerExecutable.environment)
+            outcome = try SandboxedLaunch(mode: mode, arguments: arguments, executable: workerPath).run(timeout: timeout)
         } catch {
-            return .failure(WorkerFailure("cannot start the sandboxed validator \(workerPath): \(error)"))
+            return .failure(ValidatorFailure("cannot start the sandboxed validator \(workerPath): \(error)"))
         }
-        // Read on another thread so that a child that fills the pipe cannot block us.
-        let output = OutputBox()
-        let reader = DispatchQueue.global()
-        let done = DispatchSemaphore(value: 0)
-        reader.async {
-            output.set(child.readAllOutput())
-            done.signal()
+        guard let status = outcome.status else {
+            return .failure(ValidatorFailure("timed out after \(Self.seconds(timeout)) while \(what) (it hangs); killed"))
         }
-        guard let status = child.wait(timeout: timeout) else {
-            child.signal(SIGKILL)
-            _ = child.wait()
-            done.wait()
-            return .failure(WorkerFailure("timed out after \(Self.seconds(timeout)) while \(what) (it hangs); killed"))
-        }
-        done.wait()
         if ChildProcess.exitCode(status: status) == nil {
-            return .failure(WorkerFailure("crashed while \(what): \(ChildProcess.describe(status: status))"))
+            return .failure(ValidatorFailure("crashed while \(what): \(ChildProcess.describe(status: status))"))
         }
-        let data = Data(output.bytes)
+        let data = Data(outcome.output)
         if ChildProcess.exitCode(status: status) != 0, Self.errorText(data) == nil {
-            return .failure(WorkerFailure("validator \(ChildProcess.describe(status: status))"))
+            return .failure(ValidatorFailure("validator \(ChildProcess.describe(status: status))"))
         }
         return .success(data)
     }
@@ -147,15 +134,8 @@ private final class ResultBox: @unchecked Sendable {
     var values: [Result<PluginManifest, ValidationError>] { lock.withLock { storage.map { $0! } } }
 }
 
-private final class OutputBox: @unchecked Sendable {
-    // @unchecked: written once before the semaphore is signalled, read after.
-    private let lock = NSLock()
-    private var stored: [UInt8] = []
-    func set(_ bytes: [UInt8]) { lock.withLock { stored = bytes } }
-    var bytes: [UInt8] { lock.withLock { stored } }
-}
-
-struct WorkerFailure: Error {
+/// Why the validator gave no answer.
+struct ValidatorFailure: Error {
     let reason: String
     init(_ reason: String) { self.reason = reason }
 }

@@ -34,16 +34,19 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     }
 }
 
+/// Where a supervised process (a worker, a partner daemon) stands.
+public enum SupervisedState: String, Codable, Sendable {
+    /// Starting, or started again after an exit.
+    case starting
+    case running
+    /// Exited or crashed; waiting out its backoff before the next start.
+    case restarting
+    case stopped
+}
+
 /// Where a partner daemon stands, as the host reports it (`iofilter plugin show`).
 public struct DaemonStatus: Codable, Sendable, Equatable {
-    public enum State: String, Codable, Sendable {
-        /// Starting, or started again after an exit.
-        case starting
-        case running
-        /// Exited or crashed; waiting out its backoff before the next start.
-        case restarting
-        case stopped
-    }
+    public typealias State = SupervisedState
     public var state: State
     public var pid: Int32?
     public var restarts: Int

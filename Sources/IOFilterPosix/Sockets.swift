@@ -48,6 +48,15 @@ public enum Sockets {
     /// The next connection on a listening socket (close-on-exec), or -1 with errno.
     public static func accept(_ listener: Int32) -> Int32 { iof_accept_cloexec(listener) }
 
+    /// A connected pair of unix stream sockets, both close-on-exec.
+    public static func pair() throws(SystemError) -> (Int32, Int32) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw SystemError("socketpair")
+        }
+        return (fds[0], fds[1])
+    }
+
     public static func connectUnix(path: String) throws(SystemError) -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemError("socket") }

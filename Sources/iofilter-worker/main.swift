@@ -20,6 +20,7 @@ import IOFilterNBDServer
 import IOFilterPluginLoader
 import IOFilterPosix
 import IOFilterSandbox
+import IOFilterWire
 import Logging
 
 let arguments = Array(CommandLine.arguments.dropFirst())
@@ -114,23 +115,12 @@ func absolute(_ path: String) -> String {
     return joined
 }
 
-/// Answers the host's control requests, one JSON line each way, until the host closes
-/// the channel.
+/// Answers the host's control requests until the host closes the channel.
 func serveControl(fd: Int32, runtime: WorkerRuntime) {
     startThread(name: "control") {
-        var pending: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 64 << 10)
-        while true {
-            guard let newline = pending.firstIndex(of: UInt8(ascii: "\n")) else {
-                let count = chunk.withUnsafeMutableBytes { (try? FileDescriptorIO.readSome(fd, into: $0.baseAddress!, count: $0.count)) ?? 0 }
-                if count == 0 { return }
-                pending += chunk[..<count]
-                continue
-            }
-            let line = Data(pending[..<newline])
-            pending.removeSubrange(...newline)
+        ControlChannel(fd: fd).serve { request in
             var response = WorkerControlResponse()
-            switch try? JSONDecoder().decode(WorkerControlRequest.self, from: line) {
+            switch request {
             case .stats:
                 response.disks = runtime.statistics()
             case .call(let plugin, let operation, let arguments):
@@ -145,11 +135,8 @@ func serveControl(fd: Int32, runtime: WorkerRuntime) {
                 } catch {
                     response.error = "\(error)"
                 }
-            case nil:
-                response.error = "malformed control request"
             }
-            let data = (try? JSONEncoder().encode(response)) ?? Data("{}".utf8)
-            guard (try? FileDescriptorIO.writeAll(fd, Array(data) + [UInt8(ascii: "\n")])) != nil else { return }
+            return response
         }
     }
 }

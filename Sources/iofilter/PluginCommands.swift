@@ -4,6 +4,7 @@ import IOFilterAPI
 import IOFilterHost
 import IOFilterModel
 import IOFilterPosix
+import IOFilterWire
 
 extension IOFilterCommand.Plugin {
     struct Info: ParsableCommand {
@@ -215,9 +216,8 @@ extension IOFilterCommand.Plugin.Call {
         do {
             let fd = try Sockets.connectUnix(path: path)
             defer { close(fd) }
-            let request = try JSONEncoder().encode(WorkerControlRequest.call(plugin: manifest.name, operation: operation, arguments: arguments))
-            try FileDescriptorIO.writeAll(fd, Array(request) + [UInt8(ascii: "\n")])
-            response = try JSONDecoder().decode(WorkerControlResponse.self, from: Data(FileDescriptorIO.readToEnd(fd)))
+            response = try ControlChannel(fd: fd).exchange(
+                .call(plugin: manifest.name, operation: operation, arguments: arguments), timeout: 600)
         } catch {
             printError("cannot reach the worker at \(path) (is `iofilter serve` running?): \(error)")
             throw ExitCode(1)

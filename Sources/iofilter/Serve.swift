@@ -5,6 +5,7 @@ import IOFilterLogging
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
+import IOFilterWire
 import Logging
 
 extension IOFilterCommand {
@@ -118,18 +119,12 @@ extension IOFilterCommand {
             }
 
             let name = isURI ? "disk" : (diskPath.split(separator: "/").last.map(String.init) ?? "disk")
-            let listenFD: Int32
-            let uri: NBDURI
-            var socketPath: String?
+            let listener: VMSession.Listener
             do {
                 if let port {
-                    listenFD = try Sockets.listenTCP(host: bind, port: port)
-                    uri = .tcp(host: bind, port: Sockets.localPort(listenFD), export: name)
+                    listener = try .tcp(disk: name, host: bind, port: port)
                 } else {
-                    let path = socket.map(absolutePath) ?? Self.defaultSocketPath(name: name)
-                    listenFD = try Sockets.listenUnix(path: path)
-                    socketPath = path
-                    uri = .unix(socket: path, export: name)
+                    listener = try .unix(disk: name, path: socket.map(absolutePath) ?? Self.defaultSocketPath(name: name))
                 }
             } catch {
                 fail("cannot listen: \(error)")
@@ -140,7 +135,7 @@ extension IOFilterCommand {
                 vmName: "serve-\(getpid())", stateDirectory: stateDirectory,
                 disks: [DiskConfiguration(
                     name: name, backend: isURI ? .nbd(uri: disk) : .file(path: diskPath), readOnly: readonly,
-                    filters: planned, listenFD: 3)],
+                    filters: planned, listenFD: -1)],
                 watchdogSeconds: watchdog,
                 logLevel: StandardErrorLogging.level.rawValue)
             configuration.maxConnections = maxConnections
@@ -151,27 +146,25 @@ extension IOFilterCommand {
             if noStructuredReplies { configuration.structuredReplies = false }
             configuration.memoryLimit = memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
             try? FileManager.default.createDirectory(atPath: stateDirectory, withIntermediateDirectories: true)
-            let supervisor = WorkerSupervisor(configuration: configuration, listenFDs: [listenFD], logger: logger)
             let signals = TerminationSignals.block()
             let daemons = startDaemons(for: planned, stateDirectory: stateDirectory, logger: logger)
             defer {
                 daemons.values.forEach { $0.stop() }
                 if !daemons.isEmpty { rmdir(Self.daemonSocketDirectory) }
             }
-            supervisor.daemonChannels = { plugin in
+            let session = VMSession(configuration: configuration, listeners: [listener], logger: logger) { plugin in
                 daemons[plugin]?.connectChannel() ?? .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon"))
             }
-
+            let supervisor = session.supervisor
             do {
-                try supervisor.start()
+                try session.start()
             } catch {
-                if let socketPath { unlink(socketPath) }
                 fail("\(error)")
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
-            FileHandle.standardOutput.write(Data((uri.description(tls: tls != nil) + "\n").utf8))
+            FileHandle.standardOutput.write(Data((session.uri(name)! + "\n").utf8))
             // Where `iofilter plugin call … --serve` reaches this worker's live filters.
-            let controlPath = (socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
+            let controlPath = (listener.socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
             let control = Self.serveControl(at: controlPath, supervisor: supervisor, logger: logger)
             defer {
                 if control != nil { unlink(controlPath) }
@@ -187,8 +180,7 @@ extension IOFilterCommand {
             _ = signals.wait()
             logger.info("stopping")
             if stats || statsEvery != nil { Self.printStatistics(of: supervisor, at: "at exit") }
-            supervisor.stop()
-            if let socketPath { unlink(socketPath) }
+            session.stop()
         }
 
         /// Short (unix socket paths are), and this run's alone.
@@ -224,8 +216,8 @@ extension IOFilterCommand {
             return daemons
         }
 
-        /// Answers control requests (one JSON line each way, one per connection) on a
-        /// unix socket only this user can reach, by passing them to the worker.
+        /// Relays control requests to the worker from a unix socket only this user can
+        /// reach (`iofilter plugin call --serve`).
         static func serveControl(at path: String, supervisor: WorkerSupervisor, logger: Logger) -> Int32? {
             unlink(path)
             guard let listener = try? Sockets.listenUnix(path: path) else {
@@ -240,19 +232,13 @@ extension IOFilterCommand {
                     if client < 0 { if errno == EINTR { continue } else { return } }
                     var timeout = timeval(tv_sec: 10, tv_usec: 0)
                     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                    var line: [UInt8] = []
-                    var byte: UInt8 = 0
-                    while line.count < 1 << 20, read(client, &byte, 1) == 1, byte != UInt8(ascii: "\n") { line.append(byte) }
-                    var response = WorkerControlResponse(error: "malformed control request")
-                    if let request = try? JSONDecoder().decode(WorkerControlRequest.self, from: Data(line)) {
+                    ControlChannel(fd: client).serve { request in
                         do {
-                            response = try supervisor.control(request)
+                            return try supervisor.control(request)
                         } catch {
-                            response = WorkerControlResponse(error: "\(error)")
+                            return WorkerControlResponse(error: "\(error)")
                         }
                     }
-                    let answer = ((try? JSONEncoder().encode(response)) ?? Data("{}".utf8)) + Data("\n".utf8)
-                    try? FileDescriptorIO.writeAll(client, Array(answer))
                     close(client)
                 }
             }

@@ -12,7 +12,10 @@ struct AccessTests {
         let directory = Harness.temporaryDirectory("public-cli")
         chmod(directory.path, 0o755)
         let copy = directory.appendingPathComponent("iofilter").path
-        try FileManager.default.copyItem(atPath: Harness.iofilter, toPath: copy)
+        // Copied by a child process, not in this one: while this process held the copy
+        // open for writing, a child another test forks meanwhile would inherit that fd,
+        // and executing the copy would fail with ETXTBSY until that child exited.
+        _ = try Harness.run("/bin/cp", [Harness.iofilter, copy])
         chmod(copy, 0o755)
         return copy
     }

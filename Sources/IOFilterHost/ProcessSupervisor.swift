@@ -1,0 +1,324 @@
+import Foundation
+import IOFilterModel
+import IOFilterPosix
+import Logging
+
+/// How a supervisor restarts the process it keeps running.
+public struct RestartPolicy: Sendable {
+    /// The first wait after an exit; it doubles with each exit in a row.
+    public var minimumBackoff = 0.1
+    /// The longest wait between two starts.
+    public var maximumBackoff = 10.0
+    /// A process that ran this long before it exited starts the backoff afresh.
+    public var stableAfter = 30.0
+    /// A process whose heartbeat is older than this is killed (frozen, deadlocked, or
+    /// its threads stopped by a plug-in); 0 turns the check off.
+    public var heartbeatTimeout = 10.0
+    /// How long a start may take before the process counts as failed.
+    public var readyTimeout = 60.0
+
+    public init() {}
+}
+
+/// One start that a supervisor's owner prepared: the launch, the heartbeat page it
+/// hands over, and what to do once the attempt is decided.
+public struct PreparedLaunch {
+    public var launch: SandboxedLaunch
+    public var heartbeat: Heartbeat?
+    /// Called exactly once per attempt, on the supervising thread: with the process
+    /// (nil if it could not be spawned) and whether it announced itself ready. Closes
+    /// the child's ends of what was handed over and keeps the host's.
+    public var finish: (_ process: ChildProcess?, _ ready: Bool) -> Void
+
+    public init(launch: SandboxedLaunch, heartbeat: Heartbeat?, finish: @escaping (ChildProcess?, Bool) -> Void = { _, _ in }) {
+        self.launch = launch
+        self.heartbeat = heartbeat
+        self.finish = finish
+    }
+}
+
+/// What a supervisor reports to its host's event log: "worker-exited",
+/// "daemon-restarted", "worker-out-of-memory", …
+public struct SupervisorEvent: Sendable, Equatable {
+    public enum Kind: String, Sendable {
+        case exited, restarted
+        case outOfMemory = "out-of-memory"
+    }
+    /// What is supervised: "worker", "daemon".
+    public let role: String
+    public let kind: Kind
+
+    public var rawValue: String { "\(role)-\(kind.rawValue)" }
+}
+
+public struct SupervisorError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    /// A maintenance worker's filter vetoed the event it delivered.
+    public var vetoed = false
+    public var description: String { message }
+
+    public init(message: String, vetoed: Bool = false) {
+        self.message = message
+        self.vetoed = vetoed
+    }
+}
+
+/// The one supervised-process core: starts a sandboxed process from a prepared launch
+/// on a thread of its own, watches its heartbeat and its cgroup, and restarts it with
+/// backoff when it exits unasked, until `stop`. Workers and partner daemons supply
+/// only what differs (their launch, their hand-over).
+///
+/// Every start happens on the supervising thread, which lives as long as the process
+/// is supervised: the kernel's parent-death signal follows the thread that spawned a
+/// process, so one spawned from a short-lived thread (an API request's) would be
+/// killed when that thread ends.
+public final class ProcessSupervisor: @unchecked Sendable {
+    // @unchecked: mutable state is guarded by `lock`.
+    public let role: String
+    private let logger: Logger
+    private let cgroup: WorkerCgroup?
+    private let prepare: () throws -> PreparedLaunch
+    /// Follows the pid in messages: whose it is (" of com.acme.replicate").
+    private let owner: String
+    /// Appended to an exit's message: what ran in it (" (filters: a, b)").
+    private let detail: String
+
+    private let lock = ConditionLock()
+    private var policyValue: RestartPolicy
+    private var child: ChildProcess?
+    private var heartbeat: Heartbeat?
+    private var stateValue = SupervisedState.starting
+    private var restartCount = 0
+    private var readyGeneration = 0
+    private var lastErrorValue: String?
+    private var stopping = false
+    private var eventHandler: (@Sendable (SupervisorEvent, String) -> Void)?
+
+    /// - Parameters:
+    ///   - role: "worker", "daemon": names the process in logs and events.
+    ///   - prepare: builds one start (called on the supervising thread before each).
+    public init(role: String, owner: String = "", policy: RestartPolicy, cgroup: WorkerCgroup?, detail: String = "", logger: Logger,
+                prepare: @escaping () throws -> PreparedLaunch) {
+        self.role = role
+        self.owner = owner
+        self.policyValue = policy
+        self.cgroup = cgroup
+        self.detail = detail
+        self.logger = logger
+        self.prepare = prepare
+    }
+
+    public var policy: RestartPolicy {
+        get { lock.withLock { policyValue } }
+        set { lock.withLock { policyValue = newValue } }
+    }
+
+    /// Told (on the supervising thread) when the process ends unasked, when it serves
+    /// again, and when the kernel killed it for memory.
+    public var onEvent: (@Sendable (SupervisorEvent, String) -> Void)? {
+        get { lock.withLock { eventHandler } }
+        set { lock.withLock { eventHandler = newValue } }
+    }
+
+    public var pid: pid_t? { lock.withLock { stateValue == .running ? child?.pid : nil } }
+    public var restarts: Int { lock.withLock { restartCount } }
+    public var state: SupervisedState { lock.withLock { stateValue } }
+    /// Why it last exited or could not start ("killed by SIGKILL").
+    public var lastError: String? { lock.withLock { lastErrorValue } }
+    /// How many times a process of this supervisor has announced itself ready.
+    public var generation: Int { lock.withLock { readyGeneration } }
+
+    /// Starts supervising and waits for the first start to be decided.
+    ///
+    /// - Parameter mustServe: true (a VM's worker): a first start that fails throws,
+    ///   with why, and nothing is left running. False (a daemon): a failed first start
+    ///   is retried with backoff like any exit, and `state`/`lastError` tell.
+    public func start(mustServe: Bool) throws(SupervisorError) {
+        let firstOutcome = Guarded<Result<Void, SupervisorError>?>(nil)
+        let decided = ConditionLock()
+        startThread(name: "supervise-\(role)") { [self] in
+            supervise(mustServe: mustServe) { outcome in
+                decided.withLock {
+                    firstOutcome.withLock { $0 = outcome }
+                    decided.broadcast()
+                }
+            }
+        }
+        let outcome = decided.withLock { () -> Result<Void, SupervisorError> in
+            while firstOutcome.withLock({ $0 }) == nil { decided.wait() }
+            return firstOutcome.withLock { $0! }
+        }
+        if case .failure(let error) = outcome {
+            cgroup?.remove()
+            throw error
+        }
+    }
+
+    /// Waits until a process newer than `generation` is ready (tests, restarts).
+    public func waitUntilReady(after generation: Int, timeout: Double) -> Bool {
+        lock.withLock {
+            let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
+            while readyGeneration <= generation {
+                let now = monotonicNanoseconds()
+                if now >= deadline || !lock.wait(nanoseconds: deadline - now) && readyGeneration <= generation { return false }
+            }
+            return true
+        }
+    }
+
+    /// Stops the process: SIGTERM, SIGKILL after `timeout`, then empties and removes
+    /// its cgroup. No restart follows.
+    public func stop(timeout: Double) {
+        let process: ChildProcess? = lock.withLock {
+            stopping = true
+            lock.broadcast()
+            return child
+        }
+        if let process {
+            process.signal(SIGTERM)
+            if process.wait(timeout: timeout) == nil {
+                logger.warning("\(role) \(process.pid) did not stop within \(timeout)s; killing it")
+                process.signal(SIGKILL)
+                _ = process.wait()
+            }
+        }
+        cgroup?.killAll()
+        cgroup?.remove()
+        lock.withLock { stateValue = .stopped }
+    }
+
+    private var isStopping: Bool { lock.withLock { stopping } }
+
+    private func report(_ kind: SupervisorEvent.Kind, _ message: String) {
+        lock.withLock { eventHandler }?(SupervisorEvent(role: role, kind: kind), message)
+    }
+
+    /// One start: spawned, moved into its cgroup, waited for. Returns the process (nil
+    /// if it could not be spawned) and whether it is ready, or why not.
+    private func attempt() -> (process: ChildProcess?, ready: Bool, error: String?) {
+        let prepared: PreparedLaunch
+        do {
+            prepared = try prepare()
+        } catch {
+            return (nil, false, "cannot prepare its start: \(error)")
+        }
+        let process: ChildProcess
+        do {
+            process = try prepared.launch.spawn()
+        } catch {
+            prepared.finish(nil, false)
+            return (nil, false, "cannot start it: \(error)")
+        }
+        // Known at once, so that a stop while it starts reaches it.
+        lock.withLock {
+            child = process
+            heartbeat = prepared.heartbeat
+        }
+        if let cgroup, !cgroup.add(process.pid) {
+            logger.warning("cannot move \(role) \(process.pid) into its cgroup: \(String(cString: strerror(errno)))")
+        }
+        let outcome = ReadyLine(process: process, line: prepared.launch.readyLine).wait(timeout: policy.readyTimeout)
+        prepared.finish(process, outcome.ready)
+        lock.withLock {
+            if outcome.ready {
+                stateValue = .running
+                readyGeneration += 1
+            } else {
+                lastErrorValue = outcome.error ?? "it did not start"
+            }
+            lock.broadcast()
+        }
+        if outcome.ready { logger.info("\(role) \(process.pid) is serving") }
+        return (process, outcome.ready, outcome.error)
+    }
+
+    private func supervise(mustServe: Bool, decided: @escaping (Result<Void, SupervisorError>) -> Void) {
+        var backoff = policy.minimumBackoff
+        var first = true
+        while !isStopping {
+            let startedAt = monotonicNanoseconds()
+            let oomKillsBefore = cgroup?.oomKills ?? 0
+            let (process, ready, error) = attempt()
+            var why: String
+            if let process {
+                if ready && restarts > 0 {
+                    report(.restarted, "\(role) \(process.pid)\(owner) serves again after \(restarts) restart(s)")
+                }
+                if !ready {
+                    // A process that printed ERROR exits by itself; one that hangs does not.
+                    if process.wait(timeout: mustServe && first ? 5 : 1) == nil { process.signal(SIGKILL) }
+                }
+                if first {
+                    first = false
+                    if ready {
+                        decided(.success(()))
+                    } else if mustServe {
+                        let status = process.wait() ?? -1
+                        decided(.failure(SupervisorError(message:
+                            "the \(role) \(ChildProcess.describe(status: status)) before it was ready\(error.map { ": \($0)" } ?? "")")))
+                        return
+                    } else {
+                        decided(.success(()))
+                    }
+                }
+                let status = isStopping ? (process.wait() ?? -1) : waitWatchingHeartbeat(process)
+                why = ChildProcess.describe(status: status)
+                if !ready { why = "did not become ready (\(error ?? "?")), \(why)" }
+            } else {
+                why = error ?? "could not start"
+                if first {
+                    first = false
+                    if mustServe {
+                        decided(.failure(SupervisorError(message: "the \(role) could not start: \(why)")))
+                        return
+                    }
+                    decided(.success(()))
+                }
+            }
+            // Once stopping, `stop` empties and removes the group itself.
+            if isStopping { return }
+            cgroup?.killAll()
+            let pid = process.map { String($0.pid) } ?? "?"
+            if let cgroup, cgroup.oomKills > oomKillsBefore {
+                let message = "\(role) \(pid)\(owner) reached its memory limit of \(cgroup.limits.memory >> 20) MiB\(detail): the kernel killed it"
+                logger.critical("\(message)")
+                report(.outOfMemory, message)
+            }
+            // Decided before the message, so that the wait it names is the one taken.
+            if Double(monotonicNanoseconds() - startedAt) / 1e9 > policy.stableAfter { backoff = policy.minimumBackoff }
+            let message = "\(role) \(pid)\(owner) \(why)\(detail); restarting in \(backoff)s"
+            logger.error("\(message)")
+            lock.withLock {
+                stateValue = .restarting
+                lastErrorValue = why
+                restartCount += 1
+                lock.broadcast()
+            }
+            report(.exited, message)
+            let stopNow = lock.withLock { () -> Bool in
+                if !stopping { _ = lock.wait(nanoseconds: UInt64(backoff * 1e9)) }
+                return stopping
+            }
+            if stopNow { return }
+            backoff = min(backoff * 2, policy.maximumBackoff)
+            lock.withLock { stateValue = .starting }
+        }
+    }
+
+    /// Waits for the process to exit, killing it if its heartbeat stops.
+    private func waitWatchingHeartbeat(_ process: ChildProcess) -> Int32 {
+        let timeout = policy.heartbeatTimeout
+        guard timeout > 0, let beat = lock.withLock({ heartbeat }) else { return process.wait() ?? -1 }
+        let limit = UInt64(timeout * 1e9)
+        let check = min(max(timeout / 4, 0.1), 1)
+        while true {
+            if let status = process.wait(timeout: check) { return status }
+            let last = beat.lastBeat, now = monotonicNanoseconds()
+            guard last > 0, now > last, now - last > limit, !isStopping else { continue }
+            logger.critical(
+                "\(role) \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a plug-in); killing it")
+            process.signal(SIGKILL)
+            return process.wait() ?? -1
+        }
+    }
+}
