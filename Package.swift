@@ -59,9 +59,10 @@ let package = Package(
         .systemLibrary(
             name: "CLibFFI", path: "Sources/CLibFFI", pkgConfig: "libffi",
             providers: [.apt(["libffi-dev"])]),
-        .target(
-            name: "CSystemShims",
-            linkerSettings: [.linkedLibrary("seccomp")]),
+        // Plain syscall shims, linked by everything including plug-ins; what confines a
+        // worker (seccomp, Landlock, namespaces) is apart, so no plug-in links libseccomp.
+        .target(name: "CSystemShims"),
+        .target(name: "CSandboxShims", linkerSettings: [.linkedLibrary("seccomp")]),
         .target(name: "IOFilterPosix", dependencies: ["CSystemShims"], swiftSettings: strict),
         // TLS for the NBD server, on GnuTLS (what libnbd, nbdkit and QEMU speak).
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("gnutls")]),
@@ -88,13 +89,13 @@ let package = Package(
         .target(
             name: "IOFilterChain",
             dependencies: [
-                "CIOFilter", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
+                "CIOFilter", "CSandboxShims", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .target(
             name: "IOFilterSandbox",
-            dependencies: ["IOFilterPosix", "CSystemShims", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["IOFilterPosix", "CSandboxShims", "CSystemShims", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // What crosses between the host and its sandboxed processes: the control channel.
         .target(name: "IOFilterWire", dependencies: ["IOFilterModel", "IOFilterPosix"], swiftSettings: strict),

@@ -17,7 +17,7 @@
 # and prometheus-client (from PyPI), whose parser reads /metrics in the tests.
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev nettle-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

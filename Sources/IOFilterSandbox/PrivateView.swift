@@ -1,3 +1,4 @@
+import CSandboxShims
 import CSystemShims
 import Glibc
 

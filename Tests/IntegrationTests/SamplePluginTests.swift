@@ -49,6 +49,19 @@ struct SamplePluginTests {
         #expect(status == "no replicated disks are open in this process\n")
     }
 
+    /// A plug-in links what it uses: the sandbox's libraries (libseccomp) and the host's
+    /// (libffi, SQLite) belong to the worker and the host, never to a plug-in.
+    @Test func samplePluginsLinkNoHostLibrary() throws {
+        for plugin in [Self.cache, Self.replication, Self.template] {
+            let dynamic = try Harness.check("/usr/bin/readelf", ["-d", plugin])
+            let needed = dynamic.split(separator: "\n").filter { $0.contains("(NEEDED)") }
+            #expect(!needed.isEmpty, "\(plugin): \(dynamic)")
+            for library in ["libseccomp", "libffi", "libsqlite3", "libhogweed"] {
+                #expect(!needed.contains { $0.contains(library) }, "\(plugin) links \(library): \(needed)")
+            }
+        }
+    }
+
     @Test func theTemplateRunsUnderFioVerify() throws {
         let disk = image("template.img", size: 16 << 20)
         let served = try ServedDisk([disk, "--filter", "\(Self.template):log-every=1000"])

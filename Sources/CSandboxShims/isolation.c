@@ -3,7 +3,7 @@
  * it was given. Everything here runs while the process is still single-threaded and
  * before any plug-in code is loaded. */
 #define _GNU_SOURCE
-#include "CSystemShims.h"
+#include "CSandboxShims.h"
 
 #include <errno.h>
 #include <fcntl.h>

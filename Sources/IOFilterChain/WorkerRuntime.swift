@@ -1,4 +1,5 @@
 import CIOFilter
+import CSandboxShims
 import CSystemShims
 import FoundationEssentials
 import Glibc
