@@ -3,12 +3,17 @@ import PackageDescription
 
 // The layout, described here and nowhere else (the README points here). One job per
 // module; the dependency rules: IOFilterNBD and IOFilterNBDServer know nothing of
-// filters; the SDK and every plug-in depend on the header (and the SDK) only, never on
-// the host; the host library knows no particular plug-in and no executable; only the
-// worker (and the sandboxed validator, which is the worker) dlopen plug-ins.
+// filters; the SDK and every plug-in depend on the header, its Swift mirror
+// (IOFilterABI) and the SDK only, never on the host; the host library knows no
+// particular plug-in and no executable; only the worker (and the sandboxed validator,
+// which is the worker) dlopen plug-ins; no plug-in links a sandboxing library.
 //
 //   include/                   iofilter.h: the C ABI and the partner's manual
+//   Sources/IOFilterABI        the header's enumerations and flags in Swift, once (host and SDK)
 //   Sources/IOFilterModel      manifests, parameters, chain rules, worker configuration (values)
+//   Sources/CSystemShims       plain syscall shims (every module, plug-ins included)
+//   Sources/CSandboxShims      seccomp, Landlock, namespaces, the private root (the worker only)
+//   Sources/CNettle            Ed25519 and SHA-256 from Nettle, GnuTLS's own library
 //   Sources/IOFilterPosix      thin wrappers over syscalls: fds, sockets, threads
 //   Sources/IOFilterLogging    how every executable logs
 //   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire
@@ -16,7 +21,11 @@ import PackageDescription
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
-//   Sources/IOFilterHost       spawning and supervising sandboxed workers and validators, their cgroups
+//   Sources/IOFilterWire       the host<->worker control channel (JSON lines)
+//   Sources/IOFilterHost       SandboxedLaunch (how every sandboxed process starts), ProcessSupervisor
+//                              (one restart policy for workers and daemons), WorkerSupervisor,
+//                              DaemonSupervisor, MaintenanceWorker, PluginValidator, VMSession
+//                              (a VM's listeners and worker: iofilterd and `iofilter serve`), cgroups
 //   Sources/IOFilterTrust      plug-in signing keys, signature files, acceptance levels (Ed25519)
 //   Sources/IOFilterHTTP       HTTP messages and a small blocking client; knows nothing of filters
 //   Sources/IOFilterAPIServer  the API's transport on Hummingbird: unix (peer credentials), TCP, TLS, Host/Origin checks
@@ -25,8 +34,9 @@ import PackageDescription
 //   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
 //   SDK/IOFilterSDK            the Swift SDK: the header's types, threads, locks, block targets
 //   Plugins/                   samples: passthrough-c (C), replication, cache, template-swift
-//   Tests/                     IOFilterModelTests, IOFilterChainTests (the engine, in process),
-//                              IntegrationTests (real clients, workers, faults); Tests/Benchmarks
+//   Tests/                     unit tests per module (IOFilterModelTests, IOFilterTrustTests,
+//                              IOFilterChainTests: the engine in process) and IntegrationTests
+//                              (real clients, workers, faults); Tests/Benchmarks
 let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
 
 let package = Package(
@@ -53,6 +63,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         .systemLibrary(name: "CIOFilter", path: "include"),
@@ -123,6 +134,9 @@ let package = Package(
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -165,6 +179,7 @@ let package = Package(
             name: "iofilterd",
             dependencies: [
                 "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterAPIServer", "IOFilterTrust",
+                "IOFilterAPI", "IOFilterNBD", "IOFilterPosix",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -200,7 +215,10 @@ let package = Package(
             ]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl"],
+            dependencies: [
+                "IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterPosix",
+                .product(name: "Logging", package: "swift-log"),
+            ],
             exclude: ["Fixtures"]),
     ]
 )
