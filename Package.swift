@@ -19,7 +19,9 @@ import PackageDescription
 //   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire
 //   Sources/IOFilterNBDServer  the NBD server: handshake, TLS (Sources/CTLS, GnuTLS), connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
-//   Sources/IOFilterChain      the chain engine, storage backends (file, NBD), the worker runtime
+//   Sources/IOFilterChain      the chain engine: requests, filter instances, host services, the NBD export
+//   Sources/IOFilterBackends   what is below a chain: a raw file, a remote NBD export
+//   Sources/IOFilterWorkerRuntime  inside the sandbox: a worker's disks and plug-ins, a daemon's daemon_main
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
 //   Sources/IOFilterWire       the host<->worker control channel (JSON lines)
 //   Sources/IOFilterHost       SandboxedLaunch (how every sandboxed process starts), ProcessSupervisor
@@ -30,7 +32,10 @@ import PackageDescription
 //   Sources/IOFilterHTTP       HTTP messages and a small blocking client; knows nothing of filters
 //   Sources/IOFilterAPIServer  the API's transport on Hummingbird: unix (peer credentials), TCP, TLS, Host/Origin checks
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
-//   Sources/IOFilterControl    iofilterd's state (SQLite), policies, disks, VMs and the API routes
+//   Sources/IOFilterControl    iofilterd's state (SQLite), plug-ins, policies, disks, VMs, the live
+//                              sessions and daemons (SessionRegistry, DaemonRegistry), /metrics' figures
+//   Sources/IOFilterAPIRoutes  the API's HTTP presentation: routes, the OpenAPI document, the live
+//                              stream, the web console's assets
 //   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
 //   SDK/IOFilterSDK            the Swift SDK: the header's types, threads, locks, block targets
 //   Plugins/                   samples: passthrough-c (C), replication, cache, template-swift
@@ -97,11 +102,26 @@ let package = Package(
             name: "IOFilterPluginLoader",
             dependencies: ["CIOFilter", "CLibFFI", "IOFilterABI", "IOFilterModel"],
             swiftSettings: strict),
+        // The chain engine: requests meeting filters, dispositions, resumes, the NBD export.
         .target(
             name: "IOFilterChain",
             dependencies: [
-                "CIOFilter", "CSandboxShims", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
+                "CIOFilter", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
                 .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        // What is below a chain: a raw file, a remote NBD export.
+        .target(
+            name: "IOFilterBackends",
+            dependencies: ["CIOFilter", "CSystemShims", "IOFilterChain", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // A worker's and a partner daemon's life inside the sandbox: plug-ins loaded, disks
+        // opened through their chains, the watchdog, lifecycle events, daemon_main.
+        .target(
+            name: "IOFilterWorkerRuntime",
+            dependencies: [
+                "CIOFilter", "CSandboxShims", "CSystemShims", "IOFilterBackends", "IOFilterChain", "IOFilterModel", "IOFilterNBD",
+                "IOFilterPluginLoader", "IOFilterPosix", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .target(
@@ -150,6 +170,15 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: strict),
+        .target(
+            name: "IOFilterAPIRoutes",
+            dependencies: [
+                "IOFilterAPI", "IOFilterControl", "IOFilterHTTP", "IOFilterModel", "IOFilterPosix",
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             // The web console's page, style and script, compiled into iofilterd.
             resources: [.embedInCode("Console/console.html"), .embedInCode("Console/console.css"), .embedInCode("Console/console.js")],
             swiftSettings: strict),
@@ -157,7 +186,7 @@ let package = Package(
         .executableTarget(
             name: "iofilter-worker",
             dependencies: [
-                "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterSandbox",
+                "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterWorkerRuntime", "IOFilterSandbox",
                 "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterWire",
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -178,7 +207,7 @@ let package = Package(
         .executableTarget(
             name: "iofilterd",
             dependencies: [
-                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterAPIServer", "IOFilterTrust",
+                "IOFilterHost", "IOFilterLogging", "IOFilterModel", "IOFilterControl", "IOFilterAPIRoutes", "IOFilterAPIServer", "IOFilterTrust",
                 "IOFilterAPI", "IOFilterNBD", "IOFilterPosix",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -210,13 +239,13 @@ let package = Package(
         .testTarget(
             name: "IOFilterChainTests",
             dependencies: [
-                "CIOFilter", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterPluginLoader", "IOFilterPosix",
+                "CIOFilter", "IOFilterBackends", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterPluginLoader", "IOFilterPosix",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterPosix",
+                "IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterAPIRoutes", "IOFilterPosix",
                 .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["Fixtures"]),

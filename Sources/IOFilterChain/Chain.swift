@@ -15,14 +15,14 @@ public final class Chain: @unchecked Sendable {
     public let filters: [FilterInstance]
     public let backend: any StorageBackend
     /// Its consumers' requests, per op, for the host's metrics.
-    let io = IOCounters()
+    public let io = IOCounters()
     /// Holds consumers' requests back while filters handle a snapshot.
-    let quiesce = Quiesce()
-    let logger: Logger
+    public let quiesce = Quiesce()
+    public let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
     private let registry = Guarded<[ObjectIdentifier: RequestWatch]>([:])
 
-    init(diskName: String, filters: [FilterInstance], backend: any StorageBackend, logger: Logger) {
+    public init(diskName: String, filters: [FilterInstance], backend: any StorageBackend, logger: Logger) {
         self.diskName = diskName
         self.filters = filters
         self.backend = backend
@@ -62,7 +62,7 @@ public final class Chain: @unchecked Sendable {
     }
 
     /// A request that has sat in one stage longer than `limit`, with where it sits.
-    func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
+    public func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
         let watches = registry.withLock { Array($0.values) }
         for watch in watches {
             let stage = watch.stage.load(ordering: .relaxed)

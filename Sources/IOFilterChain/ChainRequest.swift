@@ -18,8 +18,9 @@ public final class ChainRequest: @unchecked Sendable {
     // @unchecked: a request is driven by one thread at a time. Hand-offs between
     // threads (a deferral resumed elsewhere, a backend completing on its own thread)
     // go through `decision` (acquire/release) or the backend's own synchronisation.
-    unowned(unsafe) let chain: Chain
-    let io: UnsafeMutablePointer<iof_request>
+    unowned(unsafe) public let chain: Chain
+    /// The request as the ABI has it; a backend reads it and fills its buffer.
+    public let io: UnsafeMutablePointer<iof_request>
     /// One pointer-sized slot per filter, `request_private` in the ABI.
     let privates: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     /// The first filter this request meets: 0 for a consumer's request, k+1 for I/O
@@ -65,7 +66,8 @@ public final class ChainRequest: @unchecked Sendable {
     @exclusivity(unchecked) private var startedAt: UInt64 = 0
 
     /// A block-status request's answer; made the first time this slot carries one.
-    @exclusivity(unchecked) private(set) var extents: Extents?
+    /// Where a backend puts what a block-status request found.
+    @exclusivity(unchecked) public private(set) var extents: Extents?
 
     /// What the watchdog sees of this request. A separate object, so that the watchdog
     /// never holds a reference to a request another thread may be freeing.
@@ -203,7 +205,8 @@ public final class ChainRequest: @unchecked Sendable {
     }
 
     /// The backend finished (any thread).
-    func backendDidComplete(error: Int32) {
+    /// A backend's answer, exactly once per request: 0 or an errno.
+    public func backendDidComplete(error: Int32) {
         io.pointee.error = error
         ascend(from: chain.filters.count - 1)
     }

@@ -3,13 +3,13 @@ import CIOFilter
 /// The answer to a block-status request as it travels up the chain: extents contiguous
 /// from the request's offset, each with IOF_EXTENT_* flags. Made once per request slot,
 /// the first time the slot carries a block-status request.
-final class Extents {
+public final class Extents {
     /// Past this many, the layers below answer only a prefix of the range (NBD allows it).
     static let maximum = 1024
 
-    private(set) var offsets: [UInt64] = []
-    private(set) var lengths: [UInt64] = []
-    private(set) var flags: [UInt32] = []
+    public private(set) var offsets: [UInt64] = []
+    public private(set) var lengths: [UInt64] = []
+    public private(set) var flags: [UInt32] = []
 
     init() {
         offsets.reserveCapacity(Self.maximum + 2)
@@ -17,12 +17,12 @@ final class Extents {
         flags.reserveCapacity(Self.maximum + 2)
     }
 
-    var count: Int { offsets.count }
-    var isFull: Bool { offsets.count >= Self.maximum }
+    public var count: Int { offsets.count }
+    public var isFull: Bool { offsets.count >= Self.maximum }
     /// Where the covered range ends.
-    var end: UInt64 { offsets.last.map { $0 + lengths[lengths.count - 1] } ?? 0 }
+    public var end: UInt64 { offsets.last.map { $0 + lengths[lengths.count - 1] } ?? 0 }
 
-    func removeAll() {
+    public func removeAll() {
         offsets.removeAll(keepingCapacity: true)
         lengths.removeAll(keepingCapacity: true)
         flags.removeAll(keepingCapacity: true)
@@ -30,7 +30,7 @@ final class Extents {
 
     /// Appends the next extent (it must start where the last ended), merging it into the
     /// last one when their flags agree.
-    func append(length: UInt64, flags extentFlags: UInt32, at offset: UInt64) {
+    public func append(length: UInt64, flags extentFlags: UInt32, at offset: UInt64) {
         guard length > 0 else { return }
         if let last = flags.last, last == extentFlags, end == offset {
             lengths[lengths.count - 1] += length

@@ -13,7 +13,7 @@ public final class FilterInstance: @unchecked Sendable {
     public let plugin: LoadedPlugin
     public let name: String
     public let sidecarDirectory: String
-    let logger: Logger
+    public let logger: Logger
     private let parameters: [String: UnsafeMutablePointer<CChar>]
     /// The files and NBD URIs its policy named (its path parameters' values): what
     /// `open_target` may open for it.
@@ -35,7 +35,7 @@ public final class FilterInstance: @unchecked Sendable {
     var position = 0
     let timers = TimerSet()
 
-    init(plugin: LoadedPlugin, parameters: [String: String], diskName: String, vmName: String, size: UInt64,
+    public init(plugin: LoadedPlugin, parameters: [String: String], diskName: String, vmName: String, size: UInt64,
          readOnly: Bool, sidecarDirectory: String, logger: Logger) {
         self.plugin = plugin
         self.name = plugin.library.manifest.name
@@ -90,19 +90,19 @@ public final class FilterInstance: @unchecked Sendable {
     // MARK: lifecycle
 
     /// Runs the plug-in's `attach` (first time the filter meets this disk).
-    func attach() throws(ChainError) {
+    public func attach() throws(ChainError) {
         guard let attach = plugin.library.descriptor.pointee.attach else { return }
         let rc = serialized { attach(hostDisk, info) }
         guard rc == 0 else { throw .filterRefused(filter: name, step: "attach", errno: rc) }
     }
 
-    func detach() throws(ChainError) {
+    public func detach() throws(ChainError) {
         guard let detach = plugin.library.descriptor.pointee.detach else { return }
         let rc = serialized { detach(hostDisk, info) }
         guard rc == 0 else { throw .filterRefused(filter: name, step: "detach", errno: rc) }
     }
 
-    func open() throws(ChainError) {
+    public func open() throws(ChainError) {
         let open = plugin.library.descriptor.pointee.open!
         var created: UnsafeMutableRawPointer?
         let rc = serialized { open(hostDisk, info, &created) }
@@ -110,7 +110,7 @@ public final class FilterInstance: @unchecked Sendable {
         instance = created
     }
 
-    func close() {
+    public func close() {
         timers.cancelAll()
         defer { channel.withLock { if $0 >= 0 { Glibc.close($0) }; $0 = -1 } }
         guard instance != nil else { return }
@@ -139,13 +139,13 @@ public final class FilterInstance: @unchecked Sendable {
         }
     }
 
-    func event(_ event: iof_disk_event) -> Int32 {
+    public func event(_ event: iof_disk_event) -> Int32 {
         guard let handler = plugin.library.descriptor.pointee.event else { return 0 }
         var copy = event
         return serialized { handler(instance, &copy) }
     }
 
-    func stats() -> [(String, Double)] {
+    public func stats() -> [(String, Double)] {
         guard let stats = plugin.library.descriptor.pointee.stats else { return [] }
         final class Sink { var values: [(String, Double)] = [] }
         let sink = Sink()

@@ -7,8 +7,8 @@ import Logging
 
 /// The `struct iof_host_services` every plug-in receives: C entry points that find
 /// their Swift object through the opaque `iof_host_disk` or the request's host_private.
-enum HostServices {
-    nonisolated(unsafe) static let table: UnsafeMutablePointer<iof_host_services> = {
+public enum HostServices {
+    nonisolated(unsafe) public static let table: UnsafeMutablePointer<iof_host_services> = {
         let table = UnsafeMutablePointer<iof_host_services>.allocate(capacity: 1)
         table.initialize(to: iof_host_services(
             struct_size: UInt32(MemoryLayout<iof_host_services>.size),

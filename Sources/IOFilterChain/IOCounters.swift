@@ -5,7 +5,7 @@ import Synchronization
 /// What a disk's consumers asked of it, per op: requests, bytes, errors and a latency
 /// histogram, counted as each NBD request finishes (relaxed atomic adds: no lock, no
 /// allocation). The host reads a snapshot when it is scraped for metrics.
-final class IOCounters: Sendable {
+public final class IOCounters: Sendable {
     /// Upper bounds of the latency buckets, in nanoseconds (Prometheus `le`, seconds).
     static let bucketBounds: [UInt64] = [
         50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 100_000_000, 1_000_000_000,
@@ -47,7 +47,7 @@ final class IOCounters: Sendable {
     }
 
     /// Ops that saw at least one request.
-    func snapshot() -> [OperationStatistics] {
+    public func snapshot() -> [OperationStatistics] {
         zip(Self.ops, perOp).compactMap { entry, counters in
             let requests = counters.requests.load(ordering: .relaxed)
             guard requests > 0 else { return nil }

@@ -5,7 +5,7 @@ import Synchronization
 /// request is in flight between `pause` returning and `resume`. The data path pays one
 /// atomic add on the way in and one on the way out; a paused disk's new requests wait
 /// on their connection's own thread.
-final class Quiesce: Sendable {
+public final class Quiesce: Sendable {
     private let inFlight = Atomic<Int>(0)
     private let paused = Atomic<Bool>(false)
     private let lock = ConditionLock()
@@ -32,7 +32,7 @@ final class Quiesce: Sendable {
 
     /// Stops new requests and waits (up to `seconds`) until none is in flight; false if
     /// some still are (the caller resumes and gives up).
-    func pause(seconds: Double) -> Bool {
+    public func pause(seconds: Double) -> Bool {
         lock.withLock { paused.store(true, ordering: .sequentiallyConsistent) }
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
         return lock.withLock {
@@ -45,7 +45,7 @@ final class Quiesce: Sendable {
         }
     }
 
-    func resume() {
+    public func resume() {
         lock.withLock {
             paused.store(false, ordering: .sequentiallyConsistent)
             lock.broadcast()

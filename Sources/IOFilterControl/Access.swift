@@ -31,23 +31,23 @@ public struct AccessGroups: Sendable {
 
 /// The API call being handled on this thread: who made it, and whether it has recorded
 /// an event yet (every change made through the API is an event naming its caller).
-final class APICall: @unchecked Sendable {
+public final class APICall: @unchecked Sendable {
     // @unchecked: one call is handled on one thread; nothing else reads it.
-    @TaskLocal static var current: APICall?
-    let caller: Caller
-    var recordedEvent = false
-    init(caller: Caller) { self.caller = caller }
+    @TaskLocal public static var current: APICall?
+    public let caller: Caller
+    public internal(set) var recordedEvent = false
+    public init(caller: Caller) { self.caller = caller }
 }
 
 extension ControlError {
-    static func unauthenticated(_ message: String) -> ControlError { ControlError(status: 401, code: "unauthenticated", message: message) }
-    static func forbidden(_ message: String) -> ControlError { ControlError(status: 403, code: "forbidden", message: message) }
+    public static func unauthenticated(_ message: String) -> ControlError { ControlError(status: 401, code: "unauthenticated", message: message) }
+    public static func forbidden(_ message: String) -> ControlError { ControlError(status: 403, code: "forbidden", message: message) }
 }
 
 extension HostController {
     /// Establishes who sent `request`: by peer credentials on the unix socket, by bearer
     /// token over TCP.
-    func authenticate(_ request: HTTPRequest) throws(ControlError) -> Caller {
+    public func authenticate(_ request: HTTPRequest) throws(ControlError) -> Caller {
         switch request.peer {
         case .local(let uid, let gid, _):
             return try localCaller(uid: uid, gid: gid)

@@ -8,24 +8,30 @@ public struct ControlError: Error, CustomStringConvertible, Sendable {
     public let code: String
     public let message: String
 
+    public init(status: Int, code: String, message: String) {
+        self.status = status
+        self.code = code
+        self.message = message
+    }
+
     public var description: String { message }
     public var body: APIErrorBody { APIErrorBody(error: code, message: message) }
 
-    static func badRequest(_ message: String) -> ControlError { ControlError(status: 400, code: "bad-request", message: message) }
-    static func notFound(_ message: String) -> ControlError { ControlError(status: 404, code: "not-found", message: message) }
-    static func conflict(_ message: String) -> ControlError { ControlError(status: 409, code: "conflict", message: message) }
-    static func invalid(_ message: String) -> ControlError { ControlError(status: 422, code: "invalid", message: message) }
-    static func workerFailed(_ message: String) -> ControlError { ControlError(status: 502, code: "worker-failed", message: message) }
+    public static func badRequest(_ message: String) -> ControlError { ControlError(status: 400, code: "bad-request", message: message) }
+    public static func notFound(_ message: String) -> ControlError { ControlError(status: 404, code: "not-found", message: message) }
+    public static func conflict(_ message: String) -> ControlError { ControlError(status: 409, code: "conflict", message: message) }
+    public static func invalid(_ message: String) -> ControlError { ControlError(status: 422, code: "invalid", message: message) }
+    public static func workerFailed(_ message: String) -> ControlError { ControlError(status: 502, code: "worker-failed", message: message) }
     public static func internalError(_ message: String) -> ControlError { ControlError(status: 500, code: "internal", message: message) }
 }
 
 /// Names of policies, disks and VMs: they become file names and URI path segments.
-enum Names {
-    static let pattern = ResourceName.pattern
+public enum Names {
+    public static let pattern = ResourceName.pattern
     /// Path segments the API uses for operations ("/disks/import").
-    static let reserved: Set<String> = ["import", "validate"]
+    public static let reserved: Set<String> = ["import", "validate"]
 
-    static func check(_ name: String, kind: String) throws(ControlError) {
+    public static func check(_ name: String, kind: String) throws(ControlError) {
         guard ResourceName.isValid(name) else {
             throw .badRequest("\(kind) name '\(name)' is not valid: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         }

@@ -32,11 +32,7 @@ extension HostController {
 
     /// Stops every daemon (at host stop, after the workers).
     public func stopDaemons() {
-        let all = liveLock.withLock { () -> [DaemonSupervisor] in
-            defer { daemons = [:] }
-            return Array(daemons.values)
-        }
-        for daemon in all { daemon.stop() }
+        for daemon in daemons.takeAll() { daemon.stop() }
     }
 
     /// (Re)starts the daemon of `manifest`'s plug-in, replacing one of another version.
@@ -61,7 +57,7 @@ extension HostController {
         }
         daemon.restartPolicy.maximumBackoff = max(restartBackoffLimit, daemon.restartPolicy.minimumBackoff)
         daemon.onEvent = { [weak self] kind, message in self?.event(kind.rawValue, name, message) }
-        liveLock.withLock { daemons[name] = daemon }
+        daemons.add(name, daemon)
         daemon.start()
         let status = daemon.status
         event("daemon-started", name, "version \(manifest.version)"
@@ -70,7 +66,7 @@ extension HostController {
     }
 
     func stopDaemon(_ plugin: String) {
-        guard let daemon = liveLock.withLock({ daemons.removeValue(forKey: plugin) }) else { return }
+        guard let daemon = daemons.remove(plugin) else { return }
         daemon.stop()
         event("daemon-stopped", plugin, "version \(daemon.plugin.version)")
     }
@@ -78,14 +74,14 @@ extension HostController {
     /// A connection to `plugin`'s daemon for one filter instance (the workers' brokers
     /// ask for it).
     func daemonChannel(_ plugin: String) -> Result<Int32, TargetBroker.Failure> {
-        guard let daemon = liveLock.withLock({ daemons[plugin] }) else {
+        guard let daemon = daemons.daemon(plugin) else {
             return .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon running on this host"))
         }
         return daemon.connectChannel()
     }
 
     func daemonStatus(_ plugin: String, version: String) -> DaemonStatus? {
-        liveLock.withLock { daemons[plugin] }.flatMap { $0.plugin.version == version ? $0.status : nil }
+        daemons.daemon(plugin).flatMap { $0.plugin.version == version ? $0.status : nil }
     }
 
     func daemonListenAddress(_ plugin: String) -> String? { setting(Self.daemonListenSetting(plugin)) }

@@ -17,7 +17,7 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            activity: liveLock.withLock { busy[row.name] }, createdAt: row.createdAt, replicaOf: row.replicaOf)
+            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf)
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {
@@ -166,7 +166,7 @@ extension HostController {
             if let vm = row.vm { throw ControlError.conflict("disk \(name) belongs to VM \(vm); delete the VM first") }
             // A daemon may be writing it for another host right now: its stream would go
             // on into the deleted file. Promoted, it is refused and the disk is ours.
-            if let keeper = row.replicaOf, liveLock.withLock({ daemons[keeper] != nil }) {
+            if let keeper = row.replicaOf, daemons.runs(keeper) {
                 throw ControlError.conflict("disk \(name) is a replica the daemon of \(keeper) keeps for another host; "
                                             + "`iofilter disk promote \(name)` first (its stream is refused from then on), then delete it")
             }
@@ -240,13 +240,13 @@ extension HostController {
             var row = try store.read { db in try diskRow(name, db) }
             if let policy = request.policy { _ = try store.read { db in try policyRow(policy, db) } }
             if row.readOnly && request.policy != nil { throw ControlError.conflict("disk \(name) is a read-only snapshot; clone it to filter it") }
-            if liveLock.withLock({ offline[name] != nil }) {
+            if sessions.isServedOffline(name) {
                 throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
             }
             try requireNotBusy(name)
             let previous = row
             row.policy = request.policy
-            if let vm = row.vm, liveLock.withLock({ running[vm] != nil }) {
+            if let vm = row.vm, sessions.isRunning(vm) {
                 // Applies at the VM's next start; compliance says pending meanwhile.
                 try store.write { db in try row.update(db) }
                 event("policy-assigned", name, "\(request.policy ?? "none"); pending until VM \(vm) restarts")
@@ -360,7 +360,7 @@ extension HostController {
     /// the filter and its errno.
     func deliver(_ lifecycle: DiskLifecycleEvent, to disk: DiskRow) throws(ControlError) {
         guard !disk.attached.isEmpty else { return }
-        if let vm = disk.vm, let worker = liveLock.withLock({ running[vm] }) {
+        if let vm = disk.vm, let worker = sessions.vm(vm) {
             let response: WorkerControlResponse
             do {
                 response = try worker.supervisor.control(.event(disk: disk.name, event: lifecycle), timeout: 60)
@@ -389,7 +389,7 @@ extension HostController {
             try requireIdle(row, for: "serve")
             let worker = try launch(name: "offline-\(name)", disks: [(row, row.attached, request.readOnly)],
                                     socketDirectory: "\(stateDirectory)/offline")
-            liveLock.withLock { offline[name] = worker }
+            sessions.add(offline: name, worker)
             event("offline-serve", name, worker.uri(name) ?? "")
             return OfflineSession(disk: name, uri: worker.uri(name)!, readOnly: request.readOnly || row.readOnly, pid: worker.supervisor.pid)
         }
@@ -398,7 +398,7 @@ extension HostController {
     public func stopOffline(_ name: String) throws(ControlError) -> OfflineSession {
         try exclusive {
             _ = try store.read { db in try diskRow(name, db) }
-            guard let worker = liveLock.withLock({ offline.removeValue(forKey: name) }) else {
+            guard let worker = sessions.removeOffline(name) else {
                 throw ControlError.notFound("disk \(name) has no offline session")
             }
             let session = OfflineSession(disk: name, uri: worker.uri(name) ?? "", readOnly: false, pid: worker.supervisor.pid)

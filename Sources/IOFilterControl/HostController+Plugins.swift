@@ -166,7 +166,7 @@ extension HostController {
                             + (manifest.operations.isEmpty ? "none" : manifest.operations.map(\.signature).joined(separator: ", ")))
         }
         if let vm = request.vm {
-            guard let worker = liveLock.withLock({ running[vm] }) else {
+            guard let worker = sessions.vm(vm) else {
                 throw try read { db in try VMRow.fetchOne(db, key: vm) } == nil
                     ? .notFound("no VM named \(vm)") : .conflict("VM \(vm) is not running")
             }

@@ -12,7 +12,7 @@ extension HostController {
     }
 
     func vmInfo(_ row: VMRow, withStatistics: Bool) -> VMInfo {
-        let worker = liveLock.withLock { running[row.name] }
+        let worker = sessions.vm(row.name)
         var statistics: [DiskStatistics] = []
         if withStatistics, let worker {
             do {
@@ -55,7 +55,7 @@ extension HostController {
                 for name in request.disks {
                     let disk = try diskRow(name, db)
                     if let owner = disk.vm { throw ControlError.conflict("disk \(name) already belongs to VM \(owner)") }
-                    if liveLock.withLock({ offline[name] != nil }) {
+                    if sessions.isServedOffline(name) {
                         throw ControlError.conflict("disk \(name) is served by an offline session; stop it first")
                     }
                 }
@@ -77,7 +77,7 @@ extension HostController {
     public func deleteVM(_ name: String) throws(ControlError) -> VMInfo {
         let info = try showVM(name)
         try exclusive {
-            if liveLock.withLock({ running[name] != nil }) { throw ControlError.conflict("VM \(name) is running; stop it first") }
+            if sessions.isRunning(name) { throw ControlError.conflict("VM \(name) is running; stop it first") }
             try store.write { db in
                 let row = try vmRow(name, db)
                 for disk in row.disks {
@@ -99,14 +99,14 @@ extension HostController {
     public func startVM(_ name: String, resuming: Bool = false) throws(ControlError) -> VMInfo {
         try exclusive {
             let row = try store.read { db in try vmRow(name, db) }
-            if liveLock.withLock({ running[name] != nil }) {
+            if sessions.isRunning(name) {
                 throw ControlError.conflict("VM \(name) is already running")
             }
             var disks: [DiskRow] = []
             var chains: [[PlannedFilter]] = []
             for diskName in row.disks {
                 var disk = try store.read { db in try diskRow(diskName, db) }
-                if liveLock.withLock({ offline[diskName] != nil }) {
+                if sessions.isServedOffline(diskName) {
                     throw ControlError.conflict("disk \(diskName) is served by an offline session; stop it first")
                 }
                 try requireNotBusy(diskName)
@@ -134,7 +134,7 @@ extension HostController {
                 }
                 throw error
             }
-            liveLock.withLock { running[name] = worker }
+            sessions.add(vm: name, worker)
             try store.write { db in
                 var updated = row
                 updated.desiredState = "running"
@@ -156,7 +156,7 @@ extension HostController {
     public func stopVM(_ name: String) throws(ControlError) -> VMInfo {
         try exclusive {
             var row = try store.read { db in try vmRow(name, db) }
-            guard let worker = liveLock.withLock({ running.removeValue(forKey: name) }) else {
+            guard let worker = sessions.removeVM(name) else {
                 throw ControlError.conflict("VM \(name) is not running")
             }
             worker.stop()

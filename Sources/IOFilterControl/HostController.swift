@@ -14,7 +14,7 @@ import Logging
 /// never interleave halfway through a change; reads go straight to the database and
 /// to the live-worker table.
 public final class HostController: @unchecked Sendable {
-    // @unchecked: `running` and `offline` are guarded by `liveLock`; every change to
+    // @unchecked: the registries guard themselves; every change to
     // the database and the workers runs under `operationLock`.
     public let stateDirectory: String
     public let logLevel: String
@@ -36,16 +36,10 @@ public final class HostController: @unchecked Sendable {
     let store: StateStore
     let logger: Logger
     private let operationLock = ConditionLock()
-    let liveLock = ConditionLock()
-    /// Running VMs, by name.
-    var running: [String: LiveWorker] = [:]
-    /// Offline sessions, by disk name.
-    var offline: [String: LiveWorker] = [:]
-    /// Disks a long transfer is using (and names a snapshot or clone is being made
-    /// under), with what it is doing.
-    var busy: [String: String] = [:]
+    /// What serves disks right now (VMs, offline sessions) and the disks transfers hold.
+    let sessions = SessionRegistry()
     /// Partner daemons, by plug-in name.
-    var daemons: [String: DaemonSupervisor] = [:]
+    let daemons = DaemonRegistry()
 
     /// A worker serving disks: a VM's, or an offline session's.
     typealias LiveWorker = VMSession
@@ -101,8 +95,14 @@ public final class HostController: @unchecked Sendable {
         }
     }
 
+    /// Records a refusal (or anything not done on the caller's behalf) as an event by
+    /// `actor`, without marking the current API call as having recorded one.
+    public func record(_ kind: String, _ subject: String, _ message: String, actor: String) {
+        store.record(kind, subject, message, actor: actor)
+    }
+
     /// Records an event, naming the API caller whose request made it, if one did.
-    func event(_ kind: String, _ subject: String, _ message: String) {
+    public func event(_ kind: String, _ subject: String, _ message: String) {
         let call = APICall.current
         call?.recordedEvent = true
         logger.info("\(kind) \(subject): \(message)\(call.map { " (by \($0.caller.name))" } ?? "")")
@@ -119,7 +119,7 @@ public final class HostController: @unchecked Sendable {
 
     public func hostInfo(apiSocket: String) -> HostInfo {
         HostInfo(version: Release.version, stateDirectory: stateDirectory, apiSocket: apiSocket, pid: getpid(),
-                 runningVMs: liveLock.withLock { running.keys.sorted() }, acceptanceLevel: acceptanceLevel)
+                 runningVMs: sessions.runningVMs.keys.sorted(), acceptanceLevel: acceptanceLevel)
     }
 
     // MARK: starting and stopping the host
@@ -141,12 +141,7 @@ public final class HostController: @unchecked Sendable {
     public func shutdown() {
         defer { markCleanStop() }
         operationLock.withLock {
-            let workers = liveLock.withLock { () -> [(String, LiveWorker)] in
-                let all = running.map { ($0.key, $0.value) } + offline.map { ("offline \($0.key)", $0.value) }
-                running = [:]
-                offline = [:]
-                return all
-            }
+            let workers = sessions.takeAll()
             // Workers stop in parallel: each may take a while to destage or drain.
             let group = DispatchGroup()
             for (name, worker) in workers {
@@ -258,7 +253,7 @@ public final class HostController: @unchecked Sendable {
             let percent = total == 0 ? 100 : Int(done * 100 / total)
             guard percent != shown else { return }
             shown = percent
-            liveLock.withLock { for disk in disks { busy[disk] = "\(activity): \(percent)%" } }
+            sessions.setActivity(disks, "\(activity): \(percent)%")
         }
         do {
             return try body(progress)
@@ -269,31 +264,22 @@ public final class HostController: @unchecked Sendable {
 
     /// Call under the change lock.
     func markBusy(_ disks: [String], doing activity: String) throws(ControlError) {
-        let taken: (String, String)? = liveLock.withLock {
-            for disk in disks { if let other = busy[disk] { return (disk, other) } }
-            for disk in disks { busy[disk] = activity }
-            return nil
-        }
-        if let (disk, other) = taken { throw .conflict("disk \(disk) is busy (\(other)); try again when that ends") }
+        if let (disk, other) = sessions.markBusy(disks, doing: activity) { throw .conflict("disk \(disk) is busy (\(other)); try again when that ends") }
     }
 
     func unmarkBusy(_ disks: [String]) {
-        liveLock.withLock { for disk in disks { busy[disk] = nil } }
+        sessions.unmarkBusy(disks)
     }
 
     func requireNotBusy(_ disk: String) throws(ControlError) {
-        if let activity = liveLock.withLock({ busy[disk] }) {
+        if let activity = sessions.activity(disk) {
             throw .conflict("disk \(disk) is busy (\(activity)); try again when that ends")
         }
     }
 
     /// The VM or offline session serving `disk` right now, if any.
     func server(of disk: DiskRow) -> (what: String, worker: LiveWorker)? {
-        liveLock.withLock {
-            if let vm = disk.vm, let worker = running[vm] { return ("VM \(vm)", worker) }
-            if let worker = offline[disk.name] { return ("offline session", worker) }
-            return nil
-        }
+        sessions.server(of: disk.name, vm: disk.vm).map { ($0.what, $0.session) }
     }
 }
 

@@ -13,7 +13,7 @@ extension HostController {
         var text = registry.emitToString()
         var output = PrometheusText()
         let rows = (try? read { db in try VMRow.order(Column("name")).fetchAll(db) }) ?? []
-        let workers = liveLock.withLock { running }
+        let workers = sessions.runningVMs
         output.family("iofilter_vm_up", "gauge", "1 while the VM's worker runs, 0 when it is stopped.")
         for row in rows { output.sample("iofilter_vm_up", ["vm": row.name], workers[row.name] == nil ? 0 : 1) }
         output.family("iofilter_worker_restarts_total", "counter", "Times the VM's worker was restarted since the VM started.")

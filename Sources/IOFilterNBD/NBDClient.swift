@@ -7,8 +7,11 @@ public protocol NBDClientCompletion: AnyObject, Sendable {
     func nbdRequestDidComplete(error: Int32)
 }
 
-public struct NBDClientError: Error, CustomStringConvertible, Sendable {
+/// What goes wrong in this module: a server that does not speak NBD as expected, a TLS
+/// key or session that cannot be set up. One type for the layer.
+public struct NBDError: Error, CustomStringConvertible, Sendable {
     public let description: String
+    public init(description: String) { self.description = description }
 }
 
 /// A client for one export, pipelining any number of requests on one connection: a
@@ -291,7 +294,7 @@ public final class NBDClient: @unchecked Sendable {
         var reader = MessageReader(greeting)
         guard reader.u64() == NBDProtocol.initMagic, reader.u64() == NBDProtocol.optionMagic,
             let serverFlags = reader.u16(), serverFlags & NBDProtocol.HandshakeFlags.fixedNewstyle != 0
-        else { throw NBDClientError(description: "\(uri): not a fixed-newstyle NBD server") }
+        else { throw NBDError(description: "\(uri): not a fixed-newstyle NBD server") }
         let noZeroes = serverFlags & NBDProtocol.HandshakeFlags.noZeroes != 0
         var clientFlags = MessageWriter()
         clientFlags.u32(NBDProtocol.ClientFlags.fixedNewstyle | (noZeroes ? NBDProtocol.ClientFlags.noZeroes : 0))
@@ -314,7 +317,7 @@ public final class NBDClient: @unchecked Sendable {
             var r = MessageReader(header)
             guard r.u64() == NBDProtocol.optionReplyMagic, r.u32() != nil, let type = r.u32(), let length = r.u32(),
                 length <= NBDProtocol.maxOptionLength
-            else { throw NBDClientError(description: "\(uri): bad option reply") }
+            else { throw NBDError(description: "\(uri): bad option reply") }
             var data = [UInt8](repeating: 0, count: Int(length))
             try readExactly(&data)
             if type == NBDProtocol.Reply.ack.rawValue { return }
@@ -328,7 +331,7 @@ public final class NBDClient: @unchecked Sendable {
             }
             if type & 0x8000_0000 != 0 {
                 let message = String(decoding: data, as: UTF8.self)
-                throw NBDClientError(description: "\(uri): server refused export '\(uri.export)'" + (message.isEmpty ? "" : ": \(message)"))
+                throw NBDError(description: "\(uri): server refused export '\(uri.export)'" + (message.isEmpty ? "" : ": \(message)"))
             }
         }
     }
@@ -346,17 +349,17 @@ public final class NBDClient: @unchecked Sendable {
         var reader = MessageReader(header)
         guard reader.u64() == NBDProtocol.optionReplyMagic, reader.u32() == NBDProtocol.Option.startTLS.rawValue, let type = reader.u32(),
               let length = reader.u32(), length <= NBDProtocol.maxOptionLength
-        else { throw NBDClientError(description: "\(uri): bad reply to STARTTLS") }
+        else { throw NBDError(description: "\(uri): bad reply to STARTTLS") }
         var message = [UInt8](repeating: 0, count: Int(length))
         try readExactly(&message)
         guard type == NBDProtocol.Reply.ack.rawValue else {
-            throw NBDClientError(description: "\(uri): the server does not offer TLS" + (message.isEmpty ? "" : ": \(String(decoding: message, as: UTF8.self))"))
+            throw NBDError(description: "\(uri): the server does not offer TLS" + (message.isEmpty ? "" : ": \(String(decoding: message, as: UTF8.self))"))
         }
         let plaintext: Int32
         do {
             plaintext = try tls.connect(fd)
         } catch {
-            throw NBDClientError(description: "\(uri): \(error)")
+            throw NBDError(description: "\(uri): \(error)")
         }
         close(fd)
         fd = plaintext
@@ -364,7 +367,7 @@ public final class NBDClient: @unchecked Sendable {
 
     private func readExactly(_ bytes: inout [UInt8]) throws {
         guard !bytes.isEmpty else { return }
-        guard let received = try FileDescriptorIO.readBytes(fd, count: bytes.count) else { throw NBDClientError(description: "\(uri): server closed the connection during the handshake") }
+        guard let received = try FileDescriptorIO.readBytes(fd, count: bytes.count) else { throw NBDError(description: "\(uri): server closed the connection during the handshake") }
         bytes = received
     }
 }

@@ -7,12 +7,8 @@ public struct NBDClientTLS: Sendable {
     public let username: String
     public let key: [UInt8]
 
-    public struct Failure: Error, CustomStringConvertible {
-        public let description: String
-    }
-
     /// The key of `username` (default: the file's first) from a psktool file's text.
-    public init(pskFile text: String, username: String? = nil) throws(Failure) {
+    public init(pskFile text: String, username: String? = nil) throws(NBDError) {
         for line in text.split(whereSeparator: \.isNewline) where !line.hasPrefix("#") {
             let fields = line.split(separator: ":", maxSplits: 1)
             guard fields.count == 2, username == nil || fields[0] == username! else { continue }
@@ -21,7 +17,7 @@ public struct NBDClientTLS: Sendable {
             var key: [UInt8] = []
             for index in stride(from: 0, to: hex.count, by: 2) {
                 guard let byte = UInt8(String(decoding: hex[index..<index + 2], as: UTF8.self), radix: 16) else {
-                    throw Failure(description: "the key of \(fields[0]) is not hexadecimal")
+                    throw NBDError(description: "the key of \(fields[0]) is not hexadecimal")
                 }
                 key.append(byte)
             }
@@ -29,12 +25,12 @@ public struct NBDClientTLS: Sendable {
             self.key = key
             return
         }
-        throw Failure(description: username.map { "no key for \($0) in the PSK file" } ?? "the PSK file holds no username:hexkey line")
+        throw NBDError(description: username.map { "no key for \($0) in the PSK file" } ?? "the PSK file holds no username:hexkey line")
     }
 
     /// The TLS handshake as the client on `fd`; then the plaintext end of the session
     /// (the session keeps its own copy of `fd`).
-    public func connect(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(Failure) -> Int32 {
+    public func connect(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(NBDError) -> Int32 {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { message in
             key.withUnsafeBufferPointer { key in
@@ -42,7 +38,7 @@ public struct NBDClientTLS: Sendable {
             }
         }
         guard plaintext >= 0 else {
-            throw Failure(description: String(nulTerminated: error))
+            throw NBDError(description: String(nulTerminated: error))
         }
         return plaintext
     }

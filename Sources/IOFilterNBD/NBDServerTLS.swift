@@ -12,27 +12,23 @@ public final class NBDTLS: @unchecked Sendable {
     private let credentials: OpaquePointer
     public let description: String
 
-    public struct Failure: Error, CustomStringConvertible {
-        public let description: String
-    }
-
     /// A psktool file: `username:hexkey` lines.
-    public static func psk(file: String) throws(Failure) -> NBDTLS {
+    public static func psk(file: String) throws(NBDError) -> NBDTLS {
         try load("PSK from \(file)") { iof_tls_load_psk(file, $0, $1) }
     }
 
     /// A directory holding ca-cert.pem, server-cert.pem and server-key.pem; with
     /// `verifyPeer`, clients must present a certificate the CA signed.
-    public static func certificates(directory: String, verifyPeer: Bool) throws(Failure) -> NBDTLS {
+    public static func certificates(directory: String, verifyPeer: Bool) throws(NBDError) -> NBDTLS {
         try load("X.509 from \(directory)\(verifyPeer ? ", clients verified" : "")") {
             iof_tls_load_x509(directory, verifyPeer ? 1 : 0, $0, $1)
         }
     }
 
-    private static func load(_ description: String, _ body: (UnsafeMutablePointer<CChar>, Int) -> OpaquePointer?) throws(Failure) -> NBDTLS {
+    private static func load(_ description: String, _ body: (UnsafeMutablePointer<CChar>, Int) -> OpaquePointer?) throws(NBDError) -> NBDTLS {
         var error = [CChar](repeating: 0, count: 512)
         guard let credentials = error.withUnsafeMutableBufferPointer({ body($0.baseAddress!, $0.count) }) else {
-            throw Failure(description: String(nulTerminated: error))
+            throw NBDError(description: String(nulTerminated: error))
         }
         return NBDTLS(credentials: credentials, description: description)
     }
@@ -44,9 +40,9 @@ public final class NBDTLS: @unchecked Sendable {
 
     /// The TLS handshake on `fd`; then the plaintext end of the session (close it when
     /// done; `fd` stays the caller's).
-    public func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, Failure> {
+    public func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, NBDError> {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
-        return plaintext >= 0 ? .success(plaintext) : .failure(Failure(description: String(nulTerminated: error)))
+        return plaintext >= 0 ? .success(plaintext) : .failure(NBDError(description: String(nulTerminated: error)))
     }
 }

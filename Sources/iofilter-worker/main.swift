@@ -13,6 +13,7 @@
 import FoundationEssentials
 import Glibc
 import IOFilterChain
+import IOFilterWorkerRuntime
 import IOFilterLogging
 import IOFilterModel
 import IOFilterNBD

@@ -11,7 +11,7 @@ protocol APITransport {
     func send(_ request: HTTPRequest) throws -> HTTPResponse
 }
 
-// Its `send` throws its own Failure, which satisfies the protocol.
+// Its `send` throws the CLI's CLIFailure, which satisfies the protocol.
 extension HTTPClient: APITransport {}
 
 /// One request per connection over TLS (NIO and NIOSSL, which the daemon's server uses
@@ -30,16 +30,13 @@ final class HTTPSClient: APITransport {
         self.configuration = configuration
     }
 
-    struct Failure: Error, CustomStringConvertible {
-        let description: String
-    }
 
     func send(_ request: HTTPRequest) throws -> HTTPResponse {
         let context: NIOSSLContext
         do {
             context = try NIOSSLContext(configuration: configuration)
         } catch {
-            throw Failure(description: "cannot set up TLS: \(error)")
+            throw CLIFailure(description: "cannot set up TLS: \(error)")
         }
         let group = MultiThreadedEventLoopGroup.singleton
         let answer = group.next().makePromise(of: HTTPResponse.self)
@@ -58,7 +55,7 @@ final class HTTPSClient: APITransport {
                 }
                 .connect(host: host, port: port).wait()
         } catch {
-            throw Failure(description: "cannot connect to iofilterd at https://\(host):\(port): \(error)")
+            throw CLIFailure(description: "cannot connect to iofilterd at https://\(host):\(port): \(error)")
         }
         defer { _ = try? channel.close().wait() }
         var head = HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: request.method), uri: request.target)
@@ -72,7 +69,7 @@ final class HTTPSClient: APITransport {
         do {
             return try answer.futureResult.wait()
         } catch {
-            throw Failure(description: "iofilterd at https://\(host):\(port): \(error)")
+            throw CLIFailure(description: "iofilterd at https://\(host):\(port): \(error)")
         }
     }
 }
@@ -106,6 +103,6 @@ private final class ResponseCollector: ChannelInboundHandler, RemovableChannelHa
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        answer.fail(HTTPSClient.Failure(description: "the connection closed before an answer"))
+        answer.fail(CLIFailure(description: "the connection closed before an answer"))
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import IOFilterAPI
+import IOFilterAPIRoutes
 import IOFilterControl
 import IOFilterHost
 import IOFilterLogging

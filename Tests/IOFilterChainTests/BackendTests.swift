@@ -4,6 +4,7 @@ import Glibc
 import IOFilterPosix
 import Testing
 
+@testable import IOFilterBackends
 @testable import IOFilterChain
 
 /// Backends take whatever a filter may legally ask of them — a range of any length

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterAPIRoutes
 import IOFilterControl
 import Logging
 import Testing

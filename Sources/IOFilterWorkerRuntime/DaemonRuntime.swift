@@ -1,5 +1,6 @@
 import CIOFilter
 import Glibc
+import IOFilterChain
 import IOFilterModel
 import IOFilterPluginLoader
 import Logging

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterControl
 import IOFilterModel
 
 /// The OpenAPI 3.0 document iofilterd serves at /openapi.json: the paths come from the

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterControl
 import IOFilterHTTP
 import IOFilterPosix
 import Logging
@@ -131,7 +132,7 @@ public struct APIRouter: Sendable {
             return response
         }
         guard caller.role >= route.role else {
-            host.store.record("access-denied", route.operationID, "\(request.method) \(request.path) needs the \(route.role.rawValue) role",
+            host.record("access-denied", route.operationID, "\(request.method) \(request.path) needs the \(route.role.rawValue) role",
                               actor: caller.name)
             return Self.error(.forbidden(
                 "\(caller.name) has the \(caller.role.rawValue) role; \(request.method) \(request.path) needs \(route.role.rawValue) "

@@ -3,6 +3,8 @@ import CSandboxShims
 import CSystemShims
 import FoundationEssentials
 import Glibc
+import IOFilterBackends
+import IOFilterChain
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPluginLoader
