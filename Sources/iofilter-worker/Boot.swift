@@ -1,0 +1,126 @@
+// What every mode of the worker does the same way: talk to the host on stdout, read
+// its configuration, and confine itself before any plug-in code runs.
+import FoundationEssentials
+import Glibc
+import IOFilterModel
+import IOFilterPosix
+import IOFilterSandbox
+import Logging
+
+/// This process's logger: the worker's, then named for its VM or its plug-in.
+@MainActor var logger = Logger(label: "iofilter.worker")
+
+/// One line to the host on stdout (READY, ERROR …, DONE, or a JSON answer).
+func say(_ line: String) {
+    try? FileDescriptorIO.writeAll(STDOUT_FILENO, Array((line + "\n").utf8))
+}
+
+/// Ends a worker that could not open its disks or plug-ins; the host reads the ERROR
+/// line to tell its caller why.
+@MainActor func cannotStart(_ error: any Error) -> Never {
+    logger.critical("cannot start: \(error)")
+    say("ERROR \(error)")
+    exit(72)
+}
+
+func emit(_ value: some Encodable) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    say((try? encoder.encode(value)).map { String(decoding: $0, as: UTF8.self) } ?? "{}")
+}
+
+struct Failure: Encodable {
+    let error: String
+    let detail: ValidationError?
+    init(_ error: ValidationError) {
+        self.error = error.description
+        self.detail = error
+    }
+    init(message: String) {
+        self.error = message
+        self.detail = nil
+    }
+}
+struct CallResult: Encodable { let type: String; let value: String }
+
+/// Confines this process (see `Sandbox`); a worker that cannot be confined does not run.
+@MainActor func confine(_ configure: (inout Sandbox) -> Void) {
+    var sandbox = Sandbox()
+    configure(&sandbox)
+    do {
+        _ = try sandbox.apply(logger: logger)
+    } catch {
+        logger.critical("\(error)")
+        say("ERROR \(error)")
+        exit(70)
+    }
+}
+
+/// Validating or calling a plug-in runs its code: the same confinement as serving,
+/// with nothing to read or write but the plug-in itself.
+@MainActor func confineForOneCall(plugin path: String) {
+    confine {
+        $0.readExecutePaths = [path]
+        $0.identity = identity(WorkerIdentity(for: "validator"))
+        $0.denySockets = true
+    }
+}
+
+func identity(_ identity: WorkerIdentity) -> (uid: UInt32, gid: UInt32) { (identity.uid, identity.gid) }
+
+/// The path with links and `..` resolved (when it exists): the worker's private root
+/// shows each file at its real path, and nothing of the way to it.
+func absolute(_ path: String) -> String {
+    if let resolved = realpath(path, nil) {
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+    return path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+/// The configuration the host wrote on standard input; a process without one does not run.
+@MainActor func readConfiguration<T: Decodable>(_ type: T.Type, for mode: String) -> T {
+    let input = (try? FileDescriptorIO.readToEnd(STDIN_FILENO)) ?? []
+    guard let configuration = try? JSONDecoder().decode(T.self, from: Data(input)) else {
+        logger.critical("\(mode): no valid configuration on standard input")
+        exit(64)
+    }
+    return configuration
+}
+
+/// Waits until the host has moved this process into its cgroup (it must be there
+/// before it makes its pid namespace); false if there is none or it never came.
+@MainActor func joinedCgroup(_ files: [String]?, what: String) -> Bool {
+    guard let files else { return false }
+    let joined = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
+    if !joined { logger.warning("the host did not move this \(what) into its cgroup: limits fall back on RLIMIT_AS") }
+    return joined
+}
+
+// MARK: the boot sequence of a long-running process (serve, daemon)
+//
+// In this order, before any plug-in code runs: read the configuration, block the
+// termination signals, close every fd the host did not hand over, open what the
+// confined view will not show (disks, TLS keys), join the cgroup, confine, enter the
+// state directory; then load plug-ins, serve, beat, and say READY.
+
+/// Closes every fd but stdio and those the host handed over (numbered from 3 up).
+func closeInheritedFDs(keeping handedOver: [Int32]) {
+    Sandbox.closeInheritedFDs(keepingBelow: max(handedOver.max() ?? 2, 2) + 1)
+}
+
+/// Makes the process's own state directory its working directory, or ends it.
+@MainActor func enterStateDirectory(_ directory: String) {
+    guard chdir(directory) == 0 else {
+        logger.critical("cannot enter state directory \(directory): \(String(cString: strerror(errno)))")
+        exit(71)
+    }
+}
+
+/// The supervisor's watch, which a filter cannot switch off from in here: if this
+/// beat stops (the process frozen, deadlocked, its threads stopped), it kills us.
+func startHeartbeat(_ fd: Int32?) -> Heartbeat? {
+    let heartbeat = fd.flatMap { try? Heartbeat(inherited: $0) }
+    heartbeat?.startBeating()
+    return heartbeat
+}

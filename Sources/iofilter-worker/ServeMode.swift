@@ -1,0 +1,170 @@
+// `iofilter-worker serve`: a VM's disks through their chains over NBD, or a
+// maintenance task on them (attach, detach, a lifecycle event).
+import FoundationEssentials
+import Glibc
+import IOFilterChain
+import IOFilterModel
+import IOFilterNBD
+import IOFilterNBDServer
+import IOFilterPosix
+import IOFilterSandbox
+import IOFilterWire
+import IOFilterWorkerRuntime
+import Logging
+
+/// Serves the disks the host's configuration names until SIGTERM.
+@MainActor func serveDisks() -> Never {
+    var configuration = readConfiguration(WorkerConfiguration.self, for: "serve")
+    logger = Logger(label: "iofilter.worker")
+    logger[metadataKey: "vm"] = "\(configuration.vmName)"
+    let signals = TerminationSignals.block()
+
+    configuration.stateDirectory = absolute(configuration.stateDirectory)
+    var ownDirectories = [configuration.stateDirectory]
+    for index in configuration.disks.indices {
+        for filter in configuration.disks[index].filters.indices {
+            configuration.disks[index].filters[filter].manifest.path = absolute(configuration.disks[index].filters[filter].manifest.path)
+        }
+        if let directory = configuration.disks[index].stateDirectory {
+            configuration.disks[index].stateDirectory = absolute(directory)
+            ownDirectories.append(absolute(directory))
+        }
+    }
+    for directory in ownDirectories {
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+    if configuration.sandbox {
+        closeInheritedFDs(keeping: configuration.disks.map(\.listenFD) + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD].compactMap { $0 })
+    }
+    let runtime = WorkerRuntime(configuration: configuration, logger: logger)
+    do {
+        // Disks first: once confined, the worker has no path to them and no network.
+        try runtime.openBackends()
+    } catch {
+        cannotStart(error)
+    }
+    // TLS credentials too: their files are not in the confined view.
+    var tls: NBDTLS?
+    if let settings = configuration.tls {
+        do {
+            if let file = settings.pskFile {
+                tls = try .psk(file: file)
+            } else if let directory = settings.certificatesDirectory {
+                tls = try .certificates(directory: directory, verifyPeer: settings.verifyPeer)
+            }
+        } catch {
+            cannotStart(error)
+        }
+    }
+    // The cgroup that limits this worker and everything it will ever be (its pid
+    // namespace's init included): the supervisor moves it there while it starts, and
+    // it must be there before it makes its pid namespace.
+    let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "worker")
+    if configuration.sandbox {
+        let memoryLimit = configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
+        confine {
+            $0.readWritePaths = ownDirectories
+            $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
+            $0.keepFDsBelow = nil  // closed above, before the disks were opened
+            $0.pinnedFDs = configuration.disks.map(\.listenFD).filter { $0 >= 0 }
+            // The cgroup limits memory as the kernel accounts it; an address-space limit
+            // would only refuse a filter's large but harmless reservations.
+            $0.addressSpaceLimit = inCgroup ? nil : memoryLimit
+            $0.hiddenPaths = configuration.hiddenPaths ?? []
+            $0.identity = identity(configuration.identity ?? WorkerIdentity(for: configuration.vmName))
+            $0.ownPidNamespace = true
+            // Targets come through the host's broker; without one (a host that
+            // predates it) the filters open their own.
+            $0.denySockets = configuration.brokerFD != nil
+        }
+        if inCgroup, let summary = configuration.cgroupSummary {
+            logger.notice("this worker is limited by its \(summary)")
+        } else {
+            logger.notice("no cgroup for this worker: its memory is limited by RLIMIT_AS to \(memoryLimit >> 20) MiB")
+        }
+    }
+    enterStateDirectory(configuration.stateDirectory)
+    let exports: [ChainExport]
+    do {
+        try runtime.loadPlugins()
+        exports = try runtime.openDisks(attachOnly: configuration.task == .attach)
+    } catch {
+        cannotStart(error)
+    }
+    if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
+    var servers: [NBDServer] = []
+    for (disk, export) in zip(configuration.disks, exports) {
+        var limits = NBDServerLimits()
+        if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
+        if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
+        if let structuredReplies = configuration.structuredReplies { limits.structuredReplies = structuredReplies }
+        let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, tls: tls, logger: logger)
+        server.serve(listenFD: disk.listenFD)
+        servers.append(server)
+    }
+    if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime) }
+    runtime.startWatchdog()
+    let heartbeat = startHeartbeat(configuration.heartbeatFD)
+    say("READY")
+    let received = signals.wait()
+    // In order: no new clients, every connection answers what it accepted and ends,
+    // and only then are filters closed (never while a request runs in one of them).
+    logger.info("signal \(received): finishing requests, then closing filters and disks")
+    for server in servers { server.stop() }
+    runtime.shutdown()
+    withExtendedLifetime(heartbeat) {}
+    exit(0)
+}
+
+/// A maintenance run: the filters are attached by now; detach what was asked, or
+/// deliver the event, then exit (DONE on success, an ERROR line otherwise).
+@MainActor func runMaintenanceTask(_ task: WorkerTask, runtime: WorkerRuntime) -> Never {
+        var status: Int32 = 0
+        if case .detach(let plugins) = task {
+            do {
+                try runtime.detach(plugins: Set(plugins))
+            } catch {
+                logger.error("cannot detach: \(error)")
+                say("ERROR \(error)")
+                status = 73
+            }
+        }
+        if case .event(let event) = task {
+            do {
+                try runtime.deliver(event, disk: nil)
+            } catch {
+                say("ERROR \(error)")
+                if case .vetoed = error { status = WorkerTask.vetoedExitStatus } else { status = 73 }
+            }
+        }
+        runtime.shutdown()
+        if status == 0 { say("DONE") }
+        exit(status)
+}
+
+/// Answers the host's control requests until the host closes the channel.
+func serveControl(fd: Int32, runtime: WorkerRuntime) {
+    startThread(name: "control") {
+        ControlChannel(fd: fd).serve { request in
+            var response = WorkerControlResponse()
+            switch request {
+            case .stats:
+                response.disks = runtime.statistics()
+            case .call(let plugin, let operation, let arguments):
+                do {
+                    response.result = try runtime.call(plugin: plugin, operation: operation, arguments: arguments)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case .event(let disk, let event):
+                do {
+                    try runtime.deliver(event, disk: disk)
+                } catch {
+                    response.error = "\(error)"
+                }
+            }
+            return response
+        }
+    }
+}
+
