@@ -12,7 +12,7 @@ import Logging
 /// the unix socket its filters' channels arrive on (in a directory no sandboxed
 /// process sees; the host connects each channel and hands it to the worker through its
 /// broker), and, where the operator allowed it, a TCP socket for peers on other hosts.
-public final class DaemonSupervisor: @unchecked Sendable {
+public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
     // @unchecked: fixed after init (`core` is set once, at its end).
     public let plugin: PluginManifest
     public let channelPath: String
@@ -28,19 +28,7 @@ public final class DaemonSupervisor: @unchecked Sendable {
     private let workerPath: String
     private let logger: Logger
     /// Set once, at the end of init (its launch closure needs `self`).
-    private var core: ProcessSupervisor!
-
-    /// Told (on the supervising thread) when the daemon ends unasked and when it serves
-    /// again: for the host's event log.
-    public var onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? {
-        get { core.onEvent }
-        set { core.onEvent = newValue }
-    }
-
-    public var restartPolicy: RestartPolicy {
-        get { core.policy }
-        set { core.policy = newValue }
-    }
+    public private(set) var core: ProcessSupervisor!
 
     /// - Parameters:
     ///   - directory: the daemon's own state directory (kept across restarts).

@@ -322,3 +322,25 @@ public final class ProcessSupervisor: @unchecked Sendable {
         }
     }
 }
+
+/// A worker's or a daemon's supervisor: what differs (its launch) around one core.
+public protocol SupervisesAProcess: AnyObject {
+    /// The supervised-process core it runs its launches on.
+    var core: ProcessSupervisor! { get }
+}
+
+extension SupervisesAProcess {
+    /// Told (on the supervising thread) each time the process ends unasked, with what
+    /// happened ("worker 123 killed by SIGSEGV (filters: …); restarting in 0.1s"), each
+    /// time a replacement serves, and when the kernel killed it for memory: for the
+    /// host's event log.
+    public var onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? {
+        get { core.onEvent }
+        set { core.onEvent = newValue }
+    }
+
+    public var restartPolicy: RestartPolicy {
+        get { core.policy }
+        set { core.policy = newValue }
+    }
+}

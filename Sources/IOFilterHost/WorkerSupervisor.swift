@@ -11,30 +11,17 @@ import Logging
 /// The supervisor owns the listening sockets and hands them to each worker it starts,
 /// so a restarted worker serves the same addresses and clients simply reconnect. A
 /// worker that dies is logged with its cause and restarted with exponential backoff.
-public final class WorkerSupervisor: @unchecked Sendable {
+public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     // @unchecked: `controlFD` is guarded by `lock`; `core` is set once in init.
     public let configuration: WorkerConfiguration
     /// Set once, at the end of init (its launch closure needs `self`).
-    private var core: ProcessSupervisor!
+    public private(set) var core: ProcessSupervisor!
     private let lock = ConditionLock()
     /// The host's end of the current worker's control channel.
     private var controlFD: Int32 = -1
     /// One control request at a time.
     private let controlLock = ConditionLock()
     private let daemonChannelsBox = Guarded<(@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?>(nil)
-
-    /// Told (on the supervising thread) each time the worker ends unasked, with what
-    /// happened ("worker 123 killed by SIGSEGV (filters: …); restarting in 0.1s"), and
-    /// each time a replacement serves: for the host's event log.
-    public var onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? {
-        get { core.onEvent }
-        set { core.onEvent = newValue }
-    }
-
-    public var restartPolicy: RestartPolicy {
-        get { core.policy }
-        set { core.policy = newValue }
-    }
 
     /// Connects a filter instance to its plug-in's partner daemon, by plug-in name
     /// (the host's daemons); set before `start`. Without it filters get no channel.

@@ -104,6 +104,18 @@ func absolute(_ path: String) -> String {
 // confined view will not show (disks, TLS keys), join the cgroup, confine, enter the
 // state directory; then load plug-ins, serve, beat, and say READY.
 
+/// The first step: the host's configuration, the logger named after what this process
+/// serves, and the termination signals blocked (they are waited for, not handled).
+@MainActor func beginBoot<Configuration: Decodable>(
+    _ type: Configuration.Type, mode: String, label: String, metadata: (Configuration) -> (key: String, value: String)
+) -> (Configuration, TerminationSignals) {
+    let configuration = readConfiguration(type, for: mode)
+    logger = Logger(label: label)
+    let (key, value) = metadata(configuration)
+    logger[metadataKey: key] = "\(value)"
+    return (configuration, TerminationSignals.block())
+}
+
 /// Closes every fd but stdio and those the host handed over (numbered from 3 up).
 func closeInheritedFDs(keeping handedOver: [Int32]) {
     Sandbox.closeInheritedFDs(keepingBelow: max(handedOver.max() ?? 2, 2) + 1)

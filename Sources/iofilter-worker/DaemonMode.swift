@@ -11,10 +11,8 @@ import Logging
 
 /// Runs the daemon until daemon_main returns or SIGTERM.
 @MainActor func runDaemon() -> Never {
-    var configuration = readConfiguration(DaemonConfiguration.self, for: "daemon")
-    logger = Logger(label: "iofilter.daemon")
-    logger[metadataKey: "plugin"] = "\(configuration.plugin.name)"
-    let signals = TerminationSignals.block()
+    let (given, signals) = beginBoot(DaemonConfiguration.self, mode: "daemon", label: "iofilter.daemon") { ("plugin", $0.plugin.name) }
+    var configuration = given
     configuration.stateDirectory = absolute(configuration.stateDirectory)
     configuration.plugin.path = absolute(configuration.plugin.path)
     try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)

@@ -14,10 +14,8 @@ import Logging
 
 /// Serves the disks the host's configuration names until SIGTERM.
 @MainActor func serveDisks() -> Never {
-    var configuration = readConfiguration(WorkerConfiguration.self, for: "serve")
-    logger = Logger(label: "iofilter.worker")
-    logger[metadataKey: "vm"] = "\(configuration.vmName)"
-    let signals = TerminationSignals.block()
+    let (given, signals) = beginBoot(WorkerConfiguration.self, mode: "serve", label: "iofilter.worker") { ("vm", $0.vmName) }
+    var configuration = given
 
     configuration.stateDirectory = absolute(configuration.stateDirectory)
     var ownDirectories = [configuration.stateDirectory]
