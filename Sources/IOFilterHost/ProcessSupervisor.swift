@@ -219,6 +219,11 @@ public final class ProcessSupervisor: @unchecked Sendable {
         }
         let outcome = ReadyLine(process: process, line: prepared.launch.readyLine).wait(timeout: policy.readyTimeout)
         prepared.finish(process, outcome.ready)
+        // Told before anyone waiting for the new generation wakes: whoever sees it serve
+        // finds the event recorded.
+        if outcome.ready && restarts > 0 {
+            report(.restarted, "\(role) \(process.pid)\(owner) serves again after \(restarts) restart(s)")
+        }
         lock.withLock {
             if outcome.ready {
                 stateValue = .running
@@ -241,9 +246,6 @@ public final class ProcessSupervisor: @unchecked Sendable {
             let (process, ready, error) = attempt()
             var why: String
             if let process {
-                if ready && restarts > 0 {
-                    report(.restarted, "\(role) \(process.pid)\(owner) serves again after \(restarts) restart(s)")
-                }
                 if !ready {
                     // A process that printed ERROR exits by itself; one that hangs does not.
                     if process.wait(timeout: mustServe && first ? 5 : 1) == nil { process.signal(SIGKILL) }
