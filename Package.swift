@@ -16,8 +16,9 @@ import PackageDescription
 //   Sources/CNettle            Ed25519 and SHA-256 from Nettle, GnuTLS's own library
 //   Sources/IOFilterPosix      thin wrappers over syscalls: fds, sockets, threads
 //   Sources/IOFilterLogging    how every executable logs
-//   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire
-//   Sources/IOFilterNBDServer  the NBD server: handshake, TLS (Sources/CTLS, GnuTLS), connections, request slots
+//   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire (no TLS library)
+//   Sources/IOFilterTLS        TLS on GnuTLS (Sources/CTLS): the client's PSK handshake, server credentials
+//   Sources/IOFilterNBDServer  the NBD server: handshake, STARTTLS, connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterChain      the chain engine: requests, filter instances, host services, the NBD export
 //   Sources/IOFilterBackends   what is below a chain: a raw file, a remote NBD export
@@ -38,6 +39,7 @@ import PackageDescription
 //                              stream, the web console's assets
 //   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
 //   SDK/IOFilterSDK            the Swift SDK: the header's types, threads, locks, block targets
+//   SDK/IOFilterSDKTLS         the SDK's TLS (TargetTLS(pskFile:), PeerTLS): only plug-ins that use it link GnuTLS
 //   Plugins/                   samples: passthrough-c (C), replication, cache, template-swift
 //   Tests/                     unit tests per module (IOFilterModelTests, IOFilterTrustTests,
 //                              IOFilterChainTests: the engine in process) and IntegrationTests
@@ -53,6 +55,7 @@ let package = Package(
         .library(name: "IOFilterHost", targets: ["IOFilterHost"]),
         .library(name: "IOFilterNBD", targets: ["IOFilterNBD"]),
         .library(name: "IOFilterSDK", targets: ["IOFilterSDK"]),
+        .library(name: "IOFilterSDKTLS", targets: ["IOFilterSDKTLS"]),
         .library(name: "iofilter-passthrough-c", type: .dynamic, targets: ["PassthroughC"]),
         .library(name: "iofilter-template", type: .dynamic, targets: ["TemplateFilter"]),
         .library(name: "iofilter-replication", type: .dynamic, targets: ["ReplicationFilter"]),
@@ -92,11 +95,13 @@ let package = Package(
         .target(name: "IOFilterLogging", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         .target(
             name: "IOFilterNBD",
-            dependencies: ["CSystemShims", "CTLS", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // TLS on GnuTLS: the client's PSK handshake, the server credentials.
+        .target(name: "IOFilterTLS", dependencies: ["CTLS", "IOFilterNBD", "IOFilterPosix"], swiftSettings: strict),
         .target(
             name: "IOFilterNBDServer",
-            dependencies: ["CSystemShims", "CTLS", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", "IOFilterTLS", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "IOFilterPluginLoader",
@@ -187,7 +192,7 @@ let package = Package(
             name: "iofilter-worker",
             dependencies: [
                 "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterWorkerRuntime", "IOFilterSandbox",
-                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterWire",
+                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterTLS", "IOFilterWire",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -220,6 +225,10 @@ let package = Package(
         .target(
             name: "IOFilterSDK", dependencies: ["CIOFilter", "IOFilterABI", "CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             path: "SDK/IOFilterSDK", swiftSettings: strict),
+        // TLS for plug-ins that speak it (NBD targets over TLS, daemons and their peers).
+        .target(
+            name: "IOFilterSDKTLS", dependencies: ["IOFilterNBD", "IOFilterSDK", "IOFilterTLS"],
+            path: "SDK/IOFilterSDKTLS", swiftSettings: strict),
 
         // The C sample, built by SwiftPM as a shared object; it needs only the header.
         .target(
@@ -230,7 +239,7 @@ let package = Package(
             cSettings: [.headerSearchPath("../../include")]),
 
         .target(name: "TemplateFilter", dependencies: ["IOFilterSDK"], path: "Plugins/template-swift", swiftSettings: strict),
-        .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK"], path: "Plugins/replication", exclude: ["README.md"],
+        .target(name: "ReplicationFilter", dependencies: ["IOFilterSDK", "IOFilterSDKTLS"], path: "Plugins/replication", exclude: ["README.md"],
                 swiftSettings: strict),
         .target(name: "CacheFilter", dependencies: ["IOFilterSDK"], path: "Plugins/cache", exclude: ["README.md"], swiftSettings: strict),
 

@@ -1,5 +1,6 @@
 import Glibc
 import IOFilterSDK
+import IOFilterSDKTLS
 
 /// The replication sample's partner daemon. On the sending host it carries each
 /// filter's journal to the peer daemon its target names (`iofilter://HOST:PORT/DISK`);

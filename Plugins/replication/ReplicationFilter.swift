@@ -14,6 +14,7 @@
 // flushes (or writes with FUA), like the disk's own data.
 import Glibc
 import IOFilterSDK
+import IOFilterSDKTLS
 import Synchronization
 
 public final class ReplicationFilter: IOFilter {

@@ -1,6 +1,6 @@
 import Glibc
 import CIOFilter
-internal import IOFilterNBD
+package import IOFilterNBD
 internal import IOFilterPosix
 import Logging
 
@@ -114,46 +114,47 @@ public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil
     }
     guard let uri else { return try FileTarget(fd: fd, path: spec, size: size) }
     do {
-        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, tls: tls?.client, logger: Logger(label: "iofilter.sdk.target")))
+        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, tls: tls?.handshake, logger: Logger(label: "iofilter.sdk.target")))
     } catch {
         throw FilterError(EIO, "cannot connect to \(spec): \(error)")
     }
 }
 
 /// TLS for an NBD target that requires it: a pre-shared key from a psktool file the
-/// policy names (declare it `.path`: the host opens it, as any target).
+/// policy names (declare it `.path`: the host opens it, as any target). Made with
+/// `TargetTLS(pskFile:)` from IOFilterSDKTLS, which links GnuTLS: a filter that speaks
+/// no TLS does not link it.
 public struct TargetTLS: Sendable {
-    let client: NBDClientTLS
+    let handshake: any NBDClientHandshake
 
     /// The key as psktool writes it (`username:hexkey`): what a filter hands its daemon
     /// when the daemon is the one to speak TLS (`PeerTLS.connect`).
-    public var pskLine: String {
-        client.username + ":" + hexadecimal(client.key)
-    }
+    public let pskLine: String
 
-    /// `username`'s key (default: the file's first).
-    public init(pskFile spec: String, username: String? = nil, disk: Disk? = nil) throws(FilterError) {
-        let fd: Int32
-        if let opened = try openTarget(spec, disk: disk) {
-            fd = opened
-        } else {
-            fd = open(spec, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw FilterError(errno, "cannot read \(spec): \(String(cString: strerror(errno)))") }
-        }
-        defer { close(fd) }
-        var text: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = pread(fd, &chunk, chunk.count, off_t(text.count))
-            if n <= 0 { break }
-            text += chunk[..<n]
-        }
-        do {
-            client = try NBDClientTLS(pskFile: String(decoding: text, as: UTF8.self), username: username)
-        } catch {
-            throw FilterError(EINVAL, "\(spec): \(error)")
-        }
+    package init(handshake: any NBDClientHandshake, pskLine: String) {
+        self.handshake = handshake
+        self.pskLine = pskLine
     }
+}
+
+/// The text of a small file a policy names (a key), opened by the host as any target.
+package func readTargetFile(_ spec: String, disk: Disk?) throws(FilterError) -> String {
+    let fd: Int32
+    if let opened = try openTarget(spec, disk: disk) {
+        fd = opened
+    } else {
+        fd = open(spec, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FilterError(errno, "cannot read \(spec): \(String(cString: strerror(errno)))") }
+    }
+    defer { close(fd) }
+    var text: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = pread(fd, &chunk, chunk.count, off_t(text.count))
+        if n <= 0 { break }
+        text += chunk[..<n]
+    }
+    return String(decoding: text, as: UTF8.self)
 }
 
 /// An fd for a target the filter's policy named, opened by the host (`open_target`):

@@ -82,7 +82,7 @@ extension Disk {
 /// NBD handshake runs on `fd`, which the target then owns.
 public func openNBDTarget(connected fd: Int32, export: String, description: String, tls: TargetTLS? = nil) throws(FilterError) -> any BlockTarget {
     do {
-        let client = try NBDClient(uri: .unix(socket: description, export: export), connected: fd, tls: tls?.client,
+        let client = try NBDClient(uri: .unix(socket: description, export: export), connected: fd, tls: tls?.handshake,
                                    logger: Logger(label: "iofilter.sdk.target"))
         return NBDTarget(client: client)
     } catch {
@@ -90,39 +90,3 @@ public func openNBDTarget(connected fd: Int32, export: String, description: Stri
     }
 }
 
-/// TLS with a pre-shared key between a daemon and its peers on other hosts (GnuTLS).
-/// Both calls hand back the plaintext end of the session: read and write it as the
-/// connection, and close it to end the session.
-public enum PeerTLS {
-    /// The client's handshake on a connected `fd` (which the caller may close after),
-    /// with a key as psktool writes it (`username:hexkey`).
-    public static func connect(_ fd: Int32, pskLine: String, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
-        do {
-            return try NBDClientTLS(pskFile: pskLine).connect(fd, timeoutMilliseconds: timeoutMilliseconds)
-        } catch {
-            throw FilterError(EPROTO, "TLS: \(error)")
-        }
-    }
-
-    /// The server's side: credentials loaded once from a psktool file the daemon can
-    /// read (in its own directory), then a handshake per peer.
-    public final class Server: Sendable {
-        private let credentials: NBDTLS
-
-        public init(pskFile path: String) throws(FilterError) {
-            do {
-                credentials = try NBDTLS.psk(file: path)
-            } catch {
-                throw FilterError(EINVAL, "TLS: \(error)")
-            }
-        }
-
-        /// The handshake on `fd` (which stays the caller's).
-        public func accept(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(FilterError) -> Int32 {
-            switch credentials.accept(fd, timeoutMilliseconds: timeoutMilliseconds) {
-            case .success(let plaintext): return plaintext
-            case .failure(let failure): throw FilterError(EPROTO, "TLS: \(failure)")
-            }
-        }
-    }
-}

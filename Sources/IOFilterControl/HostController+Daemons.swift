@@ -10,10 +10,6 @@ import IOFilterPosix
 /// version), sandboxed and supervised like a worker, started with the host, replaced
 /// when a newer version is installed, stopped when the plug-in is removed.
 extension HostController {
-    /// Where the host keeps the daemons' channel sockets: in the state directory,
-    /// which no sandboxed process sees.
-    var daemonSocketDirectory: String { "\(stateDirectory)/run" }
-    func daemonDirectory(_ plugin: String) -> String { "\(stateDirectory)/daemons/\(plugin)" }
     static func daemonListenSetting(_ plugin: String) -> String { "daemon-listen/\(plugin)" }
     static func daemonTLSSetting(_ plugin: String) -> String { "daemon-tls-psk/\(plugin)" }
 
@@ -43,7 +39,7 @@ extension HostController {
         let daemon: DaemonSupervisor
         do {
             daemon = try DaemonSupervisor(
-                plugin: manifest, directory: daemonDirectory(name), socketDirectory: daemonSocketDirectory, listen: listen,
+                plugin: manifest, directory: layout.daemon(name), socketDirectory: layout.daemonSockets, listen: listen,
                 peerPSK: listen == nil ? nil : setting(Self.daemonTLSSetting(name)),
                 logLevel: logLevel, hiddenPaths: hiddenFromWorkers, logger: logger,
                 answer: DaemonSupervisor.brokerAnswer(

@@ -93,7 +93,7 @@ extension HostController {
         if try store.read({ db in try DiskRow.exists(db, key: name) }) {
             throw ControlError.conflict("a disk named \(name) exists")
         }
-        let path = diskPath(name)
+        let path = layout.disk(name)
         if FileManager.default.fileExists(atPath: path) {
             throw ControlError.conflict("\(path) exists but no disk record names it; move it away or import it under another name")
         }
@@ -112,8 +112,7 @@ extension HostController {
             added.policy = policy
             if policy != nil { try applyPolicy(&added) }
         } catch {
-            unlink(row.path)
-            try? FileManager.default.removeItem(atPath: diskStateDirectory(row.name))
+            diskFiles.remove(row.name, path: row.path)
             _ = try? store.write { db in try DiskRow.deleteOne(db, key: row.name) }
             throw error
         }
@@ -123,14 +122,7 @@ extension HostController {
         let size = try Self.parseSize(request.size)
         try exclusive {
             let row = try newDiskRow(request.name, size: size)
-            try addDisk(row, policy: request.policy) {
-                let fd = open(row.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-                guard fd >= 0 else { throw ControlError.internalError("cannot create \(row.path): \(String(cString: strerror(errno)))") }
-                defer { close(fd) }
-                guard ftruncate(fd, off_t(size)) == 0 else {
-                    throw ControlError.conflict("cannot size \(row.path) to \(size) bytes: \(String(cString: strerror(errno)))")
-                }
-            }
+            try addDisk(row, policy: request.policy) { try diskFiles.createSparse(row.path, size: size) }
             event("disk-created", row.name, "\(size) bytes\(request.policy.map { ", policy \($0)" } ?? "")")
         }
         return try showDisk(request.name)
@@ -152,13 +144,6 @@ extension HostController {
         return try showDisk(request.name)
     }
 
-    /// Whether `path` lies in the host's state directory (after resolving links).
-    func isInsideStateDirectory(_ path: String) -> Bool {
-        let state = (stateDirectory as NSString).resolvingSymlinksInPath
-        let directory = ((path as NSString).deletingLastPathComponent as NSString).resolvingSymlinksInPath
-        return directory == state || directory.hasPrefix(state + "/")
-    }
-
     public func deleteDisk(_ name: String) throws(ControlError) -> DiskInfo {
         let info = try showDisk(name)
         try exclusive {
@@ -173,7 +158,7 @@ extension HostController {
             try requireIdle(row, for: "delete")
             // Files its filters wrote for the host (a replica a policy put in the state
             // directory) go with it; what lies elsewhere is the operator's to remove.
-            let ownFiles = Set(row.attached.flatMap(\.filePaths)).filter { isInsideStateDirectory($0) }.sorted()
+            let ownFiles = Set(row.attached.flatMap(\.filePaths)).filter { diskFiles.isInsideStateDirectory($0) }.sorted()
             if !row.attached.isEmpty {
                 // Let the filters clean up what they keep elsewhere; the data goes anyway.
                 do {
@@ -183,8 +168,7 @@ extension HostController {
                 }
             }
             _ = try store.write { db in try DiskRow.deleteOne(db, key: name) }
-            unlink(row.path)
-            try? FileManager.default.removeItem(atPath: diskStateDirectory(name))
+            diskFiles.remove(name, path: row.path)
             let removed = ownFiles.filter { unlink($0) == 0 }
             event("disk-deleted", name, removed.isEmpty ? "" : "with \(removed.joined(separator: ", "))")
         }
@@ -275,7 +259,7 @@ extension HostController {
             return try body(uri, what)
         }
         let worker = try launch(name: "offline-\(row.name)", disks: [(row, row.attached, false)],
-                                socketDirectory: "\(stateDirectory)/offline/transfer")
+                                socketDirectory: layout.transferSockets)
         defer { worker.stop() }
         return try body(worker.uri(row.name)!, "offline worker")
     }
@@ -312,7 +296,7 @@ extension HostController {
         try exclusive { try requireIdle(target, for: "copy onto") }
         let (bytes, through) = try whileBusy([name, target.name], doing: "copying \(name) onto \(target.name)") { progress in
             let writer = try launch(name: "offline-\(target.name)", disks: [(target, target.attached, false)],
-                                    socketDirectory: "\(stateDirectory)/offline/transfer")
+                                    socketDirectory: layout.transferSockets)
             defer { writer.stop() }
             return try withSource(source) { uri, what in
                 (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger, progress: progress), what)
@@ -388,7 +372,7 @@ extension HostController {
             let row = try store.read { db in try diskRow(name, db) }
             try requireIdle(row, for: "serve")
             let worker = try launch(name: "offline-\(name)", disks: [(row, row.attached, request.readOnly)],
-                                    socketDirectory: "\(stateDirectory)/offline")
+                                    socketDirectory: layout.offlineSockets)
             sessions.add(offline: name, worker)
             event("offline-serve", name, worker.uri(name) ?? "")
             return OfflineSession(disk: name, uri: worker.uri(name)!, readOnly: request.readOnly || row.readOnly, pid: worker.supervisor.pid)

@@ -5,10 +5,6 @@ import IOFilterHost
 import IOFilterModel
 
 extension HostController {
-    /// Read and map for everyone who can reach it: workers run as identities of their
-    /// own; the state directory (0700) keeps everyone else out.
-    static let installedPluginMode: mode_t = 0o555
-
     func pluginInfo(_ row: PluginRow, disks: [DiskRow]) -> PluginInfo {
         PluginInfo(
             manifest: row.manifest, installedAt: row.installedAt,
@@ -47,14 +43,8 @@ extension HostController {
         let signature = givenSignature ?? FileManager.default.contents(atPath: path + ".sig")
         // What is checked is a private copy, so the file cannot change between the checks
         // and the install. Workers (identities of their own) read and map it.
-        let staged = "\(pluginsDirectory)/.staged-\(UUID().uuidString).so"
-        do {
-            try FileManager.default.copyItem(atPath: path, toPath: staged)
-        } catch {
-            throw .internalError("cannot copy \(path) into \(pluginsDirectory): \(error)")
-        }
-        defer { unlink(staged) }
-        guard chmod(staged, Self.installedPluginMode) == 0 else { throw .internalError("cannot make \(staged) readable to the validator") }
+        let staged = try catalogue.stage(path)
+        defer { catalogue.discard(staged) }
         let manifest: PluginManifest
         switch PluginValidator().validate(staged) {
         case .success(let valid): manifest = valid
@@ -70,25 +60,15 @@ extension HostController {
                 throw ControlError.conflict(
                     "\(manifest.name) \(manifest.version) is already installed with different contents; give the new build a new version")
             }
-            let directory = "\(pluginsDirectory)/\(manifest.name)/\(manifest.version)"
-            let destination = "\(directory)/lib\(manifest.name).so"
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            if let signature, !FileManager.default.createFile(atPath: destination + ".sig", contents: signature) {
-                throw ControlError.internalError("cannot write \(destination).sig")
-            }
-            guard rename(staged, destination) == 0 else {
-                try? FileManager.default.removeItem(atPath: directory)
-                throw ControlError.internalError("cannot move the validated copy into \(directory): \(String(cString: strerror(errno)))")
-            }
             var installed = manifest
-            installed.path = destination
+            installed.path = try catalogue.install(staged: staged, name: manifest.name, version: manifest.version, signature: signature)
             let row = PluginRow(name: manifest.name, version: manifest.version, category: manifest.category.rawValue,
                                 manifest: installed, installedAt: StateStore.now(), acceptanceLevel: verdict.level,
                                 signers: verdict.pluginSigners)
             do {
                 try store.write { db in try row.insert(db) }
             } catch {
-                try? FileManager.default.removeItem(atPath: directory)
+                catalogue.remove(manifest.name, version: manifest.version)
                 throw error
             }
             event("plugin-installed", manifest.name, "version \(manifest.version) (\(manifest.category.rawValue)) from \(path), \(verdict.summary)")
@@ -139,10 +119,9 @@ extension HostController {
                 for row in doomed { _ = try PluginRow.deleteOne(db, key: ["name": row.name, "version": row.version]) }
             }
             for row in doomed {
-                try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(name)/\(row.version)")
+                catalogue.remove(name, version: row.version, wasLast: remaining.isEmpty && row.version == doomed.last?.version)
                 event("plugin-removed", name, "version \(row.version)")
             }
-            if remaining.isEmpty { try? FileManager.default.removeItem(atPath: "\(pluginsDirectory)/\(name)") }
             // The daemon goes with its version; an older one left takes over.
             if doomed.contains(where: { daemonStatus(name, version: $0.version) != nil }) {
                 stopDaemon(name)

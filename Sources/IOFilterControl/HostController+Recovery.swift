@@ -9,26 +9,23 @@ import Glibc
 /// alive is killed (found by its working directory, which is always inside this state
 /// directory), and the scratch space of offline and maintenance workers is emptied.
 extension HostController {
-    var runningMarker: String { "\(stateDirectory)/.running" }
-
     /// Called once at start, before any VM is resumed.
     public func recoverFromPreviousRun() {
-        let unclean = FileManager.default.fileExists(atPath: runningMarker)
+        let unclean = FileManager.default.fileExists(atPath: layout.runningMarker)
         let killed = killLeftoverWorkers()
         var removed = 0
-        for scratch in ["offline/work", "offline/transfer"] {
-            let directory = "\(stateDirectory)/\(scratch)"
+        for directory in layout.scratchDirectories {
             for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
                 if (try? FileManager.default.removeItem(atPath: "\(directory)/\(entry)")) != nil { removed += 1 }
             }
         }
-        if let walker = FileManager.default.enumerator(atPath: pluginsDirectory) {
+        if let walker = FileManager.default.enumerator(atPath: layout.plugins) {
             while let relative = walker.nextObject() as? String {
-                let path = "\(pluginsDirectory)/\(relative)"
+                let path = "\(layout.plugins)/\(relative)"
                 if relative.hasSuffix(".so") {
                     // Installed by a release whose workers ran as root (0500): readable
                     // now by the identities workers run as.
-                    chmod(path, Self.installedPluginMode)
+                    chmod(path, PluginCatalogue.installedMode)
                 }
                 guard relative.hasSuffix(".partial") else { continue }
                 if (try? FileManager.default.removeItem(atPath: path)) != nil { removed += 1 }
@@ -43,12 +40,12 @@ extension HostController {
             logger.warning("\(what)")
             event("host-recovered", "host", what)
         }
-        _ = FileManager.default.createFile(atPath: runningMarker, contents: Data("\(getpid())\n".utf8))
+        _ = FileManager.default.createFile(atPath: layout.runningMarker, contents: Data("\(getpid())\n".utf8))
     }
 
     /// Marks a clean stop (after every worker stopped).
     func markCleanStop() {
-        unlink(runningMarker)
+        unlink(layout.runningMarker)
     }
 
     /// Worker processes whose working directory lies in this state directory and that no

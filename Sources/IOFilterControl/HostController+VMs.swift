@@ -87,7 +87,7 @@ extension HostController {
                 }
                 _ = try VMRow.deleteOne(db, key: name)
             }
-            try? FileManager.default.removeItem(atPath: vmDirectory(name))
+            try? FileManager.default.removeItem(atPath: layout.vm(name))
             event("vm-deleted", name, "its disks are kept")
         }
         return info
@@ -124,7 +124,7 @@ extension HostController {
             }
             let worker: LiveWorker
             do {
-                worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: vmDirectory(name),
+                worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: layout.vm(name),
                                     limits: row.limits, tls: row.tls)
             } catch {
                 for var disk in disks {

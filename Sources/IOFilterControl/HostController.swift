@@ -33,7 +33,13 @@ public final class HostController: @unchecked Sendable {
     public var accessGroups = AccessGroups()
     /// The lowest level of plug-in this host installs; set by `adoptAcceptanceLevel`.
     public internal(set) var acceptanceLevel = AcceptanceLevel.hostDefault
+    /// Where everything lives under `stateDirectory`.
+    let layout: StateLayout
     let store: StateStore
+    /// The installed plug-ins' files.
+    let catalogue: PluginCatalogue
+    /// The disks' images and sidecar state.
+    var diskFiles: DiskFiles { DiskFiles(layout: layout) }
     let logger: Logger
     private let operationLock = ConditionLock()
     /// What serves disks right now (VMs, offline sessions) and the disks transfers hold.
@@ -45,23 +51,14 @@ public final class HostController: @unchecked Sendable {
     typealias LiveWorker = VMSession
 
     public init(stateDirectory: String, logLevel: String = "info", logger: Logger) throws {
-        self.stateDirectory = (stateDirectory as NSString).standardizingPath
+        layout = StateLayout(root: stateDirectory)
+        self.stateDirectory = layout.root
         self.logLevel = logLevel
         self.logger = logger
-        for directory in ["plugins", "disks", "vms", "offline", "replicas", "daemons", "run"] {
-            try FileManager.default.createDirectory(atPath: "\(self.stateDirectory)/\(directory)", withIntermediateDirectories: true)
-        }
-        store = try StateStore(path: "\(self.stateDirectory)/iofilterd.sqlite")
+        try layout.create()
+        store = try StateStore(path: layout.database)
+        catalogue = PluginCatalogue(directory: layout.plugins)
     }
-
-    // MARK: where things live
-
-    var pluginsDirectory: String { "\(stateDirectory)/plugins" }
-    func diskPath(_ name: String) -> String { "\(stateDirectory)/disks/\(name).img" }
-    func diskStateDirectory(_ name: String) -> String { "\(stateDirectory)/disks/\(name).state" }
-    func vmDirectory(_ name: String) -> String { "\(stateDirectory)/vms/\(name)" }
-    /// The working directory of a worker that is not a VM's (offline access, maintenance).
-    func helperDirectory(_ name: String) -> String { "\(stateDirectory)/offline/work/\(name)" }
 
     // MARK: running changes one at a time
 
@@ -167,7 +164,7 @@ public final class HostController: @unchecked Sendable {
             vmName: name, stateDirectory: directory,
             disks: disks.map {
                 DiskConfiguration(name: $0.row.name, backend: .file(path: $0.row.path), readOnly: $0.readOnly || $0.row.readOnly,
-                                  filters: $0.filters, listenFD: -1, stateDirectory: diskStateDirectory($0.row.name))
+                                  filters: $0.filters, listenFD: -1, stateDirectory: layout.diskState($0.row.name))
             },
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
         configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit
@@ -203,7 +200,7 @@ public final class HostController: @unchecked Sendable {
                 throw .internalError("cannot listen on \(path): \(error)")
             }
         }
-        let configuration = workerConfiguration(name: name, directory: isVM ? vmDirectory(name) : helperDirectory(name), disks: disks, limits: limits, tls: tls)
+        let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let session = VMSession(
@@ -223,7 +220,7 @@ public final class HostController: @unchecked Sendable {
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.
     func maintain(_ disk: DiskRow, filters: [PlannedFilter], task: WorkerTask) throws(ControlError) {
         let name = "maintain-\(disk.name)"
-        let configuration = workerConfiguration(name: name, directory: helperDirectory(name), disks: [(disk, filters, false)], task: task)
+        let configuration = workerConfiguration(name: name, directory: layout.helper(name), disks: [(disk, filters, false)], task: task)
         do {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {

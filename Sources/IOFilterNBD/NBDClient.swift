@@ -51,7 +51,7 @@ public final class NBDClient: @unchecked Sendable {
     /// `uri` names (a sandboxed worker gets its sockets from the host); the client owns
     /// it from here, also when this throws.
     /// With `tls`, the client starts TLS first (a server that requires it).
-    public init(uri: NBDURI, connected: Int32, tls: NBDClientTLS? = nil, logger: Logger) throws {
+    public init(uri: NBDURI, connected: Int32, tls: (any NBDClientHandshake)? = nil, logger: Logger) throws {
         self.uri = uri
         self.logger = logger
         fd = connected
@@ -288,7 +288,7 @@ public final class NBDClient: @unchecked Sendable {
 
     // MARK: handshake
 
-    private func negotiate(tls: NBDClientTLS?) throws {
+    private func negotiate(tls: (any NBDClientHandshake)?) throws {
         var greeting = [UInt8](repeating: 0, count: 18)
         try readExactly(&greeting)
         var reader = MessageReader(greeting)
@@ -338,7 +338,7 @@ public final class NBDClient: @unchecked Sendable {
 
     /// NBD_OPT_STARTTLS, then the TLS handshake; from here on `fd` is the session's
     /// plaintext end (the network socket is the session's).
-    private func startTLS(_ tls: NBDClientTLS) throws {
+    private func startTLS(_ tls: any NBDClientHandshake) throws {
         var option = MessageWriter()
         option.u64(NBDProtocol.optionMagic)
         option.u32(NBDProtocol.Option.startTLS.rawValue)
@@ -357,7 +357,7 @@ public final class NBDClient: @unchecked Sendable {
         }
         let plaintext: Int32
         do {
-            plaintext = try tls.connect(fd)
+            plaintext = try tls.connect(fd, timeoutMilliseconds: 10_000)
         } catch {
             throw NBDError(description: "\(uri): \(error)")
         }

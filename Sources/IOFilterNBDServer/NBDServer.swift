@@ -2,6 +2,7 @@ import CSystemShims
 import Glibc
 import IOFilterNBD
 import IOFilterPosix
+import IOFilterTLS
 import Logging
 
 /// What the server allows each client, so that idle, slow or hostile clients cannot

@@ -8,6 +8,7 @@ import IOFilterNBD
 import IOFilterNBDServer
 import IOFilterPosix
 import IOFilterSandbox
+import IOFilterTLS
 import IOFilterWire
 import IOFilterWorkerRuntime
 import Logging

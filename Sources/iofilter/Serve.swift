@@ -152,23 +152,26 @@ extension IOFilterCommand {
                 daemons.values.forEach { $0.stop() }
                 if !daemons.isEmpty { rmdir(Self.daemonSocketDirectory) }
             }
+            // Where `iofilter plugin call … --serve` reaches this worker's live filters;
+            // the worker itself is shown nothing there (as iofilterd hides its API socket).
+            let controlPath = (listener.socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
+            configuration.hiddenPaths = [controlPath]
             let session = VMSession(configuration: configuration, listeners: [listener], logger: logger) { plugin in
                 daemons[plugin]?.connectChannel() ?? .failure(TargetBroker.Failure(ECONNREFUSED, "\(plugin) has no daemon"))
             }
             let supervisor = session.supervisor
-            do {
-                try session.start()
-            } catch {
-                fail("\(error)")
-            }
-            // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
-            FileHandle.standardOutput.write(Data((session.uri(name)! + "\n").utf8))
-            // Where `iofilter plugin call … --serve` reaches this worker's live filters.
-            let controlPath = (listener.socketPath ?? Self.defaultSocketPath(name: name)) + ".control"
             let control = Self.serveControl(at: controlPath, supervisor: supervisor, logger: logger)
             defer {
                 if control != nil { unlink(controlPath) }
             }
+            do {
+                try session.start()
+            } catch {
+                if control != nil { unlink(controlPath) }
+                fail("\(error)")
+            }
+            // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
+            FileHandle.standardOutput.write(Data((session.uri(name)! + "\n").utf8))
             if let statsEvery {
                 startThread(name: "stats") {
                     while true {

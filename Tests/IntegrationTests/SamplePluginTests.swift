@@ -50,15 +50,18 @@ struct SamplePluginTests {
     }
 
     /// A plug-in links what it uses: the sandbox's libraries (libseccomp) and the host's
-    /// (libffi, SQLite) belong to the worker and the host, never to a plug-in.
-    @Test func samplePluginsLinkNoHostLibrary() throws {
-        for plugin in [Self.cache, Self.replication, Self.template] {
+    /// (libffi, SQLite) belong to the worker and the host, never to a plug-in, and only a
+    /// plug-in that speaks TLS (the replication sample, through IOFilterSDKTLS) links
+    /// GnuTLS.
+    @Test func samplePluginsLinkOnlyWhatTheyUse() throws {
+        for (plugin, speaksTLS) in [(Self.cache, false), (Self.template, false), (Self.replication, true)] {
             let dynamic = try Harness.check("/usr/bin/readelf", ["-d", plugin])
             let needed = dynamic.split(separator: "\n").filter { $0.contains("(NEEDED)") }
             #expect(!needed.isEmpty, "\(plugin): \(dynamic)")
             for library in ["libseccomp", "libffi", "libsqlite3", "libhogweed"] {
                 #expect(!needed.contains { $0.contains(library) }, "\(plugin) links \(library): \(needed)")
             }
+            #expect(needed.contains { $0.contains("libgnutls") } == speaksTLS, "\(plugin): \(needed)")
         }
     }
 

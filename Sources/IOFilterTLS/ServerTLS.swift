@@ -1,11 +1,12 @@
 import CTLS
 import Glibc
+import IOFilterNBD
 import IOFilterPosix
 
 /// TLS credentials for a server side — the NBD server's, a partner daemon's for its peers —
 /// loaded once (before a worker is confined, while their files are still reachable): a
 /// PSK file, or X.509 certificates. Here rather than beside the NBD server so that the
-/// SDK, which links the client side only, can offer it to daemons.
+/// SDK's TLS module can offer it to daemons.
 public final class NBDTLS: @unchecked Sendable {
     // @unchecked: the credentials are read-only after loading; GnuTLS shares them
     // between sessions on any thread.

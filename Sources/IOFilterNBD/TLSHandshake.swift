@@ -1,9 +1,13 @@
-import CTLS
-import IOFilterPosix
+/// A client's side of TLS on a connected socket: the handshake, then the plaintext end
+/// of the session. The NBD client asks for it after NBD_OPT_STARTTLS; IOFilterTLS has
+/// GnuTLS's, so that this module (and whatever links it without TLS) needs no TLS
+/// library.
+public protocol NBDClientHandshake: Sendable {
+    func connect(_ fd: Int32, timeoutMilliseconds: Int32) throws(NBDError) -> Int32
+}
 
-/// What an NBD client needs to start TLS with a server that requires it: a pre-shared
-/// key, as psktool writes it (`username:hexkey` lines).
-public struct NBDClientTLS: Sendable {
+/// A pre-shared key as psktool writes it: `username:hexkey` lines.
+public struct PSKKey: Sendable, Equatable {
     public let username: String
     public let key: [UInt8]
 
@@ -28,18 +32,9 @@ public struct NBDClientTLS: Sendable {
         throw NBDError(description: username.map { "no key for \($0) in the PSK file" } ?? "the PSK file holds no username:hexkey line")
     }
 
-    /// The TLS handshake as the client on `fd`; then the plaintext end of the session
-    /// (the session keeps its own copy of `fd`).
-    public func connect(_ fd: Int32, timeoutMilliseconds: Int32 = 10_000) throws(NBDError) -> Int32 {
-        var error = [CChar](repeating: 0, count: 512)
-        let plaintext = error.withUnsafeMutableBufferPointer { message in
-            key.withUnsafeBufferPointer { key in
-                iof_tls_connect_psk(fd, username, key.baseAddress, key.count, timeoutMilliseconds, message.baseAddress!, message.count)
-            }
-        }
-        guard plaintext >= 0 else {
-            throw NBDError(description: String(nulTerminated: error))
-        }
-        return plaintext
+    /// The line psktool would write.
+    public var line: String {
+        let digits = Array("0123456789abcdef".utf8)
+        return username + ":" + String(decoding: key.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }, as: UTF8.self)
     }
 }
