@@ -33,8 +33,9 @@ import PackageDescription
 //   Sources/IOFilterHTTP       HTTP messages and a small blocking client; knows nothing of filters
 //   Sources/IOFilterAPIServer  the API's transport on Hummingbird: unix (peer credentials), TCP, TLS, Host/Origin checks
 //   Sources/IOFilterAPI        the JSON resources of iofilterd's API (shared with clients)
-//   Sources/IOFilterControl    iofilterd's state (SQLite), plug-ins, policies, disks, VMs, the live
-//                              sessions and daemons (SessionRegistry, DaemonRegistry), /metrics' figures
+//   Sources/IOFilterControl    iofilterd's state: HostController, a facade over its parts (Parts/:
+//                              StateLayout, PluginCatalogue, DiskFiles, SessionRegistry, DaemonRegistry)
+//                              and the SQLite store; plug-ins, policies, disks, VMs, /metrics' figures
 //   Sources/IOFilterAPIRoutes  the API's HTTP presentation: routes, the OpenAPI document, the live
 //                              stream, the web console's assets
 //   Sources/iofilter-worker    the sandboxed worker; Sources/iofilter the CLI; Sources/iofilterd the host
