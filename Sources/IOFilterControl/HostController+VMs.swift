@@ -122,7 +122,7 @@ extension HostController {
                 disks.append(disk)
                 chains.append(desired)
             }
-            let worker: LiveWorker
+            let worker: VMSession
             do {
                 worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: layout.vm(name),
                                     limits: row.limits, tls: row.tls)

@@ -12,7 +12,8 @@ import Logging
 ///
 /// Every change goes through `exclusive`, one at a time, so that concurrent API calls
 /// never interleave halfway through a change; reads go straight to the database and
-/// to the live-worker table.
+/// to the session registry. The state and files live in its parts (Parts/); this
+/// class orchestrates them.
 public final class HostController: @unchecked Sendable {
     // @unchecked: the registries guard themselves; every change to
     // the database and the workers runs under `operationLock`.
@@ -46,9 +47,6 @@ public final class HostController: @unchecked Sendable {
     let sessions = SessionRegistry()
     /// Partner daemons, by plug-in name.
     let daemons = DaemonRegistry()
-
-    /// A worker serving disks: a VM's, or an offline session's.
-    typealias LiveWorker = VMSession
 
     public init(stateDirectory: String, logLevel: String = "info", logger: Logger) throws {
         layout = StateLayout(root: stateDirectory)
@@ -180,7 +178,7 @@ public final class HostController: @unchecked Sendable {
     /// directory of its own.
     func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String,
                 limits: VMLimits? = nil, tls: TLSSettings? = nil)
-        throws(ControlError) -> LiveWorker
+        throws(ControlError) -> VMSession
     {
         do {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
@@ -275,7 +273,7 @@ public final class HostController: @unchecked Sendable {
     }
 
     /// The VM or offline session serving `disk` right now, if any.
-    func server(of disk: DiskRow) -> (what: String, worker: LiveWorker)? {
+    func server(of disk: DiskRow) -> (what: String, worker: VMSession)? {
         sessions.server(of: disk.name, vm: disk.vm).map { ($0.what, $0.session) }
     }
 }
