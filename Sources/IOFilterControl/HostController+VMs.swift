@@ -1,6 +1,7 @@
 import Foundation
 import GRDB
 import IOFilterAPI
+import IOFilterHost
 import IOFilterModel
 
 extension HostController {
