@@ -163,7 +163,7 @@ public final class BackgroundLoop: @unchecked Sendable {
 }
 
 /// Lowercase hexadecimal, two digits a byte.
-func hexadecimal(_ bytes: some Sequence<UInt8>) -> String {
+package func hexadecimal(_ bytes: some Sequence<UInt8>) -> String {
     let digits = Array("0123456789abcdef")
     return String(bytes.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] })
 }

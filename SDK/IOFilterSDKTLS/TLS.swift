@@ -13,7 +13,7 @@ extension TargetTLS {
         let text = try readTargetFile(spec, disk: disk)
         do {
             let client = try NBDClientTLS(pskFile: text, username: username)
-            self.init(handshake: client, pskLine: client.psk.line)
+            self.init(handshake: client, pskLine: client.psk.username + ":" + hexadecimal(client.psk.key))
         } catch {
             throw FilterError(EINVAL, "\(spec): \(error)")
         }

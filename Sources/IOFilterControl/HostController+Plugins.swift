@@ -119,9 +119,10 @@ extension HostController {
                 for row in doomed { _ = try PluginRow.deleteOne(db, key: ["name": row.name, "version": row.version]) }
             }
             for row in doomed {
-                catalogue.remove(name, version: row.version, wasLast: remaining.isEmpty && row.version == doomed.last?.version)
+                catalogue.remove(name, version: row.version)
                 event("plugin-removed", name, "version \(row.version)")
             }
+            if remaining.isEmpty { catalogue.removeAll(name) }
             // The daemon goes with its version; an older one left takes over.
             if doomed.contains(where: { daemonStatus(name, version: $0.version) != nil }) {
                 stopDaemon(name)

@@ -40,7 +40,7 @@ public final class HostController: @unchecked Sendable {
     /// The installed plug-ins' files.
     let catalogue: PluginCatalogue
     /// The disks' images and sidecar state.
-    var diskFiles: DiskFiles { DiskFiles(layout: layout) }
+    let diskFiles: DiskFiles
     let logger: Logger
     private let operationLock = ConditionLock()
     /// What serves disks right now (VMs, offline sessions) and the disks transfers hold.
@@ -56,6 +56,7 @@ public final class HostController: @unchecked Sendable {
         try layout.create()
         store = try StateStore(path: layout.database)
         catalogue = PluginCatalogue(directory: layout.plugins)
+        diskFiles = DiskFiles(layout: layout)
     }
 
     // MARK: running changes one at a time

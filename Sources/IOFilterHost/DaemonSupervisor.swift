@@ -175,7 +175,12 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
         configuration.peerFD = peerListener.map { launch.fds.hand($0) }
         configuration.brokerFD = launch.fds.hand(broker)
         configuration.heartbeatFD = launch.fds.hand(beat.fd)
-        launch.configuration = try JSONEncoder().encode(configuration)
+        do {
+            launch.configuration = try JSONEncoder().encode(configuration)
+        } catch {
+            close(broker)
+            throw error
+        }
         return PreparedLaunch(launch: launch, heartbeat: beat) { _, _ in close(broker) }
     }
 }

@@ -82,6 +82,8 @@ public final class ProcessSupervisor: @unchecked Sendable {
     private let owner: String
     /// Appended to an exit's message: what ran in it (" (filters: a, b)").
     private let detail: String
+    /// How a failed first start names the process ("worker for vm1").
+    private let subject: String
 
     private let lock = ConditionLock()
     private var policyValue: RestartPolicy
@@ -97,10 +99,11 @@ public final class ProcessSupervisor: @unchecked Sendable {
     /// - Parameters:
     ///   - role: "worker", "daemon": names the process in logs and events.
     ///   - prepare: builds one start (called on the supervising thread before each).
-    public init(role: String, owner: String = "", policy: RestartPolicy, cgroup: WorkerCgroup?, detail: String = "", logger: Logger,
-                prepare: @escaping () throws -> PreparedLaunch) {
+    public init(role: String, owner: String = "", subject: String? = nil, policy: RestartPolicy, cgroup: WorkerCgroup?,
+                detail: String = "", logger: Logger, prepare: @escaping () throws -> PreparedLaunch) {
         self.role = role
         self.owner = owner
+        self.subject = subject ?? role + owner
         self.policyValue = policy
         self.cgroup = cgroup
         self.detail = detail
@@ -257,7 +260,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
                     } else if mustServe {
                         let status = process.wait() ?? -1
                         decided(.failure(SupervisorError(message:
-                            "the \(role) \(ChildProcess.describe(status: status)) before it was ready\(error.map { ": \($0)" } ?? "")")))
+                            "the \(subject) \(ChildProcess.describe(status: status)) before it was ready\(error.map { ": \($0)" } ?? "")")))
                         return
                     } else {
                         decided(.success(()))
@@ -271,7 +274,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
                 if first {
                     first = false
                     if mustServe {
-                        decided(.failure(SupervisorError(message: "the \(role) could not start: \(why)")))
+                        decided(.failure(SupervisorError(message: "the \(subject) could not start: \(why)")))
                         return
                     }
                     decided(.success(()))

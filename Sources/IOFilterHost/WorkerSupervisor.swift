@@ -58,7 +58,8 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         policy.heartbeatTimeout = configuration.watchdogSeconds > 0 ? max(configuration.watchdogSeconds, 2) : 0
         let filters = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) }).sorted()
         let detail = filters.isEmpty ? "" : " (filters: \(filters.joined(separator: ", ")))"
-        core = ProcessSupervisor(role: "worker", policy: policy, cgroup: cgroup, detail: detail, logger: logger) { [unowned self] in
+        core = ProcessSupervisor(role: "worker", subject: "worker for \(configuration.vmName)", policy: policy, cgroup: cgroup,
+                                 detail: detail, logger: logger) { [unowned self] in
             try prepareLaunch(listenFDs: listenFDs, workerPath: workerPath, logger: logger)
         }
     }
@@ -69,12 +70,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     /// Starts the worker and waits until it serves; throws if it dies first.
     public func start() throws(SupervisorError) {
-        do {
-            try core.start(mustServe: true)
-        } catch {
-            throw SupervisorError(message: error.message.replacingOccurrences(
-                of: "the worker ", with: "the worker for \(configuration.vmName) ", options: .anchored))
-        }
+        try core.start(mustServe: true)
     }
 
     /// Waits until a worker newer than `generation` is ready (tests, restarts).
@@ -100,33 +96,34 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         var configuration = configuration
         var launch = SandboxedLaunch(mode: .serve, executable: workerPath)
         launch.logLevel = configuration.logLevel
-        let control = try Sockets.pair()
-        let beat: Heartbeat
-        let broker: Int32
+        var opened: [Int32] = []
         do {
-            beat = try Heartbeat()
-            broker = try TargetBroker.start(logger: logger, answer: brokerAnswer())
+            let control = try Sockets.pair()
+            opened += [control.0, control.1]
+            let beat = try Heartbeat()
+            let broker = try TargetBroker.start(logger: logger, answer: brokerAnswer())
+            opened.append(broker)
+            for (index, fd) in listenFDs.enumerated() { configuration.disks[index].listenFD = launch.fds.hand(fd) }
+            configuration.controlFD = launch.fds.hand(control.1)
+            configuration.heartbeatFD = launch.fds.hand(beat.fd)
+            configuration.brokerFD = launch.fds.hand(broker)
+            launch.configuration = try JSONEncoder().encode(configuration)
+            return PreparedLaunch(launch: launch, heartbeat: beat) { [self] process, _ in
+                close(control.1)
+                close(broker)
+                guard process != nil else {
+                    close(control.0)
+                    return
+                }
+                lock.withLock {
+                    if controlFD >= 0 { close(controlFD) }
+                    controlFD = control.0
+                }
+            }
         } catch {
-            close(control.0)
-            close(control.1)
+            // Nothing of a start that could not be prepared stays open.
+            opened.forEach { close($0) }
             throw error
-        }
-        for (index, fd) in listenFDs.enumerated() { configuration.disks[index].listenFD = launch.fds.hand(fd) }
-        configuration.controlFD = launch.fds.hand(control.1)
-        configuration.heartbeatFD = launch.fds.hand(beat.fd)
-        configuration.brokerFD = launch.fds.hand(broker)
-        launch.configuration = try JSONEncoder().encode(configuration)
-        return PreparedLaunch(launch: launch, heartbeat: beat) { [self] process, _ in
-            close(control.1)
-            close(broker)
-            guard process != nil else {
-                close(control.0)
-                return
-            }
-            lock.withLock {
-                if controlFD >= 0 { close(controlFD) }
-                controlFD = control.0
-            }
         }
     }
 

@@ -31,10 +31,4 @@ public struct PSKKey: Sendable, Equatable {
         }
         throw NBDError(description: username.map { "no key for \($0) in the PSK file" } ?? "the PSK file holds no username:hexkey line")
     }
-
-    /// The line psktool would write.
-    public var line: String {
-        let digits = Array("0123456789abcdef".utf8)
-        return username + ":" + String(decoding: key.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }, as: UTF8.self)
-    }
 }

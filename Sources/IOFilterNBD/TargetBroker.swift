@@ -116,11 +116,8 @@ public enum TargetBroker {
     }
 
     public static func start(logger: Logger, answer: @escaping Answer) throws(SystemError) -> Int32 {
-        var pair: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
-            throw SystemError("socketpair")
-        }
-        serve(on: pair[0], logger: logger, answer: answer)
-        return pair[1]
+        let (served, handed) = try Sockets.pair(SOCK_SEQPACKET)
+        serve(on: served, logger: logger, answer: answer)
+        return handed
     }
 }

@@ -48,10 +48,11 @@ public enum Sockets {
     /// The next connection on a listening socket (close-on-exec), or -1 with errno.
     public static func accept(_ listener: Int32) -> Int32 { iof_accept_cloexec(listener) }
 
-    /// A connected pair of unix stream sockets, both close-on-exec.
-    public static func pair() throws(SystemError) -> (Int32, Int32) {
+    /// A connected pair of unix sockets (stream, or SOCK_SEQPACKET for records), both
+    /// close-on-exec.
+    public static func pair(_ type: __socket_type = SOCK_STREAM) throws(SystemError) -> (Int32, Int32) {
         var fds: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+        guard socketpair(AF_UNIX, Int32(type.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
             throw SystemError("socketpair")
         }
         return (fds[0], fds[1])

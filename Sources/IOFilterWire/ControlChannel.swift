@@ -25,8 +25,8 @@ public struct ControlChannel: Sendable {
         }
     }
 
-    /// The longest line either side accepts.
-    static let maximumLine = 16 << 20
+    /// The longest line either side accepts by default (statistics of many disks).
+    public static let maximumLine = 16 << 20
 
     /// Sends one request and waits at most `timeout` seconds for its answer. After a
     /// time-out the caller must not reuse the channel: a late answer would be taken for
@@ -34,7 +34,7 @@ public struct ControlChannel: Sendable {
     public func exchange(_ request: WorkerControlRequest, timeout: Double) throws(Failure) -> WorkerControlResponse {
         guard let line = try? JSONEncoder().encode(request),
               (try? FileDescriptorIO.writeAll(fd, Array(line) + [UInt8(ascii: "\n")])) != nil else { throw .closed }
-        var reader = LineReader(fd: fd)
+        var reader = LineReader(fd: fd, maximumLine: Self.maximumLine)
         let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
         switch reader.next(deadline: deadline) {
         case .line(let answer):
@@ -47,8 +47,10 @@ public struct ControlChannel: Sendable {
 
     /// Answers requests until the other side closes (or a line cannot be written). A
     /// line that is no request is answered with an error, and the channel goes on.
-    public func serve(_ answer: (WorkerControlRequest) -> WorkerControlResponse) {
-        var reader = LineReader(fd: fd)
+    ///
+    /// - Parameter maximumLine: a longer request closes the channel.
+    public func serve(maximumLine: Int = ControlChannel.maximumLine, _ answer: (WorkerControlRequest) -> WorkerControlResponse) {
+        var reader = LineReader(fd: fd, maximumLine: maximumLine)
         while case .line(let line) = reader.next(deadline: nil) {
             let response = (try? JSONDecoder().decode(WorkerControlRequest.self, from: Data(line))).map(answer)
                 ?? WorkerControlResponse(error: "malformed control request")
@@ -61,9 +63,13 @@ public struct ControlChannel: Sendable {
 /// Reads newline-terminated lines from an fd, keeping what follows a line for the next.
 struct LineReader {
     let fd: Int32
+    let maximumLine: Int
     private var pending: [UInt8] = []
 
-    init(fd: Int32) { self.fd = fd }
+    init(fd: Int32, maximumLine: Int) {
+        self.fd = fd
+        self.maximumLine = maximumLine
+    }
 
     enum Next { case line([UInt8]), timedOut, closed }
 
@@ -75,7 +81,7 @@ struct LineReader {
                 pending.removeSubrange(...newline)
                 return .line(line)
             }
-            guard pending.count < ControlChannel.maximumLine else { return .closed }
+            guard pending.count < maximumLine else { return .closed }
             if let deadline {
                 let now = monotonicNanoseconds()
                 var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)

@@ -235,7 +235,7 @@ extension IOFilterCommand {
                     if client < 0 { if errno == EINTR { continue } else { return } }
                     var timeout = timeval(tv_sec: 10, tv_usec: 0)
                     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                    ControlChannel(fd: client).serve { request in
+                    ControlChannel(fd: client).serve(maximumLine: 1 << 20) { request in
                         do {
                             return try supervisor.control(request)
                         } catch {

@@ -54,9 +54,13 @@ struct PluginCatalogue: Sendable {
     }
 
     /// Removes one installed version's files (a row that could not be recorded, or a
-    /// version removed); the plug-in's directory goes with its last version.
-    func remove(_ name: String, version: String, wasLast: Bool = false) {
+    /// version removed).
+    func remove(_ name: String, version: String) {
         try? FileManager.default.removeItem(atPath: versionDirectory(name, version))
-        if wasLast { try? FileManager.default.removeItem(atPath: "\(directory)/\(name)") }
+    }
+
+    /// Removes what is left of a plug-in whose last version went.
+    func removeAll(_ name: String) {
+        try? FileManager.default.removeItem(atPath: "\(directory)/\(name)")
     }
 }

@@ -25,7 +25,6 @@ final class SessionRegistry: @unchecked Sendable {
 
     // MARK: offline sessions
 
-    func offlineSession(_ disk: String) -> VMSession? { lock.withLock { offline[disk] } }
     func isServedOffline(_ disk: String) -> Bool { lock.withLock { offline[disk] != nil } }
     func add(offline disk: String, _ session: VMSession) { lock.withLock { offline[disk] = session } }
     func removeOffline(_ disk: String) -> VMSession? { lock.withLock { offline.removeValue(forKey: disk) } }

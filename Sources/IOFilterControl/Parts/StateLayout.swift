@@ -34,10 +34,12 @@ struct StateLayout: Sendable {
     var offlineSockets: String { "\(root)/offline" }
     /// The sockets of workers a transfer (export, copy, snapshot) reads through.
     var transferSockets: String { "\(root)/offline/transfer" }
-    /// The working directory of a worker that is not a VM's (offline access, maintenance).
-    func helper(_ name: String) -> String { "\(root)/offline/work/\(name)" }
+    /// Where workers that are not a VM's (offline access, maintenance) work.
+    var helpers: String { "\(root)/offline/work" }
+    /// The working directory of one such worker.
+    func helper(_ name: String) -> String { "\(helpers)/\(name)" }
     /// Emptied at start: what offline and maintenance workers of a previous run left.
-    var scratchDirectories: [String] { ["\(root)/offline/work", "\(root)/offline/transfer"] }
+    var scratchDirectories: [String] { [helpers, transferSockets] }
     /// The daemons' channel sockets: no sandboxed process sees them.
     var daemonSockets: String { "\(root)/run" }
     func daemon(_ plugin: String) -> String { "\(root)/daemons/\(plugin)" }
