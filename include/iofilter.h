@@ -1,5 +1,5 @@
 /*
- * iofilter.h — the swift-iofilter plug-in ABI, version 1.3.
+ * iofilter.h — the swift-iofilter plug-in ABI, version 1.4.
  *
  * A filter plug-in is a shared object that exports one function,
  *
@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 3
+#define IOF_ABI_MINOR 4
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -109,6 +109,16 @@ enum iof_thread_model {
     IOF_THREADS_SERIALIZE_ALL      = 0, /* one call at a time across every disk of the plug-in */
     IOF_THREADS_SERIALIZE_PER_DISK = 1, /* one call at a time per disk (per instance)           */
     IOF_THREADS_PARALLEL           = 2  /* any number of calls at once, from any threads        */
+};
+
+/* ABI 1.4. What a filter instance says of itself (iof_plugin.health). The host shows
+ * it to operators (CLI, API, console, /metrics), derives the disk's and the VM's health
+ * from it, and records an event with a severity each time it changes. */
+enum iof_health {
+    IOF_HEALTH_OK       = 0, /* doing what its policy asks                                   */
+    IOF_HEALTH_DEGRADED = 1, /* serving, but not as asked: a replica behind its RPO or out of
+                                reach, a cache bypassed, a key about to expire              */
+    IOF_HEALTH_FAILED   = 2  /* not doing its job: requests fail, or protection is lost      */
 };
 
 enum iof_log_level {
@@ -418,7 +428,11 @@ struct iof_plugin {
      * detaches and re-attaches the filters. */
     int (*event)(void *instance, const struct iof_disk_event *event);
 
-    /* Optional. Report statistics as key/value pairs through `emit`. */
+    /* Optional. Report statistics as key/value pairs through `emit`: gauges and counters
+     * the host shows and exports to /metrics. Two keys have a meaning to the host: a
+     * filter that reports both `lag_seconds` and `rpo_seconds` (a replication filter's
+     * lag and its recovery point objective) is degraded while the lag is past the RPO,
+     * whatever `health` says, and crossing it either way is an event. */
     void (*stats)(void *instance, iof_stat_emitter emit, void *emit_ctx);
 
     /* Optional. The partner daemon's main function, run by the host in its own
@@ -435,6 +449,18 @@ struct iof_plugin {
 
     /* IOF_DAEMON_*: what the daemon asks of the host besides its channels. */
     uint32_t daemon_flags;
+
+    /* --- ABI 1.4 ------------------------------------------------------------------- */
+
+    /* Optional. How this instance is doing: return an enum iof_health and, unless OK,
+     * write a one-line reason for operators into `reason` (`reason_size` bytes, at least
+     * 256; NUL-terminate it; the host cuts what does not fit). The host asks when it
+     * samples the disk's figures (about every 10 s, at most once a second while someone
+     * watches), under the filter's thread model like `stats`: answer from state you
+     * keep, never wait for I/O or the network here. A filter without it (or built for
+     * an older minor) is OK for as long as its worker answers; a value outside the
+     * enum counts as FAILED. */
+    enum iof_health (*health)(void *instance, char *reason, size_t reason_size);
 };
 
 /* ABI 1.3. The daemon listens for peers on other hosts: the host opens a TCP listening

@@ -223,6 +223,7 @@ public final class ReplicationFilter: IOFilter {
         return [
             ("bytes_replicated", Double(shipper.bytesReplicated)),
             ("lag_seconds", lag),
+            ("rpo_seconds", rpoSeconds),
             ("lag_bytes", Double(journal.pendingBytes + UInt64(regions.dirtyCount) * regions.regionSize)),
             ("dirty_regions", Double(regions.dirtyCount)),
             ("state", Double(state.rawValue)),
@@ -230,6 +231,18 @@ public final class ReplicationFilter: IOFilter {
             ("state_syncing", state == .syncing ? 1 : 0),
             ("state_degraded", state == .degraded ? 1 : 0),
         ]
+    }
+
+    public func health() -> Health {
+        let unshipped = journal.pendingBytes + UInt64(regions.dirtyCount) * regions.regionSize
+        let behind = "\(unshipped >> 20) MiB not yet on the replica"
+        if shipper.connectedTarget == nil {
+            return .degraded("replica \(targetSpec) unreachable; \(behind), lag \(Int(lagSeconds))s")
+        }
+        if lagSeconds > rpoSeconds {
+            return .degraded("lag \(Int(lagSeconds))s is past the RPO of \(Int(rpoSeconds))s; \(behind)")
+        }
+        return .ok
     }
 
     /// `privateWord` of a write that went to the region map instead of the journal or

@@ -148,6 +148,17 @@ enum DescriptorBuilder {
                 emit?(context, key, value)
             }
         }
+        plugin.health = { instance, reason, size in
+            let health = Instance.from(instance).filter.health()
+            if let reason, size > 0 {
+                // At most size - 1 bytes and a NUL, cut on a byte boundary: the host
+                // repairs a cut UTF-8 sequence when it decodes.
+                let bytes = Array(health.reason.utf8.prefix(size - 1))
+                for (index, byte) in bytes.enumerated() { reason[index] = CChar(bitPattern: byte) }
+                reason[bytes.count] = 0
+            }
+            return health.status.abiValue
+        }
 
         if let daemon = metadata.daemon {
             plugin.daemon_main = { services, channels in

@@ -45,8 +45,14 @@ public protocol IOFilter: AnyObject, Sendable {
     /// Snapshot, clone, grow. Throwing vetoes the event.
     func handle(_ event: DiskEvent) throws(FilterError)
 
-    /// Figures for operators: key/value pairs.
+    /// Figures for operators: key/value pairs. Report `lag_seconds` with `rpo_seconds`
+    /// and the host itself marks the filter degraded while the lag is past the RPO.
     func stats() -> [(String, Double)]
+
+    /// How this instance is doing, for operators (ABI 1.4): the host samples it with the
+    /// statistics and records an event when it changes. Answer from state you keep;
+    /// never wait here.
+    func health() -> Health
 }
 
 extension IOFilter {
@@ -57,6 +63,20 @@ extension IOFilter {
     public func done(_ request: Request) -> Disposition { .pass }
     public func handle(_ event: DiskEvent) throws(FilterError) {}
     public func stats() -> [(String, Double)] { [] }
+    public func health() -> Health { .ok }
+}
+
+/// A filter instance's health, with the reason operators read when it is not ok.
+public struct Health: Sendable, Equatable {
+    public let status: HealthStatus
+    public let reason: String
+
+    /// Doing what its policy asks.
+    public static let ok = Health(status: .ok, reason: "")
+    /// Serving, but not as asked: a replica behind or out of reach, a cache bypassed.
+    public static func degraded(_ reason: String) -> Health { Health(status: .degraded, reason: reason) }
+    /// Not doing its job: requests fail, or protection is lost.
+    public static func failed(_ reason: String) -> Health { Health(status: .failed, reason: reason) }
 }
 
 /// What a filter decides for a request.

@@ -85,3 +85,27 @@ public struct PluginFlags: OptionSet, Sendable {
     /// IOF_PLUGIN_CACHE (ABI 1.2): the filter sees prefetch hints.
     public static let cacheHints = PluginFlags(rawValue: UInt32(IOF_PLUGIN_CACHE))
 }
+
+/// How a filter instance, a disk or a VM is doing (`enum iof_health`, ABI 1.4), worst
+/// last: a disk is as healthy as its least healthy filter.
+public enum HealthStatus: String, Codable, Sendable, CaseIterable, Comparable {
+    case ok, degraded, failed
+
+    public var abiValue: iof_health {
+        switch self {
+        case .ok: IOF_HEALTH_OK
+        case .degraded: IOF_HEALTH_DEGRADED
+        case .failed: IOF_HEALTH_FAILED
+        }
+    }
+
+    /// A value outside the enum is a filter that cannot say: failed.
+    public init(abiValue: UInt32) {
+        self = Self.allCases.first { $0.abiValue.rawValue == abiValue } ?? .failed
+    }
+
+    /// 0, 1, 2: the value /metrics exports, so that an alert is `> 0`.
+    public var level: Int { Self.allCases.firstIndex(of: self)! }
+
+    public static func < (lhs: Self, rhs: Self) -> Bool { lhs.level < rhs.level }
+}

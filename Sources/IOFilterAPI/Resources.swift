@@ -248,10 +248,13 @@ public struct Compliance: Codable, Sendable, Equatable {
     public enum Status: String, Codable, Sendable { case compliant, nonCompliant = "non-compliant", pending, none }
     public var status: Status
     public var reason: String?
+    /// In `disk compliance` while the disk is served: how its chain is doing.
+    public var health: HealthReport?
 
-    public init(status: Status, reason: String? = nil) {
+    public init(status: Status, reason: String? = nil, health: HealthReport? = nil) {
         self.status = status
         self.reason = reason
+        self.health = health
     }
 }
 
@@ -276,10 +279,13 @@ public struct DiskInfo: Codable, Sendable {
     /// The plug-in whose daemon keeps this disk as a replica of another host's; it is
     /// read-only until `iofilter disk promote`.
     public var replicaOf: String?
+    /// While served: the health of its chain, as last sampled.
+    public var health: HealthReport?
 
     public init(name: String, path: String, sizeBytes: Int64, readOnly: Bool, policy: String?, vm: String?, uri: String?,
                 attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, activity: String? = nil, createdAt: String,
-                replicaOf: String? = nil) {
+                replicaOf: String? = nil, health: HealthReport? = nil) {
+        self.health = health
         self.activity = activity
         self.replicaOf = replicaOf
         self.name = name
@@ -447,6 +453,11 @@ public struct VMInfo: Codable, Sendable {
     /// The limits set for this VM (fields left out take the host's defaults).
     public var limits: VMLimits?
     public var tls: TLSSettings?
+    /// While running: its health (the worker's, and its least healthy disk's).
+    public var health: HealthReport?
+    /// While running, in `vm show` and the live stream: each disk's I/O rates over the
+    /// last sampling interval (counters carried across worker restarts).
+    public var rates: [DiskRates]?
 
     public init(name: String, disks: [String], state: State, pid: Int32?, restarts: Int, uris: [String: String],
                 filters: [DiskStatistics], startedAt: String?, createdAt: String, limits: VMLimits? = nil, tls: TLSSettings? = nil) {
@@ -472,8 +483,10 @@ public struct Event: Codable, Sendable {
     public var message: String
     /// Who made the change, when a caller of the API did ("uid 0 (root)", "token ci").
     public var actor: String?
-    public init(id: Int64, time: String, kind: String, subject: String, message: String, actor: String? = nil) {
+    public var severity: Severity
+    public init(id: Int64, time: String, kind: String, subject: String, message: String, actor: String? = nil, severity: Severity = .info) {
         self.actor = actor
+        self.severity = severity
         self.id = id
         self.time = time
         self.kind = kind
@@ -507,9 +520,12 @@ public struct HostInfo: Codable, Sendable {
 public struct Session: Codable, Sendable {
     public var name: String
     public var role: Role
-    public init(name: String, role: Role) {
+    /// How long the token is good for, in seconds from now; nil: until revoked.
+    public var expiresInSeconds: Int64?
+    public init(name: String, role: Role, expiresInSeconds: Int64? = nil) {
         self.name = name
         self.role = role
+        self.expiresInSeconds = expiresInSeconds
     }
 }
 
@@ -525,9 +541,12 @@ public struct TokenCreateRequest: Codable, Sendable {
     /// What the token is for ("ci", "monitoring"); unique on the host.
     public var name: String
     public var role: Role
-    public init(name: String, role: Role) {
+    /// How long the token is good for, in seconds from now; nil: until revoked.
+    public var expiresInSeconds: Int64?
+    public init(name: String, role: Role, expiresInSeconds: Int64? = nil) {
         self.name = name
         self.role = role
+        self.expiresInSeconds = expiresInSeconds
     }
 }
 
@@ -540,7 +559,10 @@ public struct TokenInfo: Codable, Sendable {
     public var createdAt: String
     public var lastUsedAt: String?
     public var token: String?
-    public init(id: String, name: String, role: Role, createdAt: String, lastUsedAt: String?, token: String?) {
+    /// When it stops working, if it does.
+    public var expiresAt: String?
+    public init(id: String, name: String, role: Role, createdAt: String, lastUsedAt: String?, token: String?, expiresAt: String? = nil) {
+        self.expiresAt = expiresAt
         self.id = id
         self.name = name
         self.role = role

@@ -156,26 +156,31 @@ public struct APIRouter: Sendable {
     }
 
     /// Server-sent events for the console: every second, each VM with its live figures
-    /// (per-op I/O counters and every filter's statistics) and the newest events, until
-    /// the client goes away.
+    /// and health, every disk, and the newest events, until the client goes away, its
+    /// token is revoked or expires, or the host stops (each of which ends it at once).
+    /// The figures come from the host's one sampler, so consoles add no load on workers.
     func liveUpdates(for caller: Caller) -> HTTPResponse {
-        struct Snapshot: Encodable {
-            let time: Double
-            let vms: [VMInfo]
-            let events: [Event]
+        let streams = host.liveStreams
+        guard let id = streams.begin(tokenID: caller.tokenID) else {
+            return Self.error(ControlError(status: 503, code: "stopping", message: "the host is stopping"))
         }
         var response = HTTPResponse(status: 200, headers: [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")],
                                     body: Array("retry: 2000\n\n".utf8))
         let host = self.host
+        let logger = self.logger
         response.stream = { send in
+            defer { streams.finish(id) }
             let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
-            while true {
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            repeat {
+                if let token = caller.tokenID, !host.tokenIsValid(token) { break }
                 let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name)) ?? vm) : vm }
-                let snapshot = Snapshot(time: Date().timeIntervalSince1970, vms: vms, events: (try? host.events(limit: 30)) ?? [])
-                guard let data = try? encoder.encode(snapshot), send(Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)) else { return }
-                usleep(1_000_000)
-            }
+                let snapshot = LiveSnapshot(time: Date().timeIntervalSince1970, vms: vms, disks: (try? host.listDisks()) ?? [],
+                                            events: (try? host.events(limit: 50)) ?? [])
+                guard !streams.isEnded(id), let data = try? encoder.encode(snapshot),
+                      send(Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)) else { break }
+            } while streams.wait(id, seconds: 1)
+            logger.info("live updates for \(caller) ended")
         }
         logger.info("live updates for \(caller)")
         return response
@@ -260,10 +265,33 @@ extension APIRouter {
                 host.hostInfo(apiSocket: apiSocket)
             },
             route("GET", "/events", "listEvents", "Recent events, oldest first.", (200, "[Event]"),
-                  query: [("limit", "How many of the newest events (1-1000, default 100).", "integer")]) { request in
+                  query: [("limit", "How many of the newest events (1-1000, default 100).", "integer"),
+                          ("severity", "Only events of this severity and above (info, warning, error, critical).", "string")]) { request in
                 guard let limit = Int(request.http.query["limit"] ?? "100") else { throw ControlError.badRequest("limit must be an integer") }
-                return try host.events(limit: limit)
+                var severity: Severity?
+                if let text = request.http.query["severity"] {
+                    guard let level = Severity(rawValue: text) else {
+                        throw ControlError.badRequest("severity must be one of \(Severity.allCases.map(\.rawValue).joined(separator: ", "))")
+                    }
+                    severity = level
+                }
+                return try host.events(limit: limit, severity: severity)
             },
+            route("GET", "/health", "getHealth",
+                  "Every VM's health, its disks' and their filters' (with replication lag against its RPO), sampled at most a second ago.",
+                  (200, "HostHealth")) { _ in try host.health() },
+
+            route("GET", "/alerts", "listAlerts", "Alert subscriptions: where events of a severity and above are sent.",
+                  (200, "[AlertSubscription]")) { _ in try host.listAlerts() },
+            route("POST", "/alerts", "addAlert",
+                  "Send events of a severity (default warning) and above to a webhook (an HTTP POST of the event) or a command (the event on its stdin).",
+                  body: "AlertCreateRequest", (201, "AlertSubscription"), errors: [409]) { request in
+                try host.addAlert(request.decode(AlertSubscription.self))
+            },
+            route("DELETE", "/alerts/{name}", "removeAlert", "Stop sending alerts to a subscription.", (200, "AlertSubscription"),
+                  errors: [404]) { request in try host.removeAlert(request.parameter("name")) },
+            route("POST", "/alerts/{name}/test", "testAlert", "Send a test event to a subscription now and say whether it arrived.",
+                  (200, "AlertTestResult"), errors: [404]) { request in try host.testAlert(request.parameter("name")) },
             route("GET", "/capabilities", "getCapabilities", "The capability catalogue: what policies may ask of the installed plug-ins.",
                   (200, "Capabilities")) { _ in try host.capabilities() },
 
@@ -377,6 +405,14 @@ extension APIRouter {
                   (201, "VM"), errors: [404, 409]) { request in try host.createVM(request.decode(VMCreateRequest.self)) },
             route("GET", "/vms/{name}", "showVM", "One VM, with its worker and each filter's statistics.", (200, "VM"),
                   errors: [404]) { request in try host.showVM(request.parameter("name")) },
+            route("GET", "/vms/{name}/history", "vmHistory",
+                  "The VM's figures over time, one point per sampling interval (an hour is kept): per disk IOPS and throughput split read/write, latency p50/p99, and each filter's own figures.",
+                  (200, "VMHistory"), errors: [404], query: [("seconds", "How far back (default 3600).", "number")]) { request in
+                guard let seconds = Double(request.http.query["seconds"] ?? "3600"), seconds.isFinite else {
+                    throw ControlError.badRequest("seconds must be a number")
+                }
+                return try host.vmHistory(request.parameter("name"), seconds: seconds)
+            },
             route("DELETE", "/vms/{name}", "deleteVM", "Delete a stopped VM; its disks are kept.", (200, "VM"), errors: [404, 409]) { request in
                 try host.deleteVM(request.parameter("name"))
             },

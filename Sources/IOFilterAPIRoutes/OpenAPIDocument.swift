@@ -74,6 +74,8 @@ enum OpenAPIDocument {
     static let hostPort = Schema.pattern("^.+:[0-9]{1,5}$")
     static let role = Schema.enumeration(Role.allCases.map(\.rawValue))
     static let acceptanceLevel = Schema.enumeration(AcceptanceLevel.allCases.map(\.rawValue))
+    static let severity = Schema.enumeration(Severity.allCases.map(\.rawValue))
+    static let health = Schema.enumeration(HealthStatus.allCases.map(\.rawValue))
 
     static let schemas: [String: Schema] = [
         "Error": .object(["error": .string, "message": .string], required: ["error", "message"]),
@@ -82,8 +84,37 @@ enum OpenAPIDocument {
             "version": .string, "stateDirectory": .string, "apiSocket": .string, "pid": .integer, "runningVMs": .array(.string),
             "acceptanceLevel": acceptanceLevel,
         ], required: ["version", "stateDirectory", "apiSocket", "pid", "runningVMs", "acceptanceLevel"]),
-        "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string, "actor": .string],
-                         required: ["id", "time", "kind", "subject", "message"]),
+        "Event": .object(["id": .integer, "time": .string, "kind": .string, "subject": .string, "message": .string, "actor": .string,
+                          "severity": severity],
+                         required: ["id", "time", "kind", "subject", "message", "severity"]),
+        "HealthReport": .object(["status": health, "reason": .string], required: ["status", "reason"]),
+        "FilterHealth": .object([
+            "plugin": .string, "version": .string, "category": category, "health": .ref("HealthReport"), "lagSeconds": .number, "rpoSeconds": .number,
+        ], required: ["plugin", "version", "category", "health"]),
+        "DiskHealth": .object(["disk": .string, "health": .ref("HealthReport"), "filters": .array(.ref("FilterHealth"))],
+                              required: ["disk", "health", "filters"]),
+        "VMHealth": .object([
+            "name": .string, "state": .enumeration(["running", "stopped"]), "health": .ref("HealthReport"), "restarts": .integer,
+            "sampledAt": .number, "disks": .array(.ref("DiskHealth")),
+        ], required: ["name", "state", "restarts", "disks"]),
+        "HostHealth": .object(["status": health, "vms": .array(.ref("VMHealth"))], required: ["status", "vms"]),
+        "DiskRates": .object([
+            "disk": .string, "readIOPS": .number, "writeIOPS": .number, "otherIOPS": .number, "readBytesPerSecond": .number,
+            "writeBytesPerSecond": .number, "errorsPerSecond": .number, "latencyP50Milliseconds": .number, "latencyP99Milliseconds": .number,
+        ], required: ["disk", "readIOPS", "writeIOPS", "otherIOPS", "readBytesPerSecond", "writeBytesPerSecond", "errorsPerSecond"]),
+        "FilterSample": .object(["disk": .string, "plugin": .string, "health": health, "stats": .map(.number)],
+                                required: ["disk", "plugin", "health", "stats"]),
+        "HistoryPoint": .object(["time": .number, "health": health, "disks": .array(.ref("DiskRates")), "filters": .array(.ref("FilterSample"))],
+                                required: ["time", "disks", "filters"]),
+        "VMHistory": .object(["vm": .string, "intervalSeconds": .number, "points": .array(.ref("HistoryPoint"))],
+                             required: ["vm", "intervalSeconds", "points"]),
+        "AlertSubscription": .object([
+            "name": .string, "webhook": .string, "command": .string, "minimumSeverity": severity, "createdAt": .string,
+            "lastDeliveryAt": .string, "lastError": .string,
+        ], required: ["name", "minimumSeverity"]),
+        "AlertCreateRequest": .object(["name": name, "webhook": .pattern("^http://"), "command": .string, "minimumSeverity": severity],
+                                      required: ["name"]),
+        "AlertTestResult": .object(["delivered": .boolean, "error": .string], required: ["delivered"]),
         "Parameter": .object([
             "name": .string, "description": .string, "kind": .enumeration(["bool", "int", "size", "string", "enum"]),
             "required": .boolean, "defaultValue": .string, "min": .integer, "max": .integer, "enumValues": .array(.string),
@@ -104,9 +135,9 @@ enum OpenAPIDocument {
             "keyId": .string, "publicKey": .string, "comment": .string, "level": acceptanceLevel, "addedAt": .string, "signed": .array(.string),
         ], required: ["keyId", "publicKey", "comment", "level", "addedAt", "signed"]),
         "Token": .object([
-            "id": .string, "name": .string, "role": role, "createdAt": .string, "lastUsedAt": .string, "token": .string,
+            "id": .string, "name": .string, "role": role, "createdAt": .string, "lastUsedAt": .string, "token": .string, "expiresAt": .string,
         ], required: ["id", "name", "role", "createdAt"]),
-        "TokenCreateRequest": .object(["name": name, "role": role], required: ["name", "role"]),
+        "TokenCreateRequest": .object(["name": name, "role": role, "expiresInSeconds": .integer], required: ["name", "role"]),
         "TrustAddRequest": .object(["publicKey": .pattern("^iofilter-ed25519 "), "level": acceptanceLevel], required: ["publicKey", "level"]),
         "PluginInstallRequest": .object(["path": absolutePath, "daemonListen": hostPort], required: ["path"]),
         "DaemonStatus": .object([
@@ -129,12 +160,13 @@ enum OpenAPIDocument {
                               required: ["plugin", "version", "category", "parameters"]),
         "PolicyValidation": .object(["valid": .boolean, "chain": .array(.ref("ChainEntry")), "errors": .array(.string)],
                                     required: ["valid", "chain", "errors"]),
-        "Compliance": .object(["status": .enumeration(["compliant", "non-compliant", "pending", "none"]), "reason": .string],
+        "Compliance": .object(["status": .enumeration(["compliant", "non-compliant", "pending", "none"]), "reason": .string,
+                               "health": .ref("HealthReport")],
                               required: ["status"]),
         "Disk": .object([
             "name": .string, "path": .string, "sizeBytes": .integer, "format": .enumeration(["raw"]), "readOnly": .boolean,
             "policy": .string, "vm": .string, "uri": .string, "attached": .array(.ref("ChainEntry")), "compliance": .ref("Compliance"),
-            "snapshotOf": .string, "activity": .string, "createdAt": .string, "replicaOf": .string,
+            "snapshotOf": .string, "activity": .string, "createdAt": .string, "replicaOf": .string, "health": .ref("HealthReport"),
         ], required: ["name", "path", "sizeBytes", "format", "readOnly", "attached", "compliance", "createdAt"]),
         "DiskCreateRequest": .object(["name": name, "size": size, "policy": name], required: ["name", "size"]),
         "DiskImportRequest": .object(["name": name, "source": absolutePath, "policy": name], required: ["name", "source"]),
@@ -147,7 +179,8 @@ enum OpenAPIDocument {
         "OfflineSession": .object(["disk": .string, "uri": .string, "readOnly": .boolean, "pid": .integer],
                                   required: ["disk", "uri", "readOnly"]),
         "TransferReport": .object(["bytes": .integer, "seconds": .number, "through": .string], required: ["bytes", "seconds", "through"]),
-        "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number)],
+        "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number),
+                                     "health": .ref("HealthReport")],
                                     required: ["plugin", "version", "category", "stats"]),
         "LatencyBucket": .object(["le": .string, "count": .integer], required: ["le", "count"]),
         "OperationStatistics": .object([
@@ -163,7 +196,8 @@ enum OpenAPIDocument {
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
             "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,
-            "createdAt": .string, "limits": .ref("VMLimits"), "tls": .ref("TLSSettings"),
+            "createdAt": .string, "limits": .ref("VMLimits"), "tls": .ref("TLSSettings"), "health": .ref("HealthReport"),
+            "rates": .array(.ref("DiskRates")),
         ], required: ["name", "disks", "state", "restarts", "uris", "filters", "createdAt"]),
     ]
 

@@ -160,6 +160,20 @@ public final class FilterInstance: @unchecked Sendable {
         return sink.values
     }
 
+    /// What the instance says of its health (ABI 1.4), with its reason; nil from a
+    /// filter that does not say (it has no `health`, or was built for an older minor).
+    public func health() -> (status: HealthStatus, reason: String)? {
+        let descriptor = plugin.library.descriptor.pointee
+        guard descriptor.abi_minor >= 4, let health = descriptor.health else { return nil }
+        // The reason buffer is the host's: a filter that writes no NUL still ends in one.
+        var reason = [CChar](repeating: 0, count: 512)
+        let status = reason.withUnsafeMutableBufferPointer { buffer in
+            serialized { health(instance, buffer.baseAddress, buffer.count - 1) }
+        }
+        let text = String(decoding: reason.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return (HealthStatus(abiValue: status.rawValue), String(text.prefix(300)))
+    }
+
     // MARK: the data path
 
     /// Whether the request's op reaches this filter's callbacks.

@@ -9,6 +9,8 @@ public struct Caller: Sendable, CustomStringConvertible {
     public let role: Role
     /// For events and logs: "uid 0 (root)", "token ci".
     public let name: String
+    /// The token it signed in with, if it did.
+    public var tokenID: String? = nil
     public var description: String { "\(name) [\(role.rawValue)]" }
 }
 
@@ -47,15 +49,44 @@ extension ControlError {
 extension HostController {
     /// Establishes who sent `request`: by peer credentials on the unix socket, by bearer
     /// token over TCP.
+    /// A refusal is an event ("sign-in-failed"), at most one per peer a minute.
     public func authenticate(_ request: HTTPRequest) throws(ControlError) -> Caller {
-        switch request.peer {
-        case .local(let uid, let gid, _):
-            return try localCaller(uid: uid, gid: gid)
-        case .network:
-            return try tokenCaller(request.headers["authorization"])
-        case nil:
-            throw .unauthenticated("the request came with no peer")
+        do throws(ControlError) {
+            switch request.peer {
+            case .local(let uid, let gid, _):
+                return try localCaller(uid: uid, gid: gid)
+            case .network:
+                return try tokenCaller(request.headers["authorization"])
+            case nil:
+                throw ControlError.unauthenticated("the request came with no peer")
+            }
+        } catch {
+            // By address, not port: each attempt comes from a new port.
+            let peer: String
+            switch request.peer {
+            case .local(let uid, _, _): peer = "uid \(uid)"
+            case .network(let address, _):
+                peer = address.hasPrefix("[") ? String(address.prefix { $0 != "]" }.dropFirst())
+                    : address.split(separator: ":").count == 2 ? String(address.split(separator: ":")[0]) : address
+            case nil: peer = "unknown peer"
+            }
+            if let count = signInFailures.failed(peer) {
+                let earlier = count > 1 ? "\(count) refused requests in the last minute; last: " : ""
+                record("sign-in-failed", peer, earlier + "\(request.method) \(request.path): \(error.message)", actor: nil)
+            }
+            throw error
         }
+    }
+
+    /// Whether a token still lets its holder in (a live stream asks every update).
+    public func tokenIsValid(_ id: String) -> Bool {
+        guard let row = try? read({ db in try TokenRow.fetchOne(db, key: id) }) else { return false }
+        return !Self.expired(row)
+    }
+
+    static func expired(_ row: TokenRow) -> Bool {
+        guard let expiresAt = row.expiresAt, let date = StateStore.date(expiresAt) else { return false }
+        return date <= Date()
     }
 
     func localCaller(uid: uid_t, gid: gid_t) throws(ControlError) -> Caller {
@@ -102,13 +133,16 @@ extension HostController {
         guard var row = try read({ db in try TokenRow.filter(Column("hash") == hash).fetchOne(db) }) else {
             throw .unauthenticated("the token is not valid here (revoked, or issued by another host)")
         }
+        if Self.expired(row) {
+            throw .unauthenticated("the token \(row.name) expired at \(row.expiresAt ?? "?"); create a new one (`iofilter token create`)")
+        }
         // Last use to the minute is enough, and spares a write per request.
         let now = StateStore.now()
         if row.lastUsedAt.map({ $0.prefix(16) != now.prefix(16) }) ?? true {
             row.lastUsedAt = now
             _ = try? store.write { db in try row.update(db) }
         }
-        return Caller(role: row.role, name: "token \(row.name)")
+        return Caller(role: row.role, name: "token \(row.name)", tokenID: row.id)
     }
 
     // MARK: tokens
@@ -120,21 +154,26 @@ extension HostController {
         let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
         let token = "iof_" + Data(secret).base64EncodedString().replacingOccurrences(of: "+", with: "-")
             .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        if let seconds = request.expiresInSeconds, seconds <= 0 || seconds > 10 * 366 * 86_400 {
+            throw .badRequest("expiresInSeconds must be between 1 and ten years")
+        }
+        let now = Date()
         let row = TokenRow(id: String(Self.tokenHash(token).prefix(12)), name: request.name, role: request.role, hash: Self.tokenHash(token),
-                           createdAt: StateStore.now(), lastUsedAt: nil)
+                           createdAt: StateStore.timestamp(now), lastUsedAt: nil,
+                           expiresAt: request.expiresInSeconds.map { StateStore.timestamp(now.addingTimeInterval(Double($0))) })
         return try exclusive {
             if try store.read({ db in try TokenRow.filter(Column("name") == request.name).fetchCount(db) }) > 0 {
                 throw ControlError.conflict("a token named \(request.name) exists; revoke it first or pick another name")
             }
             try store.write { db in try row.insert(db) }
-            event("token-created", request.name, "role \(request.role.rawValue), id \(row.id)")
-            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: nil, token: token)
+            event("token-created", request.name, "role \(request.role.rawValue), id \(row.id)" + (row.expiresAt.map { ", expires \($0)" } ?? ""))
+            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: nil, token: token, expiresAt: row.expiresAt)
         }
     }
 
     public func listTokens() throws(ControlError) -> [TokenInfo] {
         try read { db in try TokenRow.order(Column("createdAt")).fetchAll(db) }.map {
-            TokenInfo(id: $0.id, name: $0.name, role: $0.role, createdAt: $0.createdAt, lastUsedAt: $0.lastUsedAt, token: nil)
+            TokenInfo(id: $0.id, name: $0.name, role: $0.role, createdAt: $0.createdAt, lastUsedAt: $0.lastUsedAt, token: nil, expiresAt: $0.expiresAt)
         }
     }
 
@@ -146,7 +185,10 @@ extension HostController {
             }
             try store.write { db in _ = try TokenRow.deleteOne(db, key: row.id) }
             event("token-revoked", row.name, "id \(row.id), role \(row.role.rawValue)")
-            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: row.lastUsedAt, token: nil)
+            // Its open console streams end now, not at their next update.
+            liveStreams.end(tokenID: row.id)
+            return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: row.lastUsedAt, token: nil,
+                             expiresAt: row.expiresAt)
         }
     }
 }

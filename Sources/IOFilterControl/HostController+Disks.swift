@@ -17,7 +17,7 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf)
+            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf, health: lastHealth(of: row))
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {
@@ -31,8 +31,15 @@ extension HostController {
         try read { db in try diskInfo(diskRow(name, db), plugins: PluginRow.fetchAll(db), policies: PolicyRow.fetchAll(db)) }
     }
 
+    /// Its compliance, with its health while it is served (sampled at most a second ago).
     public func diskCompliance(_ name: String) throws(ControlError) -> Compliance {
-        try showDisk(name).compliance
+        let disk = try showDisk(name)
+        var compliance = disk.compliance
+        if let vm = disk.vm, sessions.isRunning(vm) {
+            _ = sampler.sample(vm, maxAge: 1)
+            compliance.health = try lastHealth(of: read { db in try diskRow(name, db) })
+        }
+        return compliance
     }
 
     static func parseSize(_ text: String) throws(ControlError) -> Int64 {

@@ -12,23 +12,23 @@ extension HostController {
         return row
     }
 
+    /// A VM as the API shows it. With statistics, its worker is sampled (at most a
+    /// second ago: the sampler answers every reader from one question); without, the
+    /// last sample's health and rates come along for free.
     func vmInfo(_ row: VMRow, withStatistics: Bool) -> VMInfo {
         let worker = sessions.vm(row.name)
-        var statistics: [DiskStatistics] = []
-        if withStatistics, let worker {
-            do {
-                let response = try worker.supervisor.control(.stats, timeout: 5)
-                statistics = response.disks ?? []
-            } catch {
-                logger.warning("VM \(row.name): no statistics: \(error)")
-            }
-        }
+        let sample = withStatistics ? sampler.sample(row.name, maxAge: 1) : sampler.latest(row.name)
         var uris: [String: String] = [:]
         for disk in row.disks { uris[disk] = worker?.uri(disk) }
-        return VMInfo(
+        var info = VMInfo(
             name: row.name, disks: row.disks, state: worker == nil ? .stopped : .running, pid: worker?.supervisor.pid,
-            restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: statistics,
+            restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: withStatistics ? sample?.statistics ?? [] : [],
             startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt, limits: row.limits, tls: row.tls)
+        if worker != nil {
+            info.health = sample?.health
+            info.rates = sample?.rates
+        }
+        return info
     }
 
     public func listVMs() throws(ControlError) -> [VMInfo] {
@@ -89,6 +89,7 @@ extension HostController {
                 _ = try VMRow.deleteOne(db, key: name)
             }
             try? FileManager.default.removeItem(atPath: layout.vm(name))
+            sampler.forget(name)
             event("vm-deleted", name, "its disks are kept")
         }
         return info

@@ -47,8 +47,17 @@ public final class HostController: @unchecked Sendable {
     let sessions = SessionRegistry()
     /// Partner daemons, by plug-in name.
     let daemons = DaemonRegistry()
+    /// The running VMs' figures, history and health, sampled once for every reader.
+    private(set) var sampler: Sampler!
+    /// Where events go besides the database.
+    private(set) var alerts: AlertDispatcher!
+    /// The console's live streams, ended at once on revocation and at shutdown.
+    public let liveStreams = LiveStreams()
+    /// Failed sign-ins per peer, so that a flood of them makes a few events, not thousands.
+    let signInFailures = SignInFailures()
 
-    public init(stateDirectory: String, logLevel: String = "info", logger: Logger) throws {
+    /// - Parameter sampleInterval: seconds between history points (and health checks).
+    public init(stateDirectory: String, logLevel: String = "info", sampleInterval: Double = 10, logger: Logger) throws {
         layout = StateLayout(root: stateDirectory)
         self.stateDirectory = layout.root
         self.logLevel = logLevel
@@ -57,6 +66,16 @@ public final class HostController: @unchecked Sendable {
         store = try StateStore(path: layout.database)
         catalogue = PluginCatalogue(directory: layout.plugins)
         diskFiles = DiskFiles(layout: layout)
+        sampler = Sampler(sessions: sessions, interval: sampleInterval, logger: logger) { [weak self] kind, subject, message, severity in
+            self?.record(kind, subject, message, actor: nil, severity: severity)
+        }
+        alerts = AlertDispatcher(logger: logger) { [weak self] name, error in self?.deliveryFinished(name, error: error) }
+        alerts.use(((try? store.read { db in try AlertRow.fetchAll(db) }) ?? []).map(\.subscription))
+    }
+
+    /// Starts sampling the running VMs in the background (history and health events).
+    public func startMonitoring() {
+        sampler.start()
     }
 
     // MARK: running changes one at a time
@@ -91,10 +110,13 @@ public final class HostController: @unchecked Sendable {
         }
     }
 
-    /// Records a refusal (or anything not done on the caller's behalf) as an event by
-    /// `actor`, without marking the current API call as having recorded one.
-    public func record(_ kind: String, _ subject: String, _ message: String, actor: String) {
-        store.record(kind, subject, message, actor: actor)
+    /// Records a refusal (or anything not done on the caller's behalf, or by no caller)
+    /// as an event by `actor`, without marking the current API call as having recorded
+    /// one. The severity is the kind's (see `Severity.of`) unless given.
+    public func record(_ kind: String, _ subject: String, _ message: String, actor: String?, severity: Severity? = nil) {
+        let event = store.record(kind, subject, message, actor: actor, severity: severity ?? .of(kind: kind))
+        if event.severity >= .warning { logger.warning("\(kind) \(subject): \(message)") }
+        alerts.dispatch(event)
     }
 
     /// Records an event, naming the API caller whose request made it, if one did.
@@ -102,14 +124,17 @@ public final class HostController: @unchecked Sendable {
         let call = APICall.current
         call?.recordedEvent = true
         logger.info("\(kind) \(subject): \(message)\(call.map { " (by \($0.caller.name))" } ?? "")")
-        store.record(kind, subject, message, actor: call?.caller.name)
+        alerts.dispatch(store.record(kind, subject, message, actor: call?.caller.name, severity: .of(kind: kind)))
     }
 
-    public func events(limit: Int) throws(ControlError) -> [Event] {
+    /// The newest events, oldest first; only those at or above `severity` if given.
+    public func events(limit: Int, severity: Severity? = nil) throws(ControlError) -> [Event] {
         try read { db in
-            try EventRow.order(Column("id").desc).limit(max(1, min(limit, 1000))).fetchAll(db).reversed().map {
-                Event(id: $0.id ?? 0, time: $0.time, kind: $0.kind, subject: $0.subject, message: $0.message, actor: $0.actor)
+            var query = EventRow.order(Column("id").desc)
+            if let severity {
+                query = query.filter(Severity.allCases.filter { $0 >= severity }.map(\.rawValue).contains(Column("severity")))
             }
+            return try query.limit(max(1, min(limit, 1000))).fetchAll(db).reversed().map(\.event)
         }
     }
 
@@ -136,6 +161,8 @@ public final class HostController: @unchecked Sendable {
     /// desired state as it was, so the next start brings the same VMs back.
     public func shutdown() {
         defer { markCleanStop() }
+        liveStreams.endAll()
+        sampler.stop()
         operationLock.withLock {
             let workers = sessions.takeAll()
             // Workers stop in parallel: each may take a while to destage or drain.
@@ -151,6 +178,7 @@ public final class HostController: @unchecked Sendable {
             group.wait()
         }
         stopDaemons()
+        alerts.stop()
     }
 
     // MARK: workers

@@ -13,23 +13,39 @@ extension HostController {
         var text = registry.emitToString()
         var output = PrometheusText()
         let rows = (try? read { db in try VMRow.order(Column("name")).fetchAll(db) }) ?? []
-        let workers = sessions.runningVMs
+        // One sampler for every scraper and console: a worker is asked at most once a second.
+        let samples = Dictionary(uniqueKeysWithValues: rows.compactMap { row in sampler.sample(row.name, maxAge: 1).map { (row.name, $0) } })
         output.family("iofilter_vm_up", "gauge", "1 while the VM's worker runs, 0 when it is stopped.")
-        for row in rows { output.sample("iofilter_vm_up", ["vm": row.name], workers[row.name] == nil ? 0 : 1) }
+        for row in rows { output.sample("iofilter_vm_up", ["vm": row.name], samples[row.name] == nil ? 0 : 1) }
         output.family("iofilter_worker_restarts_total", "counter", "Times the VM's worker was restarted since the VM started.")
-        for row in rows { output.sample("iofilter_worker_restarts_total", ["vm": row.name], Double(workers[row.name]?.supervisor.restarts ?? 0)) }
+        for row in rows { output.sample("iofilter_worker_restarts_total", ["vm": row.name], Double(samples[row.name]?.restarts ?? 0)) }
+        output.family("iofilter_vm_health", "gauge", "A running VM's health: 0 ok, 1 degraded, 2 failed (worker down or silent, or its worst disk).")
+        for row in rows { if let sample = samples[row.name] { output.sample("iofilter_vm_health", ["vm": row.name], Double(sample.health.status.level)) } }
 
-        var perDisk: [(vm: String, statistics: DiskStatistics)] = []
-        for row in rows {
-            guard let worker = workers[row.name] else { continue }
-            do {
-                perDisk += (try worker.supervisor.control(.stats, timeout: 5).disks ?? []).map { (row.name, $0) }
-            } catch {
-                logger.warning("metrics: VM \(row.name) gave no statistics: \(error)")
+        let perDisk = rows.flatMap { row in (samples[row.name]?.statistics ?? []).map { (vm: row.name, statistics: $0) } }
+        output.family("iofilter_disk_health", "gauge", "A served disk's health: 0 ok, 1 degraded, 2 failed (its least healthy filter).")
+        for (vm, statistics) in perDisk {
+            output.sample("iofilter_disk_health", ["vm": vm, "disk": statistics.disk], Double(HealthRules.disk(statistics).status.level))
+        }
+        output.family("iofilter_filter_health", "gauge", "Each filter's health: 0 ok, 1 degraded, 2 failed (what it reports, and lag past its RPO).")
+        for (vm, statistics) in perDisk {
+            for filter in statistics.filters {
+                output.sample("iofilter_filter_health", ["vm": vm, "disk": statistics.disk, "plugin": filter.plugin],
+                              Double(HealthRules.filter(filter).status.level))
+            }
+        }
+        output.family("iofilter_replication_lag_seconds", "gauge", "How far a replica is behind, for filters that report lag and an RPO.")
+        output.family("iofilter_replication_rpo_seconds", "gauge", "The recovery point objective the replication filter keeps to.")
+        for (vm, statistics) in perDisk {
+            for filter in statistics.filters {
+                guard let (lag, rpo) = HealthRules.lag(filter) else { continue }
+                let labels = ["vm": vm, "disk": statistics.disk, "plugin": filter.plugin]
+                output.sample("iofilter_replication_lag_seconds", labels, lag)
+                output.sample("iofilter_replication_rpo_seconds", labels, rpo)
             }
         }
         let io = perDisk.flatMap { entry in (entry.statistics.io ?? []).map { (entry.vm, entry.statistics.disk, $0) } }
-        output.family("iofilter_requests_total", "counter", "NBD requests served, per VM, disk and op.")
+        output.family("iofilter_requests_total", "counter", "NBD requests served, per VM, disk and op (carried across worker restarts).")
         for (vm, disk, op) in io { output.sample("iofilter_requests_total", ["vm": vm, "disk": disk, "op": op.op], Double(op.requests)) }
         output.family("iofilter_bytes_total", "counter", "Bytes read and written by consumers, per VM, disk and op.")
         for (vm, disk, op) in io where op.op == "read" || op.op == "write" {

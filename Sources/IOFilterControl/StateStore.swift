@@ -94,6 +94,10 @@ struct EventRow: Codable, FetchableRecord, MutablePersistableRecord {
     var message: String
     /// (v5)
     var actor: String?
+    /// (v8) Rows from before it are info.
+    var severity: Severity
+
+    var event: Event { Event(id: id ?? 0, time: time, kind: kind, subject: subject, message: message, actor: actor, severity: severity) }
 
     mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
 }
@@ -107,6 +111,25 @@ struct TokenRow: Codable, FetchableRecord, PersistableRecord {
     var hash: String
     var createdAt: String
     var lastUsedAt: String?
+    /// (v8) When it stops working; nil: until revoked.
+    var expiresAt: String?
+}
+
+/// (v8) Where events of a severity and above are sent.
+struct AlertRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "alert"
+    var name: String
+    var webhook: String?
+    var command: String?
+    var minimumSeverity: Severity
+    var createdAt: String
+    var lastDeliveryAt: String?
+    var lastError: String?
+
+    var subscription: AlertSubscription {
+        AlertSubscription(name: name, webhook: webhook, command: command, minimumSeverity: minimumSeverity, createdAt: createdAt,
+                          lastDeliveryAt: lastDeliveryAt, lastError: lastError)
+    }
 }
 
 /// iofilterd's persistent state: one SQLite database under the state directory.
@@ -207,6 +230,19 @@ final class StateStore: Sendable {
         migrator.registerMigration("v7: replica disks that partner daemons keep") { db in
             try db.alter(table: "disk") { t in t.add(column: "replicaOf", .text) }
         }
+        migrator.registerMigration("v8: event severity, token expiry, alert subscriptions") { db in
+            try db.alter(table: "event") { t in t.add(column: "severity", .text).notNull().defaults(to: Severity.info.rawValue) }
+            try db.alter(table: "token") { t in t.add(column: "expiresAt", .text) }
+            try db.create(table: "alert") { t in
+                t.primaryKey("name", .text)
+                t.column("webhook", .text)
+                t.column("command", .text)
+                t.column("minimumSeverity", .text).notNull()
+                t.column("createdAt", .text).notNull()
+                t.column("lastDeliveryAt", .text)
+                t.column("lastError", .text)
+            }
+        }
         return migrator
     }
 
@@ -215,6 +251,12 @@ final class StateStore: Sendable {
 
     static func now() -> String { timestamp(Date()) }
 
+    static func date(_ timestamp: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.date(from: timestamp)
+    }
+
     static func timestamp(_ date: Date) -> String {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
@@ -222,12 +264,14 @@ final class StateStore: Sendable {
     }
 
     /// Records an event; events are history, so failing to record one fails nothing.
-    func record(_ kind: String, _ subject: String, _ message: String, actor: String? = nil) {
+    @discardableResult
+    func record(_ kind: String, _ subject: String, _ message: String, actor: String? = nil, severity: Severity) -> Event {
+        var row = EventRow(id: nil, time: Self.now(), kind: kind, subject: subject, message: message, actor: actor, severity: severity)
         _ = try? database.write { db in
-            var row = EventRow(id: nil, time: Self.now(), kind: kind, subject: subject, message: message, actor: actor)
             try row.insert(db)
             // Keep the table bounded.
             try db.execute(sql: "DELETE FROM event WHERE id <= ?", arguments: [(row.id ?? 0) - 10_000])
         }
+        return row.event
     }
 }

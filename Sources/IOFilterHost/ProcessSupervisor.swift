@@ -93,6 +93,8 @@ public final class ProcessSupervisor: @unchecked Sendable {
     private var restartCount = 0
     private var readyGeneration = 0
     private var lastErrorValue: String?
+    /// When the process last ended unasked (monotonic nanoseconds).
+    private var lastExitNanoseconds: UInt64?
     private var stopping = false
     private var eventHandler: (@Sendable (SupervisorEvent, String) -> Void)?
 
@@ -125,6 +127,10 @@ public final class ProcessSupervisor: @unchecked Sendable {
 
     public var pid: pid_t? { lock.withLock { stateValue == .running ? child?.pid : nil } }
     public var restarts: Int { lock.withLock { restartCount } }
+    /// Seconds since the process last ended unasked, if it ever did.
+    public var secondsSinceLastExit: Double? {
+        lock.withLock { lastExitNanoseconds.map { Double(monotonicNanoseconds() - $0) / 1e9 } }
+    }
     public var state: SupervisedState { lock.withLock { stateValue } }
     /// Why it last exited or could not start ("killed by SIGKILL").
     public var lastError: String? { lock.withLock { lastErrorValue } }
@@ -297,6 +303,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
                 stateValue = .restarting
                 lastErrorValue = why
                 restartCount += 1
+                lastExitNanoseconds = monotonicNanoseconds()
                 lock.broadcast()
             }
             report(.exited, message)

@@ -66,6 +66,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     public var pid: pid_t? { core.pid }
     public var restarts: Int { core.restarts }
+    public var secondsSinceLastExit: Double? { core.secondsSinceLastExit }
     public var generation: Int { core.generation }
 
     /// Starts the worker and waits until it serves; throws if it dies first.

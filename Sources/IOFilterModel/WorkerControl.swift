@@ -40,14 +40,19 @@ public struct FilterStatistics: Codable, Sendable, Equatable {
     public var version: String
     public var category: FilterCategory
     public var stats: [String: Double]
+    /// What the filter said of its health (ABI 1.4); nil from one that does not say.
+    public var health: HealthReport?
 
-    public init(plugin: String, version: String, category: FilterCategory, stats: [String: Double]) {
+    public init(plugin: String, version: String, category: FilterCategory, stats: [String: Double], health: HealthReport? = nil) {
         self.plugin = plugin
         self.version = version
         self.category = category
         self.stats = stats
+        self.health = health
     }
 }
+
+
 
 public struct DiskStatistics: Codable, Sendable, Equatable {
     public var disk: String

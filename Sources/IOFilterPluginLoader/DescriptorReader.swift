@@ -11,7 +11,7 @@ enum DescriptorReader {
 
     static func read(_ pointer: UnsafePointer<iof_plugin>, path: String) throws(ValidationError) -> PluginManifest {
         let size = Int(pointer.pointee.struct_size)
-        // ABI 1.0's descriptor ends with daemon_main; 1.3 appended daemon_flags.
+        // ABI 1.0's descriptor ends with daemon_main; 1.3 appended daemon_flags, 1.4 health.
         let minimum = MemoryLayout<iof_plugin>.offset(of: \iof_plugin.daemon_flags)!
         guard size >= minimum else {
             throw .loadFailed(
@@ -66,6 +66,8 @@ enum DescriptorReader {
         if plugin.daemon_main != nil && plugin.abi_minor >= 3 && plugin.daemon_flags & UInt32(IOF_DAEMON_LISTENS) != 0 {
             callbacks.append("daemon_listens")
         }
+        // ABI 1.4: a filter that reports its own health.
+        if plugin.abi_minor >= 4 && plugin.health != nil { callbacks.append("health") }
 
         return PluginManifest(
             name: name, vendor: String(cString: vendor), version: String(cString: version),

@@ -189,7 +189,8 @@ public final class WorkerRuntime: @unchecked Sendable {
                 let manifest = filter.plugin.library.manifest
                 return FilterStatistics(
                     plugin: manifest.name, version: manifest.version, category: manifest.category,
-                    stats: Dictionary(filter.stats(), uniquingKeysWith: { _, last in last }))
+                    stats: Dictionary(filter.stats(), uniquingKeysWith: { _, last in last }),
+                    health: filter.health().map { HealthReport(status: $0.status, reason: $0.reason) })
             }, io: chain.io.snapshot())
         }
     }

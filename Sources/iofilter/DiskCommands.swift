@@ -213,7 +213,9 @@ struct DiskCommand: ParsableCommand {
             discussion: """
                 Prints compliant, non-compliant (with the reason), pending (applies at the VM's \
                 next start) or none. Exits 0 when compliant or without a policy, 2 when pending, \
-                3 when non-compliant (1 is an error), so that scripts can wait for compliance.
+                3 when non-compliant (1 is an error), so that scripts can wait for compliance. \
+                A served disk whose chain is not healthy gets a second line, "health: \
+                degraded: REASON" (see `iofilter health`).
                 """)
         @Argument(help: "The disk.") var disk: String
         @OptionGroup var daemon: DaemonOptions
@@ -223,7 +225,8 @@ struct DiskCommand: ParsableCommand {
             try reportingFailures {
                 try daemon.client.run("GET", "/disks/\(disk)/compliance", as: IOFilterAPI.Compliance.self) {
                     status = $0.status
-                    return $0.status.rawValue + ($0.reason.map { ": \($0)" } ?? "")
+                    let health = $0.health.flatMap { $0.status == .ok ? nil : "\nhealth: \($0)" } ?? ""
+                    return $0.status.rawValue + ($0.reason.map { ": \($0)" } ?? "") + health
                 }
             }
             switch status {

@@ -26,7 +26,7 @@ struct IOFilterCommand: ParsableCommand {
             """,
         version: Release.description,
         subcommands: [
-            Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, Events.self, Serve.self, TrustCommand.self, TokenCommand.self,
+            Plugin.self, Capabilities.self, PolicyCommand.self, DiskCommand.self, VMCommand.self, HealthCommand.self, Events.self, AlertCommand.self, Serve.self, TrustCommand.self, TokenCommand.self,
         ])
 
     struct Plugin: ParsableCommand {

@@ -209,12 +209,18 @@ struct Events: ParsableCommand {
     @Option(help: "How many of the newest events.")
     var limit = 50
 
+    @Option(help: ArgumentHelp("Only events of this severity and above: info, warning, error, critical.", valueName: "severity"))
+    var severity: Severity?
+
     @OptionGroup var daemon: DaemonOptions
 
     func run() throws {
+        var query = ["limit": String(limit)]
+        if let severity { query["severity"] = severity.rawValue }
         try reportingFailures {
-            try daemon.client.run("GET", "/events", query: ["limit": String(limit)], as: [Event].self) { events in
-                events.map { "\($0.time)  \($0.kind)  \($0.subject)  \($0.message)" + ($0.actor.map { "  (by \($0))" } ?? "") }
+            try daemon.client.run("GET", "/events", query: query, as: [Event].self) { events in
+                events.map { "\($0.time)  \($0.severity.rawValue.uppercased())  \($0.kind)  \($0.subject)  \($0.message)"
+                    + ($0.actor.map { "  (by \($0))" } ?? "") }
                     .joined(separator: "\n")
             }
         }

@@ -30,15 +30,35 @@ struct TokenCommand: ParsableCommand {
         @Option(help: ArgumentHelp("read-only, operator or admin.", valueName: "role"))
         var role: Role
 
+        @Option(help: ArgumentHelp("How long it is good for: a number with s, m, h, d or w (30d, 12h); default: until revoked.",
+                                   valueName: "duration"))
+        var expires: String?
+
         @OptionGroup var daemon: DaemonOptions
+
+        func validate() throws {
+            if let expires, Self.seconds(expires) == nil {
+                throw ValidationError("--expires '\(expires)' is not a duration: a positive number with s, m, h, d or w (30d, 12h, 90m)")
+            }
+        }
+
+        /// "30d" in seconds.
+        static func seconds(_ text: String) -> Int64? {
+            let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800]
+            guard let unit = text.last.flatMap({ units[$0] }), let count = Int64(text.dropLast()), count > 0, count <= 10 * 366 * 86_400 / unit
+            else { return nil }
+            return count * unit
+        }
 
         func run() throws {
             let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
             try reportingFailures {
-                try daemon.client.run("POST", "/tokens", body: TokenCreateRequest(name: name ?? "\(role.rawValue)-\(stamp)", role: role),
+                try daemon.client.run("POST", "/tokens", body: TokenCreateRequest(name: name ?? "\(role.rawValue)-\(stamp)", role: role,
+                                                                                 expiresInSeconds: expires.flatMap(Self.seconds)),
                                       as: TokenInfo.self) { created in
                     FileHandle.standardError.write(Data(
-                        "token '\(created.name)' (\(created.role.rawValue), id \(created.id)) created; it is shown only now\n".utf8))
+                        ("token '\(created.name)' (\(created.role.rawValue), id \(created.id)) created"
+                         + (created.expiresAt.map { ", expires \($0)" } ?? "") + "; it is shown only now\n").utf8))
                     return created.token ?? ""
                 }
             }
@@ -54,8 +74,8 @@ struct TokenCommand: ParsableCommand {
             try reportingFailures {
                 try daemon.client.run("GET", "/tokens", as: [TokenInfo].self) { tokens in
                     tokens.isEmpty ? "no tokens; create one with `iofilter token create NAME --role ROLE`" : table(
-                        ["ID", "NAME", "ROLE", "CREATED", "LAST USED"],
-                        tokens.map { [$0.id, $0.name, $0.role.rawValue, $0.createdAt, $0.lastUsedAt ?? "never"] })
+                        ["ID", "NAME", "ROLE", "CREATED", "LAST USED", "EXPIRES"],
+                        tokens.map { [$0.id, $0.name, $0.role.rawValue, $0.createdAt, $0.lastUsedAt ?? "never", $0.expiresAt ?? "never"] })
                 }
             }
         }

@@ -21,6 +21,7 @@ struct VMCommand: ParsableCommand {
 
     static func describe(_ vm: VMInfo) -> String {
         var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
+        if let health = vm.health { lines.append("  health: \(health)") }
         if let started = vm.startedAt { lines.append("  started: \(started)") }
         if let limits = vm.limits {
             let parts = [limits.memoryLimit.map { "memory \($0 >> 20) MiB" }, limits.maxConnections.map { "\($0) connections per disk" },
@@ -33,9 +34,11 @@ struct VMCommand: ParsableCommand {
         }
         for disk in vm.disks {
             lines.append("  disk \(disk)" + (vm.uris[disk].map { ": \($0)" } ?? ""))
+            if let rates = vm.rates?.first(where: { $0.disk == disk }) { lines.append("    " + HealthCommand.describe(rates)) }
             for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
                 let stats = filter.stats.sorted { $0.key < $1.key }.map { "\($0.key)=\(number($0.value))" }.joined(separator: " ")
-                lines.append("    \(filter.plugin) \(filter.version) [\(filter.category.rawValue)]: \(stats)")
+                let health = HealthRules.filter(filter)
+                lines.append("    \(filter.plugin) \(filter.version) [\(filter.category.rawValue)] \(health): \(stats)")
             }
         }
         return lines.joined(separator: "\n")
@@ -113,8 +116,9 @@ struct VMCommand: ParsableCommand {
             try reportingFailures {
                 try daemon.client.run("GET", "/vms", as: [VMInfo].self) { vms in
                     vms.isEmpty ? "no VMs; create one with `iofilter vm create NAME --disk DISK`" : table(
-                        ["NAME", "STATE", "PID", "RESTARTS", "DISKS"],
-                        vms.map { [$0.name, $0.state.rawValue, $0.pid.map(String.init) ?? "-", String($0.restarts), $0.disks.joined(separator: ",")] })
+                        ["NAME", "STATE", "HEALTH", "PID", "RESTARTS", "DISKS"],
+                        vms.map { [$0.name, $0.state.rawValue, $0.health?.status.rawValue ?? "-", $0.pid.map(String.init) ?? "-", String($0.restarts),
+                                   $0.disks.joined(separator: ",")] })
                 }
             }
         }

@@ -97,6 +97,11 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("The longest wait before restarting a worker that keeps crashing (it doubles from 0.1 s).", valueName: "seconds"))
     var restartBackoffMax: Double = 10
 
+    @Option(help: ArgumentHelp(
+        "Seconds between samples of the running VMs' figures and health: the history resolution (an hour of it is kept) and how soon a change of health is an event.",
+        valueName: "seconds"))
+    var sampleInterval: Double = 10
+
     func validate() throws {
         guard ParameterSpec.parseSize(demoSize) != nil else { throw ValidationError("--demo-size '\(demoSize)' is not a size") }
         if let problem = StandardErrorLogging.problem(withLevel: logLevel) { throw ValidationError(problem) }
@@ -153,7 +158,9 @@ struct IOFilterDaemon: ParsableCommand {
         defer { withExtendedLifetime(lock) {} }
 
         let signals = TerminationSignals.block()
-        let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue, logger: logger)
+        guard sampleInterval >= 0.2 && sampleInterval <= 3600 else { throw ValidationError("--sample-interval must be between 0.2 and 3600 seconds") }
+        let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue,
+                                            sampleInterval: sampleInterval, logger: logger)
         controller.watchdogSeconds = watchdog
         controller.workerMemoryLimit = workerMemoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:))
         controller.restartBackoffLimit = restartBackoffMax
@@ -198,6 +205,7 @@ struct IOFilterDaemon: ParsableCommand {
             throw ExitCode(1)
         }
         for listener in listeners { logger.info("API on \(listener) (OpenAPI document at /openapi.json)") }
+        controller.startMonitoring()
 
         if demo {
             do {
@@ -213,6 +221,8 @@ struct IOFilterDaemon: ParsableCommand {
 
         let received = signals.wait()
         logger.info("signal \(received): finishing API requests, then stopping the workers")
+        // Open consoles end now: a live stream is never an unfinished request to wait for.
+        controller.liveStreams.endAll()
         server.stop(timeout: 30)
         controller.shutdown()
         unlink(apiSocket)

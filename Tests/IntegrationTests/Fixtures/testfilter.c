@@ -24,6 +24,12 @@
  * Every lifecycle event (snapshot, clone, grow) is appended to events.log in the
  * sidecar directory, one line each ("snapshot", "clone NAME", "grow BYTES").
  *
+ * Health (ABI 1.4, when built against a header that has it): the file `health` in the
+ * sidecar directory says what `health` answers: "ok", "degraded REASON", "failed
+ * REASON", or a number (returned as it is: an out-of-range value). No file: ok. It also
+ * reports the statistics lag_seconds and rpo_seconds when the file `lag` there holds
+ * "LAG RPO".
+ *
  * Run-time behaviours (parameter `behaviour`):
  *   veto-snapshot   refuse snapshots with EBUSY (after logging them)
  *   veto-grow       refuse growing with ENOSPC (after logging it)
@@ -591,6 +597,46 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
     return IOF_PASS;
 }
 
+/* --- health and lag, read from the sidecar (see the top) -------------------------- */
+
+static int read_sidecar(struct instance *inst, const char *name, char *text, size_t size)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", inst->sidecar, name);
+    FILE *file = fopen(path, "r");
+    if (!file) return -1;
+    size_t n = fread(text, 1, size - 1, file);
+    fclose(file);
+    text[n] = 0;
+    while (n > 0 && (text[n - 1] == '\n' || text[n - 1] == ' ')) text[--n] = 0;
+    return 0;
+}
+
+static void tf_stats(void *instance, iof_stat_emitter emit, void *emit_ctx)
+{
+    char text[128];
+    double lag, rpo;
+    emit(emit_ctx, "opened", 1);
+    if (read_sidecar(instance, "lag", text, sizeof text) == 0 && sscanf(text, "%lf %lf", &lag, &rpo) == 2) {
+        emit(emit_ctx, "lag_seconds", lag);
+        emit(emit_ctx, "rpo_seconds", rpo);
+    }
+}
+
+#if IOF_ABI_MINOR >= 4
+static enum iof_health tf_health(void *instance, char *reason, size_t reason_size)
+{
+    char text[1024];
+    if (read_sidecar(instance, "health", text, sizeof text) != 0) return IOF_HEALTH_OK;
+    const char *space = strchr(text, ' ');
+    snprintf(reason, reason_size, "%s", space ? space + 1 : "");
+    if (strncmp(text, "degraded", 8) == 0) return IOF_HEALTH_DEGRADED;
+    if (strncmp(text, "failed", 6) == 0) return IOF_HEALTH_FAILED;
+    if (strncmp(text, "ok", 2) == 0) return IOF_HEALTH_OK;
+    return (enum iof_health)atoi(text);
+}
+#endif
+
 /* --- descriptor ------------------------------------------------------------------- */
 
 #ifdef BAD_ENUM_SCHEMA
@@ -802,11 +848,15 @@ static const struct iof_plugin descriptor = {
 #endif
     .done = tf_done,
     .event = tf_event,
+    .stats = tf_stats,
 #ifdef WITH_DAEMON
     .daemon_main = tf_daemon_main,
 #if defined(DAEMON_LISTENS) && IOF_ABI_MINOR >= 3
     .daemon_flags = IOF_DAEMON_LISTENS,
 #endif
+#endif
+#if IOF_ABI_MINOR >= 4
+    .health = tf_health,
 #endif
 };
 

@@ -1,0 +1,93 @@
+import IOFilterPosix
+
+/// The console's live streams that are open. A stream waits here between updates, so
+/// that revoking its token or stopping the host ends it at once instead of at its next
+/// update, and a host that is stopping never waits for a console to go away.
+public final class LiveStreams: @unchecked Sendable {
+    // @unchecked: everything under `lock`.
+    private let lock = ConditionLock()
+    /// Open streams: id to the token they were opened with (nil: a unix-socket caller).
+    private var open: [Int: String?] = [:]
+    private var ended: Set<Int> = []
+    private var nextID = 0
+    private var closing = false
+
+    public init() {}
+
+    /// Registers a stream; nil once the host is stopping.
+    public func begin(tokenID: String?) -> Int? {
+        lock.withLock {
+            guard !closing else { return nil }
+            nextID += 1
+            open[nextID] = tokenID
+            return nextID
+        }
+    }
+
+    public func finish(_ id: Int) {
+        lock.withLock {
+            open[id] = nil
+            ended.remove(id)
+        }
+    }
+
+    /// Waits `seconds`; false if the stream must end now.
+    public func wait(_ id: Int, seconds: Double) -> Bool {
+        lock.withLock {
+            let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+            while !closing && !ended.contains(id) {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { break }
+                _ = lock.wait(nanoseconds: deadline - now)
+            }
+            return !closing && !ended.contains(id)
+        }
+    }
+
+    /// Whether the stream must end (without waiting).
+    public func isEnded(_ id: Int) -> Bool { lock.withLock { closing || ended.contains(id) } }
+
+    /// Ends every stream opened with this token.
+    public func end(tokenID: String) {
+        lock.withLock {
+            for (id, token) in open where token == tokenID { ended.insert(id) }
+            lock.broadcast()
+        }
+    }
+
+    /// Ends every stream and refuses new ones: the host is stopping.
+    public func endAll() {
+        lock.withLock {
+            closing = true
+            lock.broadcast()
+        }
+    }
+
+    public var count: Int { lock.withLock { open.count } }
+}
+
+/// Failed sign-ins per peer: the first in a minute is an event at once, the rest of
+/// that minute are counted into the next one, so a flood cannot push every other event
+/// out of the bounded log.
+final class SignInFailures: @unchecked Sendable {
+    // @unchecked: under `lock`.
+    private let lock = ConditionLock()
+    private var peers: [String: (lastEvent: UInt64, suppressed: Int)] = [:]
+    static let quietSeconds = 60.0
+
+    /// How many failures to report now for `peer` (including suppressed ones), or nil
+    /// to stay quiet.
+    func failed(_ peer: String) -> Int? {
+        lock.withLock {
+            let now = monotonicNanoseconds()
+            if peers.count > 4096 { peers = peers.filter { Double(now - $0.value.lastEvent) / 1e9 < Self.quietSeconds } }
+            if let entry = peers[peer], Double(now - entry.lastEvent) / 1e9 < Self.quietSeconds {
+                peers[peer] = (entry.lastEvent, entry.suppressed + 1)
+                return nil
+            }
+            let count = (peers[peer]?.suppressed ?? 0) + 1
+            peers[peer] = (now, 0)
+            return count
+        }
+    }
+}
