@@ -14,7 +14,9 @@
 # nbdsh's Python module (python3-libnbd: fast-zero, cache and block-status requests),
 # gnutls-bin (psktool and certtool make the NBD TLS tests' keys and certificates) and
 # schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document,
-# and prometheus-client (from PyPI), whose parser reads /metrics in the tests.
+# and prometheus-client (from PyPI), whose parser reads /metrics in the tests; and
+# promtool, taken out of Debian's prometheus package without installing the server
+# (nothing starts listening), which checks the alert rules install.sh ships.
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev nettle-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
 [ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils"
@@ -37,4 +39,13 @@ fi
 if [ "${1:-}" = "--tests" ] && ! python3 -c 'import prometheus_client' 2>/dev/null; then
     echo "installing: prometheus-client (PyPI)" >&2
     python3 -m pip install -q prometheus-client >&2 || python3 -m pip install -q --break-system-packages prometheus-client >&2
+fi
+if [ "${1:-}" = "--tests" ] && ! command -v promtool >/dev/null 2>&1 && [ ! -x /usr/local/libexec/iofilter-tests/promtool ]; then
+    echo "installing: promtool (from Debian's prometheus package)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    unpack=$(mktemp -d)
+    (cd "$unpack" && apt-get download -q prometheus >&2 && dpkg-deb -x prometheus_*.deb root)
+    $SUDO install -D -m 0755 "$unpack/root/usr/bin/promtool" /usr/local/libexec/iofilter-tests/promtool
+    rm -rf "$unpack"
 fi

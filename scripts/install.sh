@@ -8,6 +8,7 @@
 #   PREFIX/lib/iofilter/plugins/*.so               the sample plug-ins (iofilterd --demo uses them)
 #   PREFIX/share/man/man1/*.1                      a manual page for every command
 #   PREFIX/share/{bash-completion,zsh,fish}/...    shell completions
+#   PREFIX/share/iofilter/alerts.yml               Prometheus alert rules for /metrics
 #   PREFIX/lib/systemd/system/iofilterd.service    the host as a systemd service
 #
 #   sh scripts/install.sh [--prefix /usr/local] [--destdir DIR] [--from BIN-DIR]
@@ -51,6 +52,8 @@ install -d "$root/bin" "$root/libexec/iofilter" "$root/include" "$root/lib/pkgco
 install -m 0755 "$from/iofilter" "$from/iofilterd" "$root/bin/"
 install -m 0755 "$from/iofilter-worker" "$root/libexec/iofilter/"
 install -m 0644 include/iofilter.h "$root/include/"
+install -d "$root/share/iofilter"
+install -m 0644 scripts/share/alerts.yml "$root/share/iofilter/"
 for sample in passthrough-c cache replication template; do
     install -m 0755 "$from/libiofilter-$sample.so" "$root/lib/iofilter/plugins/"
 done

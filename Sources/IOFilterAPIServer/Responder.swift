@@ -51,12 +51,17 @@ struct Responder: HTTPResponder {
         }
         var headers: [String: String] = [:]
         for field in request.headers { headers[field.name.canonicalName] = field.value }
+        // Refused on its declared length, before any of it is read: a client that waits
+        // for an answer before sending the rest gets one instead of a closed connection.
+        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > APIServer.maximumBodyBytes {
+            return Self.tooLarge(closing: true)
+        }
         let body: ByteBuffer
         do {
             var request = request
             body = try await request.collectBody(upTo: APIServer.maximumBodyBytes)
         } catch {
-            return Self.error(413, "bad-request", "the body is larger than \(APIServer.maximumBodyBytes) bytes")
+            return Self.tooLarge(closing: true)
         }
         // HEAD is GET without the body (RFC 9110 9.3.2); Hummingbird drops the body.
         let method = request.method == .head ? "GET" : request.method.rawValue
@@ -105,6 +110,13 @@ struct Responder: HTTPResponder {
         return Response(
             status: .init(code: answer.status), headers: fields,
             body: .init(byteBuffer: ByteBuffer(bytes: answer.body)))
+    }
+
+    /// 413, and the connection closes after it: the rest of the body is not read.
+    static func tooLarge(closing: Bool) -> Response {
+        var response = error(413, "too-large", "the body is larger than \(APIServer.maximumBodyBytes) bytes, the most this API takes")
+        if closing { response.headers[.connection] = "close" }
+        return response
     }
 
     static func error(_ status: Int, _ code: String, _ message: String) -> Response {

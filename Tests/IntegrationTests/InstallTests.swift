@@ -57,6 +57,19 @@ struct InstallTests {
         #expect(rendered.stdout.contains("--cpu-weight"), "\(rendered.stdout.prefix(400))")
         #expect(try Harness.run("/bin/bash", ["-n", "\(prefix)/share/bash-completion/completions/iofilter"]).status == 0)
         #expect(FileManager.default.fileExists(atPath: "\(prefix)/share/zsh/site-functions/_iofilter"))
+        // The Prometheus alert rules: valid, and each fires on the series a host in that
+        // state exports (promtool's unit tests, Fixtures/alerts-test.yml).
+        let rules = "\(prefix)/share/iofilter/alerts.yml"
+        #expect(FileManager.default.fileExists(atPath: rules))
+        let promtool = try #require(Harness.promtool, "promtool is missing: run scripts/install-dependencies.sh --tests")
+        let checked = try Harness.run(promtool, ["check", "rules", rules])
+        #expect(checked.status == 0 && checked.stdout.contains("SUCCESS: 7 rules found"), "\(checked.stdout) \(checked.stderr)")
+        let ruleTests = directory.appendingPathComponent("alerts-test.yml")
+        let template = try String(contentsOf: Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/alerts-test.yml"), encoding: .utf8)
+        try template.replacingOccurrences(of: "ALERTS_FILE", with: rules).write(to: ruleTests, atomically: true, encoding: .utf8)
+        let fired = try Harness.run(promtool, ["test", "rules", ruleTests.path])
+        #expect(fired.status == 0, "promtool test rules: \(fired.stdout) \(fired.stderr)")
+
         let unit = "\(prefix)/lib/systemd/system/iofilterd.service"
         #expect((try? String(contentsOfFile: unit, encoding: .utf8))?.contains("ExecStart=\(prefix)/bin/iofilterd") == true)
         if FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze") {

@@ -42,6 +42,11 @@ enum Harness {
                     output: directory.appendingPathComponent("\(name).so").path, defines: defines, header: header)
     }
 
+    /// promtool (scripts/install-dependencies.sh --tests unpacks it from Debian's
+    /// prometheus package when it is not on PATH).
+    static let promtool: String? = ["/usr/local/libexec/iofilter-tests/promtool", "/usr/bin/promtool"]
+        .first { FileManager.default.isExecutableFile(atPath: $0) }
+
     /// The header of ABI 1.0, as released: plug-ins built against it must keep loading.
     static let abi10Header = repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/abi-1.0").path
 

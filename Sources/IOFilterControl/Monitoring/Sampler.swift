@@ -159,6 +159,11 @@ final class Sampler: @unchecked Sendable {
                 record("rpo-met", key, "replication lag \(Int(lag.lag))s is within the RPO of \(Int(lag.rpo))s again", .info)
             }
         }
+        // A filter that stopped reporting its lag (the worker answered, the filter is
+        // still there) is no longer behind as far as the host can tell.
+        for (key, lag) in old.lags.sorted(by: { $0.key < $1.key }) where lag.past && new.lags[key] == nil && new.filters[key] != nil {
+            record("rpo-met", key, "the filter no longer reports its lag (it was \(Int(lag.lag))s, past the RPO of \(Int(lag.rpo))s)", .info)
+        }
     }
 
     fileprivate func warn(_ message: String) { logger.warning("\(message)") }
