@@ -81,7 +81,7 @@ struct ConsoleTests {
         fio.standardError = FileHandle.nullDevice
         try fio.run()
         defer { if fio.isRunning { fio.terminate() } }
-        let iops = Self.text("[data-vm=web] [data-metric=iops]")
+        let iops = Self.text("[data-vm=web] [data-metric=read-iops]")
         let hits = Self.text("[data-filter='web/\(Self.cache)'] [data-stat=hits]")
         let live = try browser.run([
             ["navigate": "\(base)/#token=\(operatorToken)"],
@@ -116,6 +116,7 @@ struct ConsoleTests {
         #expect(live["hash"] as? String == "", "the token leaves the address bar")
         #expect(live["whoami"] as? String == "token console-operator · operator")
         #expect(live["badge"] as? String == "live")
+        #expect((live["errors"] as? [Any])?.isEmpty == true, "the page reported errors: \(live["errors"] ?? "")")
         let before = Int((live["hits1"] as? String ?? "").replacingOccurrences(of: ",", with: "")) ?? -1
         let after = Int((live["hits2"] as? String ?? "").replacingOccurrences(of: ",", with: "")) ?? -1
         #expect(before >= 0 && after > before, "the cache's hits move while fio runs: \(live)")
@@ -164,5 +165,138 @@ struct ConsoleTests {
         #expect((admin["fields"] as? String ?? "").contains("size") && (admin["fields"] as? String ?? "").contains("mode"), "\(admin)")
         let silver: Policy = try daemon.json(["policy", "show", "silver"])
         #expect(silver.filters.first?.plugin == Self.cache && silver.filters.first?.parameters == ["size": "32M", "mode": "write-back"])
+    }
+
+    /// What an operator sees when things go wrong: a degraded filter (its reason, its lag
+    /// against the RPO, a warning event), charts of the last hour with axes and units,
+    /// the same at phone width without sideways scrolling, a host that went away (a
+    /// banner with the time of the last update, no state shown as current), and a
+    /// revoked token (signed out at once). The page reports no errors while the host is
+    /// up. Screenshots at 1400 and 390 px are kept for people to look at.
+    @Test func consoleShowsHealthChartsAndAHostThatWentAway() throws {
+        let port = Harness.freePort()
+        let daemon = try Daemon(arguments: ["--listen", "127.0.0.1:\(port)", "--sample-interval", "1"])
+        defer { daemon.kill(SIGKILL) }
+        let base = "http://127.0.0.1:\(port)"
+        let test = try Harness.buildTestPlugin("console-health", in: directory)
+        try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-cache"), test])
+        try daemon.ok(["policy", "create", "cached", "--filter", "\(Self.cache):size=32M"])
+        try daemon.ok(["policy", "create", "watched", "--filter", "org.test.filter"])
+        try daemon.ok(["disk", "create", "web", "--size", "64M", "--policy", "cached"])
+        try daemon.ok(["disk", "create", "db", "--size", "16M", "--policy", "watched"])
+        try daemon.ok(["vm", "create", "web", "--disk", "web"])
+        try daemon.ok(["vm", "create", "db", "--disk", "db"])
+        let web: VMInfo = try daemon.json(["vm", "start", "web"])
+        try daemon.ok(["vm", "start", "db"])
+        let uri = try #require(web.uris["web"])
+        // Some history to draw: a few seconds of mixed I/O.
+        _ = try Harness.run("/usr/bin/fio", ["--name=history", "--ioengine=nbd", "--uri=\(uri)", "--rw=randrw", "--bs=4k", "--iodepth=4",
+                                              "--size=32M", "--time_based", "--runtime=6", "--output=/dev/null"], timeout: 60)
+        // The test filter says what its sidecar files say: degraded, 45 s behind a 15 s RPO.
+        let sidecar = daemon.state.appendingPathComponent("disks/db.state/org.test.filter")
+        try "degraded replica target unreachable since 12:00".write(to: sidecar.appendingPathComponent("health"), atomically: true, encoding: .utf8)
+        try "45 15".write(to: sidecar.appendingPathComponent("lag"), atomically: true, encoding: .utf8)
+        let token: TokenInfo = try daemon.json(["token", "create", "console-watch", "--role", "operator"])
+        let secret = try #require(token.token)
+        let browser = Browser(directory: directory)
+
+        let noOverflow = "document.documentElement.scrollWidth <= window.innerWidth + 1"
+        let seen = try browser.run([
+            ["navigate": "\(base)/#token=\(secret)"],
+            ["wait": "document.querySelector('[data-vm=db] [data-health=degraded]')", "timeout": 20],
+            ["read": Self.text("[data-vm=db] .reason"), "as": "reason"],
+            ["read": Self.text("[data-filter='db/org.test.filter'] .lag span"), "as": "lag"],
+            ["read": Self.text("#host-health"), "as": "hostHealth"],
+            // The VM list filters and sorts (the filter by any name shown).
+            ["type": "#vm-filter", "text": "db"],
+            ["read": "document.querySelectorAll('article[data-vm]').length", "as": "filtered"],
+            ["type": "#vm-filter", "text": ""],
+            ["read": "(() => { const s = document.querySelector('#vm-sort'); s.value = 'health'; s.dispatchEvent(new Event('change')); return document.querySelector('article[data-vm]').dataset.vm })()", "as": "worstFirst"],
+            ["click": "[data-charts=web] summary"],
+            ["wait": "document.querySelectorAll('[data-chart-holder=web] svg.chart polyline').length >= 2", "timeout": 20],
+            ["read": "Array.from(document.querySelectorAll('[data-chart-holder=web] figcaption')).map(e => e.textContent).join('|')", "as": "charts"],
+            ["read": "Array.from(document.querySelectorAll('[data-chart-holder=web] svg.chart text.axis')).map(e => e.textContent).join('|')", "as": "axes"],
+            ["read": Self.text("[data-vm=web] [data-metric=read-throughput]"), "as": "throughput"],
+            // Live updates and a re-sort leave an open chart panel open.
+            ["read": "(() => { const s = document.querySelector('#vm-sort'); s.value = 'name'; s.dispatchEvent(new Event('change')); return 1 })()", "as": "resorted"],
+            ["sleep": 2.5],
+            ["read": "document.querySelector('[data-charts=web]').open && document.querySelectorAll('[data-chart-holder=web] svg.chart').length >= 3", "as": "chartsStayOpen"],
+            browser.shot("7-health-desktop"),
+            ["click": "#tabs button[data-tab=events]"],
+            ["wait": "document.querySelector('[data-event=filter-degraded] [data-severity=warning]')", "timeout": 15],
+            ["wait": "document.querySelector('[data-event=rpo-exceeded]')", "timeout": 15],
+            ["read": "(() => { const s = document.querySelector('#event-severity'); s.value = 'warning'; s.dispatchEvent(new Event('change')); return Array.from(document.querySelectorAll('#event-rows [data-severity]')).every(e => e.dataset.severity !== 'info') })()", "as": "onlyWarnings"],
+            browser.shot("8-events-desktop"),
+            // A phone: nothing scrolls sideways, the tabs are reachable.
+            ["viewport": [390, 844]],
+            ["click": "#tabs button[data-tab=vms]"],
+            ["sleep": 1.5],
+            ["read": noOverflow, "as": "vmsFit"],
+            ["read": "document.querySelector('#tabs button[data-tab=events]').getBoundingClientRect().right <= window.innerWidth || document.querySelector('#tabs').scrollWidth > document.querySelector('#tabs').clientWidth", "as": "tabsReachable"],
+            browser.shot("9-vms-phone"),
+            ["click": "#tabs button[data-tab=disks]"],
+            ["sleep": 0.5],
+            ["read": noOverflow, "as": "disksFit"],
+            browser.shot("10-disks-phone"),
+            ["click": "#tabs button[data-tab=events]"],
+            ["sleep": 0.5],
+            ["read": noOverflow, "as": "eventsFit"],
+            browser.shot("11-events-phone"),
+            ["click": "#tabs button[data-tab=vms]"],
+        ], name: "health")
+        #expect((seen["reason"] as? String ?? "").contains("replica target unreachable since 12:00"), "\(seen)")
+        #expect((seen["lag"] as? String ?? "") == "lag 45 s of 15 s RPO", "\(seen)")
+        #expect(seen["hostHealth"] as? String == "host degraded")
+        let charts = seen["charts"] as? String ?? ""
+        #expect(charts.contains("web · IOPS") && charts.contains("web · throughput") && charts.contains("web · latency"), "\(charts)")
+        #expect((seen["axes"] as? String ?? "").contains("/s") && (seen["axes"] as? String ?? "").contains("ms"), "axes carry units: \(seen["axes"] ?? "")")
+        #expect((seen["throughput"] as? String ?? "").hasSuffix("/s"))
+        #expect(seen["filtered"] as? Int == 1)
+        #expect(seen["chartsStayOpen"] as? Bool == true)
+        #expect(seen["worstFirst"] as? String == "db")
+        #expect(seen["onlyWarnings"] as? Bool == true)
+        #expect(seen["vmsFit"] as? Bool == true && seen["disksFit"] as? Bool == true && seen["eventsFit"] as? Bool == true, "\(seen)")
+        #expect(seen["tabsReachable"] as? Bool == true)
+        #expect((seen["errors"] as? [Any])?.isEmpty == true, "the page reported errors: \(seen["errors"] ?? "")")
+
+        // Revoking the token signs the console out at once; signing out by hand works too.
+        let revoked = try browser.run([
+            ["navigate": "\(base)/#token=\(secret)"],
+            ["wait": "document.querySelector('#live-state').textContent === 'live'", "timeout": 15],
+            ["shell": "\(Harness.iofilter) token revoke console-watch --socket \(daemon.socket)"],
+            ["wait": "!document.querySelector('#login').hidden", "timeout": 5],
+            ["read": Self.text("#login-error"), "as": "why"],
+        ], name: "revoked")
+        #expect((revoked["why"] as? String ?? "").contains("Signed out"), "\(revoked)")
+        let other: TokenInfo = try daemon.json(["token", "create", "console-again", "--role", "read-only"])
+        let signedOut = try browser.run([
+            ["navigate": "\(base)/#token=\(try #require(other.token))"],
+            ["wait": "!document.querySelector('#account').hidden", "timeout": 15],
+            ["click": "#sign-out"],
+            ["read": "!document.querySelector('#login').hidden && document.querySelector('#tabs').hidden", "as": "out"],
+            ["read": "sessionStorage.getItem('iofilter-token')", "as": "kept"],
+        ], name: "sign-out")
+        #expect(signedOut["out"] as? Bool == true && signedOut["kept"] is NSNull, "\(signedOut)")
+
+        // The host goes away under an open page: the page says so, with the time of the
+        // last update, and shows no state as current.
+        let fresh: TokenInfo = try daemon.json(["token", "create", "console-gone", "--role", "read-only"])
+        let pid = try #require(daemon.process?.processIdentifier)
+        let gone = try browser.run([
+            ["navigate": "\(base)/#token=\(try #require(fresh.token))"],
+            ["wait": "document.querySelector('#live-state').textContent === 'live'", "timeout": 15],
+            ["shell": "kill -9 \(pid)"],
+            ["wait": "!document.querySelector('#stale').hidden", "timeout": 15],
+            ["read": Self.text("#stale"), "as": "banner"],
+            ["read": "Array.from(document.querySelectorAll('article[data-vm] [data-state]')).map(e => e.textContent).join(',')", "as": "states"],
+            ["read": Self.text("#host-health"), "as": "hostHealth"],
+            browser.shot("12-host-gone-desktop"),
+            ["viewport": [390, 844]],
+            ["sleep": 0.5],
+            browser.shot("13-host-gone-phone"),
+        ], name: "gone")
+        #expect((gone["banner"] as? String ?? "").contains("last updated at"), "\(gone)")
+        #expect(gone["states"] as? String == "unknown,unknown", "\(gone)")
+        #expect(gone["hostHealth"] as? String == "unknown")
     }
 }

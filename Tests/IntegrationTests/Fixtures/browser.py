@@ -13,8 +13,12 @@ A plan is a list of steps:
     {"type": CSS-SELECTOR, "text": TEXT}
     {"sleep": SECONDS}
     {"screenshot": PATH}
+    {"viewport": [WIDTH, HEIGHT]}                  a phone is [390, 844] (mobile emulation)
+    {"shell": COMMAND}                             runs it (to kill the host under the page)
 A failed wait stops the plan: the output then has "failed" (which step) and "page"
-(the page's text), and the exit status is 1.
+(the page's text), and the exit status is 1. The output's "errors" lists what the page
+reported as an error: uncaught exceptions, console.error calls, and log entries of level
+error (a refused script or style, a failed request), each with its source.
 """
 import base64, json, os, subprocess, sys, tempfile, time
 
@@ -39,11 +43,13 @@ class Browser:
         self.buffer = b""
         self.next_id = 0
         self.session = None
+        self.errors = []
         targets = self.call("Target.getTargets")["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
         self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
         self.call("Page.enable")
         self.call("Runtime.enable")
+        self.call("Log.enable")
 
     def call(self, method, **params):
         self.next_id += 1
@@ -59,10 +65,22 @@ class Browser:
                 self.buffer += chunk
             raw, self.buffer = self.buffer.split(b"\0", 1)
             answer = json.loads(raw)
+            self.note(answer)
             if answer.get("id") == self.next_id:
                 if "error" in answer:
                     raise RuntimeError(f"{method}: {answer['error']}")
                 return answer.get("result", {})
+
+    def note(self, message):
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            details = params.get("exceptionDetails", {})
+            self.errors.append({"source": "exception", "text": details.get("exception", {}).get("description") or details.get("text")})
+        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+            self.errors.append({"source": "console", "text": " ".join(str(a.get("value", a.get("description"))) for a in params.get("args", []))})
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            entry = params["entry"]
+            self.errors.append({"source": entry.get("source"), "text": entry.get("text"), "url": entry.get("url")})
 
     def evaluate(self, expression):
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -104,11 +122,18 @@ def main():
                 browser.evaluate(f"(() => {{ const e = document.querySelector({selector}); e.value = {json.dumps(step['text'])}; e.dispatchEvent(new Event('input')); }})()")
             elif "sleep" in step:
                 time.sleep(step["sleep"])
+            elif "viewport" in step:
+                width, height = step["viewport"]
+                browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=width < 700)
+                time.sleep(0.3)
+            elif "shell" in step:
+                subprocess.run(["/bin/sh", "-c", step["shell"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
             elif "screenshot" in step:
                 data = browser.call("Page.captureScreenshot", format="png")["data"]
                 with open(step["screenshot"], "wb") as file:
                     file.write(base64.b64decode(data))
     finally:
+        output["errors"] = browser.errors
         browser.close()
         print(json.dumps(output))
         sys.exit(status)
