@@ -90,14 +90,18 @@ public struct VMHistory: Codable, Sendable {
 public struct HistoryPoint: Codable, Sendable, Equatable {
     /// Seconds since 1970, at the end of the interval.
     public var time: Double
+    /// How long the interval was (rates times this are what it counted); longer than the
+    /// sampling interval after a gap (a crash, a host that was busy).
+    public var seconds: Double
     /// nil while the worker did not answer.
     public var health: HealthStatus?
     public var disks: [DiskRates]
     /// Each filter's own figures at that time.
     public var filters: [FilterSample]
 
-    public init(time: Double, health: HealthStatus?, disks: [DiskRates], filters: [FilterSample]) {
+    public init(time: Double, seconds: Double, health: HealthStatus?, disks: [DiskRates], filters: [FilterSample]) {
         self.time = time
+        self.seconds = seconds
         self.health = health
         self.disks = disks
         self.filters = filters

@@ -174,7 +174,7 @@ public struct APIRouter: Sendable {
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             repeat {
                 if let token = caller.tokenID, !host.tokenIsValid(token) { break }
-                let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name)) ?? vm) : vm }
+                let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name, maxAge: 1)) ?? vm) : vm }
                 let snapshot = LiveSnapshot(time: Date().timeIntervalSince1970, vms: vms, disks: (try? host.listDisks()) ?? [],
                                             events: (try? host.events(limit: 50)) ?? [])
                 guard !streams.isEnded(id), let data = try? encoder.encode(snapshot),
@@ -278,7 +278,7 @@ extension APIRouter {
                 return try host.events(limit: limit, severity: severity)
             },
             route("GET", "/health", "getHealth",
-                  "Every VM's health, its disks' and their filters' (with replication lag against its RPO), sampled at most a second ago.",
+                  "Every VM's health, its disks' and their filters' (with replication lag against its RPO), sampled for this call.",
                   (200, "HostHealth")) { _ in try host.health() },
 
             route("GET", "/alerts", "listAlerts", "Alert subscriptions: where events of a severity and above are sent.",

@@ -104,8 +104,9 @@ enum OpenAPIDocument {
         ], required: ["disk", "readIOPS", "writeIOPS", "otherIOPS", "readBytesPerSecond", "writeBytesPerSecond", "errorsPerSecond"]),
         "FilterSample": .object(["disk": .string, "plugin": .string, "health": health, "stats": .map(.number)],
                                 required: ["disk", "plugin", "health", "stats"]),
-        "HistoryPoint": .object(["time": .number, "health": health, "disks": .array(.ref("DiskRates")), "filters": .array(.ref("FilterSample"))],
-                                required: ["time", "disks", "filters"]),
+        "HistoryPoint": .object(["time": .number, "seconds": .number, "health": health, "disks": .array(.ref("DiskRates")),
+                                 "filters": .array(.ref("FilterSample"))],
+                                required: ["time", "seconds", "disks", "filters"]),
         "VMHistory": .object(["vm": .string, "intervalSeconds": .number, "points": .array(.ref("HistoryPoint"))],
                              required: ["vm", "intervalSeconds", "points"]),
         "AlertSubscription": .object([

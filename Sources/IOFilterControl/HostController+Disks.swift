@@ -36,7 +36,7 @@ extension HostController {
         let disk = try showDisk(name)
         var compliance = disk.compliance
         if let vm = disk.vm, sessions.isRunning(vm) {
-            _ = sampler.sample(vm, maxAge: 1)
+            _ = sampler.sample(vm, maxAge: 0)
             compliance.health = try lastHealth(of: read { db in try diskRow(name, db) })
         }
         return compliance

@@ -5,11 +5,11 @@ import IOFilterModel
 
 /// Health, history and alerts: what the sampler saw, and where events go.
 extension HostController {
-    /// Every VM's health, its disks' and their filters', sampled at most a second ago.
+    /// Every VM's health, its disks' and their filters', sampled for this call.
     public func health() throws(ControlError) -> HostHealth {
         let rows = try read { db in try VMRow.order(Column("name")).fetchAll(db) }
         let vms = rows.map { row -> VMHealth in
-            guard let sample = sampler.sample(row.name, maxAge: 1) else {
+            guard let sample = sampler.sample(row.name, maxAge: 0) else {
                 return VMHealth(name: row.name, state: .stopped, health: nil, restarts: 0, sampledAt: nil, disks: [])
             }
             return VMHealth(name: row.name, state: .running, health: sample.health, restarts: sample.restarts, sampledAt: sample.time,

@@ -12,12 +12,12 @@ extension HostController {
         return row
     }
 
-    /// A VM as the API shows it. With statistics, its worker is sampled (at most a
-    /// second ago: the sampler answers every reader from one question); without, the
-    /// last sample's health and rates come along for free.
-    func vmInfo(_ row: VMRow, withStatistics: Bool) -> VMInfo {
+    /// A VM as the API shows it. With statistics, its worker is sampled `maxAge` seconds
+    /// ago at most (the sampler answers concurrent readers from one question); without,
+    /// the last sample's health and rates come along for free.
+    func vmInfo(_ row: VMRow, withStatistics: Bool, maxAge: Double = 0) -> VMInfo {
         let worker = sessions.vm(row.name)
-        let sample = withStatistics ? sampler.sample(row.name, maxAge: 1) : sampler.latest(row.name)
+        let sample = withStatistics ? sampler.sample(row.name, maxAge: maxAge) : sampler.latest(row.name)
         var uris: [String: String] = [:]
         for disk in row.disks { uris[disk] = worker?.uri(disk) }
         var info = VMInfo(
@@ -35,9 +35,11 @@ extension HostController {
         try read { db in try VMRow.order(Column("name")).fetchAll(db) }.map { vmInfo($0, withStatistics: false) }
     }
 
-    /// One VM, with each filter's live statistics while it runs.
-    public func showVM(_ name: String) throws(ControlError) -> VMInfo {
-        vmInfo(try read { db in try vmRow(name, db) }, withStatistics: true)
+    /// One VM, with each filter's live statistics while it runs: fresh for a caller who
+    /// asks once, at most `maxAge` seconds old for one that asks every second (the
+    /// console's live stream), so that any number of those cost the worker one question.
+    public func showVM(_ name: String, maxAge: Double = 0) throws(ControlError) -> VMInfo {
+        vmInfo(try read { db in try vmRow(name, db) }, withStatistics: true, maxAge: maxAge)
     }
 
     public func createVM(_ request: VMCreateRequest) throws(ControlError) -> VMInfo {

@@ -24,12 +24,14 @@ struct HealthCommand: ParsableCommand {
     func run() throws {
         var status = HealthStatus.ok
         try reportingFailures {
-            try daemon.client.run("GET", "/health", as: HostHealth.self) { health in
-                let vms = health.vms.filter { vm == nil || $0.name == vm }
-                status = vms.compactMap(\.health?.status).max() ?? .ok
-                return vms.isEmpty ? (vm.map { "no VM \($0)" } ?? "no VMs") : vms.map(Self.describe).joined(separator: "\n")
-            }
+            let client = try daemon.client
+            let (health, raw) = try client.send("GET", "/health", as: HostHealth.self)
+            let vms = health.vms.filter { vm == nil || $0.name == vm }
+            if let vm, vms.isEmpty { throw CLIFailure(description: "no VM \(vm) (see `iofilter vm list`)") }
+            status = vms.compactMap(\.health?.status).max() ?? .ok
+            print(client.json ? APIClient.pretty(raw) : vms.isEmpty ? "no VMs" : vms.map(Self.describe).joined(separator: "\n"))
         }
+        // The status speaks for scripts whether the output is text or JSON.
         switch status {
         case .ok: break
         case .degraded: throw ExitCode(2)

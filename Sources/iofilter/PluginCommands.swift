@@ -31,6 +31,7 @@ extension IOFilterCommand.Plugin {
                 } else {
                     print(Show.describe(PluginInfo(manifest: manifest, installedAt: "", attachedTo: []), installed: false))
                     print("  built for ABI \(manifest.abiMajor).\(manifest.abiMinor) (this host speaks \(Release.abi))")
+                    print("  callbacks: \(manifest.callbacks.joined(separator: ", "))")
                 }
             case .failure(let error):
                 printError(error.description)

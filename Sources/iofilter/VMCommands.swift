@@ -37,8 +37,9 @@ struct VMCommand: ParsableCommand {
             if let rates = vm.rates?.first(where: { $0.disk == disk }) { lines.append("    " + HealthCommand.describe(rates)) }
             for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
                 let stats = filter.stats.sorted { $0.key < $1.key }.map { "\($0.key)=\(number($0.value))" }.joined(separator: " ")
+                lines.append("    \(filter.plugin) \(filter.version) [\(filter.category.rawValue)]: \(stats)")
                 let health = HealthRules.filter(filter)
-                lines.append("    \(filter.plugin) \(filter.version) [\(filter.category.rawValue)] \(health): \(stats)")
+                if health.status != .ok { lines.append("      health: \(health)") }
             }
         }
         return lines.joined(separator: "\n")

@@ -128,3 +128,66 @@ struct ManagementArgumentTests {
         #expect(throws: ValidationError.self) { try op.convert(arguments: ["1", "0.5", "perhaps", "x"], plugin: "p") }
     }
 }
+
+@Suite("health and rates")
+struct HealthAndRateTests {
+    static func op(_ name: String, requests: UInt64, bytes: UInt64 = 0, errors: UInt64 = 0, buckets: [UInt64]) -> OperationStatistics {
+        // Bounds 1 ms, 10 ms, +Inf; `buckets` are cumulative counts.
+        OperationStatistics(op: name, requests: requests, bytes: bytes, errors: errors, latencySeconds: 0,
+                            latencyBuckets: zip([0.001, 0.01, Double.infinity], buckets).map { LatencyBucket(le: $0.0, count: $0.1) })
+    }
+
+    @Test func ratesSplitReadAndWriteAndGivePercentiles() {
+        let earlier = [Self.op("read", requests: 100, bytes: 409_600, buckets: [100, 100, 100]), Self.op("write", requests: 10, bytes: 40_960, buckets: [10, 10, 10])]
+        // In 2 s: 200 reads (100 under 1 ms, 100 between 1 and 10 ms), 20 writes, 2 flushes, one error.
+        let later = [Self.op("read", requests: 300, bytes: 1_228_800, buckets: [200, 300, 300]),
+                     Self.op("write", requests: 30, bytes: 122_880, errors: 1, buckets: [30, 30, 30]),
+                     Self.op("flush", requests: 2, buckets: [2, 2, 2])]
+        let rates = DiskRates.between(earlier, later, disk: "d", seconds: 2)
+        #expect(rates.readIOPS == 100 && rates.writeIOPS == 10 && rates.otherIOPS == 1)
+        #expect(rates.readBytesPerSecond == 409_600 && rates.writeBytesPerSecond == 40_960 && rates.errorsPerSecond == 0.5)
+        // 222 requests: 122 under 1 ms, 100 in (1, 10] ms. The median is the 111th: inside the first bucket.
+        let p50 = try! #require(rates.latencyP50Milliseconds)
+        #expect(abs(p50 - 111.0 / 122.0) < 1e-9)
+        let p99 = try! #require(rates.latencyP99Milliseconds)
+        #expect(p99 > 9 && p99 <= 10)
+    }
+
+    @Test func aRestartedWorkersCountersNeverMakeANegativeRate() {
+        let old = [Self.op("write", requests: 5000, bytes: 20_480_000, buckets: [5000, 5000, 5000])]
+        let restarted = [Self.op("write", requests: 40, bytes: 163_840, buckets: [40, 40, 40])]
+        let rates = DiskRates.between(old, restarted, disk: "d", seconds: 4)
+        #expect(rates.writeIOPS == 10 && rates.writeBytesPerSecond == 40_960)
+        // Carried over, the totals keep growing.
+        let carried = old[0].adding(restarted[0])
+        #expect(carried.requests == 5040 && carried.latencyBuckets.last?.count == 5040)
+    }
+
+    @Test func quantilesFollowPrometheus() {
+        #expect(LatencyBucket.quantile(0.5, []) == nil)
+        let buckets = [LatencyBucket(le: 0.001, count: 0), LatencyBucket(le: 0.01, count: 0), LatencyBucket(le: .infinity, count: 4)]
+        // Everything past the last finite bound: that bound, as histogram_quantile gives.
+        #expect(LatencyBucket.quantile(0.99, buckets) == 0.01)
+    }
+
+    @Test func aDiskIsAsHealthyAsItsWorstFilterAndLagPastTheRPODegrades() {
+        let replication = FilterStatistics(plugin: "r", version: "1.0.0", category: .replication, stats: ["lag_seconds": 45, "rpo_seconds": 15])
+        #expect(HealthRules.filter(replication) == HealthReport(status: .degraded, reason: "lag 45s is past the RPO of 15s"))
+        var withinRPO = replication
+        withinRPO.stats["lag_seconds"] = 3
+        #expect(HealthRules.filter(withinRPO) == .ok)
+        // What the filter says wins when it is worse.
+        var failed = replication
+        failed.health = HealthReport(status: .failed, reason: "journal lost")
+        #expect(HealthRules.filter(failed).status == .failed)
+        let cache = FilterStatistics(plugin: "c", version: "1.0.0", category: .cache, stats: [:], health: HealthReport(status: .degraded, reason: "bypassed"))
+        let disk = DiskStatistics(disk: "d", filters: [replication, cache])
+        #expect(HealthRules.disk(disk) == HealthReport(status: .degraded, reason: "r: lag 45s is past the RPO of 15s; c: bypassed"))
+        #expect(HealthRules.vm(.answered([disk]), restarts: 0, secondsSinceRestart: nil).reason.hasPrefix("disk d: r: lag 45s"))
+        #expect(HealthRules.vm(.answered([]), restarts: 2, secondsSinceRestart: 30).status == .degraded)
+        #expect(HealthRules.vm(.answered([]), restarts: 2, secondsSinceRestart: 900) == .ok)
+        #expect(HealthRules.vm(.restarting, restarts: 3, secondsSinceRestart: 0).status == .failed)
+        #expect(HealthRules.vm(.notAnswering("timed out"), restarts: 0, secondsSinceRestart: nil).status == .failed)
+        #expect(HealthStatus(abiValue: 7) == .failed && HealthStatus.degraded.level == 1)
+    }
+}

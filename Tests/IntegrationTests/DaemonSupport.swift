@@ -74,10 +74,12 @@ final class Daemon: @unchecked Sendable {
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.
+    /// `allowing` lists other exit statuses that are answers, not failures (`iofilter
+    /// health` exits 2 when something is degraded).
     @discardableResult
-    func ok(_ arguments: [String]) throws -> String {
+    func ok(_ arguments: [String], allowing: [Int32] = []) throws -> String {
         let result = try cli(arguments)
-        guard result.status == 0 else {
+        guard result.status == 0 || allowing.contains(result.status) else {
             throw HarnessError("iofilter \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr)\ndaemon log:\n\(log.suffix(3000))")
         }
         return result.stdout
@@ -91,14 +93,16 @@ final class Daemon: @unchecked Sendable {
     }
 
     /// A CLI command's --json answer, decoded.
-    func json<T: Decodable>(_ arguments: [String], as type: T.Type = T.self) throws -> T {
-        try JSONDecoder().decode(T.self, from: Data(try ok(arguments + ["--json"]).utf8))
+    func json<T: Decodable>(_ arguments: [String], as type: T.Type = T.self, allowing: [Int32] = []) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(try ok(arguments + ["--json"], allowing: allowing).utf8))
     }
 
     /// Raw HTTP on the API socket.
-    func http(_ method: String, _ path: String, body: String? = nil) throws -> HTTPResponse {
+    /// Raw HTTP on the API socket; `target` may carry a query ("/vms/v/history?seconds=60").
+    func http(_ method: String, _ target: String, body: String? = nil) throws -> HTTPResponse {
+        guard case .success(let (path, query)) = HTTPRequest.parse(target: target) else { throw HarnessError("bad target \(target)") }
         let client = HTTPClient(address: .unix(path: socket))
-        return try client.send(HTTPRequest(method: method, path: path, headers: body == nil ? [:] : ["Content-Type": "application/json"],
+        return try client.send(HTTPRequest(method: method, path: path, query: query, headers: body == nil ? [:] : ["Content-Type": "application/json"],
                                            body: Array((body ?? "").utf8)))
     }
 

@@ -52,6 +52,9 @@ struct MetricsTests {
         // 16 writes and 32 reads of 64 KiB.
         _ = try Harness.qemuIO(uri, (0..<16).map { "write -P 0x11 \($0 * 64)k 64k" } + (0..<32).map { "read \($0 % 16 * 64)k 64k" })
 
+        // Figures are at most a second old: the host asks each worker once for every
+        // scraper and console (it sampled this one when the VM started).
+        usleep(1_100_000)
         let response = try daemon.http("GET", "/metrics")
         #expect(response.status == 200 && response.header("content-type")?.hasPrefix("text/plain") == true)
         let text = String(decoding: response.body, as: UTF8.self)

@@ -54,11 +54,13 @@ final class Sampler: @unchecked Sendable {
 
     // MARK: reading
 
-    /// A sample of `vm` at most `maxAge` seconds old, taken now if the last is older; nil
-    /// while it does not run.
+    /// A sample of `vm` taken at most `maxAge` seconds before this call, taken now if the
+    /// last is older; nil while it does not run. With 0, a sample begun after the call
+    /// (by a concurrent reader) is shared, an earlier one is not: the caller sees every
+    /// request that finished before it asked.
     func sample(_ vm: String, maxAge: Double) -> Sample? {
         guard let session = sessions.vm(vm) else { return nil }
-        return track(vm).sample(session, maxAge: maxAge, timeout: 5, sampler: self)
+        return track(vm).sample(session, asked: Date().timeIntervalSince1970, maxAge: maxAge, timeout: 5, sampler: self)
     }
 
     /// The last sample, however old, without asking the worker (listings use it).
@@ -123,7 +125,8 @@ final class Sampler: @unchecked Sendable {
         DispatchQueue.concurrentPerform(iterations: running.count) { index in
             let (name, session) = running[index]
             let track = track(name)
-            if let sample = track.sample(session, maxAge: interval / 2, timeout: min(5, interval), sampler: self) {
+            if let sample = track.sample(session, asked: Date().timeIntervalSince1970, maxAge: interval / 2, timeout: min(5, interval),
+                                         sampler: self) {
                 track.addPoint(sample)
             }
         }
@@ -189,6 +192,8 @@ private final class VMTrack: @unchecked Sendable {
     private var last: Sampler.Sample?
     /// The session sampled last: another one is a new start of the VM.
     private var session: ObjectIdentifier?
+    /// When that session started.
+    private var started = 0.0
     private var restarts = 0
     /// The worker's own counters at the last sample, and what earlier workers counted.
     private var raw: [String: [OperationStatistics]] = [:]
@@ -206,10 +211,11 @@ private final class VMTrack: @unchecked Sendable {
     var latest: Sampler.Sample? { lock.withLock { last } }
     var points: [HistoryPoint] { lock.withLock { history } }
 
-    func sample(_ vmSession: VMSession, maxAge: Double, timeout: Double, sampler: Sampler) -> Sampler.Sample? {
+    func sample(_ vmSession: VMSession, asked: Double, maxAge: Double, timeout: Double, sampler: Sampler) -> Sampler.Sample? {
         sampling.withLock {
+            if let last = latest, last.time >= asked - maxAge, lock.withLock({ session == ObjectIdentifier(vmSession) }) { return last }
+            // The sample's time is when the worker is asked: what it counts finished by then.
             let now = Date().timeIntervalSince1970
-            if let last = latest, now - last.time < maxAge, lock.withLock({ session == ObjectIdentifier(vmSession) }) { return last }
             let supervisor = vmSession.supervisor
             let restartsNow = supervisor.restarts
             let worker: HealthRules.Worker
@@ -222,20 +228,22 @@ private final class VMTrack: @unchecked Sendable {
                     worker = .notAnswering(error.message)
                 }
             }
-            return lock.withLock { record(worker, session: ObjectIdentifier(vmSession), restarts: restartsNow,
+            return lock.withLock { record(worker, session: vmSession, restarts: restartsNow,
                                           secondsSinceRestart: supervisor.secondsSinceLastExit, at: now, sampler: sampler) }
         }
     }
 
     /// Call under `lock`.
-    private func record(_ worker: HealthRules.Worker, session: ObjectIdentifier, restarts restartsNow: Int, secondsSinceRestart: Double?,
+    private func record(_ worker: HealthRules.Worker, session vmSession: VMSession, restarts restartsNow: Int, secondsSinceRestart: Double?,
                         at now: Double, sampler: Sampler) -> Sampler.Sample {
-        if self.session != session {
-            // A new start of the VM: nothing carries over from the last one.
-            self.session = session
+        if session != ObjectIdentifier(vmSession) {
+            // A new start of the VM: nothing carries over from the last one, and its
+            // worker counted from zero when it started.
+            session = ObjectIdentifier(vmSession)
             raw = [:]
             carried = [:]
-            pointBase = nil
+            started = vmSession.startedAt.timeIntervalSince1970
+            pointBase = (started, [:])
             last = nil
             restarts = 0
         }
@@ -258,10 +266,11 @@ private final class VMTrack: @unchecked Sendable {
         } else {
             statistics = last?.statistics ?? []
         }
-        let seconds = last.map { now - $0.time } ?? 0
+        // The first sample's rates run from the worker's start.
+        let seconds = now - (last?.time ?? started)
         let rates: [DiskRates] = statistics.map { disk in
-            guard let before = last?.statistics.first(where: { $0.disk == disk.disk }) else { return DiskRates(disk: disk.disk) }
-            return DiskRates.between(before.io ?? [], disk.io ?? [], disk: disk.disk, seconds: seconds)
+            let before = last?.statistics.first { $0.disk == disk.disk }?.io ?? []
+            return DiskRates.between(before, disk.io ?? [], disk: disk.disk, seconds: seconds)
         }
         let health = HealthRules.vm(worker, restarts: restartsNow, secondsSinceRestart: secondsSinceRestart)
         let sample = Sampler.Sample(time: now, worker: worker, statistics: statistics, rates: rates, health: health, restarts: restartsNow)
@@ -305,7 +314,7 @@ private final class VMTrack: @unchecked Sendable {
                                  stats: Dictionary(uniqueKeysWithValues: filter.stats.sorted { $0.key < $1.key }.prefix(32).map { ($0.key, $0.value) }))
                 }
             }
-            history.append(HistoryPoint(time: sample.time, health: answered ? sample.health.status : nil, disks: disks, filters: filters))
+            history.append(HistoryPoint(time: sample.time, seconds: seconds, health: answered ? sample.health.status : nil, disks: disks, filters: filters))
             if history.count > capacity { history.removeFirst(history.count - capacity) }
         }
     }
