@@ -64,6 +64,33 @@ struct APIRequest {
     }
 }
 
+/// The console's live update, as one server-sent event, built at most once a second
+/// whatever the number of streams: concurrent streams wait for the one being built.
+/// Every role may read all of it, so every stream gets the same bytes.
+final class LiveFeed: @unchecked Sendable {
+    // @unchecked: `event` and `builtAt` are guarded by `lock`.
+    private let lock = NSLock()
+    private var event: [UInt8] = []
+    private var builtAt: UInt64 = 0
+    static let maximumAge: UInt64 = 900_000_000
+
+    func current(_ host: HostController) -> [UInt8] {
+        lock.lock()
+        defer { lock.unlock() }
+        let now = monotonicNanoseconds()
+        if !event.isEmpty && now - builtAt < Self.maximumAge { return event }
+        let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name, maxAge: 1)) ?? vm) : vm }
+        let snapshot = LiveSnapshot(time: Date().timeIntervalSince1970, vms: vms, disks: (try? host.listDisks()) ?? [],
+                                    events: (try? host.events(limit: 50)) ?? [])
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(snapshot) else { return event }
+        event = Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)
+        builtAt = now
+        return event
+    }
+}
+
 /// Maps HTTP requests to controller calls and their results (or errors) to JSON.
 public struct APIRouter: Sendable {
     public let routes: [Route]
@@ -72,6 +99,8 @@ public struct APIRouter: Sendable {
     let logger: Logger
     /// Where the daemon's own metrics go (swift-metrics is bootstrapped onto it).
     let registry: PrometheusCollectorRegistry
+    /// The live streams' shared update.
+    let liveFeed = LiveFeed()
 
     public init(controller: HostController, apiSocket: String, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
                 logger: Logger) {
@@ -158,7 +187,8 @@ public struct APIRouter: Sendable {
     /// Server-sent events for the console: every second, each VM with its live figures
     /// and health, every disk, and the newest events, until the client goes away, its
     /// token is revoked or expires, or the host stops (each of which ends it at once).
-    /// The figures come from the host's one sampler, so consoles add no load on workers.
+    /// Every stream sends the same update, built once a second for all of them
+    /// (`LiveFeed`): fifty consoles cost the host one update and the workers one sample.
     func liveUpdates(for caller: Caller) -> HTTPResponse {
         let streams = host.liveStreams
         guard let id = streams.begin(tokenID: caller.tokenID) else {
@@ -168,17 +198,12 @@ public struct APIRouter: Sendable {
                                     body: Array("retry: 2000\n\n".utf8))
         let host = self.host
         let logger = self.logger
+        let feed = liveFeed
         response.stream = { send in
             defer { streams.finish(id) }
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             repeat {
                 if let token = caller.tokenID, !host.tokenIsValid(token) { break }
-                let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name, maxAge: 1)) ?? vm) : vm }
-                let snapshot = LiveSnapshot(time: Date().timeIntervalSince1970, vms: vms, disks: (try? host.listDisks()) ?? [],
-                                            events: (try? host.events(limit: 50)) ?? [])
-                guard !streams.isEnded(id), let data = try? encoder.encode(snapshot),
-                      send(Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)) else { break }
+                guard !streams.isEnded(id), send(feed.current(host)) else { break }
             } while streams.wait(id, seconds: 1)
             logger.info("live updates for \(caller) ended")
         }

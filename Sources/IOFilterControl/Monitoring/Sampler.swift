@@ -169,7 +169,8 @@ final class Sampler: @unchecked Sendable {
         }
     }
 
-    fileprivate func warn(_ message: String) { logger.warning("\(message)") }
+    /// Benchmarks count these lines (Tests/Benchmarks/consoles.sh).
+    fileprivate func debug(_ message: String) { logger.debug("\(message)") }
 }
 
 /// One VM's samples, carried counters, history and last verdicts.
@@ -217,6 +218,7 @@ private final class VMTrack: @unchecked Sendable {
             // The sample's time is when the worker is asked: what it counts finished by then.
             let now = Date().timeIntervalSince1970
             let supervisor = vmSession.supervisor
+            sampler.debug("asking the worker of VM \(name) for its figures")
             let restartsNow = supervisor.restarts
             let worker: HealthRules.Worker
             if supervisor.pid == nil {
