@@ -69,6 +69,9 @@ for _ in $(seq "$rounds"); do
     done
 done
 python3 Tests/Benchmarks/report.py "$results"
+sleep 2  # the last consoles' streams end on the host once it notices them gone
 echo
+# Counted over the watched row (settle, ramp and run): a window of N seconds holds N+1
+# questions a second apart, so one a second shows as slightly above 1.
 echo "questions to the VM's worker per second with $consoles consoles and a scrape every second: ${rates[*]}"
 echo "live streams: $(grep -c "live updates for .*]$" "$work/iofilterd.log") opened, $(grep -c "live updates for .* ended" "$work/iofilterd.log") ended"
