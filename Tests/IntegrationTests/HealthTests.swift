@@ -268,3 +268,39 @@ extension HealthTests {
         #expect(try daemon.ok(["health"], allowing: [2]).contains("lag 30s is past the RPO of 10s"))
     }
 }
+
+extension HealthTests {
+    /// The replication sample, as an operator meets it: its replica out of reach, the VM
+    /// is degraded with the reason and how much is not yet shipped, not a green
+    /// "running"; once the replica answers and catches up, it recovers.
+    @Test func anUnreachableReplicaDegradesTheVMUntilItCatchesUp() throws {
+        let daemon = try Daemon(arguments: ["--sample-interval", "0.5"])
+        defer { daemon.stop() }
+        let socket = directory.appendingPathComponent("replica.sock").path
+        try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-replication")])
+        try daemon.ok(["policy", "create", "dr", "--filter", "org.swift-iofilter.replication:target=nbd+unix:///?socket=\(socket),rpo-seconds=2"])
+        try daemon.ok(["disk", "create", "d", "--size", "16M", "--policy", "dr"])
+        try daemon.ok(["vm", "create", "v", "--disk", "d"])
+        let vm: VMInfo = try daemon.json(["vm", "start", "v"])
+        _ = try Harness.qemuIO(try #require(vm.uris["d"]), ["write -P 0x77 0 4M"])
+        #expect(try eventually(20) { try daemon.cli(["health"]).status == 2 })
+        let health = try daemon.ok(["health", "v"], allowing: [2])
+        #expect(health.contains("org.swift-iofilter.replication") && health.contains("unreachable") && health.contains("not yet on the replica"),
+                "\(health)")
+        #expect(try eventually(20) { try daemon.ok(["events", "--severity", "warning"]).contains("rpo-exceeded") })
+
+        // The replica comes up (nbdkit's memory plug-in): the journal drains, all is well.
+        let replica = Process()
+        replica.executableURL = URL(fileURLWithPath: Harness.tool("nbdkit"))
+        replica.arguments = ["-f", "-U", socket, "memory", "16M"]
+        try replica.run()
+        defer {
+            kill(replica.processIdentifier, SIGKILL)
+            replica.waitUntilExit()
+        }
+        let recovered = try eventually(60) { try daemon.cli(["health"]).status == 0 }
+        #expect(recovered, "\((try? daemon.ok(["health"], allowing: [2, 3])) ?? "")")
+        let events = try daemon.ok(["events"])
+        #expect(events.contains("filter-recovered  v/d/org.swift-iofilter.replication") && events.contains("rpo-met"), "\(events)")
+    }
+}
