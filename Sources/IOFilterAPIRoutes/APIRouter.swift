@@ -69,14 +69,17 @@ struct APIRequest {
 /// Every role may read all of it, so every stream gets the same bytes.
 final class LiveFeed: @unchecked Sendable {
     // @unchecked: `event` and `builtAt` are guarded by `lock`.
-    private let lock = NSLock()
+    private let lock = ConditionLock()
     private var event: [UInt8] = []
     private var builtAt: UInt64 = 0
     static let maximumAge: UInt64 = 900_000_000
 
     func current(_ host: HostController) -> [UInt8] {
-        lock.lock()
-        defer { lock.unlock() }
+        lock.withLock { build(host) }
+    }
+
+    /// Call under `lock`.
+    private func build(_ host: HostController) -> [UInt8] {
         let now = monotonicNanoseconds()
         if !event.isEmpty && now - builtAt < Self.maximumAge { return event }
         let vms = ((try? host.listVMs()) ?? []).map { vm in vm.state == .running ? ((try? host.showVM(vm.name, maxAge: 1)) ?? vm) : vm }

@@ -54,14 +54,14 @@ struct Responder: HTTPResponder {
         // Refused on its declared length, before any of it is read: a client that waits
         // for an answer before sending the rest gets one instead of a closed connection.
         if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > APIServer.maximumBodyBytes {
-            return Self.tooLarge(closing: true)
+            return Self.tooLarge()
         }
         let body: ByteBuffer
         do {
             var request = request
             body = try await request.collectBody(upTo: APIServer.maximumBodyBytes)
         } catch {
-            return Self.tooLarge(closing: true)
+            return Self.tooLarge()
         }
         // HEAD is GET without the body (RFC 9110 9.3.2); Hummingbird drops the body.
         let method = request.method == .head ? "GET" : request.method.rawValue
@@ -113,9 +113,9 @@ struct Responder: HTTPResponder {
     }
 
     /// 413, and the connection closes after it: the rest of the body is not read.
-    static func tooLarge(closing: Bool) -> Response {
+    static func tooLarge() -> Response {
         var response = error(413, "too-large", "the body is larger than \(APIServer.maximumBodyBytes) bytes, the most this API takes")
-        if closing { response.headers[.connection] = "close" }
+        response.headers[.connection] = "close"
         return response
     }
 

@@ -2,6 +2,7 @@ import Foundation
 import GRDB
 import IOFilterAPI
 import IOFilterHTTP
+import IOFilterPosix
 import IOFilterTrust
 
 /// Who is calling the API, as the host established it.
@@ -65,9 +66,7 @@ extension HostController {
             let peer: String
             switch request.peer {
             case .local(let uid, _, _): peer = "uid \(uid)"
-            case .network(let address, _):
-                peer = address.hasPrefix("[") ? String(address.prefix { $0 != "]" }.dropFirst())
-                    : address.split(separator: ":").count == 2 ? String(address.split(separator: ":")[0]) : address
+            case .network(let address, _): peer = Sockets.hostPort(address)?.host ?? address
             case nil: peer = "unknown peer"
             }
             if let count = signInFailures.failed(peer) {
@@ -189,6 +188,32 @@ extension HostController {
             liveStreams.end(tokenID: row.id)
             return TokenInfo(id: row.id, name: row.name, role: row.role, createdAt: row.createdAt, lastUsedAt: row.lastUsedAt, token: nil,
                              expiresAt: row.expiresAt)
+        }
+    }
+}
+
+/// Failed sign-ins per peer: the first in a minute is an event at once, the rest of
+/// that minute are counted into the next one, so a flood cannot push every other event
+/// out of the bounded log.
+final class SignInFailures: @unchecked Sendable {
+    // @unchecked: under `lock`.
+    private let lock = ConditionLock()
+    private var peers: [String: (lastEvent: UInt64, suppressed: Int)] = [:]
+    static let quietSeconds = 60.0
+
+    /// How many failures to report now for `peer` (including suppressed ones), or nil
+    /// to stay quiet.
+    func failed(_ peer: String) -> Int? {
+        lock.withLock {
+            let now = monotonicNanoseconds()
+            if peers.count > 4096 { peers = peers.filter { Double(now - $0.value.lastEvent) / 1e9 < Self.quietSeconds } }
+            if let entry = peers[peer], Double(now - entry.lastEvent) / 1e9 < Self.quietSeconds {
+                peers[peer] = (entry.lastEvent, entry.suppressed + 1)
+                return nil
+            }
+            let count = (peers[peer]?.suppressed ?? 0) + 1
+            peers[peer] = (now, 0)
+            return count
         }
     }
 }

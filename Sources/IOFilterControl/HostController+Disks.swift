@@ -17,7 +17,7 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf, health: lastHealth(of: row))
+            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf, health: lastHealth(of: row.name, vm: row.vm))
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {
@@ -35,9 +35,8 @@ extension HostController {
     public func diskCompliance(_ name: String) throws(ControlError) -> Compliance {
         let disk = try showDisk(name)
         var compliance = disk.compliance
-        if let vm = disk.vm, sessions.isRunning(vm) {
-            _ = sampler.sample(vm, maxAge: 0)
-            compliance.health = try lastHealth(of: read { db in try diskRow(name, db) })
+        if let vm = disk.vm, sampler.sample(vm, maxAge: 0) != nil {
+            compliance.health = lastHealth(of: name, vm: vm)
         }
         return compliance
     }

@@ -27,10 +27,10 @@ extension HostController {
     }
 
     /// A disk's health as last sampled, while its VM runs.
-    func lastHealth(of disk: DiskRow) -> HealthReport? {
-        guard let vm = disk.vm, let sample = sampler.latest(vm) else { return nil }
+    func lastHealth(of disk: String, vm: String?) -> HealthReport? {
+        guard let vm, let sample = sampler.latest(vm) else { return nil }
         switch sample.worker {
-        case .answered: return sample.statistics.first { $0.disk == disk.name }.map(HealthRules.disk)
+        case .answered: return sample.statistics.first { $0.disk == disk }.map(HealthRules.disk)
         default: return sample.health
         }
     }

@@ -70,7 +70,7 @@ public final class HostController: @unchecked Sendable {
             self?.record(kind, subject, message, actor: nil, severity: severity)
         }
         alerts = AlertDispatcher(logger: logger) { [weak self] name, error in self?.deliveryFinished(name, error: error) }
-        alerts.use(((try? store.read { db in try AlertRow.fetchAll(db) }) ?? []).map(\.subscription))
+        reloadAlerts()
     }
 
     /// Starts sampling the running VMs in the background (history and health events).

@@ -251,17 +251,16 @@ final class StateStore: Sendable {
 
     static func now() -> String { timestamp(Date()) }
 
-    static func date(_ timestamp: String) -> Date? {
+    /// The state's timestamps: ISO 8601 with milliseconds, UTC.
+    private static func timestampFormat() -> ISO8601DateFormatter {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.date(from: timestamp)
+        return formatter
     }
 
-    static func timestamp(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.string(from: date)
-    }
+    static func date(_ timestamp: String) -> Date? { timestampFormat().date(from: timestamp) }
+
+    static func timestamp(_ date: Date) -> String { timestampFormat().string(from: date) }
 
     /// Records an event; events are history, so failing to record one fails nothing.
     @discardableResult

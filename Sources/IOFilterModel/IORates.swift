@@ -34,8 +34,7 @@ public struct DiskRates: Codable, Sendable, Equatable {
         var rates = DiskRates(disk: disk)
         guard seconds > 0 else { return rates }
         let before = Dictionary(earlier.map { ($0.op, $0) }, uniquingKeysWith: { first, _ in first })
-        let restarted = later.contains { op in before[op.op].map { op.requests < $0.requests || op.bytes < $0.bytes } ?? false }
-            || before.count > later.count
+        let restarted = Self.countedAnew(earlier, later)
         var buckets: [LatencyBucket] = []
         for op in later {
             let delta = restarted ? op : op.subtracting(before[op.op])
@@ -56,6 +55,16 @@ public struct DiskRates: Codable, Sendable, Equatable {
         rates.latencyP50Milliseconds = LatencyBucket.quantile(0.5, buckets).map { $0 * 1000 }
         rates.latencyP99Milliseconds = LatencyBucket.quantile(0.99, buckets).map { $0 * 1000 }
         return rates
+    }
+}
+
+extension DiskRates {
+    /// Whether `later` was counted by a new worker: a counter went down, or an op
+    /// counted before is missing.
+    public static func countedAnew(_ earlier: [OperationStatistics], _ later: [OperationStatistics]) -> Bool {
+        let before = Dictionary(earlier.map { ($0.op, $0) }, uniquingKeysWith: { first, _ in first })
+        return later.contains { op in before[op.op].map { op.requests < $0.requests || op.bytes < $0.bytes } ?? false }
+            || before.count > later.count
     }
 }
 

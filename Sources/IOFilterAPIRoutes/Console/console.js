@@ -396,7 +396,7 @@ function filterBlock(disk, filter) {
 
 // ---- charts (SVG, drawn from GET /vms/{name}/history) ----------------------------------
 // Series colours are classes c0…c3 in console.css.
-const palette = [0, 1, 2, 3];
+const seriesColours = 4;
 function niceMax(value) {
   if (!(value > 0)) return 1;
   const power = Math.pow(10, Math.floor(Math.log10(value)));
@@ -424,7 +424,7 @@ function chart(title, format, series, from, to) {
     // A gap in the history (the worker did not answer, the VM stopped) breaks the line.
     let run = [];
     const flush = () => {
-      if (run.length) svg.append(el("svg:polyline", { points: run.join(" "), class: `line c${index % palette.length}` }));
+      if (run.length) svg.append(el("svg:polyline", { points: run.join(" "), class: `line c${index % seriesColours}` }));
       run = [];
     };
     let previous = null;
@@ -436,7 +436,7 @@ function chart(title, format, series, from, to) {
     flush();
   });
   const legend = el("div", { class: "legend" }, series.map((s, index) =>
-    el("span", {}, el("i", { class: `c${index % palette.length}` }), `${s.name} ${s.points.length ? format(s.points[s.points.length - 1][1]) : "–"}`)));
+    el("span", {}, el("i", { class: `c${index % seriesColours}` }), `${s.name} ${s.points.length ? format(s.points[s.points.length - 1][1]) : "–"}`)));
   return el("figure", { class: "chart-box" }, el("figcaption", {}, title), svg, legend);
 }
 state.chartInterval = 10;

@@ -65,29 +65,3 @@ public final class LiveStreams: @unchecked Sendable {
 
     public var count: Int { lock.withLock { open.count } }
 }
-
-/// Failed sign-ins per peer: the first in a minute is an event at once, the rest of
-/// that minute are counted into the next one, so a flood cannot push every other event
-/// out of the bounded log.
-final class SignInFailures: @unchecked Sendable {
-    // @unchecked: under `lock`.
-    private let lock = ConditionLock()
-    private var peers: [String: (lastEvent: UInt64, suppressed: Int)] = [:]
-    static let quietSeconds = 60.0
-
-    /// How many failures to report now for `peer` (including suppressed ones), or nil
-    /// to stay quiet.
-    func failed(_ peer: String) -> Int? {
-        lock.withLock {
-            let now = monotonicNanoseconds()
-            if peers.count > 4096 { peers = peers.filter { Double(now - $0.value.lastEvent) / 1e9 < Self.quietSeconds } }
-            if let entry = peers[peer], Double(now - entry.lastEvent) / 1e9 < Self.quietSeconds {
-                peers[peer] = (entry.lastEvent, entry.suppressed + 1)
-                return nil
-            }
-            let count = (peers[peer]?.suppressed ?? 0) + 1
-            peers[peer] = (now, 0)
-            return count
-        }
-    }
-}

@@ -41,7 +41,8 @@ final class Sampler: @unchecked Sendable {
     private let lock = ConditionLock()
     private var tracks: [String: VMTrack] = [:]
     private var stopping = false
-    private var thread: Bool = false
+    /// Whether the background pass's thread runs (`stop` waits for it to end).
+    private var passing = false
 
     init(sessions: SessionRegistry, interval: Double, window: Double = 3600, logger: Logger,
          record: @escaping @Sendable (String, String, String, Severity) -> Void) {
@@ -93,7 +94,7 @@ final class Sampler: @unchecked Sendable {
     // MARK: the background pass
 
     func start() {
-        lock.withLock { thread = true }
+        lock.withLock { passing = true }
         startThread(name: "sampler") { [self] in
             while true {
                 let stop = lock.withLock { () -> Bool in
@@ -104,7 +105,7 @@ final class Sampler: @unchecked Sendable {
                 pass()
             }
             lock.withLock {
-                thread = false
+                passing = false
                 lock.broadcast()
             }
         }
@@ -114,7 +115,7 @@ final class Sampler: @unchecked Sendable {
         lock.withLock {
             stopping = true
             lock.broadcast()
-            while thread { lock.wait() }
+            while passing { lock.wait() }
         }
     }
 
@@ -255,8 +256,7 @@ private final class VMTrack: @unchecked Sendable {
             for disk in disks {
                 let io = disk.io ?? []
                 let previous = raw[disk.disk] ?? []
-                let fell = io.contains { op in previous.first { $0.op == op.op }.map { op.requests < $0.requests } ?? false }
-                if restarted || fell {
+                if restarted || DiskRates.countedAnew(previous, io) {
                     for op in previous { carried[disk.disk, default: [:]][op.op] = carried[disk.disk]?[op.op].map { $0.adding(op) } ?? op }
                 }
                 raw[disk.disk] = io
