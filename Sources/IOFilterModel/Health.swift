@@ -39,6 +39,9 @@ public enum HealthRules {
     /// A filter that says nothing is ok: it answered, since its statistics came back.
     public static func filter(_ filter: FilterStatistics) -> HealthReport {
         var report = filter.health ?? .ok
+        // The reason comes from a worker, that is from plug-in code: one line, bounded,
+        // before it reaches an event, a log line or a page.
+        report.reason = String(report.reason.unicodeScalars.prefix(300).map { $0.properties.generalCategory == .control ? " " : Character($0) })
         if let (lag, rpo) = lag(filter), lag > rpo, report.status == .ok {
             report = HealthReport(status: .degraded, reason: "lag \(Int(lag))s is past the RPO of \(Int(rpo))s")
         }

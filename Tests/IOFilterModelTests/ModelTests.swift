@@ -189,5 +189,10 @@ struct HealthAndRateTests {
         #expect(HealthRules.vm(.restarting, restarts: 3, secondsSinceRestart: 0).status == .failed)
         #expect(HealthRules.vm(.notAnswering("timed out"), restarts: 0, secondsSinceRestart: nil).status == .failed)
         #expect(HealthStatus(abiValue: 7) == .failed && HealthStatus.degraded.level == 1)
+        // A plug-in's reason is one bounded line whatever it wrote.
+        let forged = FilterStatistics(plugin: "x", version: "1.0.0", category: .cache, stats: [:],
+                                      health: HealthReport(status: .degraded, reason: "ok\n2026-12-04 INFO all fine\u{1b}[2J" + String(repeating: "a", count: 400)))
+        let cleaned = HealthRules.filter(forged).reason
+        #expect(!cleaned.contains("\n") && !cleaned.contains("\u{1b}") && cleaned.unicodeScalars.count == 300 && cleaned.hasPrefix("ok 2026-12-04 INFO"))
     }
 }
