@@ -20,7 +20,9 @@ import PackageDescription
 //   Sources/IOFilterTLS        TLS on GnuTLS (Sources/CTLS): the client's PSK handshake, server credentials
 //   Sources/IOFilterNBDServer  the NBD server: handshake, STARTTLS, connections, request slots
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
-//   Sources/IOFilterChain      the chain engine: requests, filter instances, host services, the NBD export
+//   Sources/IOFilterTracking   changed-block tracking: checkpoints' persistent bitmaps
+//   Sources/IOFilterChain      the chain engine: requests, filter instances, host services, the NBD export,
+//                              point-in-time copies (copy-before-write snapshots)
 //   Sources/IOFilterBackends   what is below a chain: a raw file, a remote NBD export
 //   Sources/IOFilterWorkerRuntime  inside the sandbox: a worker's disks and plug-ins, a daemon's daemon_main
 //   Sources/IOFilterSandbox    namespaces, identity, the private root, seccomp, Landlock, rlimits for workers
@@ -108,11 +110,14 @@ let package = Package(
             name: "IOFilterPluginLoader",
             dependencies: ["CIOFilter", "CLibFFI", "IOFilterABI", "IOFilterModel"],
             swiftSettings: strict),
+        // Changed-block tracking: checkpoints' persistent bitmaps beside a disk.
+        .target(name: "IOFilterTracking", dependencies: ["CSystemShims", "IOFilterModel", "IOFilterPosix"], swiftSettings: strict),
         // The chain engine: requests meeting filters, dispositions, resumes, the NBD export.
         .target(
             name: "IOFilterChain",
             dependencies: [
                 "CIOFilter", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
+                "IOFilterTracking",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -127,7 +132,7 @@ let package = Package(
             name: "IOFilterWorkerRuntime",
             dependencies: [
                 "CIOFilter", "CSandboxShims", "CSystemShims", "IOFilterBackends", "IOFilterChain", "IOFilterModel", "IOFilterNBD",
-                "IOFilterPluginLoader", "IOFilterPosix", .product(name: "Logging", package: "swift-log"),
+                "IOFilterPluginLoader", "IOFilterPosix", "IOFilterTracking", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .target(
@@ -170,8 +175,8 @@ let package = Package(
         .target(
             name: "IOFilterControl",
             dependencies: [
-                "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix", "IOFilterTrust",
-                .product(name: "GRDB", package: "GRDB.swift"),
+                "IOFilterAPI", "IOFilterHTTP", "IOFilterHost", "IOFilterModel", "IOFilterNBD", "IOFilterPosix", "IOFilterTracking",
+                "IOFilterTrust", .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),

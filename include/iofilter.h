@@ -1,5 +1,5 @@
 /*
- * iofilter.h — the swift-iofilter plug-in ABI, version 1.4.
+ * iofilter.h — the swift-iofilter plug-in ABI, version 1.5.
  *
  * A filter plug-in is a shared object that exports one function,
  *
@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 4
+#define IOF_ABI_MINOR 5
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -223,14 +223,22 @@ struct iof_disk_info {
 enum iof_disk_event_type {
     IOF_EVENT_SNAPSHOT = 1, /* a snapshot is being taken: quiesce and flush state         */
     IOF_EVENT_CLONE    = 2, /* the disk is being cloned to `target_name`                  */
-    IOF_EVENT_GROW     = 3  /* the disk grew to `new_size`                                */
+    IOF_EVENT_GROW     = 3, /* the disk grew to `new_size`                                */
+    /* ABI 1.5. The disk's contents are about to be replaced by those of the snapshot
+     * `target_name` (its VM is stopped). Forget what you hold of the old contents: a
+     * cache drops its blocks (dirty ones too: they belong to the contents being
+     * replaced), a replication filter plans a full resync. Every block is then written
+     * through the chain, so you see the new contents as writes. A veto leaves the disk
+     * as it was. Plug-ins built for older minors never receive it. */
+    IOF_EVENT_REVERT   = 4
 };
 
 struct iof_disk_event {
     uint32_t struct_size;
     enum iof_disk_event_type type;
     uint64_t new_size;        /* GROW                                                       */
-    const char *target_name;  /* CLONE                                                      */
+    const char *target_name;  /* CLONE: the new disk; SNAPSHOT: the snapshot; REVERT: the
+                                 snapshot the disk reverts to                               */
 };
 
 /* ------------------------------------------------------------------------------ */
@@ -246,6 +254,9 @@ typedef void (*iof_io_callback)(void *arg, int error);
 typedef void (*iof_timer_callback)(void *arg);
 /* Receives one statistic; called from inside the plug-in's `stats` callback. */
 typedef void (*iof_stat_emitter)(void *emit_ctx, const char *key, double value);
+/* ABI 1.5. Receives one run of a changed_extents answer: `changed` is 1 if the run
+ * changed since the checkpoint. Return 0 to go on, non-zero to stop early. */
+typedef int (*iof_change_emitter)(void *arg, uint64_t offset, uint64_t length, int changed);
 
 struct iof_host_services {
     uint32_t struct_size;
@@ -356,6 +367,31 @@ struct iof_host_services {
      * name the host does not accept, -EPERM for a plug-in of another category than
      * replication. */
     int (*open_replica)(const char *name, uint64_t size);
+
+    /* --- ABI 1.5; check struct_size (or abi_minor >= 5) before calling ------------- */
+
+    /* Changed-block tracking. An operator makes named checkpoints of a disk
+     * (`iofilter disk checkpoint create DISK NAME`); from then on the host records, per
+     * granule (64 KiB by default), which parts of the disk its consumers changed, as
+     * they enter the chain (before any filter: what a cache holds dirty counts). The
+     * record survives worker and host restarts. Backup tools read it over NBD as
+     * `qemu:dirty-bitmap:NAME`; a replication or data-capture filter reads it here, for
+     * example to resync only what changed while its replica was away.
+     *
+     * checkpoint_name: the name of the disk's checkpoint `index` (0 is the oldest),
+     * copied NUL-terminated into `name`. Returns 0, ERANGE past the last, ENOSPC if
+     * `size` is too small.
+     * changed_extents: calls `emit` with runs of [offset, offset+length), contiguous
+     * from `offset` and clipped to the disk, each changed since checkpoint `name` or
+     * not, until the range is covered or `emit` returns non-zero. Runs are whole
+     * granules (the first and last clipped to the range). Returns 0, ENOENT for no such
+     * checkpoint, ESTALE for one that may have missed changes (the machine went down
+     * while it was tracked: treat everything as changed), EINVAL for a bad range.
+     * Both may be called from any thread while the disk is open; a checkpoint made or
+     * deleted meanwhile is seen by the next call. */
+    int (*checkpoint_name)(iof_host_disk *disk, uint32_t index, char *name, size_t size);
+    int (*changed_extents)(iof_host_disk *disk, const char *checkpoint, uint64_t offset,
+                           uint64_t length, iof_change_emitter emit, void *arg);
 };
 
 /* ------------------------------------------------------------------------------ */

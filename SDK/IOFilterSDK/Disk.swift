@@ -53,6 +53,38 @@ public final class Disk: @unchecked Sendable {
         Host.services.pointee.log(handle, level.abi, message)
     }
 
+    /// The disk's checkpoints (changed-block tracking), oldest first; empty on a host
+    /// older than ABI 1.5.
+    public var checkpoints: [String] {
+        guard let lookup = Host.servicesSince(minor: 5)?.pointee.checkpoint_name else { return [] }
+        var names: [String] = []
+        var buffer = [CChar](repeating: 0, count: 128)
+        while lookup(handle, UInt32(names.count), &buffer, buffer.count) == 0 {
+            names.append(String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        }
+        return names
+    }
+
+    /// What changed since checkpoint `name` in [offset, offset+length): runs, each
+    /// changed or not, contiguous from `offset`. Throws ENOENT for no such checkpoint,
+    /// ESTALE for one that may have missed changes (count everything as changed).
+    public func changes(since name: String, offset: UInt64 = 0, length: UInt64? = nil) throws(FilterError)
+        -> [(offset: UInt64, length: UInt64, changed: Bool)] {
+        guard let query = Host.servicesSince(minor: 5)?.pointee.changed_extents else {
+            throw FilterError(ENOSYS, "this host does not track changes (ABI 1.5)")
+        }
+        final class Runs { var list: [(offset: UInt64, length: UInt64, changed: Bool)] = [] }
+        let runs = Runs()
+        let error = withExtendedLifetime(runs) {
+            query(handle, name, offset, length ?? size - min(offset, size), { arg, offset, length, changed in
+                Unmanaged<Runs>.fromOpaque(arg!).takeUnretainedValue().list.append((offset, length, changed != 0))
+                return 0
+            }, Unmanaged.passUnretained(runs).toOpaque())
+        }
+        guard error == 0 else { throw FilterError(error, "changes since checkpoint \(name): \(String(cString: strerror(error)))") }
+        return runs.list
+    }
+
     /// I/O of the filter's own to the layers below it. `completion` runs exactly once,
     /// on any thread (possibly before this returns); `buffer` must stay valid until then.
     public func submitBelow(

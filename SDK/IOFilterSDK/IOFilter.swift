@@ -164,6 +164,9 @@ public enum DiskEvent: Sendable {
     case snapshot
     case clone(target: String)
     case grow(newSize: UInt64)
+    /// ABI 1.5: the disk's contents are about to be replaced by this snapshot's; drop
+    /// what you hold of the old ones.
+    case revert(toSnapshot: String)
 }
 
 /// A failure with an errno, for the callbacks that return one.

@@ -90,6 +90,13 @@ int iof_memfd(const char *name, int64_t size)
 
 void iof_store_u64(volatile uint64_t *where, uint64_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }
 uint64_t iof_load_u64(volatile uint64_t *where) { return __atomic_load_n(where, __ATOMIC_ACQUIRE); }
+void iof_or_u64(volatile uint64_t *where, uint64_t bits) { __atomic_fetch_or(where, bits, __ATOMIC_RELAXED); }
+int iof_cas_u8(volatile uint8_t *where, uint8_t expected, uint8_t desired)
+{
+    return __atomic_compare_exchange_n(where, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+uint8_t iof_load_u8(volatile uint8_t *where) { return __atomic_load_n(where, __ATOMIC_ACQUIRE); }
+void iof_store_u8(volatile uint8_t *where, uint8_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }
 
 ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd)
 {

@@ -281,11 +281,17 @@ public struct DiskInfo: Codable, Sendable {
     public var replicaOf: String?
     /// While served: the health of its chain, as last sampled.
     public var health: HealthReport?
+    /// A point-in-time snapshot whose background copy is not complete yet: how far it is.
+    public var copy: SnapshotProgress?
+    /// Its checkpoints (changed-block tracking), oldest first.
+    public var checkpoints: [String]?
 
     public init(name: String, path: String, sizeBytes: Int64, readOnly: Bool, policy: String?, vm: String?, uri: String?,
                 attached: [ChainEntry], compliance: Compliance, snapshotOf: String?, activity: String? = nil, createdAt: String,
-                replicaOf: String? = nil, health: HealthReport? = nil) {
+                replicaOf: String? = nil, health: HealthReport? = nil, copy: SnapshotProgress? = nil, checkpoints: [String]? = nil) {
         self.health = health
+        self.copy = copy
+        self.checkpoints = checkpoints
         self.activity = activity
         self.replicaOf = replicaOf
         self.name = name
@@ -343,9 +349,59 @@ public struct DiskDeriveRequest: Codable, Sendable {
     public var name: String
     /// Clones only: the policy of the new disk.
     public var policy: String?
-    public init(name: String, policy: String? = nil) {
+    /// Snapshots only: a checkpoint of the source made at the snapshot's instant (where
+    /// the next incremental backup starts), and its granularity ("64K").
+    public var checkpoint: String?
+    public var granularity: String?
+    /// Snapshots only: the background copy's pace, bytes per second ("50M").
+    public var rate: String?
+    /// Snapshots only: answer once the copy is complete (otherwise at once, with the
+    /// copy going on; the snapshot is readable meanwhile).
+    public var wait: Bool?
+
+    public init(name: String, policy: String? = nil, checkpoint: String? = nil, granularity: String? = nil, rate: String? = nil,
+                wait: Bool? = nil) {
         self.name = name
         self.policy = policy
+        self.checkpoint = checkpoint
+        self.granularity = granularity
+        self.rate = rate
+        self.wait = wait
+    }
+}
+
+public struct CheckpointCreateRequest: Codable, Sendable {
+    public var name: String
+    /// Bytes per bit ("64K", the default; a power of two from 4K to 64M).
+    public var granularity: String?
+
+    public init(name: String, granularity: String? = nil) {
+        self.name = name
+        self.granularity = granularity
+    }
+}
+
+public struct DiskRevertRequest: Codable, Sendable {
+    /// A complete snapshot of the disk.
+    public var snapshot: String
+
+    public init(snapshot: String) { self.snapshot = snapshot }
+}
+
+/// Where a disk can be read over NBD right now.
+public struct NBDExportInfo: Codable, Sendable, Equatable {
+    public var disk: String
+    public var uri: String
+    public var readOnly: Bool
+    /// "VM vm1" (its VM's worker, or the source's for a snapshot being copied) or
+    /// "offline session" (stop it with `iofilter disk export-nbd --stop`).
+    public var through: String
+
+    public init(disk: String, uri: String, readOnly: Bool, through: String) {
+        self.disk = disk
+        self.uri = uri
+        self.readOnly = readOnly
+        self.through = through
     }
 }
 

@@ -399,9 +399,30 @@ extension APIRouter {
                   (200, "Disk"), errors: [404, 409]) { request in try host.promoteDisk(request.parameter("name")) },
             route("POST", "/disks/{name}/grow", "growDisk", "Grow an idle disk.", body: "DiskGrowRequest", (200, "Disk"),
                   errors: [404, 409, 422, 502]) { request in try host.growDisk(request.parameter("name"), request.decode(DiskGrowRequest.self)) },
-            route("POST", "/disks/{name}/snapshot", "snapshotDisk", "A read-only copy of the disk as its consumer sees it now.",
-                  body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 502], role: .operator) { request in
+            route("POST", "/disks/{name}/snapshot", "snapshotDisk",
+                  "A read-only, point-in-time snapshot of the disk as its consumer sees it now (copy-before-write while its VM runs; the copy completes in the background unless wait is set).",
+                  body: "DiskDeriveRequest", (201, "Disk"), errors: [400, 404, 409, 502], role: .operator) { request in
                 try host.snapshotDisk(request.parameter("name"), request.decode(DiskDeriveRequest.self))
+            },
+            route("GET", "/disks/{name}/checkpoints", "listCheckpoints",
+                  "The disk's checkpoints (changed-block tracking), oldest first, with how much changed since each.",
+                  (200, "[Checkpoint]"), errors: [404]) { request in try host.listCheckpoints(request.parameter("name")) },
+            route("POST", "/disks/{name}/checkpoints", "createCheckpoint",
+                  "Start tracking the disk's changes from now on; clients read them as qemu:dirty-bitmap:NAME.",
+                  body: "CheckpointCreateRequest", (201, "Checkpoint"), errors: [400, 404, 409, 502], role: .operator) { request in
+                try host.createCheckpoint(request.parameter("name"), request.decode(CheckpointCreateRequest.self))
+            },
+            route("DELETE", "/disks/{name}/checkpoints/{checkpoint}", "deleteCheckpoint", "Stop tracking since this checkpoint.",
+                  (200, "Checkpoint"), errors: [404, 409, 502], role: .operator) { request in
+                try host.deleteCheckpoint(request.parameter("name"), request.parameter("checkpoint"))
+            },
+            route("POST", "/disks/{name}/nbd", "exportNBD",
+                  "Where the disk (a snapshot, even while it is copied) can be read over NBD now; starts a read-only offline session if nothing serves it.",
+                  (200, "NBDExport"), errors: [404, 409, 502], role: .operator) { request in try host.nbdExport(request.parameter("name")) },
+            route("POST", "/disks/{name}/revert", "revertDisk",
+                  "Replace a stopped disk's contents with one of its snapshots', through its chain (its filters hear first and may veto).",
+                  body: "DiskRevertRequest", (200, "TransferReport"), errors: [404, 409, 502], role: .operator) { request in
+                try host.revertDisk(request.parameter("name"), request.decode(DiskRevertRequest.self))
             },
             route("POST", "/disks/{name}/clone", "cloneDisk", "A new, independent disk with this disk's contents.",
                   body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 422, 502]) { request in

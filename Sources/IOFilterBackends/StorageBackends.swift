@@ -54,36 +54,19 @@ public final class FileBackend: StorageBackend {
         request.backendDidComplete(error: perform(request.io))
     }
 
-    /// The range's data and holes, from SEEK_DATA and SEEK_HOLE (a file system without
-    /// them, or a block device, reports all data); up to `Extents.maximum` extents.
+    /// The range's data and holes (a file system without them, or a block device,
+    /// reports all data); up to `Extents.maximum` extents.
     private func blockStatus(_ io: UnsafeMutablePointer<iof_request>, into extents: Extents) -> Int32 {
-        let start = io.pointee.offset, stop = start + io.pointee.length
-        var position = start
-        while position < stop && !extents.isFull {
-            let data = lseek(fd, off_t(position), Self.seekData)
-            if data < 0 {
-                // ENXIO: no data past `position` (the rest is a hole). Anything else: no
-                // hole information at all.
-                extents.append(length: stop - position, flags: errno == ENXIO ? Self.hole : 0, at: position)
-                break
-            }
-            if UInt64(data) > position {
-                extents.append(length: min(UInt64(data), stop) - position, flags: Self.hole, at: position)
-                position = min(UInt64(data), stop)
-                continue
-            }
-            let hole = lseek(fd, off_t(position), Self.seekHole)
-            let dataEnd = hole < 0 ? stop : min(UInt64(hole), stop)
-            extents.append(length: max(dataEnd, position + 1) - position, flags: 0, at: position)
-            position = max(dataEnd, position + 1)
+        var position = io.pointee.offset
+        SparseFile.runs(fd, offset: position, length: io.pointee.length) { length, hole in
+            extents.append(length: length, flags: hole ? Self.hole : 0, at: position)
+            position += length
+            return !extents.isFull
         }
         return 0
     }
 
     private static let hole = UInt32(IOF_EXTENT_HOLE | IOF_EXTENT_ZERO)
-    // <unistd.h> under _GNU_SOURCE, which Glibc's Swift module does not import.
-    private static let seekData: Int32 = 3
-    private static let seekHole: Int32 = 4
 
     private func perform(_ io: UnsafeMutablePointer<iof_request>) -> Int32 {
         let offset = io.pointee.offset

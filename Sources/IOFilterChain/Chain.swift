@@ -18,6 +18,8 @@ public final class Chain: @unchecked Sendable {
     public let io = IOCounters()
     /// Holds consumers' requests back while filters handle a snapshot.
     public let quiesce = Quiesce()
+    /// Checkpoints' bitmaps and snapshots' copies that consumers' changes go to.
+    public let tracker = ChangeTracker()
     public let logger: Logger
     private let requestIDs = Atomic<UInt64>(0)
     private let registry = Guarded<[ObjectIdentifier: RequestWatch]>([:])
@@ -61,6 +63,38 @@ public final class Chain: @unchecked Sendable {
         return 0
     }
 
+    /// Runs one request through the whole chain, as a consumer's would, and waits for
+    /// its answer: the host's own reads in the worker (preserving blocks for a snapshot,
+    /// the snapshot's background copy). A block status leaves its answer in `extents`.
+    func performAndWait(op: iof_op, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?,
+                        extents: Extents? = nil) -> Int32 {
+        final class Answer: @unchecked Sendable {
+            // @unchecked: `error` and `done` are touched with `lock` held.
+            let lock = ConditionLock()
+            var error: Int32 = 0
+            var done = false
+        }
+        let answer = Answer()
+        let request = ChainRequest(chain: self, top: 0, completion: .swift { error in
+            answer.lock.withLock {
+                answer.error = error
+                answer.done = true
+                answer.lock.broadcast()
+            }
+        }, oneOff: true)
+        request.prepare(op: op, flags: 0, offset: offset, length: length, buffer: buffer)
+        request.run()
+        let error = answer.lock.withLock {
+            while !answer.done { answer.lock.wait() }
+            return answer.error
+        }
+        if let extents, let found = request.extents {
+            extents.removeAll()
+            for index in 0..<found.count { extents.append(length: found.lengths[index], flags: found.flags[index], at: found.offsets[index]) }
+        }
+        return error
+    }
+
     /// A request that has sat in one stage longer than `limit`, with where it sits.
     public func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
         let watches = registry.withLock { Array($0.values) }
@@ -86,6 +120,7 @@ public final class Chain: @unchecked Sendable {
         if synced != 0 {
             logger.error("closing \(backend): writes may not be durable: \(String(cString: strerror(synced)))")
         }
+        tracker.closeCleanly()
     }
 
     static func opName(_ op: iof_op) -> String {

@@ -1,7 +1,10 @@
 import CIOFilter
 import Glibc
 import IOFilterNBD
+import IOFilterModel
 import IOFilterNBDServer
+import IOFilterPosix
+import IOFilterTracking
 
 /// Offers a chain to NBD clients: each NBD request slot gets a `ChainRequest` once,
 /// and every request runs through the chain on the connection's thread.
@@ -49,23 +52,108 @@ public final class ChainExport: NBDExport {
         default: return request.complete(error: EINVAL)
         }
         chain.quiesce.enter()  // left when the request is answered (ChainRequest.finish)
+        if op == IOF_OP_WRITE || op == IOF_OP_TRIM || op == IOF_OP_WRITE_ZEROES {
+            chain.tracker.willModify(offset: request.offset, length: UInt64(request.length))
+        }
         chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
         chained.run()
     }
 }
 
-/// A catalog of chain exports for one worker.
-public struct ChainCatalog: NBDExportCatalog {
-    public let exports: [ChainExport]
+extension ChainExport {
+    /// A checkpoint's bitmap is offered while it can be trusted.
+    public var metadataContextNames: [String] {
+        chain.tracker.allBitmaps.filter { $0.inconsistency == nil }.map { CheckpointInfo.metaContextPrefix + $0.name }
+    }
 
-    public init(exports: [ChainExport]) {
-        self.exports = exports
+    public func metadataContext(named name: String) -> (any NBDMetadataContext)? {
+        BitmapContext.named(name, among: chain.tracker.allBitmaps)
+    }
+}
+
+extension BitmapContext {
+    /// The context for `qemu:dirty-bitmap:NAME` among these bitmaps, if it may be offered.
+    static func named(_ context: String, among bitmaps: [ChangeBitmap]) -> BitmapContext? {
+        guard context.hasPrefix(CheckpointInfo.metaContextPrefix) else { return nil }
+        let name = context.dropFirst(CheckpointInfo.metaContextPrefix.count)
+        return bitmaps.first { $0.name == name && $0.inconsistency == nil }.map(BitmapContext.init)
+    }
+}
+
+/// A point-in-time snapshot offered read-only by the worker that makes it, while it is
+/// being copied and after: reads preserve what they read first, so they see the
+/// instant's bytes whatever the disk's consumers write meanwhile. Its frozen
+/// checkpoints are offered as `qemu:dirty-bitmap:NAME` (changes from each checkpoint to
+/// the snapshot's instant): what an incremental backup reads.
+public final class SnapshotExport: NBDExport {
+    public let copy: PointInTimeCopy
+    public var name: String { copy.name }
+    public var size: UInt64 { copy.size }
+    public let features = NBDExportFeatures(readOnly: true, flush: true, fua: false, trim: false, writeZeroes: false,
+                                            multiConn: true, cache: false, fastZero: false, blockStatus: true)
+
+    public init(_ copy: PointInTimeCopy) { self.copy = copy }
+
+    public func makeRequestContext(for request: NBDRequest) -> AnyObject? { nil }
+
+    public func submit(_ request: NBDRequest) {
+        switch request.command {
+        case .read:
+            request.complete(error: copy.read(into: request.buffer, offset: request.offset, length: Int(request.length)))
+        case .flush:
+            request.complete(error: 0)
+        case .blockStatus:
+            // What is in the snapshot's file already has its holes; the rest is called
+            // data (the disk's own holes may have changed since the instant).
+            if copy.isPreserved(offset: request.offset, length: UInt64(request.length)) {
+                SparseFile.runs(copy.targetFD, offset: request.offset, length: UInt64(request.length)) { length, hole in
+                    request.appendExtent(length: UInt32(length), flags: hole ? UInt32(IOF_EXTENT_HOLE | IOF_EXTENT_ZERO) : 0)
+                }
+            } else {
+                _ = request.appendExtent(length: request.length, flags: 0)
+            }
+            request.complete(error: 0)
+        default:
+            request.complete(error: EPERM)
+        }
+    }
+
+    public var metadataContextNames: [String] {
+        copy.frozenBitmaps.filter { $0.inconsistency == nil }.map { CheckpointInfo.metaContextPrefix + $0.name }
+    }
+
+    public func metadataContext(named name: String) -> (any NBDMetadataContext)? {
+        BitmapContext.named(name, among: copy.frozenBitmaps)
+    }
+}
+
+/// The exports one disk's NBD server offers: the disk through its chain, and the
+/// point-in-time snapshots its worker made of it (added while it serves).
+public final class ChainCatalog: NBDExportCatalog {
+    public let disk: ChainExport
+    private let snapshots = Guarded<[SnapshotExport]>([])
+
+    public init(disk: ChainExport) {
+        self.disk = disk
     }
 
     public func export(named name: String) -> (any NBDExport)? {
-        if name.isEmpty, exports.count == 1 { return exports[0] }
-        return exports.first { $0.name == name }
+        if name.isEmpty || name == disk.name { return disk }
+        return snapshots.withLock { $0.first { $0.name == name } }
     }
 
-    public var exportNames: [String] { exports.map(\.name) }
+    public var exportNames: [String] { [disk.name] + snapshots.withLock { $0.map(\.name) } }
+
+    public func offer(_ snapshot: SnapshotExport) {
+        snapshots.withLock { $0.append(snapshot) }
+    }
+
+    public func withdraw(_ name: String) -> SnapshotExport? {
+        snapshots.withLock { list in
+            guard let index = list.firstIndex(where: { $0.name == name }) else { return nil }
+            return list.remove(at: index)
+        }
+    }
+
+    public func snapshot(named name: String) -> SnapshotExport? { snapshots.withLock { $0.first { $0.name == name } } }
 }

@@ -3,6 +3,7 @@ import Glibc
 import IOFilterModel
 import IOFilterNBD
 import IOFilterPosix
+import IOFilterTracking
 import Logging
 
 /// The `struct iof_host_services` every plug-in receives: C entry points that find
@@ -68,6 +69,28 @@ public enum HostServices {
             open_replica: { name, size in
                 guard let name else { return -EINVAL }
                 return HostServices.openReplica(String(cString: name), size: size)
+            },
+            checkpoint_name: { disk, index, name, size in
+                guard let chain = FilterInstance.from(disk)?.chain, let name else { return EINVAL }
+                let bitmaps = chain.tracker.allBitmaps
+                guard Int(index) < bitmaps.count else { return ERANGE }
+                let bytes = Array(bitmaps[Int(index)].name.utf8)
+                guard bytes.count < size else { return ENOSPC }
+                _ = bytes.withUnsafeBytes { memcpy(name, $0.baseAddress!, bytes.count) }
+                name[bytes.count] = 0
+                return 0
+            },
+            changed_extents: { disk, checkpoint, offset, length, emit, arg in
+                guard let chain = FilterInstance.from(disk)?.chain, let checkpoint, let emit else { return EINVAL }
+                guard let bitmap = chain.tracker.bitmap(named: String(cString: checkpoint)) else { return ENOENT }
+                guard bitmap.inconsistency == nil else { return ESTALE }
+                guard offset <= chain.backend.size, length <= chain.backend.size - offset else { return EINVAL }
+                var position = offset
+                bitmap.runs(offset: offset, length: length) { runLength, changed in
+                    defer { position += runLength }
+                    return emit(arg, position, runLength, changed ? 1 : 0) == 0
+                }
+                return 0
             }))
         return table
     }()

@@ -17,7 +17,8 @@ extension HostController {
             name: row.name, path: row.path, sizeBytes: row.size, readOnly: row.readOnly, policy: row.policy, vm: row.vm,
             uri: server(of: row)?.worker.uri(row.name), attached: row.attached.map(\.entry),
             compliance: compliance(of: row, plugins: plugins, policies: policies), snapshotOf: row.snapshotOf,
-            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf, health: lastHealth(of: row.name, vm: row.vm))
+            activity: sessions.activity(row.name), createdAt: row.createdAt, replicaOf: row.replicaOf, health: lastHealth(of: row.name, vm: row.vm),
+            copy: row.copying == true ? snapshotCopies.copy(row.name)?.progress : nil, checkpoints: checkpoints(of: row.name).names())
     }
 
     public func listDisks() throws(ControlError) -> [DiskInfo] {
@@ -175,6 +176,10 @@ extension HostController {
             }
             _ = try store.write { db in try DiskRow.deleteOne(db, key: name) }
             diskFiles.remove(name, path: row.path)
+            // A snapshot its source's VM worker still offers: no longer.
+            if let copy = snapshotCopies.remove(name), copy.workerLives {
+                _ = try? copy.session.supervisor.control(.releaseSnapshot(name: name), timeout: 10)
+            }
             let removed = ownFiles.filter { unlink($0) == 0 }
             event("disk-deleted", name, removed.isEmpty ? "" : "with \(removed.joined(separator: ", "))")
         }
@@ -291,7 +296,7 @@ extension HostController {
 
     /// Copies one disk onto another: read through the source's chain, written through
     /// the target's.
-    public func copyDisk(_ name: String, _ request: DiskCopyRequest) throws(ControlError) -> TransferReport {
+    public func copyDisk(_ name: String, _ request: DiskCopyRequest, recording: Bool = true) throws(ControlError) -> TransferReport {
         let (source, target) = try read { db in (try diskRow(name, db), try diskRow(request.target, db)) }
         guard source.name != target.name else { throw .conflict("a disk cannot be copied onto itself") }
         if target.readOnly { throw .conflict("disk \(target.name) is a read-only snapshot") }
@@ -308,7 +313,7 @@ extension HostController {
                 (try DiskTransfer.copy(from: uri, to: .nbd(uri: writer.uri(target.name)!), logger: logger, progress: progress), what)
             }
         }
-        event("disk-copied", name, "onto \(target.name) through \(through)")
+        if recording { event("disk-copied", name, "onto \(target.name) through \(through)") }
         return TransferReport(bytes: bytes, seconds: Double(monotonicNanoseconds() - started) / 1e9, through: through)
     }
 
@@ -365,7 +370,7 @@ extension HostController {
     }
 
     public func snapshotDisk(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {
-        try derive(name, request, snapshot: true)
+        try takeSnapshot(name, request)
     }
 
     public func cloneDisk(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {

@@ -13,6 +13,7 @@ extension HostController {
     public func recoverFromPreviousRun() {
         let unclean = FileManager.default.fileExists(atPath: layout.runningMarker)
         let killed = killLeftoverWorkers()
+        removeUnfinishedSnapshots()
         var removed = 0
         for directory in layout.scratchDirectories {
             for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {

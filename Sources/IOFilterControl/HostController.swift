@@ -47,6 +47,8 @@ public final class HostController: @unchecked Sendable {
     let sessions = SessionRegistry()
     /// Partner daemons, by plug-in name.
     let daemons = DaemonRegistry()
+    /// Point-in-time snapshots being copied, and the workers offering them.
+    let snapshotCopies = SnapshotCopies()
     /// The running VMs' figures, history and health, sampled once for every reader.
     private(set) var sampler: Sampler!
     /// Where events go besides the database.
@@ -163,6 +165,7 @@ public final class HostController: @unchecked Sendable {
         defer { markCleanStop() }
         liveStreams.endAll()
         sampler.stop()
+        abandonRunningCopies()
         operationLock.withLock {
             let workers = sessions.takeAll()
             // Workers stop in parallel: each may take a while to destage or drain.
@@ -228,6 +231,7 @@ public final class HostController: @unchecked Sendable {
             }
         }
         let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
+        reportCheckpointsLostWithTheMachine(disks.map(\.row.name))
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
         let session = VMSession(

@@ -61,6 +61,9 @@ struct DiskRow: Codable, FetchableRecord, PersistableRecord {
     var createdAt: String
     /// (v7) The plug-in whose daemon keeps it as a replica; read-only while set.
     var replicaOf: String?
+    /// (v9) A point-in-time snapshot whose copy is not complete: removed at the next
+    /// start if it is still set (the worker that copied it is gone).
+    var copying: Bool?
 }
 
 struct VMRow: Codable, FetchableRecord, PersistableRecord {
@@ -242,6 +245,9 @@ final class StateStore: Sendable {
                 t.column("lastDeliveryAt", .text)
                 t.column("lastError", .text)
             }
+        }
+        migrator.registerMigration("v9: point-in-time snapshots being copied") { db in
+            try db.alter(table: "disk") { t in t.add(column: "copying", .boolean) }
         }
         return migrator
     }

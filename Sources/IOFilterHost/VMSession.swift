@@ -74,6 +74,16 @@ public final class VMSession: @unchecked Sendable {
         listeners.first { $0.disk == disk }.map { $0.uri.description(tls: tls) }
     }
 
+    /// The URI of another export `disk`'s server offers (a snapshot its worker made).
+    public func uri(_ disk: String, export: String) -> String? {
+        listeners.first { $0.disk == disk }.map { listener -> String in
+            switch listener.uri {
+            case .unix(let socket, _): NBDURI.unix(socket: socket, export: export).description(tls: tls)
+            case .tcp(let host, let port, _): NBDURI.tcp(host: host, port: port, export: export).description(tls: tls)
+            }
+        }
+    }
+
     /// Stops the worker (its filters flush, destage and close first), then the listeners.
     public func stop() {
         supervisor.stop()

@@ -8,6 +8,60 @@ public enum WorkerControlRequest: Codable, Sendable, Equatable {
     case call(plugin: String, operation: String, arguments: [String])
     /// A disk lifecycle event for every filter of one disk; any filter may veto it.
     case event(disk: String, event: DiskLifecycleEvent)
+    /// A point-in-time snapshot of a disk, copied in the background by the worker.
+    case snapshot(disk: String, name: String, options: SnapshotOptions)
+    /// How a snapshot's copy stands.
+    case snapshotStatus(name: String)
+    /// The worker lets go of a snapshot: it stops offering it (and stops copying it).
+    case releaseSnapshot(name: String)
+    /// Makes or deletes a checkpoint of a disk the worker serves.
+    case checkpoint(disk: String, change: CheckpointChange)
+}
+
+/// How a point-in-time snapshot is made.
+public struct SnapshotOptions: Codable, Sendable, Equatable {
+    /// A checkpoint of the source made at the snapshot's very instant (the next
+    /// incremental backup starts from it), with its granularity.
+    public var checkpoint: String?
+    public var granularity: UInt64?
+    /// The background copy's pace in bytes per second (nil: as fast as it goes).
+    public var bytesPerSecond: UInt64?
+
+    public init(checkpoint: String? = nil, granularity: UInt64? = nil, bytesPerSecond: UInt64? = nil) {
+        self.checkpoint = checkpoint
+        self.granularity = granularity
+        self.bytesPerSecond = bytesPerSecond
+    }
+}
+
+public enum CheckpointChange: Codable, Sendable, Equatable {
+    case create(name: String, granularity: UInt64)
+    case delete(name: String)
+}
+
+/// Where a point-in-time snapshot's copy stands.
+public struct SnapshotProgress: Codable, Sendable, Equatable {
+    public enum State: String, Codable, Sendable { case copying, complete, failed }
+    public var name: String
+    public var state: State
+    public var totalBytes: UInt64
+    /// Bytes of the snapshot settled so far (copied, or known to read as zero).
+    public var preservedBytes: UInt64
+    /// Bytes of data written to the snapshot's file.
+    public var writtenBytes: UInt64
+    public var seconds: Double
+    public var error: String?
+
+    public init(name: String, state: State, totalBytes: UInt64, preservedBytes: UInt64, writtenBytes: UInt64, seconds: Double,
+                error: String? = nil) {
+        self.name = name
+        self.state = state
+        self.totalBytes = totalBytes
+        self.preservedBytes = preservedBytes
+        self.writtenBytes = writtenBytes
+        self.seconds = seconds
+        self.error = error
+    }
 }
 
 /// What happens to a disk that its filters hear of (`event` in the ABI) and may veto.
@@ -18,11 +72,16 @@ public enum DiskLifecycleEvent: Codable, Sendable, Equatable, CustomStringConver
     case clone(target: String)
     /// The disk grows to this many bytes.
     case grow(newSize: UInt64)
+    /// The disk's contents are about to be replaced by this snapshot's (ABI 1.5).
+    case revert(snapshot: String)
 
-    /// The clone's name.
+    /// The clone's name, or the snapshot's a revert goes back to.
     public var targetName: String? {
-        if case .clone(let target) = self { return target }
-        return nil
+        switch self {
+        case .clone(let target): target
+        case .revert(let snapshot): snapshot
+        default: nil
+        }
     }
 
     public var description: String {
@@ -30,6 +89,7 @@ public enum DiskLifecycleEvent: Codable, Sendable, Equatable, CustomStringConver
         case .snapshot: "snapshot"
         case .clone(let target): "clone to \(target)"
         case .grow(let size): "grow to \(size) bytes"
+        case .revert(let snapshot): "revert to \(snapshot)"
         }
     }
 }
@@ -130,10 +190,12 @@ public struct WorkerControlResponse: Codable, Sendable, Equatable {
     public var error: String?
     public var disks: [DiskStatistics]?
     public var result: ManagementResult?
+    public var snapshot: SnapshotProgress?
 
-    public init(error: String? = nil, disks: [DiskStatistics]? = nil, result: ManagementResult? = nil) {
+    public init(error: String? = nil, disks: [DiskStatistics]? = nil, result: ManagementResult? = nil, snapshot: SnapshotProgress? = nil) {
         self.error = error
         self.disks = disks
         self.result = result
+        self.snapshot = snapshot
     }
 }

@@ -32,6 +32,10 @@ final class NBDConnection: @unchecked Sendable {
     /// the base:allocation metadata context (block status allowed).
     let structured: Bool
     let baseAllocation: Bool
+    /// Other metadata contexts chosen (ids 2, 3, ...), answered by the export at once.
+    let contexts: [any NBDMetadataContext]
+    /// Room for a block-status reply: every context's chunk.
+    let blockStatusBytes: Int
 
     // Big enough to batch many small requests, small enough that a large write payload
     // is mostly read straight into its request buffer rather than copied through here.
@@ -73,11 +77,14 @@ final class NBDConnection: @unchecked Sendable {
     private var writeFirst = 0
     private var writeCount = 0
 
-    init(fd: Int32, export: any NBDExport, logger: Logger, structured: Bool = false, baseAllocation: Bool = false) {
+    init(fd: Int32, export: any NBDExport, logger: Logger, structured: Bool = false, baseAllocation: Bool = false,
+         contexts: [any NBDMetadataContext] = []) {
         self.fd = fd
         self.export = export
         self.structured = structured
         self.baseAllocation = structured && baseAllocation && export.features.blockStatus
+        self.contexts = structured ? contexts : []
+        blockStatusBytes = Self.blockStatusReplyBytes * (1 + self.contexts.count) + Self.chunkPrefix * self.contexts.count
         self.logger = logger
         self.exportSize = export.size
         self.features = export.features
@@ -171,8 +178,13 @@ final class NBDConnection: @unchecked Sendable {
             request.error = 0
             if command == .read || command == .write { grow(request, to: Int(length)) }
             if command == .blockStatus {
-                grow(request, to: Self.blockStatusReplyBytes)
+                grow(request, to: blockStatusBytes)
                 request.extentBytes = 0
+                if !baseAllocation {
+                    // Only contexts the export answers itself: nothing to submit.
+                    try appendToBatch(request)
+                    continue
+                }
             }
             if payload > 0 {
                 do {
@@ -206,7 +218,7 @@ final class NBDConnection: @unchecked Sendable {
         case .writeZeroes where features.writeZeroes:
             allowed = NBDProtocol.CommandFlags([.noHole]).union(features.fua ? [.fua] : []).union(features.fastZero ? [.fastZero] : [])
         case .cache where features.cache: allowed = []
-        case .blockStatus where baseAllocation: allowed = [.requestOne]
+        case .blockStatus where baseAllocation || !contexts.isEmpty: allowed = [.requestOne]
         default: return EINVAL  // not offered (or block status without its context)
         }
         guard flags.isSubset(of: allowed) else { return EINVAL }
@@ -357,14 +369,13 @@ final class NBDConnection: @unchecked Sendable {
             request.replyDataLength = request.command == .read && request.error == 0 ? Int(request.length) : 0
             return
         }
-        // One chunk, flagged done: the data of a read, the extents of a block status,
-        // or the error of either.
+        // One chunk, flagged done: the data of a read, or the error of either; a block
+        // status has one chunk per chosen context.
         var error = request.error
-        var extentBytes = request.command == .blockStatus && request.flags.contains(.requestOne)
+        let extentBytes = request.command == .blockStatus && request.flags.contains(.requestOne)
             ? min(request.extentBytes, 8) : request.extentBytes
-        if error == 0 && request.command == .blockStatus && extentBytes == 0 {
+        if error == 0 && request.command == .blockStatus && baseAllocation && extentBytes == 0 {
             error = EIO  // a reply must hold at least one extent
-            extentBytes = 0
         }
         header.storeBE(NBDProtocol.structuredReplyMagic, at: 0)
         header.storeBE(NBDProtocol.chunkFlagDone, at: 4)
@@ -384,12 +395,69 @@ final class NBDConnection: @unchecked Sendable {
             request.replyHeaderLength = headerSize + 8
             request.replyDataLength = Int(request.length)
         } else {
-            header.storeBE(NBDProtocol.ChunkType.blockStatus.rawValue, at: 6)
-            header.storeBE(UInt32(4 + extentBytes), at: 16)
-            header.storeBE(NBDProtocol.baseAllocationID, at: headerSize)
-            request.replyHeaderLength = headerSize + 4
-            request.replyDataLength = extentBytes
+            prepareBlockStatusChunks(request, baseExtentBytes: extentBytes)
         }
+    }
+
+    /// A chunk header and its context id, before each block-status chunk after the first.
+    static let chunkPrefix = NBDProtocol.chunkHeaderSize + 4
+
+    /// The chunks of a block-status reply, one per chosen context: base:allocation's
+    /// extents are in the buffer already (the chain's answer); the other contexts'
+    /// follow them, each after its own chunk header. The first chunk's header is the
+    /// reply header; the last carries the done flag.
+    private func prepareBlockStatusChunks(_ request: NBDRequest, baseExtentBytes: Int) {
+        let one = request.flags.contains(.requestOne)
+        let total = (baseAllocation ? 1 : 0) + contexts.count
+        var chunk = 0
+        var cursor = 0
+        var chunkHeader = request.replyHeader
+        var chunkStart = 0
+        func open(id: UInt32) {
+            if chunk > 0 {
+                chunkHeader = request.buffer + cursor
+                cursor += Self.chunkPrefix
+            }
+            chunkStart = cursor
+            chunkHeader.storeBE(NBDProtocol.structuredReplyMagic, at: 0)
+            chunkHeader.storeBE(chunk == total - 1 ? NBDProtocol.chunkFlagDone : 0, at: 4)
+            chunkHeader.storeBE(NBDProtocol.ChunkType.blockStatus.rawValue, at: 6)
+            chunkHeader.storeBE(request.cookie, at: 8)
+            chunkHeader.storeBE(id, at: NBDProtocol.chunkHeaderSize)
+        }
+        func close() {
+            chunkHeader.storeBE(UInt32(4 + cursor - chunkStart), at: 16)
+            chunk += 1
+        }
+        if baseAllocation {
+            open(id: NBDProtocol.baseAllocationID)
+            cursor = baseExtentBytes
+            close()
+        }
+        let length = UInt64(request.length)
+        for (index, context) in contexts.enumerated() {
+            open(id: NBDProtocol.baseAllocationID + UInt32(index + 1))
+            let limit = cursor + (one ? 8 : Self.blockStatusReplyBytes)
+            var covered: UInt64 = 0
+            context.describe(offset: request.offset, length: request.length) { extentLength, flags in
+                guard extentLength > 0, cursor + 8 <= limit, covered < length else { return false }
+                let clipped = UInt32(min(UInt64(extentLength), length - covered))
+                (request.buffer + cursor).storeBE(clipped, at: 0)
+                (request.buffer + cursor).storeBE(flags, at: 4)
+                cursor += 8
+                covered += UInt64(clipped)
+                return covered < length
+            }
+            if cursor == chunkStart {
+                // A context must answer with at least one extent: the whole range, flags 0.
+                (request.buffer + cursor).storeBE(request.length, at: 0)
+                (request.buffer + cursor).storeBE(UInt32(0), at: 4)
+                cursor += 8
+            }
+            close()
+        }
+        request.replyHeaderLength = NBDProtocol.chunkHeaderSize + 4
+        request.replyDataLength = cursor
     }
 
     /// The reply's two vectors at `slot`: its header, and the data it carries (a read's,

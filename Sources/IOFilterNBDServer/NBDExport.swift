@@ -43,10 +43,27 @@ public protocol NBDExport: AnyObject, Sendable {
     /// Carries out the request and calls `request.complete(error:)` exactly once, either
     /// before returning (served inline) or later from any thread (deferred).
     func submit(_ request: NBDRequest)
+    /// Metadata contexts other than base:allocation that the export answers itself,
+    /// at once and from its own state (QEMU's `qemu:dirty-bitmap:NAME`), by name.
+    var metadataContextNames: [String] { get }
+    /// The context of that name, which a connection keeps for its life (a context the
+    /// export stops offering later goes on answering the connections that chose it).
+    func metadataContext(named name: String) -> (any NBDMetadataContext)?
 }
 
 extension NBDExport {
     public func releaseRequestContext(_ context: AnyObject) {}
+    public var metadataContextNames: [String] { [] }
+    public func metadataContext(named name: String) -> (any NBDMetadataContext)? { nil }
+}
+
+/// A metadata context an export answers block status for without the request going
+/// anywhere: a bitmap it reads.
+public protocol NBDMetadataContext: AnyObject, Sendable {
+    /// Describes [offset, offset+length): calls `append` with extents contiguous from
+    /// `offset` (at least one, none longer than the range), with the context's flags,
+    /// until it returns false or the range is covered.
+    func describe(offset: UInt64, length: UInt32, _ append: (_ length: UInt32, _ flags: UInt32) -> Bool)
 }
 
 /// Looks exports up by the name a client asks for.

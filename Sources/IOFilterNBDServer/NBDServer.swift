@@ -190,6 +190,10 @@ struct Handshake {
     private final class Negotiated {
         var structured = false
         var baseAllocation = false
+        /// Contexts the export answers itself, in the order of their ids (2, 3, ...),
+        /// and the export they were chosen for (a GO for another one drops them).
+        var contexts: [any NBDMetadataContext] = []
+        var contextsExport: String?
         /// After STARTTLS: the plaintext end of the TLS session, which the rest of the
         /// negotiation and the transmission phase use.
         var secured: Int32?
@@ -211,8 +215,10 @@ struct Handshake {
     func run() {
         switch negotiate() {
         case .serve(let export):
+            let chosen = negotiated.contextsExport == export.name
             NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
-                          baseAllocation: negotiated.baseAllocation).run()
+                          baseAllocation: chosen && negotiated.baseAllocation,
+                          contexts: chosen ? negotiated.contexts : []).run()
         case .close:
             break  // the server closes the socket
         }
@@ -395,8 +401,11 @@ struct Handshake {
         }
     }
 
-    /// LIST_META_CONTEXT and SET_META_CONTEXT: the one context offered is
-    /// base:allocation, for exports that answer block status.
+    /// LIST_META_CONTEXT and SET_META_CONTEXT: base:allocation for exports that answer
+    /// block status, and the contexts an export answers itself (`qemu:dirty-bitmap:…`).
+    /// LIST takes namespaces ("base:", "qemu:", "qemu:dirty-bitmap:") or full names; SET
+    /// takes full names, and a name the export does not offer is left out of the answer
+    /// (the protocol's way of saying no), with a line in the log.
     private func metaContext(_ option: UInt32, data: [UInt8], select: Bool) throws(SystemError) {
         guard negotiated.structured else {
             try reply(option, .errInvalid, message: "negotiate structured replies first")
@@ -423,18 +432,39 @@ struct Handshake {
             try reply(option, .errUnknown, message: "no export named '\(name)'")
             return
         }
-        let context = NBDProtocol.baseAllocation
-        // An empty LIST asks for everything; "base:" names the namespace.
-        let matched = export.features.blockStatus
-            && (select ? queries.contains(context) : (queries.isEmpty || queries.contains(context) || queries.contains("base:")))
-        if select { negotiated.baseAllocation = matched }
-        if matched {
-            var entry = MessageWriter()
-            entry.u32(select ? NBDProtocol.baseAllocationID : 0)
-            entry.append(context)
-            try reply(option, .metaContext, data: entry.bytes)
+        var offered = export.features.blockStatus ? [NBDProtocol.baseAllocation] : []
+        offered += export.metadataContextNames
+        if select {
+            negotiated.baseAllocation = false
+            negotiated.contexts = []
+            negotiated.contextsExport = export.name
+            for query in queries {
+                if query == NBDProtocol.baseAllocation && offered.contains(query) && !negotiated.baseAllocation {
+                    negotiated.baseAllocation = true
+                    try replyContext(option, id: NBDProtocol.baseAllocationID, name: query)
+                } else if query != NBDProtocol.baseAllocation, let context = export.metadataContext(named: query),
+                          !negotiated.contexts.contains(where: { $0 === context }) {
+                    negotiated.contexts.append(context)
+                    try replyContext(option, id: NBDProtocol.baseAllocationID + UInt32(negotiated.contexts.count), name: query)
+                } else if !offered.contains(query) {
+                    logger.info("client asked for metadata context '\(query)', which export '\(export.name)' does not offer")
+                }
+            }
+        } else {
+            // An empty LIST asks for everything.
+            let listed = queries.isEmpty ? offered : offered.filter { name in
+                queries.contains { $0 == name || ($0.hasSuffix(":") && name.hasPrefix($0)) }
+            }
+            for context in listed { try replyContext(option, id: 0, name: context) }
         }
         try reply(option, .ack)
+    }
+
+    private func replyContext(_ option: UInt32, id: UInt32, name: String) throws(SystemError) {
+        var entry = MessageWriter()
+        entry.u32(id)
+        entry.append(name)
+        try reply(option, .metaContext, data: entry.bytes)
     }
 
     static func transmissionFlags(_ export: any NBDExport) -> NBDProtocol.TransmissionFlags {

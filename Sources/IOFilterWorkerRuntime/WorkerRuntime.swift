@@ -9,6 +9,7 @@ import IOFilterModel
 import IOFilterNBD
 import IOFilterPluginLoader
 import IOFilterPosix
+import IOFilterTracking
 import Logging
 
 /// Builds, opens and watches the chains of one worker.
@@ -19,6 +20,8 @@ public final class WorkerRuntime: @unchecked Sendable {
     let logger: Logger
     public private(set) var plugins: [String: LoadedPlugin] = [:]
     public private(set) var chains: [Chain] = []
+    /// What each disk's NBD server offers: the disk, and the snapshots made of it.
+    public private(set) var catalogs: [ChainCatalog] = []
     /// What `openBackends` opened, one per disk, until `openDisks` builds on it.
     private var opened: [OpenedBackend] = []
     private enum OpenedBackend {
@@ -88,6 +91,15 @@ public final class WorkerRuntime: @unchecked Sendable {
                     sidecarDirectory: sidecar, logger: diskLogger))
             }
             let chain = Chain(diskName: disk.name, filters: filters, backend: backend, logger: diskLogger)
+            // Changes are tracked from the first request on, including the ones filters
+            // make while they open (a cache replaying its journal is not a consumer's).
+            let (bitmaps, failures) = CheckpointDirectory(diskState: Self.sidecarRoot(disk, in: configuration))
+                .openAll(use: disk.readOnly || backend.readOnly ? .read : .track)
+            for bitmap in bitmaps {
+                chain.tracker.track(bitmap)
+                if let reason = bitmap.inconsistency { diskLogger.warning("checkpoint \(bitmap.name) is inconsistent: \(reason)") }
+            }
+            for failure in failures { diskLogger.error("checkpoint left out: \(failure)") }
             // Nearest the disk first: a filter may issue I/O below itself (submit_below)
             // from the moment it is open, so everything below it must be open already.
             for (filter, isNew) in zip(filters, fresh).reversed() {
@@ -104,7 +116,9 @@ public final class WorkerRuntime: @unchecked Sendable {
                 if !attachOnly { try filter.open() }
             }
             chains.append(chain)
-            exports.append(ChainExport(name: disk.name, chain: chain, readOnly: disk.readOnly))
+            let export = ChainExport(name: disk.name, chain: chain, readOnly: disk.readOnly)
+            exports.append(export)
+            catalogs.append(ChainCatalog(disk: export))
             diskLogger.info("serving \(backend) through \(filters.isEmpty ? "no filters" : filters.map(\.name).joined(separator: " -> "))")
         }
         return exports
@@ -149,20 +163,25 @@ public final class WorkerRuntime: @unchecked Sendable {
 
     /// Tells every filter of `disk` (all disks when nil), consumer side first, of a
     /// lifecycle event. A snapshot is delivered with the disk quiesced: no consumer's
-    /// request in flight while the filters flush. The first filter that returns an
-    /// errno vetoes it: the error names the filter, and the filters after it never hear.
-    public func deliver(_ event: DiskLifecycleEvent, disk: String?) throws(ChainError) {
+    /// request in flight while the filters flush, and `whileQuiesced` runs after they
+    /// all agreed, before requests flow again (the snapshot's instant). The first filter
+    /// that returns an errno vetoes it: the error names the filter, and the filters
+    /// after it never hear. A plug-in built for an ABI older than the event never hears.
+    public func deliver(_ event: DiskLifecycleEvent, disk: String?, snapshotName: String? = nil,
+                        whileQuiesced: ((Chain) throws(ChainError) -> Void)? = nil) throws(ChainError) {
         let chosen = chains.filter { disk == nil || $0.diskName == disk }
         if let disk, chosen.isEmpty { throw .backend("this worker has no disk \(disk)") }
         for chain in chosen {
             var abi = iof_disk_event()
             abi.struct_size = UInt32(MemoryLayout<iof_disk_event>.size)
-            let target = strdup(event.targetName ?? "")
+            let target = strdup(event.targetName ?? snapshotName ?? "")
             defer { free(target) }
+            var sinceMinor = 0
             switch event {
             case .snapshot: abi.type = IOF_EVENT_SNAPSHOT
             case .clone: abi.type = IOF_EVENT_CLONE
             case .grow(let size): abi.type = IOF_EVENT_GROW; abi.new_size = size
+            case .revert: abi.type = IOF_EVENT_REVERT; sinceMinor = 5
             }
             abi.target_name = UnsafePointer(target)
             let quiesced = event == .snapshot
@@ -171,13 +190,14 @@ public final class WorkerRuntime: @unchecked Sendable {
                 throw .backend("disk \(chain.diskName): requests still in flight after 30 s; no snapshot")
             }
             defer { if quiesced { chain.quiesce.resume() } }
-            for filter in chain.filters {
+            for filter in chain.filters where filter.plugin.library.manifest.abiMinor >= sinceMinor {
                 let error = filter.event(abi)
                 if error != 0 {
                     filter.logger.warning("vetoed the \(event) of disk \(chain.diskName): \(String(cString: strerror(error)))")
                     throw .vetoed("\(filter.name) vetoed the \(event) of disk \(chain.diskName): \(String(cString: strerror(error))) (errno \(error))")
                 }
             }
+            try whileQuiesced?(chain)
             logger.info("disk \(chain.diskName): \(event) delivered to \(chain.filters.count) filter(s)")
         }
     }
@@ -205,8 +225,12 @@ public final class WorkerRuntime: @unchecked Sendable {
                                 value: value.description)
     }
 
-    /// Closes every chain and unloads the plug-ins (graceful stop).
+    /// Closes every chain and unloads the plug-ins (graceful stop). Snapshots still
+    /// being copied fail (the host removes them).
     public func shutdown() {
+        for catalog in catalogs {
+            for name in catalog.exportNames.dropFirst() { catalog.snapshot(named: name)?.copy.fail("its worker stopped") }
+        }
         for chain in chains { chain.close() }
         for plugin in plugins.values { plugin.unload() }
     }

@@ -83,21 +83,20 @@ import Logging
         }
     }
     enterStateDirectory(configuration.stateDirectory)
-    let exports: [ChainExport]
     do {
         try runtime.loadPlugins()
-        exports = try runtime.openDisks(attachOnly: configuration.task == .attach)
+        _ = try runtime.openDisks(attachOnly: configuration.task == .attach)
     } catch {
         cannotStart(error)
     }
     if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
     var servers: [NBDServer] = []
-    for (disk, export) in zip(configuration.disks, exports) {
+    for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
         var limits = NBDServerLimits()
         if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
         if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
         if let structuredReplies = configuration.structuredReplies { limits.structuredReplies = structuredReplies }
-        let server = NBDServer(catalog: ChainCatalog(exports: [export]), limits: limits, tls: tls, logger: logger)
+        let server = NBDServer(catalog: catalog, limits: limits, tls: tls, logger: logger)
         server.serve(listenFD: disk.listenFD)
         servers.append(server)
     }
@@ -158,6 +157,30 @@ func serveControl(fd: Int32, runtime: WorkerRuntime) {
             case .event(let disk, let event):
                 do {
                     try runtime.deliver(event, disk: disk)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case .snapshot(let disk, let name, let options):
+                do {
+                    response.snapshot = try runtime.takeSnapshot(of: disk, name: name, options: options)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case .snapshotStatus(let name):
+                do {
+                    response.snapshot = try runtime.snapshotProgress(name)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case .releaseSnapshot(let name):
+                do {
+                    try runtime.releaseSnapshot(name)
+                } catch {
+                    response.error = "\(error)"
+                }
+            case .checkpoint(let disk, let change):
+                do {
+                    try runtime.changeCheckpoint(of: disk, change)
                 } catch {
                     response.error = "\(error)"
                 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import IOFilterAPI
+import IOFilterModel
 import IOFilterPosix
 
 struct DiskCommand: ParsableCommand {
@@ -21,6 +22,7 @@ struct DiskCommand: ParsableCommand {
         subcommands: [
             Create.self, Import.self, List.self, Show.self, Delete.self, Grow.self, Snapshot.self, Clone.self,
             AssignPolicy.self, Compliance.self, Export.self, Copy.self, Serve.self, Promote.self,
+            CheckpointCommand.self, ExportNBD.self, Revert.self,
         ])
 
     static func describe(_ disk: DiskInfo) -> String {
@@ -35,6 +37,11 @@ struct DiskCommand: ParsableCommand {
         if let source = disk.snapshotOf { lines.append("  snapshot of: \(source)") }
         if let keeper = disk.replicaOf { lines.append("  replica:     kept by the daemon of \(keeper); read-only until `iofilter disk promote \(disk.name)`") }
         if let activity = disk.activity { lines.append("  busy:        \(activity)") }
+        if let copy = disk.copy {
+            lines.append("  copy:        \(copy.state.rawValue), \(sizeText(Int64(copy.preservedBytes))) of \(sizeText(Int64(copy.totalBytes))) settled "
+                         + "(\(sizeText(Int64(copy.writtenBytes))) of data) in \(String(format: "%.1f", copy.seconds))s")
+        }
+        if let checkpoints = disk.checkpoints, !checkpoints.isEmpty { lines.append("  checkpoints: \(checkpoints.joined(separator: ", "))") }
         lines.append("  filters:     " + (disk.attached.isEmpty ? "none"
             : disk.attached.map { "\($0.plugin) \($0.version) [\($0.category.rawValue)]" }.joined(separator: " -> ")))
         return lines.joined(separator: "\n")
@@ -151,16 +158,149 @@ struct DiskCommand: ParsableCommand {
 
     struct Snapshot: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Make a read-only snapshot disk of a disk's contents as its consumer sees them.",
-            discussion: "While the disk's VM runs, the snapshot is read through its worker (crash-consistent).")
+            abstract: "Take a point-in-time, read-only snapshot of a disk as its consumer sees it now.",
+            discussion: """
+                The disk's filters hear of it first (they flush) with its I/O held back; from \
+                that instant its worker preserves every block before the consumer overwrites it \
+                and copies the rest in the background, so the snapshot is the disk exactly as it \
+                was, while its VM goes on running. The snapshot can be read at once (`iofilter \
+                disk export-nbd SNAPSHOT`); `disk show` says how far its copy is. If the worker \
+                stops before the copy is complete, the snapshot is removed (an event says why).
+
+                With --checkpoint, a checkpoint of the disk is made at the same instant: the next \
+                snapshot's export offers qemu:dirty-bitmap:NAME, exactly what changed in between.
+
+                  iofilter disk snapshot data nightly --checkpoint nightly --wait
+                """)
         @Argument(help: "The disk.") var disk: String
         @Argument(help: "The snapshot's name.") var snapshot: String
+        @Option(help: "Make a checkpoint of the disk at the snapshot's instant.") var checkpoint: String?
+        @Option(help: "That checkpoint's granularity (a power of two, 4K to 64M; default 64K).") var granularity: String?
+        @Option(help: "Limit the background copy to this many bytes a second (like 100M).") var rate: String?
+        @Flag(help: "Return once the copy is complete.") var wait = false
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
             try reportingFailures {
-                try daemon.client.run("POST", "/disks/\(disk)/snapshot", body: DiskDeriveRequest(name: snapshot), as: DiskInfo.self,
-                                      text: DiskCommand.describe)
+                let request = DiskDeriveRequest(name: snapshot, checkpoint: checkpoint, granularity: granularity, rate: rate, wait: wait ? true : nil)
+                try daemon.client.run("POST", "/disks/\(disk)/snapshot", body: request, as: DiskInfo.self, text: DiskCommand.describe)
+            }
+        }
+    }
+
+    struct CheckpointCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "checkpoint",
+            abstract: "Track which blocks of a disk change (changed-block tracking for incremental backup).",
+            discussion: """
+                A checkpoint records, per granule, what the disk's consumer changed since it was \
+                made; the record is kept beside the disk and survives worker and host restarts. \
+                Backup tools read it over NBD as the metadata context qemu:dirty-bitmap:NAME \
+                (`nbdinfo --map=qemu:dirty-bitmap:NAME URI`). A checkpoint that may have missed \
+                changes (the machine went down while it was tracked) says so and is no longer \
+                offered: delete it and take a full backup.
+                """,
+            subcommands: [Create.self, List.self, Delete.self])
+
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Start tracking a disk's changes from now on.")
+            @Argument(help: "The disk.") var disk: String
+            @Argument(help: "The checkpoint's name.") var name: String
+            @Option(help: "Bytes per tracked granule (a power of two, 4K to 64M; default 64K).") var granularity: String?
+            @OptionGroup var daemon: DaemonOptions
+
+            func run() throws {
+                try reportingFailures {
+                    try daemon.client.run("POST", "/disks/\(disk)/checkpoints", body: CheckpointCreateRequest(name: name, granularity: granularity),
+                                          as: CheckpointInfo.self) { "checkpoint \($0.name) of \($0.disk): tracking changes (\($0.metaContext))" }
+                }
+            }
+        }
+
+        struct List: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "A disk's checkpoints, oldest first.")
+            @Argument(help: "The disk.") var disk: String
+            @OptionGroup var daemon: DaemonOptions
+
+            func run() throws {
+                try reportingFailures {
+                    try daemon.client.run("GET", "/disks/\(disk)/checkpoints", as: [CheckpointInfo].self) { checkpoints in
+                        table(["NAME", "CHANGED", "GRANULARITY", "CREATED", "STATE"], checkpoints.map(CheckpointCommand.row))
+                    }
+                }
+            }
+        }
+
+        static func row(_ checkpoint: CheckpointInfo) -> [String] {
+            let state: String
+            if let reason = checkpoint.inconsistency {
+                state = "inconsistent: \(reason)"
+            } else {
+                state = checkpoint.frozen ? "frozen at the snapshot" : "tracking"
+            }
+            return [checkpoint.name, sizeText(Int64(checkpoint.changedBytes)), sizeText(Int64(checkpoint.granularity)), checkpoint.createdAt, state]
+        }
+
+        struct Delete: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Stop tracking since a checkpoint and remove its record.")
+            @Argument(help: "The disk.") var disk: String
+            @Argument(help: "The checkpoint.") var name: String
+            @OptionGroup var daemon: DaemonOptions
+
+            func run() throws {
+                try reportingFailures {
+                    try daemon.client.run("DELETE", "/disks/\(disk)/checkpoints/\(name)", as: CheckpointInfo.self) { "deleted checkpoint \($0.name) of \($0.disk)" }
+                }
+            }
+        }
+    }
+
+    struct ExportNBD: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "export-nbd",
+            abstract: "Print an NBD URI to read a disk (a snapshot, even while it is copied) without stopping anything.",
+            discussion: """
+                A snapshot is read through the worker that copies it; a running VM's disk through \
+                its VM; anything else through a read-only offline session, which stays until \
+                `iofilter disk export-nbd DISK --stop`.
+
+                  uri=$(iofilter disk export-nbd nightly)
+                  nbdcopy "$uri" /backup/full.img
+                  nbdinfo --map=qemu:dirty-bitmap:monday "$uri"
+                """)
+        @Argument(help: "The disk or snapshot.") var disk: String
+        @Flag(help: "End the offline session an earlier export-nbd started.") var stop = false
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                let client = try daemon.client
+                if stop {
+                    try client.run("DELETE", "/disks/\(disk)/offline", as: OfflineSession.self) { "stopped serving \($0.disk)" }
+                    return
+                }
+                try client.run("POST", "/disks/\(disk)/nbd", as: NBDExportInfo.self) { $0.uri }
+            }
+        }
+    }
+
+    struct Revert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Put a stopped disk back to one of its snapshots.",
+            discussion: """
+                The disk's filters hear first (a cache drops its blocks, replication plans a \
+                resync; any may veto, and then nothing changes); then every block is written \
+                through the disk's chain, so its checkpoints record the change.
+                """)
+        @Argument(help: "The disk.") var disk: String
+        @Argument(help: "A complete snapshot of it.") var snapshot: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/disks/\(disk)/revert", body: DiskRevertRequest(snapshot: snapshot), as: TransferReport.self) {
+                    "reverted \(disk) to \(snapshot): \(sizeText(Int64($0.bytes))) written through its filters in \(String(format: "%.1f", $0.seconds))s"
+                }
             }
         }
     }

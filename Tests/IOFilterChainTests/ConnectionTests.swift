@@ -78,7 +78,7 @@ final class ServedChain: @unchecked Sendable {
         self.test = test
         socketPath = "/tmp/iofilter-chaintests-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         listenFD = try Sockets.listenUnix(path: socketPath)
-        server = NBDServer(catalog: ChainCatalog(exports: [ChainExport(name: "disk", chain: test.chain, readOnly: false)]),
+        server = NBDServer(catalog: ChainCatalog(disk: ChainExport(name: "disk", chain: test.chain, readOnly: false)),
                            limits: limits, logger: test.log.logger)
         server.serve(listenFD: listenFD)
     }

@@ -73,7 +73,7 @@ struct PluginValidationTests {
         let info = try Harness.run(Harness.iofilter, ["plugin", "info", test])
         #expect(info.status == 0, "\(info.stderr)")
         for expected in ["org.test.filter 1.0.0  [cache]", "behaviour (one of pass, defer", "default 4", "target (a string)", "a path",
-                         "add(arg1: int32, arg2: int32) -> int32", "built for ABI 1.4", "callbacks: load, attach, done, event, stats, health"] {
+                         "add(arg1: int32, arg2: int32) -> int32", "built for ABI 1.5", "callbacks: load, attach, done, event, stats, health"] {
             #expect(info.stdout.contains(expected), "\(expected) in: \(info.stdout)")
         }
         let json = try Harness.run(Harness.iofilter, ["plugin", "info", test, "--json"])

@@ -45,6 +45,14 @@ int iof_memfd(const char *name, int64_t size);
 /* Atomic 64-bit store (release) and load (acquire) on memory shared between processes. */
 void iof_store_u64(volatile uint64_t *where, uint64_t value);
 uint64_t iof_load_u64(volatile uint64_t *where);
+/* Atomic OR (relaxed) of `bits` into a word of a shared mapping (a change bitmap that
+ * several connection threads mark at once). */
+void iof_or_u64(volatile uint64_t *where, uint64_t bits);
+/* Atomic byte operations on a state array shared between threads: compare-and-swap
+ * (1 if `*where` was `expected` and is now `desired`), load (acquire), store (release). */
+int iof_cas_u8(volatile uint8_t *where, uint8_t expected, uint8_t desired);
+uint8_t iof_load_u8(volatile uint8_t *where);
+void iof_store_u8(volatile uint8_t *where, uint8_t value);
 
 /* One pointer that belongs to the calling thread (the chain engine keeps the resumes a
  * serialized filter issues from inside its own callback there). */

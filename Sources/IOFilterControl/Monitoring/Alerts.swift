@@ -9,10 +9,11 @@ extension Severity {
     /// warning or worse, whoever records it.
     static func of(kind: String) -> Severity {
         switch kind {
-        case "worker-out-of-memory", "daemon-out-of-memory", "vm-start-failed", "daemon-failed", "filter-failed", "worker-unresponsive":
+        case "worker-out-of-memory", "daemon-out-of-memory", "vm-start-failed", "daemon-failed", "filter-failed", "worker-unresponsive",
+             "snapshot-failed":
             .error
         case "worker-exited", "daemon-exited", "filter-degraded", "rpo-exceeded", "access-denied", "sign-in-failed", "plugin-refused",
-             "acceptance-level-lowered", "host-recovered", "alert-failed":
+             "acceptance-level-lowered", "host-recovered", "alert-failed", "checkpoint-inconsistent":
             .warning
         default:
             .info

@@ -136,7 +136,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -145,7 +145,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
-                                         "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", NULL};
+                                         "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert", NULL};
 
 static const struct iof_host_services *host;
 
@@ -153,6 +153,7 @@ struct instance {
     iof_host_disk *disk;
     enum behaviour behaviour;
     char sidecar[4096];
+    uint64_t size;
 };
 
 static void *wait_for_gate(void *fd)
@@ -249,6 +250,7 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
     struct instance *inst = calloc(1, sizeof *inst);
     inst->disk = disk;
     if (info->sidecar_dir) snprintf(inst->sidecar, sizeof inst->sidecar, "%s", info->sidecar_dir);
+    inst->size = info->size;
     const char *b = host->param(disk, "behaviour");
     for (size_t i = 0; b && behaviours[i]; i++)
         if (strcmp(b, behaviours[i]) == 0)
@@ -502,6 +504,10 @@ static int tf_event(void *instance, const struct iof_disk_event *event)
         snprintf(line, sizeof line, "snapshot\n");
     else if (event->type == IOF_EVENT_CLONE)
         snprintf(line, sizeof line, "clone %s\n", event->target_name ? event->target_name : "?");
+#if IOF_ABI_MINOR >= 5
+    else if (event->type == IOF_EVENT_REVERT)
+        snprintf(line, sizeof line, "revert %s\n", event->target_name ? event->target_name : "?");
+#endif
     else
         snprintf(line, sizeof line, "grow %llu\n", (unsigned long long)event->new_size);
     FILE *log = fopen(path, "a");
@@ -511,6 +517,9 @@ static int tf_event(void *instance, const struct iof_disk_event *event)
     }
     if (inst->behaviour == VETO_SNAPSHOT && event->type == IOF_EVENT_SNAPSHOT) return EBUSY;
     if (inst->behaviour == VETO_GROW && event->type == IOF_EVENT_GROW) return ENOSPC;
+#if IOF_ABI_MINOR >= 5
+    if (inst->behaviour == VETO_REVERT && event->type == IOF_EVENT_REVERT) return EBUSY;
+#endif
     return 0;
 }
 
@@ -612,6 +621,15 @@ static int read_sidecar(struct instance *inst, const char *name, char *text, siz
     return 0;
 }
 
+#if IOF_ABI_MINOR >= 5
+static int add_changed(void *arg, uint64_t offset, uint64_t length, int changed)
+{
+    (void)offset;
+    if (changed) *(uint64_t *)arg += length;
+    return 0;
+}
+#endif
+
 static void tf_stats(void *instance, iof_stat_emitter emit, void *emit_ctx)
 {
     char text[128];
@@ -621,6 +639,23 @@ static void tf_stats(void *instance, iof_stat_emitter emit, void *emit_ctx)
         emit(emit_ctx, "lag_seconds", lag);
         emit(emit_ctx, "rpo_seconds", rpo);
     }
+#if IOF_ABI_MINOR >= 5
+    /* Changed-block tracking through the ABI: how many checkpoints the disk has, and
+     * how much changed since the one the sidecar file `tracking` names (-errno if the
+     * host refuses). */
+    struct instance *inst = instance;
+    if (host->struct_size >= offsetof(struct iof_host_services, changed_extents) + sizeof host->changed_extents) {
+        char name[128];
+        uint32_t count = 0;
+        while (host->checkpoint_name(inst->disk, count, name, sizeof name) == 0) count++;
+        emit(emit_ctx, "checkpoints", count);
+        if (read_sidecar(instance, "tracking", text, sizeof text) == 0) {
+            uint64_t changed = 0;
+            int rc = host->changed_extents(inst->disk, text, 0, inst->size, add_changed, &changed);
+            emit(emit_ctx, "changed_bytes", rc == 0 ? (double)changed : -(double)rc);
+        }
+    }
+#endif
 }
 
 #if IOF_ABI_MINOR >= 4
