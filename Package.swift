@@ -255,7 +255,7 @@ let package = Package(
             name: "IOFilterChainTests",
             dependencies: [
                 "CIOFilter", "IOFilterBackends", "IOFilterChain", "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterPluginLoader", "IOFilterPosix",
-                .product(name: "Logging", package: "swift-log"),
+                "IOFilterTracking", .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "IntegrationTests",

@@ -258,6 +258,33 @@ struct BackupTests {
         _ = try Harness.qemuIO(try #require(served.uris["d"]), ["read -P 0x42 0 1M"])
     }
 
+    /// ABI 1.5 is a minor bump: a plug-in built against the 1.4 header loads, serves,
+    /// hears of snapshots, and never hears of a revert (an event its build cannot know:
+    /// this one would log an unknown event as a grow).
+    @Test func aPluginBuiltAgainstABI14TakesPartAndNeverHearsARevert() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let old = try Harness.buildTestPlugin("abi14", header: Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/abi-1.4").path,
+                                              in: directory)
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "info", old]).contains("built for ABI 1.4 (this host speaks 1.5)"))
+        try daemon.ok(["plugin", "install", old])
+        try daemon.ok(["policy", "create", "p", "--filter", "org.test.filter"])
+        try daemon.ok(["disk", "create", "d", "--size", "8M", "--policy", "p"])
+        try daemon.ok(["vm", "create", "v", "--disk", "d"])
+        let vm: VMInfo = try daemon.json(["vm", "start", "v"])
+        let uri = try #require(vm.uris["d"])
+        try daemon.ok(["disk", "checkpoint", "create", "d", "c"])
+        _ = try Harness.qemuIO(uri, ["write -P 0x14 0 64k"])
+        _ = try daemon.ok(["disk", "snapshot", "d", "s", "--wait"])
+        #expect(try dirtyExtents(uri, "c") == [[0, 64 << 10]])
+        let shown: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(shown.filters.first?.filters.first?.stats["checkpoints"] == nil, "a 1.4 build has no tracking to report")
+        try daemon.ok(["vm", "stop", "v"])
+        try daemon.ok(["disk", "revert", "d", "s"])
+        let log = try String(contentsOf: daemon.state.appendingPathComponent("disks/d.state/org.test.filter/events.log"), encoding: .utf8)
+        #expect(log == "snapshot\n", "\(log)")
+    }
+
     @Test func badRequestsAreRefusedWithAClearReasonAndChangeNothing() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }

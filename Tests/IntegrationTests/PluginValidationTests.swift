@@ -100,7 +100,7 @@ struct PluginValidationTests {
         (["NO_ENTRY"], "does not export iof_plugin_entry"),
         (["ENTRY_RETURNS_NULL"], "iof_plugin_entry() returned NULL"),
         (["ABI_MAJOR_VALUE=2", "ABI_MINOR_VALUE=0"], "built for ABI 2.0; this host speaks ABI 1.x"),
-        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.4"),
+        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.5"),
         (["STRUCT_SIZE_VALUE=16"], "struct_size is 16, smaller than"),
         (["CATEGORY=9"], "unknown category 9"),
         (["PLUGIN_NAME=\"\""], "name is empty"),
