@@ -112,7 +112,9 @@ extension HostController {
     /// started for this) quiesces it, lets the filters flush, and from that instant
     /// preserves every block before it is overwritten while it copies the rest in the
     /// background. The snapshot is a disk at once (read it with `nbdExport`); it is
-    /// marked copying until the copy is complete, and removed if the copy fails.
+    /// marked copying until the copy is complete, and removed if the copy fails. While
+    /// the disk's VM runs the answer comes at the instant (unless `wait`); a disk no VM
+    /// runs is copied before the answer.
     func takeSnapshot(_ name: String, _ request: DiskDeriveRequest) throws(ControlError) -> DiskInfo {
         if request.policy != nil { throw .badRequest("a snapshot is read-only and takes no policy; clone it instead") }
         let granularity = try Self.granularity(request.granularity)
@@ -167,12 +169,16 @@ extension HostController {
             giveUp()
             throw Self.reported(error)
         }
+        if !source.attached.isEmpty {
+            event("disk-event", name, "snapshot delivered to " + source.attached.map(\.manifest.name).joined(separator: ", "))
+        }
         if let checkpoint = request.checkpoint { event("checkpoint-created", name, "\(checkpoint) at the instant of snapshot \(snapshot)") }
         event("disk-snapshot", name, "as \(snapshot) (point in time; \(source.size >> 20) MiB copying in the background through \(what))")
         snapshotCopies.add(.init(snapshot: snapshot, source: name, session: worker, ownsSession: ownsWorker, generation: generation, progress: progress))
         sessions.setActivity(ownsWorker ? [snapshot, name] : [snapshot], "copying: 0%")
         startThread(name: "snapshot-watch") { [weak self] in self?.watchCopy(snapshot, row: row) }
-        if request.wait == true {
+        // A disk no VM runs has nothing to go on with meanwhile: its copy is the job.
+        if request.wait == true || ownsWorker {
             _ = snapshotCopies.waitUntilFinished(snapshot, seconds: 24 * 3600)
             guard try read({ db in try DiskRow.exists(db, key: snapshot) }) else {
                 throw .conflict("the snapshot \(snapshot) failed while it was copied; see `iofilter events --severity error`")

@@ -163,9 +163,11 @@ struct DiskCommand: ParsableCommand {
                 The disk's filters hear of it first (they flush) with its I/O held back; from \
                 that instant its worker preserves every block before the consumer overwrites it \
                 and copies the rest in the background, so the snapshot is the disk exactly as it \
-                was, while its VM goes on running. The snapshot can be read at once (`iofilter \
-                disk export-nbd SNAPSHOT`); `disk show` says how far its copy is. If the worker \
-                stops before the copy is complete, the snapshot is removed (an event says why).
+                was, while its VM goes on running. The command returns at that instant (with \
+                --wait, once the copy is complete; a disk no VM runs is always copied first). The \
+                snapshot can be read at once (`iofilter disk export-nbd SNAPSHOT`); `disk show` \
+                says how far its copy is. If the worker stops before the copy is complete, the \
+                snapshot is removed (an event says why).
 
                 With --checkpoint, a checkpoint of the disk is made at the same instant: the next \
                 snapshot's export offers qemu:dirty-bitmap:NAME, exactly what changed in between.
