@@ -221,7 +221,12 @@ struct iof_disk_info {
 };
 
 enum iof_disk_event_type {
-    IOF_EVENT_SNAPSHOT = 1, /* a snapshot is being taken: quiesce and flush state         */
+    /* A point-in-time snapshot `target_name` is being taken. The host holds the disk's
+     * consumers' requests back (none is in flight) while every filter hears of it:
+     * flush what you hold that the disk below lacks (a write-back cache destages
+     * through submit_below). The snapshot is the disk as consumers see it the moment
+     * the last filter returns; a veto cancels it. */
+    IOF_EVENT_SNAPSHOT = 1,
     IOF_EVENT_CLONE    = 2, /* the disk is being cloned to `target_name`                  */
     IOF_EVENT_GROW     = 3, /* the disk grew to `new_size`                                */
     /* ABI 1.5. The disk's contents are about to be replaced by those of the snapshot

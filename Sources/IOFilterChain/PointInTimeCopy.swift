@@ -93,7 +93,7 @@ public final class PointInTimeCopy: @unchecked Sendable {
     /// snapshot). After a failure there is nothing left to preserve. Returns the bytes
     /// this call read (the background copy's pace counts its own).
     @discardableResult
-    func preserve(offset: UInt64, length: UInt64) -> UInt64 {
+    func preserve(offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer? = nil) -> UInt64 {
         guard length > 0, offset < size, !gaveUp.load(ordering: .acquiring) else { return 0 }
         var read: UInt64 = 0
         let first = Int(offset >> Self.granuleShift)
@@ -106,7 +106,7 @@ public final class PointInTimeCopy: @unchecked Sendable {
             case Self.pending where claim(granule):
                 var end = granule + 1
                 while end <= last && claim(end) { end += 1 }
-                read += copy(granule..<end)
+                read += copy(granule..<end, buffer: buffer)
                 granule = end
             default:
                 waitWhileCopying(granule)
@@ -128,11 +128,13 @@ public final class PointInTimeCopy: @unchecked Sendable {
 
     /// Copies claimed granules: read through the chain, written to the snapshot unless
     /// they read as zero. On failure the snapshot fails (the disk's consumers go on).
-    private func copy(_ claimed: Range<Int>) -> UInt64 {
+    /// `given` (at least `step` bytes) serves a claim no longer than a step.
+    private func copy(_ claimed: Range<Int>, buffer given: UnsafeMutableRawPointer?) -> UInt64 {
         let offset = UInt64(claimed.lowerBound) << Self.granuleShift
         let length = Int(min(UInt64(claimed.upperBound) << Self.granuleShift, size) - offset)
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 4096)
-        defer { buffer.deallocate() }
+        let owned = given == nil || length > Int(Self.step) ? UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 4096) : nil
+        defer { owned?.deallocate() }
+        let buffer = owned ?? given!
         var error = chain.performAndWait(op: IOF_OP_READ, offset: offset, length: UInt64(length), buffer: buffer)
         if error == 0 && !Self.isZero(buffer, length) {
             error = FileDescriptorIO.pwriteAll(target, buffer, count: length, offset: offset)
@@ -177,14 +179,19 @@ public final class PointInTimeCopy: @unchecked Sendable {
         }
     }
 
+    /// Block status is asked for this much at a time (holes are settled without reads)…
+    static let survey: UInt64 = 64 << 20
+    /// …and data is copied in pieces of this size, in one buffer the copier keeps.
     static let step: UInt64 = 1 << 20
 
     private func copyEverything() {
         let extents = Extents()
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Int(Self.step), alignment: 4096)
+        defer { buffer.deallocate() }
         var position: UInt64 = 0
         while position < size {
             guard status == .copying else { return }
-            let length = min(Self.step, size - position)
+            let length = min(Self.survey, size - position)
             let error = chain.performAndWait(op: IOF_OP_BLOCK_STATUS, offset: position, length: length, buffer: nil, extents: extents)
             var covered: UInt64 = 0
             if error == 0 {
@@ -193,17 +200,33 @@ public final class PointInTimeCopy: @unchecked Sendable {
                     if extents.flags[index] & UInt32(IOF_EXTENT_ZERO) != 0 {
                         settleZero(from, extentLength)
                     } else {
-                        copierReadBytes.add(preserve(offset: from, length: extentLength), ordering: .relaxed)
+                        copyData(from, extentLength, buffer)
                     }
                     covered = from + extentLength - position
                 }
             }
-            // What block status did not cover (or could not say) is copied as data.
-            if covered < length { copierReadBytes.add(preserve(offset: position + covered, length: length - covered), ordering: .relaxed) }
-            position += length
-            pace()
+            // What block status did not cover (the layers below answered a prefix, or
+            // could not say) is copied as data.
+            if covered < length {
+                if error != 0 || covered == 0 {
+                    copyData(position + covered, min(length - covered, Self.step), buffer)
+                    covered += min(length - covered, Self.step)
+                }
+            }
+            position += max(covered, 1)
         }
         finish()
+    }
+
+    /// Copies a data range in steps, at the asked pace.
+    private func copyData(_ offset: UInt64, _ length: UInt64, _ buffer: UnsafeMutableRawPointer) {
+        var done: UInt64 = 0
+        while done < length && !gaveUp.load(ordering: .relaxed) {
+            let piece = min(Self.step, length - done)
+            copierReadBytes.add(preserve(offset: offset + done, length: piece, buffer: buffer), ordering: .relaxed)
+            done += piece
+            pace()
+        }
     }
 
     /// Granules of a range that reads as zero need no copy: the snapshot's file is zero

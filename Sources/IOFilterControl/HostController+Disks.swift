@@ -207,6 +207,9 @@ extension HostController {
             row.size = size
             try store.write { db in try row.update(db) }
             event("disk-grown", name, "to \(size) bytes")
+            for checkpoint in checkpoints(of: name).names() {
+                event("checkpoint-inconsistent", name, "checkpoint \(checkpoint) does not cover the grown disk; delete it and take a full backup")
+            }
         }
         return try showDisk(name)
     }

@@ -96,6 +96,10 @@ public final class WorkerRuntime: @unchecked Sendable {
             let (bitmaps, failures) = CheckpointDirectory(diskState: Self.sidecarRoot(disk, in: configuration))
                 .openAll(use: disk.readOnly || backend.readOnly ? .read : .track)
             for bitmap in bitmaps {
+                if bitmap.diskSize != backend.size && bitmap.inconsistency == nil {
+                    // Grown since (or replaced): the bitmap has no bits for the new part.
+                    bitmap.markInconsistent("it was made for \(bitmap.diskSize) bytes and the disk is now \(backend.size)")
+                }
                 chain.tracker.track(bitmap)
                 if let reason = bitmap.inconsistency { diskLogger.warning("checkpoint \(bitmap.name) is inconsistent: \(reason)") }
             }

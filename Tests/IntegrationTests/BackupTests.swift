@@ -308,6 +308,13 @@ struct BackupTests {
         #expect(list.map(\.name) == ["c1"])
         let disks: [DiskInfo] = try daemon.json(["disk", "list"])
         #expect(disks.map(\.name) == ["d", "s"])
+        // A disk that grew has a part its checkpoints never covered: they say so.
+        try daemon.ok(["vm", "stop", "v"])
+        try daemon.ok(["disk", "grow", "d", "--size", "32M"])
+        #expect(try daemon.ok(["events", "--severity", "warning"]).contains("checkpoint c1 does not cover the grown disk"))
+        _ = try daemon.ok(["vm", "start", "v"])
+        let grown: [CheckpointInfo] = try daemon.json(["disk", "checkpoint", "list", "d"])
+        #expect(grown.first?.consistent == false && grown.first?.inconsistency?.contains("the disk is now 33554432") == true, "\(grown)")
     }
 
     static func merged(_ extents: [[UInt64]]) -> [[UInt64]] {
