@@ -78,18 +78,23 @@ extension WorkerRuntime {
     }
 
     public func snapshotProgress(_ name: String) throws(ChainError) -> SnapshotProgress {
-        guard let export = catalogs.lazy.compactMap({ $0.snapshot(named: name) }).first else {
-            throw .backend("this worker has no snapshot \(name)")
+        for catalog in catalogs {
+            if let export = catalog.snapshot(named: name) { return Self.progress(of: export.copy) }
         }
-        return Self.progress(of: export.copy)
+        throw .backend("this worker has no snapshot \(name)")
     }
 
-    /// Stops offering a snapshot; one still being copied fails.
+    /// Stops offering a snapshot; one still being copied fails. (A plain loop: a lazy
+    /// compactMap calls its closure twice for the element it yields, and `withdraw`
+    /// must run once.)
     public func releaseSnapshot(_ name: String) throws(ChainError) {
-        guard let export = catalogs.lazy.compactMap({ $0.withdraw(name) }).first else {
-            throw .backend("this worker has no snapshot \(name)")
+        for catalog in catalogs {
+            if let export = catalog.withdraw(name) {
+                export.copy.fail("released before its copy was complete")
+                return
+            }
         }
-        export.copy.fail("released before its copy was complete")
+        throw .backend("this worker has no snapshot \(name)")
     }
 
     static func progress(of copy: PointInTimeCopy) -> SnapshotProgress {

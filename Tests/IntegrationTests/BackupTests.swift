@@ -86,6 +86,13 @@ struct BackupTests {
         #expect(log.contains("snapshot"))
         let events = try daemon.ok(["events"])
         #expect(events.contains("disk-snapshot") && events.contains("snapshot-complete"), "\(events)")
+        // Deleted, the VM's worker stops offering it, and goes on serving.
+        let before: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(try Harness.check(Harness.tool("nbdinfo"), ["--list", "--json", uri]).contains("\"export-name\": \"s\""))
+        try daemon.ok(["disk", "delete", "s"])
+        #expect(!(try Harness.check(Harness.tool("nbdinfo"), ["--list", "--json", uri])).contains("\"export-name\": \"s\""))
+        let after: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(after.pid == before.pid && after.restarts == 0, "the worker must not have restarted: \(after)")
     }
 
     @Test func anIncrementalBackupOfChangedBlocksAddsUpToTheSnapshot() throws {
