@@ -21,6 +21,8 @@ public final class ChangeTracker: Sendable {
     private let state = Guarded(State())
     /// Nothing tracked and nothing to preserve: the data path skips the lock.
     private let idle = Atomic<Bool>(true)
+    /// Consumers' changes seen while something was tracked (a copy yields to them).
+    let changes = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -29,6 +31,7 @@ public final class ChangeTracker: Sendable {
     @inline(__always)
     func willModify(offset: UInt64, length: UInt64) {
         if idle.load(ordering: .acquiring) { return }
+        changes.add(1, ordering: .relaxed)
         let (bitmaps, copies) = state.withLock { ($0.bitmaps, $0.copies) }
         for bitmap in bitmaps { bitmap.mark(offset: offset, length: length) }
         for copy in copies { copy.preserve(offset: offset, length: length) }

@@ -90,30 +90,35 @@ public final class PointInTimeCopy: @unchecked Sendable {
 
     /// Makes sure every granule of [offset, offset+length) holds the instant's bytes in
     /// the snapshot before the caller goes on (a write to the disk, a read of the
-    /// snapshot). After a failure there is nothing left to preserve. Returns the bytes
-    /// this call read (the background copy's pace counts its own).
+    /// snapshot). Runs of granules this thread claimed are copied before it ever waits
+    /// for another's, so two threads never wait for each other. (Copying whole 16 or
+    /// 64 KiB blocks around a guest's 4 KiB writes was measured: no faster here, since
+    /// writing fresh blocks of the snapshot's file costs per byte.) After a failure there
+    /// is nothing left to preserve. Returns the bytes this call read (the background
+    /// copy's pace counts its own).
     @discardableResult
     func preserve(offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer? = nil) -> UInt64 {
         guard length > 0, offset < size, !gaveUp.load(ordering: .acquiring) else { return 0 }
         var read: UInt64 = 0
-        let first = Int(offset >> Self.granuleShift)
         let last = Int(min(offset + length - 1, size - 1) >> Self.granuleShift)
-        var granule = first
+        var runStart: Int?
+        var granule = Int(offset >> Self.granuleShift)
         while granule <= last {
-            switch iof_load_u8(states + granule) {
-            case Self.preserved:
+            if claim(granule) {
+                if runStart == nil { runStart = granule }
                 granule += 1
-            case Self.pending where claim(granule):
-                var end = granule + 1
-                while end <= last && claim(end) { end += 1 }
-                read += copy(granule..<end, buffer: buffer)
-                granule = end
-            default:
-                waitWhileCopying(granule)
-                if iof_load_u8(states + granule) != Self.preserved { return read }  // the copy failed
-                granule += 1
+                continue
             }
+            if let start = runStart {
+                read += copy(start..<granule, buffer: buffer)
+                runStart = nil
+            }
+            if iof_load_u8(states + granule) == Self.copying { waitWhileCopying(granule) }
+            // Preserved now, or pending again because the copy failed.
+            if iof_load_u8(states + granule) != Self.preserved { return read }
+            granule += 1
         }
+        if let start = runStart { read += copy(start..<granule, buffer: buffer) }
         return read
     }
 
@@ -218,16 +223,28 @@ public final class PointInTimeCopy: @unchecked Sendable {
         finish()
     }
 
-    /// Copies a data range in steps, at the asked pace.
+    /// Copies a data range in steps, at the asked pace. While consumers write, the copy
+    /// yields: after each step it rests `yieldFactor` times as long as the step took, so
+    /// it takes at most a share of a CPU, the page cache's bandwidth and the disk that
+    /// the guest is using (an idle disk is copied at full speed).
     private func copyData(_ offset: UInt64, _ length: UInt64, _ buffer: UnsafeMutableRawPointer) {
         var done: UInt64 = 0
+        var changes = chain.tracker.changes.load(ordering: .relaxed)
         while done < length && !gaveUp.load(ordering: .relaxed) {
             let piece = min(Self.step, length - done)
+            let started = monotonicNanoseconds()
             copierReadBytes.add(preserve(offset: offset + done, length: piece, buffer: buffer), ordering: .relaxed)
             done += piece
+            let now = chain.tracker.changes.load(ordering: .relaxed)
+            if now != changes {
+                changes = now
+                usleep(useconds_t(min((monotonicNanoseconds() - started) * Self.yieldFactor, 100_000_000) / 1000))
+            }
             pace()
         }
     }
+
+    static let yieldFactor: UInt64 = 5
 
     /// Granules of a range that reads as zero need no copy: the snapshot's file is zero
     /// there already. A granule only partly inside is copied as data.
