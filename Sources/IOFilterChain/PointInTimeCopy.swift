@@ -52,6 +52,9 @@ public final class PointInTimeCopy: @unchecked Sendable {
     private let writtenBytes = Atomic<UInt64>(0)
     /// Bytes the background copy read through the chain (what its pace counts).
     private let copierReadBytes = Atomic<UInt64>(0)
+    /// Set when the worker stops: no consumer writes any more, so the copy neither
+    /// yields nor keeps the asked pace.
+    private let hurried = Atomic<Bool>(false)
 
     public enum Status: Sendable, Equatable {
         case copying
@@ -235,6 +238,7 @@ public final class PointInTimeCopy: @unchecked Sendable {
             let started = monotonicNanoseconds()
             copierReadBytes.add(preserve(offset: offset + done, length: piece, buffer: buffer), ordering: .relaxed)
             done += piece
+            if hurried.load(ordering: .relaxed) { continue }
             let now = chain.tracker.changes.load(ordering: .relaxed)
             if now != changes {
                 changes = now
@@ -270,6 +274,22 @@ public final class PointInTimeCopy: @unchecked Sendable {
         if due > now { usleep(useconds_t(min(due - now, 1_000_000_000) / 1000)) }
     }
 
+    /// Lets the copy run at full speed from now on and waits until it ends (complete or
+    /// failed) or `seconds` pass; the status it ended with. A worker that stops calls
+    /// this once its consumers are gone, so that stopping a VM does not lose a snapshot.
+    public func hurryAndWait(seconds: Double) -> Status {
+        hurried.store(true, ordering: .relaxed)
+        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        return waiters.withLock {
+            while status == .copying {
+                let now = monotonicNanoseconds()
+                if now >= deadline { break }
+                _ = waiters.wait(nanoseconds: min(deadline - now, 100_000_000))
+            }
+            return status
+        }
+    }
+
     private func finish() {
         guard status == .copying else { return }
         // Every granule is preserved now; no writer has anything left to do.
@@ -277,6 +297,7 @@ public final class PointInTimeCopy: @unchecked Sendable {
         chain.tracker.stopPreserving(self)
         finishedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         outcome.withLock { if $0 == .copying { $0 = .complete } }
+        waiters.withLock { waiters.broadcast() }
         let (_, written, seconds) = progress
         logger.info("snapshot \(name) of disk \(chain.diskName) complete: \(written >> 20) MiB of data in \((seconds * 10).rounded() / 10)s")
     }

@@ -394,16 +394,18 @@ extension HostController {
     }
 
     public func stopOffline(_ name: String) throws(ControlError) -> OfflineSession {
-        try exclusive {
+        let (session, copies) = try exclusive {
             _ = try store.read { db in try diskRow(name, db) }
             guard let worker = sessions.removeOffline(name) else {
                 throw ControlError.notFound("disk \(name) has no offline session")
             }
             let session = OfflineSession(disk: name, uri: worker.uri(name) ?? "", readOnly: false, pid: worker.supervisor.pid)
-            worker.stop()
+            let copies = stopFinishingCopies(worker)
             event("offline-stopped", name, "")
-            return session
+            return (session, copies)
         }
+        awaitSettled(copies)
+        return session
     }
 }
 

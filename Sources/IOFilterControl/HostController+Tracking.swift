@@ -200,7 +200,7 @@ extension HostController {
                 // Restarting, or busy: a worker that comes back no longer has the copy.
                 let now = monotonicNanoseconds()
                 if now - (silentSince ?? now) > 30_000_000_000 || !copy.workerLives {
-                    abandonCopy(snapshot, row: row, reason: "its worker stopped before the copy was complete (\(error))")
+                    settleAfterWorker(copy, row: row, reason: "its worker stopped before the copy was complete (\(error))")
                     return
                 }
                 silentSince = silentSince ?? now
@@ -208,7 +208,7 @@ extension HostController {
             }
             silentSince = nil
             guard let progress = answer.snapshot, copy.workerLives else {
-                abandonCopy(snapshot, row: row, reason: "its worker restarted before the copy was complete (\(answer.error ?? "no answer"))")
+                settleAfterWorker(copy, row: row, reason: "its worker restarted before the copy was complete (\(answer.error ?? "no answer"))")
                 return
             }
             snapshotCopies.update(snapshot, progress)
@@ -226,26 +226,43 @@ extension HostController {
         }
     }
 
+    /// The worker that made the copy is gone: one that finished it as it stopped
+    /// recorded so beside the data; any other copy is lost.
+    private func settleAfterWorker(_ copy: SnapshotCopies.Copy, row: DiskRow, reason: String) {
+        if !copy.workerLives, let progress = SnapshotStaging(diskState: layout.diskState(copy.source), name: copy.snapshot).recordedCompletion {
+            completeCopy(copy, row: row, progress: progress)
+        } else {
+            abandonCopy(copy.snapshot, row: row, reason: reason)
+        }
+    }
+
+    /// Stops a worker that may be copying snapshots: with its consumers gone it
+    /// finishes them at full speed (the snapshots are kept), so it gets the time that
+    /// takes at a slow disk's pace besides the usual grace.
+    /// Returns the snapshots it was copying: call `awaitSettled` with them once the
+    /// operation lock is released (their watchers move them into place under it).
+    func stopFinishingCopies(_ session: VMSession) -> [String] {
+        let running = snapshotCopies.running(in: session)
+        let remaining = running.reduce(UInt64(0)) { $0 + ($1.progress.totalBytes - min($1.progress.preservedBytes, $1.progress.totalBytes)) }
+        if remaining > 0 { logger.info("stopping a worker that finishes \(remaining >> 20) MiB of snapshot copies first") }
+        session.stop(timeout: 20 + Double(remaining) / Double(Self.slowestCopyBytesPerSecond))
+        snapshotCopies.forgetFinished(in: session)
+        return running.map(\.snapshot)
+    }
+
+    /// Waits until the watchers of these copies moved them into place (or removed them),
+    /// so that whoever stopped their worker finds them settled.
+    func awaitSettled(_ snapshots: [String]) {
+        for snapshot in snapshots { _ = snapshotCopies.waitUntilFinished(snapshot, seconds: 60) }
+    }
+
+    /// The pace a stopping worker's copies are given time for.
+    static let slowestCopyBytesPerSecond: UInt64 = 32 << 20
+
     /// Moves a complete snapshot's file and frozen checkpoints into place.
     private func completeCopy(_ copy: SnapshotCopies.Copy, row: DiskRow, progress: SnapshotProgress) {
-        let staging = SnapshotStaging(diskState: layout.diskState(copy.source), name: copy.snapshot)
         do {
-            try exclusive {
-                guard rename(staging.data, row.path) == 0 else {
-                    throw ControlError.internalError("cannot move the snapshot into place: \(String(cString: strerror(errno)))")
-                }
-                let state = layout.diskState(copy.snapshot)
-                try? FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
-                if rename(staging.checkpoints.path, checkpoints(of: copy.snapshot).path) != 0 {
-                    logger.warning("snapshot \(copy.snapshot): its frozen checkpoints could not be moved: \(String(cString: strerror(errno)))")
-                }
-                staging.remove()
-                var done = row
-                done.copying = nil
-                try store.write { db in try done.update(db) }
-                event("snapshot-complete", copy.snapshot,
-                      "\(progress.writtenBytes >> 20) MiB of data of \(progress.totalBytes >> 20) MiB copied in \(String(format: "%.1f", progress.seconds))s")
-            }
+            try exclusive { try moveIntoPlace(row, source: copy.source, progress: progress) }
         } catch {
             abandonCopy(copy.snapshot, row: row, reason: "\(error)")
             return
@@ -256,6 +273,29 @@ extension HostController {
         }
         unmarkBusy([copy.snapshot])
         snapshotCopies.finish(copy.snapshot, keepOffering: !copy.ownsSession)
+    }
+
+    /// Caller holds the operation lock.
+    private func moveIntoPlace(_ row: DiskRow, source: String, progress: SnapshotProgress) throws(ControlError) {
+        let staging = SnapshotStaging(diskState: layout.diskState(source), name: row.name)
+        guard rename(staging.data, row.path) == 0 else {
+            throw .internalError("cannot move the snapshot into place: \(String(cString: strerror(errno)))")
+        }
+        let state = layout.diskState(row.name)
+        try? FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
+        if rename(staging.checkpoints.path, checkpoints(of: row.name).path) != 0 {
+            logger.warning("snapshot \(row.name): its frozen checkpoints could not be moved: \(String(cString: strerror(errno)))")
+        }
+        staging.remove()
+        var done = row
+        done.copying = nil
+        do {
+            try store.write { db in try done.update(db) }
+        } catch {
+            throw Self.reported(error)
+        }
+        event("snapshot-complete", row.name,
+              "\(progress.writtenBytes >> 20) MiB of data of \(progress.totalBytes >> 20) MiB copied in \(String(format: "%.1f", progress.seconds))s")
     }
 
     /// Removes a snapshot whose copy cannot be completed: never a snapshot that might
@@ -277,11 +317,16 @@ extension HostController {
         snapshotCopies.finish(snapshot, keepOffering: false)
     }
 
-    /// Snapshots whose copy a worker of a previous run was making: that worker is gone
-    /// with its copy, so they are removed (with what their copy left).
+    /// Snapshots whose copy a worker of a previous run was making: that worker is gone,
+    /// with its copy unless it recorded it complete as it stopped; the others are
+    /// removed (with what their copy left).
     func removeUnfinishedSnapshots() {
         let rows = (try? store.read { db in try DiskRow.filter(Column("copying") == true).fetchAll(db) }) ?? []
         for row in rows {
+            if let source = row.snapshotOf, let progress = SnapshotStaging(diskState: layout.diskState(source), name: row.name).recordedCompletion,
+               (try? moveIntoPlace(row, source: source, progress: progress)) != nil {
+                continue
+            }
             _ = try? store.write { db in try DiskRow.deleteOne(db, key: row.name) }
             if let source = row.snapshotOf { SnapshotStaging(diskState: layout.diskState(source), name: row.name).remove() }
             event("snapshot-failed", row.name, "snapshot of \(row.snapshotOf ?? "?") removed: the host stopped before its copy was complete")

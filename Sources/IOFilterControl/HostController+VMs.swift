@@ -157,18 +157,21 @@ extension HostController {
     }
 
     /// Stops the VM's worker: its filters flush, destage and close first.
+    /// Snapshot copies its worker was making are finished first and kept.
     public func stopVM(_ name: String) throws(ControlError) -> VMInfo {
-        try exclusive {
+        let copies = try exclusive {
             var row = try store.read { db in try vmRow(name, db) }
             guard let worker = sessions.removeVM(name) else {
                 throw ControlError.conflict("VM \(name) is not running")
             }
-            worker.stop()
+            let copies = stopFinishingCopies(worker)
             row.desiredState = "stopped"
             let saved = row
             try store.write { db in try saved.update(db) }
             event("vm-stopped", name, "")
+            return copies
         }
+        awaitSettled(copies)
         return try showVM(name)
     }
 }

@@ -84,9 +84,10 @@ public final class VMSession: @unchecked Sendable {
         }
     }
 
-    /// Stops the worker (its filters flush, destage and close first), then the listeners.
-    public func stop() {
-        supervisor.stop()
+    /// Stops the worker (its filters flush, destage and close first), then the listeners;
+    /// a worker that takes longer than `timeout` seconds is killed.
+    public func stop(timeout: Double = 20) {
+        supervisor.stop(timeout: timeout)
         listeners.forEach { $0.close() }
     }
 }

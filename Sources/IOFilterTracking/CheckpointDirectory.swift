@@ -1,3 +1,4 @@
+import FoundationEssentials
 import Glibc
 import IOFilterModel
 import IOFilterPosix
@@ -86,9 +87,36 @@ public struct SnapshotStaging: Sendable {
 
     public var data: String { path + "/data.img" }
     public var checkpoints: CheckpointDirectory { CheckpointDirectory(path: path + "/checkpoints") }
+    /// Written by a worker that completed the copy as it stopped, for the host to find
+    /// after the worker is gone: the snapshot's data is synced before it exists.
+    var completionRecord: String { path + "/complete.json" }
+
+    /// Records that the copy is complete (and how it went), durably; false if the
+    /// staging directory is gone (the host moved the snapshot into place already).
+    public func recordCompletion(_ progress: SnapshotProgress) -> Bool {
+        guard let json = try? JSONEncoder().encode(progress) else { return false }
+        let temporary = completionRecord + ".new"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return false }
+        let error = json.withUnsafeBytes { FileDescriptorIO.pwriteAll(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+        let synced = error == 0 && fsync(fd) == 0
+        close(fd)
+        guard synced, rename(temporary, completionRecord) == 0 else {
+            unlink(temporary)
+            return false
+        }
+        return true
+    }
+
+    /// The copy a worker recorded complete, if it did.
+    public var recordedCompletion: SnapshotProgress? {
+        guard let data = FileManager.default.contents(atPath: completionRecord) else { return nil }
+        return try? JSONDecoder().decode(SnapshotProgress.self, from: data)
+    }
 
     /// Removes what a snapshot that failed (or was never completed) left.
     public func remove() {
+        unlink(completionRecord)
         for name in Directory.entries(checkpoints.path) { unlink("\(checkpoints.path)/\(name)") }
         rmdir(checkpoints.path)
         unlink(data)

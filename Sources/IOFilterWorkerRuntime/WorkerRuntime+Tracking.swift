@@ -97,6 +97,25 @@ extension WorkerRuntime {
         throw .backend("this worker has no snapshot \(name)")
     }
 
+    /// With no consumer left, copies still running go on unhindered to the end (the
+    /// host kills a worker that takes longer than it allows), and every complete copy
+    /// the host has not moved into place yet is recorded complete beside its data.
+    func finishSnapshotCopies() {
+        for (index, catalog) in catalogs.enumerated() {
+            let diskState = Self.sidecarRoot(configuration.disks[index], in: configuration)
+            for name in catalog.exportNames.dropFirst() {
+                guard let copy = catalog.snapshot(named: name)?.copy else { continue }
+                if copy.status == .copying {
+                    logger.info("snapshot \(name) of disk \(copy.chain.diskName): finishing its copy before the worker stops")
+                }
+                guard copy.hurryAndWait(seconds: 24 * 3600) == .complete else { continue }
+                if SnapshotStaging(diskState: diskState, name: name).recordCompletion(Self.progress(of: copy)) {
+                    logger.info("snapshot \(name) of disk \(copy.chain.diskName) recorded complete for the host")
+                }
+            }
+        }
+    }
+
     static func progress(of copy: PointInTimeCopy) -> SnapshotProgress {
         let (preserved, written, seconds) = copy.progress
         switch copy.status {

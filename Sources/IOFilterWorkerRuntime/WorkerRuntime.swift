@@ -231,10 +231,11 @@ public final class WorkerRuntime: @unchecked Sendable {
 
     /// Closes every chain and unloads the plug-ins (graceful stop). Snapshots still
     /// being copied fail (the host removes them).
+    /// Ends the worker's work once its consumers are gone: snapshot copies still running
+    /// finish at full speed (the host waits for them when it stops a VM, and finds them
+    /// recorded complete), then the filters and disks close.
     public func shutdown() {
-        for catalog in catalogs {
-            for name in catalog.exportNames.dropFirst() { catalog.snapshot(named: name)?.copy.fail("its worker stopped") }
-        }
+        finishSnapshotCopies()
         for chain in chains { chain.close() }
         for plugin in plugins.values { plugin.unload() }
     }

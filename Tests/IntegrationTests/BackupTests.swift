@@ -229,6 +229,36 @@ struct BackupTests {
         try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", try disk(daemon, "s3").path, uri])
     }
 
+    /// Stopping the VM (or an offline session) while a slow copy runs: the worker's
+    /// consumers are gone, so it finishes the copy at full speed before it stops, and the
+    /// snapshot is kept, complete and right (an operator who snapshots and then shuts
+    /// the VM down must not lose the snapshot).
+    @Test func stoppingTheVMWhileACopyRunsKeepsTheSnapshot() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let uri = try runningVM(daemon, size: "64M")
+        _ = try Harness.qemuIO(uri, ["write -P 7 0 40M"])
+        let taken: DiskInfo = try daemon.json(["disk", "snapshot", "d", "s", "--rate", "1M"])
+        #expect(taken.copy?.state == .copying)
+        _ = try Harness.qemuIO(uri, ["write -P 8 0 40M"])
+        try daemon.ok(["vm", "stop", "v"])
+        let kept = try disk(daemon, "s")
+        #expect(kept.copy == nil && kept.activity == nil, "\(kept)")
+        _ = try Harness.qemuIO("file:" + kept.path, ["read -P 7 0 40M", "read -P 0 40M 24M"])
+        #expect(try daemon.ok(["events"]).contains("snapshot-complete"))
+        let staging = daemon.state.appendingPathComponent("disks/d.state/.snapshots").path
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: staging)) ?? []).isEmpty)
+
+        // The same through an offline session's worker.
+        let offline: OfflineSession = try daemon.json(["disk", "serve", "d", "--offline", "--detach"])
+        _ = try daemon.json(["disk", "snapshot", "d", "t", "--rate", "1M"]) as DiskInfo
+        _ = try Harness.qemuIO(offline.uri, ["write -P 9 0 40M"])
+        try daemon.ok(["disk", "serve", "d", "--stop"])
+        let second = try disk(daemon, "t")
+        #expect(second.copy == nil, "\(second)")
+        _ = try Harness.qemuIO("file:" + second.path, ["read -P 8 0 40M"])
+    }
+
     @Test func revertTellsTheFiltersAndPutsTheSnapshotBack() throws {
         let daemon = try Daemon()
         defer { daemon.stop() }

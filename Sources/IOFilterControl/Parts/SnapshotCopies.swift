@@ -46,6 +46,14 @@ final class SnapshotCopies: @unchecked Sendable {
     /// Copies still running whose source is `disk`.
     func running(from disk: String) -> [Copy] { lock.withLock { copies.values.filter { $0.source == disk && !$0.finished } } }
 
+    /// Copies still running in `session`'s worker.
+    func running(in session: VMSession) -> [Copy] { lock.withLock { copies.values.filter { $0.session === session && !$0.finished } } }
+
+    /// Drops the finished copies `session`'s worker offered: it stopped.
+    func forgetFinished(in session: VMSession) {
+        lock.withLock { copies = copies.filter { !($0.value.session === session && $0.value.finished) } }
+    }
+
     /// Waits until the snapshot's copy is over; false after `seconds`.
     func waitUntilFinished(_ snapshot: String, seconds: Double) -> Bool {
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
