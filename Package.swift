@@ -140,7 +140,7 @@ let package = Package(
             dependencies: ["IOFilterPosix", "CSandboxShims", "CSystemShims", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // What crosses between the host and its sandboxed processes: the control channel.
-        .target(name: "IOFilterWire", dependencies: ["IOFilterModel", "IOFilterPosix"], swiftSettings: strict),
+        .target(name: "IOFilterWire", dependencies: ["CSystemShims", "IOFilterModel", "IOFilterPosix"], swiftSettings: strict),
         .target(
             name: "IOFilterHost",
             dependencies: [

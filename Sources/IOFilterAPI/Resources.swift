@@ -627,3 +627,27 @@ public struct TokenInfo: Codable, Sendable {
         self.token = token
     }
 }
+
+/// What a live change of a running VM's filters did: its chains changed under its
+/// clients, which a new worker took over without a reconnect.
+public struct LiveUpgradeReport: Codable, Sendable {
+    public var vm: String
+    /// What changed, per disk ("d: org.example.cache 1.0.0 → 1.1.0"); empty: nothing
+    /// to do, the worker serving is left alone.
+    public var changes: [String]
+    /// Clients handed to the new worker with what they negotiated.
+    public var clients: Int
+    /// From the old worker's last request to the new worker taking its clients: the
+    /// longest a client waited.
+    public var stallMilliseconds: Double
+    /// The worker serving now.
+    public var pid: Int32?
+
+    public init(vm: String, changes: [String], clients: Int, stallMilliseconds: Double, pid: Int32?) {
+        self.vm = vm
+        self.changes = changes
+        self.clients = clients
+        self.stallMilliseconds = stallMilliseconds
+        self.pid = pid
+    }
+}

@@ -469,6 +469,9 @@ extension APIRouter {
                   errors: [404, 409, 422, 502], role: .operator) { request in try host.startVM(request.parameter("name")) },
             route("POST", "/vms/{name}/stop", "stopVM", "Stop the VM's worker; filters flush and close.", (200, "VM"),
                   errors: [404, 409], role: .operator) { request in try host.stopVM(request.parameter("name")) },
+            route("POST", "/vms/{name}/upgrade-filters", "upgradeFilters",
+                  "Give a running VM's disks the chains their policies name now (newer plug-ins, other filters or parameters) without a restart: a new worker takes its clients over.",
+                  (200, "LiveUpgradeReport"), errors: [404, 409, 502], role: .operator) { request in try host.upgradeFilters(request.parameter("name")) },
         ]
     }
 }

@@ -194,6 +194,8 @@ enum OpenAPIDocument {
         "OfflineSession": .object(["disk": .string, "uri": .string, "readOnly": .boolean, "pid": .integer],
                                   required: ["disk", "uri", "readOnly"]),
         "TransferReport": .object(["bytes": .integer, "seconds": .number, "through": .string], required: ["bytes", "seconds", "through"]),
+        "LiveUpgradeReport": .object(["vm": .string, "changes": .array(.string), "clients": .integer, "stallMilliseconds": .number, "pid": .integer],
+                                     required: ["vm", "changes", "clients", "stallMilliseconds"]),
         "FilterStatistics": .object(["plugin": .string, "version": .string, "category": category, "stats": .map(.number),
                                      "health": .ref("HealthReport")],
                                     required: ["plugin", "version", "category", "stats"]),

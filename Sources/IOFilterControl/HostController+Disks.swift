@@ -245,9 +245,15 @@ extension HostController {
             let previous = row
             row.policy = request.policy
             if let vm = row.vm, sessions.isRunning(vm) {
-                // Applies at the VM's next start; compliance says pending meanwhile.
+                // Applies at once: a new worker takes the VM's clients over.
                 try store.write { db in try row.update(db) }
-                event("policy-assigned", name, "\(request.policy ?? "none"); pending until VM \(vm) restarts")
+                do {
+                    let report = try applyLive(vm)
+                    event("policy-assigned", name, "\(request.policy ?? "none"); live in VM \(vm) (\(report.clients) client(s) taken over in \(String(format: "%.1f", report.stallMilliseconds)) ms)")
+                } catch {
+                    try store.write { db in try previous.update(db) }
+                    throw error
+                }
                 return
             }
             do {

@@ -209,9 +209,19 @@ public final class HostController: @unchecked Sendable {
     /// `socketDirectory`. A VM's worker works in its VM directory, any other in a
     /// directory of its own.
     func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String,
-                limits: VMLimits? = nil, tls: TLSSettings? = nil)
+                limits: VMLimits? = nil, tls: TLSSettings? = nil, succeeding predecessor: VMSession? = nil)
         throws(ControlError) -> VMSession
     {
+        if let predecessor {
+            // A live upgrade: the same listeners, a worker that stands by for the clients.
+            let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: predecessor.listeners, limits: limits, tls: tls)
+            do {
+                try session.startStandby()
+            } catch {
+                throw .workerFailed("\(error)")
+            }
+            return session
+        }
         do {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
         } catch {
@@ -230,22 +240,27 @@ public final class HostController: @unchecked Sendable {
                 throw .internalError("cannot listen on \(path): \(error)")
             }
         }
-        let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
         reportCheckpointsLostWithTheMachine(disks.map(\.row.name))
-        var supervisorLogger = logger
-        supervisorLogger[metadataKey: "worker"] = "\(name)"
-        let session = VMSession(
-            configuration: configuration, listeners: listeners, backoffLimit: restartBackoffLimit, logger: supervisorLogger,
-            daemonChannels: { [weak self] plugin in
-                self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
-            },
-            onEvent: { [weak self] kind, message in self?.event(kind.rawValue, name, message) })
+        let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: listeners, limits: limits, tls: tls)
         do {
             try session.start()
         } catch {
             throw .workerFailed("\(error)")
         }
         return session
+    }
+
+    private func makeSession(name: String, isVM: Bool, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)],
+                             listeners: [VMSession.Listener], limits: VMLimits?, tls: TLSSettings?) -> VMSession {
+        let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
+        var supervisorLogger = logger
+        supervisorLogger[metadataKey: "worker"] = "\(name)"
+        return VMSession(
+            configuration: configuration, listeners: listeners, backoffLimit: restartBackoffLimit, logger: supervisorLogger,
+            daemonChannels: { [weak self] plugin in
+                self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
+            },
+            onEvent: { [weak self] kind, message in self?.event(kind.rawValue, name, message) })
     }
 
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.

@@ -69,6 +69,19 @@ public final class VMSession: @unchecked Sendable {
         }
     }
 
+    /// Starts a worker that stands by to take over the clients of the session that
+    /// owns these listeners (see `WorkerConfiguration.standby`); on failure the
+    /// listeners stay open, its predecessor's still.
+    public func startStandby() throws(SupervisorError) {
+        try supervisor.start(standby: true)
+    }
+
+    /// Stops the worker of a session whose listeners a successor took over (they stay
+    /// open), or a standby worker that was not needed.
+    public func retire(timeout: Double = 20) {
+        supervisor.stop(timeout: timeout)
+    }
+
     /// The disk's NBD URI.
     public func uri(_ disk: String) -> String? {
         listeners.first { $0.disk == disk }.map { $0.uri.description(tls: tls) }

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import IOFilterModel
 import IOFilterPosix
 
@@ -135,9 +136,13 @@ public final class WorkerCgroup: @unchecked Sendable {
             let owner = entry.dropFirst(prefix.count).prefix { $0 != "-" }
             if let pid = pid_t(owner), kill(pid, 0) != 0, errno == ESRCH { _ = rmdir("\(parent)/\(entry)") }
         }
-        let directory = "\(parent)/\(prefix)\(getpid())-\(name)"
+        // One group per supervisor: a worker taking over from another of the same VM
+        // must not be in the group its predecessor's stop empties.
+        let directory = "\(parent)/\(prefix)\(getpid())-\(name)-\(groupSerial.add(1, ordering: .relaxed).newValue)"
         return mkdir(directory, 0o755) == 0 || errno == EEXIST ? directory : nil
     }
+
+    private static let groupSerial = Atomic<Int>(0)
 
 }
 

@@ -21,6 +21,10 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     private var controlFD: Int32 = -1
     /// One control request at a time.
     private let controlLock = ConditionLock()
+    /// Set while the worker stands by to take over another's clients: every start
+    /// (a restart too) waits for `adopt` rather than opening the disks, until the host
+    /// says the take-over is done.
+    private let standingBy = Guarded(false)
     private let daemonChannelsBox = Guarded<(@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?>(nil)
 
     /// Connects a filter instance to its plug-in's partner daemon, by plug-in name
@@ -70,9 +74,15 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     public var generation: Int { core.generation }
 
     /// Starts the worker and waits until it serves; throws if it dies first.
-    public func start() throws(SupervisorError) {
+    /// `standby`: it waits to be handed another worker's clients (see
+    /// `WorkerConfiguration.standby`) until `tookOver`.
+    public func start(standby: Bool = false) throws(SupervisorError) {
+        standingBy.withLock { $0 = standby }
         try core.start(mustServe: true)
     }
+
+    /// The take-over is done: later starts (after a crash) serve at once.
+    public func tookOver() { standingBy.withLock { $0 = false } }
 
     /// Waits until a worker newer than `generation` is ready (tests, restarts).
     public func waitUntilReady(after generation: Int, timeout: Double) -> Bool {
@@ -95,6 +105,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// broker, handed over in that order.
     private func prepareLaunch(listenFDs: [Int32], workerPath: String, logger: Logger) throws -> PreparedLaunch {
         var configuration = configuration
+        configuration.standby = standingBy.withLock { $0 } ? true : nil
         var launch = SandboxedLaunch(mode: .serve, executable: workerPath)
         launch.logLevel = configuration.logLevel
         var opened: [Int32] = []
@@ -145,11 +156,22 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// Sends one request over the current worker's control channel and waits (at most
     /// `timeout` seconds) for its answer.
     public func control(_ request: WorkerControlRequest, timeout: Double = 10) throws(SupervisorError) -> WorkerControlResponse {
-        let answer = controlLock.withLock { () -> Result<WorkerControlResponse, SupervisorError> in
+        let (response, fds) = try control(request, sending: [], timeout: timeout)
+        fds.forEach { close($0) }
+        return response
+    }
+
+    /// The same with file descriptors each way (a hand-over of clients): `fds` are
+    /// sent (the caller keeps its copies), and those the answer carried are returned,
+    /// the caller's to close.
+    public func control(_ request: WorkerControlRequest, sending fds: [Int32], timeout: Double)
+        throws(SupervisorError) -> (WorkerControlResponse, [Int32])
+    {
+        let answer = controlLock.withLock { () -> Result<(WorkerControlResponse, [Int32]), SupervisorError> in
             let fd = lock.withLock { controlFD }
             guard fd >= 0 else { return .failure(SupervisorError(message: "the worker is not running")) }
             do throws(ControlChannel.Failure) {
-                return .success(try ControlChannel(fd: fd).exchange(request, timeout: timeout))
+                return .success(try ControlChannel(fd: fd).exchange(request, sending: fds, timeout: timeout))
             } catch {
                 if case .timedOut = error {
                     // A late answer would be taken for the next request's: start afresh.

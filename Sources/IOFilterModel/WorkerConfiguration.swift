@@ -105,6 +105,11 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var tls: TLSSettings?
     /// False: refuse structured replies (and so block status), like nbdkit --no-sr.
     public var structuredReplies: Bool?
+    /// True: a worker replacing a running one (a live upgrade or policy change). It
+    /// loads its plug-ins, says READY, and opens its disks only when the host hands it
+    /// the old worker's clients (`WorkerControlRequest.adopt`), once the old worker has
+    /// closed its filters.
+    public var standby: Bool?
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,

@@ -16,6 +16,14 @@ public enum WorkerControlRequest: Codable, Sendable, Equatable {
     case releaseSnapshot(name: String)
     /// Makes or deletes a checkpoint of a disk the worker serves.
     case checkpoint(disk: String, change: CheckpointChange)
+    /// A live upgrade's first half, to the worker being replaced: stop taking requests,
+    /// answer those read, close filters and disks, and answer with every client's
+    /// socket (as SCM_RIGHTS) and what it negotiated (`handedOver`). The worker then
+    /// serves nothing and waits to be stopped.
+    case handOver
+    /// Its second half, to a standby worker: these clients (their sockets come with the
+    /// request, in this order), each with what it negotiated as `handedOver` said.
+    case adopt(connections: [String])
 }
 
 /// How a point-in-time snapshot is made.
@@ -191,8 +199,16 @@ public struct WorkerControlResponse: Codable, Sendable, Equatable {
     public var disks: [DiskStatistics]?
     public var result: ManagementResult?
     public var snapshot: SnapshotProgress?
+    /// `handOver`: each client's negotiated state (opaque to the host), in the order of
+    /// the sockets that came with the answer.
+    public var handedOver: [String]?
+    /// `adopt`: how many clients the worker went on serving.
+    public var adopted: Int?
 
-    public init(error: String? = nil, disks: [DiskStatistics]? = nil, result: ManagementResult? = nil, snapshot: SnapshotProgress? = nil) {
+    public init(error: String? = nil, disks: [DiskStatistics]? = nil, result: ManagementResult? = nil, snapshot: SnapshotProgress? = nil,
+                handedOver: [String]? = nil, adopted: Int? = nil) {
+        self.handedOver = handedOver
+        self.adopted = adopted
         self.error = error
         self.disks = disks
         self.result = result

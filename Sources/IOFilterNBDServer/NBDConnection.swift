@@ -32,8 +32,10 @@ final class NBDConnection: @unchecked Sendable {
     /// the base:allocation metadata context (block status allowed).
     let structured: Bool
     let baseAllocation: Bool
-    /// Other metadata contexts chosen (ids 2, 3, ...), answered by the export at once.
+    /// Other metadata contexts chosen (ids 2, 3, ...), answered by the export at once,
+    /// and their names (what a hand-over carries).
     let contexts: [any NBDMetadataContext]
+    let contextNames: [String]
     /// Room for a block-status reply: every context's chunk.
     let blockStatusBytes: Int
 
@@ -71,19 +73,27 @@ final class NBDConnection: @unchecked Sendable {
     private var closing = false  // (lock) the reply thread may exit
     private var broken = false  // (lock) a reply write failed: stop serving
 
+    /// Set (then the thread is woken with `wakeSignal`) when the connection is to be
+    /// handed to another process: it stops reading at the next request boundary.
+    private let detachRequested = Atomic<Bool>(false)
+    private let thread = Guarded<pthread_t?>(nil)
+
     /// (writer) The replies being written by the owner, and their vectors.
     private var writing: [NBDRequest] = []
     private let writeVectors: UnsafeMutablePointer<iovec>
     private var writeFirst = 0
     private var writeCount = 0
 
+    /// - Parameter buffered: bytes of requests already received (a connection handed
+    ///   over from another process), served before anything read from `fd`.
     init(fd: Int32, export: any NBDExport, logger: Logger, structured: Bool = false, baseAllocation: Bool = false,
-         contexts: [any NBDMetadataContext] = []) {
+         contexts: [(name: String, context: any NBDMetadataContext)] = [], buffered: [UInt8] = []) {
         self.fd = fd
         self.export = export
         self.structured = structured
         self.baseAllocation = structured && baseAllocation && export.features.blockStatus
-        self.contexts = structured ? contexts : []
+        self.contexts = structured ? contexts.map(\.context) : []
+        self.contextNames = structured ? contexts.map(\.name) : []
         blockStatusBytes = Self.blockStatusReplyBytes * (1 + self.contexts.count) + Self.chunkPrefix * self.contexts.count
         self.logger = logger
         self.exportSize = export.size
@@ -97,6 +107,9 @@ final class NBDConnection: @unchecked Sendable {
         returned.reserveCapacity(Self.maxInFlight)
         queued.reserveCapacity(Self.maxInFlight)
         writing.reserveCapacity(Self.maxInFlight)
+        let carried = min(buffered.count, Self.receiveCapacity)
+        buffered.withUnsafeBytes { if carried > 0 { memcpy(receive, $0.baseAddress!, carried) } }
+        receiveEnd = carried
     }
 
     deinit {
@@ -108,22 +121,68 @@ final class NBDConnection: @unchecked Sendable {
     /// Serves until the client disconnects, breaks the protocol or the socket is shut
     /// down; then answers what it accepted, waits for deferred requests, and frees
     /// every slot (the export's per-slot state included).
-    func run() {
+    /// How a connection ended: closed, or detached with what its client negotiated, its
+    /// socket left open for another process to go on with.
+    enum Ending {
+        case closed
+        case detached(NBDConnectionState)
+    }
+
+    @discardableResult
+    func run() -> Ending {
+        thread.withLock { $0 = pthread_self() }
         logger.debug("serving export '\(export.name)'")
+        var detached = false
         do {
             try serveRequests()
+        } catch Stop.detach {
+            detached = true
         } catch {
             logger.debug("connection ended: \(error)")
         }
+        thread.withLock { $0 = nil }
         // Replies already batched are still owed to the client (a disconnect or a bad
         // request after them does not cancel requests that were carried out).
         try? flushBatch()
-        lock.withLock {
+        let intact = lock.withLock {
             while awaitingReply > 0 || writerActive { lock.wait() }
             closing = true
             lock.broadcast()
+            return !broken
         }
-        shutdown(fd, Int32(SHUT_RDWR))  // the server closes it
+        let ending: Ending
+        if detached && intact {
+            // Every request read is answered; what is buffered is the next ones'.
+            ending = .detached(NBDConnectionState(export: export.name, structured: structured, baseAllocation: baseAllocation,
+                                                  contexts: contextNames, buffered: Array(UnsafeRawBufferPointer(start: receive + receiveStart, count: receiveEnd - receiveStart))))
+        } else {
+            ending = .closed
+            shutdown(fd, Int32(SHUT_RDWR))  // the server closes it
+        }
+        defer { releaseSlots() }
+        return ending
+    }
+
+    /// Asks the connection to stop at the next request boundary and hand its client
+    /// over; call again until it has ended (a wake-up may land just before the thread
+    /// blocks, and is then lost).
+    func requestDetach() {
+        detachRequested.store(true, ordering: .releasing)
+        if let thread = thread.withLock({ $0 }) { pthread_kill(thread, NBDConnection.wakeSignal) }
+    }
+
+    /// Interrupts a connection thread's blocking read (the handler does nothing; the
+    /// read returns EINTR). SIGURG: ignored by default, never sent here otherwise.
+    static let wakeSignal = SIGURG
+    static let installWakeHandler: Void = {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in }
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = 0  // no SA_RESTART: the read must return
+        sigaction(NBDConnection.wakeSignal, &action, nil)
+    }()
+
+    private func releaseSlots() {
         for request in slots {
             if let context = request.exportContext { export.releaseRequestContext(context) }
             request.exportContext = nil
@@ -133,11 +192,12 @@ final class NBDConnection: @unchecked Sendable {
         returned.removeAll()
     }
 
-    private enum Stop: Error { case disconnect, peerClosed, protocolViolation(String) }
+    private enum Stop: Error { case disconnect, peerClosed, protocolViolation(String), detach }
 
     private func serveRequests() throws {
         while true {
-            guard try fill(atLeast: NBDProtocol.requestHeaderSize) else { throw Stop.peerClosed }
+            if detachRequested.load(ordering: .relaxed) { throw Stop.detach }
+            guard try fill(atLeast: NBDProtocol.requestHeaderSize, atBoundary: true) else { throw Stop.peerClosed }
             let raw = UnsafeRawPointer(receive + receiveStart)
             receiveStart += NBDProtocol.requestHeaderSize
             guard raw.loadBE(at: 0, as: UInt32.self) == NBDProtocol.requestMagic else {
@@ -235,7 +295,7 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Makes at least `count` bytes available in the receive buffer, sending pending
     /// replies before it blocks. False on a clean EOF between requests.
-    private func fill(atLeast count: Int) throws -> Bool {
+    private func fill(atLeast count: Int, atBoundary: Bool = false) throws -> Bool {
         if receiveEnd - receiveStart >= count { return true }
         if receiveStart > 0 {
             let pending = receiveEnd - receiveStart
@@ -263,7 +323,13 @@ final class NBDConnection: @unchecked Sendable {
                 }
                 if receiveEnd >= count { break }
             }
-            let n = try FileDescriptorIO.readSome(fd, into: receive + receiveEnd, count: Self.receiveCapacity - receiveEnd)
+            let n = read(fd, receive + receiveEnd, Self.receiveCapacity - receiveEnd)
+            if n < 0 {
+                guard errno == EINTR else { throw SystemError("read") }
+                // Woken to detach: only between requests (what is buffered goes along).
+                if atBoundary && detachRequested.load(ordering: .acquiring) { throw Stop.detach }
+                continue
+            }
             if n == 0 {
                 if receiveEnd == 0 { return false }
                 throw Stop.protocolViolation("truncated request")

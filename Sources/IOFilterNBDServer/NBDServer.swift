@@ -24,6 +24,38 @@ public struct NBDServerLimits: Sendable, Equatable {
     }
 }
 
+/// What a client negotiated, carried with its socket when a connection is handed to
+/// another process (a worker replacing this one): the new server goes on with the
+/// transmission phase as if it had negotiated it itself.
+public struct NBDConnectionState: Codable, Sendable, Equatable {
+    public var export: String
+    public var structured: Bool
+    public var baseAllocation: Bool
+    /// Metadata contexts besides base:allocation, in the order of their ids (2, 3, ...).
+    public var contexts: [String]
+    /// Bytes of the next requests, received but not read yet.
+    public var buffered: [UInt8]
+
+    public init(export: String, structured: Bool, baseAllocation: Bool, contexts: [String], buffered: [UInt8]) {
+        self.export = export
+        self.structured = structured
+        self.baseAllocation = baseAllocation
+        self.contexts = contexts
+        self.buffered = buffered
+    }
+}
+
+/// A client's socket and what it negotiated, handed over.
+public struct HandedOverConnection: Sendable {
+    public let fd: Int32
+    public let state: NBDConnectionState
+
+    public init(fd: Int32, state: NBDConnectionState) {
+        self.fd = fd
+        self.state = state
+    }
+}
+
 /// Serves a catalog of exports on listening sockets it is given. Each accepted client
 /// gets its own thread, which negotiates and then serves requests with blocking I/O.
 ///
@@ -37,6 +69,9 @@ public final class NBDServer: @unchecked Sendable {
     let logger: Logger
     private let lock = ConditionLock()
     private var connections: [Int: Int32] = [:]  // (lock) id → socket
+    private var transmitting: [Int: NBDConnection] = [:]  // (lock) id → its transmission phase, once there
+    private var detaching = false  // (lock) connections are being handed over
+    private var detached: [HandedOverConnection] = []  // (lock)
     private var threads = 0  // (lock) accept and connection threads still running
     private var stopping = false  // (lock)
     private var nextID = 0  // (lock)
@@ -121,21 +156,117 @@ public final class NBDServer: @unchecked Sendable {
             startThread(name: "nbd-conn-\(id)") { [self] in
                 var connectionLogger = logger
                 connectionLogger[metadataKey: "conn"] = "\(id)"
-                Handshake(fd: client, catalog: catalog, tls: tls, structuredReplies: limits.structuredReplies, deadline: deadline,
-                          logger: connectionLogger).run()
-                finished(connection: id)
-                // Closed only once `stop` can no longer see it: it must never shut
-                // down a later file that reuses the number.
-                close(client)
+                let ending = Handshake(fd: client, catalog: catalog, tls: tls, structuredReplies: limits.structuredReplies, deadline: deadline,
+                                       logger: connectionLogger) { [self] connection in register(id, connection) }.run()
+                finished(connection: id, client, ending)
             }
         }
     }
 
-    private func finished(connection id: Int?) {
+    /// A connection reached its transmission phase (told to detach at once if the
+    /// server is handing its clients over).
+    private func register(_ id: Int, _ connection: NBDConnection) {
         lock.withLock {
-            if let id { connections[id] = nil }
+            transmitting[id] = connection
+            if detaching { connection.requestDetach() }
+        }
+    }
+
+    private func finished(connection id: Int?, _ client: Int32 = -1, _ ending: NBDConnection.Ending? = nil) {
+        lock.withLock {
+            if let id {
+                connections[id] = nil
+                transmitting[id] = nil
+            }
+            if case .detached(let state) = ending {
+                detached.append(HandedOverConnection(fd: client, state: state))
+            } else if client >= 0 {
+                // Closed only once `stop` can no longer see it: it must never shut
+                // down a later file that reuses the number.
+                close(client)
+            }
             threads -= 1
             lock.broadcast()
+        }
+    }
+
+    /// Goes on serving a client another process negotiated with (see `handOver`). The
+    /// socket is the server's from now on; a client whose export is not offered here is
+    /// closed (false).
+    @discardableResult
+    public func adopt(_ connection: HandedOverConnection) -> Bool {
+        guard let export = catalog.export(named: connection.state.export) else {
+            logger.warning("a handed-over client used export '\(connection.state.export)', which is not offered here; closing it")
+            close(connection.fd)
+            return false
+        }
+        let contexts = connection.state.contexts.compactMap { name in export.metadataContext(named: name).map { (name: name, context: $0) } }
+        guard contexts.count == connection.state.contexts.count else {
+            logger.warning("a handed-over client of '\(export.name)' chose metadata contexts not offered here (\(connection.state.contexts)); closing it")
+            close(connection.fd)
+            return false
+        }
+        _ = NBDConnection.installWakeHandler
+        let id: Int? = lock.withLock {
+            guard !stopping else { return nil }
+            nextID += 1
+            connections[nextID] = connection.fd
+            threads += 1
+            return nextID
+        }
+        guard let id else {
+            close(connection.fd)
+            return false
+        }
+        startThread(name: "nbd-conn-\(id)") { [self] in
+            var connectionLogger = logger
+            connectionLogger[metadataKey: "conn"] = "\(id)"
+            let adopted = NBDConnection(fd: connection.fd, export: export, logger: connectionLogger, structured: connection.state.structured,
+                                        baseAllocation: connection.state.baseAllocation, contexts: contexts, buffered: connection.state.buffered)
+            register(id, adopted)
+            let ending = adopted.run()
+            finished(connection: id, connection.fd, ending)
+        }
+        return true
+    }
+
+    /// Stops accepting and hands every client over: each connection answers the
+    /// requests it read, stops at a request boundary, and comes back with its socket
+    /// and what it negotiated (the caller's to pass on, or to close). Clients still
+    /// negotiating get `timeout` to finish; clients of a TLS server cannot be handed
+    /// over (the session's keys live in this process) and end as with `stop`.
+    public func handOver(timeout seconds: Double = 10) -> [HandedOverConnection] {
+        guard tls == nil else {
+            stop(timeout: seconds)
+            return []
+        }
+        _ = NBDConnection.installWakeHandler
+        lock.withLock {
+            stopping = true
+            detaching = true
+        }
+        if wake.write >= 0 {
+            var byte: UInt8 = 1
+            _ = write(wake.write, &byte, 1)
+        }
+        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        lock.withLock {
+            while threads > 0 {
+                // Again and again: a wake-up that lands just before a read blocks is lost.
+                for connection in transmitting.values { connection.requestDetach() }
+                let now = monotonicNanoseconds()
+                if now >= deadline {
+                    logger.warning("\(connections.count) connection(s) could not be handed over within \(seconds)s; closing them")
+                    for fd in connections.values { shutdown(fd, Int32(SHUT_RDWR)) }
+                    while threads > 0 { lock.wait() }
+                    break
+                }
+                _ = lock.wait(nanoseconds: min(deadline - now, 2_000_000))
+            }
+        }
+        return lock.withLock {
+            defer { detached = [] }
+            return detached
         }
     }
 
@@ -180,6 +311,8 @@ struct Handshake {
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
     let logger: Logger
+    /// Told of the connection once negotiation is over.
+    let onTransmission: (NBDConnection) -> Void
 
     private enum Outcome {
         case serve(any NBDExport)
@@ -192,7 +325,7 @@ struct Handshake {
         var baseAllocation = false
         /// Contexts the export answers itself, in the order of their ids (2, 3, ...),
         /// and the export they were chosen for (a GO for another one drops them).
-        var contexts: [any NBDMetadataContext] = []
+        var contexts: [(name: String, context: any NBDMetadataContext)] = []
         var contextsExport: String?
         /// After STARTTLS: the plaintext end of the TLS session, which the rest of the
         /// negotiation and the transmission phase use.
@@ -203,7 +336,9 @@ struct Handshake {
     /// Where the protocol's bytes go: the socket, or the TLS session's plaintext.
     private var fd: Int32 { negotiated.secured ?? socket }
 
-    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger) {
+    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger,
+         onTransmission: @escaping (NBDConnection) -> Void = { _ in }) {
+        self.onTransmission = onTransmission
         self.structuredReplies = structuredReplies
         self.socket = fd
         self.catalog = catalog
@@ -212,17 +347,24 @@ struct Handshake {
         self.logger = logger
     }
 
-    func run() {
+    func run() -> NBDConnection.Ending {
+        var ending = NBDConnection.Ending.closed
         switch negotiate() {
         case .serve(let export):
             let chosen = negotiated.contextsExport == export.name
-            NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
-                          baseAllocation: chosen && negotiated.baseAllocation,
-                          contexts: chosen ? negotiated.contexts : []).run()
+            let connection = NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
+                                           baseAllocation: chosen && negotiated.baseAllocation,
+                                           contexts: chosen ? negotiated.contexts : [])
+            onTransmission(connection)
+            ending = connection.run()
         case .close:
             break  // the server closes the socket
         }
-        if let secured = negotiated.secured { close(secured) }
+        if let secured = negotiated.secured {
+            close(secured)
+            ending = .closed  // never: a TLS server hands nothing over
+        }
+        return ending
     }
 
     private func negotiate() -> Outcome {
@@ -443,8 +585,8 @@ struct Handshake {
                     negotiated.baseAllocation = true
                     try replyContext(option, id: NBDProtocol.baseAllocationID, name: query)
                 } else if query != NBDProtocol.baseAllocation, let context = export.metadataContext(named: query),
-                          !negotiated.contexts.contains(where: { $0 === context }) {
-                    negotiated.contexts.append(context)
+                          !negotiated.contexts.contains(where: { $0.context === context }) {
+                    negotiated.contexts.append((name: query, context: context))
                     try replyContext(option, id: NBDProtocol.baseAllocationID + UInt32(negotiated.contexts.count), name: query)
                 } else if !offered.contains(query) {
                     logger.info("client asked for metadata context '\(query)', which export '\(export.name)' does not offer")

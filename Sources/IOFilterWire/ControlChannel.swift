@@ -1,3 +1,4 @@
+import CSystemShims
 import Foundation
 import IOFilterModel
 import IOFilterPosix
@@ -32,16 +33,33 @@ public struct ControlChannel: Sendable {
     /// time-out the caller must not reuse the channel: a late answer would be taken for
     /// the next request's.
     public func exchange(_ request: WorkerControlRequest, timeout: Double) throws(Failure) -> WorkerControlResponse {
-        guard let line = try? JSONEncoder().encode(request),
-              (try? FileDescriptorIO.writeAll(fd, Array(line) + [UInt8(ascii: "\n")])) != nil else { throw .closed }
+        let (response, fds) = try exchange(request, sending: [], timeout: timeout)
+        fds.forEach { close($0) }
+        return response
+    }
+
+    /// The same with file descriptors each way (SCM_RIGHTS): `fds` go with the request
+    /// (the caller keeps its own copies), and what the answer carried comes back, the
+    /// caller's to close.
+    public func exchange(_ request: WorkerControlRequest, sending fds: [Int32], timeout: Double)
+        throws(Failure) -> (WorkerControlResponse, [Int32])
+    {
+        guard let line = try? JSONEncoder().encode(request), Self.send(fd, Array(line) + [UInt8(ascii: "\n")], fds: fds) else { throw .closed }
         var reader = LineReader(fd: fd, maximumLine: Self.maximumLine)
         let deadline = monotonicNanoseconds() + UInt64(timeout * 1e9)
         switch reader.next(deadline: deadline) {
         case .line(let answer):
-            guard let response = try? JSONDecoder().decode(WorkerControlResponse.self, from: Data(answer)) else { throw .malformedAnswer }
-            return response
-        case .timedOut: throw .timedOut(timeout)
-        case .closed: throw .closed
+            guard let response = try? JSONDecoder().decode(WorkerControlResponse.self, from: Data(answer)) else {
+                reader.receivedFDs.forEach { close($0) }
+                throw .malformedAnswer
+            }
+            return (response, reader.receivedFDs)
+        case .timedOut:
+            reader.receivedFDs.forEach { close($0) }
+            throw .timedOut(timeout)
+        case .closed:
+            reader.receivedFDs.forEach { close($0) }
+            throw .closed
         }
     }
 
@@ -50,13 +68,60 @@ public struct ControlChannel: Sendable {
     ///
     /// - Parameter maximumLine: a longer request closes the channel.
     public func serve(maximumLine: Int = ControlChannel.maximumLine, _ answer: (WorkerControlRequest) -> WorkerControlResponse) {
-        var reader = LineReader(fd: fd, maximumLine: maximumLine)
-        while case .line(let line) = reader.next(deadline: nil) {
-            let response = (try? JSONDecoder().decode(WorkerControlRequest.self, from: Data(line))).map(answer)
-                ?? WorkerControlResponse(error: "malformed control request")
-            let data = (try? JSONEncoder().encode(response)) ?? Data("{}".utf8)
-            guard (try? FileDescriptorIO.writeAll(fd, Array(data) + [UInt8(ascii: "\n")])) != nil else { return }
+        serve(maximumLine: maximumLine) { (request: WorkerControlRequest, fds: [Int32]) -> (WorkerControlResponse, [Int32]) in
+            fds.forEach { close($0) }
+            return (answer(request), [])
         }
+    }
+
+    /// The same with file descriptors each way: `answer` gets those the request carried
+    /// (its own to close) and returns those to send with its answer, which are closed
+    /// once sent.
+    public func serve(maximumLine: Int = ControlChannel.maximumLine, _ answer: (WorkerControlRequest, [Int32]) -> (WorkerControlResponse, [Int32])) {
+        var reader = LineReader(fd: fd, maximumLine: maximumLine)
+        while answerNext(&reader, answer) {}
+    }
+
+    /// Reads one request and writes its answer; false once the channel is closed.
+    private func answerNext(_ reader: inout LineReader, _ answer: (WorkerControlRequest, [Int32]) -> (WorkerControlResponse, [Int32])) -> Bool {
+        guard case .line(let line) = reader.next(deadline: nil) else {
+            reader.receivedFDs.forEach { close($0) }
+            reader.receivedFDs = []
+            return false
+        }
+        let received = reader.receivedFDs
+        reader.receivedFDs = []
+        let (response, sending) = (try? JSONDecoder().decode(WorkerControlRequest.self, from: Data(line))).map { answer($0, received) }
+            ?? { received.forEach { close($0) }; return (WorkerControlResponse(error: "malformed control request"), []) }()
+        let data = (try? JSONEncoder().encode(response)) ?? Data("{}".utf8)
+        let sent = Self.send(fd, Array(data) + [UInt8(ascii: "\n")], fds: sending)
+        sending.forEach { close($0) }
+        return sent
+    }
+
+    /// Answers one request (with file descriptors each way, as `serve`); false if the
+    /// channel closed first.
+    @discardableResult
+    public func answerOne(maximumLine: Int = ControlChannel.maximumLine, _ answer: (WorkerControlRequest, [Int32]) -> (WorkerControlResponse, [Int32])) -> Bool {
+        var reader = LineReader(fd: fd, maximumLine: maximumLine)
+        return answerNext(&reader, answer)
+    }
+
+    /// Writes a line, with `fds` attached to its first bytes (a few hundred per byte
+    /// at most, as the kernel allows).
+    static func send(_ fd: Int32, _ bytes: [UInt8], fds: [Int32]) -> Bool {
+        var done = 0
+        var pending = fds[...]
+        while !pending.isEmpty {
+            let group = Array(pending.prefix(Int(IOF_MAX_FDS_PER_SEND)))
+            // One byte per group, so that every group has bytes to ride on.
+            guard done < bytes.count else { return false }
+            let sent = bytes.withUnsafeBytes { iof_send_with_fds(fd, $0.baseAddress! + done, 1, group, Int32(group.count)) }
+            guard sent == 1 else { return false }
+            done += 1
+            pending = pending.dropFirst(group.count)
+        }
+        return bytes.withUnsafeBytes { (try? FileDescriptorIO.writeAll(fd, $0.baseAddress! + done, count: bytes.count - done)) != nil }
     }
 }
 
@@ -65,6 +130,8 @@ struct LineReader {
     let fd: Int32
     let maximumLine: Int
     private var pending: [UInt8] = []
+    /// File descriptors that came with the bytes read so far.
+    var receivedFDs: [Int32] = []
 
     init(fd: Int32, maximumLine: Int) {
         self.fd = fd
@@ -90,7 +157,13 @@ struct LineReader {
                 if ready < 0 && errno == EINTR { continue }
                 guard ready > 0 else { return .timedOut }
             }
-            let count = chunk.withUnsafeMutableBytes { (try? FileDescriptorIO.readSome(fd, into: $0.baseAddress!, count: $0.count)) ?? 0 }
+            var fds = [Int32](repeating: -1, count: Int(IOF_MAX_FDS_PER_SEND))
+            var fdCount: Int32 = 0
+            var truncated: Int32 = 0
+            let count = chunk.withUnsafeMutableBytes {
+                iof_receive_with_fds(fd, $0.baseAddress!, $0.count, &fds, Int32(fds.count), &fdCount, &truncated)
+            }
+            receivedFDs += fds.prefix(Int(fdCount))
             guard count > 0 else { return .closed }
             pending += chunk[..<count]
         }

@@ -24,6 +24,7 @@ public final class WorkerRuntime: @unchecked Sendable {
     public private(set) var catalogs: [ChainCatalog] = []
     /// What `openBackends` opened, one per disk, until `openDisks` builds on it.
     private var opened: [OpenedBackend] = []
+    private let shutDown = Guarded(false)
     private enum OpenedBackend {
         case file(FileBackend)
         case nbd(NBDURI, fd: Int32)
@@ -235,6 +236,9 @@ public final class WorkerRuntime: @unchecked Sendable {
     /// finish at full speed (the host waits for them when it stops a VM, and finds them
     /// recorded complete), then the filters and disks close.
     public func shutdown() {
+        // Once: a worker that handed its clients over is shut down already when the
+        // host's SIGTERM comes.
+        guard shutDown.withLock({ done in defer { done = true }; return !done }) else { return }
         finishSnapshotCopies()
         for chain in chains { chain.close() }
         for plugin in plugins.values { plugin.unload() }

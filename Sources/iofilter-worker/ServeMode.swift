@@ -85,25 +85,43 @@ import Logging
     enterStateDirectory(configuration.stateDirectory)
     do {
         try runtime.loadPlugins()
-        _ = try runtime.openDisks(attachOnly: configuration.task == .attach)
     } catch {
         cannotStart(error)
     }
-    if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
-    var servers: [NBDServer] = []
-    for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
-        var limits = NBDServerLimits()
-        if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
-        if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
-        if let structuredReplies = configuration.structuredReplies { limits.structuredReplies = structuredReplies }
-        let server = NBDServer(catalog: catalog, limits: limits, tls: tls, logger: logger)
-        server.serve(listenFD: disk.listenFD)
-        servers.append(server)
+    func startServing() throws -> [NBDServer] {
+        _ = try runtime.openDisks(attachOnly: configuration.task == .attach)
+        if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
+        var servers: [NBDServer] = []
+        for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
+            var limits = NBDServerLimits()
+            if let maxConnections = configuration.maxConnections { limits.maxConnections = maxConnections }
+            if let handshakeSeconds = configuration.handshakeSeconds { limits.handshakeSeconds = handshakeSeconds }
+            if let structuredReplies = configuration.structuredReplies { limits.structuredReplies = structuredReplies }
+            let server = NBDServer(catalog: catalog, limits: limits, tls: tls, logger: logger)
+            server.serve(listenFD: disk.listenFD)
+            servers.append(server)
+        }
+        return servers
     }
-    if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime) }
+    let heartbeat: Heartbeat?
+    let servers: [NBDServer]
+    if configuration.standby == true, let controlFD = configuration.controlFD {
+        // Plug-ins loaded and checked: ready to take over. The disks open only once the
+        // worker being replaced has closed its filters (a filter's files are its alone).
+        heartbeat = startHeartbeat(configuration.heartbeatFD)
+        say("READY")
+        servers = adoptClients(controlFD: controlFD, startServing: startServing)
+    } else {
+        do {
+            servers = try startServing()
+        } catch {
+            cannotStart(error)
+        }
+        heartbeat = startHeartbeat(configuration.heartbeatFD)
+        say("READY")
+    }
+    if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime, servers: servers, logger: logger) }
     runtime.startWatchdog()
-    let heartbeat = startHeartbeat(configuration.heartbeatFD)
-    say("READY")
     let received = signals.wait()
     // In order: no new clients, every connection answers what it accepted and ends,
     // and only then are filters closed (never while a request runs in one of them).
@@ -112,6 +130,41 @@ import Logging
     runtime.shutdown()
     withExtendedLifetime(heartbeat) {}
     exit(0)
+}
+
+/// A standby worker's take-over: waits for the host's `adopt` with the old worker's
+/// clients, opens its disks (the old worker has closed them), and goes on serving each
+/// client where it was. A worker that cannot open its disks says why and exits (the
+/// host then gives the clients to a worker with the old chain).
+@MainActor func adoptClients(controlFD: Int32, startServing: () throws -> [NBDServer]) -> [NBDServer] {
+    var servers: [NBDServer]?
+    var failure: (any Error)?
+    ControlChannel(fd: controlFD).answerOne { request, fds in
+        guard case .adopt(let states) = request, states.count == fds.count else {
+            fds.forEach { close($0) }
+            return (WorkerControlResponse(error: "a standby worker takes only the clients it is handed"), [])
+        }
+        do {
+            servers = try startServing()
+        } catch {
+            failure = error
+            fds.forEach { close($0) }
+            return (WorkerControlResponse(error: "\(error)"), [])
+        }
+        var adopted = 0
+        for (fd, encoded) in zip(fds, states) {
+            guard let state = try? JSONDecoder().decode(NBDConnectionState.self, from: Data(encoded.utf8)) else {
+                close(fd)
+                continue
+            }
+            let server = servers?.first { $0.catalog.export(named: state.export) != nil } ?? servers?.first
+            if server?.adopt(HandedOverConnection(fd: fd, state: state)) == true { adopted += 1 }
+        }
+        logger.info("took over \(adopted) client(s) of \(fds.count)")
+        return (WorkerControlResponse(adopted: adopted), [])
+    }
+    guard let servers else { cannotStart(failure ?? ChainError.backend("the host handed over no clients")) }
+    return servers
 }
 
 /// A maintenance run: the filters are attached by now; detach what was asked, or
@@ -141,11 +194,16 @@ import Logging
 }
 
 /// Answers the host's control requests until the host closes the channel.
-func serveControl(fd: Int32, runtime: WorkerRuntime) {
+func serveControl(fd: Int32, runtime: WorkerRuntime, servers: [NBDServer], logger: Logger) {
     startThread(name: "control") {
-        ControlChannel(fd: fd).serve { request in
+        ControlChannel(fd: fd).serve { (request: WorkerControlRequest, fds: [Int32]) -> (WorkerControlResponse, [Int32]) in
+            fds.forEach { close($0) }
             var response = WorkerControlResponse()
             switch request {
+            case .handOver:
+                return handOver(runtime: runtime, servers: servers, logger: logger)
+            case .adopt:
+                response.error = "this worker serves already; only a standby worker adopts clients"
             case .stats:
                 response.disks = runtime.statistics()
             case .call(let plugin, let operation, let arguments):
@@ -185,8 +243,20 @@ func serveControl(fd: Int32, runtime: WorkerRuntime) {
                     response.error = "\(error)"
                 }
             }
-            return response
+            return (response, [])
         }
     }
+}
+
+/// The worker being replaced: its clients stop at a request boundary with every
+/// request they sent answered, the filters and disks close (nothing runs in them any
+/// more), and the clients' sockets go to the host with what each negotiated.
+func handOver(runtime: WorkerRuntime, servers: [NBDServer], logger: Logger) -> (WorkerControlResponse, [Int32]) {
+    let started = monotonicNanoseconds()
+    let connections = servers.flatMap { $0.handOver() }
+    runtime.shutdown()
+    let states = connections.map { String(decoding: (try? JSONEncoder().encode($0.state)) ?? Data(), as: UTF8.self) }
+    logger.info("handed over \(connections.count) client(s) in \((monotonicNanoseconds() - started) / 1_000_000) ms; filters and disks closed")
+    return (WorkerControlResponse(handedOver: states), connections.map(\.fd))
 }
 

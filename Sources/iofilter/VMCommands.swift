@@ -17,7 +17,7 @@ struct VMCommand: ParsableCommand {
               iofilter vm start web
               iofilter vm show web
             """,
-        subcommands: [Create.self, Start.self, Stop.self, List.self, Show.self, Delete.self])
+        subcommands: [Create.self, Start.self, Stop.self, UpgradeFilters.self, List.self, Show.self, Delete.self])
 
     static func describe(_ vm: VMInfo) -> String {
         var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
@@ -106,6 +106,33 @@ struct VMCommand: ParsableCommand {
 
         func run() throws {
             try reportingFailures { try daemon.client.run("POST", "/vms/\(name)/stop", as: VMInfo.self, text: VMCommand.describe) }
+        }
+    }
+
+    struct UpgradeFilters: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "upgrade-filters",
+            abstract: "Give a running VM's disks their policies' current chains without a restart.",
+            discussion: """
+                After `iofilter plugin install` of a newer version, or a policy change: a new \
+                worker with the new chains loads its plug-ins, the old one answers what its \
+                clients sent and closes its filters, and the new one takes every NBD client \
+                over where it was (no reconnect). If it cannot, a worker with the old chains \
+                does, and the change is refused. TLS clients are closed cleanly instead.
+
+                  iofilter plugin install cache-1.1.0.so
+                  iofilter vm upgrade-filters web
+                """)
+        @Argument(help: "The VM's name.") var name: String
+        @OptionGroup var daemon: DaemonOptions
+
+        func run() throws {
+            try reportingFailures {
+                try daemon.client.run("POST", "/vms/\(name)/upgrade-filters", as: LiveUpgradeReport.self) { report in
+                    report.changes.isEmpty ? "VM \(report.vm) runs its policies' chains already; nothing changed"
+                        : (report.changes + ["\(report.clients) client(s) taken over by worker \(report.pid.map(String.init) ?? "?") in \(String(format: "%.1f", report.stallMilliseconds)) ms"]).joined(separator: "\n")
+                }
+            }
         }
     }
 

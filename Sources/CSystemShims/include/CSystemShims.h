@@ -65,6 +65,14 @@ ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd);
 /* Receives one record; `*fd` is the attached fd (close-on-exec) or -1. Bytes or -errno. */
 ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd);
 
+/* Sends `length` bytes of a stream socket with `count` fds (at most IOF_MAX_FDS_PER_SEND)
+ * attached as SCM_RIGHTS: bytes sent (maybe fewer, then the fds went with them) or -errno. */
+#define IOF_MAX_FDS_PER_SEND 250
+ssize_t iof_send_with_fds(int socket, const void *bytes, size_t length, const int *fds, int count);
+/* Receives bytes and any fds sent with them (close-on-exec, at most `capacity`; more are
+ * closed and *truncated set): bytes or -errno; *count says how many fds. */
+ssize_t iof_receive_with_fds(int socket, void *bytes, size_t length, int *fds, int capacity, int *count, int *truncated);
+
 /// setxattr(2), which Glibc's Swift module does not export (sys/xattr.h).
 int iof_setxattr(const char *path, const char *name, const void *value, size_t size);
 /* fgetxattr(2): the value's size, or -1 with errno set. */

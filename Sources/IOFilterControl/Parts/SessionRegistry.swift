@@ -22,6 +22,8 @@ final class SessionRegistry: @unchecked Sendable {
     var runningVMs: [String: VMSession] { lock.withLock { vms } }
     func add(vm name: String, _ session: VMSession) { lock.withLock { vms[name] = session } }
     func removeVM(_ name: String) -> VMSession? { lock.withLock { vms.removeValue(forKey: name) } }
+    /// A worker that took over the VM's clients (a live upgrade) replaces its session.
+    func replace(vm name: String, with session: VMSession) { lock.withLock { vms[name] = session } }
 
     // MARK: offline sessions
 
