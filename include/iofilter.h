@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 5
+#define IOF_ABI_MINOR 6
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -235,7 +235,19 @@ enum iof_disk_event_type {
      * replaced), a replication filter plans a full resync. Every block is then written
      * through the chain, so you see the new contents as writes. A veto leaves the disk
      * as it was. Plug-ins built for older minors never receive it. */
-    IOF_EVENT_REVERT   = 4
+    IOF_EVENT_REVERT   = 4,
+    /* ABI 1.6. A live change of the running VM's chain: a newer (or older) version of a
+     * plug-in, other parameters, a filter attached or detached. Its clients stay
+     * connected: once every filter agreed, this worker stops taking their requests,
+     * answers those it took, closes its filters (`close`, as at a stop) and hands the
+     * clients to a new worker, which opens the new chain (`open`) and goes on. This
+     * filter is `from_version` now; `to_version` takes over from it (the same for a
+     * change of parameters or of the filters around it; NULL when it is detached, and
+     * `detach` follows its `close`). Keep what the new instance needs where it finds it
+     * (a replication journal, a cache's blocks and map: the sidecar directory stays); a
+     * veto refuses the whole change and nothing changes. Plug-ins built for older
+     * minors never receive it: they are closed and opened again as at a restart. */
+    IOF_EVENT_UPGRADE  = 5
 };
 
 struct iof_disk_event {
@@ -244,6 +256,9 @@ struct iof_disk_event {
     uint64_t new_size;        /* GROW                                                       */
     const char *target_name;  /* CLONE: the new disk; SNAPSHOT: the snapshot; REVERT: the
                                  snapshot the disk reverts to                               */
+    /* ABI 1.6 (read them only if struct_size covers them). UPGRADE: */
+    const char *from_version; /* this filter's plug-in version                              */
+    const char *to_version;   /* the version taking over; NULL: the filter is detached      */
 };
 
 /* ------------------------------------------------------------------------------ */

@@ -135,6 +135,7 @@ enum DescriptorBuilder {
                 case IOF_EVENT_GROW: .grow(newSize: e.new_size)
                 case IOF_EVENT_CLONE: .clone(target: e.target_name.map { String(cString: $0) } ?? "")
                 case IOF_EVENT_REVERT: .revert(toSnapshot: e.target_name.map { String(cString: $0) } ?? "")
+                case IOF_EVENT_UPGRADE: .upgrade(from: e.from_version.map { String(cString: $0) } ?? "", to: e.to_version.map { String(cString: $0) })
                 default: .snapshot
                 }
             do throws(FilterError) {

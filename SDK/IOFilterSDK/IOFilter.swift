@@ -167,6 +167,10 @@ public enum DiskEvent: Sendable {
     /// ABI 1.5: the disk's contents are about to be replaced by this snapshot's; drop
     /// what you hold of the old ones.
     case revert(toSnapshot: String)
+    /// ABI 1.6: the chain changes live; this filter is closed here and `to` (nil: no
+    /// filter, it is detached) opens in a new worker that keeps the disk's clients.
+    /// Keep what it needs in the sidecar directory.
+    case upgrade(from: String, to: String?)
 }
 
 /// A failure with an errno, for the callbacks that return one.

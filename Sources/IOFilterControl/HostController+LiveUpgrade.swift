@@ -38,6 +38,14 @@ extension HostController {
         if !snapshotCopies.running(in: old).isEmpty {
             throw .conflict("VM \(name) is copying a snapshot in its worker; change its filters once the copy is complete")
         }
+        // The filters hear first (ABI 1.6), and any may refuse: then nothing changes.
+        for (disk, chain) in zip(disks, chains) where !disk.attached.isEmpty {
+            var versions: [String: String] = [:]
+            for filter in disk.attached {
+                versions[filter.manifest.name] = chain.first { $0.manifest.name == filter.manifest.name }?.manifest.version ?? ""
+            }
+            try ask(old, "VM \(name)'s worker", .event(disk: disk.name, event: .upgrade(versions: versions)))
+        }
         for path in chains.flatMap({ $0.flatMap(\.filePaths) }) {
             try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         }

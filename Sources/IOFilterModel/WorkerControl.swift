@@ -82,6 +82,10 @@ public enum DiskLifecycleEvent: Codable, Sendable, Equatable, CustomStringConver
     case grow(newSize: UInt64)
     /// The disk's contents are about to be replaced by this snapshot's (ABI 1.5).
     case revert(snapshot: String)
+    /// The VM's chain changes live (ABI 1.6): by plug-in name, the version taking over
+    /// from each filter that stays ("" for one that is detached); a filter not named
+    /// stays as it is, in a chain that changes around it.
+    case upgrade(versions: [String: String])
 
     /// The clone's name, or the snapshot's a revert goes back to.
     public var targetName: String? {
@@ -98,6 +102,7 @@ public enum DiskLifecycleEvent: Codable, Sendable, Equatable, CustomStringConver
         case .clone(let target): "clone to \(target)"
         case .grow(let size): "grow to \(size) bytes"
         case .revert(let snapshot): "revert to \(snapshot)"
+        case .upgrade: "live change of the chain"
         }
     }
 }

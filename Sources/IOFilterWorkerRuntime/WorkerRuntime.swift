@@ -187,6 +187,7 @@ public final class WorkerRuntime: @unchecked Sendable {
             case .clone: abi.type = IOF_EVENT_CLONE
             case .grow(let size): abi.type = IOF_EVENT_GROW; abi.new_size = size
             case .revert: abi.type = IOF_EVENT_REVERT; sinceMinor = 5
+            case .upgrade: abi.type = IOF_EVENT_UPGRADE; sinceMinor = 6
             }
             abi.target_name = UnsafePointer(target)
             let quiesced = event == .snapshot
@@ -196,6 +197,18 @@ public final class WorkerRuntime: @unchecked Sendable {
             }
             defer { if quiesced { chain.quiesce.resume() } }
             for filter in chain.filters where filter.plugin.library.manifest.abiMinor >= sinceMinor {
+                var versions: (from: UnsafeMutablePointer<CChar>?, to: UnsafeMutablePointer<CChar>?) = (nil, nil)
+                defer {
+                    free(versions.from)
+                    free(versions.to)
+                }
+                if case .upgrade(let changes) = event {
+                    let manifest = filter.plugin.library.manifest
+                    let to = changes[manifest.name] ?? manifest.version
+                    versions = (strdup(manifest.version), to.isEmpty ? nil : strdup(to))
+                    abi.from_version = UnsafePointer(versions.from)
+                    abi.to_version = UnsafePointer(versions.to)
+                }
                 let error = filter.event(abi)
                 if error != 0 {
                     filter.logger.warning("vetoed the \(event) of disk \(chain.diskName): \(String(cString: strerror(error)))")

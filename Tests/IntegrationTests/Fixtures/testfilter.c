@@ -136,7 +136,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -145,7 +145,8 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "break-listener-on-open", "allocate-on-read", "kill-everything-on-open",
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
-                                         "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert", NULL};
+                                         "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert",
+                                         "veto-upgrade", "slow-close", NULL};
 
 static const struct iof_host_services *host;
 
@@ -489,6 +490,16 @@ static int tf_open(iof_host_disk *disk, const struct iof_disk_info *info, void *
 
 static void tf_close(void *instance)
 {
+    struct instance *closing = instance;
+    if (closing->behaviour == SLOW_CLOSE) {
+        /* Says so in its sidecar, then takes its time: a test kills a worker here. */
+        char path[4200];
+        snprintf(path, sizeof path, "%s/closing", closing->sidecar);
+        FILE *file = fopen(path, "w");
+        if (file)
+            fclose(file);
+        sleep(3);
+    }
 #ifdef WITH_DAEMON
     forget_disk(((struct instance *)instance)->disk);
 #endif
@@ -508,6 +519,11 @@ static int tf_event(void *instance, const struct iof_disk_event *event)
     else if (event->type == IOF_EVENT_REVERT)
         snprintf(line, sizeof line, "revert %s\n", event->target_name ? event->target_name : "?");
 #endif
+#if IOF_ABI_MINOR >= 6
+    else if (event->type == IOF_EVENT_UPGRADE)
+        snprintf(line, sizeof line, "upgrade %s %s\n", event->from_version ? event->from_version : "?",
+                 event->to_version ? event->to_version : "detached");
+#endif
     else
         snprintf(line, sizeof line, "grow %llu\n", (unsigned long long)event->new_size);
     FILE *log = fopen(path, "a");
@@ -519,6 +535,9 @@ static int tf_event(void *instance, const struct iof_disk_event *event)
     if (inst->behaviour == VETO_GROW && event->type == IOF_EVENT_GROW) return ENOSPC;
 #if IOF_ABI_MINOR >= 5
     if (inst->behaviour == VETO_REVERT && event->type == IOF_EVENT_REVERT) return EBUSY;
+#endif
+#if IOF_ABI_MINOR >= 6
+    if (inst->behaviour == VETO_UPGRADE && event->type == IOF_EVENT_UPGRADE) return EBUSY;
 #endif
     return 0;
 }
