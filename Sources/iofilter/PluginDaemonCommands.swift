@@ -13,9 +13,11 @@ extension IOFilterCommand.Plugin {
                 `iofilter plugin sign`) against the keys it trusts (`iofilter trust`): a plug-in \
                 below the host's acceptance level, signed by an unknown key, changed since it \
                 was signed or carrying another plug-in's signature is refused. A newer version \
-                of a plug-in in use is picked up by each VM at its next start.
+                of a plug-in in use is picked up by each VM at its next start, or at once with \
+                --live (each running VM's worker is replaced under its clients, as `iofilter vm \
+                upgrade-filters` does).
 
-                Example:  iofilter plugin install ./libmyfilter.so
+                Example:  iofilter plugin install --live ./libmyfilter.so
                 """)
 
         @Argument(help: "Plug-in shared objects (.so).")
@@ -24,6 +26,9 @@ extension IOFilterCommand.Plugin {
         @Option(help: ArgumentHelp("Where the plug-in's partner daemon may accept peers on other hosts, if it declares IOF_DAEMON_LISTENS.",
                                    valueName: "host:port"))
         var daemonListen: String?
+
+        @Flag(help: "Then give every running VM whose policies pick the new version its new chain now, without a restart.")
+        var live = false
 
         @OptionGroup var daemon: DaemonOptions
 
@@ -40,6 +45,14 @@ extension IOFilterCommand.Plugin {
                             return "\($0.name) \($0.version) is already installed (since \($0.installedAt)); nothing to do"
                         }
                         return "installed \($0.name) \($0.version) (\($0.category.rawValue), \($0.vendor)) at acceptance level \($0.acceptanceLevel)"
+                    }
+                }
+                guard live else { return }
+                let (vms, _) = try daemon.client.send("GET", "/vms", as: [VMInfo].self)
+                for vm in vms where vm.state == .running {
+                    try daemon.client.run("POST", "/vms/\(vm.name)/upgrade-filters", as: LiveUpgradeReport.self) { report in
+                        report.changes.isEmpty ? "VM \(vm.name): nothing to change"
+                            : "VM \(vm.name): \(report.changes.joined(separator: "; ")) (\(report.clients) client(s) taken over in \(String(format: "%.1f", report.stallMilliseconds)) ms)"
                     }
                 }
             }

@@ -238,6 +238,34 @@ struct LiveUpgradeTests {
         _ = try Harness.qemuIO(uri, ["read -P 0x33 16M 1M", "write -P 0x44 20M 64k", "read -P 0x44 20M 64k"])
     }
 
+    /// ABI 1.6 is a minor bump: plug-ins built against the 1.5 header are changed live
+    /// like any other (closed here, opened in the new worker) and never hear the event
+    /// their build cannot know (this one would log it as a grow). `--live` on install.
+    @Test func aPluginBuiltAgainstABI15IsUpgradedLiveWithoutTheEvent() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let header = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/abi-1.5").path
+        func old(_ version: String) throws -> String {
+            try Harness.buildTestPlugin("abi15-\(version)", defines: ["PLUGIN_VERSION=\"\(version)\""], header: header, in: directory)
+        }
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "info", try old("1.0.0")]).contains("built for ABI 1.5 (this host speaks 1.6)"))
+        try daemon.ok(["plugin", "install", try old("1.0.0")])
+        try daemon.ok(["policy", "create", "p", "--filter", "org.test.filter"])
+        try daemon.ok(["disk", "create", "d", "--size", "16M", "--policy", "p"])
+        try daemon.ok(["vm", "create", "v", "--disk", "d"])
+        let vm: VMInfo = try daemon.json(["vm", "start", "v"])
+        let client = try LiveClient(try #require(vm.uris["d"]), offset: 0, span: 1 << 20, directory: directory)
+        usleep(300_000)
+        let output = try daemon.ok(["plugin", "install", "--live", try old("1.1.0")])
+        #expect(output.contains("VM v: d: org.test.filter 1.0.0 → 1.1.0 (1 client(s) taken over"), "\(output)")
+        let summary = try client.finish()
+        #expect(summary.errors.isEmpty, "\(summary.errors)")
+        let shown: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(shown.filters.first?.filters.first?.version == "1.1.0")
+        let log = (try? String(contentsOfFile: sidecar(daemon, "events.log"), encoding: .utf8)) ?? ""
+        #expect(log.isEmpty, "a 1.5 build hears nothing of the upgrade: \(log)")
+    }
+
     func upgradeInBackground(_ daemon: Daemon) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.iofilter)
