@@ -98,53 +98,6 @@ int iof_cas_u8(volatile uint8_t *where, uint8_t expected, uint8_t desired)
 uint8_t iof_load_u8(volatile uint8_t *where) { return __atomic_load_n(where, __ATOMIC_ACQUIRE); }
 void iof_store_u8(volatile uint8_t *where, uint8_t value) { __atomic_store_n(where, value, __ATOMIC_RELEASE); }
 
-ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd)
-{
-    struct iovec vector = {.iov_base = (void *)bytes, .iov_len = length};
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1};
-    if (fd >= 0) {
-        memset(&control, 0, sizeof control);
-        message.msg_control = control.buffer;
-        message.msg_controllen = sizeof control.buffer;
-        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
-        header->cmsg_level = SOL_SOCKET;
-        header->cmsg_type = SCM_RIGHTS;
-        header->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(header), &fd, sizeof(int));
-    }
-    ssize_t sent;
-    do
-        sent = sendmsg(socket, &message, MSG_NOSIGNAL);
-    while (sent < 0 && errno == EINTR);
-    return sent < 0 ? -errno : sent;
-}
-
-ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd)
-{
-    struct iovec vector = {.iov_base = bytes, .iov_len = length};
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control;
-    struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control.buffer,
-                             .msg_controllen = sizeof control.buffer};
-    *fd = -1;
-    ssize_t received;
-    do
-        received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC);
-    while (received < 0 && errno == EINTR);
-    if (received < 0)
-        return -errno;
-    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header))
-        if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS)
-            memcpy(fd, CMSG_DATA(header), sizeof(int));
-    return received;
-}
-
 ssize_t iof_send_with_fds(int socket, const void *bytes, size_t length, const int *fds, int count)
 {
     if (count < 0 || count > IOF_MAX_FDS_PER_SEND)
@@ -206,6 +159,20 @@ ssize_t iof_receive_with_fds(int socket, void *bytes, size_t length, int *fds, i
             }
         }
     }
+    return received;
+}
+
+ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd)
+{
+    return iof_send_with_fds(socket, bytes, length, &fd, fd >= 0 ? 1 : 0);
+}
+
+ssize_t iof_receive_with_fd(int socket, void *bytes, size_t length, int *fd)
+{
+    int count = 0, truncated = 0;
+    ssize_t received = iof_receive_with_fds(socket, bytes, length, fd, 1, &count, &truncated);
+    if (count == 0)
+        *fd = -1;
     return received;
 }
 
