@@ -428,7 +428,7 @@ extension APIRouter {
                   body: "DiskDeriveRequest", (201, "Disk"), errors: [404, 409, 422, 502]) { request in
                 try host.cloneDisk(request.parameter("name"), request.decode(DiskDeriveRequest.self))
             },
-            route("PUT", "/disks/{name}/policy", "assignPolicy", "Assign a policy (or none): filters are attached or detached now, or at the VM's next start.",
+            route("PUT", "/disks/{name}/policy", "assignPolicy", "Assign a policy (or none): filters are attached or detached now (a running VM's worker is replaced under its clients).",
                   body: "DiskPolicyRequest", (200, "Disk"), errors: [404, 409, 422, 502]) { request in
                 try host.assignPolicy(request.parameter("name"), request.decode(DiskPolicyRequest.self))
             },

@@ -329,8 +329,8 @@ struct DiskCommand: ParsableCommand {
             discussion: """
                 On a disk no VM is running, the filters are attached (their attach callbacks run: \
                 initial replication sync, cache creation) or detached (a write-back cache destages \
-                first) at once. On a running VM's disk the change is pending until the VM's next \
-                start; `disk compliance` says so.
+                first) at once. On a running VM's disk it applies at once too: a new worker with \
+                the new chain takes the VM's clients over (see `iofilter vm upgrade-filters`).
                 """)
         @Argument(help: "The disk.") var disk: String
         @Argument(help: "The policy.") var policy: String?
