@@ -88,10 +88,13 @@ Type=simple
 ExecStart=@PREFIX@/bin/iofilterd --state-dir /var/lib/iofilter
 # Who may do what, and which plug-ins it installs (see iofilterd(1)), e.g.:
 #   --admin-group iofilter-admin --read-only-group iofilter-view --acceptance-level partner
-# SIGTERM: API requests finish, filters flush and destage, workers stop; then the
-# rest of the group. A write-back cache may take a while to destage.
-KillMode=mixed
-TimeoutStopSec=120
+# Stop and restart end iofilterd alone (SIGQUIT): the VMs' workers and the partner
+# daemons serve on, and the next start adopts them, so an upgrade of the host or a
+# restart never interrupts a VM. `iofilter vm stop` stops a VM; at shutdown the
+# system's final SIGTERM reaches the workers, whose filters flush and destage.
+KillMode=process
+KillSignal=SIGQUIT
+TimeoutStopSec=60
 Restart=on-failure
 RestartSec=2
 StateDirectory=iofilter

@@ -128,7 +128,7 @@ static void mirror(int status)
     _exit(128 + signal);
 }
 
-int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity)
+int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity, int outlive_supervisor)
 {
     int alive[2], kill_pipe[2];
     if (pipe2(alive, O_CLOEXEC) != 0)
@@ -183,10 +183,14 @@ int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity)
     iof_drop_capabilities();
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     /* After the last change of credentials, which clears it: this process dies with
-     * the supervisor, and the child (which asks the same of this one) with it. */
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    if (getppid() != supervisor)
-        kill(getpid(), SIGKILL);
+     * the supervisor, and the child (which asks the same of this one) with it. A
+     * process that outlives its supervisor (a VM's worker, which the next host adopts)
+     * stays; the child still dies with this one. */
+    if (!outlive_supervisor) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        if (getppid() != supervisor)
+            kill(getpid(), SIGKILL);
+    }
     int signals = signalfd(-1, &watched, SFD_CLOEXEC);
     struct pollfd polled[2] = {{.fd = signals, .events = POLLIN}, {.fd = kill_pipe[0], .events = POLLIN}};
     for (;;) {

@@ -24,6 +24,15 @@ int iof_set_parent_death_signal(int signal) { return result(prctl(PR_SET_PDEATHS
 int iof_set_thread_name(const char *name) { return result(prctl(PR_SET_NAME, name, 0, 0, 0)); }
 int iof_set_dumpable(int dumpable) { return result(prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)); }
 
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+int iof_pidfd_open(int pid) { return result(syscall(SYS_pidfd_open, pid, 0)); }
+int iof_pidfd_send_signal(int pidfd, int signal) { return result(syscall(SYS_pidfd_send_signal, pidfd, signal, NULL, 0)); }
+
 int iof_set_thread_background(int nice)
 {
     /* Both calls act on the calling thread alone on Linux (pid 0 and a thread id). */

@@ -41,7 +41,9 @@ extension HostController {
             daemon = try DaemonSupervisor(
                 plugin: manifest, directory: layout.daemon(name), socketDirectory: layout.daemonSockets, listen: listen,
                 peerPSK: listen == nil ? nil : setting(Self.daemonTLSSetting(name)),
-                logLevel: logLevel, hiddenPaths: hiddenFromWorkers, logger: logger,
+                logLevel: logLevel, hiddenPaths: hiddenFromWorkers,
+                continuity: (layout.controlSocket("daemon-\(name)"), layout.record("daemon-\(name)")),
+                adopting: takeLeftover("daemon-\(name)"), logger: logger,
                 answer: DaemonSupervisor.brokerAnswer(
                     plugin: manifest, peers: { [weak self] in self?.peerTargets(of: name) ?? [] },
                     replica: { [weak self] replica, size in
@@ -56,7 +58,7 @@ extension HostController {
         daemons.add(name, daemon)
         daemon.start()
         let status = daemon.status
-        event("daemon-started", name, "version \(manifest.version)"
+        event(daemon.adopted ? "daemon-adopted" : "daemon-started", name, "version \(manifest.version)"
               + (status.state == .running ? ", pid \(status.pid ?? 0)" : ", not running yet: \(status.lastError ?? "?")")
               + (daemon.listenAddress.map { ", accepting peers on \($0)" } ?? ""))
     }

@@ -320,9 +320,20 @@ extension HostController {
     /// Snapshots whose copy a worker of a previous run was making: that worker is gone,
     /// with its copy unless it recorded it complete as it stopped; the others are
     /// removed (with what their copy left).
-    func removeUnfinishedSnapshots() {
+    func settleUnfinishedSnapshots() {
         let rows = (try? store.read { db in try DiskRow.filter(Column("copying") == true).fetchAll(db) }) ?? []
         for row in rows {
+            // Its source's worker, adopted from the previous host, may still be copying it.
+            if let source = row.snapshotOf, let vm = try? store.read({ db in try DiskRow.fetchOne(db, key: source)?.vm }),
+               let session = sessions.vm(vm),
+               let progress = try? session.supervisor.control(.snapshotStatus(name: row.name), timeout: 10).snapshot, progress.state != .failed {
+                snapshotCopies.add(.init(snapshot: row.name, source: source, session: session, ownsSession: false,
+                                         generation: session.supervisor.generation, progress: progress))
+                sessions.setActivity([row.name], "copying")
+                logger.info("snapshot \(row.name): its copy goes on in the adopted worker of VM \(vm)")
+                startThread(name: "snapshot-watch") { [weak self] in self?.watchCopy(row.name, row: row) }
+                continue
+            }
             if let source = row.snapshotOf, let progress = SnapshotStaging(diskState: layout.diskState(source), name: row.name).recordedCompletion,
                (try? moveIntoPlace(row, source: source, progress: progress)) != nil {
                 continue

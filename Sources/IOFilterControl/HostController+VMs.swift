@@ -106,6 +106,11 @@ extension HostController {
             if sessions.isRunning(name) {
                 throw ControlError.conflict("VM \(name) is already running")
             }
+            if let adopted = adoptLeftoverWorker(of: row) {
+                sessions.add(vm: name, adopted)
+                event("vm-adopted", name, "worker \(adopted.supervisor.pid.map(String.init) ?? "?") serves on: the previous host left it serving")
+                return
+            }
             var disks: [DiskRow] = []
             var chains: [[PlannedFilter]] = []
             for diskName in row.disks {

@@ -49,6 +49,9 @@ public final class HostController: @unchecked Sendable {
     let daemons = DaemonRegistry()
     /// Point-in-time snapshots being copied, and the workers offering them.
     let snapshotCopies = SnapshotCopies()
+    /// Workers and daemons an earlier host left serving, by `vm-NAME` or
+    /// `daemon-PLUGIN`, until adopted or stopped (see HostController+Recovery).
+    let leftovers = Guarded<[String: LeftoverProcess]>([:])
     /// The running VMs' figures, history and health, sampled once for every reader.
     private(set) var sampler: Sampler!
     /// Where events go besides the database.
@@ -184,6 +187,22 @@ public final class HostController: @unchecked Sendable {
         alerts.stop()
     }
 
+    /// Ends this host and leaves every VM's worker and every partner daemon serving (a
+    /// restart, an upgrade of the host): the next host on this state directory adopts
+    /// them, and their clients see nothing. Offline and maintenance workers end with it.
+    public func leave() {
+        liveStreams.endAll()
+        sampler.stop()
+        operationLock.withLock {
+            let vms = sessions.runningVMs.count, daemonCount = daemons.count
+            record("host-left", "host", "iofilterd stopped and left \(vms) VM worker(s) and \(daemonCount) daemon(s) serving for the next start to adopt",
+                   actor: nil)
+            for (_, session) in sessions.takeOffline() { session.stop(timeout: 5) }
+        }
+        alerts.stop()
+        markCleanStop()
+    }
+
     // MARK: workers
 
     func workerConfiguration(
@@ -214,7 +233,8 @@ public final class HostController: @unchecked Sendable {
     {
         if let predecessor {
             // A live upgrade: the same listeners, a worker that stands by for the clients.
-            let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: predecessor.listeners, limits: limits, tls: tls)
+            let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: predecessor.listeners,
+                                      continuity: predecessor.continuity, limits: limits, tls: tls)
             do {
                 try session.startStandby()
             } catch {
@@ -241,7 +261,16 @@ public final class HostController: @unchecked Sendable {
             }
         }
         reportCheckpointsLostWithTheMachine(disks.map(\.row.name))
-        let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: listeners, limits: limits, tls: tls)
+        var continuity: VMSession.Continuity?
+        if isVM {
+            do {
+                continuity = try .listen(controlSocket: layout.controlSocket("vm-\(name)"), recordPath: layout.record("vm-\(name)"))
+            } catch {
+                listeners.forEach { $0.close() }
+                throw .internalError("cannot listen on \(layout.controlSocket("vm-\(name)")): \(error)")
+            }
+        }
+        let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: listeners, continuity: continuity, limits: limits, tls: tls)
         do {
             try session.start()
         } catch {
@@ -251,16 +280,23 @@ public final class HostController: @unchecked Sendable {
     }
 
     private func makeSession(name: String, isVM: Bool, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)],
-                             listeners: [VMSession.Listener], limits: VMLimits?, tls: TLSSettings?) -> VMSession {
+                             listeners: [VMSession.Listener], continuity: VMSession.Continuity?, limits: VMLimits?,
+                             tls: TLSSettings?) -> VMSession {
         let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
+        let hooks = sessionHooks(name)
+        return VMSession(configuration: configuration, listeners: listeners, continuity: continuity, backoffLimit: restartBackoffLimit,
+                         logger: hooks.logger, daemonChannels: hooks.daemonChannels, onEvent: hooks.onEvent)
+    }
+
+    /// What every session of `name` is wired to: its logger, its filters' way to their
+    /// daemons, and the host's event log.
+    func sessionHooks(_ name: String) -> (logger: Logger, daemonChannels: @Sendable (String) -> Result<Int32, TargetBroker.Failure>,
+                                          onEvent: @Sendable (SupervisorEvent, String) -> Void) {
         var supervisorLogger = logger
         supervisorLogger[metadataKey: "worker"] = "\(name)"
-        return VMSession(
-            configuration: configuration, listeners: listeners, backoffLimit: restartBackoffLimit, logger: supervisorLogger,
-            daemonChannels: { [weak self] plugin in
-                self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping"))
-            },
-            onEvent: { [weak self] kind, message in self?.event(kind.rawValue, name, message) })
+        return (supervisorLogger,
+                { [weak self] plugin in self?.daemonChannel(plugin) ?? .failure(TargetBroker.Failure(ESHUTDOWN, "the host is stopping")) },
+                { [weak self] kind, message in self?.event(kind.rawValue, name, message) })
     }
 
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.

@@ -9,8 +9,15 @@ public final class ChildProcess: @unchecked Sendable {
     public let pid: pid_t
     /// The parent's end of the child's stdout, if captured.
     public let stdoutFD: Int32?
+    /// A process an earlier host started (see `init(adopting:startTime:)`): watched and
+    /// signalled through this pidfd, since it is not our child.
+    private let pidfd: Int32
     private let lock = ConditionLock()
     private var status: Int32?
+
+    /// The status `wait` gives for an adopted process: how it ended is told to its
+    /// parent (init, once the host that started it is gone), not to us.
+    public static let adoptedExitStatus: Int32 = -2
 
     public enum Output { case inherit, capture, discard }
 
@@ -83,6 +90,7 @@ public final class ChildProcess: @unchecked Sendable {
             throw SystemError("spawn \(executable)", code: rc)
         }
         pid = child
+        pidfd = -1
         stdoutFD = stdoutPipe[0] >= 0 ? stdoutPipe[0] : nil
         if let stdin {
             // The child reads its input before doing anything else; a child that dies
@@ -92,14 +100,41 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    /// A process an earlier host started and left running: `pid`, if it still is the
+    /// process that started at `startTime` (clock ticks after boot, as /proc says), so
+    /// that a pid reused since never counts as it.
+    public init(adopting pid: pid_t, startTime: UInt64) throws(SystemError) {
+        let fd = iof_pidfd_open(pid)
+        guard fd >= 0 else { throw SystemError("pidfd_open \(pid)", code: -fd) }
+        // Checked after the pidfd pins the process: it cannot be replaced in between.
+        guard Self.startTime(of: pid) == startTime else {
+            close(fd)
+            throw SystemError("process \(pid) is another than the one recorded", code: ESRCH)
+        }
+        self.pid = pid
+        pidfd = fd
+        stdoutFD = nil
+    }
+
     deinit {
         if let stdoutFD { close(stdoutFD) }
+        if pidfd >= 0 { close(pidfd) }
+    }
+
+    /// When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat), or
+    /// nil if there is no such process.
+    public static func startTime(of pid: pid_t) -> UInt64? {
+        guard let stat = FileDescriptorIO.readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+        // Fields after the command's closing parenthesis start with the 3rd (state).
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 19 ? UInt64(fields[19]) : nil
     }
 
     /// Waits for the child to exit, at most `timeout` seconds (nil: forever). Returns
     /// the wait status, or nil on time-out.
     public func wait(timeout: Double? = nil) -> Int32? {
         if let status = lock.withLock({ self.status }) { return status }
+        if pidfd >= 0 { return waitAdopted(timeout: timeout) }
         let deadline = timeout.map { monotonicNanoseconds() + UInt64($0 * 1e9) }
         var delay: useconds_t = 1000
         while true {
@@ -118,8 +153,24 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    private func waitAdopted(timeout: Double?) -> Int32? {
+        var polled = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+        let deadline = timeout.map { monotonicNanoseconds() + UInt64($0 * 1e9) }
+        while true {
+            let left = deadline.map { $0 > monotonicNanoseconds() ? Int32(($0 - monotonicNanoseconds()) / 1_000_000) : 0 } ?? -1
+            let rc = poll(&polled, 1, left)
+            if rc > 0 {
+                lock.withLock { status = Self.adoptedExitStatus }
+                return Self.adoptedExitStatus
+            }
+            if rc < 0 && errno != EINTR { return lock.withLock { status } ?? Self.adoptedExitStatus }
+            if rc == 0 && left >= 0 && (deadline ?? 0) <= monotonicNanoseconds() { return nil }
+        }
+    }
+
     public func signal(_ signal: Int32) {
-        if lock.withLock({ status }) == nil { kill(pid, signal) }
+        guard lock.withLock({ status }) == nil else { return }
+        if pidfd >= 0 { _ = iof_pidfd_send_signal(pidfd, signal) } else { kill(pid, signal) }
     }
 
     /// Reads captured stdout to EOF.
@@ -165,6 +216,7 @@ public final class ChildProcess: @unchecked Sendable {
 
     /// "killed by SIGSEGV", "exited with status 2".
     public static func describe(status: Int32) -> String {
+        if status == adoptedExitStatus { return "ended (how, only its parent knows: an earlier iofilterd started it)" }
         let signal = status & 0x7f
         if signal == 0 { return "exited with status \((status >> 8) & 0xff)" }
         let name = signalNames[signal] ?? "signal \(signal)"

@@ -40,9 +40,14 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
     ///   - peerPSK: a psktool file peers must start TLS with; copied into the daemon's
     ///     directory at each start (it cannot reach the original), named by its
     ///     "tls-psk" setting.
+    ///   - continuity: for a daemon that outlives this host: where a later host
+    ///     reaches it, and where the daemon that serves is recorded.
+    ///   - leftover: the daemon an earlier host left serving: reattached to, and
+    ///     adopted by `start` if it runs what this one would (stopped cleanly if not).
     public init(plugin: PluginManifest, directory: String, socketDirectory: String, listen: String?, peerPSK: String? = nil,
                 settings: [String: String] = [:],
                 logLevel: String, hiddenPaths: [String] = [], sandbox: Bool = true, workerPath: String = WorkerExecutable.path(),
+                continuity: (controlSocket: String, recordPath: String)? = nil, adopting leftover: LeftoverProcess? = nil,
                 logger: Logger, answer: @escaping TargetBroker.Answer) throws(SupervisorError) {
         self.plugin = plugin
         var logger = logger
@@ -50,18 +55,34 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
         self.logger = logger
         self.answer = answer
         self.workerPath = workerPath
+        self.leftover = leftover
         channelPath = socketDirectory + "/" + Self.socketName(plugin.name)
         try? FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true,
                                                  attributes: [.posixPermissions: 0o700])
-        unlink(channelPath)
-        do {
-            channelListener = try Sockets.listenUnix(path: channelPath)
-        } catch {
-            throw SupervisorError(message: "cannot listen for \(plugin.name)'s daemon channels at \(channelPath): \(error)")
+        if let leftover, let continuity {
+            reattachment = Self.reattach(leftover, name: plugin.name, socket: continuity.controlSocket, channelPath: channelPath,
+                                         peers: listen != nil, answer: answer, logger: logger)
+        } else {
+            reattachment = nil
         }
         var peer: Int32?
         var address: String?
-        if let listen {
+        if let reattachment {
+            channelListener = reattachment.listeners[0]
+            peer = reattachment.listeners.dropFirst().first
+            address = peer.map { fd in
+                let host = listen.flatMap(Sockets.hostPort)?.host ?? "127.0.0.1"
+                return "\(host.contains(":") ? "[\(host)]" : host):\(Sockets.localPort(fd))"
+            }
+        } else {
+            unlink(channelPath)
+            do {
+                channelListener = try Sockets.listenUnix(path: channelPath)
+            } catch {
+                throw SupervisorError(message: "cannot listen for \(plugin.name)'s daemon channels at \(channelPath): \(error)")
+            }
+        }
+        if let listen, reattachment == nil {
             guard let (host, port) = Sockets.hostPort(listen) else {
                 close(channelListener)
                 throw SupervisorError(message: "'\(listen)' is not HOST:PORT")
@@ -94,7 +115,8 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
             return count
         }
         var cgroup: WorkerCgroup?
-        switch WorkerCgroup.create(name: "daemon-\(Self.socketName(plugin.name))-\(instance)", limits: limits) {
+        switch reattachment.flatMap({ WorkerCgroup.of(pid: $0.process.pid, limits: limits) }).map({ .success($0) })
+            ?? WorkerCgroup.create(name: "daemon-\(Self.socketName(plugin.name))-\(instance)", limits: limits) {
         case .success(let made):
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
@@ -102,10 +124,52 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
             logger.warning("no cgroup for the daemon (\(reason)): RLIMIT_AS limits its memory")
         }
         self.configuration = configuration
+        if let reattachment {
+            controlListener = reattachment.controlListener
+        } else if let continuity {
+            unlink(continuity.controlSocket)
+            controlListener = try? Sockets.listenUnix(path: continuity.controlSocket)
+            if controlListener == nil { logger.warning("cannot listen at \(continuity.controlSocket): the daemon dies with this host") }
+        } else {
+            controlListener = nil
+        }
+        self.continuity = continuity
         var policy = RestartPolicy()
         policy.readyTimeout = 30
-        core = ProcessSupervisor(role: "daemon", owner: " of \(plugin.name)", policy: policy, cgroup: cgroup, logger: logger) {
+        core = ProcessSupervisor(role: "daemon", owner: " of \(plugin.name)", policy: policy, cgroup: cgroup,
+                                 record: continuity.map { ($0.recordPath, configuration.adoptionKey) }, logger: logger) {
             [unowned self] in try prepareLaunch()
+        }
+    }
+
+    private let leftover: LeftoverProcess?
+    private let reattachment: Reattachment?
+    private let controlListener: Int32?
+    private let continuity: (controlSocket: String, recordPath: String)?
+
+    /// Reattaches to the daemon an earlier host left serving and checks the sockets it
+    /// hands back; nil (and the daemon stopped cleanly) if that fails.
+    private static func reattach(_ leftover: LeftoverProcess, name: String, socket: String, channelPath: String, peers: Bool,
+                                 answer: @escaping TargetBroker.Answer, logger: Logger) -> Reattachment? {
+        do throws(SupervisorError) {
+            let broker: Int32
+            do {
+                broker = try TargetBroker.start(logger: logger, answer: answer)
+            } catch {
+                throw SupervisorError(message: "cannot start its broker: \(error)")
+            }
+            defer { close(broker) }
+            let reattachment = try leftover.reattach(socket: socket, name: name, listeners: peers ? 2 : 1, broker: broker)
+            close(reattachment.control)  // a daemon takes no requests but reattach
+            guard Sockets.listeningUnixPath(reattachment.listeners[0]) == channelPath, !peers || Sockets.isTCP(reattachment.listeners[1]) else {
+                (reattachment.listeners + [reattachment.controlListener]).forEach { close($0) }
+                throw SupervisorError(message: "the sockets it handed back are not its listeners")
+            }
+            return reattachment
+        } catch {
+            logger.warning("cannot adopt daemon \(leftover.record.pid) left by the previous host (\(error)): stopping it cleanly")
+            leftover.stop(timeout: 5, logger: logger)
+            return nil
         }
     }
 
@@ -124,9 +188,21 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// Starts supervising; returns once the first daemon serves or has failed (then it
     /// is retried with backoff, and `status` says why).
     public func start() {
+        if let leftover, let reattachment {
+            if leftover.record.key == configuration.adoptionKey {
+                try? core.start(adopting: reattachment.process, heartbeat: reattachment.heartbeat)
+                return
+            }
+            // Another version or other settings: the new daemon gets its sockets.
+            logger.notice("the daemon \(leftover.record.pid) left by the previous host runs other settings: stopping it cleanly")
+            leftover.stop(timeout: 5, logger: logger)
+        }
         // A daemon's first start never throws: it is retried like any exit.
         try? core.start(mustServe: false)
     }
+
+    /// Whether `start` adopted a daemon an earlier host left serving.
+    public var adopted: Bool { reattachment != nil && leftover?.record.key == configuration.adoptionKey }
 
     /// A new connection to the daemon for one filter instance, or why there is none.
     public func connectChannel() -> Result<Int32, TargetBroker.Failure> {
@@ -146,6 +222,8 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
         close(channelListener)
         if let peerListener { close(peerListener) }
         unlink(channelPath)
+        if let controlListener { close(controlListener) }
+        if let continuity { unlink(continuity.controlSocket) }
     }
 
     /// Puts the peers' key where the confined daemon can read it: its own directory,
@@ -175,6 +253,7 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
         configuration.peerFD = peerListener.map { launch.fds.hand($0) }
         configuration.brokerFD = launch.fds.hand(broker)
         configuration.heartbeatFD = launch.fds.hand(beat.fd)
+        configuration.controlListenFD = controlListener.map { launch.fds.hand($0) }
         do {
             launch.configuration = try JSONEncoder().encode(configuration)
         } catch {

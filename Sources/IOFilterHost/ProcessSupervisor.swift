@@ -97,12 +97,21 @@ public final class ProcessSupervisor: @unchecked Sendable {
     private var lastExitNanoseconds: UInt64?
     private var stopping = false
     private var eventHandler: (@Sendable (SupervisorEvent, String) -> Void)?
+    /// The process to supervise first, which an earlier host started.
+    private var adoption: (process: ChildProcess, heartbeat: Heartbeat?)?
+    /// Where each process that serves is recorded, and what it was started from, for a
+    /// later host to adopt it (nil: it dies with this host).
+    private let record: (path: String, key: String)?
 
     /// - Parameters:
     ///   - role: "worker", "daemon": names the process in logs and events.
     ///   - prepare: builds one start (called on the supervising thread before each).
+    ///   - record: where to record each process that serves, with the key of what it
+    ///     serves, for the next host to adopt it (see `ProcessRecord`).
     public init(role: String, owner: String = "", subject: String? = nil, policy: RestartPolicy, cgroup: WorkerCgroup?,
-                detail: String = "", logger: Logger, prepare: @escaping () throws -> PreparedLaunch) {
+                detail: String = "", record: (path: String, key: String)? = nil, logger: Logger,
+                prepare: @escaping () throws -> PreparedLaunch) {
+        self.record = record
         self.role = role
         self.owner = owner
         self.subject = subject ?? role + owner
@@ -163,6 +172,32 @@ public final class ProcessSupervisor: @unchecked Sendable {
         }
     }
 
+    /// Whether each process that serves is recorded at once; false while it stands by
+    /// (a live upgrade: its predecessor serves until the hand-over), until `tookOver`.
+    public var recording: Bool {
+        get { lock.withLock { recordingValue } }
+        set { lock.withLock { recordingValue = newValue } }
+    }
+    private var recordingValue = true
+
+    /// The process serves as the VM's (or plug-in's) own now: recorded for the next host.
+    public func tookOver() {
+        recording = true
+        if let process = lock.withLock({ child }) { writeRecord(process) }
+    }
+
+    private func writeRecord(_ process: ChildProcess) {
+        guard let record, let startTime = ChildProcess.startTime(of: process.pid) else { return }
+        ProcessRecord(pid: process.pid, startTime: startTime, key: record.key).write(to: record.path)
+    }
+
+    /// Supervises a process an earlier host started (it serves already), as if it had
+    /// started it: restarted like any other when it ends unasked.
+    public func start(adopting process: ChildProcess, heartbeat: Heartbeat?) throws(SupervisorError) {
+        lock.withLock { adoption = (process, heartbeat) }
+        try start(mustServe: true)
+    }
+
     /// Waits until a process newer than `generation` is ready (tests, restarts).
     public func waitUntilReady(after generation: Int, timeout: Double) -> Bool {
         lock.withLock {
@@ -193,6 +228,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
         }
         cgroup?.killAll()
         cgroup?.remove()
+        if let record, let process { ProcessRecord.remove(record.path, ifOf: process.pid) }
         lock.withLock { stateValue = .stopped }
     }
 
@@ -205,6 +241,20 @@ public final class ProcessSupervisor: @unchecked Sendable {
     /// One start: spawned, moved into its cgroup, waited for. Returns the process (nil
     /// if it could not be spawned) and whether it is ready, or why not.
     private func attempt() -> (process: ChildProcess?, ready: Bool, error: String?) {
+        if let adopted = lock.withLock({ () -> (process: ChildProcess, heartbeat: Heartbeat?)? in
+            defer { adoption = nil }
+            return adoption
+        }) {
+            lock.withLock {
+                child = adopted.process
+                heartbeat = adopted.heartbeat
+                stateValue = .running
+                readyGeneration += 1
+                lock.broadcast()
+            }
+            logger.info("\(role) \(adopted.process.pid) adopted: it serves on, started by an earlier host")
+            return (adopted.process, true, nil)
+        }
         let prepared: PreparedLaunch
         do {
             prepared = try prepare()
@@ -242,7 +292,10 @@ public final class ProcessSupervisor: @unchecked Sendable {
             }
             lock.broadcast()
         }
-        if outcome.ready { logger.info("\(role) \(process.pid) is serving") }
+        if outcome.ready {
+            logger.info("\(role) \(process.pid) is serving")
+            if lock.withLock({ recordingValue }) { writeRecord(process) }
+        }
         return (process, outcome.ready, outcome.error)
     }
 

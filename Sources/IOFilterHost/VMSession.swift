@@ -36,8 +36,29 @@ public final class VMSession: @unchecked Sendable {
         }
     }
 
+    /// Where a later host reaches the worker, and where the worker that serves is
+    /// recorded for it (a VM's worker outlives its host; an offline one does not).
+    public struct Continuity: Sendable {
+        public let controlSocket: String
+        public let recordPath: String
+        /// The listening control socket (the session owns it: closed by `stop`).
+        let listener: Int32
+
+        /// Listens at `controlSocket` (an old socket there is replaced).
+        public static func listen(controlSocket: String, recordPath: String) throws(SystemError) -> Continuity {
+            unlink(controlSocket)
+            return Continuity(controlSocket: controlSocket, recordPath: recordPath, listener: try Sockets.listenUnix(path: controlSocket))
+        }
+
+        func close() {
+            Glibc.close(listener)
+            unlink(controlSocket)
+        }
+    }
+
     public let supervisor: WorkerSupervisor
     public let listeners: [Listener]
+    public let continuity: Continuity?
     /// Its clients must start TLS (the URIs say nbds).
     public var tls: Bool { supervisor.configuration.tls != nil }
     public let startedAt = Date()
@@ -47,12 +68,18 @@ public final class VMSession: @unchecked Sendable {
     ///     owns them from here on (closed by `stop`, or by a failed `start`).
     ///   - backoffLimit: the longest wait before a crashed worker is restarted.
     ///   - daemonChannels: connects a filter instance to its plug-in's daemon.
-    public init(configuration: WorkerConfiguration, listeners: [Listener], backoffLimit: Double? = nil, logger: Logger,
+    ///   - continuity: for a worker that outlives this host (the session owns it).
+    ///   - adopting: the pid of the worker an earlier host left serving on these
+    ///     listeners (then `start(adopting:)`, not `start`).
+    public init(configuration: WorkerConfiguration, listeners: [Listener], continuity: Continuity? = nil, adopting: pid_t? = nil,
+                backoffLimit: Double? = nil, logger: Logger,
                 daemonChannels: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?,
                 onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? = nil) {
         precondition(listeners.map(\.disk) == configuration.disks.map(\.name), "one listener per disk, in order")
         self.listeners = listeners
-        supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listeners.map(\.fd), logger: logger)
+        self.continuity = continuity
+        supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listeners.map(\.fd),
+                                      outlivingHost: continuity.map { ($0.listener, $0.recordPath) }, adopting: adopting, logger: logger)
         if let backoffLimit { supervisor.restartPolicy.maximumBackoff = max(backoffLimit, supervisor.restartPolicy.minimumBackoff) }
         supervisor.onEvent = onEvent
         supervisor.daemonChannels = daemonChannels
@@ -65,8 +92,55 @@ public final class VMSession: @unchecked Sendable {
             try supervisor.start()
         } catch {
             listeners.forEach { $0.close() }
+            continuity?.close()
             throw error
         }
+    }
+
+    /// Takes over the worker an earlier host left serving `configuration` (found by
+    /// its record): reattaches to it through its control socket, and serves on with
+    /// the listening sockets it hands back, checked to be the ones at `socketPaths`.
+    /// On failure nothing of it is kept, and the caller stops it (`leftover.stop`).
+    public static func adopt(_ leftover: LeftoverProcess, configuration: WorkerConfiguration, socketPaths: [String],
+                             controlSocket: String, recordPath: String, backoffLimit: Double? = nil, logger: Logger,
+                             daemonChannels: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?,
+                             onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? = nil)
+        throws(SupervisorError) -> VMSession
+    {
+        guard leftover.record.key == configuration.adoptionKey else {
+            throw SupervisorError(message: "it serves another configuration than this host would start")
+        }
+        let broker: Int32
+        do {
+            broker = try WorkerSupervisor.startBroker(for: configuration, logger: logger, daemonChannels: daemonChannels)
+        } catch {
+            throw SupervisorError(message: "cannot start its broker: \(error)")
+        }
+        let reattachment: Reattachment
+        do {
+            defer { close(broker) }
+            reattachment = try leftover.reattach(socket: controlSocket, name: configuration.vmName, listeners: socketPaths.count, broker: broker)
+        }
+        let handedBack = [reattachment.controlListener] + reattachment.listeners
+        guard zip(handedBack, [controlSocket] + socketPaths).allSatisfy({ Sockets.listeningUnixPath($0) == $1 }) else {
+            handedBack.forEach { close($0) }
+            close(reattachment.control)
+            throw SupervisorError(message: "the sockets it handed back are not its listeners at \(socketPaths.joined(separator: ", "))")
+        }
+        let listeners = zip(configuration.disks, zip(reattachment.listeners, socketPaths)).map { disk, socket in
+            Listener(disk: disk.name, fd: socket.0, socketPath: socket.1, uri: .unix(socket: socket.1, export: disk.name))
+        }
+        let continuity = Continuity(controlSocket: controlSocket, recordPath: recordPath, listener: reattachment.controlListener)
+        let session = VMSession(configuration: configuration, listeners: listeners, continuity: continuity, adopting: leftover.record.pid,
+                                backoffLimit: backoffLimit, logger: logger, daemonChannels: daemonChannels, onEvent: onEvent)
+        do {
+            try session.supervisor.start(adopting: reattachment)
+        } catch {
+            listeners.forEach { Glibc.close($0.fd) }
+            continuity.close()
+            throw error
+        }
+        return session
     }
 
     /// Starts a worker that stands by to take over the clients of the session that
@@ -102,5 +176,6 @@ public final class VMSession: @unchecked Sendable {
     public func stop(timeout: Double = 20) {
         supervisor.stop(timeout: timeout)
         listeners.forEach { $0.close() }
+        continuity?.close()
     }
 }

@@ -86,6 +86,24 @@ public final class WorkerCgroup: @unchecked Sendable {
                                      limits: limits, version: 1))
     }
 
+    /// The group an earlier host made for `pid` (a worker or daemon it left serving),
+    /// to be supervised with by the next one; nil if `pid` is in no group of ours.
+    public static func of(pid: pid_t, limits: WorkerCgroupLimits) -> WorkerCgroup? {
+        let mounts = CgroupMounts.read(process: "\(pid)")
+        let ours = { (path: String?) -> Bool in ((path ?? "") as String).split(separator: "/").last?.hasPrefix("iofilter-worker-") == true }
+        if let unified = mounts.unified, let path = mounts.ownPath["", default: nil], ours(path) {
+            let directory = unified + path
+            return WorkerCgroup(directories: [directory], procsFiles: ["\(directory)/cgroup.procs"], limits: limits, version: 2)
+        }
+        var directories: [String] = []
+        for controller in controllers {
+            guard let mount = mounts.v1[controller], let path = mounts.ownPath[controller] ?? nil, ours(path) else { continue }
+            directories.append(mount + path)
+        }
+        guard !directories.isEmpty else { return nil }
+        return WorkerCgroup(directories: directories, procsFiles: directories.map { "\($0)/cgroup.procs" }, limits: limits, version: 1)
+    }
+
     /// Moves `pid` into the group. Done by the supervisor right after the spawn, while
     /// the worker starts: moving a process into a v1 memory group costs some 10 ms of
     /// the kernel's time, which the worker would otherwise wait for itself.
@@ -172,7 +190,8 @@ struct CgroupMounts {
     var v1: [String: String] = [:]
     var ownPath: [String: String?] = [:]
 
-    static func read() -> CgroupMounts {
+    /// - Parameter process: whose groups ("self", or a pid).
+    static func read(process: String = "self") -> CgroupMounts {
         var mounts = CgroupMounts()
         for line in (FileDescriptorIO.readFile("/proc/self/mountinfo") ?? "").split(separator: "\n") {
             let halves = line.split(separator: " - ", maxSplits: 1)
@@ -188,7 +207,7 @@ struct CgroupMounts {
                 }
             }
         }
-        for line in (FileDescriptorIO.readFile("/proc/self/cgroup") ?? "").split(separator: "\n") {
+        for line in (FileDescriptorIO.readFile("/proc/\(process)/cgroup") ?? "").split(separator: "\n") {
             let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3 else { continue }
             for controller in parts[1].split(separator: ",", omittingEmptySubsequences: false) {

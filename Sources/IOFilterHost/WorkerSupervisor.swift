@@ -34,10 +34,17 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         set { daemonChannelsBox.withLock { $0 = newValue } }
     }
 
-    /// - Parameter listenFDs: one listening socket per disk, in the order of
-    ///   `configuration.disks`.
+    /// - Parameters:
+    ///   - listenFDs: one listening socket per disk, in the order of
+    ///     `configuration.disks`.
+    ///   - outlivingHost: a worker that outlives this host: the listening socket a later
+    ///     host reaches it through, and where each worker that serves is recorded (see
+    ///     `ProcessRecord`). Nil: it dies with this host.
+    ///   - adopting: the worker is one an earlier host left serving, whose cgroup it
+    ///     keeps (see `start(adopting:)`).
     public init(configuration: WorkerConfiguration, listenFDs: [Int32], workerPath: String = WorkerExecutable.path(),
-                readyTimeout: Double = 60, logger: Logger) {
+                readyTimeout: Double = 60, outlivingHost: (controlListener: Int32, recordPath: String)? = nil,
+                adopting: pid_t? = nil, logger: Logger) {
         var configuration = configuration
         var logger = logger
         logger[metadataKey: "vm"] = "\(configuration.vmName)"
@@ -47,7 +54,8 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
                                         tasks: WorkerCgroupLimits.defaultTasks + 2 * clients,
                                         cpuWeight: configuration.cpuWeight ?? WorkerCgroupLimits.defaultCPUWeight)
         var cgroup: WorkerCgroup?
-        switch WorkerCgroup.create(name: configuration.vmName, limits: limits) {
+        switch adopting.flatMap({ WorkerCgroup.of(pid: $0, limits: limits) }).map({ .success($0) })
+            ?? WorkerCgroup.create(name: configuration.vmName, limits: limits) {
         case .success(let made):
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
@@ -62,10 +70,31 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         policy.heartbeatTimeout = configuration.watchdogSeconds > 0 ? max(configuration.watchdogSeconds, 2) : 0
         let filters = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) }).sorted()
         let detail = filters.isEmpty ? "" : " (filters: \(filters.joined(separator: ", ")))"
+        self.controlListener = outlivingHost?.controlListener
         core = ProcessSupervisor(role: "worker", subject: "worker for \(configuration.vmName)", policy: policy, cgroup: cgroup,
-                                 detail: detail, logger: logger) { [unowned self] in
+                                 detail: detail, record: outlivingHost.map { ($0.recordPath, configuration.adoptionKey) },
+                                 logger: logger) { [unowned self] in
             try prepareLaunch(listenFDs: listenFDs, workerPath: workerPath, logger: logger)
         }
+    }
+
+    /// The listening socket later hosts reach the worker through (nil: it dies with
+    /// this host).
+    private let controlListener: Int32?
+
+    /// Supervises the worker an earlier host left serving, reattached (its cgroup was
+    /// found at init, by `adopting`): as if this host had started it.
+    public func start(adopting reattachment: Reattachment) throws(SupervisorError) {
+        lock.withLock { controlFD = reattachment.control }
+        try core.start(adopting: reattachment.process, heartbeat: reattachment.heartbeat)
+    }
+
+    /// A broker for a worker of `configuration` (see `brokerAnswer`): the worker's end.
+    public static func startBroker(for configuration: WorkerConfiguration, logger: Logger,
+                                   daemonChannels: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?)
+        throws(SystemError) -> Int32
+    {
+        try TargetBroker.start(logger: logger, answer: brokerAnswer(configuration, daemonChannels: daemonChannels))
     }
 
     public var pid: pid_t? { core.pid }
@@ -78,11 +107,16 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// `WorkerConfiguration.standby`) until `tookOver`.
     public func start(standby: Bool = false) throws(SupervisorError) {
         standingBy.withLock { $0 = standby }
+        core.recording = !standby
         try core.start(mustServe: true)
     }
 
-    /// The take-over is done: later starts (after a crash) serve at once.
-    public func tookOver() { standingBy.withLock { $0 = false } }
+    /// The take-over is done: later starts (after a crash) serve at once, and the next
+    /// host adopts this worker, not its predecessor.
+    public func tookOver() {
+        standingBy.withLock { $0 = false }
+        core.tookOver()
+    }
 
     /// Waits until a worker newer than `generation` is ready (tests, restarts).
     public func waitUntilReady(after generation: Int, timeout: Double) -> Bool {
@@ -113,12 +147,13 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
             let control = try Sockets.pair()
             opened += [control.0, control.1]
             let beat = try Heartbeat()
-            let broker = try TargetBroker.start(logger: logger, answer: brokerAnswer())
+            let broker = try Self.startBroker(for: configuration, logger: logger, daemonChannels: daemonChannels)
             opened.append(broker)
             for (index, fd) in listenFDs.enumerated() { configuration.disks[index].listenFD = launch.fds.hand(fd) }
             configuration.controlFD = launch.fds.hand(control.1)
             configuration.heartbeatFD = launch.fds.hand(beat.fd)
             configuration.brokerFD = launch.fds.hand(broker)
+            configuration.controlListenFD = controlListener.map { launch.fds.hand($0) }
             launch.configuration = try JSONEncoder().encode(configuration)
             return PreparedLaunch(launch: launch, heartbeat: beat) { [self] process, _ in
                 close(control.1)
@@ -141,10 +176,12 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     /// The worker's broker opens the targets its policies name and connects its
     /// filters to the daemons of their own plug-ins.
-    private func brokerAnswer() -> TargetBroker.Answer {
+    private static func brokerAnswer(_ configuration: WorkerConfiguration,
+                                     daemonChannels daemons: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?)
+        -> TargetBroker.Answer
+    {
         let targets = TargetBroker.opening(configuration.namedTargets)
         let plugins = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) })
-        let daemons = daemonChannels
         return { spec in
             guard spec.hasPrefix(BrokerRequest.daemonChannelPrefix) else { return targets(spec) }
             let plugin = String(spec.dropFirst(BrokerRequest.daemonChannelPrefix.count))

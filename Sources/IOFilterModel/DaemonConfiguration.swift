@@ -22,6 +22,22 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var hiddenPaths: [String]?
     public var cgroupProcs: [String]?
     public var memoryLimit: UInt64?
+    /// The fd number of a listening socket a later host reattaches through (see
+    /// `WorkerConfiguration.controlListenFD`): a daemon with one outlives its host.
+    public var controlListenFD: Int32?
+
+    /// What the daemon runs, without its fd numbers and cgroup (see
+    /// `WorkerConfiguration.withoutHandedOverFDs`).
+    public var withoutHandedOverFDs: DaemonConfiguration {
+        var plain = self
+        plain.channelFD = -1
+        plain.peerFD = nil
+        plain.brokerFD = nil
+        plain.heartbeatFD = nil
+        plain.controlListenFD = nil
+        plain.cgroupProcs = nil
+        return plain
+    }
 
     public init(plugin: PluginManifest, stateDirectory: String, settings: [String: String] = [:], channelFD: Int32 = 3,
                 sandbox: Bool = true, logLevel: String = "info") {

@@ -110,6 +110,27 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// the old worker's clients (`WorkerControlRequest.adopt`), once the old worker has
     /// closed its filters.
     public var standby: Bool?
+    /// The fd number, in the worker, of a listening socket a later host connects to
+    /// (`WorkerControlRequest.reattach`) once the one that started it is gone. A
+    /// worker with one outlives its host; one without (an offline or maintenance
+    /// worker) dies with it.
+    public var controlListenFD: Int32?
+
+    /// What this worker serves and how, without what changes from one start to the
+    /// next (the numbers of the fds it is handed, its cgroup): a later host adopts a
+    /// running worker only if it would start one the same.
+    public var withoutHandedOverFDs: WorkerConfiguration {
+        var plain = self
+        for index in plain.disks.indices { plain.disks[index].listenFD = -1 }
+        plain.controlFD = nil
+        plain.heartbeatFD = nil
+        plain.brokerFD = nil
+        plain.controlListenFD = nil
+        plain.cgroupProcs = nil
+        plain.cgroupSummary = nil
+        plain.standby = nil
+        return plain
+    }
 
     public init(
         vmName: String, stateDirectory: String, disks: [DiskConfiguration], watchdogSeconds: Double = 30,

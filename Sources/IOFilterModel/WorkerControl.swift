@@ -24,6 +24,12 @@ public enum WorkerControlRequest: Codable, Sendable, Equatable {
     /// Its second half, to a standby worker: these clients (their sockets come with the
     /// request, in this order), each with what it negotiated as `handedOver` said.
     case adopt(connections: [String])
+    /// From a host that started while this process serves (the one that started it is
+    /// gone): the request carries the new host's broker socket, which replaces the old
+    /// one; the answer (`reattached`) carries the heartbeat page, the control listener
+    /// and the listening sockets the process was handed (a worker's in the order of its
+    /// disks; a daemon's channel, then its peer listener), for the new host to keep.
+    case reattach
 }
 
 /// How a point-in-time snapshot is made.
@@ -209,9 +215,13 @@ public struct WorkerControlResponse: Codable, Sendable, Equatable {
     public var handedOver: [String]?
     /// `adopt`: how many clients the worker went on serving.
     public var adopted: Int?
+    /// `reattach`: what this process serves (the VM's or the plug-in's name), so that
+    /// a host never adopts one for another.
+    public var reattached: String?
 
     public init(error: String? = nil, disks: [DiskStatistics]? = nil, result: ManagementResult? = nil, snapshot: SnapshotProgress? = nil,
-                handedOver: [String]? = nil, adopted: Int? = nil) {
+                handedOver: [String]? = nil, adopted: Int? = nil, reattached: String? = nil) {
+        self.reattached = reattached
         self.handedOver = handedOver
         self.adopted = adopted
         self.error = error

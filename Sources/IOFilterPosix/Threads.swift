@@ -119,11 +119,13 @@ public struct TerminationSignals: Sendable {
 
     /// Blocks SIGINT and SIGTERM in this thread and every thread started after, and
     /// ignores SIGPIPE (a vanished peer is an error to handle, not a reason to die).
-    public static func block() -> TerminationSignals {
+    /// - Parameter others: more signals taken the same way (iofilterd's SIGQUIT).
+    public static func block(also others: [Int32] = []) -> TerminationSignals {
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGINT)
         sigaddset(&set, SIGTERM)
+        for other in others { sigaddset(&set, other) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
         signal(SIGPIPE, SIG_IGN)
         return TerminationSignals(set: set)

@@ -42,6 +42,9 @@ public struct Sandbox: Sendable {
     public var ownPidNamespace = false
     /// The host's sockets are handed in by the host: no socket(2) or connect(2).
     public var denySockets = false
+    /// The process goes on when its supervisor ends (a VM's worker or a partner daemon,
+    /// which the next host adopts); otherwise the kernel kills it with its supervisor.
+    public var outlivesSupervisor = false
 
     public init() {}
 
@@ -94,7 +97,8 @@ public struct Sandbox: Sendable {
                                            newProc: ownPidNamespace)
                 defer { view.close() }
                 if ownPidNamespace {
-                    aliveFD = iof_fork_namespace_init(identity?.uid ?? 0, identity?.gid ?? 0, identity != nil ? 1 : 0)
+                    aliveFD = iof_fork_namespace_init(identity?.uid ?? 0, identity?.gid ?? 0, identity != nil ? 1 : 0,
+                                                      outlivesSupervisor ? 1 : 0)
                     try check(aliveFD, "fork into the pid namespace")
                 }
                 try view.enter()
@@ -127,12 +131,16 @@ public struct Sandbox: Sendable {
         try check(iof_drop_capabilities(), "drop capabilities")
         try check(iof_set_no_new_privs(), "PR_SET_NO_NEW_PRIVS")
         _ = iof_set_dumpable(0)
-        // Last of the credential changes, each of which clears it.
-        try check(iof_set_parent_death_signal(SIGKILL), "PR_SET_PDEATHSIG")
+        // Last of the credential changes, each of which clears it. In a pid namespace
+        // the parent is the process left outside, which this one always follows; it is
+        // that parent which outlives the supervisor or not.
+        if aliveFD >= 0 || !outlivesSupervisor {
+            try check(iof_set_parent_death_signal(SIGKILL), "PR_SET_PDEATHSIG")
+        }
         if aliveFD >= 0 {
             if iof_parent_is_gone(aliveFD) != 0 { _exit(1) }
             close(aliveFD)
-        } else if getppid() == 1 {
+        } else if getppid() == 1 && !outlivesSupervisor {
             _exit(1)  // the parent died before we could ask to follow it
         }
 

@@ -5,6 +5,8 @@ import Glibc
 import IOFilterModel
 import IOFilterPosix
 import IOFilterSandbox
+import CSystemShims
+import IOFilterWire
 import Logging
 
 /// This process's logger: the worker's, then named for its VM or its plug-in.
@@ -135,4 +137,43 @@ func startHeartbeat(_ fd: Int32?) -> Heartbeat? {
     let heartbeat = fd.flatMap { try? Heartbeat(inherited: $0) }
     heartbeat?.startBeating()
     return heartbeat
+}
+
+/// Stdout is the host's pipe for READY alone: a process that outlives its host would
+/// write into a pipe nobody reads. What plug-ins print from here on goes to the log.
+func stopTalkingOnStdout() {
+    dup2(STDERR_FILENO, STDOUT_FILENO)
+}
+
+/// The control channel of a long-running process: the host's channel (if it was started
+/// with one) and then, for a process that outlives its host, each later host's
+/// connection on `listener`, one at a time. `reattach` is answered here the same way for
+/// a worker and a daemon: the new host's broker takes the old one's fd number, and the
+/// host gets copies of `handBack` (the heartbeat page, the listener, the listening
+/// sockets); everything else goes to `answer`.
+func serveControl(first: Int32?, listener: Int32?, name: String, brokerFD: Int32?, handBack: [Int32], logger: Logger,
+                  answer: @escaping @Sendable (WorkerControlRequest, [Int32]) -> (WorkerControlResponse, [Int32])) {
+    startThread(name: "control") {
+        var current = first
+        while true {
+            if let fd = current {
+                ControlChannel(fd: fd).serve { (request: WorkerControlRequest, fds: [Int32]) -> (WorkerControlResponse, [Int32]) in
+                    guard case .reattach = request else { return answer(request, fds) }
+                    if let brokerFD, let broker = fds.first { dup2(broker, brokerFD) }
+                    fds.forEach { close($0) }
+                    logger.notice("a new host reattached: it supervises this process from now on")
+                    return (WorkerControlResponse(reattached: name), handBack.map { dup($0) })
+                }
+                close(fd)
+            }
+            guard let listener else { return }
+            var next: Int32 = -1
+            repeat { next = iof_accept_cloexec(listener) } while next < 0 && (errno == EINTR || errno == ECONNABORTED)
+            guard next >= 0 else {
+                logger.error("cannot accept a host's control connection: \(String(cString: strerror(errno)))")
+                return
+            }
+            current = next
+        }
+    }
 }

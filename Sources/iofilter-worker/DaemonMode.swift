@@ -6,6 +6,7 @@ import IOFilterChain
 import IOFilterModel
 import IOFilterPosix
 import IOFilterSandbox
+import IOFilterWire
 import IOFilterWorkerRuntime
 import Logging
 
@@ -17,7 +18,9 @@ import Logging
     configuration.plugin.path = absolute(configuration.plugin.path)
     try? FileManager.default.createDirectory(atPath: configuration.stateDirectory, withIntermediateDirectories: true)
     let listeners = [configuration.channelFD] + [configuration.peerFD].compactMap { $0 }
-    if configuration.sandbox { closeInheritedFDs(keeping: listeners + [configuration.brokerFD, configuration.heartbeatFD].compactMap { $0 }) }
+    if configuration.sandbox {
+        closeInheritedFDs(keeping: listeners + [configuration.brokerFD, configuration.heartbeatFD, configuration.controlListenFD].compactMap { $0 })
+    }
     let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "daemon")
     if configuration.sandbox {
         // A worker's confinement: its own directory, its plug-in, the sockets it was
@@ -26,7 +29,8 @@ import Logging
             $0.readWritePaths = [configuration.stateDirectory]
             $0.readExecutePaths = [configuration.plugin.path]
             $0.keepFDsBelow = nil
-            $0.pinnedFDs = listeners
+            $0.pinnedFDs = listeners + [configuration.controlListenFD].compactMap { $0 }
+            $0.outlivesSupervisor = configuration.controlListenFD != nil
             $0.addressSpaceLimit = inCgroup ? nil : configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
             $0.hiddenPaths = configuration.hiddenPaths ?? []
             $0.identity = identity(configuration.identity ?? WorkerIdentity(for: "daemon:" + configuration.plugin.name))
@@ -49,6 +53,16 @@ import Logging
         exit(0)
     }
     say("READY")
+    stopTalkingOnStdout()
+    if let listener = configuration.controlListenFD {
+        // Only a later host talks to a daemon: to reattach.
+        let handBack = [configuration.heartbeatFD, listener].compactMap { $0 } + listeners
+        serveControl(first: nil, listener: listener, name: configuration.plugin.name, brokerFD: configuration.brokerFD,
+                     handBack: handBack, logger: logger) { _, fds in
+            fds.forEach { close($0) }
+            return (WorkerControlResponse(error: "a partner daemon answers only reattach"), [])
+        }
+    }
     let status = DaemonRuntime.run(plugin, channelFD: configuration.channelFD)
     logger.notice("daemon_main returned \(status)")
     withExtendedLifetime(heartbeat) {}

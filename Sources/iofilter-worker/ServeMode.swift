@@ -33,7 +33,8 @@ import Logging
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     }
     if configuration.sandbox {
-        closeInheritedFDs(keeping: configuration.disks.map(\.listenFD) + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD].compactMap { $0 })
+        closeInheritedFDs(keeping: configuration.disks.map(\.listenFD)
+                          + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD, configuration.controlListenFD].compactMap { $0 })
     }
     let runtime = WorkerRuntime(configuration: configuration, logger: logger)
     do {
@@ -65,7 +66,8 @@ import Logging
             $0.readWritePaths = ownDirectories
             $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
             $0.keepFDsBelow = nil  // closed above, before the disks were opened
-            $0.pinnedFDs = configuration.disks.map(\.listenFD).filter { $0 >= 0 }
+            $0.pinnedFDs = (configuration.disks.map(\.listenFD) + [configuration.controlListenFD].compactMap { $0 }).filter { $0 >= 0 }
+            $0.outlivesSupervisor = configuration.controlListenFD != nil
             // The cgroup limits memory as the kernel accounts it; an address-space limit
             // would only refuse a filter's large but harmless reservations.
             $0.addressSpaceLimit = inCgroup ? nil : memoryLimit
@@ -120,7 +122,8 @@ import Logging
         heartbeat = startHeartbeat(configuration.heartbeatFD)
         say("READY")
     }
-    if let controlFD = configuration.controlFD { serveControl(fd: controlFD, runtime: runtime, servers: servers, logger: logger) }
+    stopTalkingOnStdout()
+    serveControl(configuration, runtime: runtime, servers: servers, logger: logger)
     runtime.startWatchdog()
     let received = signals.wait()
     // In order: no new clients, every connection answers what it accepted and ends,
@@ -193,58 +196,61 @@ import Logging
         exit(status)
 }
 
-/// Answers the host's control requests until the host closes the channel.
-func serveControl(fd: Int32, runtime: WorkerRuntime, servers: [NBDServer], logger: Logger) {
-    startThread(name: "control") {
-        ControlChannel(fd: fd).serve { (request: WorkerControlRequest, fds: [Int32]) -> (WorkerControlResponse, [Int32]) in
-            fds.forEach { close($0) }
-            var response = WorkerControlResponse()
-            switch request {
-            case .handOver:
-                return handOver(runtime: runtime, servers: servers, logger: logger)
-            case .adopt:
-                response.error = "this worker serves already; only a standby worker adopts clients"
-            case .stats:
-                response.disks = runtime.statistics()
-            case .call(let plugin, let operation, let arguments):
-                do {
-                    response.result = try runtime.call(plugin: plugin, operation: operation, arguments: arguments)
-                } catch {
-                    response.error = "\(error)"
-                }
-            case .event(let disk, let event):
-                do {
-                    try runtime.deliver(event, disk: disk)
-                } catch {
-                    response.error = "\(error)"
-                }
-            case .snapshot(let disk, let name, let options):
-                do {
-                    response.snapshot = try runtime.takeSnapshot(of: disk, name: name, options: options)
-                } catch {
-                    response.error = "\(error)"
-                }
-            case .snapshotStatus(let name):
-                do {
-                    response.snapshot = try runtime.snapshotProgress(name)
-                } catch {
-                    response.error = "\(error)"
-                }
-            case .releaseSnapshot(let name):
-                do {
-                    try runtime.releaseSnapshot(name)
-                } catch {
-                    response.error = "\(error)"
-                }
-            case .checkpoint(let disk, let change):
-                do {
-                    try runtime.changeCheckpoint(of: disk, change)
-                } catch {
-                    response.error = "\(error)"
-                }
+/// Answers the host's control requests: those of the host that started it, and then
+/// of each host that reattaches to it.
+func serveControl(_ configuration: WorkerConfiguration, runtime: WorkerRuntime, servers: [NBDServer], logger: Logger) {
+    let handBack = [configuration.heartbeatFD, configuration.controlListenFD].compactMap { $0 } + configuration.disks.map(\.listenFD)
+    serveControl(first: configuration.controlFD, listener: configuration.controlListenFD, name: configuration.vmName,
+                 brokerFD: configuration.brokerFD, handBack: handBack, logger: logger) { request, fds in
+        fds.forEach { close($0) }
+        var response = WorkerControlResponse()
+        switch request {
+        case .handOver:
+            return handOver(runtime: runtime, servers: servers, logger: logger)
+        case .adopt:
+            response.error = "this worker serves already; only a standby worker adopts clients"
+        case .reattach:
+            break  // answered by the channel itself
+        case .stats:
+            response.disks = runtime.statistics()
+        case .call(let plugin, let operation, let arguments):
+            do {
+                response.result = try runtime.call(plugin: plugin, operation: operation, arguments: arguments)
+            } catch {
+                response.error = "\(error)"
             }
-            return (response, [])
+        case .event(let disk, let event):
+            do {
+                try runtime.deliver(event, disk: disk)
+            } catch {
+                response.error = "\(error)"
+            }
+        case .snapshot(let disk, let name, let options):
+            do {
+                response.snapshot = try runtime.takeSnapshot(of: disk, name: name, options: options)
+            } catch {
+                response.error = "\(error)"
+            }
+        case .snapshotStatus(let name):
+            do {
+                response.snapshot = try runtime.snapshotProgress(name)
+            } catch {
+                response.error = "\(error)"
+            }
+        case .releaseSnapshot(let name):
+            do {
+                try runtime.releaseSnapshot(name)
+            } catch {
+                response.error = "\(error)"
+            }
+        case .checkpoint(let disk, let change):
+            do {
+                try runtime.changeCheckpoint(of: disk, change)
+            } catch {
+                response.error = "\(error)"
+            }
         }
+        return (response, [])
     }
 }
 

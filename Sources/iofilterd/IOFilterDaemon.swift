@@ -30,6 +30,12 @@ struct IOFilterDaemon: ParsableCommand {
             gracefully: API requests finish, filters flush and destage, workers stop. The VMs \
             that were running start again with the daemon.
 
+            SIGQUIT (the systemd unit's stop and restart), a crash or kill -9 end the daemon \
+            alone: the VMs' workers and the partner daemons go on serving, and the next \
+            iofilterd on the same state directory adopts them (their clients see nothing). \
+            One that serves another configuration than the new daemon would start is \
+            stopped cleanly and started anew.
+
             With --demo, on first use installs the sample plug-ins, creates the policy \
             'demo' (inspection sample, async replication to a replica file, write-back \
             cache), a disk 'demo-disk' and a VM 'demo'; then starts the VM and prints its \
@@ -157,7 +163,7 @@ struct IOFilterDaemon: ParsableCommand {
         let lock = try StateLock(directory: absoluteState)
         defer { withExtendedLifetime(lock) {} }
 
-        let signals = TerminationSignals.block()
+        let signals = TerminationSignals.block(also: [SIGQUIT])
         guard sampleInterval >= 0.2 && sampleInterval <= 3600 else { throw ValidationError("--sample-interval must be between 0.2 and 3600 seconds") }
         let controller = try HostController(stateDirectory: absoluteState, logLevel: StandardErrorLogging.level.rawValue,
                                             sampleInterval: sampleInterval, logger: logger)
@@ -180,6 +186,8 @@ struct IOFilterDaemon: ParsableCommand {
         // Daemons before VMs: their filters ask for channels as they open.
         controller.startDaemons()
         if !noResume { controller.resume() }
+        // What the previous run left serving and nobody adopted stops; copies go on.
+        controller.settleLeftovers()
         // The daemon's own metrics (swift-metrics) land in the registry GET /metrics emits.
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
@@ -220,11 +228,17 @@ struct IOFilterDaemon: ParsableCommand {
         FileHandle.standardError.write(Data("iofilterd: ready; state in \(absoluteState); try `iofilter vm list --socket \(apiSocket)`\n".utf8))
 
         let received = signals.wait()
-        logger.info("signal \(received): finishing API requests, then stopping the workers")
         // Open consoles end now: a live stream is never an unfinished request to wait for.
         controller.liveStreams.endAll()
-        server.stop(timeout: 30)
-        controller.shutdown()
+        if received == SIGQUIT {
+            logger.info("SIGQUIT: finishing API requests, then leaving the VMs' workers and the daemons serving for the next start")
+            server.stop(timeout: 30)
+            controller.leave()
+        } else {
+            logger.info("signal \(received): finishing API requests, then stopping the workers")
+            server.stop(timeout: 30)
+            controller.shutdown()
+        }
         unlink(apiSocket)
         logger.info("stopped")
     }

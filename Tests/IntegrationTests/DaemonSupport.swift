@@ -27,7 +27,32 @@ final class Daemon: @unchecked Sendable {
         try start()
     }
 
-    deinit { kill(SIGKILL) }
+    /// A test that ends with the host killed leaves its VMs' workers serving (they
+    /// outlive their host, for the next one to adopt): nothing of it may outlive the test.
+    deinit {
+        stop()
+        Self.killWorkers(of: state)
+    }
+
+    /// Kills every worker and daemon process an iofilterd on `state` started: those it
+    /// recorded for its successor, and any other with its working directory there.
+    static func killWorkers(of state: URL) {
+        let records = state.appendingPathComponent("run/workers")
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: records.path)) ?? [] where entry.hasSuffix(".record") {
+            if let data = FileManager.default.contents(atPath: records.appendingPathComponent(entry).path),
+               let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let pid = record["pid"] as? Int {
+                Glibc.kill(pid_t(pid), SIGKILL)
+            }
+        }
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = pid_t(entry),
+                  let executable = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe"),
+                  executable.hasSuffix("iofilter-worker"),
+                  let directory = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd"),
+                  directory.hasPrefix(state.path) else { continue }
+            Glibc.kill(pid, SIGKILL)
+        }
+    }
 
     /// Starts iofilterd and waits until its API answers.
     func start(_ more: [String] = []) throws {
@@ -51,6 +76,9 @@ final class Daemon: @unchecked Sendable {
     }
 
     var log: String { errors?.snapshot() ?? "" }
+
+    /// SIGQUIT: iofilterd ends and leaves its VMs' workers and daemons serving.
+    func leave() { kill(SIGQUIT) }
 
     /// SIGTERM: the graceful stop.
     func stop() {

@@ -69,8 +69,9 @@ int iof_has_capabilities(void);
  * iof_parent_is_gone), or -errno. The parent stays outside: it closes every fd but
  * stderr, drops to uid/gid if `change_identity`, forwards SIGTERM, SIGINT and SIGHUP to
  * the child, kills it on iof_kill_self, and exits as the child exits (same status,
- * or killed by the same signal). */
-int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity);
+ * or killed by the same signal). It dies with its supervisor unless
+ * `outlive_supervisor` (then a later supervisor adopts it by pid). */
+int iof_fork_namespace_init(uint32_t uid, uint32_t gid, int change_identity, int outlive_supervisor);
 int iof_parent_is_gone(int alive_fd);
 /* Kills the calling process for good, even as init of its own pid namespace (which
  * ignores its own SIGKILL): through the parent iof_fork_namespace_init left outside. */

@@ -12,6 +12,11 @@
 int iof_set_no_new_privs(void);
 int iof_set_parent_death_signal(int signal);
 int iof_set_dumpable(int dumpable);
+/* A pidfd for `pid`, which stays bound to that very process: it polls readable once the
+ * process ends, and a signal sent through it never reaches a process that reused the
+ * pid. fd or -errno. */
+int iof_pidfd_open(int pid);
+int iof_pidfd_send_signal(int pidfd, int signal);
 int iof_set_thread_name(const char *name);
 /* Makes the calling thread a background one: SCHED_BATCH (it never preempts a running
  * thread when it wakes) at the given nice value. 0 or -errno. */

@@ -51,6 +51,14 @@ final class SessionRegistry: @unchecked Sendable {
         }
     }
 
+    /// The offline sessions, and none left (the host leaves its VMs serving).
+    func takeOffline() -> [(disk: String, session: VMSession)] {
+        lock.withLock {
+            defer { offline = [:] }
+            return offline.map { ($0.key, $0.value) }
+        }
+    }
+
     // MARK: disks a transfer holds
 
     func activity(_ disk: String) -> String? { lock.withLock { busy[disk] } }
@@ -79,6 +87,7 @@ final class DaemonRegistry: @unchecked Sendable {
     func runs(_ plugin: String) -> Bool { lock.withLock { daemons[plugin] != nil } }
     func add(_ plugin: String, _ daemon: DaemonSupervisor) { lock.withLock { daemons[plugin] = daemon } }
     func remove(_ plugin: String) -> DaemonSupervisor? { lock.withLock { daemons.removeValue(forKey: plugin) } }
+    var count: Int { lock.withLock { daemons.count } }
 
     /// Every daemon, and the registry left empty (the host is stopping).
     func takeAll() -> [DaemonSupervisor] {

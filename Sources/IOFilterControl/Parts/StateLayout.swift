@@ -9,12 +9,14 @@ import Foundation
 ///     vms/NAME              a VM's worker's directory and its disks' sockets
 ///     offline/              offline sessions' sockets; work/ and transfer/ are scratch
 ///     replicas/ daemons/    what partner daemons keep; run/ their channel sockets
+///     run/workers/          each VM worker's and daemon's control socket and record,
+///                           through which the next host adopts it
 struct StateLayout: Sendable {
     let root: String
 
     init(root: String) { self.root = (root as NSString).standardizingPath }
 
-    static let directories = ["plugins", "disks", "vms", "offline", "replicas", "daemons", "run"]
+    static let directories = ["plugins", "disks", "vms", "offline", "replicas", "daemons", "run", "run/workers"]
 
     /// Makes the directories that must exist.
     func create() throws {
@@ -43,4 +45,9 @@ struct StateLayout: Sendable {
     /// The daemons' channel sockets: no sandboxed process sees them.
     var daemonSockets: String { "\(root)/run" }
     func daemon(_ plugin: String) -> String { "\(root)/daemons/\(plugin)" }
+    /// Where processes that outlive the host are reached and recorded (no sandboxed
+    /// process sees it): `vm-NAME` for a VM's worker, `daemon-PLUGIN` for a daemon.
+    var continuity: String { "\(root)/run/workers" }
+    func controlSocket(_ who: String) -> String { "\(continuity)/\(who).control" }
+    func record(_ who: String) -> String { "\(continuity)/\(who).record" }
 }
