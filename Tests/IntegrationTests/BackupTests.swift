@@ -168,7 +168,7 @@ struct BackupTests {
         kill(try #require(before.pid), SIGKILL)
         #expect(try eventually { (try daemon.json(["vm", "show", "v"], as: VMInfo.self)).pid.map { $0 != before.pid } ?? false })
         _ = try Harness.qemuIO(uri, ["write -P 2 1M 4k"])
-        // The host killed -9 (its workers go with it) and started again.
+        // The host killed -9 and started again (it adopts the worker).
         daemon.kill(SIGKILL)
         try daemon.start()
         _ = try Harness.qemuIO(uri, ["write -P 3 2M 4k"])
@@ -217,11 +217,34 @@ struct BackupTests {
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: staging)) ?? []).isEmpty)
         #expect(!FileManager.default.fileExists(atPath: daemon.state.appendingPathComponent("disks/s1.img").path))
 
-        // The host killed -9 in the middle of a copy: the next start removes it.
+        // The host killed -9 in the middle of a copy: the worker copies on, and the next
+        // host takes the copy up (stopping the VM then finishes it at full speed).
         #expect(try eventually { try daemon.cli(["disk", "snapshot", "d", "s2", "--rate", "2M"]).status == 0 })
         daemon.kill(SIGKILL)
         try daemon.start()
-        #expect(try daemon.cli(["disk", "show", "s2"]).status != 0)
+        #expect(try disk(daemon, "s2").activity?.hasPrefix("copying") == true)
+        try daemon.ok(["vm", "stop", "v"])
+        #expect(try disk(daemon, "s2").activity == nil)
+        try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", try disk(daemon, "s2").path,
+                                                    daemon.state.appendingPathComponent("disks/d.img").path])
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: staging)) ?? []).isEmpty)
+        // A worker the next host does not adopt (other settings) is stopped cleanly:
+        // it finishes its copy first, and the snapshot is kept.
+        try daemon.ok(["vm", "start", "v"])
+        #expect(try eventually { try daemon.cli(["disk", "snapshot", "d", "s4", "--rate", "2M"]).status == 0 })
+        daemon.kill(SIGKILL)
+        try daemon.start(["--watchdog", "9"])
+        #expect(try disk(daemon, "s4").activity == nil)
+        try daemon.ok(["vm", "stop", "v"])
+        try Harness.check(Harness.tool("qemu-img"), ["compare", "-f", "raw", "-F", "raw", try disk(daemon, "s4").path,
+                                                    daemon.state.appendingPathComponent("disks/d.img").path])
+        // The host and the worker both killed mid-copy: the next start removes it.
+        let running: VMInfo = try daemon.json(["vm", "start", "v"])
+        #expect(try eventually { try daemon.cli(["disk", "snapshot", "d", "s5", "--rate", "2M"]).status == 0 })
+        daemon.kill(SIGKILL)
+        kill(try #require(running.pid), SIGKILL)
+        try daemon.start()
+        #expect(try daemon.cli(["disk", "show", "s5"]).status != 0)
         #expect(try daemon.ok(["events"]).contains("removed: the host stopped before its copy was complete"))
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: staging)) ?? []).isEmpty)
         // And a snapshot taken after that is complete and right.

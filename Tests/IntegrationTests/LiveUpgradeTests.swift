@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterAPI
+import IOFilterModel
 import Testing
 
 /// Live drills: a running VM's filters upgraded 20 times and its policy changed 20
@@ -72,18 +73,18 @@ struct LiveUpgradeTests {
         return try daemon.json(["vm", "start", "v"])
     }
 
-    /// The worker processes iofilterd runs (each worker is a process and the init of its
-    /// pid namespace below it: only the host's children count).
+    /// The VM workers of a daemon's state directory: each is a process (the host's
+    /// child, or an adopted one) with the init of its pid namespace below it, which works
+    /// in the VM's directory; the outer process counts.
     static func workers(of daemon: Daemon) -> [pid_t] {
-        guard let host = daemon.process?.processIdentifier else { return [] }
-        return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid_t($0) }.filter { pid in
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return false }
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            guard fields.count > 2, pid_t(fields[1]) == host else { return false }
-            let command = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
-            return command.contains("iofilter-worker") && command.contains("serve")
-        }
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid_t($0) }.compactMap { pid in
+            guard let directory = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd"),
+                  directory.hasPrefix(daemon.state.appendingPathComponent("vms").path),
+                  let command = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8),
+                  command.contains("iofilter-worker"), command.contains("serve"),
+                  let fields = Harness.statFields("/proc/\(pid)/stat"), fields.count > 1 else { return nil }
+            return pid_t(fields[1])
+        }.sorted()
     }
 
     func sidecar(_ daemon: Daemon, _ file: String) -> String {
@@ -139,6 +140,118 @@ struct LiveUpgradeTests {
         #expect(try daemon.ok(["events"]).contains("filters-changed-live"))
         try daemon.ok(["vm", "stop", "v"])
         _ = try Harness.qemuIO("file:" + daemon.state.appendingPathComponent("disks/d.img").path, ["read -P 0x5a 16M 1M"])
+    }
+
+    /// iofilterd restarted 20 times under the same clients (killed -9, or told to leave
+    /// with SIGQUIT as the systemd unit does): the worker and the partner daemon serve
+    /// on, the new host adopts them, and the clients see nothing.
+    @Test func twentyHostRestartsWithoutAClientNoticing() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let vm = try runningVM(daemon)
+        let uri = try #require(vm.uris["d"])
+        let withDaemon = try Harness.buildTestPlugin("with-daemon", defines: ["WITH_DAEMON", "PLUGIN_NAME=\"org.test.daemon\"", "DAEMON_LISTENS"],
+                                                     in: directory)
+        try daemon.ok(["plugin", "install", withDaemon, "--daemon-listen", "127.0.0.1:0"])
+        func partner() throws -> DaemonStatus {
+            let plugins: [PluginInfo] = try daemon.json(["plugin", "list"])
+            return try #require(plugins.first { $0.name == "org.test.daemon" }?.daemon)
+        }
+        let before = try partner()
+        #expect(before.state == .running && before.listen != nil, "\(before)")
+        _ = try Harness.qemuIO(uri, ["write -P 0x6b 16M 1M", "flush"])
+        let client = try LiveClient(uri, offset: 0, span: 8 << 20, directory: directory)
+        let stopWriter = directory.appendingPathComponent("stop-fio-restarts").path
+        let writer = try startVerifyingWriter(uri, stop: stopWriter)
+        usleep(500_000)
+
+        for restart in 1...Self.drills {
+            if restart % 2 == 0 { daemon.leave() } else { daemon.kill(SIGKILL) }
+            try daemon.start()
+            let shown: VMInfo = try daemon.json(["vm", "show", "v"])
+            #expect(shown.state == .running && shown.pid == vm.pid && shown.restarts == 0, "restart \(restart): \(shown)")
+            #expect(shown.filters.first?.filters.first?.version == "1.0.0", "the adopted worker answers the new host: \(shown)")
+            let now = try partner()
+            #expect(now.pid == before.pid && now.listen == before.listen, "restart \(restart): \(now)")
+        }
+        _ = FileManager.default.createFile(atPath: stopWriter, contents: nil)
+        writer.waitUntilExit()
+        let summary = try client.finish()
+        #expect(writer.terminationStatus == 0, "fio's verify failed during the restarts")
+        #expect(summary.errors.isEmpty, "\(summary.errors)")
+        print("host restarts: client rounds \(summary.rounds), p50 \(summary.p50) ms, p99 \(summary.p99) ms, slowest \(summary.slowest.prefix(8))")
+        #expect(Self.workers(of: daemon) == [try #require(vm.pid)])
+        let events = try daemon.ok(["events"])
+        #expect(events.contains("vm-adopted") && events.contains("daemon-adopted") && events.contains("host-left"), "\(events)")
+        // The adopted worker is supervised as the host's own: killed, it comes back.
+        kill(try #require(vm.pid), SIGKILL)
+        let back = try Self.waitForNewWorker(daemon, replacing: vm.pid)
+        #expect(back.restarts == 1)
+        #expect(try daemon.ok(["events"]).contains("started it) (filters: org.test.filter); restarting"))
+        try daemon.ok(["vm", "stop", "v"])
+        _ = try Harness.qemuIO("file:" + daemon.state.appendingPathComponent("disks/d.img").path, ["read -P 0x6b 16M 1M"])
+    }
+
+    /// What a host cannot adopt it stops cleanly or leaves alone, never wrongly.
+    @Test func whatTheNextHostCannotAdoptItStopsCleanly() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        let vm = try runningVM(daemon, behaviour: "slow-close")
+        let uri = try #require(vm.uris["d"])
+        _ = try Harness.qemuIO(uri, ["write -P 0x21 0 1M", "flush"])
+
+        // The worker died while no host watched: the next host starts a new one.
+        daemon.kill(SIGKILL)
+        kill(try #require(vm.pid), SIGKILL)
+        #expect(Harness.isGone(vm.pid!))
+        try daemon.start()
+        let fresh: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(fresh.state == .running && fresh.pid != vm.pid)
+        #expect(try daemon.ok(["events"]).contains("vm-resumed"))
+
+        // A host that would start the worker otherwise (another watchdog): the old one
+        // is stopped the way a host stops its own (its filters close), a new one serves.
+        daemon.kill(SIGKILL)
+        unlink(sidecar(daemon, "closing"))
+        try daemon.start(["--watchdog", "7"])
+        let changed: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(changed.pid != fresh.pid && Harness.isGone(fresh.pid!), "\(changed)")
+        #expect(try daemon.ok(["events"]).contains("worker-not-adopted"))
+        #expect(FileManager.default.fileExists(atPath: sidecar(daemon, "closing")), "the filter was closed, not killed")
+        _ = try Harness.qemuIO(uri, ["read -P 0x21 0 1M"])
+
+        // --no-resume: nothing is adopted, and what was left serving stops cleanly.
+        daemon.leave()
+        try daemon.start(["--watchdog", "7", "--no-resume"])
+        #expect(Harness.isGone(changed.pid!))
+        let stopped: VMInfo = try daemon.json(["vm", "show", "v"])
+        #expect(stopped.state == .stopped)
+        #expect(try daemon.ok(["events"]).contains("leftover-stopped"))
+
+        // A record whose pid now names another process (reused since): never adopted,
+        // never signalled.
+        daemon.stop()
+        let bystander = Process()
+        bystander.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        bystander.arguments = ["30"]
+        try bystander.run()
+        defer { bystander.terminate() }
+        let record = daemon.state.appendingPathComponent("run/workers/vm-v.record").path
+        try #"{"pid":\#(bystander.processIdentifier),"startTime":1,"key":"{}"}"#.write(toFile: record, atomically: true, encoding: .utf8)
+        try daemon.start()
+        #expect(!Harness.isGone(bystander.processIdentifier, within: 0.5), "the bystander lives")
+        let left = (try? String(contentsOfFile: record, encoding: .utf8)) ?? ""
+        #expect(!left.contains("\"pid\":\(bystander.processIdentifier)"), "the stale record is gone: \(left)")
+    }
+
+    /// Waits until the VM's worker is a new one that serves.
+    static func waitForNewWorker(_ daemon: Daemon, replacing old: pid_t?) throws -> VMInfo {
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if let vm: VMInfo = try? daemon.json(["vm", "show", "v"]), vm.state == .running, let pid = vm.pid, pid != old { return vm }
+            usleep(100_000)
+        }
+        throw HarnessError("no new worker within 30s: \(daemon.log.suffix(2000))")
     }
 
     @Test func faultsEndWithOneWorkerServingAndNothingLost() throws {
