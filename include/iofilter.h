@@ -246,7 +246,11 @@ enum iof_disk_event_type {
      * `detach` follows its `close`). Keep what the new instance needs where it finds it
      * (a replication journal, a cache's blocks and map: the sidecar directory stays); a
      * veto refuses the whole change and nothing changes. Plug-ins built for older
-     * minors never receive it: they are closed and opened again as at a restart. */
+     * minors never receive it: they are closed and opened again as at a restart.
+     * A restart of the host itself is no event at all: the worker (and a partner
+     * daemon) serves on and the next host adopts it; your filter is neither closed
+     * nor opened, and only a daemon channel or target your filter asks for while no
+     * host runs fails (retry it, as after a daemon restart). */
     IOF_EVENT_UPGRADE  = 5
 };
 

@@ -36,7 +36,7 @@ start_host() {
 }
 cli() { "$bin/iofilter" "$@" --socket "$work/host/api.sock"; }
 # Workers outlive their host: the last host stops them (SIGTERM) on the way out.
-trap 'kill "$host" 2>/dev/null; wait "$host" 2>/dev/null; cleanup' EXIT
+trap 'touch "$work/stop" "$work/stop-fio"; kill "$host" 2>/dev/null || true; wait "$host" 2>/dev/null || true; cleanup' EXIT
 start_host
 plugin() { cc -O2 -shared -fPIC -Iinclude -DPLUGIN_VERSION="\"$1\"" -o "$work/filter-$1.so" Tests/IntegrationTests/Fixtures/testfilter.c -lpthread; echo "$work/filter-$1.so"; }
 cli plugin install "$(plugin 1.0.0)" > /dev/null
@@ -114,17 +114,17 @@ PY
 echo
 # 3. 20 restarts of iofilterd under the client and fio verify.
 rm -f "$work/stop" "$work/stop-fio"
-client "${uri[vm]}" "$work/stop" > "$work/restarts.json" & cpid=$!
+client "${uri[vm]}" "$work/stop" > "$work/restarts.json" & cpid=$!; pids+=($cpid)
 ( while [ ! -e "$work/stop-fio" ]; do
       fio --name=verify --ioengine=nbd --uri="${uri[vm]}" --rw=randwrite --bs=4k --iodepth=8 --offset=64M --size=64M \
           --verify=crc32c --verify_backlog=64 --verify_fatal=1 --time_based --runtime=3 --output=/dev/null || { echo "fio failed" >&2; exit 1; }
-  done ) & rpid=$!
+  done ) & rpid=$!; pids+=($rpid)
 sleep 1
 worker=$(cli vm show v --json | python3 -c "import json,sys; print(json.load(sys.stdin)['pid'])")
 comebacks=()
 for n in $(seq 20); do
     if [ $((n % 2)) = 1 ]; then kill -9 "$host"; else kill -QUIT "$host"; fi
-    wait "$host" 2>/dev/null
+    wait "$host" 2>/dev/null || true
     began=$(date +%s%N)
     start_host
     now=$(cli vm show v --json | python3 -c "import json,sys; print(json.load(sys.stdin)['pid'])")
