@@ -260,7 +260,8 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "IOFilterModel", "IOFilterNBD", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterAPIRoutes", "IOFilterPosix",
+                "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterAPIRoutes",
+                "IOFilterPosix",
                 .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["Fixtures"]),

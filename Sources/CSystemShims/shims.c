@@ -200,3 +200,12 @@ int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t siz
 int iof_fadvise_willneed(int fd, int64_t offset, int64_t length) {
     return posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_WILLNEED);
 }
+
+long long iof_peer_uid(int socket)
+{
+    struct ucred credentials;
+    socklen_t size = sizeof credentials;
+    if (getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &credentials, &size) != 0)
+        return -errno;
+    return credentials.uid;
+}

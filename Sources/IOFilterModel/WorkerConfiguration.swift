@@ -99,7 +99,7 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var namedTargets: Set<String> { Set(disks.flatMap { $0.filters.flatMap(\.targets) }) }
     /// Clients served at once per disk (nil: the default, 16).
     public var maxConnections: Int?
-    /// Seconds a client may take to negotiate before it is dropped (nil: 10).
+    /// Seconds a client may take to negotiate before it is dropped (nil: 5).
     public var handshakeSeconds: Double?
     /// TLS every NBD client must start (nil: plaintext).
     public var tls: TLSSettings?

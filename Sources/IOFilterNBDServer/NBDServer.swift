@@ -7,19 +7,31 @@ import Logging
 
 /// What the server allows each client, so that idle, slow or hostile clients cannot
 /// starve the ones doing work.
+///
+/// Clients that have negotiated are what `maxConnections` counts. Connections still
+/// negotiating are bounded apart, in total and per peer (an address, or a local user):
+/// one more evicts the oldest of them (of that peer first), so that a flood of
+/// connections that never finish the handshake cannot keep a real client out — its
+/// handshake takes milliseconds, the flood's would take the whole deadline.
 public struct NBDServerLimits: Sendable, Equatable {
     /// A client must finish negotiating (greeting to NBD_OPT_GO) within this time.
     public var handshakeSeconds: Double
-    /// Clients served at once, negotiating or transmitting; one more is accepted and
-    /// closed at once (a clean end, not a hang in the listen queue) and logged.
+    /// Clients served at once once negotiated; one more is accepted and closed at once
+    /// (a clean end, not a hang in the listen queue) and logged.
     public var maxConnections: Int
+    /// Connections negotiating at once, and from one peer.
+    public var maxNegotiating: Int
+    public var maxNegotiatingPerPeer: Int
     /// Offer structured replies (and with them block status). Off, as nbdkit's --no-sr,
     /// for clients that read faster without them.
     public var structuredReplies: Bool
 
-    public init(handshakeSeconds: Double = 10, maxConnections: Int = 16, structuredReplies: Bool = true) {
+    public init(handshakeSeconds: Double = 5, maxConnections: Int = 16, maxNegotiating: Int = 64, maxNegotiatingPerPeer: Int = 16,
+                structuredReplies: Bool = true) {
         self.handshakeSeconds = handshakeSeconds
         self.maxConnections = maxConnections
+        self.maxNegotiating = maxNegotiating
+        self.maxNegotiatingPerPeer = maxNegotiatingPerPeer
         self.structuredReplies = structuredReplies
     }
 }
@@ -70,6 +82,8 @@ public final class NBDServer: @unchecked Sendable {
     private let lock = ConditionLock()
     private var connections: [Int: Int32] = [:]  // (lock) id → socket
     private var transmitting: [Int: NBDConnection] = [:]  // (lock) id → its transmission phase, once there
+    private var negotiating: [Int: (fd: Int32, peer: String, since: UInt64)] = [:]  // (lock) not negotiated yet
+    private var evictions = 0  // (lock)
     private var detaching = false  // (lock) connections are being handed over
     private var detached: [HandedOverConnection] = []  // (lock)
     private var threads = 0  // (lock) accept and connection threads still running
@@ -131,13 +145,17 @@ public final class NBDServer: @unchecked Sendable {
                     return
                 }
             }
-            if Sockets.isTCP(client) { Sockets.setNoDelay(client) }
+            let tcp = Sockets.isTCP(client)
+            if tcp { Sockets.setNoDelay(client) }
+            let peer = Self.peer(of: client, tcp: tcp)
             enum Admission { case admitted(Int), full, stopping }
             let admission: Admission = lock.withLock {
                 if stopping { return .stopping }
-                if connections.count >= limits.maxConnections { return .full }
+                if transmitting.count >= limits.maxConnections { return .full }
+                makeRoomToNegotiate(for: peer)
                 nextID += 1
                 connections[nextID] = client
+                negotiating[nextID] = (client, peer, monotonicNanoseconds())
                 threads += 1
                 return .admitted(nextID)
             }
@@ -145,7 +163,7 @@ public final class NBDServer: @unchecked Sendable {
             switch admission {
             case .admitted(let admitted): id = admitted
             case .full:
-                logger.warning("refused a client: \(limits.maxConnections) connections are open, the most allowed")
+                logger.warning("refused a client: \(limits.maxConnections) clients are served, the most allowed")
                 close(client)
                 continue
             case .stopping:
@@ -163,12 +181,54 @@ public final class NBDServer: @unchecked Sendable {
         }
     }
 
+    /// Evicts the oldest connection still negotiating if `peer`, or everyone, has as
+    /// many as allowed: its socket is shut down, which ends its handshake at once.
+    /// Call with `lock` held.
+    private func makeRoomToNegotiate(for peer: String) {
+        let fromPeer = negotiating.filter { $0.value.peer == peer }
+        let crowd = fromPeer.count >= limits.maxNegotiatingPerPeer ? fromPeer
+            : negotiating.count >= limits.maxNegotiating ? negotiating : [:]
+        guard let oldest = crowd.min(by: { $0.value.since < $1.value.since }) else { return }
+        shutdown(oldest.value.fd, Int32(SHUT_RDWR))
+        negotiating[oldest.key] = nil
+        evictions += 1
+        if evictions == 1 || evictions % 1000 == 0 {
+            logger.warning("\(evictions) connection(s) that had not negotiated evicted for newer ones (\(crowd.count) negotiating\(crowd.count == fromPeer.count ? " from \(peer)" : ""))")
+        }
+    }
+
+    /// Who a client is, for the limit of connections negotiating per peer: its address
+    /// (TCP), or its user (a unix socket).
+    static func peer(of fd: Int32, tcp: Bool) -> String {
+        if tcp {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+            let named = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                    getpeername(fd, address, &length) == 0
+                        && getnameinfo(address, length, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST) == 0
+                }
+            }
+            return named ? String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+        }
+        let uid = iof_peer_uid(fd)
+        return uid >= 0 ? "uid \(uid)" : "?"
+    }
+
     /// A connection reached its transmission phase (told to detach at once if the
-    /// server is handing its clients over).
-    private func register(_ id: Int, _ connection: NBDConnection) {
+    /// server is handing its clients over). False: the server serves as many clients as
+    /// it may (others finished negotiating meanwhile), and this one is closed.
+    private func register(_ id: Int, _ connection: NBDConnection, handedOver: Bool = false) -> Bool {
         lock.withLock {
+            negotiating[id] = nil
+            guard handedOver || transmitting.count < limits.maxConnections else {
+                logger.warning("refused a client that finished negotiating: \(limits.maxConnections) clients are served, the most allowed")
+                return false
+            }
             transmitting[id] = connection
             if detaching { connection.requestDetach() }
+            return true
         }
     }
 
@@ -177,6 +237,7 @@ public final class NBDServer: @unchecked Sendable {
             if let id {
                 connections[id] = nil
                 transmitting[id] = nil
+                negotiating[id] = nil
             }
             if case .detached(let state) = ending {
                 detached.append(HandedOverConnection(fd: client, state: state))
@@ -223,7 +284,7 @@ public final class NBDServer: @unchecked Sendable {
             connectionLogger[metadataKey: "conn"] = "\(id)"
             let adopted = NBDConnection(fd: connection.fd, export: export, logger: connectionLogger, structured: connection.state.structured,
                                         baseAllocation: connection.state.baseAllocation, contexts: contexts, buffered: connection.state.buffered)
-            register(id, adopted)
+            _ = register(id, adopted, handedOver: true)
             let ending = adopted.run()
             finished(connection: id, connection.fd, ending)
         }
@@ -311,8 +372,8 @@ struct Handshake {
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
     let logger: Logger
-    /// Told of the connection once negotiation is over.
-    let onTransmission: (NBDConnection) -> Void
+    /// Told of the connection once negotiation is over; false: close it instead.
+    let onTransmission: (NBDConnection) -> Bool
 
     private enum Outcome {
         case serve(any NBDExport)
@@ -337,7 +398,7 @@ struct Handshake {
     private var fd: Int32 { negotiated.secured ?? socket }
 
     init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger,
-         onTransmission: @escaping (NBDConnection) -> Void = { _ in }) {
+         onTransmission: @escaping (NBDConnection) -> Bool = { _ in true }) {
         self.onTransmission = onTransmission
         self.structuredReplies = structuredReplies
         self.socket = fd
@@ -355,8 +416,7 @@ struct Handshake {
             let connection = NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
                                            baseAllocation: chosen && negotiated.baseAllocation,
                                            contexts: chosen ? negotiated.contexts : [])
-            onTransmission(connection)
-            ending = connection.run()
+            if onTransmission(connection) { ending = connection.run() }
         case .close:
             break  // the server closes the socket
         }

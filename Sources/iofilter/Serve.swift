@@ -54,11 +54,11 @@ extension IOFilterCommand {
         @Option(help: ArgumentHelp("The most memory the worker may map (default 8G); a filter gets allocation failures past it.", valueName: "size"))
         var memoryLimit: String?
 
-        @Option(help: ArgumentHelp("Serve at most this many clients at once; more are turned away.", valueName: "n"))
+        @Option(help: ArgumentHelp("Serve at most this many negotiated clients at once; more are turned away. Connections still negotiating are bounded apart (64, 16 per peer: the oldest make room).", valueName: "n"))
         var maxConnections: Int = 16
 
         @Option(help: ArgumentHelp("Drop a client that has not finished negotiating after this long.", valueName: "seconds"))
-        var handshakeTimeout: Double = 10
+        var handshakeTimeout: Double = 5
 
         @OptionGroup var tlsOptions: TLSOptions
 

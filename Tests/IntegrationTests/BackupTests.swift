@@ -16,12 +16,7 @@ struct BackupTests {
     static let script = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/backup.py").path
 
     func eventually(_ seconds: Double = 30, _ condition: () throws -> Bool) rethrows -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try condition() { return true }
-            usleep(100_000)
-        }
-        return try condition()
+        try Harness.eventually(seconds, condition)
     }
 
     /// A VM `v` with disk `d` (`size`) behind the test plug-in, running.

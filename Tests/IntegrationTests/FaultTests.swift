@@ -1,4 +1,6 @@
 import Foundation
+import IOFilterNBDServer
+import IOFilterPosix
 import Testing
 
 /// Crashes, kills, hangs and hostile plug-ins: each takes down only its own worker,
@@ -22,6 +24,42 @@ struct FaultTests {
         Int(line.split(separator: " ").drop { $0 != word }.dropFirst().first ?? "") ?? Int.max
     }
 
+
+    /// Connections that open and never negotiate (an attacker, or a broken client in a
+    /// loop) do not keep a real client out: they are bounded apart from the negotiated
+    /// clients, and the oldest make room for newer ones.
+    @Test(arguments: ["unix", "tcp"]) func aThousandIdleConnectionsDoNotKeepARealClientOut(transport: String) throws {
+        let disk = Harness.makeImage(directory.appendingPathComponent("flood-\(transport).img").path, size: 8 << 20)
+        let socket = directory.appendingPathComponent("flood.sock").path
+        let port = UInt16(20_000 + Int(getpid()) % 20_000)
+        let served = try ServedDisk([disk, "--max-connections", "4"] + (transport == "unix" ? ["--socket", socket] : ["--port", "\(port)"]))
+        defer { served.stop() }
+        var idle: [Int32] = []
+        defer { idle.forEach { close($0) } }
+        for _ in 0..<1000 {
+            idle.append(transport == "unix" ? try Sockets.connectUnix(path: socket) : try Sockets.connectTCP(host: "127.0.0.1", port: port))
+        }
+        let started = Date()
+        _ = try Harness.qemuIO(served.uri, ["read 0 4k"])
+        let seconds = Date().timeIntervalSince(started)
+        #expect(seconds < 1, "qemu-io took \(seconds)s to get in past 1000 idle connections")
+        // The flood holds no more than one peer's share: the rest were closed.
+        var evicted = 0
+        for fd in idle {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            var bytes = [UInt8](repeating: 0, count: 64)
+            var n = 0
+            repeat { n = read(fd, &bytes, bytes.count) } while n > 0
+            if n == 0 { evicted += 1 }
+        }
+        #expect(evicted >= 1000 - NBDServerLimits().maxNegotiatingPerPeer, "\(evicted) of 1000 idle connections closed")
+        // Said once, not a thousand times.
+        #expect(served.log.components(separatedBy: "evicted for newer ones").count - 1 == 1, "\(served.log.suffix(2000))")
+        // Idle connections never counted against --max-connections: four clients get in.
+        let four = try Harness.negotiatedClients(served.uri, count: 4)
+        defer { Harness.end(four) }
+        #expect(try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read 0 4k", served.uri]).status != 0, "a fifth is turned away")
+    }
 
     @Test func killDashNineMidWorkloadLosesNothingFlushed() throws {
         let disk = image("kill.img")

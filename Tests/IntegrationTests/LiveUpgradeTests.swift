@@ -235,7 +235,7 @@ struct LiveUpgradeTests {
         bystander.executableURL = URL(fileURLWithPath: "/bin/sleep")
         bystander.arguments = ["30"]
         try bystander.run()
-        defer { bystander.terminate() }
+        defer { Harness.end(bystander) }
         let record = daemon.state.appendingPathComponent("run/workers/vm-v.record").path
         try #"{"pid":\#(bystander.processIdentifier),"startTime":1,"key":"{}"}"#.write(toFile: record, atomically: true, encoding: .utf8)
         try daemon.start()

@@ -126,6 +126,49 @@ enum Harness {
         try check(tool("qemu-io"), ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [uri])
     }
 
+    /// Whether `condition` holds within `seconds` (checked every 0.1 s).
+    static func eventually(_ seconds: Double = 30, _ condition: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try condition() { return true }
+            usleep(100_000)
+        }
+        return try condition()
+    }
+
+    /// Ends a helper process for sure and reaps it (SIGKILL: a child of the test runner
+    /// may have inherited SIGTERM ignored).
+    static func end(_ process: Process) {
+        guard process.isRunning else { return }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// `count` libnbd clients that negotiate with `uri` and stay connected until the
+    /// returned process is ended (`end`; it has said "ready" by the time this returns).
+    static func negotiatedClients(_ uri: String, count: Int) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = ["-c", """
+            import nbd, sys, time
+            handles = []
+            for _ in range(\(count)):
+                h = nbd.NBD(); h.connect_uri(sys.argv[1]); handles.append(h)
+            print("ready", flush=True)
+            time.sleep(3600)
+            """, uri]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let line = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+        guard line.hasPrefix("ready") else {
+            end(process)
+            throw HarnessError("\(count) libnbd client(s) could not connect to \(uri)")
+        }
+        return process
+    }
+
     /// Starts fio's random writes in the background against `uri` (stopped by the caller).
     static func backgroundFio(_ uri: String, offset: String, size: String, seconds: Int) throws -> Process {
         let process = Process()

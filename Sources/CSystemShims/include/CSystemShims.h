@@ -64,6 +64,8 @@ void iof_store_u8(volatile uint8_t *where, uint8_t value);
 void *iof_thread_local_get(void);
 void iof_thread_local_set(void *value);
 
+/* The uid of the process at the other end of a unix socket (SO_PEERCRED), or -errno. */
+long long iof_peer_uid(int socket);
 /* Sends `length` bytes (one record on a SOCK_SEQPACKET socket) with `fd` attached as
  * SCM_RIGHTS (none if fd < 0): bytes sent or -errno. */
 ssize_t iof_send_with_fd(int socket, const void *bytes, size_t length, int fd);
