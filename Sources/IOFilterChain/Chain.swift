@@ -95,6 +95,14 @@ public final class Chain: @unchecked Sendable {
         return error
     }
 
+    /// When the oldest request now in flight entered the stage it sits in (coarse
+    /// monotonic nanoseconds), or nil if none is.
+    public func oldestInFlight() -> UInt64? {
+        registry.withLock { watches in
+            watches.values.lazy.filter { $0.stage.load(ordering: .relaxed) >= 0 }.map { $0.since.load(ordering: .relaxed) }.min()
+        }
+    }
+
     /// A request that has sat in one stage longer than `limit`, with where it sits.
     public func stuckRequest(olderThan limit: UInt64, now: UInt64) -> (stage: String, request: String, seconds: Double)? {
         let watches = registry.withLock { Array($0.values) }

@@ -14,6 +14,10 @@ public struct RestartPolicy: Sendable {
     /// A process whose heartbeat is older than this is killed (frozen, deadlocked, or
     /// its threads stopped by a plug-in); 0 turns the check off.
     public var heartbeatTimeout = 10.0
+    /// A process whose heartbeat says a request has been in flight longer than this
+    /// (stuck in a filter, whose own watchdog a filter may have stopped) is killed; 0
+    /// turns the check off.
+    public var requestTimeout = 0.0
     /// How long a start may take before the process counts as failed.
     public var readyTimeout = 60.0
 
@@ -376,9 +380,17 @@ public final class ProcessSupervisor: @unchecked Sendable {
         guard timeout > 0, let beat = lock.withLock({ heartbeat }) else { return process.wait() ?? -1 }
         let limit = UInt64(timeout * 1e9)
         let check = min(max(timeout / 4, 0.1), 1)
+        let requestLimit = UInt64(policy.requestTimeout * 1e9)
         while true {
             if let status = process.wait(timeout: check) { return status }
             let last = beat.lastBeat, now = monotonicNanoseconds()
+            let oldest = beat.oldestInFlight, coarseNow = monotonicNanoseconds(coarse: true)
+            if requestLimit > 0, oldest > 0, coarseNow > oldest, coarseNow - oldest > requestLimit, !isStopping {
+                logger.critical(
+                    "\(role) \(process.pid) has had a request in flight for \((Double(coarseNow - oldest) / 1e8).rounded() / 10)s, past \(policy.requestTimeout)s, and its own watchdog did not end it (a plug-in stopped it?); killing it")
+                process.signal(SIGKILL)
+                return process.wait() ?? -1
+            }
             guard last > 0, now > last, now - last > limit, !isStopping else { continue }
             logger.critical(
                 "\(role) \(process.pid) has not beaten for \((Double(now - last) / 1e8).rounded() / 10)s (frozen, deadlocked, or its threads stopped by a plug-in); killing it")

@@ -68,6 +68,9 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         policy.readyTimeout = readyTimeout
         // By default the watchdog's limit, at least 2 s; 0 turns the check off.
         policy.heartbeatTimeout = configuration.watchdogSeconds > 0 ? max(configuration.watchdogSeconds, 2) : 0
+        // The worker's own watchdog ends a stuck request first, with its name; this is for
+        // a worker whose watchdog a plug-in stopped.
+        policy.requestTimeout = configuration.watchdogSeconds > 0 ? configuration.watchdogSeconds + max(2, configuration.watchdogSeconds / 2) : 0
         let filters = Set(configuration.disks.flatMap { $0.filters.map(\.manifest.name) }).sorted()
         let detail = filters.isEmpty ? "" : " (filters: \(filters.joined(separator: ", ")))"
         self.controlListener = outlivingHost?.controlListener

@@ -46,11 +46,19 @@ public final class Heartbeat: @unchecked Sendable {
     /// When the worker last beat (monotonic nanoseconds), or 0 if it never has.
     public var lastBeat: UInt64 { iof_load_u64(page) }
 
-    /// Beats every `interval` on a thread of its own, for the life of the process.
-    public func startBeating(every interval: UInt64 = 250_000_000) {
+    /// When the oldest request in flight in the worker started its current stage
+    /// (coarse monotonic nanoseconds), as of the last beat; 0: none.
+    public var oldestInFlight: UInt64 { iof_load_u64(page + 1) }
+
+    /// Beats every `interval` on a thread of its own, for the life of the process, and
+    /// with each beat says when the oldest request in flight started (`oldestInFlight`).
+    /// The same thread does both: a filter that stops it stops the beat, and one that
+    /// stops any other thread (the worker's own watchdog) cannot hide a stuck request.
+    public func startBeating(every interval: UInt64 = 250_000_000, oldestInFlight: (@Sendable () -> UInt64)? = nil) {
         beat()
         startThread(name: "heartbeat") { [self] in
             while true {
+                if let oldestInFlight { iof_store_u64(page + 1, oldestInFlight()) }
                 beat()
                 usleep(useconds_t(interval / 1000))
             }

@@ -20,6 +20,15 @@ public final class WorkerRuntime: @unchecked Sendable {
     let logger: Logger
     public private(set) var plugins: [String: LoadedPlugin] = [:]
     public private(set) var chains: [Chain] = []
+    /// The chains as other threads may read them while `openDisks` runs (the heartbeat).
+    private let published = Guarded<[Chain]>([])
+
+    /// When the oldest request in flight on any disk entered the stage it sits in (0:
+    /// none): what the heartbeat carries to the supervisor, which kills a worker whose
+    /// request is stuck whatever the filters did to this process's own watchdog.
+    public func oldestInFlight() -> UInt64 {
+        published.withLock { $0 }.compactMap { $0.oldestInFlight() }.min() ?? 0
+    }
     /// What each disk's NBD server offers: the disk, and the snapshots made of it.
     public private(set) var catalogs: [ChainCatalog] = []
     /// What `openBackends` opened, one per disk, until `openDisks` builds on it.
@@ -121,6 +130,7 @@ public final class WorkerRuntime: @unchecked Sendable {
                 if !attachOnly { try filter.open() }
             }
             chains.append(chain)
+            published.withLock { $0.append(chain) }
             let export = ChainExport(name: disk.name, chain: chain, readOnly: disk.readOnly)
             exports.append(export)
             catalogs.append(ChainCatalog(disk: export))

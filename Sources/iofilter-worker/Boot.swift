@@ -133,9 +133,9 @@ func closeInheritedFDs(keeping handedOver: [Int32]) {
 
 /// The supervisor's watch, which a filter cannot switch off from in here: if this
 /// beat stops (the process frozen, deadlocked, its threads stopped), it kills us.
-func startHeartbeat(_ fd: Int32?) -> Heartbeat? {
+func startHeartbeat(_ fd: Int32?, oldestInFlight: (@Sendable () -> UInt64)? = nil) -> Heartbeat? {
     let heartbeat = fd.flatMap { try? Heartbeat(inherited: $0) }
-    heartbeat?.startBeating()
+    heartbeat?.startBeating(oldestInFlight: oldestInFlight)
     return heartbeat
 }
 

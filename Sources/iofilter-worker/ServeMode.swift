@@ -110,7 +110,7 @@ import Logging
     if configuration.standby == true, let controlFD = configuration.controlFD {
         // Plug-ins loaded and checked: ready to take over. The disks open only once the
         // worker being replaced has closed its filters (a filter's files are its alone).
-        heartbeat = startHeartbeat(configuration.heartbeatFD)
+        heartbeat = startHeartbeat(configuration.heartbeatFD) { runtime.oldestInFlight() }
         say("READY")
         servers = adoptClients(controlFD: controlFD, startServing: startServing)
     } else {
@@ -119,7 +119,7 @@ import Logging
         } catch {
             cannotStart(error)
         }
-        heartbeat = startHeartbeat(configuration.heartbeatFD)
+        heartbeat = startHeartbeat(configuration.heartbeatFD) { runtime.oldestInFlight() }
         say("READY")
     }
     stopTalkingOnStdout()

@@ -297,6 +297,28 @@ struct FaultTests {
         #expect(replacement != worker)
     }
 
+    /// A filter that parks the worker's own watchdog thread and then hangs a request:
+    /// the heartbeat goes on, but it carries the age of the oldest request in flight, and
+    /// the supervisor ends the worker a little after the watchdog's limit.
+    @Test func aFilterThatFreezesTheWatchdogCannotHangAClient() throws {
+        let test = try Harness.buildTestPlugin("tf-freeze-watchdog", in: directory)
+        let disk = image("stuck.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=freeze-watchdog-on-read", "--watchdog", "3",
+                                     "--socket", directory.appendingPathComponent("stuck.sock").path])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        let started = Date()
+        let stuck = try Harness.run(qemuIO, ["-f", "raw", "-c", "read 2M 4096", served.uri], timeout: 60)
+        let waited = Date().timeIntervalSince(started)
+        #expect(served.log.contains("froze the watchdog thread"), "\(served.log.suffix(2000))")
+        #expect(stuck.status != 0 || !stuck.stdout.contains("read 4096/4096"), "the stuck read did not succeed")
+        #expect(waited < 10, "the client waited \(waited)s with a 3 s watchdog")
+        let replacement = try served.waitForNewWorker(replacing: worker)
+        #expect(served.log.contains("worker \(worker) has had a request in flight for"), "\(served.log.suffix(2000))")
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        #expect(replacement != worker)
+    }
+
     @Test func aFilterThatAllocatesWithoutBoundMeetsTheWorkersMemoryLimit() throws {
         let test = try Harness.buildTestPlugin("tf-greedy", in: directory)
         let disk = image("greedy.img", size: 4 << 20)

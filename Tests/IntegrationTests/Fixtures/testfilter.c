@@ -132,11 +132,45 @@ __attribute__((constructor)) static void crash_on_load(void)
 }
 #endif
 
+/* A handler that keeps the thread it runs on forever. */
+static void park_forever(int signal)
+{
+    (void)signal;
+    for (;;)
+        pause();
+}
+
+/* Sends every thread of this process called `name` a signal whose handler never
+ * returns; how many it reached. */
+static int freeze_thread_named(const char *name)
+{
+    struct sigaction parking = {.sa_handler = park_forever};
+    sigaction(SIGUSR2, &parking, NULL);
+    DIR *tasks = opendir("/proc/self/task");
+    if (!tasks)
+        return -1;
+    int reached = 0;
+    struct dirent *entry;
+    while ((entry = readdir(tasks))) {
+        char path[300], comm[64] = {0};
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", entry->d_name);
+        FILE *file = fopen(path, "r");
+        if (!file)
+            continue;
+        if (fgets(comm, sizeof comm, file) && strncmp(comm, name, strlen(name)) == 0 &&
+            syscall(SYS_tgkill, getpid(), atoi(entry->d_name), SIGUSR2) == 0)
+            reached++;
+        fclose(file);
+    }
+    closedir(tasks);
+    return reached;
+}
+
 enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WRITES, INVERT, OPEN_OUTSIDE, REFUSE_OPEN, REFUSE_ATTACH,
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -146,7 +180,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
                                          "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert",
-                                         "veto-upgrade", "slow-close", NULL};
+                                         "veto-upgrade", "slow-close", "freeze-watchdog-on-read", NULL};
 
 static const struct iof_host_services *host;
 
@@ -588,6 +622,16 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
         if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
             raise(SIGSTOP);
             host->log(inst->disk, IOF_LOG_WARNING, "stopping the worker had no effect");
+        }
+        return IOF_PASS;
+    case FREEZE_WATCHDOG_ON_READ:
+        /* Parks the worker's own watchdog thread in a signal handler that never returns,
+         * then hangs the request: only the supervisor can end this. */
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
+            int frozen = freeze_thread_named("watchdog");
+            host->log(inst->disk, IOF_LOG_WARNING, frozen > 0 ? "froze the watchdog thread" : "found no watchdog thread to freeze");
+            for (;;)
+                pause();
         }
         return IOF_PASS;
     case HANG_ON_READ:
