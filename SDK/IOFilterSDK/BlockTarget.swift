@@ -91,14 +91,21 @@ final class InlineResult: @unchecked Sendable {
     var value: Int32?
 }
 
+/// How long an NBD target may leave a request unanswered before it counts as
+/// unreachable (its requests fail with ETIMEDOUT): well inside the 30 s in which an
+/// operator expects to hear of a cut link.
+public let defaultRequestTimeout: Double? = 20
+
 /// Opens `spec` — an NBD URI (`nbd://…`, `nbd+unix://…`) or a file path, the value of
 /// one of the filter's path parameters. A file is created, or grown, to `size` if it
 /// is smaller.
 ///
 /// The host opens it (a sandboxed worker reaches no file outside its sidecar directory
 /// and no network), so `spec` must be exactly what the policy set; on a host older
-/// than ABI 1.1 the filter opens it itself.
-public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil) throws(FilterError) -> any BlockTarget {
+/// than ABI 1.1 the filter opens it itself. An NBD target's request left unanswered
+/// for `requestTimeout` seconds fails with ETIMEDOUT (nil: wait as long as TCP does).
+public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil,
+                            requestTimeout: Double? = defaultRequestTimeout) throws(FilterError) -> any BlockTarget {
     let uri = NBDURI(spec)
     if spec.contains("://") && uri == nil { throw FilterError(EINVAL, "'\(spec)' is not an NBD URI") }
     // On a host older than ABI 1.1, which has no open_target, the filter opens the
@@ -114,7 +121,8 @@ public func openBlockTarget(_ spec: String, size: UInt64?, tls: TargetTLS? = nil
     }
     guard let uri else { return try FileTarget(fd: fd, path: spec, size: size) }
     do {
-        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, tls: tls?.handshake, logger: Logger(label: "iofilter.sdk.target")))
+        return NBDTarget(client: try NBDClient(uri: uri, connected: fd, tls: tls?.handshake, requestTimeout: requestTimeout,
+                                               logger: Logger(label: "iofilter.sdk.target")))
     } catch {
         throw FilterError(EIO, "cannot connect to \(spec): \(error)")
     }

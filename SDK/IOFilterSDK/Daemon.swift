@@ -79,11 +79,14 @@ extension Disk {
 }
 
 /// An NBD export reached over a connected stream socket (a peer daemon's, say): the
-/// NBD handshake runs on `fd`, which the target then owns.
-public func openNBDTarget(connected fd: Int32, export: String, description: String, tls: TargetTLS? = nil) throws(FilterError) -> any BlockTarget {
+/// NBD handshake runs on `fd`, which the target then owns. A request left unanswered
+/// for `requestTimeout` seconds (a cut link, a hung peer) fails with ETIMEDOUT, and so
+/// does everything else in flight: the target is then closed, and you reconnect.
+public func openNBDTarget(connected fd: Int32, export: String, description: String, tls: TargetTLS? = nil,
+                          requestTimeout: Double? = defaultRequestTimeout) throws(FilterError) -> any BlockTarget {
     do {
         let client = try NBDClient(uri: .unix(socket: description, export: export), connected: fd, tls: tls?.handshake,
-                                   logger: Logger(label: "iofilter.sdk.target"))
+                                   requestTimeout: requestTimeout, logger: Logger(label: "iofilter.sdk.target"))
         return NBDTarget(client: client)
     } catch {
         throw FilterError(EIO, "NBD handshake with \(description) failed: \(error)")

@@ -32,6 +32,8 @@ public final class NBDClient: @unchecked Sendable {
         var buffer: UnsafeMutableRawPointer?
         var length: Int = 0
         var isRead = false
+        /// When it was sent (coarse monotonic nanoseconds), for `requestTimeout`.
+        var since: UInt64 = 0
     }
 
     static let maxInFlight = 512
@@ -42,6 +44,12 @@ public final class NBDClient: @unchecked Sendable {
     private var connected = true
     /// `disconnect` was called: the end of the connection is no error.
     private var disconnecting = false
+    /// The server left a request unanswered past `requestTimeout`: the connection was
+    /// given up, and what was in flight fails with ETIMEDOUT.
+    private var timedOut = false
+    /// How long the server may leave a request unanswered before the connection is
+    /// given up (nil: as long as TCP keeps it).
+    public let requestTimeout: Double?
 
     public convenience init(uri: NBDURI, logger: Logger) throws {
         try self.init(uri: uri, connected: try uri.connect(), logger: logger)
@@ -51,9 +59,14 @@ public final class NBDClient: @unchecked Sendable {
     /// `uri` names (a sandboxed worker gets its sockets from the host); the client owns
     /// it from here, also when this throws.
     /// With `tls`, the client starts TLS first (a server that requires it).
-    public init(uri: NBDURI, connected: Int32, tls: (any NBDClientHandshake)? = nil, logger: Logger) throws {
+    ///
+    /// With `requestTimeout`, a server that leaves a request unanswered that long (a cut
+    /// link, a hung peer: TCP alone would wait many minutes) loses the connection, and
+    /// every request in flight fails with ETIMEDOUT.
+    public init(uri: NBDURI, connected: Int32, tls: (any NBDClientHandshake)? = nil, requestTimeout: Double? = nil, logger: Logger) throws {
         self.uri = uri
         self.logger = logger
+        self.requestTimeout = requestTimeout.flatMap { $0 > 0 ? $0 : nil }
         fd = connected
         slots = Array(repeating: Slot(), count: Self.maxInFlight)
         freeCookies = Array((0..<Self.maxInFlight).reversed())
@@ -64,6 +77,27 @@ public final class NBDClient: @unchecked Sendable {
             throw error
         }
         startThread(name: "nbd-client") { [self] in readReplies() }
+        if let timeout = self.requestTimeout {
+            startThread(name: "nbd-client-timer") { [weak self] in
+                while let self, self.answersInTime(timeout) { usleep(useconds_t(min(max(timeout / 4, 0.05), 1) * 1e6)) }
+            }
+        }
+    }
+
+    /// False once the connection is gone, or given up here because the oldest request
+    /// in flight has waited past `timeout` seconds.
+    private func answersInTime(_ timeout: Double) -> Bool {
+        let now = monotonicNanoseconds(coarse: true)
+        let oldest: UInt64? = lock.withLock {
+            guard connected else { return nil }
+            return slots.lazy.filter { $0.completion != nil }.map(\.since).min() ?? now
+        }
+        guard let oldest else { return false }
+        guard now > oldest, Double(now - oldest) / 1e9 > timeout else { return true }
+        lock.withLock { timedOut = true }
+        logger.error("\(uri) left a request unanswered for \(Int(Double(now - oldest) / 1e9))s (the most allowed is \(timeout)s): giving up the connection")
+        shutdown(fd, Int32(SHUT_RDWR))
+        return false
     }
 
     public var canFlush: Bool { flags.contains(.sendFlush) }
@@ -119,7 +153,7 @@ public final class NBDClient: @unchecked Sendable {
             }
             guard connected, let cookie = freeCookies.popLast() else { break }
             slots[cookie] = Slot(completion: request.completion, buffer: request.buffer, length: request.length,
-                                 isRead: request.command == .read)
+                                 isRead: request.command == .read, since: monotonicNanoseconds(coarse: true))
             cookies.append(cookie)
         }
         lock.unlock()
@@ -173,7 +207,8 @@ public final class NBDClient: @unchecked Sendable {
             completion.nbdRequestDidComplete(error: EIO)
             return
         }
-        slots[cookie] = Slot(completion: completion, buffer: buffer, length: length, isRead: command == .read)
+        slots[cookie] = Slot(completion: completion, buffer: buffer, length: length, isRead: command == .read,
+                             since: monotonicNanoseconds(coarse: true))
         lock.unlock()
 
         var header = (UInt64(0), UInt64(0), UInt64(0), UInt32(0))
@@ -268,12 +303,12 @@ public final class NBDClient: @unchecked Sendable {
             }
             completion.nbdRequestDidComplete(error: error)
         }
-        let (orphans, asked): ([any NBDClientCompletion], Bool) = lock.withLock {
+        let (orphans, asked, late): ([any NBDClientCompletion], Bool, Bool) = lock.withLock {
             connected = false
             lock.broadcast()
             let pending = slots.compactMap(\.completion)
             slots = Array(repeating: Slot(), count: Self.maxInFlight)
-            return (pending, disconnecting)
+            return (pending, disconnecting, timedOut)
         }
         if !asked {
             logger.error("lost the connection to \(uri); failing \(orphans.count) request(s) in flight")
@@ -283,7 +318,7 @@ public final class NBDClient: @unchecked Sendable {
             logger.debug("disconnected from \(uri)")
         }
         shutdown(fd, Int32(SHUT_RDWR))
-        for completion in orphans { completion.nbdRequestDidComplete(error: EIO) }
+        for completion in orphans { completion.nbdRequestDidComplete(error: late ? ETIMEDOUT : EIO) }
     }
 
     // MARK: handshake

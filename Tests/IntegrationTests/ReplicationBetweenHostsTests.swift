@@ -117,6 +117,11 @@ struct ReplicationBetweenHostsTests {
         usleep(500_000)
         #expect(try Self.replicationStats(hosts.a, vm: "web", disk: "web")["lag_bytes"] ?? 0 > 0)
         #expect(try Self.compare(primaryFile, replica.path).status == 1, "the replica cannot have what was written while the link was down")
+        // A's daemon gives up the silent peer (no TCP timeout is that short) and the
+        // filter reports the replica unreachable within 30 s of the cut.
+        let noticed = try Harness.eventually(30) { try hosts.a.ok(["vm", "show", "web", "--json"]).contains("unreachable") }
+        #expect(noticed, "A's replication did not report the cut link within 30 s: \(hosts.a.log.suffix(2000))")
+        #expect(hosts.a.log.contains("left a request unanswered"), "\(hosts.a.log.suffix(2000))")
         // Restored: it catches up.
         try hosts.link(up: true)
         try Self.waitForSync(hosts.a, vm: "web", disk: "web", timeout: 90)
