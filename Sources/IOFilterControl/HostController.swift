@@ -216,12 +216,20 @@ public final class HostController: @unchecked Sendable {
                                   filters: $0.filters, listenFD: -1, stateDirectory: layout.diskState($0.row.name))
             },
             watchdogSeconds: watchdogSeconds, logLevel: logLevel, task: task)
-        configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit
+        configuration.memoryLimit = limits?.memoryLimit ?? workerMemoryLimit ?? defaultWorkerMemoryLimit()
         configuration.maxConnections = limits?.maxConnections
         configuration.cpuWeight = limits?.cpuWeight
         configuration.hiddenPaths = hiddenFromWorkers
         configuration.tls = tls
         return configuration
+    }
+
+    /// A VM worker's memory limit when neither the VM nor --worker-memory-limit sets
+    /// one: its share of the host's memory among the VMs defined.
+    func defaultWorkerMemoryLimit() -> UInt64 {
+        let hostMemory = UInt64(max(sysconf(Int32(_SC_PHYS_PAGES)), 0)) * UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 0))
+        let vms = (try? store.read { db in try VMRow.fetchCount(db) }) ?? 1
+        return WorkerConfiguration.defaultMemoryLimit(hostMemory: hostMemory, vms: vms)
     }
 
     /// Starts a supervised worker serving `disks`, one unix socket each in

@@ -47,6 +47,8 @@ public struct SupervisorEvent: Sendable, Equatable {
     public enum Kind: String, Sendable {
         case exited, restarted
         case outOfMemory = "out-of-memory"
+        /// Its memory crossed 80 % of its cgroup's limit (told once per crossing).
+        case memoryHigh = "memory-high"
     }
     /// What is supervised: "worker", "daemon".
     public let role: String
@@ -381,8 +383,20 @@ public final class ProcessSupervisor: @unchecked Sendable {
         let limit = UInt64(timeout * 1e9)
         let check = min(max(timeout / 4, 0.1), 1)
         let requestLimit = UInt64(policy.requestTimeout * 1e9)
+        var memoryWarned = false
         while true {
             if let status = process.wait(timeout: check) { return status }
+            if let cgroup, let used = cgroup.memoryInUse, cgroup.limits.memory > 0 {
+                let share = Double(used) / Double(cgroup.limits.memory)
+                if share >= 0.8 && !memoryWarned {
+                    memoryWarned = true
+                    let message = "\(role) \(process.pid)\(owner) uses \(used >> 20) MiB, \(Int(share * 100)) % of its memory limit of \(cgroup.limits.memory >> 20) MiB\(detail)"
+                    logger.warning("\(message)")
+                    report(.memoryHigh, message)
+                } else if share < 0.7 {
+                    memoryWarned = false  // told again when it next crosses 80 %
+                }
+            }
             let last = beat.lastBeat, now = monotonicNanoseconds()
             let oldest = beat.oldestInFlight, coarseNow = monotonicNanoseconds(coarse: true)
             if requestLimit > 0, oldest > 0, coarseNow > oldest, coarseNow - oldest > requestLimit, !isStopping {

@@ -91,17 +91,35 @@ public final class WorkerCgroup: @unchecked Sendable {
     public static func of(pid: pid_t, limits: WorkerCgroupLimits) -> WorkerCgroup? {
         let mounts = CgroupMounts.read(process: "\(pid)")
         let ours = { (path: String?) -> Bool in ((path ?? "") as String).split(separator: "/").last?.hasPrefix("iofilter-worker-") == true }
+        let found: WorkerCgroup
         if let unified = mounts.unified, let path = mounts.ownPath["", default: nil], ours(path) {
             let directory = unified + path
-            return WorkerCgroup(directories: [directory], procsFiles: ["\(directory)/cgroup.procs"], limits: limits, version: 2)
+            found = WorkerCgroup(directories: [directory], procsFiles: ["\(directory)/cgroup.procs"], limits: limits, version: 2)
+        } else {
+            var directories: [String] = []
+            for controller in controllers {
+                guard let mount = mounts.v1[controller], let path = mounts.ownPath[controller] ?? nil, ours(path) else { continue }
+                directories.append(mount + path)
+            }
+            guard !directories.isEmpty else { return nil }
+            found = WorkerCgroup(directories: directories, procsFiles: directories.map { "\($0)/cgroup.procs" }, limits: limits, version: 1)
         }
-        var directories: [String] = []
-        for controller in controllers {
-            guard let mount = mounts.v1[controller], let path = mounts.ownPath[controller] ?? nil, ours(path) else { continue }
-            directories.append(mount + path)
+        // The limits are this host's now (they may have changed: a default follows the
+        // host's memory and its VMs); the process is not restarted for them.
+        found.applyLimits()
+        return found
+    }
+
+    /// Writes `limits` to the group's controllers (a running process's group too).
+    func applyLimits() {
+        for directory in directories {
+            let settings: [(String, String)] = version == 2
+                ? [("memory.max", "\(limits.memory)"), ("pids.max", "\(limits.tasks)"), ("cpu.weight", "\(limits.cpuWeight)")]
+                : [("memory.limit_in_bytes", "\(limits.memory)"), ("pids.max", "\(limits.tasks)"), ("cpu.shares", "\(limits.cpuWeight * 1024 / 100)")]
+            for (file, value) in settings where access("\(directory)/\(file)", F_OK) == 0 {
+                _ = FileDescriptorIO.writeFile(value, to: "\(directory)/\(file)")
+            }
         }
-        guard !directories.isEmpty else { return nil }
-        return WorkerCgroup(directories: directories, procsFiles: directories.map { "\($0)/cgroup.procs" }, limits: limits, version: 1)
     }
 
     /// Moves `pid` into the group. Done by the supervisor right after the spawn, while
@@ -110,6 +128,18 @@ public final class WorkerCgroup: @unchecked Sendable {
     @discardableResult
     public func add(_ pid: pid_t) -> Bool {
         procsFiles.allSatisfy { FileDescriptorIO.writeFile("\(pid)", to: $0) }
+    }
+
+    /// Bytes of memory the group uses now that the kernel cannot simply reclaim: what
+    /// it counts, less the page cache of the files it reads and writes (a worker
+    /// writing its disk fills that, and the kernel drops it before it kills anyone).
+    public var memoryInUse: UInt64? {
+        let (total, cacheKey) = version == 2 ? ("memory.current", "file") : ("memory.usage_in_bytes", "total_cache")
+        guard let used = FileDescriptorIO.readFile("\(directories[0])/\(total)").flatMap({ UInt64($0.split(separator: "\n").first ?? "") })
+        else { return nil }
+        let stat = FileDescriptorIO.readFile("\(directories[0])/memory.stat") ?? ""
+        let cache = stat.split(separator: "\n").first { $0.hasPrefix(cacheKey + " ") }.flatMap { UInt64($0.dropFirst(cacheKey.count + 1)) } ?? 0
+        return used > cache ? used - cache : 0
     }
 
     /// How often the kernel's OOM killer has killed in this group so far.

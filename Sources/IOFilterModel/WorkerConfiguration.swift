@@ -65,8 +65,17 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// allocation failures (and its worker, if it crashes on them, is restarted alone).
     public var memoryLimit: UInt64?
     /// 8 GiB: room for the Swift runtime, the C library's per-thread arenas, connection
-    /// threads and the samples' largest journals, far below what would hurt a host.
+    /// threads and the samples' largest journals: the most a default gives.
     public static let defaultMemoryLimit: UInt64 = 8 << 30
+
+    /// The limit a VM's worker gets when neither the VM nor the host sets one: a share
+    /// of three quarters of the host's memory for each VM it has, at least the minimum
+    /// (a limit is a ceiling, not a reservation: small shares overcommit safely) and at
+    /// most `defaultMemoryLimit`, in whole MiB.
+    public static func defaultMemoryLimit(hostMemory: UInt64, vms: Int) -> UInt64 {
+        // Whole MiB: the kernel keeps a limit in pages, and says it back as it keeps it.
+        min(defaultMemoryLimit, max(minimumMemoryLimit, ((hostMemory / 4 * 3 / UInt64(max(vms, 1))) >> 20) << 20))
+    }
     /// The least a worker may be given: below it the runtime itself cannot start.
     public static let minimumMemoryLimit: UInt64 = 256 << 20
 
@@ -129,6 +138,9 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
         plain.cgroupProcs = nil
         plain.cgroupSummary = nil
         plain.standby = nil
+        // Limits a running worker's cgroup takes as they are: no reason to restart it.
+        plain.memoryLimit = nil
+        plain.cpuWeight = nil
         return plain
     }
 

@@ -97,7 +97,7 @@ struct IOFilterDaemon: ParsableCommand {
     @Option(help: ArgumentHelp("Seconds a request may sit in one filter before its worker is killed.", valueName: "seconds"))
     var watchdog: Double = 30
 
-    @Option(help: ArgumentHelp("The most memory each worker may map (default 8G).", valueName: "size"))
+    @Option(help: ArgumentHelp("The most memory each VM's worker may use (default: three quarters of the host's memory shared by its VMs, from 256M to 8G; a worker past 80 % of its limit is a warning event).", valueName: "size"))
     var workerMemoryLimit: String?
 
     @Option(help: ArgumentHelp("The longest wait before restarting a worker that keeps crashing (it doubles from 0.1 s).", valueName: "seconds"))

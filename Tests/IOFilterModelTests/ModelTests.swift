@@ -195,4 +195,12 @@ struct HealthAndRateTests {
         let cleaned = HealthRules.filter(forged).reason
         #expect(!cleaned.contains("\n") && !cleaned.contains("\u{1b}") && cleaned.unicodeScalars.count == 300 && cleaned.hasPrefix("ok 2026-12-04 INFO"))
     }
+
+    @Test func aWorkersDefaultMemoryLimitIsItsShareOfTheHost() {
+        let gib: UInt64 = 1 << 30
+        #expect(WorkerConfiguration.defaultMemoryLimit(hostMemory: 24 * gib, vms: 1) == 8 * gib, "at most 8 GiB")
+        #expect(WorkerConfiguration.defaultMemoryLimit(hostMemory: 24 * gib, vms: 9) == 2 * gib, "three quarters shared by 9")
+        #expect(WorkerConfiguration.defaultMemoryLimit(hostMemory: 24 * gib, vms: 1000) == WorkerConfiguration.minimumMemoryLimit)
+        #expect(WorkerConfiguration.defaultMemoryLimit(hostMemory: 4 * gib, vms: 0) == 3 * gib, "no VM yet counts as one")
+    }
 }

@@ -57,6 +57,50 @@ struct ControlPlaneTests {
         try daemon.ok(["vm", "stop", "pvm"])
     }
 
+    /// A worker's cgroup value (v1 or v2) for one of its limits.
+    static func cgroupValue(_ pid: Int32?, v1 controller: String, _ v1File: String, v2 v2File: String) -> String? {
+        guard let pid, let groups = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else { return nil }
+        for line in groups.split(separator: "\n") where line.contains("iofilter-worker") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            let file = parts[1] == controller ? "/sys/fs/cgroup/\(controller)\(parts[2])/\(v1File)"
+                : parts[1].isEmpty ? "/sys/fs/cgroup\(parts[2])/\(v2File)" : nil
+            if let file { return (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) }
+        }
+        return nil
+    }
+    /// Its memory limit: its cgroup's, or (no cgroup) its address-space limit.
+    static func addressSpace(_ pid: Int32?) -> String? {
+        if let limit = cgroupValue(pid, v1: "memory", "memory.limit_in_bytes", v2: "memory.max") { return limit }
+        guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8) else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix("Max address space") }
+            .map { $0.split(separator: " ", omittingEmptySubsequences: true)[3...3].joined() }
+    }
+
+    @Test func aVMsDefaultMemoryLimitIsItsShareOfTheHost() throws {
+        let daemon = try Daemon()
+        defer { daemon.stop() }
+        for name in ["s1", "s2", "s3"] {
+            try daemon.ok(["disk", "create", name, "--size", "8M"])
+            try daemon.ok(["vm", "create", name, "--disk", name])
+        }
+        let hostMemory = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        let vm: VMInfo = try daemon.json(["vm", "start", "s1"])
+        #expect(Self.addressSpace(vm.pid) == "\(WorkerConfiguration.defaultMemoryLimit(hostMemory: hostMemory, vms: 3))")
+        // A fourth VM, and a host restart: the adopted worker's group takes the new
+        // share without a restart of the worker.
+        try daemon.ok(["disk", "create", "s4", "--size", "8M"])
+        try daemon.ok(["vm", "create", "s4", "--disk", "s4"])
+        daemon.leave()
+        try daemon.start()
+        let adopted: VMInfo = try daemon.json(["vm", "show", "s1"])
+        #expect(adopted.pid == vm.pid)
+        if Self.cgroupValue(vm.pid, v1: "memory", "memory.limit_in_bytes", v2: "memory.max") != nil {
+            #expect(Self.addressSpace(vm.pid) == "\(WorkerConfiguration.defaultMemoryLimit(hostMemory: hostMemory, vms: 4))")
+        }
+        try daemon.ok(["vm", "stop", "s1"])
+    }
+
     @Test func aVMsLimitsReachItsWorker() throws {
         let daemon = try Daemon(arguments: ["--worker-memory-limit", "2G"])
         defer { daemon.stop() }
@@ -72,29 +116,12 @@ struct ControlPlaneTests {
         #expect(try daemon.ok(["vm", "show", "limited"]).contains("limits: memory 1024 MiB, 2 connections per disk, CPU weight 50"))
         // The worker runs under its VM's limit; another VM under the host's default:
         // its cgroup's, or (no cgroup here) its address-space limit.
-        func cgroupValue(_ pid: Int32?, v1 controller: String, _ v1File: String, v2 v2File: String) -> String? {
-            guard let pid, let groups = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else { return nil }
-            for line in groups.split(separator: "\n") where line.contains("iofilter-worker") {
-                let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
-                guard parts.count == 3 else { continue }
-                let file = parts[1] == controller ? "/sys/fs/cgroup/\(controller)\(parts[2])/\(v1File)"
-                    : parts[1].isEmpty ? "/sys/fs/cgroup\(parts[2])/\(v2File)" : nil
-                if let file { return (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) }
-            }
-            return nil
-        }
-        func addressSpace(_ pid: Int32?) -> String? {
-            if let limit = cgroupValue(pid, v1: "memory", "memory.limit_in_bytes", v2: "memory.max") { return limit }
-            guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8) else { return nil }
-            return text.split(separator: "\n").first { $0.hasPrefix("Max address space") }
-                .map { $0.split(separator: " ", omittingEmptySubsequences: true)[3...3].joined() }
-        }
         // CPU weight 50 is half the default: 512 shares in cgroup v1.
-        if let weight = cgroupValue(limited.pid, v1: "cpu", "cpu.shares", v2: "cpu.weight") {
+        if let weight = Self.cgroupValue(limited.pid, v1: "cpu", "cpu.shares", v2: "cpu.weight") {
             #expect(weight == "512" || weight == "50", "\(weight)")
         }
-        #expect(addressSpace(limited.pid) == "1073741824")
-        #expect(addressSpace(plain.pid) == "2147483648")
+        #expect(Self.addressSpace(limited.pid) == "1073741824")
+        #expect(Self.addressSpace(plain.pid) == "2147483648")
         // Two clients at once; a third is turned away while they stay. Connections that
         // have not negotiated do not count.
         let uri = try #require(limited.uris["l1"])
@@ -113,7 +140,7 @@ struct ControlPlaneTests {
         try daemon.start()
         let shown: VMInfo = try daemon.json(["vm", "show", "limited"])
         #expect(shown.limits?.maxConnections == 2 && shown.state == .running)
-        #expect(addressSpace(shown.pid) == "1073741824")
+        #expect(Self.addressSpace(shown.pid) == "1073741824")
         try daemon.ok(["vm", "stop", "limited"])
         try daemon.ok(["vm", "stop", "plain"])
     }

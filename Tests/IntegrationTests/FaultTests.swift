@@ -319,6 +319,31 @@ struct FaultTests {
         #expect(replacement != worker)
     }
 
+    /// A filter that comes close to its worker's memory limit is reported before the
+    /// kernel has to kill anything: once per crossing of 80 %.
+    @Test func aWorkerNearItsMemoryLimitIsReported() throws {
+        let test = try Harness.buildTestPlugin("tf-hold", in: directory)
+        let disk = image("hold.img", size: 4 << 20)
+        let served = try ServedDisk([disk, "--filter", "\(test):behaviour=hold-memory-on-read,marker=230", "--memory-limit", "256M",
+                                     "--socket", directory.appendingPathComponent("hold.sock").path])
+        defer { served.stop() }
+        let worker = try #require(served.workerPID)
+        guard served.waitForLog("limited by its cgroup") else {
+            // No cgroup here (not root, or no controllers): there is nothing to watch.
+            #expect(served.log.contains("limited by RLIMIT_AS"), "\(served.log.suffix(2000))")
+            return
+        }
+        #expect(try io(served.uri, ["read 2M 4096"]).contains("read 4096/4096"))
+        #expect(served.waitForLog("holding 230 MiB: done"))
+        #expect(served.waitForLog("% of its memory limit of 256 MiB (filters: org.test.filter)"), "\(served.log.suffix(2000))")
+        #expect(served.log.contains("worker \(worker) uses "))
+        // Told once, and the worker serves on.
+        usleep(1_500_000)
+        #expect(served.log.components(separatedBy: "of its memory limit").count - 1 == 1)
+        #expect(try io(served.uri, ["read 0 4096"]).contains("read 4096/4096"))
+        #expect(served.workerPID == worker)
+    }
+
     @Test func aFilterThatAllocatesWithoutBoundMeetsTheWorkersMemoryLimit() throws {
         let test = try Harness.buildTestPlugin("tf-greedy", in: directory)
         let disk = image("greedy.img", size: 4 << 20)

@@ -13,7 +13,8 @@ extension Severity {
              "snapshot-failed":
             .error
         case "worker-exited", "daemon-exited", "filter-degraded", "rpo-exceeded", "access-denied", "sign-in-failed", "plugin-refused",
-             "acceptance-level-lowered", "host-recovered", "alert-failed", "checkpoint-inconsistent":
+             "acceptance-level-lowered", "host-recovered", "alert-failed", "checkpoint-inconsistent",
+             "worker-memory-high", "daemon-memory-high", "worker-not-adopted":
             .warning
         default:
             .info

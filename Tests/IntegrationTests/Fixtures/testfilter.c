@@ -170,7 +170,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ, HOLD_MEMORY_ON_READ };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -180,7 +180,8 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "connect-on-open", "sysv-on-open", "shrink-heartbeat-on-open",
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
                                          "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert",
-                                         "veto-upgrade", "slow-close", "freeze-watchdog-on-read", NULL};
+                                         "veto-upgrade", "slow-close", "freeze-watchdog-on-read",
+                                         "hold-memory-on-read", NULL};
 
 static const struct iof_host_services *host;
 
@@ -593,6 +594,23 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
     case SEGV_ON_WRITE:
         if (req->op == IOF_OP_WRITE)
             *null_pointer() = 1;
+        return IOF_PASS;
+    case HOLD_MEMORY_ON_READ:
+        /* Allocates, touches and keeps `marker` MiB (once): memory in use, not a leak
+         * without bound. */
+        if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
+            static char *held;
+            if (!held) {
+                const char *marker = host->param(inst->disk, "marker");
+                size_t mib = marker && atoi(marker) > 0 ? (size_t)atoi(marker) : 200;
+                held = malloc(mib << 20);
+                if (held)
+                    memset(held, 0x5a, mib << 20);
+                char line[96];
+                snprintf(line, sizeof line, "holding %zu MiB: %s", mib, held ? "done" : "refused");
+                host->log(inst->disk, IOF_LOG_WARNING, line);
+            }
+        }
         return IOF_PASS;
     case ALLOCATE_ON_READ:
         if (req->op == IOF_OP_READ && req->offset >= (1u << 20)) {
