@@ -270,7 +270,7 @@ struct ConnectionTests {
         let second = try RawClient(socket: served.socketPath)
         let third = try RawClient(connectingOnly: served.socketPath)
         #expect(third.atEOF(), "the third client was turned away")
-        #expect(served.test.log.contains("connections are open, the most allowed"))
+        #expect(served.test.log.contains("clients are served, the most allowed"))
         // The first two still work.
         for client in [first, second] {
             try client.send(RawClient.request(0, cookie: 5, length: 4096))
