@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 #define IOF_ABI_MAJOR 1
-#define IOF_ABI_MINOR 6
+#define IOF_ABI_MINOR 7
 
 /* The name of the one symbol a plug-in exports. */
 #define IOF_PLUGIN_ENTRY_SYMBOL "iof_plugin_entry"
@@ -278,6 +278,10 @@ typedef void (*iof_io_callback)(void *arg, int error);
 typedef void (*iof_timer_callback)(void *arg);
 /* Receives one statistic; called from inside the plug-in's `stats` callback. */
 typedef void (*iof_stat_emitter)(void *emit_ctx, const char *key, double value);
+/* ABI 1.7. What the host's completion executor calls for a request a filter deferred
+ * with defer_call. */
+typedef void (*iof_deferred_call)(struct iof_request *req, void *arg);
+
 /* ABI 1.5. Receives one run of a changed_extents answer: `changed` is 1 if the run
  * changed since the checkpoint. Return 0 to go on, non-zero to stop early. */
 typedef int (*iof_change_emitter)(void *arg, uint64_t offset, uint64_t length, int changed);
@@ -416,6 +420,18 @@ struct iof_host_services {
     int (*checkpoint_name)(iof_host_disk *disk, uint32_t index, char *name, size_t size);
     int (*changed_extents)(iof_host_disk *disk, const char *checkpoint, uint64_t offset,
                            uint64_t length, iof_change_emitter emit, void *arg);
+
+    /* --- ABI 1.7; check struct_size (or abi_minor >= 7) before calling ------------- */
+
+    /* Defer without a thread of your own: the host calls `call(req, arg)` soon on the
+     * worker's completion executor (one host thread that runs queued calls in batches),
+     * and there you decide as after any deferral: `resume` the request, at once or
+     * later. Use it in `start` or `done`, then return IOF_DEFER. A request that several
+     * filters defer this way moves to the executor once and stays there (a call queued
+     * from the executor runs in the same batch): one thread hop for the whole chain,
+     * where a thread per filter costs one per filter. Returns 0, or an errno (nothing
+     * was queued: decide yourself). `call` must not block: it holds up every other. */
+    int (*defer_call)(struct iof_request *req, iof_deferred_call call, void *arg);
 };
 
 /* ------------------------------------------------------------------------------ */

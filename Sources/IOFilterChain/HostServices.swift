@@ -91,6 +91,11 @@ public enum HostServices {
                     return emit(arg, position, runLength, changed ? 1 : 0) == 0
                 }
                 return 0
+            },
+            defer_call: { io, call, arg in
+                guard let io, let call, LiveRequests.shared.lookup(io) != nil else { return EINVAL }
+                CompletionExecutor.executor(for: io).enqueue(io, call, arg)
+                return 0
             }))
         return table
     }()

@@ -157,14 +157,16 @@ public final class ChildProcess: @unchecked Sendable {
         var polled = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
         let deadline = timeout.map { monotonicNanoseconds() + UInt64($0 * 1e9) }
         while true {
-            let left = deadline.map { $0 > monotonicNanoseconds() ? Int32(($0 - monotonicNanoseconds()) / 1_000_000) : 0 } ?? -1
+            let now = monotonicNanoseconds()
+            if let deadline, now >= deadline { return nil }
+            // Whole milliseconds, rounded up: a poll of 0 would spin until the deadline.
+            let left = deadline.map { Int32(min(($0 - now + 999_999) / 1_000_000, UInt64(Int32.max))) } ?? -1
             let rc = poll(&polled, 1, left)
             if rc > 0 {
                 lock.withLock { status = Self.adoptedExitStatus }
                 return Self.adoptedExitStatus
             }
             if rc < 0 && errno != EINTR { return lock.withLock { status } ?? Self.adoptedExitStatus }
-            if rc == 0 && left >= 0 && (deadline ?? 0) <= monotonicNanoseconds() { return nil }
         }
     }
 

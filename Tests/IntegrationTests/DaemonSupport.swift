@@ -31,6 +31,12 @@ final class Daemon: @unchecked Sendable {
     /// outlive their host, for the next one to adopt): nothing of it may outlive the test.
     deinit {
         stop()
+        // A host that crashed says so in its own log, which a test sees only the end of.
+        if log.contains(" crashed:") {
+            let kept = state.deletingLastPathComponent().appendingPathComponent("crashed-iofilterd-\(UUID().uuidString).log").path
+            try? log.write(toFile: kept, atomically: true, encoding: .utf8)
+            print("iofilterd on \(state.path) crashed; its whole log: \(kept)")
+        }
         Self.killWorkers(of: state)
     }
 

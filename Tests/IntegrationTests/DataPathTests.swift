@@ -76,7 +76,7 @@ struct DataPathTests {
         #expect(try Harness.sha(disk) == Harness.sha(source))
     }
 
-    @Test(arguments: ["pass", "defer", "invert"])
+    @Test(arguments: ["pass", "defer", "defer-on-host", "invert"])
     func fioRandomWritesVerify(behaviour: String) throws {
         let disk = image("fio-\(behaviour).img", size: 64 << 20)
         let test = try Harness.buildTestPlugin("tf", in: directory)
@@ -96,6 +96,36 @@ struct DataPathTests {
             #expect(shown.count == 16)
             #expect(Array(raw) == shown.map { $0 ^ 0xff })
         }
+    }
+
+    /// A chain of five filters that defer every start and done to the host's completion
+    /// executor (ABI 1.7), one of them built against the 1.6 header (it falls back to a
+    /// thread of its own): fio verifies what it wrote, and the executor did the work.
+    @Test func fiveFiltersDeferringToTheHostServeCorrectly() throws {
+        let disk = image("executor.img", size: 64 << 20)
+        var filters: [String] = []
+        for category in ["inspection", "replication", "encryption", "cache", "qos"] {
+            let plugin = try Harness.buildTestPlugin(
+                "defer-\(category)", defines: ["CATEGORY=IOF_CATEGORY_\(category.uppercased())", "PLUGIN_NAME=\"org.test.\(category)\""],
+                header: category == "qos" ? Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/abi-1.6").path : nil,
+                in: directory)
+            filters += ["--filter", "\(plugin):behaviour=defer-on-host"]
+        }
+        let served = try ServedDisk([disk] + filters)
+        defer { served.stop() }
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "info", directory.appendingPathComponent("defer-qos.so").path])
+            .contains("built for ABI 1.6"))
+        let out = try Harness.check(Harness.tool("fio"), [
+            "--name=verify", "--ioengine=nbd", "--uri=\(served.uri)", "--rw=randrw", "--bs=4k", "--size=16M",
+            "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=1", "--output-format=terse",
+        ])
+        #expect(!out.isEmpty)
+        _ = try io(served.uri, ["write -P 0x3c 40M 1M", "read -P 0x3c 40M 1M"])
+        let worker = try #require(served.workerPID)
+        let inner = try #require(Harness.children(of: worker).first)
+        let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(inner)/task")) ?? []
+        let names = threads.compactMap { try? String(contentsOfFile: "/proc/\(inner)/task/\($0)/comm", encoding: .utf8) }
+        #expect(names.contains { $0.hasPrefix("completions") }, "the host's executor ran the deferred calls: \(names)")
     }
 
     @Test func trimAndWriteZeroesReadBackAsZeroes() throws {

@@ -9,7 +9,7 @@ struct DemoTests {
         for program in ["iofilter", "iofilterd"] {
             let result = try Harness.run(Harness.binDirectory.appendingPathComponent(program).path, ["--version"])
             #expect(result.status == 0)
-            #expect(result.stdout.hasPrefix("0.") && result.stdout.contains("(plug-in ABI 1.6)"), "\(program): \(result.stdout)")
+            #expect(result.stdout.hasPrefix("0.") && result.stdout.contains("(plug-in ABI 1.7)"), "\(program): \(result.stdout)")
         }
     }
 

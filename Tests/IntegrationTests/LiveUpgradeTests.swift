@@ -361,7 +361,7 @@ struct LiveUpgradeTests {
         func old(_ version: String) throws -> String {
             try Harness.buildTestPlugin("abi15-\(version)", defines: ["PLUGIN_VERSION=\"\(version)\""], header: header, in: directory)
         }
-        #expect(try Harness.check(Harness.iofilter, ["plugin", "info", try old("1.0.0")]).contains("built for ABI 1.5 (this host speaks 1.6)"))
+        #expect(try Harness.check(Harness.iofilter, ["plugin", "info", try old("1.0.0")]).contains("built for ABI 1.5 (this host speaks 1.7)"))
         try daemon.ok(["plugin", "install", try old("1.0.0")])
         try daemon.ok(["policy", "create", "p", "--filter", "org.test.filter"])
         try daemon.ok(["disk", "create", "d", "--size", "16M", "--policy", "p"])

@@ -73,7 +73,7 @@ struct PluginValidationTests {
         let info = try Harness.run(Harness.iofilter, ["plugin", "info", test])
         #expect(info.status == 0, "\(info.stderr)")
         for expected in ["org.test.filter 1.0.0  [cache]", "behaviour (one of pass, defer", "default 4", "target (a string)", "a path",
-                         "add(arg1: int32, arg2: int32) -> int32", "built for ABI 1.6", "callbacks: load, attach, done, event, stats, health"] {
+                         "add(arg1: int32, arg2: int32) -> int32", "built for ABI 1.7", "callbacks: load, attach, done, event, stats, health"] {
             #expect(info.stdout.contains(expected), "\(expected) in: \(info.stdout)")
         }
         let json = try Harness.run(Harness.iofilter, ["plugin", "info", test, "--json"])
@@ -100,7 +100,7 @@ struct PluginValidationTests {
         (["NO_ENTRY"], "does not export iof_plugin_entry"),
         (["ENTRY_RETURNS_NULL"], "iof_plugin_entry() returned NULL"),
         (["ABI_MAJOR_VALUE=2", "ABI_MINOR_VALUE=0"], "built for ABI 2.0; this host speaks ABI 1.x"),
-        (["ABI_MINOR_VALUE=7"], "newer than this host's 1.6"),
+        (["ABI_MINOR_VALUE=8"], "newer than this host's 1.7"),
         (["STRUCT_SIZE_VALUE=16"], "struct_size is 16, smaller than"),
         (["CATEGORY=9"], "unknown category 9"),
         (["PLUGIN_NAME=\"\""], "name is empty"),

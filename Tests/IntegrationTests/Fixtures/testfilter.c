@@ -35,6 +35,8 @@
  *   veto-grow       refuse growing with ENOSPC (after logging it)
  *   pass            pass everything down
  *   defer           defer every start and done, resumed from another thread
+ *   defer-on-host   defer every start and done to the host's completion executor (ABI
+ *                   1.7 defer_call; on an older host, as `defer`)
  *   segv-on-write   dereference NULL on the first write
  *   exec-on-open    try to execve /bin/sh in open (the sandbox must refuse), log the errno
  *   hang-on-read    never return from start for reads past the first MiB
@@ -170,7 +172,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ, HOLD_MEMORY_ON_READ };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ, HOLD_MEMORY_ON_READ, DEFER_ON_HOST };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -181,7 +183,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
                                          "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert",
                                          "veto-upgrade", "slow-close", "freeze-watchdog-on-read",
-                                         "hold-memory-on-read", NULL};
+                                         "hold-memory-on-read", "defer-on-host", NULL};
 
 static const struct iof_host_services *host;
 
@@ -226,6 +228,26 @@ static void *resumer(void *unused)
         free(item);
     }
     return NULL;
+}
+
+#if IOF_ABI_MINOR >= 7
+static void resume_passing(struct iof_request *req, void *unused)
+{
+    (void)unused;
+    host->resume(req, IOF_PASS, 0);
+}
+#endif
+
+static enum iof_disposition defer_to_resumer(struct iof_request *req);
+
+/* Defers to the host's completion executor where the host has one. */
+static enum iof_disposition defer_on_host(struct iof_request *req)
+{
+#if IOF_ABI_MINOR >= 7
+    if (host->abi_minor >= 7 && host->defer_call && host->defer_call(req, resume_passing, NULL) == 0)
+        return IOF_DEFER;
+#endif
+    return defer_to_resumer(req);
 }
 
 static enum iof_disposition defer_to_resumer(struct iof_request *req)
@@ -591,6 +613,8 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
     switch (inst->behaviour) {
     case DEFER:
         return defer_to_resumer(req);
+    case DEFER_ON_HOST:
+        return defer_on_host(req);
     case SEGV_ON_WRITE:
         if (req->op == IOF_OP_WRITE)
             *null_pointer() = 1;
@@ -684,6 +708,8 @@ static enum iof_disposition tf_done(void *instance, struct iof_request *req, voi
         invert(req); /* reads: decode; writes: give the caller its buffer back as it was */
     if (inst->behaviour == DEFER)
         return defer_to_resumer(req);
+    if (inst->behaviour == DEFER_ON_HOST)
+        return defer_on_host(req);
     return IOF_PASS;
 }
 
