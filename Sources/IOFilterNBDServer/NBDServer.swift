@@ -83,6 +83,7 @@ public final class NBDServer: @unchecked Sendable {
     private var connections: [Int: Int32] = [:]  // (lock) id → socket
     private var transmitting: [Int: NBDConnection] = [:]  // (lock) id → its transmission phase, once there
     private var negotiating: [Int: (fd: Int32, peer: String, since: UInt64)] = [:]  // (lock) not negotiated yet
+    private var admitted: Set<Int> = []  // (lock) negotiated (or being told so): what maxConnections counts
     private var evictions = 0  // (lock)
     private var detaching = false  // (lock) connections are being handed over
     private var detached: [HandedOverConnection] = []  // (lock)
@@ -151,7 +152,7 @@ public final class NBDServer: @unchecked Sendable {
             enum Admission { case admitted(Int), full, stopping }
             let admission: Admission = lock.withLock {
                 if stopping { return .stopping }
-                if transmitting.count >= limits.maxConnections { return .full }
+                if admitted.count >= limits.maxConnections { return .full }
                 makeRoomToNegotiate(for: peer)
                 nextID += 1
                 connections[nextID] = client
@@ -175,7 +176,9 @@ public final class NBDServer: @unchecked Sendable {
                 var connectionLogger = logger
                 connectionLogger[metadataKey: "conn"] = "\(id)"
                 let ending = Handshake(fd: client, catalog: catalog, tls: tls, structuredReplies: limits.structuredReplies, deadline: deadline,
-                                       logger: connectionLogger) { [self] connection in register(id, connection) }.run()
+                                       logger: connectionLogger, admit: { [self] in admit(id) }) { [self] connection in
+                    register(id, connection)
+                }.run()
                 finished(connection: id, client, ending)
             }
         }
@@ -216,19 +219,29 @@ public final class NBDServer: @unchecked Sendable {
         return uid >= 0 ? "uid \(uid)" : "?"
     }
 
-    /// A connection reached its transmission phase (told to detach at once if the
-    /// server is handing its clients over). False: the server serves as many clients as
-    /// it may (others finished negotiating meanwhile), and this one is closed.
-    private func register(_ id: Int, _ connection: NBDConnection, handedOver: Bool = false) -> Bool {
+    /// A client is about to be told its export is ready: it counts against
+    /// `maxConnections` from now on. False: as many clients are served as allowed
+    /// (others finished negotiating meanwhile), and it is refused instead.
+    private func admit(_ id: Int) -> Bool {
         lock.withLock {
             negotiating[id] = nil
-            guard handedOver || transmitting.count < limits.maxConnections else {
+            guard admitted.count < limits.maxConnections else {
                 logger.warning("refused a client that finished negotiating: \(limits.maxConnections) clients are served, the most allowed")
                 return false
             }
+            admitted.insert(id)
+            return true
+        }
+    }
+
+    /// A connection reached its transmission phase (told to detach at once if the
+    /// server is handing its clients over).
+    private func register(_ id: Int, _ connection: NBDConnection, handedOver: Bool = false) {
+        lock.withLock {
+            negotiating[id] = nil
+            if handedOver { admitted.insert(id) }
             transmitting[id] = connection
             if detaching { connection.requestDetach() }
-            return true
         }
     }
 
@@ -238,6 +251,7 @@ public final class NBDServer: @unchecked Sendable {
                 connections[id] = nil
                 transmitting[id] = nil
                 negotiating[id] = nil
+                admitted.remove(id)
             }
             if case .detached(let state) = ending {
                 detached.append(HandedOverConnection(fd: client, state: state))
@@ -284,7 +298,7 @@ public final class NBDServer: @unchecked Sendable {
             connectionLogger[metadataKey: "conn"] = "\(id)"
             let adopted = NBDConnection(fd: connection.fd, export: export, logger: connectionLogger, structured: connection.state.structured,
                                         baseAllocation: connection.state.baseAllocation, contexts: contexts, buffered: connection.state.buffered)
-            _ = register(id, adopted, handedOver: true)
+            register(id, adopted, handedOver: true)
             let ending = adopted.run()
             finished(connection: id, connection.fd, ending)
         }
@@ -372,8 +386,11 @@ struct Handshake {
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
     let logger: Logger
-    /// Told of the connection once negotiation is over; false: close it instead.
-    let onTransmission: (NBDConnection) -> Bool
+    /// Asked before the client is told its export is ready; false: the server is
+    /// full, and the client is refused.
+    let admit: () -> Bool
+    /// Told of the connection once negotiation is over.
+    let onTransmission: (NBDConnection) -> Void
 
     private enum Outcome {
         case serve(any NBDExport)
@@ -398,7 +415,8 @@ struct Handshake {
     private var fd: Int32 { negotiated.secured ?? socket }
 
     init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger,
-         onTransmission: @escaping (NBDConnection) -> Bool = { _ in true }) {
+         admit: @escaping () -> Bool = { true }, onTransmission: @escaping (NBDConnection) -> Void = { _ in }) {
+        self.admit = admit
         self.onTransmission = onTransmission
         self.structuredReplies = structuredReplies
         self.socket = fd
@@ -416,7 +434,8 @@ struct Handshake {
             let connection = NBDConnection(fd: fd, export: export, logger: logger, structured: negotiated.structured,
                                            baseAllocation: chosen && negotiated.baseAllocation,
                                            contexts: chosen ? negotiated.contexts : [])
-            if onTransmission(connection) { ending = connection.run() }
+            onTransmission(connection)
+            ending = connection.run()
         case .close:
             break  // the server closes the socket
         }
@@ -499,6 +518,7 @@ struct Handshake {
                 logger.info("client asked for unknown export '\(name)'")
                 return .close  // the protocol has no error reply for EXPORT_NAME
             }
+            guard admit() else { return .close }  // nor for a full server
             var message = MessageWriter()
             message.u64(export.size)
             message.u16(Self.transmissionFlags(export).rawValue)
@@ -555,6 +575,10 @@ struct Handshake {
                 named.u16(NBDProtocol.Info.name.rawValue)
                 named.append(export.name)
                 try reply(rawOption, .info, data: named.bytes)
+            }
+            if option == .go && !admit() {
+                try reply(rawOption, .errPolicy, message: "the server serves as many clients as it may; try again later")
+                return nil
             }
             try reply(rawOption, .ack)
             return option == .go ? .serve(export) : nil
