@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import IOFilterHost
 import IOFilterModel
+import IOFilterPosix
 
 /// What an earlier host leaves behind, and how the next start takes it up or clears it.
 ///
@@ -141,8 +142,7 @@ extension HostController {
 
     /// Still running (a zombie waiting for a parent that is not us counts as gone).
     static func isAlive(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return stat[stat.index(after: close)...].split(separator: " ").first != "Z"
+        guard let state = ProcessStat(pid)?.state else { return false }
+        return state != "Z"
     }
 }

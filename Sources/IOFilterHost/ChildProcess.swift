@@ -124,10 +124,7 @@ public final class ChildProcess: @unchecked Sendable {
     /// When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat), or
     /// nil if there is no such process.
     public static func startTime(of pid: pid_t) -> UInt64? {
-        guard let stat = FileDescriptorIO.readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
-        // Fields after the command's closing parenthesis start with the 3rd (state).
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        return fields.count > 19 ? UInt64(fields[19]) : nil
+        ProcessStat(pid)?.startTime
     }
 
     /// Waits for the child to exit, at most `timeout` seconds (nil: forever). Returns

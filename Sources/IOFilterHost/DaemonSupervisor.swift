@@ -66,14 +66,9 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
             reattachment = nil
         }
         var peer: Int32?
-        var address: String?
         if let reattachment {
             channelListener = reattachment.listeners[0]
             peer = reattachment.listeners.dropFirst().first
-            address = peer.map { fd in
-                let host = listen.flatMap(Sockets.hostPort)?.host ?? "127.0.0.1"
-                return "\(host.contains(":") ? "[\(host)]" : host):\(Sockets.localPort(fd))"
-            }
         } else {
             unlink(channelPath)
             do {
@@ -88,15 +83,18 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
                 throw SupervisorError(message: "'\(listen)' is not HOST:PORT")
             }
             do {
-                let fd = try Sockets.listenTCP(host: host, port: port)
-                peer = fd
-                address = "\(host.contains(":") ? "[\(host)]" : host):\(Sockets.localPort(fd))"
+                peer = try Sockets.listenTCP(host: host, port: port)
             } catch {
                 close(channelListener)
                 throw SupervisorError(message: "cannot listen for \(plugin.name)'s peers on \(listen): \(error)")
             }
         }
         peerListener = peer
+        // With the port the kernel chose for port 0 (or that the adopted daemon has).
+        let address = peer.map { fd in
+            let host = listen.flatMap(Sockets.hostPort)?.host ?? "127.0.0.1"
+            return "\(host.contains(":") ? "[\(host)]" : host):\(Sockets.localPort(fd))"
+        }
         listenAddress = address
         var settings = settings
         if let address { settings["listen"] = address }
@@ -134,6 +132,7 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
             controlListener = nil
         }
         self.continuity = continuity
+        adopts = reattachment != nil && leftover?.record.key == configuration.adoptionKey
         var policy = RestartPolicy()
         policy.readyTimeout = 30
         core = ProcessSupervisor(role: "daemon", owner: " of \(plugin.name)", policy: policy, cgroup: cgroup,
@@ -144,6 +143,8 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     private let leftover: LeftoverProcess?
     private let reattachment: Reattachment?
+    /// The leftover daemon runs what this one would: `start` adopts it.
+    private let adopts: Bool
     private let controlListener: Int32?
     private let continuity: (controlSocket: String, recordPath: String)?
 
@@ -189,7 +190,7 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// is retried with backoff, and `status` says why).
     public func start() {
         if let leftover, let reattachment {
-            if leftover.record.key == configuration.adoptionKey {
+            if adopts {
                 try? core.start(adopting: reattachment.process, heartbeat: reattachment.heartbeat)
                 return
             }
@@ -202,7 +203,7 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
     }
 
     /// Whether `start` adopted a daemon an earlier host left serving.
-    public var adopted: Bool { reattachment != nil && leftover?.record.key == configuration.adoptionKey }
+    public var adopted: Bool { adopts }
 
     /// A new connection to the daemon for one filter instance, or why there is none.
     public func connectChannel() -> Result<Int32, TargetBroker.Failure> {

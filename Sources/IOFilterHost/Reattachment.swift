@@ -63,13 +63,7 @@ public final class LeftoverProcess: @unchecked Sendable {
 
     /// Whether `pid` is this process or its namespace init (its child).
     public func owns(_ pid: pid_t) -> Bool {
-        pid == record.pid || Self.parent(of: pid) == record.pid
-    }
-
-    static func parent(of pid: pid_t) -> pid_t? {
-        guard let stat = FileDescriptorIO.readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        return fields.count > 1 ? pid_t(fields[1]) : nil
+        pid == record.pid || ProcessStat(pid)?.parent == record.pid
     }
 
     /// Connects to its control socket and reattaches: `broker` (the new host's) replaces
