@@ -19,6 +19,8 @@ import PackageDescription
 //   Sources/IOFilterNBD        the NBD protocol, its pipelining client, the target broker's wire (no TLS library)
 //   Sources/IOFilterTLS        TLS on GnuTLS (Sources/CTLS): the client's PSK handshake, server credentials
 //   Sources/IOFilterNBDServer  the NBD server: handshake, STARTTLS, connections, request slots
+//   Sources/CVhostUser, IOFilterVhostUser  the vhost-user-blk export: protocol, guest memory and
+//                              virtqueues (C), its server, queue threads and request slots (Swift)
 //   Sources/IOFilterPluginLoader  dlopen, descriptor checks, management calls via libffi
 //   Sources/IOFilterTracking   changed-block tracking: checkpoints' persistent bitmaps
 //   Sources/IOFilterChain      the chain engine: requests, filter instances, host services, the NBD export,
@@ -106,6 +108,13 @@ let package = Package(
             name: "IOFilterNBDServer",
             dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", "IOFilterTLS", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // vhost-user-blk: the protocol and virtqueues in C (Sources/CVhostUser), the
+        // server, its threads and requests in Swift; like the NBD server, no filters.
+        .target(name: "CVhostUser"),
+        .target(
+            name: "IOFilterVhostUser",
+            dependencies: ["CSystemShims", "CVhostUser", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
         .target(
             name: "IOFilterPluginLoader",
             dependencies: ["CIOFilter", "CLibFFI", "IOFilterABI", "IOFilterModel"],
@@ -117,7 +126,7 @@ let package = Package(
             name: "IOFilterChain",
             dependencies: [
                 "CIOFilter", "CSystemShims", "IOFilterPosix", "IOFilterModel", "IOFilterPluginLoader", "IOFilterNBD", "IOFilterNBDServer",
-                "IOFilterTracking",
+                "IOFilterTracking", "IOFilterVhostUser",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -198,7 +207,7 @@ let package = Package(
             name: "iofilter-worker",
             dependencies: [
                 "IOFilterModel", "IOFilterPluginLoader", "IOFilterChain", "IOFilterWorkerRuntime", "IOFilterSandbox",
-                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterTLS", "IOFilterWire",
+                "IOFilterNBD", "IOFilterNBDServer", "IOFilterLogging", "IOFilterPosix", "IOFilterTLS", "IOFilterVhostUser", "IOFilterWire",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -5,6 +5,7 @@ import IOFilterModel
 import IOFilterNBDServer
 import IOFilterPosix
 import IOFilterTracking
+import IOFilterVhostUser
 
 /// Offers a chain to NBD clients: each NBD request slot gets a `ChainRequest` once,
 /// and every request runs through the chain on the connection's thread.
@@ -156,4 +157,50 @@ public final class ChainCatalog: NBDExportCatalog {
     }
 
     public func snapshot(named name: String) -> SnapshotExport? { snapshots.withLock { $0.first { $0.name == name } } }
+}
+
+/// Offers a chain to a vhost-user-blk front-end (a guest's virtio disk): each of its
+/// request slots gets a `ChainRequest` once, and each request runs through the same
+/// chain, with the same flags rules and tracking, as an NBD client's.
+public final class ChainVirtioExport: VirtioBlkExport {
+    public let chain: Chain
+    public let readOnly: Bool
+    public var size: UInt64 { chain.backend.size }
+    public var canDiscard: Bool { chain.backend.canTrim }
+    public var canWriteZeroes: Bool { chain.backend.canWriteZeroes }
+
+    public init(chain: Chain, readOnly: Bool) {
+        self.chain = chain
+        self.readOnly = readOnly || chain.backend.readOnly
+    }
+
+    public func makeRequestContext(for request: VirtioBlkRequest) -> AnyObject? {
+        ChainRequest(chain: chain, top: 0, completion: .virtio(request))
+    }
+
+    public func releaseRequestContext(_ context: AnyObject) {
+        unsafeDowncast(context, to: ChainRequest.self).retire()
+    }
+
+    public func submit(_ request: VirtioBlkRequest) {
+        let chained = unsafeDowncast(request.exportContext!, to: ChainRequest.self)
+        let op: iof_op
+        var flags: UInt32 = 0
+        var buffer: UnsafeMutableRawPointer? = nil
+        switch request.command {
+        case .read: op = IOF_OP_READ; buffer = request.buffer
+        case .write: op = IOF_OP_WRITE; buffer = request.buffer
+        case .flush: op = IOF_OP_FLUSH
+        case .discard: op = IOF_OP_TRIM
+        case .writeZeroes(let mayUnmap):
+            op = IOF_OP_WRITE_ZEROES
+            if !mayUnmap { flags |= UInt32(IOF_REQ_NO_HOLE) }
+        }
+        chain.quiesce.enter()  // left when the request is answered (ChainRequest.finish)
+        if op == IOF_OP_WRITE || op == IOF_OP_TRIM || op == IOF_OP_WRITE_ZEROES {
+            chain.tracker.willModify(offset: request.offset, length: UInt64(request.length))
+        }
+        chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
+        chained.run()
+    }
 }

@@ -3,6 +3,7 @@ import Glibc
 import IOFilterNBD
 import IOFilterNBDServer
 import IOFilterPosix
+import IOFilterVhostUser
 import Logging
 import Synchronization
 
@@ -75,6 +76,7 @@ public final class ChainRequest: @unchecked Sendable {
 
     enum Completion {
         case nbd(NBDRequest)
+        case virtio(VirtioBlkRequest)
         case callback(iof_io_callback, UnsafeMutableRawPointer?)
         case swift(@Sendable (Int32) -> Void)
     }
@@ -123,7 +125,10 @@ public final class ChainRequest: @unchecked Sendable {
         io.pointee.error = 0
         io.pointee.id = chain.nextRequestID()
         watch.describe(id: io.pointee.id, op: op, offset: offset, length: length)
-        if case .nbd = completion { startedAt = monotonicNanoseconds() }
+        switch completion {
+        case .nbd, .virtio: startedAt = monotonicNanoseconds()
+        default: break
+        }
     }
 
     // MARK: the trip
@@ -250,6 +255,10 @@ public final class ChainRequest: @unchecked Sendable {
                 }
             }
             // Done with the chain (the reply is the connection's business now).
+            chain.quiesce.leave()
+            request.complete(error: error)
+        case .virtio(let request):
+            chain.io.record(io.pointee.op, bytes: io.pointee.length, error: error, nanoseconds: monotonicNanoseconds() &- startedAt)
             chain.quiesce.leave()
             request.complete(error: error)
         case .callback(let callback, let arg): callback(arg, error)

@@ -18,6 +18,8 @@ public final class VMSession: @unchecked Sendable {
         /// The unix socket's path (nil on TCP), removed when the session ends.
         public let socketPath: String?
         public let uri: NBDURI
+        /// Where a guest's vhost-user-blk front-end reaches the disk too (nil: NBD only).
+        public var vhostUser: VhostUserSocket?
 
         /// A unix socket at `path` (an old one there is replaced).
         public static func unix(disk: String, path: String) throws(SystemError) -> Listener {
@@ -33,6 +35,40 @@ public final class VMSession: @unchecked Sendable {
         public func close() {
             Glibc.close(fd)
             if let socketPath { unlink(socketPath) }
+            vhostUser?.close()
+        }
+    }
+
+    /// A listening socket for a vhost-user-blk front-end (QEMU's `-chardev socket,path=`).
+    public struct VhostUserSocket: Sendable {
+        public let fd: Int32
+        public let path: String
+
+        /// Listens at `path`. Unlike an NBD socket, a path that holds anything but a
+        /// socket nobody serves is refused: a guest's disk socket is named in a VM's
+        /// definition, and taking another's would hand its guest our disk.
+        public static func listen(path: String) throws(SupervisorError) -> VhostUserSocket {
+            var status = stat()
+            if lstat(path, &status) == 0 {
+                guard status.st_mode & S_IFMT == S_IFSOCK else {
+                    throw SupervisorError(message: "\(path) exists and is not a socket; choose another path for the vhost-user-blk socket")
+                }
+                if let probe = try? Sockets.connectUnix(path: path) {
+                    Glibc.close(probe)
+                    throw SupervisorError(message: "\(path) is served by another process; choose another path for the vhost-user-blk socket")
+                }
+                unlink(path)  // a socket its server left behind
+            }
+            do {
+                return VhostUserSocket(fd: try Sockets.listenUnix(path: path, backlog: 4), path: path)
+            } catch {
+                throw SupervisorError(message: "cannot listen on \(path): \(error)")
+            }
+        }
+
+        public func close() {
+            Glibc.close(fd)
+            unlink(path)
         }
     }
 
@@ -78,7 +114,7 @@ public final class VMSession: @unchecked Sendable {
         precondition(listeners.map(\.disk) == configuration.disks.map(\.name), "one listener per disk, in order")
         self.listeners = listeners
         self.continuity = continuity
-        supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listeners.map(\.fd),
+        supervisor = WorkerSupervisor(configuration: configuration, listenFDs: listeners.map(\.fd), vhostUserFDs: listeners.map { $0.vhostUser?.fd },
                                       outlivingHost: continuity.map { ($0.listener, $0.recordPath) }, adopting: adopting, logger: logger)
         if let backoffLimit { supervisor.restartPolicy.maximumBackoff = max(backoffLimit, supervisor.restartPolicy.minimumBackoff) }
         supervisor.onEvent = onEvent

@@ -37,12 +37,14 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// - Parameters:
     ///   - listenFDs: one listening socket per disk, in the order of
     ///     `configuration.disks`.
+    ///   - vhostUserFDs: per disk, in the same order, its vhost-user-blk listening
+    ///     socket if it has one (empty: none has).
     ///   - outlivingHost: a worker that outlives this host: the listening socket a later
     ///     host reaches it through, and where each worker that serves is recorded (see
     ///     `ProcessRecord`). Nil: it dies with this host.
     ///   - adopting: the worker is one an earlier host left serving, whose cgroup it
     ///     keeps (see `start(adopting:)`).
-    public init(configuration: WorkerConfiguration, listenFDs: [Int32], workerPath: String = WorkerExecutable.path(),
+    public init(configuration: WorkerConfiguration, listenFDs: [Int32], vhostUserFDs: [Int32?] = [], workerPath: String = WorkerExecutable.path(),
                 readyTimeout: Double = 60, outlivingHost: (controlListener: Int32, recordPath: String)? = nil,
                 adopting: pid_t? = nil, logger: Logger) {
         var configuration = configuration
@@ -77,7 +79,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         core = ProcessSupervisor(role: "worker", subject: "worker for \(configuration.vmName)", policy: policy, cgroup: cgroup,
                                  detail: detail, record: outlivingHost.map { ($0.recordPath, configuration.adoptionKey) },
                                  logger: logger) { [unowned self] in
-            try prepareLaunch(listenFDs: listenFDs, workerPath: workerPath, logger: logger)
+            try prepareLaunch(listenFDs: listenFDs, vhostUserFDs: vhostUserFDs, workerPath: workerPath, logger: logger)
         }
     }
 
@@ -140,7 +142,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     /// A serving worker's start: its listeners, a control channel, its heartbeat and a
     /// broker, handed over in that order.
-    private func prepareLaunch(listenFDs: [Int32], workerPath: String, logger: Logger) throws -> PreparedLaunch {
+    private func prepareLaunch(listenFDs: [Int32], vhostUserFDs: [Int32?], workerPath: String, logger: Logger) throws -> PreparedLaunch {
         var configuration = configuration
         configuration.standby = standingBy.withLock { $0 } ? true : nil
         var launch = SandboxedLaunch(mode: .serve, executable: workerPath)
@@ -153,6 +155,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
             let broker = try Self.startBroker(for: configuration, logger: logger, daemonChannels: daemonChannels)
             opened.append(broker)
             for (index, fd) in listenFDs.enumerated() { configuration.disks[index].listenFD = launch.fds.hand(fd) }
+            for (index, fd) in vhostUserFDs.enumerated() { configuration.disks[index].vhostUserListenFD = fd.map { launch.fds.hand($0) } }
             configuration.controlFD = launch.fds.hand(control.1)
             configuration.heartbeatFD = launch.fds.hand(beat.fd)
             configuration.brokerFD = launch.fds.hand(broker)

@@ -27,6 +27,14 @@ public struct DiskConfiguration: Codable, Sendable, Equatable {
     /// VM's or an offline one — sees the same state. Nil: DISK below the VM's state
     /// directory.
     public var stateDirectory: String?
+    /// The fd number, in the worker, of a listening unix socket where a vhost-user-blk
+    /// front-end (QEMU) reaches the disk beside its NBD clients (nil: NBD only).
+    public var vhostUserListenFD: Int32?
+    /// Virtqueues the vhost-user-blk export offers (nil: 1).
+    public var vhostUserQueues: Int?
+
+    /// The listening sockets the worker is handed for this disk: NBD's, then vhost-user-blk's.
+    public var listenFDs: [Int32] { [listenFD] + (vhostUserListenFD.map { [$0] } ?? []) }
 
     public init(name: String, backend: BackendSpec, readOnly: Bool, filters: [PlannedFilter], listenFD: Int32,
                 stateDirectory: String? = nil) {
@@ -130,7 +138,10 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// running worker only if it would start one the same.
     public var withoutHandedOverFDs: WorkerConfiguration {
         var plain = self
-        for index in plain.disks.indices { plain.disks[index].listenFD = -1 }
+        for index in plain.disks.indices {
+            plain.disks[index].listenFD = -1
+            if plain.disks[index].vhostUserListenFD != nil { plain.disks[index].vhostUserListenFD = -1 }
+        }
         plain.controlFD = nil
         plain.heartbeatFD = nil
         plain.brokerFD = nil

@@ -9,6 +9,7 @@ import IOFilterNBDServer
 import IOFilterPosix
 import IOFilterSandbox
 import IOFilterTLS
+import IOFilterVhostUser
 import IOFilterWire
 import IOFilterWorkerRuntime
 import Logging
@@ -33,7 +34,7 @@ import Logging
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     }
     if configuration.sandbox {
-        closeInheritedFDs(keeping: configuration.disks.map(\.listenFD)
+        closeInheritedFDs(keeping: configuration.disks.flatMap(\.listenFDs)
                           + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD, configuration.controlListenFD].compactMap { $0 })
     }
     let runtime = WorkerRuntime(configuration: configuration, logger: logger)
@@ -66,7 +67,7 @@ import Logging
             $0.readWritePaths = ownDirectories
             $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
             $0.keepFDsBelow = nil  // closed above, before the disks were opened
-            $0.pinnedFDs = (configuration.disks.map(\.listenFD) + [configuration.controlListenFD].compactMap { $0 }).filter { $0 >= 0 }
+            $0.pinnedFDs = (configuration.disks.flatMap(\.listenFDs) + [configuration.controlListenFD].compactMap { $0 }).filter { $0 >= 0 }
             $0.outlivesSupervisor = configuration.controlListenFD != nil
             // The cgroup limits memory as the kernel accounts it; an address-space limit
             // would only refuse a filter's large but harmless reservations.
@@ -90,9 +91,17 @@ import Logging
     } catch {
         cannotStart(error)
     }
+    var guests: [VhostUserBlkServer] = []
     func startServing() throws -> [NBDServer] {
         _ = try runtime.openDisks(attachOnly: configuration.task == .attach)
         if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
+        for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
+            guard let listenFD = disk.vhostUserListenFD else { continue }
+            let guest = VhostUserBlkServer(export: ChainVirtioExport(chain: catalog.disk.chain, readOnly: disk.readOnly),
+                                           queues: UInt16(clamping: disk.vhostUserQueues ?? 1), serial: disk.name, logger: logger)
+            guest.serve(listenFD: listenFD)
+            guests.append(guest)
+        }
         var servers: [NBDServer] = []
         for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
             var limits = NBDServerLimits()
@@ -123,12 +132,13 @@ import Logging
         say("READY")
     }
     stopTalkingOnStdout()
-    serveControl(configuration, runtime: runtime, servers: servers, logger: logger)
+    serveControl(configuration, runtime: runtime, servers: servers, guests: guests, logger: logger)
     runtime.startWatchdog()
     let received = signals.wait()
     // In order: no new clients, every connection answers what it accepted and ends,
     // and only then are filters closed (never while a request runs in one of them).
     logger.info("signal \(received): finishing requests, then closing filters and disks")
+    for guest in guests { guest.stop() }
     for server in servers { server.stop() }
     runtime.shutdown()
     withExtendedLifetime(heartbeat) {}
@@ -198,14 +208,19 @@ import Logging
 
 /// Answers the host's control requests: those of the host that started it, and then
 /// of each host that reattaches to it.
-func serveControl(_ configuration: WorkerConfiguration, runtime: WorkerRuntime, servers: [NBDServer], logger: Logger) {
-    let handBack = [configuration.heartbeatFD, configuration.controlListenFD].compactMap { $0 } + configuration.disks.map(\.listenFD)
+func serveControl(_ configuration: WorkerConfiguration, runtime: WorkerRuntime, servers: [NBDServer], guests: [VhostUserBlkServer],
+                  logger: Logger) {
+    let handBack = [configuration.heartbeatFD, configuration.controlListenFD].compactMap { $0 } + configuration.disks.flatMap(\.listenFDs)
     serveControl(first: configuration.controlFD, listener: configuration.controlListenFD, name: configuration.vmName,
                  brokerFD: configuration.brokerFD, handBack: handBack, logger: logger) { request, fds in
         fds.forEach { close($0) }
         var response = WorkerControlResponse()
         switch request {
         case .handOver:
+            // A guest's front-end is not handed over: it reconnects to the same socket,
+            // and the requests it had in flight go to the next worker from its
+            // inflight region.
+            for guest in guests { guest.stop() }
             return handOver(runtime: runtime, servers: servers, logger: logger)
         case .adopt:
             response.error = "this worker serves already; only a standby worker adopts clients"

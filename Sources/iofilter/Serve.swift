@@ -11,7 +11,7 @@ import Logging
 extension IOFilterCommand {
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Serve one disk over NBD through a filter chain in a sandboxed worker.",
+            abstract: "Serve one disk over NBD (and vhost-user-blk) through a filter chain in a sandboxed worker.",
             discussion: """
                 Prints the NBD URI on stdout once the disk is being served, then runs until \
                 interrupted. Filters are put in category order whatever the order given. \
@@ -22,6 +22,13 @@ extension IOFilterCommand {
                   iofilter serve disk.img --size 1G --filter passthrough-c.so
                   iofilter serve disk.img --filter cache.so:size=256M,mode=write-back --port 10809
                   iofilter serve nbd://127.0.0.1:10810/ --filter cache.so
+                  iofilter serve disk.img --filter cache.so --vhost-user-blk /run/vm1-disk.sock
+
+                With --vhost-user-blk a QEMU guest reaches the disk as a virtio disk:
+                  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \\
+                    -machine q35,memory-backend=mem \\
+                    -chardev socket,id=disk0,path=/run/vm1-disk.sock,reconnect=1 \\
+                    -device vhost-user-blk-pci,chardev=disk0 ...
                 """)
 
         @Argument(help: "A raw image file, or an NBD URI to use as the backend.")
@@ -41,6 +48,12 @@ extension IOFilterCommand {
 
         @Option(help: ArgumentHelp("The address to listen on with --port.", valueName: "address"))
         var bind: String = "127.0.0.1"
+
+        @Option(name: .customLong("vhost-user-blk"), help: ArgumentHelp("Also serve the disk to a QEMU guest as vhost-user-blk on this unix socket (it must not exist, or be a socket nobody serves).", valueName: "path"))
+        var vhostUserBlk: String?
+
+        @Option(help: ArgumentHelp("Virtqueues the vhost-user-blk disk offers (QEMU's num-queues), 1 to 16.", valueName: "n"))
+        var numQueues: Int = 1
 
         @Flag(help: "Refuse writes.")
         var readonly = false
@@ -87,6 +100,7 @@ extension IOFilterCommand {
             if let size, ParameterSpec.parseSize(size) == nil { throw ValidationError("--size '\(size)' is not a size (like 512M or 1G)") }
             if watchdog < 0 { throw ValidationError("--watchdog must not be negative") }
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+            if !(1...16).contains(numQueues) { throw ValidationError("--num-queues must be from 1 to 16") }
             if let memoryLimit, WorkerConfiguration.memoryLimit(parsing: memoryLimit) == nil {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
@@ -119,7 +133,7 @@ extension IOFilterCommand {
             }
 
             let name = isURI ? "disk" : (diskPath.split(separator: "/").last.map(String.init) ?? "disk")
-            let listener: VMSession.Listener
+            var listener: VMSession.Listener
             do {
                 if let port {
                     listener = try .tcp(disk: name, host: bind, port: port)
@@ -128,6 +142,14 @@ extension IOFilterCommand {
                 }
             } catch {
                 fail("cannot listen: \(error)")
+            }
+            if let vhostUserBlk {
+                do {
+                    listener.vhostUser = try .listen(path: absolutePath(vhostUserBlk))
+                } catch {
+                    listener.close()
+                    fail("\(error)")
+                }
             }
 
             let stateDirectory = stateDir.map(absolutePath) ?? (isURI ? Self.defaultStateDirectory(for: disk) : diskPath + ".iofilter")
@@ -139,6 +161,7 @@ extension IOFilterCommand {
                 watchdogSeconds: watchdog,
                 logLevel: StandardErrorLogging.level.rawValue)
             configuration.maxConnections = maxConnections
+            if listener.vhostUser != nil { configuration.disks[0].vhostUserQueues = numQueues }
             // One identity per disk across runs (the VM name holds this run's pid).
             configuration.identity = WorkerIdentity(for: "serve \(isURI ? disk : diskPath)")
             configuration.handshakeSeconds = handshakeTimeout
@@ -172,6 +195,7 @@ extension IOFilterCommand {
             }
             // Written straight to fd 1 so it is out before we block, whatever stdout buffers.
             FileHandle.standardOutput.write(Data((session.uri(name)! + "\n").utf8))
+            if let socket = listener.vhostUser?.path { logger.notice("a guest's vhost-user-blk front-end may connect to \(socket)") }
             if let statsEvery {
                 startThread(name: "stats") {
                     while true {
