@@ -16,10 +16,14 @@
 # schemathesis (from PyPI), which the API tests run against iofilterd's OpenAPI document,
 # and prometheus-client (from PyPI), whose parser reads /metrics in the tests; and
 # promtool, taken out of Debian's prometheus package without installing the server
-# (nothing starts listening), which checks the alert rules install.sh ships.
+# (nothing starts listening), which checks the alert rules install.sh ships; and for
+# the guests the vhost-user-blk tests boot: qemu-system-x86 (TCG), a Debian kernel
+# (linux-image-amd64, whose virtio and ext4 modules go into the guest's initramfs),
+# busybox-static and cpio (the guest's userland and its archive), e2fsprogs (mkfs.ext4
+# and e2fsck on the host side).
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev nettle-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"

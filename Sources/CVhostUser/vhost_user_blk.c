@@ -113,6 +113,8 @@ struct queue {
 
 struct iof_vu_device {
     iof_vu_disk disk;
+    /// IOFILTER_VHOST_TRACE set: every message is written to stderr (the worker's log).
+    bool tracing;
     iof_vu_callbacks callbacks;
     uint64_t features, protocol_features;
     struct region regions[MAX_REGIONS];
@@ -129,6 +131,7 @@ iof_vu_device *iof_vu_new(const iof_vu_disk *disk, iof_vu_callbacks callbacks) {
     if (device->disk.queues == 0) device->disk.queues = 1;
     if (device->disk.queues > IOF_VU_MAX_QUEUES) device->disk.queues = IOF_VU_MAX_QUEUES;
     device->callbacks = callbacks;
+    device->tracing = getenv("IOFILTER_VHOST_TRACE") != NULL;
     for (int i = 0; i < IOF_VU_MAX_QUEUES; i++) {
         pthread_mutex_init(&device->queues[i].lock, NULL);
         device->queues[i].kick = device->queues[i].call = -1;
@@ -317,8 +320,18 @@ static void start_queue(iof_vu_device *device, uint16_t index) {
     if (q->started || q->kick < 0 || !locate_rings(device, q)) return;
     q->broken = false;
     recover_inflight(q);
+    if (device->tracing)
+        fprintf(stderr, "vhost-user: queue %u starts: size %u, next %u, available %u, used %u, %u to resubmit\n", index, q->size,
+                q->last_avail, __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE), q->used_idx, q->resubmit_count);
     q->started = true;
-    device->callbacks.start_queue(device->callbacks.context, index, q->kick);
+    // A back-end killed between returning requests and signalling the guest left it
+    // waiting for an interrupt that never came: one more is harmless, and ends that wait.
+    if (q->call >= 0) {
+        uint64_t one = 1;
+        ssize_t ignored = write(q->call, &one, sizeof one);
+        (void)ignored;
+    }
+    device->callbacks.start_queue(device->callbacks.context, index, q->kick, q->resubmit_count);
 }
 
 /// One descriptor of a chain, checked and translated.
@@ -372,28 +385,37 @@ static void parse_chain(const iof_vu_device *device, const struct queue *q, uint
     request->data_length = 0;
     request->segment_count = 0;
     request->problem = NULL;
+    // A chain that breaks a rule is still followed to its end where it can be, so that
+    // its status byte says IOERR: a driver that finds no status reads whatever its
+    // byte held before, which may well say OK.
+    const char *problem = NULL;
     uint16_t index = head;
     for (uint32_t hops = 0;; hops++) {
         if (hops >= q->size) { request->problem = "a descriptor chain loops"; return; }
         if (count == (int)(sizeof pieces / sizeof pieces[0])) { request->problem = "a descriptor chain is too long"; return; }
         struct vring_desc desc;
         memcpy(&desc, &q->desc[index], sizeof desc);  // once: the guest may change it meanwhile
-        if (desc.flags & DESC_F_INDIRECT) { request->problem = "an indirect descriptor (not offered)"; return; }
         uint8_t *base = desc.len ? guest_bytes(device, desc.addr, desc.len) : NULL;
-        if (desc.len && !base) { request->problem = "a descriptor outside the guest's memory"; return; }
+        if (desc.flags & DESC_F_INDIRECT) {
+            if (!problem) problem = "an indirect descriptor (not offered)";
+            base = NULL;
+        } else if (desc.len && !base && !problem) {
+            problem = "a descriptor outside the guest's memory";
+        }
         bool writable = desc.flags & DESC_F_WRITE;
-        if (!writable && count > readable) { request->problem = "a readable descriptor after a writable one"; return; }
+        if (!writable && count > readable && !problem) problem = "a readable descriptor after a writable one";
         pieces[count++] = (struct piece){base, desc.len, writable};
-        if (!writable) readable = count;
+        if (!writable && !problem) readable = count;
         if (!(desc.flags & DESC_F_NEXT)) break;
         index = desc.next;
         if (index >= q->size) { request->problem = "a descriptor's next is outside the table"; return; }
     }
-    // The status byte: the last writable byte. Without it nothing can be said back.
-    for (int i = count - 1; i >= readable; i--) {
-        if (pieces[i].length > 0) { request->status = pieces[i].base + pieces[i].length - 1; break; }
-    }
-    if (!request->status) { request->problem = "no writable status byte"; return; }
+    // The status byte: the chain's last byte, which must be writable. Without it
+    // nothing can be said back.
+    if (count > 0 && pieces[count - 1].writable && pieces[count - 1].base && pieces[count - 1].length > 0)
+        request->status = pieces[count - 1].base + pieces[count - 1].length - 1;
+    if (!request->status) { request->problem = problem ? problem : "no writable status byte"; return; }
+    if (problem) { request->problem = problem; return; }
     struct { uint32_t type, reserved; uint64_t sector; } header;
     if (!gather(pieces, readable, 0, &header, sizeof header)) { request->problem = "a request header shorter than 16 bytes"; return; }
     request->sector = header.sector;
@@ -677,6 +699,7 @@ int iof_vu_handle_message(iof_vu_device *device, int socket_fd, const char **pro
 
     int rc = 0;
     bool replied = false;
+    if (device->tracing) fprintf(stderr, "vhost-user: request %u flags %#x size %u fds %d\n", header.request, header.flags, header.size, fd_count);
     uint32_t index = payload.state.index & VU_VRING_INDEX_MASK;
     struct queue *q;
     switch (header.request) {

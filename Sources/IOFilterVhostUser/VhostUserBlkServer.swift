@@ -122,7 +122,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
 /// starts and stops through its callbacks.
 final class VirtioDevice: @unchecked Sendable {
     // @unchecked: `queues` changes only on the connection's thread (in the callbacks).
-    unowned let server: VhostUserBlkServer
+    let server: VhostUserBlkServer
     private(set) var raw: OpaquePointer?
     private var queues: [VirtioQueue?]
 
@@ -145,8 +145,8 @@ final class VirtioDevice: @unchecked Sendable {
         }
         let callbacks = iof_vu_callbacks(
             context: Unmanaged.passUnretained(self).toOpaque(),
-            start_queue: { context, index, kick in
-                Unmanaged<VirtioDevice>.fromOpaque(context!).takeUnretainedValue().startQueue(index, kick: kick)
+            start_queue: { context, index, kick, resubmitted in
+                Unmanaged<VirtioDevice>.fromOpaque(context!).takeUnretainedValue().startQueue(index, kick: kick, resubmitted: resubmitted)
             },
             stop_queue: { context, index in
                 Unmanaged<VirtioDevice>.fromOpaque(context!).takeUnretainedValue().stopQueue(index)
@@ -166,7 +166,10 @@ final class VirtioDevice: @unchecked Sendable {
         }
     }
 
-    private func startQueue(_ index: UInt16, kick: Int32) {
+    private func startQueue(_ index: UInt16, kick: Int32, resubmitted: UInt16) {
+        if resubmitted > 0 {
+            server.logger.notice("virtqueue \(index): \(resubmitted) request(s) the previous worker left in flight are submitted again")
+        }
         let queue = VirtioQueue(device: self, index: index, kick: kick)
         queues[Int(index)] = queue
         queue.start()
@@ -184,7 +187,9 @@ final class VirtioDevice: @unchecked Sendable {
 final class VirtioQueue: @unchecked Sendable {
     // @unchecked: slots belong to the queue's thread; `outstanding` is atomic; a
     // completion touches only its own slot and the C queue (which locks).
-    unowned let device: VirtioDevice
+    // Strong: a queue's thread drops the last reference to the queue after `stop` has
+    // returned, possibly after the connection ended.
+    let device: VirtioDevice
     let index: UInt16
     let kick: Int32
     private var slots: [VirtioBlkRequest?] = Array(repeating: nil, count: Int(IOF_VU_MAX_QUEUE_SIZE))
@@ -204,9 +209,6 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     deinit {
-        for slot in slots.compactMap({ $0 }) {
-            if let context = slot.exportContext { device.server.export.releaseRequestContext(context) }
-        }
         close(wake.read)
         close(wake.write)
     }
@@ -228,6 +230,11 @@ final class VirtioQueue: @unchecked Sendable {
         _ = write(wake.write, &byte, 1)
         done.withLock {
             while !finished || outstanding.load(ordering: .acquiring) > 0 { _ = done.wait(nanoseconds: 10_000_000) }
+        }
+        // Released here, on the connection's thread and before the export may close.
+        for index in slots.indices {
+            if let context = slots[index]?.exportContext { device.server.export.releaseRequestContext(context) }
+            slots[index] = nil
         }
     }
 

@@ -72,8 +72,9 @@ typedef struct iof_vu_request {
 /// the thread that calls `iof_vu_handle_message`.
 typedef struct iof_vu_callbacks {
     void *context;
-    /// A queue may now be served: its kick fd is `kick_fd` (owned by the device).
-    void (*start_queue)(void *context, uint16_t queue, int kick_fd);
+    /// A queue may now be served: its kick fd is `kick_fd` (owned by the device), and
+    /// `resubmitted` requests a previous back-end left in flight come first.
+    void (*start_queue)(void *context, uint16_t queue, int kick_fd, uint16_t resubmitted);
     /// A queue must stop: return only once no thread pops from it or completes on it.
     void (*stop_queue)(void *context, uint16_t queue);
 } iof_vu_callbacks;

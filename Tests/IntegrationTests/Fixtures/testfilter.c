@@ -71,6 +71,9 @@
  *                   had no effect (init of a pid namespace ignores its own SIGSTOP)
  *   refuse-attach   fail attach with EACCES (otherwise attach leaves a file `attached`
  *                   in the sidecar directory)
+ *   hold-writes     while the sidecar holds a file `hold`, hold each write in start
+ *                   (logging "holding a write" once per hold): a kill then finds a
+ *                   write in flight, deterministically
  *   invert          XOR every byte with 0xff on the way down (writes) and up (reads):
  *                   a toy encryption, so that the disk holds different bytes
  */
@@ -172,7 +175,7 @@ enum behaviour { PASS, DEFER, SEGV_ON_WRITE, EXEC_ON_OPEN, HANG_ON_READ, FAIL_WR
                  MKNOD_ON_OPEN, SIGNAL_PARENT_ON_OPEN, NAMESPACE_ON_OPEN, FREEZE_ON_READ, FORK_ON_OPEN,
                  BREAK_LISTENER_ON_OPEN, ALLOCATE_ON_READ, KILL_EVERYTHING_ON_OPEN, CONNECT_ON_OPEN, SYSV_ON_OPEN,
                  SHRINK_HEARTBEAT_ON_OPEN, CONNECT_TCP_ON_OPEN, PTRACE_ON_OPEN, REPORT_ON_OPEN, OPEN_TARGET_ON_OPEN,
-                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ, HOLD_MEMORY_ON_READ, DEFER_ON_HOST };
+                 THREADS_ON_OPEN, VETO_SNAPSHOT, VETO_GROW, VETO_REVERT, VETO_UPGRADE, SLOW_CLOSE, FREEZE_WATCHDOG_ON_READ, HOLD_MEMORY_ON_READ, DEFER_ON_HOST, HOLD_WRITES };
 /* The `behaviour` parameter's values, in the order of enum behaviour. */
 static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec-on-open",
                                          "hang-on-read", "fail-writes", "invert", "open-outside", "refuse-open",
@@ -183,7 +186,7 @@ static const char *const behaviours[] = {"pass", "defer", "segv-on-write", "exec
                                          "connect-tcp-on-open", "ptrace-on-open", "report-on-open",
                                          "open-target-on-open", "threads-on-open", "veto-snapshot", "veto-grow", "veto-revert",
                                          "veto-upgrade", "slow-close", "freeze-watchdog-on-read",
-                                         "hold-memory-on-read", "defer-on-host", NULL};
+                                         "hold-memory-on-read", "defer-on-host", "hold-writes", NULL};
 
 static const struct iof_host_services *host;
 
@@ -674,6 +677,18 @@ static enum iof_disposition tf_start(void *instance, struct iof_request *req, vo
             host->log(inst->disk, IOF_LOG_WARNING, frozen > 0 ? "froze the watchdog thread" : "found no watchdog thread to freeze");
             for (;;)
                 pause();
+        }
+        return IOF_PASS;
+    case HOLD_WRITES:
+        if (req->op == IOF_OP_WRITE) {
+            char path[4200];
+            snprintf(path, sizeof path, "%s/hold", inst->sidecar);
+            int logged = 0;
+            while (access(path, F_OK) == 0) {
+                if (!logged++)
+                    host->log(inst->disk, IOF_LOG_WARNING, "holding a write");
+                usleep(10000);
+            }
         }
         return IOF_PASS;
     case HANG_ON_READ:
