@@ -485,8 +485,12 @@ public struct VMCreateRequest: Codable, Sendable {
     public var limits: VMLimits?
     /// TLS every NBD client of the VM must start (nil: plaintext on its unix sockets).
     public var tls: TLSSettings?
-    public init(name: String, disks: [String], limits: VMLimits? = nil, tls: TLSSettings? = nil) {
+    /// Also offer each disk to the VM's QEMU over vhost-user-blk (a socket per disk,
+    /// `VMInfo.vhostUserSockets`), beside its NBD export.
+    public var vhostUserBlk: Bool?
+    public init(name: String, disks: [String], limits: VMLimits? = nil, tls: TLSSettings? = nil, vhostUserBlk: Bool? = nil) {
         self.tls = tls
+        self.vhostUserBlk = vhostUserBlk
         self.name = name
         self.disks = disks
         self.limits = limits
@@ -514,6 +518,9 @@ public struct VMInfo: Codable, Sendable {
     /// While running, in `vm show` and the live stream: each disk's I/O rates over the
     /// last sampling interval (counters carried across worker restarts).
     public var rates: [DiskRates]?
+    /// For a VM created with vhostUserBlk: disk name to the socket its QEMU connects to
+    /// (`-chardev socket,path=…,reconnect=1`), listened on while the VM runs.
+    public var vhostUserSockets: [String: String]?
 
     public init(name: String, disks: [String], state: State, pid: Int32?, restarts: Int, uris: [String: String],
                 filters: [DiskStatistics], startedAt: String?, createdAt: String, limits: VMLimits? = nil, tls: TLSSettings? = nil) {

@@ -208,13 +208,13 @@ enum OpenAPIDocument {
                                   required: ["disk", "filters"]),
         "VMLimits": .object(["memoryLimit": .integer, "maxConnections": .integer, "cpuWeight": .integer], required: []),
         "TLSSettings": .object(["pskFile": absolutePath, "certificatesDirectory": absolutePath, "verifyPeer": .boolean], required: ["verifyPeer"]),
-        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits"), "tls": .ref("TLSSettings")],
-                                   required: ["name", "disks"]),
+        "VMCreateRequest": .object(["name": name, "disks": .nonEmpty(name), "limits": .ref("VMLimits"), "tls": .ref("TLSSettings"),
+                                    "vhostUserBlk": .boolean], required: ["name", "disks"]),
         "VM": .object([
             "name": .string, "disks": .array(.string), "state": .enumeration(["running", "stopped"]), "pid": .integer,
             "restarts": .integer, "uris": .map(.string), "filters": .array(.ref("DiskStatistics")), "startedAt": .string,
             "createdAt": .string, "limits": .ref("VMLimits"), "tls": .ref("TLSSettings"), "health": .ref("HealthReport"),
-            "rates": .array(.ref("DiskRates")),
+            "rates": .array(.ref("DiskRates")), "vhostUserSockets": .map(.string),
         ], required: ["name", "disks", "state", "restarts", "uris", "filters", "createdAt"]),
     ]
 

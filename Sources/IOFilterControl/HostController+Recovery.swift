@@ -104,9 +104,12 @@ extension HostController {
                 let found = try store.read { db in try self.diskRow(disk, db) }
                 disks.append((found, try desiredChain(found), false))
             }
-            let configuration = workerConfiguration(name: name, directory: layout.vm(name), disks: disks, limits: row.limits, tls: row.tls)
+            let vhostUserBlk = row.vhostUserBlk == true
+            let configuration = workerConfiguration(name: name, directory: layout.vm(name), disks: disks, limits: row.limits, tls: row.tls,
+                                                    vhostUserBlk: vhostUserBlk)
             let hooks = sessionHooks(name)
             return try VMSession.adopt(leftover, configuration: configuration, socketPaths: row.disks.map { "\(layout.vm(name))/\($0).sock" },
+                                       vhostUserPaths: row.disks.map { vhostUserBlk ? layout.vhostUserSocket(vm: name, disk: $0) : nil },
                                        controlSocket: layout.controlSocket("vm-\(name)"), recordPath: layout.record("vm-\(name)"),
                                        backoffLimit: restartBackoffLimit, logger: hooks.logger, daemonChannels: hooks.daemonChannels,
                                        onEvent: hooks.onEvent)

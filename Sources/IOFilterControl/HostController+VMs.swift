@@ -24,6 +24,9 @@ extension HostController {
             name: row.name, disks: row.disks, state: worker == nil ? .stopped : .running, pid: worker?.supervisor.pid,
             restarts: worker?.supervisor.restarts ?? 0, uris: uris, filters: withStatistics ? sample?.statistics ?? [] : [],
             startedAt: worker == nil ? nil : row.startedAt, createdAt: row.createdAt, limits: row.limits, tls: row.tls)
+        if row.vhostUserBlk == true {
+            info.vhostUserSockets = Dictionary(uniqueKeysWithValues: row.disks.map { ($0, layout.vhostUserSocket(vm: row.name, disk: $0)) })
+        }
         if worker != nil {
             info.health = sample?.health
             info.rates = sample?.rates
@@ -64,7 +67,7 @@ extension HostController {
                 }
                 try VMRow(name: request.name, disks: request.disks, desiredState: "stopped", startedAt: nil, createdAt: StateStore.now(),
                           memoryLimit: request.limits?.memoryLimit.map(Int64.init), maxConnections: request.limits?.maxConnections,
-                          cpuWeight: request.limits?.cpuWeight, tls: request.tls)
+                          cpuWeight: request.limits?.cpuWeight, tls: request.tls, vhostUserBlk: request.vhostUserBlk == true ? true : nil)
                     .insert(db)
                 for name in request.disks {
                     var disk = try diskRow(name, db)
@@ -72,7 +75,7 @@ extension HostController {
                     try disk.update(db)
                 }
             }
-            event("vm-created", request.name, "disks \(request.disks.joined(separator: ", "))")
+            event("vm-created", request.name, "disks \(request.disks.joined(separator: ", "))\(request.vhostUserBlk == true ? ", over NBD and vhost-user-blk" : "")")
         }
         return try showVM(request.name)
     }
@@ -134,7 +137,7 @@ extension HostController {
             let worker: VMSession
             do {
                 worker = try launch(name: name, isVM: true, disks: zip(disks, chains).map { ($0, $1, false) }, socketDirectory: layout.vm(name),
-                                    limits: row.limits, tls: row.tls)
+                                    limits: row.limits, tls: row.tls, vhostUserBlk: row.vhostUserBlk == true)
             } catch {
                 for var disk in disks {
                     disk.attachError = "VM \(name) could not start: \(error)"

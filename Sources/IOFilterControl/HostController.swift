@@ -207,7 +207,7 @@ public final class HostController: @unchecked Sendable {
 
     func workerConfiguration(
         name: String, directory: String, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], task: WorkerTask = .serve,
-        limits: VMLimits? = nil, tls: TLSSettings? = nil
+        limits: VMLimits? = nil, tls: TLSSettings? = nil, vhostUserBlk: Bool = false
     ) -> WorkerConfiguration {
         var configuration = WorkerConfiguration(
             vmName: name, stateDirectory: directory,
@@ -221,6 +221,9 @@ public final class HostController: @unchecked Sendable {
         configuration.cpuWeight = limits?.cpuWeight
         configuration.hiddenPaths = hiddenFromWorkers
         configuration.tls = tls
+        if vhostUserBlk {
+            for index in configuration.disks.indices { configuration.disks[index].vhostUserQueues = 1 }
+        }
         return configuration
     }
 
@@ -236,13 +239,14 @@ public final class HostController: @unchecked Sendable {
     /// `socketDirectory`. A VM's worker works in its VM directory, any other in a
     /// directory of its own.
     func launch(name: String, isVM: Bool = false, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)], socketDirectory: String,
-                limits: VMLimits? = nil, tls: TLSSettings? = nil, succeeding predecessor: VMSession? = nil)
+                limits: VMLimits? = nil, tls: TLSSettings? = nil, vhostUserBlk: Bool = false, succeeding predecessor: VMSession? = nil)
         throws(ControlError) -> VMSession
     {
         if let predecessor {
             // A live upgrade: the same listeners, a worker that stands by for the clients.
             let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: predecessor.listeners,
-                                      continuity: predecessor.continuity, limits: limits, tls: tls)
+                                      continuity: predecessor.continuity, limits: limits, tls: tls,
+                                      vhostUserBlk: predecessor.listeners.contains { $0.vhostUser != nil })
             do {
                 try session.startStandby()
             } catch {
@@ -267,6 +271,14 @@ public final class HostController: @unchecked Sendable {
                 }
                 throw .internalError("cannot listen on \(path): \(error)")
             }
+            if vhostUserBlk {
+                do {
+                    listeners[listeners.count - 1].vhostUser = try .listen(path: layout.vhostUserSocket(vm: name, disk: disk.row.name))
+                } catch {
+                    listeners.forEach { $0.close() }
+                    throw .conflict("\(error)")
+                }
+            }
         }
         reportCheckpointsLostWithTheMachine(disks.map(\.row.name))
         var continuity: VMSession.Continuity?
@@ -278,7 +290,8 @@ public final class HostController: @unchecked Sendable {
                 throw .internalError("cannot listen on \(layout.controlSocket("vm-\(name)")): \(error)")
             }
         }
-        let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: listeners, continuity: continuity, limits: limits, tls: tls)
+        let session = makeSession(name: name, isVM: isVM, disks: disks, listeners: listeners, continuity: continuity, limits: limits, tls: tls,
+                                  vhostUserBlk: vhostUserBlk)
         do {
             try session.start()
         } catch {
@@ -289,8 +302,9 @@ public final class HostController: @unchecked Sendable {
 
     private func makeSession(name: String, isVM: Bool, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)],
                              listeners: [VMSession.Listener], continuity: VMSession.Continuity?, limits: VMLimits?,
-                             tls: TLSSettings?) -> VMSession {
-        let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits, tls: tls)
+                             tls: TLSSettings?, vhostUserBlk: Bool) -> VMSession {
+        let configuration = workerConfiguration(name: name, directory: isVM ? layout.vm(name) : layout.helper(name), disks: disks, limits: limits,
+                                                tls: tls, vhostUserBlk: vhostUserBlk)
         let hooks = sessionHooks(name)
         return VMSession(configuration: configuration, listeners: listeners, continuity: continuity, backoffLimit: restartBackoffLimit,
                          logger: hooks.logger, daemonChannels: hooks.daemonChannels, onEvent: hooks.onEvent)
@@ -310,7 +324,11 @@ public final class HostController: @unchecked Sendable {
     /// Runs a short-lived worker that attaches or detaches filters on disks no VM uses.
     func maintain(_ disk: DiskRow, filters: [PlannedFilter], task: WorkerTask) throws(ControlError) {
         let name = "maintain-\(disk.name)"
-        let configuration = workerConfiguration(name: name, directory: layout.helper(name), disks: [(disk, filters, false)], task: task)
+        var configuration = workerConfiguration(name: name, directory: layout.helper(name), disks: [(disk, filters, false)], task: task)
+        // The disk's state is handed to whoever confines a worker on it. A disk a VM owns
+        // stays its VM's: a detach in the middle of a live change must not take the
+        // state from the VM's worker that stands by to open it.
+        if let vm = disk.vm { configuration.identity = WorkerIdentity(for: vm) }
         do {
             try MaintenanceWorker.run(configuration, logger: logger)
         } catch {

@@ -81,6 +81,8 @@ struct VMRow: Codable, FetchableRecord, PersistableRecord {
     var cpuWeight: Int?
     /// (v6) TLS for its NBD clients.
     var tls: TLSSettings?
+    /// (v10) Its disks are offered over vhost-user-blk too.
+    var vhostUserBlk: Bool?
 
     var limits: VMLimits? {
         let limits = VMLimits(memoryLimit: memoryLimit.map(UInt64.init), maxConnections: maxConnections, cpuWeight: cpuWeight)
@@ -248,6 +250,9 @@ final class StateStore: Sendable {
         }
         migrator.registerMigration("v9: point-in-time snapshots being copied") { db in
             try db.alter(table: "disk") { t in t.add(column: "copying", .boolean) }
+        }
+        migrator.registerMigration("v10: vhost-user-blk exports") { db in
+            try db.alter(table: "vm") { t in t.add(column: "vhostUserBlk", .boolean) }
         }
         return migrator
     }

@@ -135,9 +135,10 @@ public final class VMSession: @unchecked Sendable {
 
     /// Takes over the worker an earlier host left serving `configuration` (found by
     /// its record): reattaches to it through its control socket, and serves on with
-    /// the listening sockets it hands back, checked to be the ones at `socketPaths`.
+    /// the listening sockets it hands back, checked to be the ones at `socketPaths` (and,
+    /// per disk, at `vhostUserPaths` where it has one).
     /// On failure nothing of it is kept, and the caller stops it (`leftover.stop`).
-    public static func adopt(_ leftover: LeftoverProcess, configuration: WorkerConfiguration, socketPaths: [String],
+    public static func adopt(_ leftover: LeftoverProcess, configuration: WorkerConfiguration, socketPaths: [String], vhostUserPaths: [String?] = [],
                              controlSocket: String, recordPath: String, backoffLimit: Double? = nil, logger: Logger,
                              daemonChannels: (@Sendable (_ plugin: String) -> Result<Int32, TargetBroker.Failure>)?,
                              onEvent: (@Sendable (_ kind: SupervisorEvent, _ message: String) -> Void)? = nil)
@@ -145,6 +146,9 @@ public final class VMSession: @unchecked Sendable {
     {
         guard leftover.record.key == configuration.adoptionKey else {
             throw SupervisorError(message: "it serves another configuration than this host would start")
+        }
+        let expected = socketPaths.indices.flatMap { index in
+            [socketPaths[index]] + (vhostUserPaths.indices.contains(index) ? [vhostUserPaths[index]].compactMap { $0 } : [])
         }
         let broker: Int32
         do {
@@ -155,16 +159,24 @@ public final class VMSession: @unchecked Sendable {
         let reattachment: Reattachment
         do {
             defer { close(broker) }
-            reattachment = try leftover.reattach(socket: controlSocket, name: configuration.vmName, listeners: socketPaths.count, broker: broker)
+            reattachment = try leftover.reattach(socket: controlSocket, name: configuration.vmName, listeners: expected.count, broker: broker)
         }
         let handedBack = [reattachment.controlListener] + reattachment.listeners
-        guard zip(handedBack, [controlSocket] + socketPaths).allSatisfy({ Sockets.listeningUnixPath($0) == $1 }) else {
+        guard handedBack.count == expected.count + 1,
+              zip(handedBack, [controlSocket] + expected).allSatisfy({ Sockets.listeningUnixPath($0) == $1 }) else {
             handedBack.forEach { close($0) }
             close(reattachment.control)
-            throw SupervisorError(message: "the sockets it handed back are not its listeners at \(socketPaths.joined(separator: ", "))")
+            throw SupervisorError(message: "the sockets it handed back are not its listeners at \(expected.joined(separator: ", "))")
         }
-        let listeners = zip(configuration.disks, zip(reattachment.listeners, socketPaths)).map { disk, socket in
-            Listener(disk: disk.name, fd: socket.0, socketPath: socket.1, uri: .unix(socket: socket.1, export: disk.name))
+        // In the worker's order: each disk's NBD socket, then its vhost-user-blk one.
+        var fds = reattachment.listeners.makeIterator()
+        let listeners = configuration.disks.indices.map { index -> Listener in
+            let disk = configuration.disks[index].name, path = socketPaths[index]
+            var listener = Listener(disk: disk, fd: fds.next()!, socketPath: path, uri: .unix(socket: path, export: disk))
+            if let vhost = vhostUserPaths.indices.contains(index) ? vhostUserPaths[index] : nil {
+                listener.vhostUser = VhostUserSocket(fd: fds.next()!, path: vhost)
+            }
+            return listener
         }
         let continuity = Continuity(controlSocket: controlSocket, recordPath: recordPath, listener: reattachment.controlListener)
         let session = VMSession(configuration: configuration, listeners: listeners, continuity: continuity, adopting: leftover.record.pid,
@@ -172,7 +184,10 @@ public final class VMSession: @unchecked Sendable {
         do {
             try session.supervisor.start(adopting: reattachment)
         } catch {
-            listeners.forEach { Glibc.close($0.fd) }
+            listeners.forEach {
+                Glibc.close($0.fd)
+                if let vhost = $0.vhostUser { Glibc.close(vhost.fd) }
+            }
             continuity.close()
             throw error
         }

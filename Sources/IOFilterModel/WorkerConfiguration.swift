@@ -30,7 +30,8 @@ public struct DiskConfiguration: Codable, Sendable, Equatable {
     /// The fd number, in the worker, of a listening unix socket where a vhost-user-blk
     /// front-end (QEMU) reaches the disk beside its NBD clients (nil: NBD only).
     public var vhostUserListenFD: Int32?
-    /// Virtqueues the vhost-user-blk export offers (nil: 1).
+    /// Virtqueues the vhost-user-blk export offers; set (1 or more) exactly when the
+    /// disk is offered over vhost-user-blk.
     public var vhostUserQueues: Int?
 
     /// The listening sockets the worker is handed for this disk: NBD's, then vhost-user-blk's.
@@ -140,7 +141,7 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
         var plain = self
         for index in plain.disks.indices {
             plain.disks[index].listenFD = -1
-            if plain.disks[index].vhostUserListenFD != nil { plain.disks[index].vhostUserListenFD = -1 }
+            plain.disks[index].vhostUserListenFD = nil  // whether there is one: vhostUserQueues
         }
         plain.controlFD = nil
         plain.heartbeatFD = nil

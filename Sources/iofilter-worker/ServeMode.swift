@@ -96,7 +96,7 @@ import Logging
         _ = try runtime.openDisks(attachOnly: configuration.task == .attach)
         if configuration.task != .serve { runMaintenanceTask(configuration.task, runtime: runtime) }
         for (disk, catalog) in zip(configuration.disks, runtime.catalogs) {
-            guard let listenFD = disk.vhostUserListenFD else { continue }
+            guard let listenFD = disk.vhostUserListenFD, listenFD >= 0 else { continue }
             let guest = VhostUserBlkServer(export: ChainVirtioExport(chain: catalog.disk.chain, readOnly: disk.readOnly),
                                            queues: UInt16(clamping: disk.vhostUserQueues ?? 1), serial: disk.name, logger: logger)
             guest.serve(listenFD: listenFD)

@@ -16,8 +16,12 @@ struct VMCommand: ParsableCommand {
               iofilter vm create web --disk data --disk logs
               iofilter vm start web
               iofilter vm show web
+
+            With --export vhost-user-blk the worker also serves each disk to the VM's QEMU \
+            as a virtio disk in shared memory (vhost-user-blk); `vm libvirt-xml` prints a \
+            libvirt domain that uses it.
             """,
-        subcommands: [Create.self, Start.self, Stop.self, UpgradeFilters.self, List.self, Show.self, Delete.self])
+        subcommands: [Create.self, Start.self, Stop.self, UpgradeFilters.self, List.self, Show.self, Delete.self, LibvirtXML.self])
 
     static func describe(_ vm: VMInfo) -> String {
         var lines = ["\(vm.name)  \(vm.state.rawValue)" + (vm.pid.map { ", worker pid \($0), \(vm.restarts) restart(s)" } ?? "")]
@@ -34,6 +38,7 @@ struct VMCommand: ParsableCommand {
         }
         for disk in vm.disks {
             lines.append("  disk \(disk)" + (vm.uris[disk].map { ": \($0)" } ?? ""))
+            if let socket = vm.vhostUserSockets?[disk] { lines.append("    vhost-user-blk: \(socket)") }
             if let rates = vm.rates?.first(where: { $0.disk == disk }) { lines.append("    " + HealthCommand.describe(rates)) }
             for filter in vm.filters.first(where: { $0.disk == disk })?.filters ?? [] {
                 let stats = filter.stats.sorted { $0.key < $1.key }.map { "\($0.key)=\(number($0.value))" }.joined(separator: " ")
@@ -59,11 +64,16 @@ struct VMCommand: ParsableCommand {
         var maxConnections: Int?
         @Option(help: ArgumentHelp("Its worker's share of CPU against other workers, 1-10000 (default 100; where the host gives workers cgroups).", valueName: "n"))
         var cpuWeight: Int?
+        @Option(name: .customLong("export"), help: ArgumentHelp("How its QEMU reaches the disks besides NBD: vhost-user-blk (a socket per disk, in shared memory).", valueName: "kind"))
+        var exports: [String] = []
         @OptionGroup var tls: TLSOptions
         @OptionGroup var daemon: DaemonOptions
 
         func validate() throws {
             if disks.isEmpty { throw ValidationError("give at least one --disk") }
+            for export in exports where !["nbd", "vhost-user-blk"].contains(export) {
+                throw ValidationError("--export '\(export)' is not nbd or vhost-user-blk")
+            }
             if let memoryLimit, WorkerConfiguration.memoryLimit(parsing: memoryLimit) == nil {
                 throw ValidationError("--memory-limit '\(memoryLimit)' must be a size of at least 256M")
             }
@@ -82,7 +92,7 @@ struct VMCommand: ParsableCommand {
                     limits: memoryLimit == nil && maxConnections == nil && cpuWeight == nil ? nil : VMLimits(
                         memoryLimit: memoryLimit.flatMap(WorkerConfiguration.memoryLimit(parsing:)), maxConnections: maxConnections,
                         cpuWeight: cpuWeight),
-                    tls: tls.settings), as: VMInfo.self, text: VMCommand.describe)
+                    tls: tls.settings, vhostUserBlk: exports.contains("vhost-user-blk") ? true : nil), as: VMInfo.self, text: VMCommand.describe)
             }
         }
     }

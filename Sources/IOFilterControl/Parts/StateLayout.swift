@@ -32,6 +32,8 @@ struct StateLayout: Sendable {
     func disk(_ name: String) -> String { "\(root)/disks/\(name).img" }
     func diskState(_ name: String) -> String { "\(root)/disks/\(name).state" }
     func vm(_ name: String) -> String { "\(root)/vms/\(name)" }
+    /// Where a VM's QEMU reaches `disk` over vhost-user-blk.
+    func vhostUserSocket(vm name: String, disk: String) -> String { "\(vm(name))/\(disk).vhost.sock" }
     /// Offline sessions' sockets.
     var offlineSockets: String { "\(root)/offline" }
     /// The sockets of workers a transfer (export, copy, snapshot) reads through.
