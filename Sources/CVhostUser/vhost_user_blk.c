@@ -49,6 +49,7 @@ enum {
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
 
 #define MAX_REGIONS 8
 #define MAX_FDS 8
@@ -472,7 +473,7 @@ void iof_vu_read_request(iof_vu_device *device, uint16_t queue, uint16_t head, i
     parse_chain(device, &device->queues[queue], head, request);
 }
 
-void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written) {
+void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written, bool notify) {
     struct queue *q = &device->queues[request->queue];
     uint32_t used_length = 0;
     if (request->status) {
@@ -492,15 +493,31 @@ void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8
         q->inflight->desc[request->head].inflight = 0;
         q->inflight->used_idx = q->used_idx;
     }
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's flags are read after the used index is out
-    bool signal = !(__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
-    int call = q->call;
     pthread_mutex_unlock(&q->lock);
-    if (signal && call >= 0) {
+    if (notify) iof_vu_notify(device, request->queue);
+}
+
+void iof_vu_notify(iof_vu_device *device, uint16_t queue) {
+    struct queue *q = &device->queues[queue];
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's flags are read after the used index is out
+    if (__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT) return;
+    pthread_mutex_lock(&q->lock);
+    int call = q->call;
+    if (call >= 0) {
         uint64_t one = 1;
         ssize_t ignored = write(call, &one, sizeof one);
         (void)ignored;  // a full eventfd already wakes the guest
     }
+    pthread_mutex_unlock(&q->lock);
+}
+
+bool iof_vu_kicks(iof_vu_device *device, uint16_t queue, bool wanted) {
+    struct queue *q = &device->queues[queue];
+    __atomic_store_n(&q->used_header[0], wanted ? 0 : USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    if (!wanted) return false;
+    // A request the guest made available before it saw kicks wanted again sent none.
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return q->resubmit_next < q->resubmit_count || __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE) != q->last_avail;
 }
 
 void iof_vu_drain_kick(int kick_fd) {

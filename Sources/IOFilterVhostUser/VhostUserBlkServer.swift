@@ -239,6 +239,7 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     private func serve() {
+        thread = pthread_self()
         var ready = [pollfd(fd: kick, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
         guard let raw = device.raw else { return }
         // Requests may be waiting already (a reconnect's resubmissions, kicks before we ran).
@@ -254,12 +255,29 @@ final class VirtioQueue: @unchecked Sendable {
         }
     }
 
-    /// Takes what the ring holds; false if the ring is broken.
+    /// Takes what the ring holds; false if the ring is broken. The guest is asked not
+    /// to kick while requests are being taken, and is signalled once for the requests
+    /// answered meanwhile on this thread.
     private func takeRequests(_ raw: OpaquePointer) -> Bool {
         var head: UInt16 = 0
+        inBatch = true
+        defer {
+            inBatch = false
+            if answeredInBatch {
+                answeredInBatch = false
+                iof_vu_notify(raw, index)
+            }
+        }
+        _ = iof_vu_kicks(raw, index, false)
         while !stopping.load(ordering: .relaxed) {
             let rc = iof_vu_next_head(raw, index, &head)
-            if rc == 0 { return true }
+            if rc == 0 {
+                if iof_vu_kicks(raw, index, true) {
+                    _ = iof_vu_kicks(raw, index, false)
+                    continue
+                }
+                return true
+            }
             if rc < 0 {
                 device.server.logger.error("virtqueue \(index): the guest's ring indices make no sense; the queue is served no more")
                 return false
@@ -269,8 +287,15 @@ final class VirtioQueue: @unchecked Sendable {
             outstanding.wrappingAdd(1, ordering: .relaxed)
             dispatch(request)
         }
+        _ = iof_vu_kicks(raw, index, true)
         return true
     }
+
+    /// Set by the queue's thread while it takes requests: an answer given on that thread
+    /// then waits for the batch's one signal. Read by other threads only as "not mine".
+    private var inBatch = false
+    private var answeredInBatch = false
+    private var thread = pthread_t()
 
     private func makeSlot(_ head: Int) -> VirtioBlkRequest {
         let slot = VirtioBlkRequest(queue: self)
@@ -338,7 +363,9 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     private func answer(_ request: VirtioBlkRequest, status: UInt8, written: UInt32) {
-        if let raw = device.raw { iof_vu_complete(raw, request.raw, status, written) }
+        let batched = pthread_equal(thread, pthread_self()) != 0 && inBatch
+        if let raw = device.raw { iof_vu_complete(raw, request.raw, status, written, !batched) }
+        if batched { answeredInBatch = true }
         if outstanding.wrappingSubtract(1, ordering: .acquiringAndReleasing).newValue == 0, stopping.load(ordering: .acquiring) {
             done.withLock { done.broadcast() }
         }

@@ -80,25 +80,25 @@ struct LibvirtDomain {
         vm.disks.enumerated().map { index, disk in
             if vhostUser, let socket = vm.vhostUserSockets?[disk] {
                 return """
-                    <disk type='vhostuser' device='disk'>
-                      <driver name='qemu' type='raw'/>
-                      <source type='unix' path='\(escaped(socket))'>
-                        <reconnect enabled='yes' timeout='1'/>
-                      </source>
-                      <target dev='\(target(index))' bus='virtio'/>
-                    </disk>
+                <disk type='vhostuser' device='disk'>
+                  <driver name='qemu' type='raw'/>
+                  <source type='unix' path='\(escaped(socket))'>
+                    <reconnect enabled='yes' timeout='1'/>
+                  </source>
+                  <target dev='\(target(index))' bus='virtio'/>
+                </disk>
 
                 """
             }
             let socket = "\(vmDirectory)/\(disk).sock"
             return """
-                <disk type='network' device='disk'>
-                  <driver name='qemu' type='raw'/>
-                  <source protocol='nbd' name='\(escaped(disk))'>
-                    <host transport='unix' socket='\(escaped(socket))'/>
-                  </source>
-                  <target dev='\(target(index))' bus='virtio'/>
-                </disk>
+            <disk type='network' device='disk'>
+              <driver name='qemu' type='raw'/>
+              <source protocol='nbd' name='\(escaped(disk))'>
+                <host transport='unix' socket='\(escaped(socket))'/>
+              </source>
+              <target dev='\(target(index))' bus='virtio'/>
+            </disk>
 
             """
         }.joined()
