@@ -49,7 +49,6 @@ enum {
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
-#define USED_F_NO_NOTIFY 1
 
 #define MAX_REGIONS 8
 #define MAX_FDS 8
@@ -178,26 +177,24 @@ bool iof_vu_queue_broken(iof_vu_device *device, uint16_t queue) {
 
 // MARK: - guest memory
 
-/// `length` bytes at guest address `address`, or NULL if they are not all in one region.
-static uint8_t *guest_bytes(const iof_vu_device *device, uint64_t address, uint64_t length) {
+/// `length` bytes at `address`, a guest address (descriptors) or, with `user`, a
+/// front-end one (rings); NULL if they are not all in one region. Overflow-safe: each
+/// comparison is of a difference already known not to wrap.
+static uint8_t *mapped_bytes(const iof_vu_device *device, uint64_t address, uint64_t length, bool user) {
     for (uint32_t i = 0; i < device->region_count; i++) {
         const struct region *r = &device->regions[i];
-        if (address >= r->guest_address && address - r->guest_address <= r->size &&
-            length <= r->size - (address - r->guest_address))
-            return r->host + (address - r->guest_address);
+        uint64_t base = user ? r->user_address : r->guest_address;
+        if (address >= base && address - base <= r->size && length <= r->size - (address - base)) return r->host + (address - base);
     }
     return NULL;
 }
 
-/// The same for a front-end (user) address: how rings are named.
+static uint8_t *guest_bytes(const iof_vu_device *device, uint64_t address, uint64_t length) {
+    return mapped_bytes(device, address, length, false);
+}
+
 static uint8_t *user_bytes(const iof_vu_device *device, uint64_t address, uint64_t length) {
-    for (uint32_t i = 0; i < device->region_count; i++) {
-        const struct region *r = &device->regions[i];
-        if (address >= r->user_address && address - r->user_address <= r->size &&
-            length <= r->size - (address - r->user_address))
-            return r->host + (address - r->user_address);
-    }
-    return NULL;
+    return mapped_bytes(device, address, length, true);
 }
 
 static void close_fds(int *fds, int count) {
@@ -473,7 +470,22 @@ void iof_vu_read_request(iof_vu_device *device, uint16_t queue, uint16_t head, i
     parse_chain(device, &device->queues[queue], head, request);
 }
 
-void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written, bool notify) {
+/// Signals the guest that `queue` has used buffers, unless it asked not to be.
+static void notify_guest(iof_vu_device *device, uint16_t queue) {
+    struct queue *q = &device->queues[queue];
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's flags are read after the used index is out
+    if (__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT) return;
+    pthread_mutex_lock(&q->lock);
+    int call = q->call;
+    if (call >= 0) {
+        uint64_t one = 1;
+        ssize_t ignored = write(call, &one, sizeof one);
+        (void)ignored;  // a full eventfd already wakes the guest
+    }
+    pthread_mutex_unlock(&q->lock);
+}
+
+void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written) {
     struct queue *q = &device->queues[request->queue];
     uint32_t used_length = 0;
     if (request->status) {
@@ -494,30 +506,17 @@ void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8
         q->inflight->used_idx = q->used_idx;
     }
     pthread_mutex_unlock(&q->lock);
-    if (notify) iof_vu_notify(device, request->queue);
+    notify_guest(device, request->queue);
 }
 
-void iof_vu_notify(iof_vu_device *device, uint16_t queue) {
+void iof_vu_trace_queue(iof_vu_device *device, uint16_t queue, const char *when) {
+    if (!device->tracing || queue >= device->disk.queues) return;
     struct queue *q = &device->queues[queue];
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's flags are read after the used index is out
-    if (__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT) return;
-    pthread_mutex_lock(&q->lock);
-    int call = q->call;
-    if (call >= 0) {
-        uint64_t one = 1;
-        ssize_t ignored = write(call, &one, sizeof one);
-        (void)ignored;  // a full eventfd already wakes the guest
-    }
-    pthread_mutex_unlock(&q->lock);
-}
-
-bool iof_vu_kicks(iof_vu_device *device, uint16_t queue, bool wanted) {
-    struct queue *q = &device->queues[queue];
-    __atomic_store_n(&q->used_header[0], wanted ? 0 : USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
-    if (!wanted) return false;
-    // A request the guest made available before it saw kicks wanted again sent none.
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return q->resubmit_next < q->resubmit_count || __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE) != q->last_avail;
+    if (!q->started) return;
+    fprintf(stderr, "vhost-user: queue %u %s: available %u, next %u, used %u (ring %u), avail flags %#x, %u left to resubmit\n", queue,
+            when, __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE), q->last_avail, q->used_idx,
+            __atomic_load_n(&q->used_header[1], __ATOMIC_ACQUIRE), __atomic_load_n(&q->avail[0], __ATOMIC_ACQUIRE),
+            q->resubmit_count - q->resubmit_next);
 }
 
 void iof_vu_drain_kick(int kick_fd) {

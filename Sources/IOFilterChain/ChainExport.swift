@@ -52,12 +52,7 @@ public final class ChainExport: NBDExport {
         case .cache: op = IOF_OP_CACHE
         default: return request.complete(error: EINVAL)
         }
-        chain.quiesce.enter()  // left when the request is answered (ChainRequest.finish)
-        if op == IOF_OP_WRITE || op == IOF_OP_TRIM || op == IOF_OP_WRITE_ZEROES {
-            chain.tracker.willModify(offset: request.offset, length: UInt64(request.length))
-        }
-        chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
-        chained.run()
+        chained.startConsumerRequest(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
     }
 }
 
@@ -196,11 +191,6 @@ public final class ChainVirtioExport: VirtioBlkExport {
             op = IOF_OP_WRITE_ZEROES
             if !mayUnmap { flags |= UInt32(IOF_REQ_NO_HOLE) }
         }
-        chain.quiesce.enter()  // left when the request is answered (ChainRequest.finish)
-        if op == IOF_OP_WRITE || op == IOF_OP_TRIM || op == IOF_OP_WRITE_ZEROES {
-            chain.tracker.willModify(offset: request.offset, length: UInt64(request.length))
-        }
-        chained.prepare(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
-        chained.run()
+        chained.startConsumerRequest(op: op, flags: flags, offset: request.offset, length: UInt64(request.length), buffer: buffer)
     }
 }

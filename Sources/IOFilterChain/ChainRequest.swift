@@ -133,6 +133,17 @@ public final class ChainRequest: @unchecked Sendable {
 
     // MARK: the trip
 
+    /// A consumer's request (an NBD client's, a guest's) enters the chain: the chain
+    /// cannot quiesce until it is answered, and what it will modify is tracked first.
+    func startConsumerRequest(op: iof_op, flags: UInt32, offset: UInt64, length: UInt64, buffer: UnsafeMutableRawPointer?) {
+        chain.quiesce.enter()  // left when the request is answered (finish)
+        if op == IOF_OP_WRITE || op == IOF_OP_TRIM || op == IOF_OP_WRITE_ZEROES {
+            chain.tracker.willModify(offset: offset, length: length)
+        }
+        prepare(op: op, flags: flags, offset: offset, length: length, buffer: buffer)
+        run()
+    }
+
     func run() {
         position = top
         goingUp = false

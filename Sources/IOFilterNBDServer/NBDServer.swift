@@ -91,7 +91,7 @@ public final class NBDServer: @unchecked Sendable {
     private var stopping = false  // (lock)
     private var nextID = 0  // (lock)
     /// A pipe whose read end wakes the accept threads when the server stops.
-    private let wake: (read: Int32, write: Int32)
+    private let wake = WakePipe()
 
     /// TLS every client must start before anything else (nil: plaintext).
     public let tls: NBDTLS?
@@ -101,14 +101,6 @@ public final class NBDServer: @unchecked Sendable {
         self.catalog = catalog
         self.limits = limits
         self.logger = logger
-        var fds: [Int32] = [-1, -1]
-        if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
-        wake = (fds[0], fds[1])
-    }
-
-    deinit {
-        if wake.read >= 0 { close(wake.read) }
-        if wake.write >= 0 { close(wake.write) }
     }
 
     /// Accepts clients on `listenFD` (a bound, listening socket) on a new thread until
@@ -122,9 +114,9 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     private func acceptLoop(_ listenFD: Int32) {
-        var ready = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
+        var ready = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
         while true {
-            if poll(&ready, nfds_t(wake.read >= 0 ? 2 : 1), -1) < 0 {
+            if poll(&ready, nfds_t(wake.readFD >= 0 ? 2 : 1), -1) < 0 {
                 if errno == EINTR { continue }
                 logger.error("poll on the listening socket failed: \(SystemError("poll"))")
                 return
@@ -320,10 +312,7 @@ public final class NBDServer: @unchecked Sendable {
             stopping = true
             detaching = true
         }
-        if wake.write >= 0 {
-            var byte: UInt8 = 1
-            _ = write(wake.write, &byte, 1)
-        }
+        wake.wake()
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
         lock.withLock {
             while threads > 0 {
@@ -354,10 +343,7 @@ public final class NBDServer: @unchecked Sendable {
             stopping = true
             return Array(connections.values)
         }
-        if wake.write >= 0 {
-            var byte: UInt8 = 1
-            _ = write(wake.write, &byte, 1)
-        }
+        wake.wake()
         for fd in open { shutdown(fd, Int32(SHUT_RD)) }
         lock.withLock {
             let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)

@@ -157,3 +157,31 @@ public final class Guarded<Value>: @unchecked Sendable {
         return try body(&value)
     }
 }
+
+/// A pipe that wakes a thread blocked in poll: it polls `readFD` beside its own fds,
+/// and another thread calls `wake` (the byte stays unread, so every later poll returns
+/// at once too: a wake-up is never lost, which is what a stop needs).
+public final class WakePipe: Sendable {
+    /// -1 if the pipe could not be made (then nothing wakes the poller: its owner
+    /// falls back on shutting its sockets down).
+    public let readFD: Int32
+    private let writeFD: Int32
+
+    public init() {
+        var fds: [Int32] = [-1, -1]
+        if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
+        readFD = fds[0]
+        writeFD = fds[1]
+    }
+
+    deinit {
+        if readFD >= 0 { close(readFD) }
+        if writeFD >= 0 { close(writeFD) }
+    }
+
+    public func wake() {
+        guard writeFD >= 0 else { return }
+        var byte: UInt8 = 1
+        _ = write(writeFD, &byte, 1)
+    }
+}

@@ -20,7 +20,7 @@ public final class VhostUserBlkServer: @unchecked Sendable {
     private var stopping = false
     private var connection: Int32 = -1
     private var running = 0
-    private let wake: (read: Int32, write: Int32)
+    private let wake = WakePipe()
 
     /// - Parameters:
     ///   - queues: virtqueues offered (the guest's blk-mq hardware queues), 1 to 16.
@@ -30,14 +30,6 @@ public final class VhostUserBlkServer: @unchecked Sendable {
         self.queues = min(max(queues, 1), UInt16(IOF_VU_MAX_QUEUES))
         self.serial = String(serial.utf8.prefix(Int(IOF_VIRTIO_BLK_ID_BYTES)))!
         self.logger = logger
-        var fds: [Int32] = [-1, -1]
-        if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
-        wake = (fds[0], fds[1])
-    }
-
-    deinit {
-        if wake.read >= 0 { close(wake.read) }
-        if wake.write >= 0 { close(wake.write) }
     }
 
     /// Accepts front-ends on `listenFD` on a new thread until `stop`; the listening
@@ -60,15 +52,14 @@ public final class VhostUserBlkServer: @unchecked Sendable {
             stopping = true
             if connection >= 0 { shutdown(connection, Int32(SHUT_RDWR)) }
         }
-        var byte: UInt8 = 1
-        _ = write(wake.write, &byte, 1)
+        wake.wake()
         lock.withLock {
             while running > 0 { lock.wait() }
         }
     }
 
     private func acceptLoop(_ listenFD: Int32) {
-        var ready = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
+        var ready = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
         while true {
             if poll(&ready, 2, -1) < 0 {
                 if errno == EINTR { continue }
@@ -197,20 +188,12 @@ final class VirtioQueue: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     private let done = ConditionLock()
     private var finished = false
-    private let wake: (read: Int32, write: Int32)
+    private let wake = WakePipe()
 
     init(device: VirtioDevice, index: UInt16, kick: Int32) {
         self.device = device
         self.index = index
         self.kick = kick
-        var fds: [Int32] = [-1, -1]
-        if iof_pipe_cloexec(&fds) != 0 { fds = [-1, -1] }
-        wake = (fds[0], fds[1])
-    }
-
-    deinit {
-        close(wake.read)
-        close(wake.write)
     }
 
     func start() {
@@ -226,8 +209,7 @@ final class VirtioQueue: @unchecked Sendable {
     /// Returns once the thread stopped taking requests and every request it took is answered.
     func stop() {
         stopping.store(true, ordering: .releasing)
-        var byte: UInt8 = 1
-        _ = write(wake.write, &byte, 1)
+        wake.wake()
         done.withLock {
             while !finished || outstanding.load(ordering: .acquiring) > 0 { _ = done.wait(nanoseconds: 10_000_000) }
         }
@@ -238,16 +220,22 @@ final class VirtioQueue: @unchecked Sendable {
         }
     }
 
+    private let tracing = getenv("IOFILTER_VHOST_TRACE") != nil
+
     private func serve() {
-        thread = pthread_self()
-        var ready = [pollfd(fd: kick, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
+        var ready = [pollfd(fd: kick, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
         guard let raw = device.raw else { return }
         // Requests may be waiting already (a reconnect's resubmissions, kicks before we ran).
         while !stopping.load(ordering: .acquiring) {
             if !takeRequests(raw) { return }
-            if poll(&ready, 2, -1) < 0 {
+            let rc = poll(&ready, 2, tracing ? 5000 : -1)
+            if rc < 0 {
                 if errno == EINTR { continue }
                 return
+            }
+            if rc == 0 {
+                iof_vu_trace_queue(raw, index, "idle for 5 s (\(outstanding.load(ordering: .relaxed)) outstanding)")
+                continue
             }
             if ready[1].revents != 0 { return }
             if ready[0].revents & Int16(POLLIN) != 0 { iof_vu_drain_kick(kick) }
@@ -255,29 +243,12 @@ final class VirtioQueue: @unchecked Sendable {
         }
     }
 
-    /// Takes what the ring holds; false if the ring is broken. The guest is asked not
-    /// to kick while requests are being taken, and is signalled once for the requests
-    /// answered meanwhile on this thread.
+    /// Takes what the ring holds; false if the ring is broken.
     private func takeRequests(_ raw: OpaquePointer) -> Bool {
         var head: UInt16 = 0
-        inBatch = true
-        defer {
-            inBatch = false
-            if answeredInBatch {
-                answeredInBatch = false
-                iof_vu_notify(raw, index)
-            }
-        }
-        _ = iof_vu_kicks(raw, index, false)
         while !stopping.load(ordering: .relaxed) {
             let rc = iof_vu_next_head(raw, index, &head)
-            if rc == 0 {
-                if iof_vu_kicks(raw, index, true) {
-                    _ = iof_vu_kicks(raw, index, false)
-                    continue
-                }
-                return true
-            }
+            if rc == 0 { return true }
             if rc < 0 {
                 device.server.logger.error("virtqueue \(index): the guest's ring indices make no sense; the queue is served no more")
                 return false
@@ -287,15 +258,8 @@ final class VirtioQueue: @unchecked Sendable {
             outstanding.wrappingAdd(1, ordering: .relaxed)
             dispatch(request)
         }
-        _ = iof_vu_kicks(raw, index, true)
         return true
     }
-
-    /// Set by the queue's thread while it takes requests: an answer given on that thread
-    /// then waits for the batch's one signal. Read by other threads only as "not mine".
-    private var inBatch = false
-    private var answeredInBatch = false
-    private var thread = pthread_t()
 
     private func makeSlot(_ head: Int) -> VirtioBlkRequest {
         let slot = VirtioBlkRequest(queue: self)
@@ -363,9 +327,7 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     private func answer(_ request: VirtioBlkRequest, status: UInt8, written: UInt32) {
-        let batched = pthread_equal(thread, pthread_self()) != 0 && inBatch
-        if let raw = device.raw { iof_vu_complete(raw, request.raw, status, written, !batched) }
-        if batched { answeredInBatch = true }
+        if let raw = device.raw { iof_vu_complete(raw, request.raw, status, written) }
         if outstanding.wrappingSubtract(1, ordering: .acquiringAndReleasing).newValue == 0, stopping.load(ordering: .acquiring) {
             done.withLock { done.broadcast() }
         }

@@ -106,17 +106,11 @@ int iof_vu_next_head(iof_vu_device *device, uint16_t queue, uint16_t *head);
 /// Reads and checks the request at `head` (from `iof_vu_next_head`) into `*request`.
 void iof_vu_read_request(iof_vu_device *device, uint16_t queue, uint16_t head, iof_vu_request *request);
 /// Returns a request to the guest with its status and the bytes the device wrote
-/// (`written`, not counting the status byte), and with `notify` signals the guest
-/// unless it asked not to be. Any thread; the request's queue is locked while its used
-/// ring changes.
-void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written, bool notify);
-/// Signals the guest that `queue` has used buffers (unless it asked not to be): once
-/// for a batch of completions.
-void iof_vu_notify(iof_vu_device *device, uint16_t queue);
-/// Tells the guest whether to kick `queue` for new requests: not while the queue's
-/// thread is taking them anyway. When kicks are wanted again, returns true if requests
-/// arrived meanwhile (take them: no kick is coming for them).
-bool iof_vu_kicks(iof_vu_device *device, uint16_t queue, bool wanted);
+/// (`written`, not counting the status byte); signals the guest unless it asked not to
+/// be. Any thread; the request's queue is locked while its used ring changes.
+void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written);
+/// With IOFILTER_VHOST_TRACE: the queue's indices, to stderr.
+void iof_vu_trace_queue(iof_vu_device *device, uint16_t queue, const char *when);
 /// Consumes the kick eventfd's count (after poll says it is readable).
 void iof_vu_drain_kick(int kick_fd);
 /// True if the queue's ring was found broken.
