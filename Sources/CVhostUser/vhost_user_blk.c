@@ -171,10 +171,6 @@ void iof_vu_free(iof_vu_device *device) {
     free(device);
 }
 
-bool iof_vu_queue_broken(iof_vu_device *device, uint16_t queue) {
-    return queue < IOF_VU_MAX_QUEUES && device->queues[queue].broken;
-}
-
 // MARK: - guest memory
 
 /// `length` bytes at `address`, a guest address (descriptors) or, with `user`, a

@@ -144,6 +144,13 @@ public final class ChainRequest: @unchecked Sendable {
         run()
     }
 
+    /// The end of `startConsumerRequest`: counted, and done with the chain (the answer is
+    /// the connection's or the queue's business now).
+    private func leaveAsConsumerRequest(error: Int32) {
+        chain.io.record(io.pointee.op, bytes: io.pointee.length, error: error, nanoseconds: monotonicNanoseconds() &- startedAt)
+        chain.quiesce.leave()
+    }
+
     func run() {
         position = top
         goingUp = false
@@ -259,18 +266,15 @@ public final class ChainRequest: @unchecked Sendable {
         if retiresWhenFinished { retire() }
         switch completion {
         case .nbd(let request):
-            chain.io.record(io.pointee.op, bytes: io.pointee.length, error: error, nanoseconds: monotonicNanoseconds() &- startedAt)
             if error == 0, io.pointee.op == IOF_OP_BLOCK_STATUS, let extents {
                 for index in 0..<extents.count where !request.appendExtent(length: UInt32(extents.lengths[index]), flags: extents.flags[index]) {
                     break
                 }
             }
-            // Done with the chain (the reply is the connection's business now).
-            chain.quiesce.leave()
+            leaveAsConsumerRequest(error: error)
             request.complete(error: error)
         case .virtio(let request):
-            chain.io.record(io.pointee.op, bytes: io.pointee.length, error: error, nanoseconds: monotonicNanoseconds() &- startedAt)
-            chain.quiesce.leave()
+            leaveAsConsumerRequest(error: error)
             request.complete(error: error)
         case .callback(let callback, let arg): callback(arg, error)
         case .swift(let body): body(error)

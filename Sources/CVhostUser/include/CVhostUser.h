@@ -113,7 +113,5 @@ void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8
 void iof_vu_trace_queue(iof_vu_device *device, uint16_t queue, const char *when);
 /// Consumes the kick eventfd's count (after poll says it is readable).
 void iof_vu_drain_kick(int kick_fd);
-/// True if the queue's ring was found broken.
-bool iof_vu_queue_broken(iof_vu_device *device, uint16_t queue);
 
 #endif
