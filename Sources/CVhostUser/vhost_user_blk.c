@@ -35,6 +35,7 @@ enum {
 #define PROTOCOL_F_REPLY_ACK 3
 #define PROTOCOL_F_CONFIG 9
 #define PROTOCOL_F_INFLIGHT_SHMFD 12
+#define F_INDIRECT_DESC 28
 #define F_PROTOCOL_FEATURES 30
 #define F_VERSION_1 32
 #define BLK_F_SEG_MAX 2
@@ -383,26 +384,39 @@ static void parse_chain(const iof_vu_device *device, const struct queue *q, uint
     // its status byte says IOERR: a driver that finds no status reads whatever its
     // byte held before, which may well say OK.
     const char *problem = NULL;
-    uint16_t index = head;
-    for (uint32_t hops = 0;; hops++) {
-        if (hops >= q->size) { request->problem = "a descriptor chain loops"; return; }
+    // The chain is walked in the ring's table, or in the one indirect table its head
+    // names (copied a descriptor at a time: the guest may change it meanwhile).
+    const uint8_t *table = (const uint8_t *)q->desc;
+    uint32_t table_size = q->size, index = head, hops = 0;
+    bool in_indirect = false;
+    while (true) {
+        if (hops++ >= table_size) { request->problem = "a descriptor chain loops"; return; }
         if (count == (int)(sizeof pieces / sizeof pieces[0])) { request->problem = "a descriptor chain is too long"; return; }
         struct vring_desc desc;
-        memcpy(&desc, &q->desc[index], sizeof desc);  // once: the guest may change it meanwhile
-        uint8_t *base = desc.len ? guest_bytes(device, desc.addr, desc.len) : NULL;
+        memcpy(&desc, table + (size_t)index * sizeof desc, sizeof desc);
         if (desc.flags & DESC_F_INDIRECT) {
-            if (!problem) problem = "an indirect descriptor (not offered)";
-            base = NULL;
-        } else if (desc.len && !base && !problem) {
-            problem = "a descriptor outside the guest's memory";
+            // Only a chain's first and only descriptor may name a table (virtio 1.2, 2.7.5.3.1).
+            bool allowed = (__atomic_load_n(&device->features, __ATOMIC_RELAXED) & (1ull << F_INDIRECT_DESC)) && !in_indirect && count == 0 && !(desc.flags & DESC_F_NEXT);
+            if (!allowed) { request->problem = "an indirect descriptor where none may be"; return; }
+            if (desc.len == 0 || desc.len % sizeof desc || desc.len / sizeof desc > sizeof pieces / sizeof pieces[0]) {
+                request->problem = "an indirect table of a length no request has";
+                return;
+            }
+            if (!(table = guest_bytes(device, desc.addr, desc.len))) { request->problem = "an indirect table outside the guest's memory"; return; }
+            table_size = desc.len / sizeof desc;
+            index = hops = 0;
+            in_indirect = true;
+            continue;
         }
+        uint8_t *base = desc.len ? guest_bytes(device, desc.addr, desc.len) : NULL;
+        if (desc.len && !base && !problem) problem = "a descriptor outside the guest's memory";
         bool writable = desc.flags & DESC_F_WRITE;
         if (!writable && count > readable && !problem) problem = "a readable descriptor after a writable one";
         pieces[count++] = (struct piece){base, desc.len, writable};
         if (!writable && !problem) readable = count;
         if (!(desc.flags & DESC_F_NEXT)) break;
         index = desc.next;
-        if (index >= q->size) { request->problem = "a descriptor's next is outside the table"; return; }
+        if (index >= table_size) { request->problem = "a descriptor's next is outside the table"; return; }
     }
     // The status byte: the chain's last byte, which must be writable. Without it
     // nothing can be said back.
@@ -527,7 +541,7 @@ void iof_vu_drain_kick(int kick_fd) {
 /// when that overflows to 0, reads nothing forever; a request's total is bounded here
 /// instead (IOF_VU_MAX_REQUEST_BYTES).
 static uint64_t offered_features(const iof_vu_device *device) {
-    uint64_t features = 1ull << F_VERSION_1 | 1ull << F_PROTOCOL_FEATURES | 1ull << BLK_F_SEG_MAX |
+    uint64_t features = 1ull << F_VERSION_1 | 1ull << F_PROTOCOL_FEATURES | 1ull << F_INDIRECT_DESC | 1ull << BLK_F_SEG_MAX |
                         1ull << BLK_F_BLK_SIZE | 1ull << BLK_F_FLUSH;
     if (device->disk.queues > 1) features |= 1ull << BLK_F_MQ;
     if (device->disk.read_only) features |= 1ull << BLK_F_RO;
@@ -543,7 +557,11 @@ static const uint64_t offered_protocol_features =
 static size_t write_config(const iof_vu_device *device, uint8_t out[60]) {
     memset(out, 0, 60);
     uint64_t sectors = device->disk.size_bytes / 512;
-    uint32_t seg_max = IOF_VU_MAX_SEGMENTS, block = device->disk.block_size ? device->disk.block_size : 512;
+    // A request's header and status take a descriptor each: with seg_max two less than
+    // QEMU's default queue size (128), the longest request fits the ring even for a
+    // driver without indirect descriptors. More would never fit: Linux then waits for
+    // ring space forever (it warns once from virtqueue_add_split).
+    uint32_t seg_max = IOF_VU_MAX_SEGMENTS - 2, block = device->disk.block_size ? device->disk.block_size : 512;
     uint16_t queues = device->disk.queues;
     uint32_t max_sectors = 32768, one = 1, alignment = block / 512;
     memcpy(out + 0, &sectors, 8);
@@ -723,7 +741,7 @@ int iof_vu_handle_message(iof_vu_device *device, int socket_fd, const char **pro
     }
     case VU_SET_FEATURES:
         if (payload.u64 & ~offered_features(device)) { *problem = "features this device did not offer"; rc = -EINVAL; }
-        else device->features = payload.u64;
+        else __atomic_store_n(&device->features, payload.u64, __ATOMIC_RELAXED);  // queue threads read it
         break;
     case VU_GET_PROTOCOL_FEATURES:
         rc = send_reply(socket_fd, header.request, &offered_protocol_features, sizeof offered_protocol_features);

@@ -28,14 +28,14 @@ GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 
 GET_CONFIG = 24
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-F_NEXT, F_WRITE = 1, 2
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 
 MEMORY = 16 << 20
 GUEST_BASE = 0x100000       # guest physical address of the region
 USER_BASE = 0x7f0000000000  # the "front-end's" address of it
 QUEUE = 64
 DESC, AVAIL, USED = 0x0, 0x1000, 0x2000     # ring offsets in the region
-HEADER, STATUS, DATA = 0x4000, 0x5000, 0x10000
+HEADER, STATUS, TABLE, DATA = 0x4000, 0x5000, 0x6000, 0x10000
 
 failures = 0
 
@@ -116,6 +116,10 @@ class Frontend:
     def desc(self, index, address, length, flags, next_index=0):
         struct.pack_into("<QIHH", self.memory, DESC + 16 * index, address, length, flags, next_index)
 
+    def table_entry(self, index, address, length, flags, next_index=0):
+        """A descriptor in the indirect table at TABLE."""
+        struct.pack_into("<QIHH", self.memory, TABLE + 16 * index, address, length, flags, next_index)
+
     def submit(self, head, avail_idx=None):
         struct.pack_into("<H", self.memory, AVAIL + 4 + 2 * (self.avail_idx % QUEUE), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF if avail_idx is None else avail_idx
@@ -175,6 +179,20 @@ def good(path):
           and front.memory[DATA:DATA + len(pattern)] == pattern, f"used {used}, status {front.status()}")
     used = front.request(T_FLUSH, 0)
     check("flush", used is not None and front.status() == S_OK, f"used {used}, status {front.status()}")
+    # The same read through an indirect table: one ring descriptor names header, data
+    # in 16 pieces of 4 KiB, and status (what Linux sends for a large request).
+    front.memory[DATA:DATA + len(pattern)] = bytes(len(pattern))
+    front.memory[STATUS:STATUS + 1] = b"\xee"
+    struct.pack_into("<IIQ", front.memory, HEADER, T_IN, 0, 8)
+    front.table_entry(0, GUEST_BASE + HEADER, 16, F_NEXT, 1)
+    for piece in range(16):
+        front.table_entry(1 + piece, GUEST_BASE + DATA + piece * 4096, 4096, F_NEXT | F_WRITE, 2 + piece)
+    front.table_entry(17, GUEST_BASE + STATUS, 1, F_WRITE)
+    front.desc(0, GUEST_BASE + TABLE, 18 * 16, F_INDIRECT)
+    front.submit(0)
+    used = front.wait_used()
+    check("indirect-read", used is not None and front.status() == S_OK and used[1] == len(pattern) + 1
+          and front.memory[DATA:DATA + len(pattern)] == pattern, f"used {used}, status {front.status()}")
     used = front.request(T_GET_ID, 0, 20)
     serial = bytes(front.memory[DATA:DATA + 20]).rstrip(b"\0").decode(errors="replace")
     check("get-id", used is not None and front.status() == S_OK and serial != "", f"serial {serial!r}")
@@ -225,6 +243,17 @@ def hostile(path):
                                              front.desc(3, GUEST_BASE + STATUS, 1, F_WRITE)))
     case("short-header", lambda: (front.desc(0, GUEST_BASE + HEADER, 8, F_NEXT, 2),
                                   front.desc(2, GUEST_BASE + STATUS, 1, F_WRITE)))
+    # Indirect tables: outside memory, of a length no table has, nested, after a
+    # direct descriptor, and one whose chain loops inside it. None can be followed.
+    case("indirect-outside-memory", lambda: front.desc(0, 0xdead0000000, 48, F_INDIRECT), expect=None)
+    case("indirect-bad-length", lambda: front.desc(0, GUEST_BASE + TABLE, 40, F_INDIRECT), expect=None)
+    case("indirect-nested", lambda: (front.table_entry(0, GUEST_BASE + TABLE, 32, F_INDIRECT),
+                                     front.desc(0, GUEST_BASE + TABLE, 32, F_INDIRECT)), expect=None)
+    case("indirect-not-first", lambda: (front.desc(0, GUEST_BASE + HEADER, 16, F_NEXT, 1),
+                                        front.desc(1, GUEST_BASE + TABLE, 32, F_INDIRECT)), expect=None)
+    case("indirect-loop", lambda: (front.table_entry(0, GUEST_BASE + HEADER, 16, F_NEXT, 1),
+                                   front.table_entry(1, GUEST_BASE + DATA, 512, F_NEXT | F_WRITE, 0),
+                                   front.desc(0, GUEST_BASE + TABLE, 32, F_INDIRECT)), expect=None)
     # Reads and writes past the disk's end, and one not in whole sectors.
     used = front.request(T_IN, front.capacity // 512, 512)
     check("read-past-the-end", used is not None and front.status() == S_IOERR, f"status {front.status()}")
