@@ -270,7 +270,7 @@ let package = Package(
             name: "IntegrationTests",
             dependencies: [
                 "IOFilterModel", "IOFilterNBD", "IOFilterNBDServer", "IOFilterHost", "IOFilterAPI", "IOFilterHTTP", "IOFilterControl", "IOFilterAPIRoutes",
-                "IOFilterPosix",
+                "IOFilterPosix", "IOFilterSDK",
                 .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["Fixtures"]),

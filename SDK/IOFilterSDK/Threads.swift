@@ -84,10 +84,13 @@ public enum FileIO {
         return 0
     }
 
-    /// An identity of the file behind `fd` that a new file at the same path never has
-    /// (a random one kept in its extended attribute user.iofilter.id, made the first
-    /// time; where the file system keeps none, its device and inode). A replica keeper
-    /// tells its sender with it that the disk was made anew and needs copying in full.
+    /// An identity of the file behind `fd` that a new file at the same path never has:
+    /// a replica keeper tells its sender with it that the disk was made anew and needs
+    /// copying in full. A random one kept in the file's extended attribute
+    /// user.iofilter.id, made the first time; where that cannot be read or made (a
+    /// daemon's uid may not read the attributes of a disk its host keeps private), the
+    /// device, inode and birth time: an inode number alone is reused by the next file
+    /// made on the device, so a replica deleted and made again looked like the old one.
     public static func identity(of fd: Int32) -> String {
         let name = "user.iofilter.id"
         for _ in 0..<2 {
@@ -103,7 +106,10 @@ public enum FileIO {
         }
         var info = stat()
         fstat(fd, &info)
-        return "dev\(info.st_dev)-ino\(info.st_ino)"
+        var seconds: Int64 = 0
+        var nanoseconds: UInt32 = 0
+        let born = iof_birth_time(fd, &seconds, &nanoseconds) == 0 ? "-born\(seconds).\(nanoseconds)" : ""
+        return "dev\(info.st_dev)-ino\(info.st_ino)\(born)"
     }
 
     /// Accepts a connection on `listener` (close-on-exec): the fd, or -1 with errno set.

@@ -8,6 +8,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/xattr.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -195,6 +196,18 @@ long iof_fgetxattr(int fd, const char *name, void *value, size_t size) {
 
 int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t size) {
     return fsetxattr(fd, name, value, size, XATTR_CREATE);
+}
+
+int iof_birth_time(int fd, int64_t *seconds, uint32_t *nanoseconds) {
+    struct statx info;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_BTIME, &info) != 0) return -1;
+    if (!(info.stx_mask & STATX_BTIME)) {
+        errno = ENODATA;
+        return -1;
+    }
+    *seconds = info.stx_btime.tv_sec;
+    *nanoseconds = info.stx_btime.tv_nsec;
+    return 0;
 }
 
 int iof_fadvise_willneed(int fd, int64_t offset, int64_t length) {

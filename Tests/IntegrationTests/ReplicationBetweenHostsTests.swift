@@ -1,4 +1,5 @@
 import Foundation
+import IOFilterSDK
 import IOFilterAPI
 import IOFilterModel
 import Testing
@@ -80,6 +81,32 @@ struct ReplicationBetweenHostsTests {
 
     static func compare(_ one: String, _ other: String) throws -> Harness.Output {
         try Harness.run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", one, other])
+    }
+
+    /// A replica deleted and made again at the same path must not pass for the old one,
+    /// even where its identity cannot be kept in an attribute (a daemon's uid may not
+    /// read one on a disk its host keeps private; here an immutable file refuses one).
+    /// The next file made usually takes the freed inode number: the birth time tells
+    /// them apart. This let a sender skip the full copy the new replica needed.
+    @Test func aFileMadeAnewAtTheSamePathHasAnotherIdentity() throws {
+        let path = directory.appendingPathComponent("replica-identity.img").path
+        func makeImmutable() throws -> (identity: String, again: String, inode: UInt64) {
+            _ = Harness.makeImage(path, size: 1 << 20)
+            try Harness.check(Harness.tool("chattr"), ["+i", path])
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            defer { close(fd) }
+            var info = stat()
+            fstat(fd, &info)
+            return (FileIO.identity(of: fd), FileIO.identity(of: fd), UInt64(info.st_ino))
+        }
+        let first = try makeImmutable()
+        try Harness.check(Harness.tool("chattr"), ["-i", path])
+        unlink(path)
+        let second = try makeImmutable()
+        try Harness.check(Harness.tool("chattr"), ["-i", path])
+        #expect(first.identity == first.again && second.identity == second.again, "an identity is stable")
+        #expect(first.identity != second.identity, "inode \(first.inode) then \(second.inode): \(first.identity) and \(second.identity)")
+        #expect(first.identity.contains("-born"), "\(first.identity)")
     }
 
     @Test func asyncReplicationToAPeerHostSurvivesACutLinkAndFailsOver() throws {

@@ -86,5 +86,8 @@ int iof_setxattr(const char *path, const char *name, const void *value, size_t s
 long iof_fgetxattr(int fd, const char *name, void *value, size_t size);
 /* fsetxattr(2) with XATTR_CREATE: fails with EEXIST if the attribute is there. */
 int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t size);
+/* statx(2)'s birth time of the file behind fd: 0, or -1 with errno set (ENODATA: the
+ * file system keeps none). */
+int iof_birth_time(int fd, int64_t *seconds, uint32_t *nanoseconds);
 
 #endif
