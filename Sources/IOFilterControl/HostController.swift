@@ -32,6 +32,9 @@ public final class HostController: @unchecked Sendable {
     public var allowedRoots: [String] = []
     /// Who gets which role on the unix socket.
     public var accessGroups = AccessGroups()
+    /// Groups that may connect to the VMs' disk sockets, NBD and vhost-user-blk (the
+    /// group libvirt's QEMU runs in), and reach nothing else of the state directory.
+    public var guestGroups: [gid_t] = []
     /// The lowest level of plug-in this host installs; set by `adoptAcceptanceLevel`.
     public internal(set) var acceptanceLevel = AcceptanceLevel.hostDefault
     /// Where everything lives under `stateDirectory`.
@@ -281,6 +284,14 @@ public final class HostController: @unchecked Sendable {
             }
         }
         reportCheckpointsLostWithTheMachine(disks.map(\.row.name))
+        if isVM, !guestGroups.isEmpty {
+            do {
+                try admitGuests(to: listeners, in: socketDirectory)
+            } catch {
+                listeners.forEach { $0.close() }
+                throw .internalError("cannot let the guest groups reach \(socketDirectory) (does the file system take POSIX ACLs?): \(error)")
+            }
+        }
         var continuity: VMSession.Continuity?
         if isVM {
             do {
@@ -298,6 +309,17 @@ public final class HostController: @unchecked Sendable {
             throw .workerFailed("\(error)")
         }
         return session
+    }
+
+    /// Lets the guest groups pass through vms/ and the VM's directory and connect to its
+    /// disk sockets (ACL entries: the files keep their owner and mode).
+    private func admitGuests(to listeners: [VMSession.Listener], in socketDirectory: String) throws(SystemError) {
+        for directory in ["\(layout.root)/vms", socketDirectory] {
+            try AccessControlList.grant(directory, owner: 0o7, groups: guestGroups, permissions: 0o1)
+        }
+        for path in listeners.flatMap({ [$0.socketPath, $0.vhostUser?.path].compactMap { $0 } }) {
+            try AccessControlList.grant(path, owner: 0o6, groups: guestGroups, permissions: 0o6)
+        }
     }
 
     private func makeSession(name: String, isVM: Bool, disks: [(row: DiskRow, filters: [PlannedFilter], readOnly: Bool)],

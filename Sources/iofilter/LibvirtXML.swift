@@ -23,6 +23,8 @@ extension VMCommand {
         @Option(help: ArgumentHelp("Boot this kernel directly.", valueName: "path")) var kernel: String?
         @Option(help: ArgumentHelp("With --kernel: its initramfs.", valueName: "path")) var initrd: String?
         @Option(help: ArgumentHelp("With --kernel: its command line.", valueName: "text")) var cmdline: String?
+        @Option(help: ArgumentHelp("Write the guest's serial console to this file (default: a pty, for virsh console).", valueName: "path"))
+        var consoleLog: String?
         @Flag(help: "NBD disks even where vhost-user-blk is offered.") var nbd = false
         @Flag(help: "Print only the <disk> elements, to paste into a domain of your own.") var disksOnly = false
         @OptionGroup var daemon: DaemonOptions
@@ -41,6 +43,7 @@ extension VMCommand {
                 domain.kernel = kernel.map(absolutePath)
                 domain.initrd = initrd.map(absolutePath)
                 domain.cmdline = cmdline
+                domain.consoleLog = consoleLog.map(absolutePath)
                 domain.useNBD = nbd
                 print(disksOnly ? domain.disks : domain.xml, terminator: "")
             }
@@ -57,6 +60,8 @@ struct LibvirtDomain {
     var kernel: String?
     var initrd: String?
     var cmdline: String?
+    /// The serial console's file; nil: a pty.
+    var consoleLog: String?
     var useNBD = false
 
     init(vm: VMInfo, memoryMiB: Int, virtType: String) {
@@ -118,6 +123,8 @@ struct LibvirtDomain {
         if let kernel { boot += "    <kernel>\(escaped(kernel))</kernel>\n" }
         if let initrd { boot += "    <initrd>\(escaped(initrd))</initrd>\n" }
         if let cmdline { boot += "    <cmdline>\(escaped(cmdline))</cmdline>\n" }
+        let serial = consoleLog.map { "<serial type='file'>\n      <source path='\(escaped($0))'/>\n    </serial>" }
+            ?? "<serial type='pty'/>\n    <console type='pty'/>"
         // vhost-user disks live in guest memory the back-end maps: it must be shared.
         let memoryBacking = vhostUser ? "  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='shared'/>\n  </memoryBacking>\n" : ""
         return """
@@ -129,8 +136,7 @@ struct LibvirtDomain {
                 <type arch='x86_64' machine='q35'>hvm</type>
             \(boot)  </os>
               <devices>
-            \(disks.split(separator: "\n", omittingEmptySubsequences: false).map { $0.isEmpty ? "" : "    " + $0 }.joined(separator: "\n"))    <serial type='pty'/>
-                <console type='pty'/>
+            \(disks.split(separator: "\n", omittingEmptySubsequences: false).map { $0.isEmpty ? "" : "    " + $0 }.joined(separator: "\n"))    \(serial)
               </devices>
             </domain>
 

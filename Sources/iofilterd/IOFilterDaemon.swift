@@ -81,6 +81,11 @@ struct IOFilterDaemon: ParsableCommand {
     var readOnlyGroup: [String] = []
 
     @Option(help: ArgumentHelp(
+        "Members of this group may connect to the VMs' disk sockets (NBD and vhost-user-blk), and nothing else: the group QEMU runs in under libvirt (kvm on Debian), or a libvirt session user's; repeat for several.",
+        valueName: "group"))
+    var guestGroup: [String] = []
+
+    @Option(help: ArgumentHelp(
         "Install only plug-ins at or above this level: \(AcceptanceLevel.choices). A level above an installed plug-in's is refused; lowering it is recorded as an event.",
         valueName: "level"))
     var acceptanceLevel: AcceptanceLevel = .hostDefault
@@ -126,7 +131,7 @@ struct IOFilterDaemon: ParsableCommand {
                 throw ValidationError("--allow-path \(directory) must be an existing directory, given as an absolute path")
             }
         }
-        for group in adminGroup + operatorGroup + readOnlyGroup where AccessGroups.gid(group) == nil {
+        for group in adminGroup + operatorGroup + readOnlyGroup + guestGroup where AccessGroups.gid(group) == nil {
             throw ValidationError("no group '\(group)' on this host")
         }
         if !(restartBackoffMax >= 0.1) { throw ValidationError("--restart-backoff-max must be at least 0.1 seconds") }
@@ -177,6 +182,7 @@ struct IOFilterDaemon: ParsableCommand {
             throw ExitCode(1)
         }
         controller.accessGroups = accessGroups
+        controller.guestGroups = guestGroup.compactMap(AccessGroups.gid)
         controller.allowedRoots = allowPath
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         controller.hiddenFromWorkers = [apiSocket]
@@ -246,15 +252,18 @@ struct IOFilterDaemon: ParsableCommand {
     /// The unix socket is the owner's alone unless groups were given roles: then each
     /// such group may connect (read and write the socket) and pass through the socket's
     /// directory, and nobody else may. What a member may do is the role's business.
+    /// Guest groups pass through the state directory too, on their way to the VMs'
+    /// disk sockets (the host grants the rest as it makes them).
     func admitGroups(to socket: String, stateDirectory: String, logger: Logger) throws {
-        let groups = accessGroups.all
-        guard !groups.isEmpty else { return }
+        let roleGroups = accessGroups.all
+        let guestGroups = guestGroup.compactMap(AccessGroups.gid)
+        let directory = (socket as NSString).deletingLastPathComponent
+        let passing = guestGroups + (directory == stateDirectory ? roleGroups : [])
         do {
-            try AccessControlList.grant(socket, owner: 0o6, groups: groups, permissions: 0o6)
-            let directory = (socket as NSString).deletingLastPathComponent
-            if directory == stateDirectory { try AccessControlList.grant(directory, owner: 0o7, groups: groups, permissions: 0o1) }
+            if !roleGroups.isEmpty { try AccessControlList.grant(socket, owner: 0o6, groups: roleGroups, permissions: 0o6) }
+            if !passing.isEmpty { try AccessControlList.grant(stateDirectory, owner: 0o7, groups: passing, permissions: 0o1) }
         } catch {
-            throw ValidationError("cannot let the role groups reach \(socket) (does the file system take POSIX ACLs?): \(error)")
+            throw ValidationError("cannot let the role and guest groups reach \(socket) (does the file system take POSIX ACLs?): \(error)")
         }
     }
 }

@@ -207,4 +207,86 @@ struct VhostUserTests {
         try daemon.ok(["vm", "stop", "g"])
         #expect(!FileManager.default.fileExists(atPath: socket), "the vhost-user socket outlived its VM")
     }
+
+    /// libvirt, for real: Debian's libvirtd, in session mode as an unprivileged user (so
+    /// that nothing of this machine's libvirt is touched), defines and starts the domain
+    /// `vm libvirt-xml` prints for an iofilterd VM. Its QEMU, running as that user,
+    /// reaches the disk socket through --guest-group alone; the guest writes and checks
+    /// files on ext4; `virsh destroy` ends it; the disk holds a clean file system.
+    @Test func libvirtStartsADomainWhoseDiskIofilterdServes() throws {
+        let user: (uid: uid_t, gid: gid_t) = (65534, 65534)  // nobody, nogroup
+        let daemon = try Daemon(arguments: ["--guest-group", "\(user.gid)"])
+        let image = Harness.makeImage(directory.appendingPathComponent("libvirt-source.img").path, size: 64 << 20)
+        try Harness.check(Harness.tool("mkfs.ext4"), ["-q", "-F", image])
+        try daemon.ok(["plugin", "install", Daemon.samplePlugin("iofilter-passthrough-c")])
+        try daemon.ok(["policy", "create", "plain", "--filter", "org.swift-iofilter.passthrough-c"])
+        try daemon.ok(["disk", "import", "d", "--from", image, "--policy", "plain"])
+        try daemon.ok(["vm", "create", "lv", "--disk", "d", "--export", "vhost-user-blk"])
+        try daemon.ok(["vm", "start", "lv"])
+
+        // The session's home, runtime directory and files, the user's own (a short path:
+        // libvirt's sockets live under it).
+        let home = URL(fileURLWithPath: "/tmp/iofl-\(UUID().uuidString.prefix(6))")
+        let runtime = home.appendingPathComponent("run")
+        try FileManager.default.createDirectory(at: runtime, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: home) }
+        let initramfs = try Guest.initramfs(script: """
+            mount -t ext4 /dev/vda /mnt && echo GUEST-MOUNTED
+            i=0
+            while [ $i -lt 16 ]; do
+              dd if=/dev/urandom of=/mnt/f$i bs=64k count=4 2>/dev/null && md5sum /mnt/f$i >> /tmp/sums
+              i=$((i+1))
+            done
+            sync; echo 3 > /proc/sys/vm/drop_caches
+            md5sum -c /tmp/sums > /tmp/check 2>&1 && echo GUEST-VERIFIED || { grep -v OK /tmp/check; echo GUEST-VERIFY-FAILED; }
+            umount /mnt && echo GUEST-UNMOUNTED
+            sleep 3600
+            """, in: home)
+        let console = home.appendingPathComponent("console.log").path
+        let kernel = try #require(Guest.kernel?.image)
+        let xml = try daemon.ok(["vm", "libvirt-xml", "lv", "--memory", "256M", "--virt-type", "qemu", "--kernel", kernel, "--initrd", initramfs,
+                                 "--cmdline", "console=ttyS0 quiet panic=-1", "--console-log", console])
+        try xml.write(to: home.appendingPathComponent("lv.xml"), atomically: true, encoding: .utf8)
+        try Harness.check("/bin/chown", ["-R", "\(user.uid):\(user.gid)", home.path])
+        chmod(runtime.path, 0o700)
+
+        func virsh(_ arguments: [String]) throws -> Harness.Output {
+            try Harness.run("/usr/bin/setpriv", ["--reuid=\(user.uid)", "--regid=\(user.gid)", "--clear-groups", "/usr/bin/env",
+                                                 "HOME=\(home.path)", "XDG_RUNTIME_DIR=\(runtime.path)", "XDG_CONFIG_HOME=\(home.path)/config",
+                                                 "XDG_CACHE_HOME=\(home.path)/cache", Harness.tool("virsh"), "-c", "qemu:///session"] + arguments,
+                            timeout: 120)
+        }
+        // virsh starts the session's daemons; they are ended here, whatever happens.
+        defer {
+            _ = try? virsh(["destroy", "lv"])
+            _ = try? virsh(["undefine", "lv"])
+            for daemonName in ["libvirtd", "virtqemud", "virtlogd"] {
+                if let pid = try? String(contentsOfFile: "\(runtime.path)/libvirt/\(daemonName).pid", encoding: .utf8),
+                   let number = pid_t(pid.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                    kill(number, SIGTERM)
+                }
+            }
+        }
+        let defined = try virsh(["define", home.appendingPathComponent("lv.xml").path])
+        #expect(defined.status == 0, "virsh define: \(defined.stdout) \(defined.stderr)\n\(xml)")
+        let started = try virsh(["start", "lv"])
+        try #require(started.status == 0, "virsh start: \(started.stdout) \(started.stderr)\n\(daemon.log.suffix(2000))")
+        func consoleText() -> String { (try? String(contentsOfFile: console, encoding: .utf8)) ?? "" }
+        #expect(Harness.eventually(240) { consoleText().contains("GUEST-UNMOUNTED") }, "\(consoleText())\n\(daemon.log.suffix(2000))")
+        #expect(consoleText().contains("GUEST-MOUNTED") && consoleText().contains("GUEST-VERIFIED"), "\(consoleText())")
+        #expect(daemon.log.contains("a vhost-user front-end connected"), "\(daemon.log.suffix(2000))")
+        #expect(try virsh(["domstate", "lv"]).stdout.contains("running"))
+        let destroyed = try virsh(["destroy", "lv"])
+        #expect(destroyed.status == 0, "virsh destroy: \(destroyed.stderr)")
+        #expect(try virsh(["domstate", "lv"]).stdout.contains("shut off"))
+
+        // The guest unmounted before it was destroyed: the disk, read over NBD through
+        // the chain, holds a clean file system.
+        let vm = try daemon.json(["vm", "show", "lv", "--json"], as: VMInfo.self)
+        let copy = home.appendingPathComponent("copy.img").path
+        try Harness.check(Harness.tool("qemu-img"), ["convert", "-f", "raw", "-O", "raw", try #require(vm.uris["d"]), copy])
+        let fsck = try Harness.run(Harness.tool("e2fsck"), ["-f", "-n", copy])
+        #expect(fsck.status == 0, "e2fsck: \(fsck.stdout) \(fsck.stderr)")
+        try daemon.ok(["vm", "stop", "lv"])
+    }
 }
