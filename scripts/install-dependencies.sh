@@ -21,10 +21,12 @@
 # (linux-image-amd64, whose virtio and ext4 modules go into the guest's initramfs),
 # busybox-static and cpio (the guest's userland and its archive), e2fsprogs (mkfs.ext4
 # and e2fsck on the host side), libvirt-clients and libxml2-utils (virt-xml-validate
-# checks `vm libvirt-xml` against libvirt's own schema).
+# checks `vm libvirt-xml` against libvirt's own schema), and libvirt-daemon with its
+# QEMU driver (a session libvirtd, run as nobody, boots the printed domain; not
+# libvirt-daemon-system, whose services the tests do not need).
 set -eu
 packages="libffi-dev libseccomp-dev libsqlite3-dev libgnutls28-dev nettle-dev pkg-config qemu-utils libnbd-bin fio nbdkit sqlite3"
-[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs libvirt-clients libxml2-utils"
+[ "${1:-}" = "--tests" ] && packages="$packages man-db systemd openssl curl python3-libnbd gnutls-bin iproute2 chromium binutils qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"
