@@ -9,6 +9,8 @@ public final class ChildProcess: @unchecked Sendable {
     public let pid: pid_t
     /// The parent's end of the child's stdout, if captured.
     public let stdoutFD: Int32?
+    /// Started inside the cgroup it was given (see `init`), so nobody need move it.
+    public let bornInCgroup: Bool
     /// A process an earlier host started (see `init(adopting:startTime:)`): watched and
     /// signalled through this pidfd, since it is not our child.
     private let pidfd: Int32
@@ -24,42 +26,30 @@ public final class ChildProcess: @unchecked Sendable {
     /// - Parameters:
     ///   - handOver: (fd in this process, fd number in the child); ≥ 3.
     ///   - stdin: bytes written to the child's stdin, which is then closed.
+    ///   - cgroup: a cgroup v2 group's directory the child is born in (clone3), where the
+    ///     kernel allows; `bornInCgroup` says whether it was.
     public init(
         executable: String, arguments: [String], handOver: [(Int32, Int32)] = [], stdin: [UInt8]? = nil,
-        stdout: Output = .capture, environment: [String: String] = [:]
+        stdout: Output = .capture, environment: [String: String] = [:], cgroup: String? = nil
     ) throws(SystemError) {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // The child starts with default signal handling and nothing blocked.
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for signal in [SIGPIPE, SIGTERM, SIGINT, SIGCHLD, SIGHUP] { sigaddset(&defaults, signal) }
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
         var stdinPipe: [Int32] = [-1, -1]
         var stdoutPipe: [Int32] = [-1, -1]
         var temporaries: [Int32] = []
         defer { temporaries.forEach { close($0) } }
+        // What the child's fds become: (source, number); source -1 is /dev/null.
+        var placed: [(Int32, Int32)] = []
         if stdin != nil {
             guard iof_pipe_cloexec(&stdinPipe) == 0 else { throw SystemError("pipe") }
-            posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], 0)
+            placed.append((stdinPipe[0], 0))
         } else {
-            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            placed.append((-1, 0))
         }
         switch stdout {
         case .capture:
             guard iof_pipe_cloexec(&stdoutPipe) == 0 else { throw SystemError("pipe") }
-            posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
+            placed.append((stdoutPipe[1], 1))
         case .discard:
-            posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+            placed.append((-1, 1))
         case .inherit:
             break
         }
@@ -69,7 +59,7 @@ public final class ChildProcess: @unchecked Sendable {
             let copy = fcntl(source, F_DUPFD_CLOEXEC, 256)
             guard copy >= 0 else { throw SystemError("dup fd \(source)") }
             temporaries.append(copy)
-            posix_spawn_file_actions_adddup2(&actions, copy, target)
+            placed.append((copy, target))
         }
 
         var environmentLines = Self.currentEnvironment()
@@ -80,8 +70,20 @@ public final class ChildProcess: @unchecked Sendable {
             argv.forEach { free($0) }
             envp.forEach { free($0) }
         }
-        var child = pid_t()
-        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, envp)
+        var child: pid_t = -1
+        if let cgroup {
+            // Any failure falls back on posix_spawn: a kernel before 5.7, a group the
+            // kernel will not start a process in, or an exec that fails again there and
+            // is reported from there.
+            let group = open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if group >= 0 {
+                child = iof_spawn_into_cgroup(executable, argv, envp, placed.map(\.0), placed.map(\.1), Int32(placed.count), group)
+                close(group)
+            }
+        }
+        bornInCgroup = child > 0
+        let rc = child > 0 ? 0 : Self.posixSpawn(executable, argv: argv, envp: envp, placed: placed, &child)
+        // The child's ends are the child's alone now (a write to a dead child's stdin fails).
         if stdinPipe[0] >= 0 { close(stdinPipe[0]) }
         if stdoutPipe[1] >= 0 { close(stdoutPipe[1]) }
         guard rc == 0 else {
@@ -114,6 +116,35 @@ public final class ChildProcess: @unchecked Sendable {
         self.pid = pid
         pidfd = fd
         stdoutFD = nil
+        bornInCgroup = false
+    }
+
+    /// posix_spawn with each (source, number) placed (source -1: /dev/null), default
+    /// handling of the signals a host changes, and nothing blocked; 0 or an errno.
+    private static func posixSpawn(_ executable: String, argv: [UnsafeMutablePointer<CChar>?], envp: [UnsafeMutablePointer<CChar>?],
+                                   placed: [(Int32, Int32)], _ child: inout pid_t) -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGPIPE, SIGTERM, SIGINT, SIGCHLD, SIGHUP] { sigaddset(&defaults, signal) }
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        for (source, number) in placed {
+            if source < 0 {
+                posix_spawn_file_actions_addopen(&actions, number, "/dev/null", number == 0 ? O_RDONLY : O_WRONLY, 0)
+            } else {
+                posix_spawn_file_actions_adddup2(&actions, source, number)
+            }
+        }
+        return posix_spawn(&child, executable, &actions, &attributes, argv, envp)
     }
 
     deinit {

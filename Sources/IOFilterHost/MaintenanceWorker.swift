@@ -15,6 +15,14 @@ public enum MaintenanceWorker {
         for index in configuration.disks.indices { configuration.disks[index].listenFD = -1 }
         var launch = SandboxedLaunch(mode: .serve)
         launch.logLevel = configuration.logLevel
+        // Its plug-ins' attach and detach run under the same limits as a VM's worker.
+        let cgroup = try? WorkerCgroup.create(name: configuration.vmName, limits: WorkerCgroupLimits(for: configuration)).get()
+        defer { cgroup?.remove() }
+        if let cgroup {
+            configuration.cgroupProcs = cgroup.procsFiles
+            configuration.cgroupSummary = cgroup.summary
+            launch.cgroup = cgroup
+        }
         let outcome: (status: Int32?, output: [UInt8])
         do {
             let broker = try TargetBroker.start(allowed: configuration.namedTargets, logger: logger)

@@ -269,18 +269,20 @@ public final class ProcessSupervisor: @unchecked Sendable {
         }
         let process: ChildProcess
         do {
-            process = try prepared.launch.spawn()
+            var launch = prepared.launch
+            launch.cgroup = cgroup
+            process = try launch.spawn()
         } catch {
             prepared.finish(nil, false)
             return (nil, false, "cannot start it: \(error)")
+        }
+        if let cgroup, cgroup.version == 2 {
+            logger.debug("\(role) \(process.pid) \(process.bornInCgroup ? "was born in its cgroup (clone3)" : "was moved into its cgroup: the kernel would not start it there")")
         }
         // Known at once, so that a stop while it starts reaches it.
         lock.withLock {
             child = process
             heartbeat = prepared.heartbeat
-        }
-        if let cgroup, !cgroup.add(process.pid) {
-            logger.warning("cannot move \(role) \(process.pid) into its cgroup: \(String(cString: strerror(errno)))")
         }
         let outcome = ReadyLine(process: process, line: prepared.launch.readyLine).wait(timeout: policy.readyTimeout)
         prepared.finish(process, outcome.ready)

@@ -44,6 +44,9 @@ public struct SandboxedLaunch {
     public var logLevel: String?
     /// The line the child prints once it serves (or, for a maintenance task, is done).
     public var readyLine = "READY"
+    /// The group the child runs in: born there on cgroup v2 (clone3), else moved there
+    /// as it starts (it waits for that before it confines itself).
+    public var cgroup: WorkerCgroup?
     public var executable: String
 
     public init(mode: WorkerMode, arguments: [String] = [], executable: String = WorkerExecutable.path()) {
@@ -52,13 +55,17 @@ public struct SandboxedLaunch {
         self.executable = executable
     }
 
-    /// Starts the child: posix_spawn, its fds at their numbers, stdout captured.
+    /// Starts the child in its group: its fds at their numbers, stdout captured.
     public func spawn() throws(SystemError) -> ChildProcess {
         var environment = WorkerExecutable.environment
         if let logLevel { environment["IOFILTER_LOG_LEVEL"] = logLevel }
-        return try ChildProcess(
+        let child = try ChildProcess(
             executable: executable, arguments: [mode.rawValue] + arguments, handOver: fds.pairs.map { ($0.source, $0.number) },
-            stdin: configuration.map(Array.init) ?? nil, stdout: .capture, environment: environment)
+            stdin: configuration.map(Array.init) ?? nil, stdout: .capture, environment: environment,
+            cgroup: cgroup.flatMap { $0.version == 2 ? $0.directories.first : nil })
+        // A child that cannot join says so itself, and falls back on RLIMIT_AS.
+        if let cgroup, !child.bornInCgroup { cgroup.add(child.pid) }
+        return child
     }
 
     /// Runs the child to its end, at most `timeout` seconds (then it is killed), and

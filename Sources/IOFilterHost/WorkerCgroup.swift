@@ -31,7 +31,10 @@ public final class WorkerCgroup: @unchecked Sendable {
     public static func create(name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
         let mounts = CgroupMounts.read()
         if let unified = mounts.unified, let own = mounts.ownPath["", default: nil] {
-            let root = unified + (own == "/" ? "" : own)
+            var root = unified + (own == "/" ? "" : own)
+            // A host already in its leaf (see createV2) makes its groups beside it, not
+            // below: each worker would otherwise nest the host one level deeper.
+            if root.hasSuffix("/" + hostLeaf) { root = String(root.dropLast(hostLeaf.count + 1)) }
             let available = (FileDescriptorIO.readFile("\(root)/cgroup.controllers") ?? "").split(whereSeparator: \.isWhitespace).map(String.init)
             // A hybrid host's v2 tree holds none of them: its controllers are v1's.
             if controllers.allSatisfy(available.contains) {
@@ -44,7 +47,7 @@ public final class WorkerCgroup: @unchecked Sendable {
     private static func createV2(root: String, name: String, limits: WorkerCgroupLimits) -> Result<WorkerCgroup, SupervisorError> {
         // No process may sit in a group whose controllers are handed to children: the
         // host moves itself into a leaf of its own first.
-        let host = "\(root)/iofilter-host"
+        let host = "\(root)/\(hostLeaf)"
         if !(FileDescriptorIO.readFile("\(root)/cgroup.subtree_control") ?? "").contains("memory") {
             guard mkdir(host, 0o755) == 0 || errno == EEXIST, FileDescriptorIO.writeFile("0", to: "\(host)/cgroup.procs"),
                   FileDescriptorIO.writeFile(controllers.map { "+\($0)" }.joined(separator: " "), to: "\(root)/cgroup.subtree_control") else {
@@ -122,6 +125,11 @@ public final class WorkerCgroup: @unchecked Sendable {
         }
     }
 
+    /// What the worker logs of its group.
+    public var summary: String {
+        "cgroup v\(version): memory \(limits.memory >> 20) MiB, \(limits.tasks) tasks, CPU weight \(limits.cpuWeight)"
+    }
+
     /// Moves `pid` into the group. Done by the supervisor right after the spawn, while
     /// the worker starts: moving a process into a v1 memory group costs some 10 ms of
     /// the kernel's time, which the worker would otherwise wait for itself.
@@ -171,6 +179,9 @@ public final class WorkerCgroup: @unchecked Sendable {
         }
     }
 
+    /// Where the host process itself sits in cgroup v2, beside its workers' groups.
+    static let hostLeaf = "iofilter-host"
+
     /// The controllers a worker's group limits with.
     static let controllers = ["memory", "pids", "cpu"]
 
@@ -210,6 +221,14 @@ public struct WorkerCgroupLimits: Sendable, Equatable {
         self.memory = memory
         self.tasks = tasks
         self.cpuWeight = cpuWeight
+    }
+
+    /// A worker's: its memory limit and CPU weight, and room for two threads per client
+    /// of every disk besides the filters' own.
+    public init(for configuration: WorkerConfiguration) {
+        let clients = (configuration.maxConnections ?? 16) * max(configuration.disks.count, 1)
+        self.init(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit, tasks: Self.defaultTasks + 2 * clients,
+                  cpuWeight: configuration.cpuWeight ?? Self.defaultCPUWeight)
     }
 }
 

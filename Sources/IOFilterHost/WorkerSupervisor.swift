@@ -50,18 +50,14 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         var configuration = configuration
         var logger = logger
         logger[metadataKey: "vm"] = "\(configuration.vmName)"
-        // Room for two threads per client of every disk besides the filters' own.
-        let clients = (configuration.maxConnections ?? 16) * max(configuration.disks.count, 1)
-        let limits = WorkerCgroupLimits(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit,
-                                        tasks: WorkerCgroupLimits.defaultTasks + 2 * clients,
-                                        cpuWeight: configuration.cpuWeight ?? WorkerCgroupLimits.defaultCPUWeight)
+        let limits = WorkerCgroupLimits(for: configuration)
         var cgroup: WorkerCgroup?
         switch adopting.flatMap({ WorkerCgroup.of(pid: $0, limits: limits) }).map({ .success($0) })
             ?? WorkerCgroup.create(name: configuration.vmName, limits: limits) {
         case .success(let made):
             cgroup = made
             configuration.cgroupProcs = made.procsFiles
-            configuration.cgroupSummary = "cgroup v\(made.version): memory \(limits.memory >> 20) MiB, \(limits.tasks) tasks, CPU weight \(limits.cpuWeight)"
+            configuration.cgroupSummary = made.summary
         case .failure(let reason):
             logger.warning("no cgroup for the worker (\(reason)): its memory is limited by RLIMIT_AS alone, its threads and CPU not at all")
         }

@@ -22,7 +22,7 @@ enum Guest {
 
     /// An initramfs whose /init mounts the basics, loads the modules and runs `script`
     /// (busybox sh), then powers the guest off.
-    static func initramfs(script: String, in directory: URL) throws -> String {
+    static func initramfs(script: String, in directory: URL, modules: [String] = Guest.modules) throws -> String {
         guard let kernel else { throw HarnessError("no kernel in /boot with its modules (install linux-image-amd64)") }
         let root = directory.appendingPathComponent("root")
         for sub in ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib/modules"] {
@@ -56,14 +56,16 @@ enum Guest {
 
     /// Boots the guest with `devices` (QEMU arguments) and `memory` MiB of shared memory
     /// (memfd, sealed: what a vhost-user back-end needs). Its console is `output`.
-    static func boot(initramfs: String, devices: [String], memory: Int = 256) throws -> (process: Process, output: ReadAll) {
+    static func boot(initramfs: String, devices: [String], memory: Int = 256, kernelArguments: String = "")
+        throws -> (process: Process, output: ReadAll)
+    {
         guard let kernel else { throw HarnessError("no kernel in /boot") }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.tool("qemu-system-x86_64"))
         process.arguments = [
             "-machine", "q35,accel=tcg,memory-backend=mem", "-object", "memory-backend-memfd,id=mem,size=\(memory)M,share=on,seal=on",
             "-m", "\(memory)", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-            "-kernel", kernel.image, "-initrd", initramfs, "-append", "console=ttyS0 quiet panic=-1",
+            "-kernel", kernel.image, "-initrd", initramfs, "-append", "console=ttyS0 quiet panic=-1 \(kernelArguments)",
         ] + devices
         let out = Pipe()
         process.standardOutput = out
@@ -72,6 +74,31 @@ enum Guest {
         try process.run()
         return (process, ReadAll(out.fileHandleForReading))
     }
+
+    /// Modules for a guest whose root is this machine's, shared read-only over virtio-9p.
+    static let hostRootModules = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+                                  "netfs", "fscache", "9pnet", "9pnet_virtio", "9p"]
+
+    /// An initramfs that runs `script` (sh) chrooted in this machine's own root, shared
+    /// read-only (see `hostRootDevice`): the build, its libraries and the test tools are
+    /// where they are here, without copying them (the test's own directory in /tmp too).
+    /// /run is the guest's, in memory, for what the script writes; cgroup v2 is mounted
+    /// at /sys/fs/cgroup.
+    static func hostRootInitramfs(script: String, in directory: URL) throws -> String {
+        let scriptPath = directory.appendingPathComponent("guest-script.sh").path
+        try script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
+        return try initramfs(script: """
+            mkdir -p /host
+            mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host || echo GUEST-NO-ROOT
+            mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
+            mount -t tmpfs tmpfs /host/run
+            mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || echo GUEST-NO-CGROUP2
+            chroot /host /bin/sh '\(scriptPath)'
+            """, in: directory, modules: hostRootModules)
+    }
+
+    /// QEMU's arguments that share this machine's root read-only as `hostroot`.
+    static let hostRootDevice = ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]
 
     /// QEMU's arguments for a vhost-user-blk disk on `socket`, reconnecting each second.
     static func vhostUserDisk(socket: String, id: String = "disk0", queues: Int = 1) -> [String] {

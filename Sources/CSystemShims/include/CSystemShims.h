@@ -89,5 +89,12 @@ int iof_fsetxattr_create(int fd, const char *name, const void *value, size_t siz
 /* statx(2)'s birth time of the file behind fd: 0, or -1 with errno set (ENODATA: the
  * file system keeps none). */
 int iof_birth_time(int fd, int64_t *seconds, uint32_t *nanoseconds);
+/* Starts `path` as posix_spawn would, but inside the cgroup v2 group whose directory
+ * `cgroup_fd` is open on (clone3, CLONE_INTO_CGROUP). The child gets default signal
+ * handling with nothing blocked, then dup2(from[i], to[i]) for each pair (from -1:
+ * /dev/null). The child's pid, or -errno: the clone's (ENOSYS, EINVAL: fall back on
+ * posix_spawn) or the exec's. */
+pid_t iof_spawn_into_cgroup(const char *path, char *const argv[], char *const envp[], const int *from, const int *to, int count,
+                            int cgroup_fd);
 
 #endif
