@@ -1,6 +1,9 @@
 // A posix_spawn that starts the child inside a cgroup v2 group (clone3 with
 // CLONE_INTO_CGROUP, Linux 5.7): the child never runs a moment outside its limits,
 // and nobody has to move it afterwards. glibc 2.36 has no posix_spawnattr_setcgroup_np.
+// Unlike posix_spawn the child is a copy of the parent (no CLONE_VM, which would need a
+// stack of its own and a return path in assembly): the kernel copies page tables, not
+// pages, and the child execs at once.
 #define _GNU_SOURCE
 #include "CSystemShims.h"
 
@@ -46,8 +49,10 @@ pid_t iof_spawn_into_cgroup(const char *path, char *const argv[], char *const en
         sigprocmask(SIG_SETMASK, &none, NULL);
         for (int i = 0; i < count; i++) {
             int source = from[i] >= 0 ? from[i] : open("/dev/null", O_RDWR);
-            if (source < 0 || dup2(source, to[i]) < 0) goto failed;
-            if (from[i] < 0) close(source);
+            if (source < 0) goto failed;
+            // dup2 onto itself keeps close-on-exec: clear it, as posix_spawn does.
+            if (source == to[i] ? fcntl(source, F_SETFD, 0) < 0 : dup2(source, to[i]) < 0) goto failed;
+            if (from[i] < 0 && source != to[i]) close(source);
         }
         execve(path, argv, envp);
     failed:;
