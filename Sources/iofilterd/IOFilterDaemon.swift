@@ -161,6 +161,15 @@ struct IOFilterDaemon: ParsableCommand {
         // directories 0700. The state directory itself is closed to others even if it
         // existed before with a looser mode.
         umask(0o077)
+        // A host holds some six fds per VM (its listeners, a worker's control, heartbeat
+        // and broker): the usual soft limit of 1024 would stop it near 150 VMs. The hard
+        // limit is what the operator allows.
+        let openFiles = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        var files = rlimit()
+        if getrlimit(openFiles, &files) == 0, files.rlim_cur < files.rlim_max {
+            files.rlim_cur = files.rlim_max
+            _ = setrlimit(openFiles, &files)
+        }
         try FileManager.default.createDirectory(atPath: absoluteState, withIntermediateDirectories: true)
         guard chmod(absoluteState, 0o700) == 0 else {
             throw ValidationError("cannot make the state directory \(absoluteState) private: \(String(cString: strerror(errno)))")

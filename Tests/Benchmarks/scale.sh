@@ -7,8 +7,8 @@
 #   answered   how many disks answer qemu-io (a 4 KiB read) with all of them running
 #   list, show median milliseconds of GET /vms and GET /vms/NAME (50 calls each)
 #   metrics    median milliseconds of GET /metrics (3 calls)
-#   pss        median PSS of one VM's worker processes (its pid namespace's init and
-#              the worker), from /proc/PID/smaps_rollup
+#   pss        median PSS of one VM's worker processes (the one the host started, the
+#              init of its pid namespace, and its child, the worker), /proc/PID/smaps_rollup
 #   vmstart    median milliseconds of one more VM's start with all the others running
 #   fds        file descriptors iofilterd holds
 #
@@ -25,11 +25,11 @@ printf '%-6s %8s %9s %8s %8s %9s %8s %9s %7s\n' vms start answered list_ms show_
 for count in $counts; do
     state=$work/state-$count
     api=$work/api-$count.sock
-    "$bin/iofilterd" --state-dir "$state" --socket "$api" --log-level warning > "$work/iofilterd-$count.log" 2>&1 &
+    "$bin/iofilterd" --state-dir "$state" --socket "$api" --log-level warning --acceptance-level community > "$work/iofilterd-$count.log" 2>&1 &
     daemon=$!
     pids+=($daemon)
     wait_for_socket "$api"
-    cli() { "$bin/iofilter" --socket "$api" "$@"; }
+    cli() { "$bin/iofilter" "$@" --socket "$api"; }
     cli plugin install "$passthrough" > /dev/null
     cli policy create c --filter org.swift-iofilter.passthrough-c > /dev/null
     for i in $(seq "$count"); do
@@ -38,7 +38,7 @@ for count in $counts; do
     done
 
     began=$(date +%s%N)
-    seq "$count" | xargs -P 8 -I{} "$bin/iofilter" --socket "$api" vm start "v{}" > /dev/null
+    seq "$count" | xargs -P 8 -I{} "$bin/iofilter" vm start "v{}" --socket "$api" > /dev/null
     start=$(awk -v a="$began" -v b="$(date +%s%N)" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
 
     answered=$(seq "$count" | xargs -P 8 -I{} sh -c \
@@ -69,14 +69,13 @@ PY
     show=$(median_ms /vms/v1)
     metrics=$(median_ms /metrics 3)
 
-    # A VM's workers: the processes of its pid namespace (the init and the worker).
+    # A VM's worker processes: the one the host started and what it started (its pid
+    # namespace's init starts the worker proper).
     pss=$(for i in $(seq "$count"); do
               worker=$(cli vm show "v$i" --json | python3 -c 'import json, sys; print(json.load(sys.stdin).get("pid") or "")')
               [ -n "$worker" ] || continue
-              namespace=$(readlink "/proc/$worker/ns/pid")
               total=0
-              for process in $(pgrep -f iofilter-worker); do
-                  [ "$(readlink "/proc/$process/ns/pid" 2>/dev/null)" = "$namespace" ] || continue
+              for process in $worker $(pgrep -P "$worker"); do
                   kb=$(awk '/^Pss:/ {print $2}' "/proc/$process/smaps_rollup" 2>/dev/null || echo 0)
                   total=$((total + ${kb:-0}))
               done
