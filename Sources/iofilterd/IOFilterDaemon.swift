@@ -151,6 +151,9 @@ struct IOFilterDaemon: ParsableCommand {
         return groups
     }
 
+    /// --guest-group, as group ids (checked by `validate`).
+    var guestGroups: [gid_t] { guestGroup.compactMap(AccessGroups.gid) }
+
     func run() throws {
         StandardErrorLogging.bootstrap(level: logLevel)
         let logger = Logger(label: "iofilterd")
@@ -191,7 +194,7 @@ struct IOFilterDaemon: ParsableCommand {
             throw ExitCode(1)
         }
         controller.accessGroups = accessGroups
-        controller.guestGroups = guestGroup.compactMap(AccessGroups.gid)
+        controller.guestGroups = guestGroups
         controller.allowedRoots = allowPath
         let apiSocket = socket ?? HostDefaults.apiSocket(in: absoluteState)
         controller.hiddenFromWorkers = [apiSocket]
@@ -265,7 +268,6 @@ struct IOFilterDaemon: ParsableCommand {
     /// disk sockets (the host grants the rest as it makes them).
     func admitGroups(to socket: String, stateDirectory: String, logger: Logger) throws {
         let roleGroups = accessGroups.all
-        let guestGroups = guestGroup.compactMap(AccessGroups.gid)
         let directory = (socket as NSString).deletingLastPathComponent
         let passing = guestGroups + (directory == stateDirectory ? roleGroups : [])
         do {
