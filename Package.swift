@@ -106,7 +106,7 @@ let package = Package(
         .target(name: "IOFilterTLS", dependencies: ["CTLS", "IOFilterNBD", "IOFilterPosix"], swiftSettings: strict),
         .target(
             name: "IOFilterNBDServer",
-            dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", "IOFilterTLS", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CSystemShims", "IOFilterNBD", "IOFilterPosix", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // vhost-user-blk: the protocol and virtqueues in C (Sources/CVhostUser), the
         // server, its threads and requests in Swift; like the NBD server, no filters.

@@ -216,27 +216,29 @@ done:
     return NULL;
 }
 
-/* Starts the two threads that carry a session's bytes; returns the caller's end of
- * the socket pair, or -1 (then the session and `network` are freed). */
-static int start_tunnel(gnutls_session_t session, int network, char *error, size_t error_size) {
-    int pair[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
-        fail(error, error_size, "socketpair", 0);
+/* Room for whole replies in a plaintext socket pair, so that the NBD writer and the
+ * pump trade fewer wake-ups (the kernel caps it at net.core.wmem_max/rmem_max). */
+static void widen_pair(int fd) {
+    int room = PAIR_BUFFER;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &room, sizeof room);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
+}
+
+/* Starts the two threads that carry a session's bytes between `network` and `plain`,
+ * which the tunnel then owns; -1 (then the session and both fds are freed). */
+static int start_tunnel(gnutls_session_t session, int network, int plain, char *error, size_t error_size) {
+    widen_pair(plain);
+    struct tunnel *tunnel = calloc(1, sizeof *tunnel);
+    if (!tunnel) {
+        fail(error, error_size, "calloc", 0);
         gnutls_deinit(session);
         close(network);
+        close(plain);
         return -1;
     }
-    /* Room for whole replies in the pair, so that the NBD writer and the pump trade
-     * fewer wake-ups (the kernel caps it at net.core.wmem_max/rmem_max). */
-    int room = PAIR_BUFFER;
-    for (int i = 0; i < 2; i++) {
-        setsockopt(pair[i], SOL_SOCKET, SO_SNDBUF, &room, sizeof room);
-        setsockopt(pair[i], SOL_SOCKET, SO_RCVBUF, &room, sizeof room);
-    }
-    struct tunnel *tunnel = calloc(1, sizeof *tunnel);
     tunnel->session = session;
     tunnel->network = network;
-    tunnel->plain = pair[0];
+    tunnel->plain = plain;
     atomic_init(&tunnel->references, 2);
     pthread_attr_t attributes;
     pthread_attr_init(&attributes);
@@ -247,8 +249,7 @@ static int start_tunnel(gnutls_session_t session, int network, char *error, size
         fail(error, error_size, "pthread_create", 0);
         gnutls_deinit(session);
         close(network);
-        close(pair[0]);
-        close(pair[1]);
+        close(plain);
         free(tunnel);
         pthread_attr_destroy(&attributes);
         return -1;
@@ -257,13 +258,22 @@ static int start_tunnel(gnutls_session_t session, int network, char *error, size
         /* The inbound thread holds one reference; end it by closing our side. */
         shutdown(network, SHUT_RDWR);
         release(tunnel);
-        close(pair[1]);
         pthread_attr_destroy(&attributes);
         fail(error, error_size, "pthread_create", 0);
         return -1;
     }
     pthread_attr_destroy(&attributes);
-    return pair[1];
+    return 0;
+}
+
+/* A plaintext socket pair: pair[0] for the tunnel, pair[1] for the caller; both widened. */
+static int open_pair(int pair[2], char *error, size_t error_size) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+        fail(error, error_size, "socketpair", 0);
+        return -1;
+    }
+    widen_pair(pair[1]);
+    return 0;
 }
 
 static void set_timeouts(int fd, int timeout_ms) {
@@ -272,13 +282,15 @@ static void set_timeouts(int fd, int timeout_ms) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &value, sizeof value);
 }
 
-/* The handshake on a dup of `fd` (within `timeout_ms`), then the tunnel; on failure the
- * session is freed and -1 returned with `error` filled. */
-static int handshake_and_tunnel(gnutls_session_t session, int fd, int timeout_ms, char *error, size_t error_size) {
+/* The handshake on a dup of `fd` (within `timeout_ms`), then the tunnel to `plain`,
+ * which it owns from here on; on failure the session and `plain` are freed and -1
+ * returned with `error` filled. */
+static int handshake_and_tunnel(gnutls_session_t session, int fd, int plain, int timeout_ms, char *error, size_t error_size) {
     int network = dup(fd);
     if (network < 0) {
         fail(error, error_size, "dup", 0);
         gnutls_deinit(session);
+        close(plain);
         return -1;
     }
     gnutls_transport_set_int(session, network);
@@ -291,17 +303,19 @@ static int handshake_and_tunnel(gnutls_session_t session, int fd, int timeout_ms
         snprintf(error, error_size, "TLS handshake failed: %s", rc == GNUTLS_E_AGAIN ? "timed out" : gnutls_strerror(rc));
         gnutls_deinit(session);
         close(network);
+        close(plain);
         return -1;
     }
     set_timeouts(network, 0);
-    return start_tunnel(session, network, error, error_size);
+    return start_tunnel(session, network, plain, error, error_size);
 }
 
-int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, char *error, size_t error_size) {
+int iof_tls_accept_into(iof_tls_credentials *credentials, int fd, int plain, int timeout_ms, char *error, size_t error_size) {
     gnutls_session_t session;
     int rc = gnutls_init(&session, GNUTLS_SERVER);
     if (rc < 0) {
         fail(error, error_size, "gnutls_init", rc);
+        close(plain);
         return -1;
     }
     gnutls_session_set_ptr(session, credentials);
@@ -319,9 +333,20 @@ int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, cha
     if (rc < 0) {
         fail(error, error_size, "setting up the TLS session", rc);
         gnutls_deinit(session);
+        close(plain);
         return -1;
     }
-    return handshake_and_tunnel(session, fd, timeout_ms, error, error_size);
+    return handshake_and_tunnel(session, fd, plain, timeout_ms, error, error_size);
+}
+
+int iof_tls_accept(iof_tls_credentials *credentials, int fd, int timeout_ms, char *error, size_t error_size) {
+    int pair[2];
+    if (open_pair(pair, error, error_size) < 0) return -1;
+    if (iof_tls_accept_into(credentials, fd, pair[0], timeout_ms, error, error_size) < 0) {
+        close(pair[1]);
+        return -1;
+    }
+    return pair[1];
 }
 
 int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, size_t key_size, int timeout_ms,
@@ -349,9 +374,18 @@ int iof_tls_connect_psk(int fd, const char *username, const unsigned char *key, 
         gnutls_psk_free_client_credentials(credentials);
         return -1;
     }
-    int plaintext = handshake_and_tunnel(session, fd, timeout_ms, error, error_size);
-    if (plaintext < 0) gnutls_psk_free_client_credentials(credentials);
+    int pair[2];
+    if (open_pair(pair, error, error_size) < 0) {
+        gnutls_deinit(session);
+        gnutls_psk_free_client_credentials(credentials);
+        return -1;
+    }
+    if (handshake_and_tunnel(session, fd, pair[0], timeout_ms, error, error_size) < 0) {
+        close(pair[1]);
+        gnutls_psk_free_client_credentials(credentials);
+        return -1;
+    }
     /* The session keeps using the credentials for its life: they live as long as the
      * process (one per target connection; a handful per worker). */
-    return plaintext;
+    return pair[1];
 }

@@ -8,6 +8,8 @@ public enum WorkerMode: String, Sendable {
     case serve
     /// Run a plug-in's partner daemon: configuration on stdin.
     case daemon
+    /// Run a VM's clients' TLS sessions, out of its worker's reach: configuration on stdin.
+    case tlsTerminator = "tls-terminator"
     /// Print a plug-in's manifest.
     case validate
     /// Call one of a plug-in's management operations.

@@ -224,10 +224,12 @@ public struct WorkerCgroupLimits: Sendable, Equatable {
     }
 
     /// A worker's: its memory limit and CPU weight, and room for two threads per client
-    /// of every disk besides the filters' own.
+    /// of every disk besides the filters' own, and with TLS for its terminator's (two
+    /// per client, one per handshake under way).
     public init(for configuration: WorkerConfiguration) {
         let clients = (configuration.maxConnections ?? 16) * max(configuration.disks.count, 1)
-        self.init(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit, tasks: Self.defaultTasks + 2 * clients,
+        let terminator = configuration.tls == nil ? 0 : 8 + 3 * clients
+        self.init(memory: configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit, tasks: Self.defaultTasks + 2 * clients + terminator,
                   cpuWeight: configuration.cpuWeight ?? Self.defaultCPUWeight)
     }
 }

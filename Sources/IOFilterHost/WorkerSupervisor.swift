@@ -62,6 +62,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
             logger.warning("no cgroup for the worker (\(reason)): its memory is limited by RLIMIT_AS alone, its threads and CPU not at all")
         }
         self.configuration = configuration
+        self.cgroup = cgroup
         var policy = RestartPolicy()
         policy.readyTimeout = readyTimeout
         // By default the watchdog's limit, at least 2 s; 0 turns the check off.
@@ -82,6 +83,8 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
     /// The listening socket later hosts reach the worker through (nil: it dies with
     /// this host).
     private let controlListener: Int32?
+    /// The worker's group, which its TLS terminator shares.
+    private let cgroup: WorkerCgroup?
 
     /// Supervises the worker an earlier host left serving, reattached (its cgroup was
     /// found at init, by `adopting`): as if this host had started it.
@@ -136,8 +139,8 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         }
     }
 
-    /// A serving worker's start: its listeners, a control channel, its heartbeat and a
-    /// broker, handed over in that order.
+    /// A serving worker's start: its listeners, a control channel, its heartbeat, a
+    /// broker and, with TLS, the channel to its TLS terminator, handed over in that order.
     private func prepareLaunch(listenFDs: [Int32], vhostUserFDs: [Int32?], workerPath: String, logger: Logger) throws -> PreparedLaunch {
         var configuration = configuration
         configuration.standby = standingBy.withLock { $0 } ? true : nil
@@ -150,16 +153,27 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
             let beat = try Heartbeat()
             let broker = try Self.startBroker(for: configuration, logger: logger, daemonChannels: daemonChannels)
             opened.append(broker)
+            var terminatorChannel: Int32?
+            if let settings = configuration.tls {
+                let channel = try Sockets.pair(SOCK_SEQPACKET)
+                opened += [channel.0, channel.1]
+                try startTLSTerminator(settings, channel: channel.1, workerPath: workerPath, logger: logger)
+                close(channel.1)  // the terminator's alone: it ends when the worker's end closes
+                opened.removeLast()
+                terminatorChannel = channel.0
+            }
             for (index, fd) in listenFDs.enumerated() { configuration.disks[index].listenFD = launch.fds.hand(fd) }
             for (index, fd) in vhostUserFDs.enumerated() { configuration.disks[index].vhostUserListenFD = fd.map { launch.fds.hand($0) } }
             configuration.controlFD = launch.fds.hand(control.1)
             configuration.heartbeatFD = launch.fds.hand(beat.fd)
             configuration.brokerFD = launch.fds.hand(broker)
             configuration.controlListenFD = controlListener.map { launch.fds.hand($0) }
+            configuration.tlsTerminatorFD = terminatorChannel.map { launch.fds.hand($0) }
             launch.configuration = try JSONEncoder().encode(configuration)
             return PreparedLaunch(launch: launch, heartbeat: beat) { [self] process, _ in
                 close(control.1)
                 close(broker)
+                terminatorChannel.map { _ = close($0) }
                 guard process != nil else {
                     close(control.0)
                     return
@@ -173,6 +187,31 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
             // Nothing of a start that could not be prepared stays open.
             opened.forEach { close($0) }
             throw error
+        }
+    }
+
+    /// Starts the process that runs the worker's TLS sessions and alone holds the keys
+    /// (see `TLSTerminatorConfiguration`), on its end of their channel, in the worker's
+    /// group, and waits until it has loaded them. It needs no supervising: it ends when
+    /// the worker's end of the channel closes, and each start of a worker has its own.
+    private func startTLSTerminator(_ settings: TLSSettings, channel: Int32, workerPath: String, logger: Logger) throws {
+        var launch = SandboxedLaunch(mode: .tlsTerminator, executable: workerPath)
+        launch.logLevel = configuration.logLevel
+        launch.cgroup = cgroup
+        let terminator = TLSTerminatorConfiguration(
+            vmName: configuration.vmName, tls: settings, channelFD: launch.fds.hand(channel), sandbox: configuration.sandbox,
+            logLevel: configuration.logLevel, identity: nil, outlivesSupervisor: controlListener != nil)
+        launch.configuration = try JSONEncoder().encode(terminator)
+        let process = try launch.spawn()
+        let answer = ReadyLine(process: process, line: launch.readyLine).wait(timeout: 10)
+        guard answer.ready else {
+            process.signal(SIGKILL)
+            _ = process.wait()
+            throw SupervisorError(message: "the TLS terminator could not start: \(answer.error ?? "it ended")")
+        }
+        startThread(name: "tls-terminator-wait") {
+            let status = process.wait()
+            logger.debug("the TLS terminator \(process.pid) ended (status \(status.map(String.init) ?? "unknown"))")
         }
     }
 

@@ -119,8 +119,13 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     public var maxConnections: Int?
     /// Seconds a client may take to negotiate before it is dropped (nil: 5).
     public var handshakeSeconds: Double?
-    /// TLS every NBD client must start (nil: plaintext).
+    /// TLS every NBD client must start (nil: plaintext). The worker never reads these
+    /// files: its TLS terminator does (see `tlsTerminatorFD`).
     public var tls: TLSSettings?
+    /// The fd number, in the worker, of its channel to the process that terminates its
+    /// clients' TLS sessions and alone holds the keys, out of the plug-ins' reach (see
+    /// `TLSTerminatorConfiguration`). Set whenever `tls` is.
+    public var tlsTerminatorFD: Int32?
     /// False: refuse structured replies (and so block status), like nbdkit --no-sr.
     public var structuredReplies: Bool?
     /// True: a worker replacing a running one (a live upgrade or policy change). It
@@ -147,6 +152,7 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
         plain.heartbeatFD = nil
         plain.brokerFD = nil
         plain.controlListenFD = nil
+        plain.tlsTerminatorFD = nil
         plain.cgroupProcs = nil
         plain.cgroupSummary = nil
         plain.standby = nil

@@ -6,6 +6,14 @@ public protocol NBDClientHandshake: Sendable {
     func connect(_ fd: Int32, timeoutMilliseconds: Int32) throws(NBDError) -> Int32
 }
 
+/// A server's side of TLS: the NBD server asks for it once it has acknowledged a
+/// client's STARTTLS, and serves the rest of the connection on the plaintext fd it
+/// returns (the caller still closes `fd`). A VM's worker has `TLSTerminatorLink`, which
+/// has another process run the session: the keys never enter the worker.
+public protocol NBDServerHandshake: Sendable {
+    func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, NBDError>
+}
+
 /// A pre-shared key as psktool writes it: `username:hexkey` lines.
 public struct PSKKey: Sendable, Equatable {
     public let username: String

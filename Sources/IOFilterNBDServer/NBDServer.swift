@@ -2,7 +2,6 @@ import CSystemShims
 import Glibc
 import IOFilterNBD
 import IOFilterPosix
-import IOFilterTLS
 import Logging
 
 /// What the server allows each client, so that idle, slow or hostile clients cannot
@@ -94,9 +93,9 @@ public final class NBDServer: @unchecked Sendable {
     private let wake = WakePipe()
 
     /// TLS every client must start before anything else (nil: plaintext).
-    public let tls: NBDTLS?
+    public let tls: (any NBDServerHandshake)?
 
-    public init(catalog: any NBDExportCatalog, limits: NBDServerLimits = NBDServerLimits(), tls: NBDTLS? = nil, logger: Logger) {
+    public init(catalog: any NBDExportCatalog, limits: NBDServerLimits = NBDServerLimits(), tls: (any NBDServerHandshake)? = nil, logger: Logger) {
         self.tls = tls
         self.catalog = catalog
         self.limits = limits
@@ -367,7 +366,7 @@ struct Handshake {
     let socket: Int32
     let catalog: any NBDExportCatalog
     /// When set, the client must start TLS before anything else.
-    let tls: NBDTLS?
+    let tls: (any NBDServerHandshake)?
     let structuredReplies: Bool
     /// When negotiation must be over (monotonic nanoseconds).
     let deadline: UInt64
@@ -400,7 +399,7 @@ struct Handshake {
     /// Where the protocol's bytes go: the socket, or the TLS session's plaintext.
     private var fd: Int32 { negotiated.secured ?? socket }
 
-    init(fd: Int32, catalog: any NBDExportCatalog, tls: NBDTLS?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger,
+    init(fd: Int32, catalog: any NBDExportCatalog, tls: (any NBDServerHandshake)?, structuredReplies: Bool = true, deadline: UInt64, logger: Logger,
          admit: @escaping () -> Bool = { true }, onTransmission: @escaping (NBDConnection) -> Void = { _ in }) {
         self.admit = admit
         self.onTransmission = onTransmission

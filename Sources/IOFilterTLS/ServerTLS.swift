@@ -3,10 +3,9 @@ import Glibc
 import IOFilterNBD
 import IOFilterPosix
 
-/// TLS credentials for a server side — the NBD server's, a partner daemon's for its peers —
-/// loaded once (before a worker is confined, while their files are still reachable): a
-/// PSK file, or X.509 certificates. Here rather than beside the NBD server so that the
-/// SDK's TLS module can offer it to daemons.
+/// TLS credentials for a server side, loaded once (before the process is confined, while
+/// their files are still reachable): a PSK file, or X.509 certificates. A VM's TLS
+/// terminator holds the NBD server's, never its worker; a partner daemon its own.
 public final class NBDTLS: @unchecked Sendable {
     // @unchecked: the credentials are read-only after loading; GnuTLS shares them
     // between sessions on any thread.
@@ -40,10 +39,19 @@ public final class NBDTLS: @unchecked Sendable {
     }
 
     /// The TLS handshake on `fd`; then the plaintext end of the session (close it when
-    /// done; `fd` stays the caller's).
+    /// done; `fd` stays the caller's). A partner daemon's sessions with its peers.
     public func accept(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Int32, NBDError> {
         var error = [CChar](repeating: 0, count: 512)
         let plaintext = error.withUnsafeMutableBufferPointer { iof_tls_accept(credentials, fd, timeoutMilliseconds, $0.baseAddress!, $0.count) }
         return plaintext >= 0 ? .success(plaintext) : .failure(NBDError(description: String(nulTerminated: error)))
+    }
+
+    /// The TLS handshake on `fd`, then the session's plaintext carried to and from
+    /// `plain` until either side closes. `plain` is the session's from the call on (on
+    /// failure it is closed, which its peer reads as the end); `fd` stays the caller's.
+    public func accept(_ fd: Int32, into plain: Int32, timeoutMilliseconds: Int32) -> NBDError? {
+        var error = [CChar](repeating: 0, count: 512)
+        let rc = error.withUnsafeMutableBufferPointer { iof_tls_accept_into(credentials, fd, plain, timeoutMilliseconds, $0.baseAddress!, $0.count) }
+        return rc == 0 ? nil : NBDError(description: String(nulTerminated: error))
     }
 }

@@ -8,7 +8,6 @@ import IOFilterNBD
 import IOFilterNBDServer
 import IOFilterPosix
 import IOFilterSandbox
-import IOFilterTLS
 import IOFilterVhostUser
 import IOFilterWire
 import IOFilterWorkerRuntime
@@ -35,7 +34,8 @@ import Logging
     }
     if configuration.sandbox {
         closeInheritedFDs(keeping: configuration.disks.flatMap(\.listenFDs)
-                          + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD, configuration.controlListenFD].compactMap { $0 })
+                          + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD, configuration.controlListenFD,
+                             configuration.tlsTerminatorFD].compactMap { $0 })
     }
     let runtime = WorkerRuntime(configuration: configuration, logger: logger)
     do {
@@ -44,18 +44,14 @@ import Logging
     } catch {
         cannotStart(error)
     }
-    // TLS credentials too: their files are not in the confined view.
-    var tls: NBDTLS?
-    if let settings = configuration.tls {
-        do {
-            if let file = settings.pskFile {
-                tls = try .psk(file: file)
-            } else if let directory = settings.certificatesDirectory {
-                tls = try .certificates(directory: directory, verifyPeer: settings.verifyPeer)
-            }
-        } catch {
-            cannotStart(error)
+    // TLS sessions are the terminator's, and so are the keys: the worker only passes it
+    // the clients that asked for STARTTLS.
+    var tls: TLSTerminatorLink?
+    if configuration.tls != nil {
+        guard let channel = configuration.tlsTerminatorFD else {
+            cannotStart(NBDError(description: "TLS is required, but the host started no TLS terminator for this worker"))
         }
+        tls = TLSTerminatorLink(channel: channel)
     }
     // The cgroup that limits this worker and everything it will ever be (its pid
     // namespace's init included): the supervisor moves it there while it starts, and
@@ -67,7 +63,8 @@ import Logging
             $0.readWritePaths = ownDirectories
             $0.readExecutePaths = configuration.disks.flatMap { $0.filters.map(\.manifest.path) }
             $0.keepFDsBelow = nil  // closed above, before the disks were opened
-            $0.pinnedFDs = (configuration.disks.flatMap(\.listenFDs) + [configuration.controlListenFD].compactMap { $0 }).filter { $0 >= 0 }
+            $0.pinnedFDs = (configuration.disks.flatMap(\.listenFDs) + [configuration.controlListenFD, configuration.tlsTerminatorFD].compactMap { $0 })
+                .filter { $0 >= 0 }
             $0.outlivesSupervisor = configuration.controlListenFD != nil
             // The cgroup limits memory as the kernel accounts it; an address-space limit
             // would only refuse a filter's large but harmless reservations.
@@ -132,6 +129,13 @@ import Logging
         say("READY")
     }
     stopTalkingOnStdout()
+    let workerLogger = logger
+    tls?.watch {
+        // Rather than refuse every TLS client from now on: the host starts this worker
+        // anew, and a new terminator with it.
+        workerLogger.critical("the TLS terminator has ended: no client could start TLS; exiting to be started anew")
+        exit(75)
+    }
     serveControl(configuration, runtime: runtime, servers: servers, guests: guests, logger: logger)
     runtime.startWatchdog()
     let received = signals.wait()

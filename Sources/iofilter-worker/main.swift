@@ -5,6 +5,9 @@
 //                                           prints READY on stdout once serving
 //   iofilter-worker daemon                  run a plug-in's partner daemon; configuration
 //                                           as JSON on stdin, its channel listener as fd 3
+//   iofilter-worker tls-terminator          run the TLS sessions of a VM's clients, out
+//                                           of its worker's reach; configuration as
+//                                           JSON on stdin, its channel to the worker
 //   iofilter-worker validate PLUGIN.so      print the plug-in's manifest as JSON
 //   iofilter-worker call PLUGIN.so OP ARG…  call a management operation, print the result
 //
@@ -21,7 +24,8 @@ case ("validate", 2): validatePlugin(arguments[1])
 case ("call", 3...): callOperation(arguments[1], arguments[2], Array(arguments.dropFirst(3)))
 case ("serve", 1): serveDisks()
 case ("daemon", 1): runDaemon()
+case ("tls-terminator", 1): terminateTLS()
 default:
-    try? FileDescriptorIO.writeAll(STDERR_FILENO, Array("usage: iofilter-worker serve | daemon | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
+    try? FileDescriptorIO.writeAll(STDERR_FILENO, Array("usage: iofilter-worker serve | daemon | tls-terminator | validate PLUGIN.so | call PLUGIN.so OP [ARG...]\n(started by iofilter and iofilterd; not meant to be run by hand)\n".utf8))
     exit(64)
 }

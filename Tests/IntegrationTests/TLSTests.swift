@@ -87,6 +87,86 @@ struct TLSTests {
         #expect(served.waitForLog("TLS handshake failed"))
     }
 
+    /// The keys are out of the plug-ins' reach: a separate process, outside the worker's
+    /// pid namespace and under another uid, runs the TLS sessions. Read as root through
+    /// /proc/PID/mem, the worker's memory (where the plug-in is mapped) holds no copy of
+    /// the key, while the terminator's does (so the search itself works). A terminator
+    /// killed -9 takes the worker with it, and the restarted pair serves TLS again.
+    @Test func theKeysStayOutOfTheWorkersReach() throws {
+        let disk = try disk(), keys = try pskFile("reach.psk")
+        let socket = directory.appendingPathComponent("reach.sock").path
+        let sample = Daemon.samplePlugin("iofilter-passthrough-c")
+        let served = try ServedDisk([disk, "--socket", socket, "--tls-psk", keys, "--filter", sample])
+        defer { served.stop() }
+        let uri = "nbds+unix://alice@/disk.img?socket=\(socket)&tls-psk-file=\(keys)"
+        let copy = directory.appendingPathComponent("reach-copy.img").path
+        try Harness.check(Harness.tool("nbdcopy"), [uri, copy])  // sessions ran: the key was used
+        #expect(try Harness.sha(copy) == Harness.sha(disk))
+
+        let hex = try #require(try String(contentsOfFile: keys, encoding: .utf8).split(separator: ":").last)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let key = stride(from: 0, to: hex.count, by: 2).map { offset -> UInt8 in
+            let start = hex.index(hex.startIndex, offsetBy: offset)
+            return UInt8(hex[start..<hex.index(start, offsetBy: 2)], radix: 16)!
+        }
+        let worker = try #require(served.servingPID)
+        let maps = try Self.procFile(worker, "maps")
+        #expect(maps.contains(URL(fileURLWithPath: sample).lastPathComponent), "the plug-in runs in this process")
+        let terminator = try #require(Harness.children(of: served.process.processIdentifier).first { pid in
+            ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").contains("tls-terminator")
+        })
+        #expect(try Self.occurrences(of: key, inMemoryOf: terminator) > 0, "the search finds the key where it is")
+        #expect(try Self.occurrences(of: key, inMemoryOf: worker) == 0, "no copy of the key in the plug-in's process")
+        #expect(try Self.occurrences(of: Array(hex.utf8), inMemoryOf: worker) == 0)
+        // Not in the worker's pid namespace (invisible to it), and not its uid.
+        let namespace = { (pid: pid_t) in try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/pid") }
+        #expect(try namespace(terminator) != namespace(worker))
+        if geteuid() == 0 {
+            let uid = { (pid: pid_t) in
+                ((try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? "").split(separator: "\n").first { $0.hasPrefix("Uid:") }
+            }
+            #expect(uid(terminator) != nil && uid(terminator) != uid(worker))
+        }
+
+        let oldWorker = try #require(served.workerPID)
+        kill(terminator, SIGKILL)
+        #expect(served.waitForLog("the TLS terminator has ended"))
+        _ = try served.waitForNewWorker(replacing: oldWorker)
+        #expect(try Harness.check(Harness.tool("nbdinfo"), ["--size", uri]).contains("8388608"))
+    }
+
+    /// A /proc file read to its end (String(contentsOfFile:) stops at the first page).
+    static func procFile(_ pid: pid_t, _ name: String) throws -> String {
+        guard let handle = FileHandle(forReadingAtPath: "/proc/\(pid)/\(name)") else { throw HarnessError("no /proc/\(pid)/\(name)") }
+        defer { try? handle.close() }
+        return String(decoding: try handle.readToEnd() ?? Data(), as: UTF8.self)
+    }
+
+    /// How many times `needle` occurs in the readable memory of `pid` (as root).
+    static func occurrences(of needle: [UInt8], inMemoryOf pid: pid_t) throws -> Int {
+        let memory = open("/proc/\(pid)/mem", O_RDONLY)
+        guard memory >= 0 else { throw HarnessError("cannot open /proc/\(pid)/mem: \(String(cString: strerror(errno)))") }
+        defer { close(memory) }
+        let needleData = Data(needle)
+        var found = 0
+        for line in try procFile(pid, "maps").split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 1, fields[1].hasPrefix("r") else { continue }
+            let bounds = fields[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+            guard bounds.count == 2, bounds[1] > bounds[0] else { continue }
+            var region = Data(count: Int(bounds[1] - bounds[0]))
+            let read = region.withUnsafeMutableBytes { pread(memory, $0.baseAddress, $0.count, off_t(truncatingIfNeeded: bounds[0])) }
+            guard read > 0 else { continue }  // [vvar] and the like cannot be read
+            region = region.prefix(read)
+            var start = region.startIndex
+            while let match = region.range(of: needleData, in: start..<region.endIndex) {
+                found += 1
+                start = match.upperBound
+            }
+        }
+        return found
+    }
+
     @Test func certificatesWithClientVerification() throws {
         let disk = try disk()
         let (server, client) = try certificates()
