@@ -423,14 +423,15 @@ struct iof_host_services {
 
     /* --- ABI 1.7; check struct_size (or abi_minor >= 7) before calling ------------- */
 
-    /* Defer without a thread of your own: the host calls `call(req, arg)` soon on the
-     * worker's completion executor (one host thread that runs queued calls in batches),
-     * and there you decide as after any deferral: `resume` the request, at once or
-     * later. Use it in `start` or `done`, then return IOF_DEFER. A request that several
-     * filters defer this way moves to the executor once and stays there (a call queued
-     * from the executor runs in the same batch): one thread hop for the whole chain,
-     * where a thread per filter costs one per filter. Returns 0, or an errno (nothing
-     * was queued: decide yourself). `call` must not block: it holds up every other. */
+    /* Defer without a thread of your own: the host calls `call(req, arg)` soon, on a
+     * host thread, and there you decide as after any deferral: `resume` the request, at
+     * once or later. Use it in `start` or `done`, then return IOF_DEFER. Deferred from
+     * a callback, the call runs on the thread that ran it, once your callback has
+     * returned and the host holds no lock for you (never inside it); deferred from a
+     * thread of yours, on one of the worker's completion executors. Either way a chain
+     * of filters deferring like this costs no thread hop, where a thread per filter
+     * costs two per filter. Returns 0, or an errno (nothing was queued: decide
+     * yourself). `call` must not block: it holds up every other request. */
     int (*defer_call)(struct iof_request *req, iof_deferred_call call, void *arg);
 };
 

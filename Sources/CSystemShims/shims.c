@@ -82,6 +82,39 @@ static _Thread_local void *iof_thread_value;
 void *iof_thread_local_get(void) { return iof_thread_value; }
 void iof_thread_local_set(void *value) { iof_thread_value = value; }
 
+/* The calling thread's engine depth and its queue of calls deferred there: in thread
+ * storage, so that neither a deferral nor a thread's end allocates or frees anything. */
+static _Thread_local struct {
+    int depth;
+    unsigned head, tail;
+    struct { void *function, *request, *argument; } calls[IOF_THREAD_CALL_QUEUE];
+} iof_engine_thread;
+
+int iof_engine_enter(void) { return ++iof_engine_thread.depth; }
+int iof_engine_leave(void) { return --iof_engine_thread.depth; }
+
+int iof_engine_push(void *function, void *request, void *argument)
+{
+    if (iof_engine_thread.depth == 0 || iof_engine_thread.tail - iof_engine_thread.head == IOF_THREAD_CALL_QUEUE)
+        return 0;
+    unsigned slot = iof_engine_thread.tail++ % IOF_THREAD_CALL_QUEUE;
+    iof_engine_thread.calls[slot].function = function;
+    iof_engine_thread.calls[slot].request = request;
+    iof_engine_thread.calls[slot].argument = argument;
+    return 1;
+}
+
+int iof_engine_pop(void **function, void **request, void **argument)
+{
+    if (iof_engine_thread.head == iof_engine_thread.tail)
+        return 0;
+    unsigned slot = iof_engine_thread.head++ % IOF_THREAD_CALL_QUEUE;
+    *function = iof_engine_thread.calls[slot].function;
+    *request = iof_engine_thread.calls[slot].request;
+    *argument = iof_engine_thread.calls[slot].argument;
+    return 1;
+}
+
 int iof_memfd(const char *name, int64_t size)
 {
     long fd = syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */ | 2u /* MFD_ALLOW_SEALING */);

@@ -154,7 +154,7 @@ public final class ChainRequest: @unchecked Sendable {
     func run() {
         position = top
         goingUp = false
-        descend()
+        EngineThread.run { descend() }
     }
 
     private func enter(_ stageIndex: Int) {
@@ -231,7 +231,7 @@ public final class ChainRequest: @unchecked Sendable {
     /// A backend's answer, exactly once per request: 0 or an errno.
     public func backendDidComplete(error: Int32) {
         io.pointee.error = error
-        ascend(from: chain.filters.count - 1)
+        EngineThread.run { ascend(from: chain.filters.count - 1) }
     }
 
     private func ascend(from index: Int) {
@@ -326,7 +326,7 @@ public final class ChainRequest: @unchecked Sendable {
                 "resume of \(io.map { "\($0)" } ?? "a NULL request"), which is no request in flight in this worker; ignored")
             return
         }
-        request.resume(disposition, error: error)
+        EngineThread.run { request.resume(disposition, error: error) }
     }
 
     func resume(_ disposition: iof_disposition, error: Int32) {

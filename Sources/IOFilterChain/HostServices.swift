@@ -94,7 +94,7 @@ public enum HostServices {
             },
             defer_call: { io, call, arg in
                 guard let io, let call, LiveRequests.shared.lookup(io) != nil else { return EINVAL }
-                CompletionExecutor.executor(for: io).enqueue(io, call, arg)
+                if !EngineThread.deferHere(io, call, arg) { CompletionExecutor.executor(for: io).enqueue(io, call, arg) }
                 return 0
             }))
         return table

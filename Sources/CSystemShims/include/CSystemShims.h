@@ -64,6 +64,17 @@ void iof_store_u8(volatile uint8_t *where, uint8_t value);
 void *iof_thread_local_get(void);
 void iof_thread_local_set(void *value);
 
+/* The chain engine's per-thread state for calls filters defer (ABI 1.7 defer_call):
+ * how deep the calling thread is in the engine, and a FIFO of calls deferred while it
+ * is. enter/leave return the new depth; push queues (1) only inside the engine and
+ * with room, else returns 0 (the caller queues elsewhere); pop takes the oldest (1),
+ * or returns 0 when there is none. */
+enum { IOF_THREAD_CALL_QUEUE = 64 };
+int iof_engine_enter(void);
+int iof_engine_leave(void);
+int iof_engine_push(void *function, void *request, void *argument);
+int iof_engine_pop(void **function, void **request, void **argument);
+
 /* The uid of the process at the other end of a unix socket (SO_PEERCRED), or -errno. */
 long long iof_peer_uid(int socket);
 /* Sends `length` bytes (one record on a SOCK_SEQPACKET socket) with `fd` attached as
