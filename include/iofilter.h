@@ -278,7 +278,7 @@ typedef void (*iof_io_callback)(void *arg, int error);
 typedef void (*iof_timer_callback)(void *arg);
 /* Receives one statistic; called from inside the plug-in's `stats` callback. */
 typedef void (*iof_stat_emitter)(void *emit_ctx, const char *key, double value);
-/* ABI 1.7. What the host's completion executor calls for a request a filter deferred
+/* ABI 1.7. What the host calls, on one of its threads, for a request a filter deferred
  * with defer_call. */
 typedef void (*iof_deferred_call)(struct iof_request *req, void *arg);
 

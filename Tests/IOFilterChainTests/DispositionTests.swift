@@ -16,6 +16,8 @@ enum Delivery: CaseIterable, CustomStringConvertible {
     case deferredEarly
     /// IOF_DEFER, resume() from another thread at once: races the callback's return
     case deferredRacing
+    /// IOF_DEFER after defer_call (ABI 1.7): the host calls back, and the call resumes
+    case deferredCall
 
     var description: String {
         switch self {
@@ -23,6 +25,7 @@ enum Delivery: CaseIterable, CustomStringConvertible {
         case .deferredLater: "deferred, resumed later"
         case .deferredEarly: "deferred, resumed before returning"
         case .deferredRacing: "deferred, resumed racing the return"
+        case .deferredCall: "deferred with defer_call"
         }
     }
 
@@ -45,6 +48,8 @@ enum Delivery: CaseIterable, CustomStringConvertible {
             nonisolated(unsafe) let request = request
             Background.run { hostResume(request, disposition, error) }
             return IOF_DEFER
+        case .deferredCall:
+            return hostDeferCall(request, disposition, error) == 0 ? IOF_DEFER : IOF_FAIL
         }
     }
 }
@@ -131,6 +136,46 @@ struct DispositionTests {
         for filter in filters { #expect(filter.calls("done") == 2000, "\(filter.name)") }
         let order = filters.map { filter in filter.events.withLock { $0.filter { $0.hasPrefix("done") } } }
         #expect(order[0] == order[3])
+    }
+
+    @Test("defer_call from a callback runs on the thread that ran the chain, after the callback returned; from a thread of the filter's, on an executor")
+    func deferredCallsStayOnTheChainsThread() throws {
+        let filters = (0..<5).map { ScriptedFilter("f\($0)") }
+        let deferring: (UnsafeMutablePointer<iof_request>) -> iof_disposition = { request in
+            DeferredCallLog.insideCallback.withLock { $0 = true }
+            defer { DeferredCallLog.insideCallback.withLock { $0 = false } }
+            return hostDeferCall(request, IOF_PASS) == 0 ? IOF_DEFER : IOF_FAIL
+        }
+        for filter in filters {
+            filter.onStart = deferring
+            filter.onDone = deferring
+        }
+        let chain = try TestChain(filters)
+        DeferredCallLog.reset()
+        for _ in 0..<200 {
+            #expect(chain.send(IOF_OP_READ) == 0)
+        }
+        // `send` starts each request on this thread: every call ran here, ten per
+        // request, none inside a callback.
+        let here = pthread_self()
+        let ranOn = DeferredCallLog.threads.withLock { $0 }
+        #expect(ranOn.count == 2000)
+        #expect(Set(ranOn) == [here])
+        #expect(DeferredCallLog.ranInsideCallback.withLock { $0 } == 0)
+        for filter in filters { #expect(filter.calls("start") == 200 && filter.calls("done") == 200, "\(filter.name)") }
+
+        // Deferred from a thread of the filter's own, the call goes to an executor,
+        // which then runs the request's later calls too: one hop for the chain.
+        filters[0].onStart = { request in
+            nonisolated(unsafe) let request = request
+            Background.run { _ = hostDeferCall(request, IOF_PASS) }
+            return IOF_DEFER
+        }
+        DeferredCallLog.reset()
+        #expect(chain.send(IOF_OP_READ) == 0)
+        let threads = DeferredCallLog.threads.withLock { $0 }
+        #expect(threads.count == 10 && !threads.contains(here))
+        #expect(Set(threads).count == 1)
     }
 
     @Test("submit_below enters the chain below its filter, only within the disk")

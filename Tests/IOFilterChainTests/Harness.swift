@@ -256,6 +256,34 @@ final class Completion: @unchecked Sendable {
     var completions: Int { lock.withLock { count } }
 }
 
+/// The host's `defer_call` (ABI 1.7), as a plug-in calls it: `resume(request,
+/// disposition, error)` from the host's thread. 0, or the errno it returned.
+func hostDeferCall(_ request: UnsafeMutablePointer<iof_request>, _ disposition: iof_disposition, _ error: Int32 = 0) -> Int32 {
+    // The decision rides in the argument's bits: a C callback captures nothing.
+    let bits = UInt(disposition.rawValue) | UInt(UInt32(bitPattern: error)) << 8
+    return HostServices.table.pointee.defer_call(request, { request, arg in
+        let bits = UInt(bitPattern: arg)
+        DeferredCallLog.record(request)
+        hostResume(request, iof_disposition(rawValue: UInt32(bits & 0xff)), Int32(truncatingIfNeeded: bits >> 8))
+    }, UnsafeMutableRawPointer(bitPattern: bits))
+}
+
+/// Which thread ran each deferred call, and how many ran while a filter's callback
+/// that says so (`insideCallback`) was still running.
+enum DeferredCallLog {
+    static let threads = Mutex<[pthread_t]>([])
+    static let insideCallback = Mutex(false)
+    static let ranInsideCallback = Mutex(0)
+    static func record(_ request: UnsafeMutablePointer<iof_request>?) {
+        threads.withLock { $0.append(pthread_self()) }
+        if insideCallback.withLock({ $0 }) { ranInsideCallback.withLock { $0 += 1 } }
+    }
+    static func reset() {
+        threads.withLock { $0 = [] }
+        ranInsideCallback.withLock { $0 = 0 }
+    }
+}
+
 /// The host's `resume`, as a plug-in calls it.
 func hostResume(_ request: UnsafeMutablePointer<iof_request>?, _ disposition: iof_disposition, _ error: Int32 = 0) {
     HostServices.table.pointee.resume(request, disposition, error)

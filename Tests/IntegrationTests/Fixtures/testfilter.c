@@ -35,8 +35,8 @@
  *   veto-grow       refuse growing with ENOSPC (after logging it)
  *   pass            pass everything down
  *   defer           defer every start and done, resumed from another thread
- *   defer-on-host   defer every start and done to the host's completion executor (ABI
- *                   1.7 defer_call; on an older host, as `defer`)
+ *   defer-on-host   defer every start and done to the host (ABI 1.7 defer_call; on an
+ *                   older host, as `defer`)
  *   segv-on-write   dereference NULL on the first write
  *   exec-on-open    try to execve /bin/sh in open (the sandbox must refuse), log the errno
  *   hang-on-read    never return from start for reads past the first MiB
@@ -243,7 +243,7 @@ static void resume_passing(struct iof_request *req, void *unused)
 
 static enum iof_disposition defer_to_resumer(struct iof_request *req);
 
-/* Defers to the host's completion executor where the host has one. */
+/* Defers to the host (defer_call) where the host offers it. */
 static enum iof_disposition defer_on_host(struct iof_request *req)
 {
 #if IOF_ABI_MINOR >= 7
