@@ -497,7 +497,7 @@ public struct VMCreateRequest: Codable, Sendable {
     }
 }
 
-public struct VMInfo: Codable, Sendable {
+public struct VMInfo: Codable, Sendable, Equatable {
     public enum State: String, Codable, Sendable { case running, stopped }
     public var name: String
     public var disks: [String]

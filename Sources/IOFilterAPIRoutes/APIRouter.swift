@@ -86,7 +86,7 @@ final class LiveFeed: @unchecked Sendable {
         let snapshot = LiveSnapshot(time: Date().timeIntervalSince1970, vms: vms, disks: (try? host.listDisks()) ?? [],
                                     events: (try? host.events(limit: 50)) ?? [])
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.outputFormatting = APIRouter.jsonFormatting
         guard let data = try? encoder.encode(snapshot) else { return event }
         event = Array("data: ".utf8) + Array(data) + Array("\n\n".utf8)
         builtAt = now
@@ -261,9 +261,15 @@ public struct APIRouter: Sendable {
         return response
     }
 
+    /// How every JSON answer is written: keys sorted, slashes plain.
+    static let jsonFormatting: JSONEncoder.OutputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+
     static func json(status: Int, _ value: any Encodable) -> HTTPResponse {
+        if let encoded = value as? EncodedJSON {
+            return HTTPResponse(status: status, headers: [("Content-Type", "application/json")], body: encoded.bytes)
+        }
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.outputFormatting = jsonFormatting
         guard let data = try? encoder.encode(value) else { return error(.internalError("cannot encode the response")) }
         return HTTPResponse(status: status, headers: [("Content-Type", "application/json")], body: Array(data))
     }
@@ -275,6 +281,7 @@ public struct APIRouter: Sendable {
 
 extension APIRouter {
     static func routes(_ host: HostController, apiSocket: String) -> [Route] {
+        let vmList = VMListEncoding()
         // Reading is for every role, changing the host for admins; `role: .operator`
         // marks what operators do daily.
         func route(_ method: String, _ path: String, _ id: String, _ summary: String, body: String? = nil,
@@ -449,7 +456,7 @@ extension APIRouter {
             route("DELETE", "/disks/{name}/offline", "stopOffline", "Stop serving a disk offline.", (200, "OfflineSession"),
                   errors: [404]) { request in try host.stopOffline(request.parameter("name")) },
 
-            route("GET", "/vms", "listVMs", "Every VM.", (200, "[VM]")) { _ in try host.listVMs() },
+            route("GET", "/vms", "listVMs", "Every VM.", (200, "[VM]")) { _ in try vmList.encode(host.listVMs()) },
             route("POST", "/vms", "createVM", "Create a VM: a named set of disks one worker serves.", body: "VMCreateRequest",
                   (201, "VM"), errors: [404, 409]) { request in try host.createVM(request.decode(VMCreateRequest.self)) },
             route("GET", "/vms/{name}", "showVM", "One VM, with its worker and each filter's statistics.", (200, "VM"),

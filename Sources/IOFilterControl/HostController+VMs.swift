@@ -35,7 +35,13 @@ extension HostController {
     }
 
     public func listVMs() throws(ControlError) -> [VMInfo] {
-        try read { db in try VMRow.order(Column("name")).fetchAll(db) }.map { vmInfo($0, withStatistics: false) }
+        let rows: [VMRow]
+        do {
+            rows = try store.allVMRows()
+        } catch {
+            throw .internalError("cannot read the state database: \(error)")
+        }
+        return rows.map { vmInfo($0, withStatistics: false) }
     }
 
     /// One VM, with each filter's live statistics while it runs: fresh for a caller who

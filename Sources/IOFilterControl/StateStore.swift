@@ -2,6 +2,7 @@ import Foundation
 import GRDB
 import IOFilterAPI
 import IOFilterModel
+import Synchronization
 
 // The rows iofilterd keeps in SQLite. Nested values (manifests, chains, rules) are
 // stored as JSON columns: they are read and written whole, never queried inside.
@@ -258,7 +259,28 @@ final class StateStore: Sendable {
     }
 
     func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
-    func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
+    func write<T>(_ body: (Database) throws -> T) throws -> T {
+        // Counted as it begins and as it ends: a list read across either is not kept.
+        writes.add(1, ordering: .acquiringAndReleasing)
+        defer {
+            writes.add(1, ordering: .acquiringAndReleasing)
+            vmRows.withLock { $0 = nil }
+        }
+        return try database.write(body)
+    }
+
+    /// Every VM's row, by name, decoded once per change of the state rather than per
+    /// `vm list` (a thousand rows' JSON columns took some 10 ms to decode). Every write
+    /// drops them; the next caller reads them afresh.
+    func allVMRows() throws -> [VMRow] {
+        if let rows = vmRows.withLock({ $0 }) { return rows }
+        let before = writes.load(ordering: .acquiring)
+        let rows = try database.read { db in try VMRow.order(Column("name")).fetchAll(db) }
+        vmRows.withLock { if writes.load(ordering: .acquiring) == before { $0 = rows } }
+        return rows
+    }
+    private let vmRows = Mutex<[VMRow]?>(nil)
+    private let writes = Atomic<UInt64>(0)
 
     static func now() -> String { timestamp(Date()) }
 

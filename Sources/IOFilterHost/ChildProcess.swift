@@ -14,6 +14,10 @@ public final class ChildProcess: @unchecked Sendable {
     /// A process an earlier host started (see `init(adopting:startTime:)`): watched and
     /// signalled through this pidfd, since it is not our child.
     private let pidfd: Int32
+    /// Our own child's pidfd, which polls readable once it has exited: a wait with a
+    /// time-out sleeps in poll instead of polling waitpid (a thousand supervisors doing
+    /// that every 20 ms kept an idle host busy). -1 if the kernel has no pidfds.
+    private let exitWatch: Int32
     private let lock = ConditionLock()
     private var status: Int32?
 
@@ -93,6 +97,8 @@ public final class ChildProcess: @unchecked Sendable {
         }
         pid = child
         pidfd = -1
+        // Not reaped yet, so `child` is still this very process.
+        exitWatch = max(iof_pidfd_open(child), -1)
         stdoutFD = stdoutPipe[0] >= 0 ? stdoutPipe[0] : nil
         if let stdin {
             // The child reads its input before doing anything else; a child that dies
@@ -115,6 +121,7 @@ public final class ChildProcess: @unchecked Sendable {
         }
         self.pid = pid
         pidfd = fd
+        exitWatch = -1
         stdoutFD = nil
         bornInCgroup = false
     }
@@ -150,6 +157,7 @@ public final class ChildProcess: @unchecked Sendable {
     deinit {
         if let stdoutFD { close(stdoutFD) }
         if pidfd >= 0 { close(pidfd) }
+        if exitWatch >= 0 { close(exitWatch) }
     }
 
     /// When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat), or
@@ -174,9 +182,15 @@ public final class ChildProcess: @unchecked Sendable {
             }
             if rc < 0 && errno != EINTR { return lock.withLock { status } ?? -1 }
             if let deadline {
-                if monotonicNanoseconds() >= deadline { return nil }
-                usleep(delay)
-                delay = min(delay * 2, 20_000)
+                let now = monotonicNanoseconds()
+                if now >= deadline { return nil }
+                if exitWatch >= 0 {
+                    var polled = pollfd(fd: exitWatch, events: Int16(POLLIN), revents: 0)
+                    _ = poll(&polled, 1, Int32(min((deadline - now + 999_999) / 1_000_000, UInt64(Int32.max))))
+                } else {
+                    usleep(delay)
+                    delay = min(delay * 2, 20_000)
+                }
             }
         }
     }
