@@ -200,7 +200,7 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         launch.cgroup = cgroup
         let terminator = TLSTerminatorConfiguration(
             vmName: configuration.vmName, tls: settings, channelFD: launch.fds.hand(channel), sandbox: configuration.sandbox,
-            logLevel: configuration.logLevel, identity: nil, outlivesSupervisor: controlListener != nil)
+            outlivesSupervisor: controlListener != nil)
         launch.configuration = try JSONEncoder().encode(terminator)
         let process = try launch.spawn()
         let answer = ReadyLine(process: process, line: launch.readyLine).wait(timeout: 10)

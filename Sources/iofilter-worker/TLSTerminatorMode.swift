@@ -40,7 +40,7 @@ import Logging
             $0.keepFDsBelow = nil
             $0.pinnedFDs = [configuration.channelFD]
             $0.outlivesSupervisor = configuration.outlivesSupervisor
-            $0.identity = identity(configuration.identity ?? WorkerIdentity(for: "tls:" + configuration.vmName))
+            $0.identity = identity(WorkerIdentity(for: "tls:" + configuration.vmName))
             $0.denySockets = true
         }
     }
