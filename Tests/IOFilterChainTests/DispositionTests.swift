@@ -165,14 +165,21 @@ struct DispositionTests {
         for filter in filters { #expect(filter.calls("start") == 200 && filter.calls("done") == 200, "\(filter.name)") }
 
         // Deferred from a thread of the filter's own, the call goes to an executor,
-        // which then runs the request's later calls too: one hop for the chain.
+        // which then runs the request's later calls too: one hop for the chain. The
+        // foreign thread defers only once `start` returned, so the request is parked:
+        // a resume that races the callback's return is carried on by the returning
+        // thread instead, which is right but not what this checks.
+        let parked = Guarded<UnsafeMutablePointer<iof_request>?>(nil)
         filters[0].onStart = { request in
-            nonisolated(unsafe) let request = request
-            Background.run { _ = hostDeferCall(request, IOF_PASS) }
+            parked.withLock { $0 = request }
             return IOF_DEFER
         }
         DeferredCallLog.reset()
-        #expect(chain.send(IOF_OP_READ) == 0)
+        let waiter = Completion()
+        chain.start(IOF_OP_READ, waiter: waiter)
+        nonisolated(unsafe) let request = try #require(parked.withLock { $0 })
+        Background.run { _ = hostDeferCall(request, IOF_PASS) }
+        #expect(waiter.wait(timeout: 10) == 0)
         let threads = DeferredCallLog.threads.withLock { $0 }
         #expect(threads.count == 10 && !threads.contains(here))
         #expect(Set(threads).count == 1)
