@@ -19,6 +19,12 @@ extension HostController {
         for row in rows { output.sample("iofilter_vm_up", ["vm": row.name], samples[row.name] == nil ? 0 : 1) }
         output.family("iofilter_worker_restarts_total", "counter", "Times the VM's worker was restarted since the VM started.")
         for row in rows { output.sample("iofilter_worker_restarts_total", ["vm": row.name], Double(samples[row.name]?.restarts ?? 0)) }
+        output.family("iofilter_worker_start_seconds", "gauge",
+                      "How long the VM's worker took to start: from its spawn, through confinement and its plug-ins and disks opened, to serving.")
+        let running = sessions.runningVMs
+        for row in rows {
+            if let seconds = running[row.name]?.supervisor.lastStartSeconds { output.sample("iofilter_worker_start_seconds", ["vm": row.name], seconds) }
+        }
         output.family("iofilter_vm_health", "gauge", "A running VM's health: 0 ok, 1 degraded, 2 failed (worker down or silent, or its worst disk).")
         for row in rows { if let sample = samples[row.name] { output.sample("iofilter_vm_health", ["vm": row.name], Double(sample.health.status.level)) } }
 

@@ -59,8 +59,11 @@ public final class ChildProcess: @unchecked Sendable {
         }
         // Copy each handed-over fd above any target number first, so that dup2 onto
         // its target never clobbers another source (and always clears close-on-exec).
+        // Just above, not at a fixed high number: growing the fd table of a process
+        // with threads waits for an RCU grace period, 10 to 20 ms of every start.
+        let aboveTargets = (handOver.map(\.1).max() ?? 2) + 1
         for (source, target) in handOver {
-            let copy = fcntl(source, F_DUPFD_CLOEXEC, 256)
+            let copy = fcntl(source, F_DUPFD_CLOEXEC, aboveTargets)
             guard copy >= 0 else { throw SystemError("dup fd \(source)") }
             temporaries.append(copy)
             placed.append((copy, target))

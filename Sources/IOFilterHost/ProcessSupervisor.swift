@@ -101,6 +101,8 @@ public final class ProcessSupervisor: @unchecked Sendable {
     private var lastErrorValue: String?
     /// When the process last ended unasked (monotonic nanoseconds).
     private var lastExitNanoseconds: UInt64?
+    /// How long the last start took, from preparing it to the ready line (seconds).
+    private var lastStartSecondsValue: Double?
     private var stopping = false
     private var eventHandler: (@Sendable (SupervisorEvent, String) -> Void)?
     /// The process to supervise first, which an earlier host started.
@@ -147,6 +149,9 @@ public final class ProcessSupervisor: @unchecked Sendable {
         lock.withLock { lastExitNanoseconds.map { Double(monotonicNanoseconds() - $0) / 1e9 } }
     }
     public var state: SupervisedState { lock.withLock { stateValue } }
+    /// Seconds from preparing the last start that served to its ready line: the spawn,
+    /// the process's own start and confinement, its plug-ins and disks opened.
+    public var lastStartSeconds: Double? { lock.withLock { lastStartSecondsValue } }
     /// Why it last exited or could not start ("killed by SIGKILL").
     public var lastError: String? { lock.withLock { lastErrorValue } }
     /// How many times a process of this supervisor has announced itself ready.
@@ -261,6 +266,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
             logger.info("\(role) \(adopted.process.pid) adopted: it serves on, started by an earlier host")
             return (adopted.process, true, nil)
         }
+        let began = monotonicNanoseconds()
         let prepared: PreparedLaunch
         do {
             prepared = try prepare()
@@ -291,17 +297,19 @@ public final class ProcessSupervisor: @unchecked Sendable {
         if outcome.ready && restarts > 0 {
             report(.restarted, "\(role) \(process.pid)\(owner) serves again after \(restarts) restart(s)")
         }
+        let took = Double(monotonicNanoseconds() - began) / 1e9
         lock.withLock {
             if outcome.ready {
                 stateValue = .running
                 readyGeneration += 1
+                lastStartSecondsValue = took
             } else {
                 lastErrorValue = outcome.error ?? "it did not start"
             }
             lock.broadcast()
         }
         if outcome.ready {
-            logger.info("\(role) \(process.pid) is serving")
+            logger.info("\(role) \(process.pid) is serving, \(Int((took * 1000).rounded())) ms after its start")
             if lock.withLock({ recordingValue }) { writeRecord(process) }
         }
         return (process, outcome.ready, outcome.error)

@@ -103,6 +103,8 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
 
     public var pid: pid_t? { core.pid }
     public var restarts: Int { core.restarts }
+    /// Seconds from preparing the worker's last start to its READY line.
+    public var lastStartSeconds: Double? { core.lastStartSeconds }
     public var secondsSinceLastExit: Double? { core.secondsSinceLastExit }
     public var generation: Int { core.generation }
 

@@ -1,5 +1,6 @@
 import CSystemShims
-import Foundation
+import FoundationEssentials
+import Glibc
 import IOFilterModel
 import IOFilterPosix
 

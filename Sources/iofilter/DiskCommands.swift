@@ -53,7 +53,7 @@ struct DiskCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create an empty (sparse) disk.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create an empty (sparse) disk.")
         @Argument(help: "The disk's name.") var name: String
         @Option(help: "Its size: bytes, or with K, M, G or T (like 10G).") var size: String
         @Option(help: "A policy to assign; its filters are attached at once.") var policy: String?
@@ -68,7 +68,7 @@ struct DiskCommand: ParsableCommand {
     }
 
     struct Import: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Copy a raw image in as a new disk (holes stay holes).")
+        static let configuration = CommandConfiguration(commandName: "import", abstract: "Copy a raw image in as a new disk (holes stay holes).")
         @Argument(help: "The new disk's name.") var name: String
         @Option(name: .customLong("from"), help: "The raw image to copy.") var source: String
         @Option(help: "A policy to assign after the copy.") var policy: String?
@@ -83,7 +83,7 @@ struct DiskCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the disks with their policy and compliance.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the disks with their policy and compliance.")
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -97,7 +97,7 @@ struct DiskCommand: ParsableCommand {
     }
 
     struct Show: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a disk.")
+        static let configuration = CommandConfiguration(commandName: "show", abstract: "Show a disk.")
         @Argument(help: "The disk's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -108,7 +108,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Delete a disk and its data.", discussion: "Refused while a VM owns the disk or anything serves it.")
+            commandName: "delete", abstract: "Delete a disk and its data.", discussion: "Refused while a VM owns the disk or anything serves it.")
         @Argument(help: "The disk's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -119,7 +119,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Grow: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Grow a disk no VM is running.",
+            commandName: "grow", abstract: "Grow a disk no VM is running.",
             discussion: "Its filters hear of it first (their `event` callback, in the VM's worker or a maintenance one) and may veto it.")
         @Argument(help: "The disk's name.") var name: String
         @Option(help: "The new, larger size.") var size: String
@@ -134,7 +134,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Promote: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Make a replica an ordinary, writable disk of this host (failover).",
+            commandName: "promote", abstract: "Make a replica an ordinary, writable disk of this host (failover).",
             discussion: """
                 A replica is a disk a plug-in's daemon writes for another host (replication to \
                 iofilter://HOST:PORT/DISK). Promoted, it is this host's own: writable, usable by a VM, \
@@ -158,7 +158,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Snapshot: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Take a point-in-time, read-only snapshot of a disk as its consumer sees it now.",
+            commandName: "snapshot", abstract: "Take a point-in-time, read-only snapshot of a disk as its consumer sees it now.",
             discussion: """
                 The disk's filters hear of it first (they flush) with its I/O held back; from \
                 that instant its worker preserves every block before the consumer overwrites it \
@@ -205,7 +205,7 @@ struct DiskCommand: ParsableCommand {
             subcommands: [Create.self, List.self, Delete.self])
 
         struct Create: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Start tracking a disk's changes from now on.")
+            static let configuration = CommandConfiguration(commandName: "create", abstract: "Start tracking a disk's changes from now on.")
             @Argument(help: "The disk.") var disk: String
             @Argument(help: "The checkpoint's name.") var name: String
             @Option(help: "Bytes per tracked granule (a power of two, 4K to 64M; default 64K).") var granularity: String?
@@ -220,7 +220,7 @@ struct DiskCommand: ParsableCommand {
         }
 
         struct List: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "A disk's checkpoints, oldest first.")
+            static let configuration = CommandConfiguration(commandName: "list", abstract: "A disk's checkpoints, oldest first.")
             @Argument(help: "The disk.") var disk: String
             @OptionGroup var daemon: DaemonOptions
 
@@ -244,7 +244,7 @@ struct DiskCommand: ParsableCommand {
         }
 
         struct Delete: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Stop tracking since a checkpoint and remove its record.")
+            static let configuration = CommandConfiguration(commandName: "delete", abstract: "Stop tracking since a checkpoint and remove its record.")
             @Argument(help: "The disk.") var disk: String
             @Argument(help: "The checkpoint.") var name: String
             @OptionGroup var daemon: DaemonOptions
@@ -288,7 +288,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Revert: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Put a stopped disk back to one of its snapshots.",
+            commandName: "revert", abstract: "Put a stopped disk back to one of its snapshots.",
             discussion: """
                 The disk's filters hear first (a cache drops its blocks, replication plans a \
                 resync; any may veto, and then nothing changes); then every block is written \
@@ -308,7 +308,7 @@ struct DiskCommand: ParsableCommand {
     }
 
     struct Clone: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make a new, independent disk with a disk's contents.")
+        static let configuration = CommandConfiguration(commandName: "clone", abstract: "Make a new, independent disk with a disk's contents.")
         @Argument(help: "The disk (or snapshot) to clone.") var disk: String
         @Argument(help: "The new disk's name.") var clone: String
         @Option(help: "The new disk's policy.") var policy: String?
@@ -351,7 +351,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Compliance: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Does a disk's chain match its policy?",
+            commandName: "compliance", abstract: "Does a disk's chain match its policy?",
             discussion: """
                 Prints compliant, non-compliant (with the reason), pending (applies at the VM's \
                 next start) or none. Exits 0 when compliant or without a policy, 2 when pending, \
@@ -381,7 +381,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Write a disk, through its filters, to a new raw image file.",
+            commandName: "export", abstract: "Write a disk, through its filters, to a new raw image file.",
             discussion: "While the disk's VM runs, it is read through the VM's worker; never around the filters.")
         @Argument(help: "The disk.") var disk: String
         @Argument(help: "The raw image to create (must not exist).") var file: String
@@ -403,7 +403,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Copy: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Copy a disk onto another disk, through both disks' filters.",
+            commandName: "copy", abstract: "Copy a disk onto another disk, through both disks' filters.",
             discussion: "The target must exist, be at least as large, and not be in use.")
         @Argument(help: "The source disk.") var disk: String
         @Argument(help: "The target disk.") var target: String
@@ -425,7 +425,7 @@ struct DiskCommand: ParsableCommand {
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Serve a disk no VM is running over NBD, through its filters.",
+            commandName: "serve", abstract: "Serve a disk no VM is running over NBD, through its filters.",
             discussion: """
                 Prints the NBD URI and serves until interrupted (Ctrl-C), then stops. With \
                 --detach, leaves the session running; end it with `iofilter disk serve DISK --stop`.

@@ -87,7 +87,7 @@ struct AlertCommand: ParsableCommand {
         subcommands: [Add.self, List.self, Remove.self, Test.self])
 
     struct Add: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Subscribe a webhook or a command.")
+        static let configuration = CommandConfiguration(commandName: "add", abstract: "Subscribe a webhook or a command.")
         @Argument(help: "A name for the subscription.") var name: String
         @Option(help: ArgumentHelp("POST each event here (http://HOST[:PORT]/PATH).", valueName: "url")) var webhook: String?
         @Option(help: ArgumentHelp("Run this with /bin/sh for each event.", valueName: "command")) var command: String?
@@ -108,7 +108,7 @@ struct AlertCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the subscriptions and how their last delivery went.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the subscriptions and how their last delivery went.")
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -126,7 +126,7 @@ struct AlertCommand: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove a subscription.")
+        static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove a subscription.")
         @Argument(help: "The subscription.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -136,7 +136,7 @@ struct AlertCommand: ParsableCommand {
     }
 
     struct Test: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Send a test event to a subscription now.")
+        static let configuration = CommandConfiguration(commandName: "test", abstract: "Send a test event to a subscription now.")
         @Argument(help: "The subscription.") var name: String
         @OptionGroup var daemon: DaemonOptions
 

@@ -9,7 +9,7 @@ import IOFilterWire
 extension IOFilterCommand.Plugin {
     struct Info: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show what a plug-in file offers: category, parameters with their defaults, operations.",
+            commandName: "info", abstract: "Show what a plug-in file offers: category, parameters with their defaults, operations.",
             discussion: """
                 Like `nbdkit --dump-plugin`: no host is needed. The plug-in is loaded in a \
                 sandboxed process, as for validate.
@@ -42,7 +42,7 @@ extension IOFilterCommand.Plugin {
 
     struct Validate: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate plug-ins, each alone and then together as one chain.",
+            commandName: "validate", abstract: "Validate plug-ins, each alone and then together as one chain.",
             discussion: """
                 Each plug-in is loaded in a sandboxed process with a time limit, so one that \
                 crashes or hangs is reported, not fatal. The chain is printed in the order a \
@@ -105,7 +105,7 @@ extension IOFilterCommand.Plugin {
 
     struct Call: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Call a plug-in's management operation.",
+            commandName: "call", abstract: "Call a plug-in's management operation.",
             discussion: """
                 PLUGIN is a shared object (a path, or a name ending in .so), called here without \
                 a daemon, or the name of a plug-in installed on iofilterd. With --vm, the call \

@@ -6,7 +6,7 @@ import IOFilterModel
 extension IOFilterCommand.Plugin {
     struct Install: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate plug-ins and install them on the host.",
+            commandName: "install", abstract: "Validate plug-ins and install them on the host.",
             discussion: """
                 iofilterd copies each plug-in into its state directory, validates the copy in a \
                 sandboxed worker and checks its signature (PLUGIN.so.sig beside it, from \
@@ -60,7 +60,7 @@ extension IOFilterCommand.Plugin {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the installed plug-ins.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the installed plug-ins.")
 
         @OptionGroup var daemon: DaemonOptions
 
@@ -112,7 +112,7 @@ extension IOFilterCommand.Plugin {
     }
 
     struct Show: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a plug-in: versions, parameters, operations.")
+        static let configuration = CommandConfiguration(commandName: "show", abstract: "Show a plug-in: versions, parameters, operations.")
 
         @Argument(help: "The plug-in's name (like org.example.cache).")
         var name: String
@@ -169,7 +169,7 @@ extension IOFilterCommand.Plugin {
 
     struct Remove: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Remove a plug-in that no disk has attached.",
+            commandName: "remove", abstract: "Remove a plug-in that no disk has attached.",
             discussion: "Refused while a disk has it attached or a policy still needs it.")
 
         @Argument(help: "The plug-in's name.")
@@ -199,7 +199,7 @@ func parameterLine(_ spec: ParameterSpec) -> String {
 
 struct Capabilities: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print the host's capability catalogue (JSON).",
+        commandName: "capabilities", abstract: "Print the host's capability catalogue (JSON).",
         discussion: """
             What policies may ask for: every installed plug-in by category, with its versions \
             and the typed parameters a policy may set. This is the storage-provider view (the \
@@ -217,7 +217,7 @@ struct Capabilities: ParsableCommand {
 }
 
 struct Events: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show the host's recent events.")
+    static let configuration = CommandConfiguration(commandName: "events", abstract: "Show the host's recent events.")
 
     @Option(help: "How many of the newest events.")
     var limit = 50

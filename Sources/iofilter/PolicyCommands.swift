@@ -71,7 +71,7 @@ struct PolicyCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a policy (validated first).")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a policy (validated first).")
 
         @Argument(help: "The policy's name.")
         var name: String?
@@ -96,7 +96,7 @@ struct PolicyCommand: ParsableCommand {
     }
 
     struct Show: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a policy.")
+        static let configuration = CommandConfiguration(commandName: "show", abstract: "Show a policy.")
         @Argument(help: "The policy's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -108,7 +108,7 @@ struct PolicyCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the policies.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the policies.")
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -122,7 +122,7 @@ struct PolicyCommand: ParsableCommand {
     }
 
     struct Delete: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a policy no disk uses.")
+        static let configuration = CommandConfiguration(commandName: "delete", abstract: "Delete a policy no disk uses.")
         @Argument(help: "The policy's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -135,7 +135,7 @@ struct PolicyCommand: ParsableCommand {
 
     struct Validate: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate a stored policy, or a draft given with --filter or --file.",
+            commandName: "validate", abstract: "Validate a stored policy, or a draft given with --filter or --file.",
             discussion: "Exit status 0 when valid; 1 with the reasons otherwise.")
 
         @Argument(help: "A stored policy's name (or the draft's).")

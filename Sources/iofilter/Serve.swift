@@ -11,7 +11,7 @@ import Logging
 extension IOFilterCommand {
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Serve one disk over NBD (and vhost-user-blk) through a filter chain in a sandboxed worker.",
+            commandName: "serve", abstract: "Serve one disk over NBD (and vhost-user-blk) through a filter chain in a sandboxed worker.",
             discussion: """
                 Prints the NBD URI on stdout once the disk is being served, then runs until \
                 interrupted. Filters are put in category order whatever the order given. \

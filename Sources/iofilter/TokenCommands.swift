@@ -18,7 +18,7 @@ struct TokenCommand: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Create a token; prints it once, on stdout.",
+            commandName: "create", abstract: "Create a token; prints it once, on stdout.",
             discussion: """
                 Example:  export IOFILTER_TOKEN=$(iofilter token create ci --role operator)
                           iofilter vm list --url http://127.0.0.1:8080
@@ -66,7 +66,7 @@ struct TokenCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the tokens (never their secrets).")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the tokens (never their secrets).")
 
         @OptionGroup var daemon: DaemonOptions
 
@@ -82,7 +82,7 @@ struct TokenCommand: ParsableCommand {
     }
 
     struct Revoke: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Revoke a token, by id or name; it stops working at once.")
+        static let configuration = CommandConfiguration(commandName: "revoke", abstract: "Revoke a token, by id or name; it stops working at once.")
 
         @Argument(help: "The token's id or name.")
         var token: String

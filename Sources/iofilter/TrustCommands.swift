@@ -10,7 +10,7 @@ extension AcceptanceLevel: ExpressibleByArgument {}
 extension IOFilterCommand.Plugin {
     struct Keygen: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Make an Ed25519 key pair for signing plug-ins.",
+            commandName: "keygen", abstract: "Make an Ed25519 key pair for signing plug-ins.",
             discussion: """
                 Writes PREFIX.key (the private key, mode 0600; keep it off build machines \
                 you do not trust) and PREFIX.pub (give it to the hosts that should trust \
@@ -40,7 +40,7 @@ extension IOFilterCommand.Plugin {
 
     struct Sign: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Sign a plug-in: writes PLUGIN.so.sig beside it.",
+            commandName: "sign", abstract: "Sign a plug-in: writes PLUGIN.so.sig beside it.",
             discussion: """
                 The signature covers the file's bytes and its identity as its descriptor \
                 declares it (name, version, category) and the level claimed, so it cannot be \
@@ -95,7 +95,7 @@ extension IOFilterCommand.Plugin {
 
     struct Verify: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Check a plug-in's signatures (PLUGIN.so.sig).",
+            commandName: "verify", abstract: "Check a plug-in's signatures (PLUGIN.so.sig).",
             discussion: """
                 Checks that the file is the one that was signed, that the signature names \
                 this plug-in, and that every signature verifies. With --trust, keys given \
@@ -180,7 +180,7 @@ struct TrustCommand: ParsableCommand {
 
     struct Add: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Enrol a public key (PREFIX.pub), or change its level.",
+            commandName: "add", abstract: "Enrol a public key (PREFIX.pub), or change its level.",
             discussion: "Example:  iofilter trust add acme.pub --level partner")
 
         @Argument(help: "The public key file from `iofilter plugin keygen`.")
@@ -207,7 +207,7 @@ struct TrustCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the enrolled keys.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the enrolled keys.")
 
         @OptionGroup var daemon: DaemonOptions
 
@@ -224,7 +224,7 @@ struct TrustCommand: ParsableCommand {
 
     struct Remove: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Stop trusting a key.",
+            commandName: "remove", abstract: "Stop trusting a key.",
             discussion: "Plug-ins it signed stay installed; new installs signed only by it are refused.")
 
         @Argument(help: "The key's id (see `iofilter trust list`).")

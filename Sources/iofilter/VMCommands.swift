@@ -55,7 +55,7 @@ struct VMCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a VM from existing disks.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a VM from existing disks.")
         @Argument(help: "The VM's name.") var name: String
         @Option(name: .customLong("disk"), help: "A disk of the VM; repeat for each.") var disks: [String] = []
         @Option(help: ArgumentHelp("The most memory its worker may map (default: the host's, 8G).", valueName: "size"))
@@ -99,7 +99,7 @@ struct VMCommand: ParsableCommand {
 
     struct Start: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Start a VM's worker and print its disks' NBD URIs.",
+            commandName: "start", abstract: "Start a VM's worker and print its disks' NBD URIs.",
             discussion: "Pending policy changes and plug-in upgrades apply now.")
         @Argument(help: "The VM's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
@@ -110,7 +110,7 @@ struct VMCommand: ParsableCommand {
     }
 
     struct Stop: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop a VM's worker; its filters flush and close first.")
+        static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM's worker; its filters flush and close first.")
         @Argument(help: "The VM's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -147,7 +147,7 @@ struct VMCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the VMs.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the VMs.")
         @OptionGroup var daemon: DaemonOptions
 
         func run() throws {
@@ -163,7 +163,7 @@ struct VMCommand: ParsableCommand {
     }
 
     struct Show: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a VM: worker, URIs and each filter's statistics.")
+        static let configuration = CommandConfiguration(commandName: "show", abstract: "Show a VM: worker, URIs and each filter's statistics.")
         @Argument(help: "The VM's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 
@@ -173,7 +173,7 @@ struct VMCommand: ParsableCommand {
     }
 
     struct Delete: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a stopped VM; its disks are kept.")
+        static let configuration = CommandConfiguration(commandName: "delete", abstract: "Delete a stopped VM; its disks are kept.")
         @Argument(help: "The VM's name.") var name: String
         @OptionGroup var daemon: DaemonOptions
 

@@ -10,6 +10,9 @@
 #   pss        median PSS of one VM's worker processes (the one the host started, the
 #              init of its pid namespace, and its child, the worker), /proc/PID/smaps_rollup
 #   vmstart    median milliseconds of one more VM's start with all the others running
+#              (`iofilter vm start`: the CLI, the API call and the worker's start)
+#   ready_ms   median milliseconds from a worker's spawn to its serving, as the host
+#              measured it (iofilter_worker_start_seconds) over every VM's start
 #   fds        file descriptors iofilterd holds
 #
 #   COUNTS="10 100" Tests/Benchmarks/scale.sh
@@ -20,7 +23,7 @@ size=16M
 
 counts=${COUNTS:-10 100 1000}
 passthrough=$bin/libiofilter-passthrough-c.so
-printf '%-6s %8s %9s %8s %8s %9s %8s %9s %7s\n' vms start answered list_ms show_ms metrics_ms pss_mib vmstart_ms fds
+printf '%-6s %8s %9s %8s %8s %9s %8s %9s %9s %7s\n' vms start answered list_ms show_ms metrics_ms pss_mib vmstart_ms ready_ms fds
 
 for count in $counts; do
     state=$work/state-$count
@@ -68,6 +71,19 @@ PY
     list=$(median_ms /vms)
     show=$(median_ms /vms/v1)
     metrics=$(median_ms /metrics 3)
+    ready=$(python3 - "$api" <<'PY'
+import http.client, socket, statistics, sys
+class Connection(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[1])
+connection = Connection("localhost")
+connection.request("GET", "/metrics")
+text = connection.getresponse().read().decode()
+values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("iofilter_worker_start_seconds{")]
+print(f"{statistics.median(values) * 1000:.1f}" if values else "-")
+PY
+)
 
     # A VM's worker processes: the one the host started and what it started (its pid
     # namespace's init starts the worker proper).
@@ -91,7 +107,7 @@ PY
               done | sort -n | sed -n 3p)
     fds=$(ls "/proc/$daemon/fd" | wc -l)
 
-    printf '%-6s %8.1f %9s %8s %8s %9s %8s %9s %7s\n' "$count" "$start" "$answered/$count" "$list" "$show" "$metrics" "$pss" "$vmstart" "$fds"
+    printf '%-6s %8.1f %9s %8s %8s %9s %8s %9s %9s %7s\n' "$count" "$start" "$answered/$count" "$list" "$show" "$metrics" "$pss" "$vmstart" "$ready" "$fds"
     kill "$daemon"
     wait "$daemon" 2>/dev/null || true
 done
