@@ -36,6 +36,7 @@ enum {
 #define PROTOCOL_F_CONFIG 9
 #define PROTOCOL_F_INFLIGHT_SHMFD 12
 #define F_INDIRECT_DESC 28
+#define F_EVENT_IDX 29
 #define F_PROTOCOL_FEATURES 30
 #define F_VERSION_1 32
 #define BLK_F_SEG_MAX 2
@@ -50,6 +51,7 @@ enum {
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
 
 #define MAX_REGIONS 8
 #define MAX_FDS 8
@@ -105,6 +107,9 @@ struct queue {
     uint16_t *used_header;  // flags, idx
     struct vring_used_elem *used_ring;
     uint16_t last_avail, used_idx;
+    /// The used index the guest was last signalled at (EVENT_IDX), once there is one.
+    uint16_t signalled_used;
+    bool signalled_used_valid;
     int kick, call;
     struct inflight_queue *inflight;
     uint64_t counter;
@@ -314,6 +319,7 @@ static void start_queue(iof_vu_device *device, uint16_t index) {
     struct queue *q = &device->queues[index];
     if (q->started || q->kick < 0 || !locate_rings(device, q)) return;
     q->broken = false;
+    q->signalled_used_valid = false;
     recover_inflight(q);
     if (device->tracing)
         fprintf(stderr, "vhost-user: queue %u starts: size %u, next %u, available %u, used %u, %u to resubmit\n", index, q->size,
@@ -480,22 +486,37 @@ void iof_vu_read_request(iof_vu_device *device, uint16_t queue, uint16_t head, i
     parse_chain(device, &device->queues[queue], head, request);
 }
 
-/// Signals the guest that `queue` has used buffers, unless it asked not to be.
-static void notify_guest(iof_vu_device *device, uint16_t queue) {
+static bool uses_event_index(const iof_vu_device *device) {
+    return __atomic_load_n(&device->features, __ATOMIC_RELAXED) & (1ull << F_EVENT_IDX);
+}
+
+/// Whether the guest wants an interrupt for what was returned since the last one: with
+/// EVENT_IDX, once the used index passed the `used_event` it published (virtio 1.2,
+/// 2.7.10); without, unless it set NO_INTERRUPT. Call with the queue locked.
+static bool guest_wants_signal(const iof_vu_device *device, struct queue *q) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's fields are read after the used index is out
+    if (!uses_event_index(device)) return !(__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
+    uint16_t used_event = __atomic_load_n(&q->avail[2 + q->size], __ATOMIC_RELAXED);
+    uint16_t old = q->signalled_used, now = q->used_idx;
+    bool valid = q->signalled_used_valid;
+    q->signalled_used = now;
+    q->signalled_used_valid = true;
+    return !valid || (uint16_t)(now - used_event - 1) < (uint16_t)(now - old);
+}
+
+void iof_vu_notify(iof_vu_device *device, uint16_t queue) {
+    if (queue >= device->disk.queues) return;
     struct queue *q = &device->queues[queue];
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the guest's flags are read after the used index is out
-    if (__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT) return;
     pthread_mutex_lock(&q->lock);
-    int call = q->call;
-    if (call >= 0) {
+    if (q->call >= 0 && q->started && guest_wants_signal(device, q)) {
         uint64_t one = 1;
-        ssize_t ignored = write(call, &one, sizeof one);
+        ssize_t ignored = write(q->call, &one, sizeof one);
         (void)ignored;  // a full eventfd already wakes the guest
     }
     pthread_mutex_unlock(&q->lock);
 }
 
-void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written) {
+void iof_vu_complete_quietly(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written) {
     struct queue *q = &device->queues[request->queue];
     uint32_t used_length = 0;
     if (request->status) {
@@ -516,7 +537,39 @@ void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8
         q->inflight->used_idx = q->used_idx;
     }
     pthread_mutex_unlock(&q->lock);
-    notify_guest(device, request->queue);
+}
+
+void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written) {
+    iof_vu_complete_quietly(device, request, status, written);
+    iof_vu_notify(device, request->queue);
+}
+
+/// Where the device publishes the avail index it wants a kick at (EVENT_IDX): just
+/// after the used ring, inside what `locate_rings` checked.
+static uint16_t *avail_event(struct queue *q) { return (uint16_t *)(q->used_ring + q->size); }
+
+void iof_vu_suppress_kicks(iof_vu_device *device, uint16_t queue) {
+    if (queue >= device->disk.queues) return;
+    struct queue *q = &device->queues[queue];
+    // With EVENT_IDX an avail_event the guest has passed already asks for no kick.
+    if (!q->started || q->broken || uses_event_index(device)) return;
+    __atomic_store_n(&q->used_header[0], USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+}
+
+bool iof_vu_ready_to_sleep(iof_vu_device *device, uint16_t queue) {
+    if (queue >= device->disk.queues) return true;
+    struct queue *q = &device->queues[queue];
+    if (!q->started || q->broken) return true;
+    if (q->resubmit_next < q->resubmit_count) return false;
+    if (uses_event_index(device))
+        __atomic_store_n(avail_event(q), q->last_avail, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&q->used_header[0], 0, __ATOMIC_RELAXED);
+    // The guest makes a request available, then reads our field to decide on a kick;
+    // we wrote our field, now read its index: one of the two sees the other's write,
+    // so no request is left without a kick.
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE) == q->last_avail;
 }
 
 void iof_vu_trace_queue(iof_vu_device *device, uint16_t queue, const char *when) {
@@ -541,7 +594,7 @@ void iof_vu_drain_kick(int kick_fd) {
 /// when that overflows to 0, reads nothing forever; a request's total is bounded here
 /// instead (IOF_VU_MAX_REQUEST_BYTES).
 static uint64_t offered_features(const iof_vu_device *device) {
-    uint64_t features = 1ull << F_VERSION_1 | 1ull << F_PROTOCOL_FEATURES | 1ull << F_INDIRECT_DESC | 1ull << BLK_F_SEG_MAX |
+    uint64_t features = 1ull << F_VERSION_1 | 1ull << F_PROTOCOL_FEATURES | 1ull << F_INDIRECT_DESC | 1ull << F_EVENT_IDX | 1ull << BLK_F_SEG_MAX |
                         1ull << BLK_F_BLK_SIZE | 1ull << BLK_F_FLUSH;
     if (device->disk.queues > 1) features |= 1ull << BLK_F_MQ;
     if (device->disk.read_only) features |= 1ull << BLK_F_RO;

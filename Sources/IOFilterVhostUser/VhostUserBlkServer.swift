@@ -221,13 +221,23 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     private let tracing = getenv("IOFILTER_VHOST_TRACE") != nil
+    /// The queue's thread, and whether it is draining the ring: answers it gives then
+    /// are returned quietly and the guest is signalled once for the lot. Both are read
+    /// by other threads only after the thread check failed them.
+    private var queueThread = pthread_self()
+    private var draining = false
+    private var answeredQuietly = false
 
     private func serve() {
         var ready = [pollfd(fd: kick, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
         guard let raw = device.raw else { return }
+        queueThread = pthread_self()
         // Requests may be waiting already (a reconnect's resubmissions, kicks before we ran).
         while !stopping.load(ordering: .acquiring) {
             if !takeRequests(raw) { return }
+            // Kicks were off while it drained: on again, and drain again if requests
+            // came in between.
+            if !iof_vu_ready_to_sleep(raw, index) { continue }
             let rc = poll(&ready, 2, tracing ? 5000 : -1)
             if rc < 0 {
                 if errno == EINTR { continue }
@@ -243,8 +253,18 @@ final class VirtioQueue: @unchecked Sendable {
         }
     }
 
-    /// Takes what the ring holds; false if the ring is broken.
+    /// Takes what the ring holds, with the guest's kicks off meanwhile; false if the
+    /// ring is broken. The requests answered while it drains are signalled once, at the end.
     private func takeRequests(_ raw: OpaquePointer) -> Bool {
+        iof_vu_suppress_kicks(raw, index)
+        draining = true
+        defer {
+            draining = false
+            if answeredQuietly {
+                answeredQuietly = false
+                iof_vu_notify(raw, index)
+            }
+        }
         var head: UInt16 = 0
         while !stopping.load(ordering: .relaxed) {
             let rc = iof_vu_next_head(raw, index, &head)
@@ -327,7 +347,14 @@ final class VirtioQueue: @unchecked Sendable {
     }
 
     private func answer(_ request: VirtioBlkRequest, status: UInt8, written: UInt32) {
-        if let raw = device.raw { iof_vu_complete(raw, request.raw, status, written) }
+        if let raw = device.raw {
+            if pthread_equal(pthread_self(), queueThread) != 0, draining {
+                iof_vu_complete_quietly(raw, request.raw, status, written)
+                answeredQuietly = true
+            } else {
+                iof_vu_complete(raw, request.raw, status, written)
+            }
+        }
         if outstanding.wrappingSubtract(1, ordering: .acquiringAndReleasing).newValue == 0, stopping.load(ordering: .acquiring) {
             done.withLock { done.broadcast() }
         }

@@ -90,7 +90,7 @@ struct VhostUserTests {
         let served = try ServedDisk([disk, "--filter", "passthrough-c", "--vhost-user-blk", socket])
         defer { served.stop() }
         let worker = try #require(served.workerPID)
-        for scenario in ["good", "hostile", "break-ring", "unsealed", "hangup", "good"] {
+        for scenario in ["good", "hostile", "break-ring", "unsealed", "hangup", "notifications", "good"] {
             let result = try Harness.run("/usr/bin/python3", [Self.client, socket, scenario], timeout: 60)
             #expect(result.status == 0, "\(scenario): \(result.stdout) \(result.stderr)\n\(served.log)")
             #expect(!result.stdout.contains("FAIL"), "\(scenario): \(result.stdout)")

@@ -109,6 +109,19 @@ void iof_vu_read_request(iof_vu_device *device, uint16_t queue, uint16_t head, i
 /// (`written`, not counting the status byte); signals the guest unless it asked not to
 /// be. Any thread; the request's queue is locked while its used ring changes.
 void iof_vu_complete(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written);
+/// The same without the signal: for a batch of completions followed by one `iof_vu_notify`.
+void iof_vu_complete_quietly(iof_vu_device *device, const iof_vu_request *request, uint8_t status, uint32_t written);
+/// Signals the guest if it wants to hear of what was returned since its last signal
+/// (with EVENT_IDX: once the used index passed its `used_event`). Any thread.
+void iof_vu_notify(iof_vu_device *device, uint16_t queue);
+
+/// Kicks while the queue's thread drains the ring are wasted wakeups. The thread says
+/// it drains (`iof_vu_suppress_kicks`: VRING_USED_F_NO_NOTIFY, or with EVENT_IDX an
+/// avail_event left behind) and, before it sleeps, asks for kicks again:
+/// `iof_vu_ready_to_sleep` returns false if requests arrived meanwhile (drain again).
+/// The queue's thread only.
+void iof_vu_suppress_kicks(iof_vu_device *device, uint16_t queue);
+bool iof_vu_ready_to_sleep(iof_vu_device *device, uint16_t queue);
 /// With IOFILTER_VHOST_TRACE: the queue's indices, to stderr.
 void iof_vu_trace_queue(iof_vu_device *device, uint16_t queue, const char *when);
 /// Consumes the kick eventfd's count (after poll says it is readable).

@@ -9,6 +9,8 @@ guest driver at once, so a test can program the rings a real guest never would.
                                             must stop, the connection and worker live
     vhost_user_client.py SOCKET unsealed    guest memory in a memfd that can shrink
     vhost_user_client.py SOCKET hangup      disconnects in the middle of negotiating
+    vhost_user_client.py SOCKET notifications   interrupts and kicks as the guest asks
+                                            them, with VIRTIO_RING_F_EVENT_IDX and without
 
 Prints one line per check ("ok NAME" or "FAIL NAME: why") and exits 1 on any FAIL.
 """
@@ -79,8 +81,8 @@ class Frontend:
         self.send(request, payload)
         return self.receive()[1]
 
-    def negotiate(self):
-        features = struct.unpack("<Q", self.call(GET_FEATURES))[0]
+    def negotiate(self, without=0):
+        features = struct.unpack("<Q", self.call(GET_FEATURES))[0] & ~without
         self.send(SET_FEATURES, struct.pack("<Q", features))
         protocol = struct.unpack("<Q", self.call(GET_PROTOCOL_FEATURES))[0]
         self.send(SET_PROTOCOL_FEATURES, struct.pack("<Q", protocol & (1 << 9 | 1 << 3)))
@@ -126,8 +128,9 @@ class Frontend:
         struct.pack_into("<H", self.memory, AVAIL + 2, self.avail_idx)
         os.eventfd_write(self.kick_fd, 1)
 
-    def wait_used(self, timeout=10):
-        """The next used element (id, len), or None if none comes."""
+    def wait_used(self, timeout=10, take_interrupts=True):
+        """The next used element (id, len), or None if none comes. Without
+        `take_interrupts` the used index alone is watched, and interrupts stay pending."""
         deadline = time.monotonic() + timeout
         while True:
             used_idx = struct.unpack_from("<H", self.memory, USED + 2)[0]
@@ -138,14 +141,16 @@ class Frontend:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
+            if not take_interrupts:
+                time.sleep(0.001)
             # The interrupt: wait for it, then take it (the used index is read again).
-            if select.select([self.call_fd], [], [], min(left, 0.1))[0]:
+            elif select.select([self.call_fd], [], [], min(left, 0.1))[0]:
                 try:
                     os.eventfd_read(self.call_fd)
                 except BlockingIOError:
                     pass
 
-    def request(self, kind, sector, data_length=0, write_data=None, status_at=STATUS):
+    def request(self, kind, sector, data_length=0, write_data=None, status_at=STATUS, take_interrupts=True):
         """A well-formed request: header, data, status in three descriptors."""
         struct.pack_into("<IIQ", self.memory, HEADER, kind, 0, sector)
         self.memory[status_at:status_at + 1] = b"\xee"
@@ -159,7 +164,7 @@ class Frontend:
             self.desc(0, GUEST_BASE + HEADER, 16, F_NEXT, 2)
             self.desc(2, GUEST_BASE + status_at, 1, F_WRITE)
         self.submit(0)
-        return self.wait_used()
+        return self.wait_used(take_interrupts=take_interrupts)
 
     def status(self, at=STATUS):
         return self.memory[at]
@@ -198,6 +203,75 @@ def good(path):
     check("get-id", used is not None and front.status() == S_OK and serial != "", f"serial {serial!r}")
     print("serial " + serial)
     return front
+
+
+F_EVENT_IDX = 1 << 29
+
+
+def notifications(path):
+    """Each answer, once the device is idle, is checked against what the guest asked:
+    an interrupt exactly when the used index passes `used_event` (EVENT_IDX) or unless
+    NO_INTERRUPT is set (without it), and kicks asked for again before the device sleeps:
+    `avail_event` at the guest's avail index, or VRING_USED_F_NO_NOTIFY clear."""
+    def interrupted(front, timeout):
+        if not select.select([front.call_fd], [], [], timeout)[0]:
+            return False
+        os.eventfd_read(front.call_fd)
+        return True
+
+    def flags_settle(read, want, timeout=5):
+        deadline = time.monotonic() + timeout
+        while read() != want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return read()
+
+    def connect_when_free(without):
+        # The back-end serves one front-end and refuses another until the last one's
+        # queues are stopped: ask again until it takes this one.
+        deadline = time.monotonic() + 10
+        while True:
+            front = Frontend(path)
+            try:
+                return front, front.negotiate(without=without)
+            except (ConnectionError, BrokenPipeError):
+                front.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    for mode in ("event-idx", "flags"):
+        front, features = connect_when_free(0 if mode == "event-idx" else F_EVENT_IDX)
+        if mode == "event-idx":
+            check("event-idx: offered", features & F_EVENT_IDX != 0, f"features {features:#x}")
+        check(f"{mode}: memory-table", front.map_memory() == 0)
+        front.start_queue()
+        interrupted(front, 0.5)  # the one a starting queue sends, in case a back-end died before signalling
+        used_event = lambda value: struct.pack_into("<H", front.memory, AVAIL + 4 + 2 * QUEUE, value & 0xFFFF)
+        avail_event = lambda: struct.unpack_from("<H", front.memory, USED + 4 + 8 * QUEUE)[0]
+        used_flags = lambda: struct.unpack_from("<H", front.memory, USED)[0]
+        for round in range(3):
+            # Asked: an interrupt for the next answer.
+            if mode == "event-idx":
+                used_event(front.used_seen)
+            else:
+                struct.pack_into("<H", front.memory, AVAIL, 0)
+            front.request(T_FLUSH, 0, take_interrupts=False)
+            check(f"{mode}: interrupt asked for, round {round}", interrupted(front, 5))
+            # Not asked: the answer comes, with no interrupt.
+            if mode == "event-idx":
+                used_event(front.used_seen + 1000)
+            else:
+                struct.pack_into("<H", front.memory, AVAIL, 1)
+            used = front.request(T_FLUSH, 0, take_interrupts=False)
+            check(f"{mode}: answered, round {round}", used is not None and front.status() == S_OK, f"used {used}")
+            check(f"{mode}: no interrupt unasked, round {round}", not interrupted(front, 0.3))
+            if mode == "event-idx":
+                seen = flags_settle(avail_event, front.avail_idx)
+                check(f"{mode}: kicks asked again at {front.avail_idx}", seen == front.avail_idx, f"avail_event {seen}")
+            else:
+                seen = flags_settle(used_flags, 0)
+                check(f"{mode}: NO_NOTIFY clear when idle", seen == 0, f"used flags {seen:#x}")
+        front.sock.close()
 
 
 def hostile(path):
@@ -306,5 +380,6 @@ def hangup(path):
 
 if __name__ == "__main__":
     path, scenario = sys.argv[1], sys.argv[2]
-    {"good": good, "hostile": hostile, "break-ring": break_ring, "unsealed": unsealed, "hangup": hangup}[scenario](path)
+    {"good": good, "hostile": hostile, "break-ring": break_ring, "unsealed": unsealed, "hangup": hangup,
+     "notifications": notifications}[scenario](path)
     sys.exit(1 if failures else 0)
