@@ -70,6 +70,9 @@ struct MetricsTests {
         #expect(buckets.count == 12)
         #expect(samples.keys.contains { $0.hasPrefix("iofilter_filter_stat{") && $0.contains("plugin=\"org.swift-iofilter.cache\"") })
         #expect(samples["iofilter_vm_up{\(vmLabel)}"] == 1)
+        // The worker's start, as the host timed it: from its spawn to its READY line.
+        let started = try #require(samples["iofilter_worker_start_seconds{\(vmLabel)}"])
+        #expect(started > 0 && started < 60, "\(started)")
         #expect(samples["iofilterd_api_requests_total{operation=\"startVM\",status=\"200\"}"] == 1)
         #expect(text.contains("# TYPE iofilter_request_duration_seconds histogram"))
         // Prometheus' own client library reads it as we do.
