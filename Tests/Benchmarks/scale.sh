@@ -22,6 +22,26 @@ size=16M
 . "$(dirname "$0")/lib.sh"
 
 counts=${COUNTS:-10 100 1000}
+# GET on iofilterd's API socket, for the figures read below.
+cat > "$work/api.py" <<'PY'
+import http.client, socket
+
+class Connection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.socket_path)
+
+def get(path, url):
+    connection = Connection(path)
+    connection.request("GET", url)
+    body = connection.getresponse().read()
+    connection.close()
+    return body
+PY
 passthrough=$bin/libiofilter-passthrough-c.so
 printf '%-6s %8s %9s %8s %8s %9s %8s %9s %9s %7s\n' vms start answered list_ms show_ms metrics_ms pss_mib vmstart_ms ready_ms fds
 
@@ -50,20 +70,14 @@ for count in $counts; do
 
     # median_ms PATH [N]: the median milliseconds of N (50) GETs of PATH on the API socket.
     median_ms() {
-        python3 - "$api" "$1" "${2:-50}" <<'PY'
-import http.client, socket, statistics, sys, time
+        PYTHONPATH=$work python3 - "$api" "$1" "${2:-50}" <<'PY'
+import statistics, sys, time
+from api import get
 path, url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class Connection(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
 times = []
 for _ in range(count):
     began = time.monotonic()
-    connection = Connection("localhost")
-    connection.request("GET", url)
-    connection.getresponse().read()
-    connection.close()
+    get(path, url)
     times.append((time.monotonic() - began) * 1000)
 print(f"{statistics.median(times):.2f}")
 PY
@@ -71,15 +85,11 @@ PY
     list=$(median_ms /vms)
     show=$(median_ms /vms/v1)
     metrics=$(median_ms /metrics 3)
-    ready=$(python3 - "$api" <<'PY'
-import http.client, socket, statistics, sys
-class Connection(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(sys.argv[1])
-connection = Connection("localhost")
-connection.request("GET", "/metrics")
-text = connection.getresponse().read().decode()
+    # The host's own figure for each worker's start, spawn to serving, from /metrics.
+    ready=$(PYTHONPATH=$work python3 - "$api" <<'PY'
+import statistics, sys
+from api import get
+text = get(sys.argv[1], "/metrics").decode()
 values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("iofilter_worker_start_seconds{")]
 print(f"{statistics.median(values) * 1000:.1f}" if values else "-")
 PY
