@@ -283,7 +283,7 @@ public final class ProcessSupervisor: @unchecked Sendable {
             return (nil, false, "cannot start it: \(error)")
         }
         if let cgroup, cgroup.version == 2 {
-            logger.debug("\(role) \(process.pid) \(process.bornInCgroup ? "was born in its cgroup (clone3)" : "was moved into its cgroup: the kernel would not start it there")")
+            logger.debug("\(role) \(process.pid) \(process.bornInCgroup ? "was born in its cgroup (clone3)" : "joins its cgroup itself: the kernel would not start it there")")
         }
         // Known at once, so that a stop while it starts reaches it.
         lock.withLock {

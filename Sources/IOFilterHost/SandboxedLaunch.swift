@@ -46,8 +46,9 @@ public struct SandboxedLaunch {
     public var logLevel: String?
     /// The line the child prints once it serves (or, for a maintenance task, is done).
     public var readyLine = "READY"
-    /// The group the child runs in: born there on cgroup v2 (clone3), else moved there
-    /// as it starts (it waits for that before it confines itself).
+    /// The group the child runs in: born there on cgroup v2 (clone3); else it moves
+    /// itself there as it starts, before it confines itself (its configuration names
+    /// the group: see `CgroupMembership.join`).
     public var cgroup: WorkerCgroup?
     public var executable: String
 
@@ -57,7 +58,8 @@ public struct SandboxedLaunch {
         self.executable = executable
     }
 
-    /// Starts the child in its group: its fds at their numbers, stdout captured.
+    /// Starts the child (in its group, where the kernel allows): its fds at their
+    /// numbers, stdout captured.
     public func spawn() throws(SystemError) -> ChildProcess {
         var environment = WorkerExecutable.environment
         if let logLevel { environment["IOFILTER_LOG_LEVEL"] = logLevel }
@@ -65,8 +67,6 @@ public struct SandboxedLaunch {
             executable: executable, arguments: [mode.rawValue] + arguments, handOver: fds.pairs.map { ($0.source, $0.number) },
             stdin: configuration.map(Array.init) ?? nil, stdout: .capture, environment: environment,
             cgroup: cgroup.flatMap { $0.version == 2 ? $0.directories.first : nil })
-        // A child that cannot join says so itself, and falls back on RLIMIT_AS.
-        if let cgroup, !child.bornInCgroup { cgroup.add(child.pid) }
         return child
     }
 

@@ -130,14 +130,6 @@ public final class WorkerCgroup: @unchecked Sendable {
         "cgroup v\(version): memory \(limits.memory >> 20) MiB, \(limits.tasks) tasks, CPU weight \(limits.cpuWeight)"
     }
 
-    /// Moves `pid` into the group. Done by the supervisor right after the spawn, while
-    /// the worker starts: moving a process into a v1 memory group costs some 10 ms of
-    /// the kernel's time, which the worker would otherwise wait for itself.
-    @discardableResult
-    public func add(_ pid: pid_t) -> Bool {
-        procsFiles.allSatisfy { FileDescriptorIO.writeFile("\(pid)", to: $0) }
-    }
-
     /// Bytes of memory the group uses now that the kernel cannot simply reclaim: what
     /// it counts, less the page cache of the files it reads and writes (a worker
     /// writing its disk fills that, and the kernel drops it before it kills anyone).

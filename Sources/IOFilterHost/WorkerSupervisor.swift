@@ -200,9 +200,10 @@ public final class WorkerSupervisor: SupervisesAProcess, @unchecked Sendable {
         var launch = SandboxedLaunch(mode: .tlsTerminator, executable: workerPath)
         launch.logLevel = configuration.logLevel
         launch.cgroup = cgroup
-        let terminator = TLSTerminatorConfiguration(
+        var terminator = TLSTerminatorConfiguration(
             vmName: configuration.vmName, tls: settings, channelFD: launch.fds.hand(channel), sandbox: configuration.sandbox,
             outlivesSupervisor: controlListener != nil)
+        terminator.cgroupProcs = cgroup?.procsFiles
         launch.configuration = try JSONEncoder().encode(terminator)
         let process = try launch.spawn()
         let answer = ReadyLine(process: process, line: launch.readyLine).wait(timeout: 10)

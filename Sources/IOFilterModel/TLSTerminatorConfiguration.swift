@@ -17,6 +17,9 @@ public struct TLSTerminatorConfiguration: Codable, Sendable, Equatable {
     /// It outlives the host as its worker does (a later host adopts the worker; the
     /// terminator goes on serving it), else it dies with the host.
     public var outlivesSupervisor: Bool
+    /// Its worker's cgroup (the `cgroup.procs` file of each hierarchy), which it joins
+    /// first thing where it was not born there: its memory counts with the worker's.
+    public var cgroupProcs: [String]?
 
     public init(vmName: String, tls: TLSSettings, channelFD: Int32, sandbox: Bool, outlivesSupervisor: Bool) {
         self.vmName = vmName

@@ -104,10 +104,10 @@ public struct WorkerConfiguration: Codable, Sendable, Equatable {
     /// opens the files and connections the VM's policies name for its filters (nil: the
     /// worker opens them itself, unconfined).
     public var brokerFD: Int32?
-    /// The cgroup the supervisor moves the worker into as it starts (the `cgroup.procs`
-    /// file of each hierarchy), which limits its memory, tasks and CPU weight; the
-    /// worker waits to be in it before it makes its pid namespace. Nil: there is none,
-    /// and the worker limits its memory with RLIMIT_AS instead.
+    /// The cgroup the worker runs in (the `cgroup.procs` file of each hierarchy), which
+    /// limits its memory, tasks and CPU weight: born there on v2, it moves itself there
+    /// first thing on v1, before it makes its pid namespace. Nil: there is none, and
+    /// the worker limits its memory with RLIMIT_AS instead.
     public var cgroupProcs: [String]?
     /// The worker's CPU weight in its cgroup, 1 to 10000 (nil: 100).
     public var cpuWeight: Int?

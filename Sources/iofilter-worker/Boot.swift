@@ -90,21 +90,25 @@ func absolute(_ path: String) -> String {
     return configuration
 }
 
-/// Waits until the host has moved this process into its cgroup (it must be there
-/// before it makes its pid namespace); false if there is none or it never came.
-@MainActor func joinedCgroup(_ files: [String]?, what: String) -> Bool {
+/// Moves this process into the cgroup its supervisor made for it (it must be there
+/// before it makes its pid namespace or loads a plug-in); false if there is none or it
+/// could not.
+@MainActor func joinedCgroup(_ files: [String]?, what: String, otherwise fallback: String = "limits fall back on RLIMIT_AS") -> Bool {
     guard let files else { return false }
-    let joined = CgroupMembership.wait(until: files, contain: getpid(), seconds: 5)
-    if !joined { logger.warning("the host did not move this \(what) into its cgroup: limits fall back on RLIMIT_AS") }
-    return joined
+    if let failure = CgroupMembership.join(files) {
+        logger.warning("this \(what) could not join its cgroup (\(failure)): \(fallback)")
+        return false
+    }
+    return true
 }
 
 // MARK: the boot sequence of a long-running process (serve, daemon)
 //
 // In this order, before any plug-in code runs: read the configuration, block the
-// termination signals, close every fd the host did not hand over, open what the
-// confined view will not show (disks, TLS keys), join the cgroup, confine, enter the
-// state directory; then load plug-ins, serve, beat, and say READY.
+// termination signals, close every fd the host did not hand over, join the cgroup
+// (while still one thread), open what the confined view will not show (disks, TLS
+// keys), confine, enter the state directory; then load plug-ins, serve, beat, and say
+// READY.
 
 /// The first step: the host's configuration, the logger named after what this process
 /// serves, and the termination signals blocked (they are waited for, not handled).

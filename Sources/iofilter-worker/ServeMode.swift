@@ -37,6 +37,10 @@ import Logging
                           + [configuration.controlFD, configuration.heartbeatFD, configuration.brokerFD, configuration.controlListenFD,
                              configuration.tlsTerminatorFD].compactMap { $0 })
     }
+    // The cgroup that limits this worker and everything it will ever be (its pid
+    // namespace's init included), joined first, while this is still one thread (see
+    // CgroupMembership.join); what opening the disks allocates counts there too.
+    let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "worker")
     let runtime = WorkerRuntime(configuration: configuration, logger: logger)
     do {
         // Disks first: once confined, the worker has no path to them and no network.
@@ -53,10 +57,6 @@ import Logging
         }
         tls = TLSTerminatorLink(channel: channel)
     }
-    // The cgroup that limits this worker and everything it will ever be (its pid
-    // namespace's init included): the supervisor moves it there while it starts, and
-    // it must be there before it makes its pid namespace.
-    let inCgroup = joinedCgroup(configuration.cgroupProcs, what: "worker")
     if configuration.sandbox {
         let memoryLimit = configuration.memoryLimit ?? WorkerConfiguration.defaultMemoryLimit
         confine {

@@ -18,6 +18,7 @@ import Logging
         ("vm", $0.vmName)
     }
     if configuration.sandbox { closeInheritedFDs(keeping: [configuration.channelFD]) }
+    _ = joinedCgroup(configuration.cgroupProcs, what: "TLS terminator", otherwise: "its memory counts in the host's group")
     // The key files are not in the confined view.
     let credentials: NBDTLS
     do {
@@ -34,7 +35,7 @@ import Logging
     if configuration.sandbox {
         // The worker's confinement with nothing to read or write: no files, no sockets
         // of its own, no processes; the channel pinned. Its memory counts in the VM's
-        // cgroup, where the host starts it; no RLIMIT_AS, which would refuse the C
+        // cgroup, joined above; no RLIMIT_AS, which would refuse the C
         // library's per-thread arenas long before memory ran short.
         confine {
             $0.keepFDsBelow = nil

@@ -127,6 +127,11 @@ struct TLSTests {
             }
             #expect(uid(terminator) != nil && uid(terminator) != uid(worker))
         }
+        // In the worker's cgroup, which it joined itself as it started: its memory counts
+        // with the worker's.
+        if served.log.contains("limited by its cgroup") {
+            #expect(try Self.procFile(terminator, "cgroup") == Self.procFile(worker, "cgroup"))
+        }
 
         let oldWorker = try #require(served.workerPID)
         kill(terminator, SIGKILL)
