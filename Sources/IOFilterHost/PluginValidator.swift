@@ -7,10 +7,14 @@ import IOFilterModel
 public struct PluginValidator: Sendable {
     public var timeout: Double
     public var workerPath: String
+    /// Where the manifests of unchanged plug-ins validated before are taken from (and
+    /// each new one recorded), instead of loading them again; nil: always validate.
+    public var remembered: ValidatedManifests?
 
-    public init(timeout: Double = 10, workerPath: String = WorkerExecutable.path()) {
+    public init(timeout: Double = 10, workerPath: String = WorkerExecutable.path(), remembered: ValidatedManifests? = nil) {
         self.timeout = timeout
         self.workerPath = workerPath
+        self.remembered = remembered
     }
 
     /// Validates one plug-in on its own.
@@ -18,11 +22,16 @@ public struct PluginValidator: Sendable {
         guard FileManager.default.fileExists(atPath: path) else {
             return .failure(.loadFailed(path: path, reason: "no such file"))
         }
-        switch runWorker(.validate, [absolute(path)], what: "loading") {
+        let file = absolute(path)
+        if let manifest = remembered?.manifest(for: file) { return .success(manifest) }
+        switch runWorker(.validate, [file], what: "loading") {
         case .failure(let error):
             return .failure(.loadFailed(path: path, reason: error.reason))
         case .success(let output):
-            if let manifest = try? JSONDecoder().decode(PluginManifest.self, from: output) { return .success(manifest) }
+            if let manifest = try? JSONDecoder().decode(PluginManifest.self, from: output) {
+                remembered?.remember(manifest, for: file)
+                return .success(manifest)
+            }
             if let error = Self.reportedError(output) { return .failure(error) }
             return .failure(.loadFailed(path: path, reason: Self.errorText(output) ?? "the validator printed no manifest"))
         }

@@ -273,12 +273,13 @@ public enum CgroupMembership {
     /// Moves this process into each group (named by its `cgroup.procs` file) it is not
     /// in yet. Nil once it is in every one; else why not.
     ///
-    /// A single-threaded process on cgroup v1 writes "0" to each group's `tasks`: the
-    /// kernel (6.2 and later) moves the calling thread alone without its global
-    /// threadgroup lock, whose write side waits for an RCU grace period — 6 to 23 ms
-    /// on the 2-core test machine, once per start, which a supervisor writing the pid
-    /// to `cgroup.procs` made every worker wait for. Otherwise (v2, or more than one
-    /// thread) it writes its pid to `cgroup.procs`, moving every thread.
+    /// A single-threaded process on cgroup v1 writes "0" to each group's `tasks`: a
+    /// recent kernel moves the calling thread alone without its global threadgroup
+    /// lock, whose write side waits for an RCU grace period — 6 to 23 ms on the 2-core
+    /// test machine, once per start, which a supervisor writing the pid to
+    /// `cgroup.procs` made every worker wait for (an older kernel takes the lock either
+    /// way). Otherwise (v2, or more than one thread) it writes its pid to
+    /// `cgroup.procs`, moving every thread.
     public static func join(_ procsFiles: [String]) -> String? {
         let me = getpid()
         let alone = threadCount() == 1

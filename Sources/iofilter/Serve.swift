@@ -127,7 +127,8 @@ extension IOFilterCommand {
                 }
             }
             let planned: [PlannedFilter]
-            switch PluginValidator().validateChain(selections.map { (absolutePath($0.path), $0.parameters) }) {
+            // An unchanged plug-in validated before is not loaded again (see ValidatedManifests).
+            switch PluginValidator(remembered: .ofCurrentUser()).validateChain(selections.map { (absolutePath($0.path), $0.parameters) }) {
             case .failure(let error): fail(error.description)
             case .success(let chain): planned = chain
             }

@@ -155,6 +155,50 @@ struct PluginValidationTests {
         #expect(errors.count == 1 && errors[0].contains("returned NULL"))
     }
 
+    /// `iofilter serve` loads an unchanged plug-in it validated before no more (its
+    /// manifest is remembered in the user's cache), and validates anew one that was
+    /// rebuilt or replaced, or whose record anyone else could have written.
+    @Test func serveValidatesAPluginOnceUntilItsFileChanges() throws {
+        let plugin = try Harness.buildTestPlugin("remembered", defines: ["PLUGIN_NAME=\"org.test.first\""], in: directory)
+        let disk = directory.appendingPathComponent("remembered.img").path
+        let cache = directory.appendingPathComponent("cache").path
+        let records = cache + "/iofilter/validated"
+        func serve() throws -> (log: String, record: String, inode: UInt64, mode: UInt16) {
+            let served = try ServedDisk([disk, "--size", "8M", "--socket", directory.appendingPathComponent("remembered.sock").path,
+                                         "--filter", plugin], environment: ["XDG_CACHE_HOME": cache])
+            let read = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read 0 4k", served.uri])
+            #expect(read.status == 0, "\(read.stderr)")
+            served.stop()
+            let names = try FileManager.default.contentsOfDirectory(atPath: records)
+            #expect(names.count == 1, "one record per plug-in path: \(names)")
+            let path = records + "/" + (names.first ?? "")
+            var info = stat()
+            #expect(stat(path, &info) == 0)
+            return (served.log, (try? String(contentsOfFile: path, encoding: .utf8)) ?? "", UInt64(info.st_ino), UInt16(info.st_mode & 0o777))
+        }
+
+        let first = try serve()
+        #expect(first.record.contains("org.test.first") && first.mode == 0o600, "recorded, for this user alone")
+        let again = try serve()
+        #expect(again.inode == first.inode, "an unchanged plug-in is not validated again (its record is not rewritten)")
+        #expect(again.log.contains("org.test.first"))
+
+        // Rebuilt in place as another plug-in: validated anew, and the new manifest is the one served.
+        _ = try Harness.buildTestPlugin("remembered", defines: ["PLUGIN_NAME=\"org.test.second\""], in: directory)
+        let rebuilt = try serve()
+        #expect(rebuilt.inode != first.inode && rebuilt.record.contains("org.test.second"))
+        #expect(rebuilt.log.contains("org.test.second") && !rebuilt.log.contains("org.test.first"), "\(rebuilt.log)")
+
+        // A record others may write is not trusted, nor one that does not parse.
+        let record = records + "/" + (try FileManager.default.contentsOfDirectory(atPath: records).first ?? "")
+        chmod(record, 0o666)
+        let distrusted = try serve()
+        #expect(distrusted.inode != rebuilt.inode && distrusted.mode == 0o600)
+        try Data("{not json".utf8).write(to: URL(fileURLWithPath: record))
+        let repaired = try serve()
+        #expect(repaired.inode != distrusted.inode && repaired.record.contains("org.test.second"))
+    }
+
     @Test func theSwiftPMBuiltCSampleValidates() throws {
         let product = Harness.binDirectory.appendingPathComponent("libiofilter-passthrough-c.so").path
         let result = try validate([product])

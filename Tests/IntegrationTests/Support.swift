@@ -306,7 +306,9 @@ final class ServedDisk: @unchecked Sendable {
     /// - Parameters:
     ///   - executable: the `iofilter` to run (a copy, say, that another user can reach).
     ///   - user: run it as this uid (and gid), through setpriv: an unprivileged host.
-    init(_ arguments: [String], executable: String = Harness.iofilter, user: UInt32? = nil, timeout: Double = 60) throws {
+    ///   - environment: added to this process's environment.
+    init(_ arguments: [String], executable: String = Harness.iofilter, user: UInt32? = nil, timeout: Double = 60,
+         environment: [String: String] = [:]) throws {
         if let user {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
             process.arguments = ["--reuid", "\(user)", "--regid", "\(user)", "--clear-groups", executable, "serve"] + arguments
@@ -314,7 +316,7 @@ final class ServedDisk: @unchecked Sendable {
             process.executableURL = URL(fileURLWithPath: executable)
             process.arguments = ["serve"] + arguments
         }
-        process.environment = ProcessInfo.processInfo.environment.merging(["IOFILTER_LOG_LEVEL": "info"]) { $1 }
+        process.environment = ProcessInfo.processInfo.environment.merging(["IOFILTER_LOG_LEVEL": "info"].merging(environment) { $1 }) { $1 }
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
