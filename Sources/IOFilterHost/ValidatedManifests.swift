@@ -2,8 +2,9 @@ import Foundation
 import IOFilterModel
 
 /// The manifests of plug-ins a user's validator read before, so that `iofilter serve`
-/// need not load an unchanged plug-in in a validator again at each start (some 12 ms of
-/// a 40 ms start). iofilterd has its own record: a registered plug-in is validated once.
+/// need not load an unchanged plug-in in a validator again at each start (the
+/// validator's exec, confinement and exit: some 12 ms of every start). iofilterd has its
+/// own record: a registered plug-in is validated once.
 ///
 /// A plug-in counts as unchanged while its file is: the same device and inode, size,
 /// modification and change times. The change time moves with every write, rename or

@@ -15,7 +15,8 @@ public final class WorkerCgroup: @unchecked Sendable {
     // @unchecked: immutable after init.
     /// One directory per hierarchy (v1), or one (v2).
     public let directories: [String]
-    /// The files a process writes "0" to, to join the group (one per hierarchy).
+    /// Each hierarchy's `cgroup.procs`: the worker joins the group through them (see
+    /// `CgroupMembership.join`), and everything in it is found there.
     public let procsFiles: [String]
     public let limits: WorkerCgroupLimits
     let version: Int
