@@ -45,9 +45,10 @@ for _ in $(seq "$rounds"); do
     for build in "${builds[@]}"; do
         set -- $build
         echo -e "$1\tno-filters\t$(starts "$2" "$1-none")" >> "$results"
-        echo -e "$1\tc-sample\t$(starts "$2" "$1-c" --filter "$passthrough")" >> "$results"
+        # New first (the record cleared: the validator runs), then validated before.
         rm -rf "$XDG_CACHE_HOME"
         echo -e "$1\tc-sample-new\t$(starts "$2" "$1-c" --filter "$passthrough")" >> "$results"
+        echo -e "$1\tc-sample\t$(starts "$2" "$1-c" --filter "$passthrough")" >> "$results"
     done
 done
 
