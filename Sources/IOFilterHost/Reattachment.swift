@@ -20,10 +20,7 @@ public struct ProcessRecord: Codable, Sendable, Equatable {
     /// Writes it atomically (a host killed while writing leaves the old record or the new).
     public func write(to path: String) {
         guard let data = try? JSONEncoder().encode(self) else { return }
-        let partial = path + ".partial"
-        if FileManager.default.createFile(atPath: partial, contents: data, attributes: [.posixPermissions: 0o600]) {
-            rename(partial, path)
-        }
+        replaceFile(at: path, with: data)
     }
 
     public static func read(_ path: String) -> ProcessRecord? {

@@ -62,11 +62,8 @@ public struct ValidatedManifests: Sendable {
         else { return }
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                  attributes: [.posixPermissions: 0o700])
-        // Written aside and renamed: a start reading at the same time sees all or nothing.
-        let entry = entryPath(for: path)
-        let temporary = entry + ".\(getpid())"
-        guard FileManager.default.createFile(atPath: temporary, contents: data, attributes: [.posixPermissions: 0o600]) else { return }
-        if rename(temporary, entry) != 0 { unlink(temporary) }
+        // A start reading at the same time sees the whole record or none.
+        guard replaceFile(at: entryPath(for: path), with: data) else { return }
         prune()
     }
 

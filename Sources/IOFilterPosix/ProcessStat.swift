@@ -17,6 +17,8 @@ public struct ProcessStat: Sendable {
     /// "R", "S", "Z" (a zombie), …
     public var state: Substring? { field(3) }
     public var parent: pid_t? { field(4).flatMap { pid_t($0) } }
+    /// How many threads it has.
+    public var threads: Int? { field(20).flatMap { Int($0) } }
     /// When it started, in clock ticks after boot: with the pid, it names one process.
     public var startTime: UInt64? { field(22).flatMap { UInt64($0) } }
 }

@@ -288,7 +288,7 @@ public enum CgroupMembership {
     /// `cgroup.procs`, moving every thread.
     public static func join(_ procsFiles: [String]) -> String? {
         let me = getpid()
-        let alone = threadCount() == 1
+        let alone = ProcessStat(me)?.threads == 1
         for file in procsFiles where !lists(file, me) {
             let directory = String(file[..<(file.lastIndex(of: "/") ?? file.endIndex)])
             if alone, write("0", to: directory + "/tasks") == nil, lists(file, me) { continue }
@@ -302,20 +302,8 @@ public enum CgroupMembership {
         return (FileDescriptorIO.readFile(procsFile) ?? "").split(separator: "\n").contains { $0 == wanted }
     }
 
-    /// The threads of this process (Threads: in /proc/self/status); 0 if unknown.
-    private static func threadCount() -> Int {
-        let status = FileDescriptorIO.readFile("/proc/self/status") ?? ""
-        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Threads:") }) else { return 0 }
-        return Int(String(line.dropFirst("Threads:".count).filter(\.isNumber))) ?? 0
-    }
-
     /// Writes `text` into a cgroup file: nil, or the error.
     private static func write(_ text: String, to path: String) -> String? {
-        let fd = open(path, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { return String(cString: strerror(errno)) }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        return written == bytes.count ? nil : String(cString: strerror(errno))
+        FileDescriptorIO.writeFile(text, to: path) ? nil : String(cString: strerror(errno))
     }
 }
