@@ -4,7 +4,9 @@ import Synchronization
 
 /// The async journal: a ring of records in `journal.data`, shipped in order from its
 /// head. `journal.state` persists the head; the tail is found again after a crash by
-/// following records whose sequence numbers continue from the head's.
+/// following records whose sequence numbers continue from the head's and whose headers
+/// are whole: a kill in the middle of an append leaves a header half written, with the
+/// next sequence number and an offset still holding the payload bytes of an older lap.
 ///
 /// The ring is mapped shared: appending a record is a memcpy into the page cache (it
 /// survives the process at once, and reaches the disk at the guest's flush through
@@ -15,7 +17,12 @@ final class Journal: @unchecked Sendable {
     // it (appends), and read at the head by the shipper, where appends never write.
     struct Record {
         static let headerSize = 48
-        static let magic: UInt32 = 0x494F_464A  // "IOFJ"
+        /// Headers with a check word at byte 40 over all their fields: one that a crash
+        /// cut short does not add up.
+        static let magic: UInt32 = 0x494F_464B  // "IOFK"
+        /// Headers written before the check word (release 1.x), still replayed after an
+        /// upgrade; only their bounds can be checked.
+        static let uncheckedMagic: UInt32 = 0x494F_464A  // "IOFJ"
         static let write: UInt32 = 1, zeroes: UInt32 = 2, wrap: UInt32 = 3
         var kind: UInt32
         var sequence: UInt64
@@ -23,22 +30,38 @@ final class Journal: @unchecked Sendable {
         var length: UInt64
         var time: UInt64
         var size: UInt64 { UInt64(Record.headerSize) + (kind == Record.write ? (length + 7) & ~7 : 0) }
+        var check: UInt64 { checkWord(UInt64(kind), sequence, offset, length, time) }
     }
 
+    /// A header found where the walk expected the next record, with that record's
+    /// sequence number, but not whole: the append a crash interrupted. Its write was
+    /// never acknowledged (the disk write follows the append), so nothing is lost by
+    /// leaving it out.
+    private(set) var cutShort: Record?
+
     let capacity: UInt64
+    /// Records beyond it are not the filter's: a header that says so is not whole.
+    private let diskSize: UInt64
     private let dataFD: Int32
     private let stateFD: Int32
     private let ring: UnsafeMutableRawPointer
-    /// journal.state mapped: (magic, head, head sequence), updated with plain stores.
+    /// journal.state mapped: a magic word, then two slots of (head, head sequence, check
+    /// word) written in turn with plain stores. A crash in the middle of one leaves the
+    /// other whole, and the whole slot with the later sequence is the head.
     private let state: UnsafeMutablePointer<UInt64>
+    private static let stateMagic: UInt64 = 0x494F_464A_5354_4132  // "IOFJSTA2"
+    /// Release 1.x: (magic, head, head sequence), no slots.
+    private static let singleSlotStateMagic: UInt64 = 0x494F_464A_5354_4154  // "IOFJSTAT"
+    private var nextSlot = 1
     private let lock = ConditionLock()
     private var head: UInt64 = 0
     private var headSequence: UInt64 = 1
     private var tail: UInt64 = 0
     private var nextSequence: UInt64 = 1
 
-    init(directory: String, capacity: UInt64) throws(FilterError) {
+    init(directory: String, capacity: UInt64, diskSize: UInt64) throws(FilterError) {
         self.capacity = capacity & ~7
+        self.diskSize = diskSize
         dataFD = open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         stateFD = open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard dataFD >= 0, stateFD >= 0 else { throw FilterError(errno, "cannot open the journal in \(directory): \(String(cString: strerror(errno)))") }
@@ -60,12 +83,26 @@ final class Journal: @unchecked Sendable {
         guard ftruncate(stateFD, 4096) == 0,
               let stateMapping = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, stateFD, 0), stateMapping != MAP_FAILED
         else { throw FilterError(errno, "cannot map the journal state: \(String(cString: strerror(errno)))") }
-        state = stateMapping.bindMemory(to: UInt64.self, capacity: 3)
-        if state[0] == 0x494F_464A_5354_4154, state[2] > 0 {
+        state = stateMapping.bindMemory(to: UInt64.self, capacity: 7)
+        readHead()
+        recoverTail()
+    }
+
+    private func readHead() {
+        if state[0] == Self.singleSlotStateMagic, state[2] > 0 {
+            // The first persist writes slot 1, which these words do not overlap.
             head = state[1]
             headSequence = state[2]
+            return
         }
-        recoverTail()
+        guard state[0] == Self.stateMagic else { return }
+        for slot in 0..<2 {
+            let words = state + 1 + 3 * slot
+            guard words[1] > 0, words[2] == checkWord(words[0], words[1]), words[1] >= headSequence else { continue }
+            head = words[0]
+            headSequence = words[1]
+            nextSlot = 1 - slot
+        }
     }
 
 
@@ -83,11 +120,16 @@ final class Journal: @unchecked Sendable {
         }
     }
 
-    /// Follows valid records from the head to find where appends stopped.
+    /// Follows whole records from the head to find where appends stopped.
     private func recoverTail() {
         let (position, sequence) = walk(until: head + capacity) { _, _, _, _ in true }
         tail = position
         nextSequence = sequence
+        let offset = position % capacity
+        if capacity - offset >= UInt64(Record.headerSize), let record = readHeader(at: offset),
+           record.sequence == sequence, !isWhole(record, at: offset) {
+            cutShort = record
+        }
     }
 
     /// Visits the records from the head, in order, while their sequence numbers continue
@@ -106,7 +148,7 @@ final class Journal: @unchecked Sendable {
                 position += capacity - offset
                 continue
             }
-            guard let record = readHeader(at: offset), record.sequence == sequence else { break }
+            guard let record = readHeader(at: offset), record.sequence == sequence, isWhole(record, at: offset) else { break }
             if record.kind == Record.wrap {
                 position += capacity - offset
                 sequence += 1
@@ -121,10 +163,26 @@ final class Journal: @unchecked Sendable {
 
     private func readHeader(at offset: UInt64) -> Record? {
         let header = UnsafeRawPointer(ring + Int(offset))
-        guard header.load(as: UInt32.self) == Record.magic else { return nil }
+        let magic = header.load(as: UInt32.self)
+        guard magic == Record.magic || magic == Record.uncheckedMagic else { return nil }
         return Record(kind: header.load(fromByteOffset: 4, as: UInt32.self), sequence: header.load(fromByteOffset: 8, as: UInt64.self),
                       offset: header.load(fromByteOffset: 16, as: UInt64.self), length: header.load(fromByteOffset: 24, as: UInt64.self),
                       time: header.load(fromByteOffset: 32, as: UInt64.self))
+    }
+
+    /// Whether the header at `offset` was written to the end: its check word adds up
+    /// (release 1.x headers have none), it is of a known kind, it names a range of the
+    /// disk, and its payload fits before the ring's end (appends never split one).
+    private func isWhole(_ record: Record, at offset: UInt64) -> Bool {
+        let header = UnsafeRawPointer(ring + Int(offset))
+        if header.load(as: UInt32.self) == Record.magic, header.load(fromByteOffset: 40, as: UInt64.self) != record.check { return false }
+        switch record.kind {
+        case Record.wrap: return true
+        case Record.write, Record.zeroes:
+            return record.offset <= diskSize && record.length <= diskSize - record.offset
+                && (record.kind == Record.zeroes || record.size <= capacity - offset)
+        default: return false
+        }
     }
 
     private func writeHeader(_ record: Record, at offset: UInt64) {
@@ -135,6 +193,7 @@ final class Journal: @unchecked Sendable {
         header.storeBytes(of: record.offset, toByteOffset: 16, as: UInt64.self)
         header.storeBytes(of: record.length, toByteOffset: 24, as: UInt64.self)
         header.storeBytes(of: record.time, toByteOffset: 32, as: UInt64.self)
+        header.storeBytes(of: record.check, toByteOffset: 40, as: UInt64.self)
     }
 
     /// Appends a write (payload) or zeroing (nil) — or, when the journal is full or the
@@ -212,9 +271,12 @@ final class Journal: @unchecked Sendable {
     }
 
     private func persistHead() {
-        state[1] = head
-        state[2] = headSequence
-        state[0] = 0x494F_464A_5354_4154
+        let words = state + 1 + 3 * nextSlot
+        words[0] = head
+        words[1] = headSequence
+        words[2] = checkWord(head, headSequence)
+        state[0] = Self.stateMagic
+        nextSlot = 1 - nextSlot
     }
 
     var pendingBytes: UInt64 { lock.withLock { tail - head } }
@@ -244,6 +306,17 @@ final class Journal: @unchecked Sendable {
         Glibc.close(dataFD)
         Glibc.close(stateFD)
     }
+}
+
+/// A word that adds up only over the very words it was computed from (a 64-bit mix in the
+/// manner of FNV-1a, word by word): a header or head slot that a crash cut short fails it.
+/// Fixed arity rather than variadic: it runs on every journalled write.
+func checkWord(_ a: UInt64, _ b: UInt64, _ c: UInt64 = 0, _ d: UInt64 = 0, _ e: UInt64 = 0) -> UInt64 {
+    func mix(_ hash: UInt64, _ word: UInt64) -> UInt64 {
+        let product = (hash ^ word) &* 0x0000_0100_0000_01B3
+        return product ^ (product >> 29)
+    }
+    return mix(mix(mix(mix(mix(0xCBF2_9CE4_8422_2325, a), b), c), d), e)
 }
 
 func wallClockNanoseconds() -> UInt64 {
@@ -322,7 +395,7 @@ final class RegionMap: @unchecked Sendable {
 
     /// (lock held)
     private func markLocked(offset: UInt64, length: UInt64) {
-        guard length > 0 || offset < diskSize else { return }
+        guard offset < diskSize else { return }
         let first = Int(offset / regionSize)
         let last = Int((offset + max(length, 1) - 1) / regionSize)
         overflowing = true

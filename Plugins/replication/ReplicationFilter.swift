@@ -82,7 +82,8 @@ public final class ReplicationFilter: IOFilter {
         synchronous = disk.parameter("mode") == "sync"
         failGuestOnTargetError = disk.parameter("on-target-failure") == "fail"
         rpoSeconds = Double(disk.parameter("rpo-seconds", default: 15))
-        journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)))
+        journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)),
+                              diskSize: disk.size)
         regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
                                 regionSize: UInt64(disk.parameter("region-size", default: Int64(4 << 10))))
         var tls: TargetTLS?
@@ -91,6 +92,10 @@ public final class ReplicationFilter: IOFilter {
             tls = try TargetTLS(pskFile: psk, username: user.isEmpty ? nil : user, disk: disk)
         }
         shipper = Shipper(disk: disk, targetSpec: target, tls: tls, journal: journal, regions: regions, synchronousMode: synchronous)
+        if let torn = journal.cutShort {
+            disk.log(.warning, "the journal's last record (sequence \(torn.sequence)) was cut short by a crash while it was being appended; "
+                + "its write was never acknowledged, so it is left out")
+        }
         let pending = journal.pendingBytes
         for range in journal.pendingRanges() {
             regions.mark(offset: range.offset, length: range.length)

@@ -163,6 +163,71 @@ struct SamplePluginTests {
         #expect(served.waitForLog("to ship:"), "the restarted filter resumed from its journal and region map")
     }
 
+    /// What a crash leaves in the journal at its head, and whether the filter replays it.
+    enum JournalHead: String, CaseIterable, CustomStringConvertible {
+        /// A kill in the middle of an append: the next sequence number and a length
+        /// written, the rest still an older lap's bytes, the check word not adding up.
+        case cutShort = "a header cut short"
+        /// The same in a journal of release 1.x (no check word): an offset far beyond the
+        /// disk, from an older payload, is what gives it away.
+        case cutShortRelease1 = "a release 1.x header cut short"
+        /// A whole record of release 1.x, with a head persisted in the 1.x layout: an
+        /// upgrade replays it.
+        case wholeRelease1 = "a whole release 1.x record"
+        var description: String { rawValue }
+    }
+
+    /// Before the check word, a worker killed mid-append came back to a record naming a
+    /// range far beyond the disk, and crashed at every start from then on.
+    @Test(arguments: JournalHead.allCases)
+    func aJournalRecordCutShortByACrashIsLeftOut(head: JournalHead) throws {
+        let name = "repl-journal-\(JournalHead.allCases.firstIndex(of: head)!).img"
+        let source = image(name, size: 8 << 20)
+        let replica = directory.appendingPathComponent("replica-\(name)").path
+        let state = directory.appendingPathComponent("state-\(name)")
+        let arguments = [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=1M"]
+        do {
+            let served = try ServedDisk(arguments)
+            defer { served.stop() }
+            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
+            try waitUntilIdentical(source, replica)
+        }
+        // The crash, written by hand: a journal whose only record is the one at its head.
+        let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.replication")
+        var ring = Data(count: 1 << 20)
+        let release1 = head != .cutShort
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+            withUnsafeBytes(of: value.littleEndian) { ring.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
+        }
+        put(UInt32(release1 ? 0x494F_464A : 0x494F_464B), at: 0)  // "IOFJ" / "IOFK"
+        put(UInt32(1), at: 4)  // a write
+        put(UInt64(1), at: 8)  // the sequence the head expects
+        put(head == .cutShortRelease1 ? UInt64(0x5A5A_5A5A_5A5A_5A5A) : 4096, at: 16)
+        put(UInt64(4096), at: 24)
+        put(UInt64(0x5A5A_5A5A_5A5A_5A5A), at: 40)  // the check word: an older payload's bytes
+        ring.replaceSubrange(48..<(48 + 4096), with: Data(repeating: 0x21, count: 4096))
+        try ring.write(to: sidecar.appendingPathComponent("journal.data"))
+        var headState = Data(count: 4096)
+        if head == .wholeRelease1 {
+            for (index, word) in [UInt64(0x494F_464A_5354_4154), 0, 1].enumerated() {  // "IOFJSTAT", head 0, sequence 1
+                withUnsafeBytes(of: word.littleEndian) { headState.replaceSubrange((index * 8)..<(index * 8 + 8), with: $0) }
+            }
+        }
+        try headState.write(to: sidecar.appendingPathComponent("journal.state"))
+
+        let served = try ServedDisk(arguments)
+        defer { served.stop() }
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x3c 1M 64k", "flush"])
+        try waitUntilIdentical(source, replica)
+        if head == .wholeRelease1 {
+            #expect(served.waitForLog("to ship: 4144 journal bytes to replay"), "\(served.log)")
+            #expect(!served.log.contains("cut short"))
+        } else {
+            #expect(served.waitForLog("the journal's last record (sequence 1) was cut short by a crash"), "\(served.log)")
+            #expect(!served.log.contains("to ship:"), "nothing of the torn record is replayed")
+        }
+    }
+
     // MARK: cache
 
     @Test(arguments: ["write-through", "write-back"])
