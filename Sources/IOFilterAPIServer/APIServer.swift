@@ -31,7 +31,7 @@ public final class APIServer: Sendable {
         public var description: String {
             switch self {
             case .unix(let path, _, _): "unix:\(path)"
-            case .tcp(let host, let port, let tls, _): "\(tls == nil ? "http" : "https")://\(host.contains(":") ? "[\(host)]" : host):\(port)"
+            case .tcp(let host, let port, let tls, _): "\(tls == nil ? "http" : "https")://\(Sockets.authority(host: host, port: port))"
             }
         }
     }

@@ -168,7 +168,7 @@ struct AuthorityCheck: Sendable {
             anyAddressOnPort = port
         } else {
             anyAddressOnPort = nil
-            hosts.insert(host.contains(":") ? "[\(host.lowercased())]" : host.lowercased())
+            hosts.insert(Sockets.bracketed(host: host.lowercased()))
         }
         if host.hasPrefix("127.") || host == "::1" || host.lowercased() == "localhost" {
             hosts.formUnion(["localhost", "127.0.0.1", "[::1]"])

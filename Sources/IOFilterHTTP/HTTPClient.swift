@@ -30,7 +30,7 @@ public final class HTTPClient {
     var authority: String {
         switch address {
         case .unix: "localhost"
-        case .tcp(let host, let port): "\(host.contains(":") ? "[\(host)]" : host):\(port)"
+        case .tcp(let host, let port): Sockets.authority(host: host, port: port)
         }
     }
 

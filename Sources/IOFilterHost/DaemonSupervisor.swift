@@ -93,7 +93,7 @@ public final class DaemonSupervisor: SupervisesAProcess, @unchecked Sendable {
         // With the port the kernel chose for port 0 (or that the adopted daemon has).
         let address = peer.map { fd in
             let host = listen.flatMap(Sockets.hostPort)?.host ?? "127.0.0.1"
-            return "\(host.contains(":") ? "[\(host)]" : host):\(Sockets.localPort(fd))"
+            return Sockets.authority(host: host, port: Sockets.localPort(fd))
         }
         listenAddress = address
         var settings = settings

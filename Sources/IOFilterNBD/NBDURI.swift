@@ -19,7 +19,7 @@ public enum NBDURI: Sendable, Equatable, CustomStringConvertible {
         case .unix(let socket, let export):
             "nbd+unix:///\(Self.escape(export))?socket=\(socket)"
         case .tcp(let host, let port, let export):
-            "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(Self.escape(export))"
+            "nbd://\(Sockets.authority(host: host, port: port))/\(Self.escape(export))"
         }
     }
 

@@ -104,6 +104,17 @@ public enum Sockets {
         return fd
     }
 
+    /// A host as it stands before a port in a URI, a Host header or an address an
+    /// operator reads: an IPv6 literal in brackets (RFC 3986), anything else as it is.
+    public static func bracketed(host: String) -> String {
+        host.contains(":") ? "[\(host)]" : host
+    }
+
+    /// "host:port", with an IPv6 literal in brackets.
+    public static func authority(host: String, port: some BinaryInteger) -> String {
+        "\(bracketed(host: host)):\(port)"
+    }
+
     /// The port a TCP socket is bound to.
     public static func localPort(_ fd: Int32) -> UInt16 {
         var storage = sockaddr_storage()

@@ -1,5 +1,6 @@
 import Foundation
 import IOFilterHTTP
+import IOFilterPosix
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -59,7 +60,7 @@ final class HTTPSClient: APITransport {
         }
         defer { _ = try? channel.close().wait() }
         var head = HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: request.method), uri: request.target)
-        head.headers.add(name: "Host", value: "\(host.contains(":") ? "[\(host)]" : host):\(port)")
+        head.headers.add(name: "Host", value: Sockets.authority(host: host, port: port))
         head.headers.add(name: "Content-Length", value: String(request.body.count))
         head.headers.add(name: "Connection", value: "close")
         for (name, value) in request.headers { head.headers.add(name: name, value: value) }

@@ -144,7 +144,7 @@ final class AlertDispatcher: @unchecked Sendable {
         var limit = timeval(tv_sec: Int(timeout), tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        let authority = target.host.contains(":") ? "[\(target.host)]:\(target.port)" : "\(target.host):\(target.port)"
+        let authority = Sockets.authority(host: target.host, port: target.port)
         let head = "POST \(target.path) HTTP/1.1\r\nHost: \(authority)\r\nContent-Type: application/json\r\nUser-Agent: iofilterd\r\n"
             + "Content-Length: \(body.count)\r\nConnection: close\r\n\r\n"
         do {
