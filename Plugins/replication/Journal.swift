@@ -39,6 +39,11 @@ final class Journal: @unchecked Sendable {
     /// leaving it out.
     private(set) var cutShort: Record?
 
+    /// What a ring of another capacity still held when the journal was reopened at a new
+    /// one (its journal-size changed): positions in it mean other places in the new ring,
+    /// so those writes are resynced from the disk instead of replayed.
+    private(set) var carriedOver: (previousCapacity: UInt64, bytes: UInt64)?
+
     let capacity: UInt64
     /// Records beyond it are not the filter's: a header that says so is not whole.
     private let diskSize: UInt64
@@ -59,11 +64,34 @@ final class Journal: @unchecked Sendable {
     private var tail: UInt64 = 0
     private var nextSequence: UInt64 = 1
 
-    init(directory: String, capacity: UInt64, diskSize: UInt64) throws(FilterError) {
+    /// Opens the journal at `capacity`. One laid out for another capacity is read at its
+    /// own first: the ranges it still holds are marked dirty in `regions` (persisted
+    /// before the records are dropped, so a crash in between loses neither), and the new
+    /// ring starts empty, numbering on from the old one (so that no record left in it
+    /// from before continues the sequence).
+    static func open(directory: String, capacity: UInt64, diskSize: UInt64,
+                     carryingOverInto regions: RegionMap) throws(FilterError) -> Journal {
+        var info = stat()
+        let previous = stat("\(directory)/journal.data", &info) == 0 ? UInt64(info.st_size) & ~7 : 0
+        guard previous >= UInt64(Record.headerSize), previous != capacity & ~7 else {
+            return try Journal(directory: directory, capacity: capacity, diskSize: diskSize)
+        }
+        let old = try Journal(directory: directory, capacity: previous, diskSize: diskSize)
+        let carried = (previousCapacity: previous, bytes: old.pendingBytes)
+        for range in old.pendingRanges() { regions.mark(offset: range.offset, length: range.length) }
+        regions.sync()
+        old.startEmpty(at: 0)
+        old.close()
+        let journal = try Journal(directory: directory, capacity: capacity, diskSize: diskSize)
+        journal.carriedOver = carried
+        return journal
+    }
+
+    private init(directory: String, capacity: UInt64, diskSize: UInt64) throws(FilterError) {
         self.capacity = capacity & ~7
         self.diskSize = diskSize
-        dataFD = open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        stateFD = open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        dataFD = Glibc.open("\(directory)/journal.data", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        stateFD = Glibc.open("\(directory)/journal.state", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard dataFD >= 0, stateFD >= 0 else { throw FilterError(errno, "cannot open the journal in \(directory): \(String(cString: strerror(errno)))") }
         guard ftruncate(dataFD, off_t(self.capacity)) == 0 else {
             throw FilterError(errno, "cannot size the journal (\(self.capacity) bytes): \(String(cString: strerror(errno)))")
@@ -259,6 +287,17 @@ final class Journal: @unchecked Sendable {
             return true
         }
         return batch.records.isEmpty ? nil : batch
+    }
+
+    /// Drops every record: the head moves to `position` and takes the next sequence
+    /// number, which no record in the ring has yet.
+    private func startEmpty(at position: UInt64) {
+        lock.withLock {
+            head = position
+            headSequence = nextSequence
+            tail = position
+            persistHead()
+        }
     }
 
     /// A batch reached the replica: drop it and persist the new head.

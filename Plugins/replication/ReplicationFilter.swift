@@ -82,10 +82,10 @@ public final class ReplicationFilter: IOFilter {
         synchronous = disk.parameter("mode") == "sync"
         failGuestOnTargetError = disk.parameter("on-target-failure") == "fail"
         rpoSeconds = Double(disk.parameter("rpo-seconds", default: 15))
-        journal = try Journal(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)),
-                              diskSize: disk.size)
         regions = try RegionMap(directory: disk.sidecarDirectory, diskSize: disk.size,
                                 regionSize: UInt64(disk.parameter("region-size", default: Int64(4 << 10))))
+        journal = try Journal.open(directory: disk.sidecarDirectory, capacity: UInt64(disk.parameter("journal-size", default: 64 << 20)),
+                                   diskSize: disk.size, carryingOverInto: regions)
         var tls: TargetTLS?
         if let psk = disk.parameter("tls-psk"), !psk.isEmpty {
             let user = disk.parameter("tls-username") ?? ""
@@ -95,6 +95,10 @@ public final class ReplicationFilter: IOFilter {
         if let torn = journal.cutShort {
             disk.log(.warning, "the journal's last record (sequence \(torn.sequence)) was cut short by a crash while it was being appended; "
                 + "its write was never acknowledged, so it is left out")
+        }
+        if let carried = journal.carriedOver {
+            disk.log(.info, "the journal was \(carried.previousCapacity) bytes and is \(journal.capacity) now; "
+                + "its \(carried.bytes) bytes still to ship are resynced from the disk instead")
         }
         let pending = journal.pendingBytes
         for range in journal.pendingRanges() {

@@ -193,27 +193,11 @@ struct SamplePluginTests {
             try waitUntilIdentical(source, replica)
         }
         // The crash, written by hand: a journal whose only record is the one at its head.
-        let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.replication")
-        var ring = Data(count: 1 << 20)
         let release1 = head != .cutShort
-        func put<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { ring.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
-        }
-        put(UInt32(release1 ? 0x494F_464A : 0x494F_464B), at: 0)  // "IOFJ" / "IOFK"
-        put(UInt32(1), at: 4)  // a write
-        put(UInt64(1), at: 8)  // the sequence the head expects
-        put(head == .cutShortRelease1 ? UInt64(0x5A5A_5A5A_5A5A_5A5A) : 4096, at: 16)
-        put(UInt64(4096), at: 24)
-        put(UInt64(0x5A5A_5A5A_5A5A_5A5A), at: 40)  // the check word: an older payload's bytes
-        ring.replaceSubrange(48..<(48 + 4096), with: Data(repeating: 0x21, count: 4096))
-        try ring.write(to: sidecar.appendingPathComponent("journal.data"))
-        var headState = Data(count: 4096)
-        if head == .wholeRelease1 {
-            for (index, word) in [UInt64(0x494F_464A_5354_4154), 0, 1].enumerated() {  // "IOFJSTAT", head 0, sequence 1
-                withUnsafeBytes(of: word.littleEndian) { headState.replaceSubrange((index * 8)..<(index * 8 + 8), with: $0) }
-            }
-        }
-        try headState.write(to: sidecar.appendingPathComponent("journal.state"))
+        try Self.writeJournal(in: state.appendingPathComponent("\(name)/org.swift-iofilter.replication"), capacity: 1 << 20,
+                              magic: release1 ? 0x494F_464A : 0x494F_464B,
+                              offset: head == .cutShortRelease1 ? 0x5A5A_5A5A_5A5A_5A5A : 4096,
+                              release1Head: head == .wholeRelease1 ? 0 : nil)
 
         let served = try ServedDisk(arguments)
         defer { served.stop() }
@@ -226,6 +210,60 @@ struct SamplePluginTests {
             #expect(served.waitForLog("the journal's last record (sequence 1) was cut short by a crash"), "\(served.log)")
             #expect(!served.log.contains("to ship:"), "nothing of the torn record is replayed")
         }
+    }
+
+    /// A journal whose only record is a 4 KiB write at `position` of a ring of `capacity`
+    /// bytes, with sequence number 1 and the check word an older payload's bytes; and
+    /// with `release1Head`, a head persisted there in the 1.x layout.
+    static func writeJournal(in sidecar: URL, capacity: Int, position: Int = 0, magic: UInt32, offset: UInt64,
+                             release1Head: Int?) throws {
+        var ring = Data(count: capacity)
+        func put<T: FixedWidthInteger>(_ value: T, at offset: Int, in data: inout Data) {
+            withUnsafeBytes(of: value.littleEndian) { data.replaceSubrange(offset..<(offset + MemoryLayout<T>.size), with: $0) }
+        }
+        put(magic, at: position, in: &ring)  // "IOFJ" (1.x) or "IOFK"
+        put(UInt32(1), at: position + 4, in: &ring)  // a write
+        put(UInt64(1), at: position + 8, in: &ring)  // the sequence the head expects
+        put(offset, at: position + 16, in: &ring)
+        put(UInt64(4096), at: position + 24, in: &ring)
+        put(UInt64(0x5A5A_5A5A_5A5A_5A5A), at: position + 40, in: &ring)
+        ring.replaceSubrange((position + 48)..<(position + 48 + 4096), with: Data(repeating: 0x21, count: 4096))
+        try ring.write(to: sidecar.appendingPathComponent("journal.data"))
+        var headState = Data(count: 4096)
+        if let release1Head {
+            put(UInt64(0x494F_464A_5354_4154), at: 0, in: &headState)  // "IOFJSTAT"
+            put(UInt64(release1Head), at: 8, in: &headState)
+            put(UInt64(1), at: 16, in: &headState)
+        }
+        try headState.write(to: sidecar.appendingPathComponent("journal.state"))
+    }
+
+    /// A new journal-size lays the ring out anew: what the old ring still held to ship
+    /// is resynced from the disk. Before, a shrunk ring cut it off and the replica
+    /// never got those writes.
+    @Test func aJournalResizedWithWritesStillToShipLosesNoneOfThem() throws {
+        let source = image("repl-resized.img", size: 8 << 20)
+        let replica = directory.appendingPathComponent("replica-resized.img").path
+        let state = directory.appendingPathComponent("state-resized")
+        func arguments(journalSize: String) -> [String] {
+            [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=\(journalSize)"]
+        }
+        do {
+            let served = try ServedDisk(arguments(journalSize: "2M"))
+            defer { served.stop() }
+            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
+            try waitUntilIdentical(source, replica)
+        }
+        // A write on the disk whose record was still in the ring, 1.5 MiB in, when the
+        // worker went away.
+        _ = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 4k", source])
+        try Self.writeJournal(in: state.appendingPathComponent("repl-resized.img/org.swift-iofilter.replication"),
+                              capacity: 2 << 20, position: 3 << 19, magic: 0x494F_464A, offset: 4096, release1Head: 3 << 19)
+        let served = try ServedDisk(arguments(journalSize: "1M"))
+        defer { served.stop() }
+        #expect(served.waitForLog("the journal was 2097152 bytes and is 1048576 now; its 4144 bytes still to ship are resynced"),
+                "\(served.log)")
+        try waitUntilIdentical(source, replica, timeout: 20)
     }
 
     // MARK: cache
