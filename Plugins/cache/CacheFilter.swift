@@ -62,22 +62,41 @@ public final class CacheFilter: IOFilter {
         try self.init(disk: disk, destageInBackground: true)
     }
 
-    init(disk: Disk, destageInBackground: Bool) throws(FilterError) {
+    /// - Parameter layout: the cache as it lies on file, instead of as the parameters
+    ///   say: to write down what a cache of another size or block size held dirty.
+    init(disk: Disk, destageInBackground: Bool, layout: CacheStore.Layout? = nil) throws(FilterError) {
         self.disk = disk
-        let size = Int(disk.parameter("size", default: Int64(256 << 20)))
-        blockSize = Int(disk.parameter("block-size", default: 4096))
+        blockSize = layout?.blockSize ?? Int(disk.parameter("block-size", default: 4096))
+        let size = layout.map { $0.slotCount * $0.blockSize } ?? Int(disk.parameter("size", default: Int64(256 << 20)))
         guard blockSize & (blockSize - 1) == 0 else { throw FilterError(EINVAL, "block-size \(blockSize) is not a power of two") }
         writeBack = disk.parameter("mode") == "write-back"
+        let metaPath = "\(disk.sidecarDirectory)/cache.meta"
+        if layout == nil, let previous = CacheStore.layout(metaPath: metaPath),
+           !previous.serves(CacheStore.Layout(blockSize: blockSize, slotCount: max(size / blockSize, 1), diskSize: disk.size)) {
+            try Self.writeDown(disk, cacheLaidOutAs: previous)
+        }
         let cacheFile = disk.parameter("cache-file").flatMap { $0.isEmpty ? nil : $0 }
         let dataPath = cacheFile ?? "\(disk.sidecarDirectory)/cache.data"
         // A cache file of the operator's choosing lies outside the sidecar directory,
         // where only the host can open it.
         let dataFD = try cacheFile.flatMap { path throws(FilterError) in try openTarget(path, disk: disk) }
-        store = try CacheStore(dataPath: dataPath, openedData: dataFD, metaPath: "\(disk.sidecarDirectory)/cache.meta", size: size,
-                               blockSize: blockSize, diskSize: disk.size)
+        store = try CacheStore(dataPath: dataPath, openedData: dataFD, metaPath: metaPath, size: size,
+                               blockSize: blockSize, diskSize: layout?.diskSize ?? disk.size)
         let warm = store.cachedBlocks
+        let dirty = store.lock.withLock { store.dirtyCount }
+        guard layout == nil else { return }
         disk.log(.info, "cache \(writeBack ? "write-back" : "write-through"), \(size) bytes in \(blockSize)-byte blocks; "
-                 + "\(warm) blocks warm, \(store.lock.withLock { store.dirtyCount }) dirty")
+                 + "\(warm) blocks warm, \(dirty) dirty")
+        if !writeBack && dirty > 0 {
+            // Written back before, then switched to write-through: nothing else would
+            // ever write these blocks down.
+            let error = destageAll()
+            guard error == 0 else {
+                throw FilterError(error, "cannot write down the \(dirty) blocks this cache held dirty from write-back mode: "
+                                  + String(cString: strerror(error)))
+            }
+            disk.log(.info, "wrote down the \(dirty) blocks held dirty from write-back mode")
+        }
         if writeBack && destageInBackground {
             // On a thread of its own, in the background: a destage writes up to 256
             // blocks below one after another, which on the host's timer thread held up
@@ -89,6 +108,26 @@ public final class CacheFilter: IOFilter {
             destager.start(every: interval) { [self] in _ = destage(limit: 256) }
         }
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
+    }
+
+    /// A cache on file laid out for another size or block size (or for a larger disk)
+    /// is started anew; first, what it holds dirty (acknowledged writes the disk below lacks) is
+    /// written down through the layout it was written in. If that fails, the filter does
+    /// not open, and the cache stays as it was for a later try.
+    private static func writeDown(_ disk: Disk, cacheLaidOutAs previous: CacheStore.Layout) throws(FilterError) {
+        let old = try CacheFilter(disk: disk, destageInBackground: false, layout: previous)
+        let dirty = old.store.lock.withLock { old.store.dirtyCount }
+        let error = old.destageAll()
+        old.close()
+        guard error == 0 else {
+            throw FilterError(error, "the cache holds \(dirty) dirty blocks of \(previous.blockSize) bytes, laid out for "
+                              + "\(previous.slotCount * previous.blockSize) bytes; they could not be written down before the "
+                              + "cache is laid out anew (\(String(cString: strerror(error)))), so it is kept as it was")
+        }
+        if dirty > 0 {
+            disk.log(.info, "the cache was laid out for \(previous.slotCount * previous.blockSize) bytes in \(previous.blockSize)-byte "
+                     + "blocks; its \(dirty) dirty blocks were written down before it is laid out anew")
+        }
     }
 
     public func close() {
@@ -446,8 +485,10 @@ public final class CacheFilter: IOFilter {
         let bytes = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 4096)
         defer { bytes.deallocate() }
         for entry in batch {
-            guard store.readSlot(entry.slot, into: bytes) == 0 else { return EIO }
             let offset = entry.block * UInt64(blockSize)
+            // A block past the end of a disk that shrank has nowhere to go.
+            guard offset < disk.size else { continue }
+            guard store.readSlot(entry.slot, into: bytes) == 0 else { return EIO }
             let length = Int(min(UInt64(blockSize), disk.size - offset))
             let error = waitForCompletion { disk.submitBelow(.write, offset: offset, length: length, buffer: bytes, completion: $0) }
             if error != 0 { return error }

@@ -35,6 +35,41 @@ final class CacheStore: @unchecked Sendable {
     private(set) var evictions: UInt64 = 0
     private let metaHeaderSize = 64
 
+    /// How a cache on file is laid out: its block size, its number of slots and the size
+    /// of the disk it caches, as its metadata header says; nil when there is none.
+    struct Layout: Equatable {
+        var blockSize: Int
+        var slotCount: Int
+        var diskSize: UInt64
+
+        /// Whether a cache laid out like this serves as one laid out as `wanted`: the
+        /// same blocks and slots, for a disk that has at most grown since (every block
+        /// it holds is still on the disk).
+        func serves(_ wanted: Layout) -> Bool {
+            blockSize == wanted.blockSize && slotCount == wanted.slotCount && diskSize <= wanted.diskSize
+        }
+    }
+
+    static let metaMagic: UInt64 = 0x494F_4643_4143_4845  // "IOFCACHE"
+
+    static func layout(metaPath: String) -> Layout? {
+        let fd = open(metaPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        return layout(of: fd)
+    }
+
+    private static func layout(of fd: Int32) -> Layout? {
+        var header = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        var info = stat()
+        // A header that does not describe the file it heads is no layout at all.
+        guard pread(fd, &header, 32, 0) == 32, header.0 == metaMagic, fstat(fd, &info) == 0, info.st_size >= 64,
+              header.1 >= 512, header.1 <= 1 << 30, header.1 & (header.1 - 1) == 0,
+              header.2 > 0, header.2 <= (UInt64(info.st_size) - 64) / 32
+        else { return nil }
+        return Layout(blockSize: Int(header.1), slotCount: Int(header.2), diskSize: header.3)
+    }
+
     /// - Parameter openedData: the cache file, when the host opened it (a cache-file outside
     ///   the sidecar directory); otherwise `dataPath` is opened here.
     init(dataPath: String, openedData: Int32? = nil, metaPath: String, size: Int, blockSize: Int, diskSize: UInt64) throws(FilterError) {
@@ -48,12 +83,14 @@ final class CacheStore: @unchecked Sendable {
         entries = Array(repeating: Entry(), count: slotCount)
         pins = Array(repeating: 0, count: slotCount)
         referenced = Array(repeating: false, count: slotCount)
-        var header = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        let wanted = (UInt64(0x494F_4643_4143_4845), UInt64(blockSize), UInt64(slotCount), diskSize)
-        if pread(metaFD, &header, 32, 0) == 32, header == wanted {
+        var wanted = (Self.metaMagic, UInt64(blockSize), UInt64(slotCount), diskSize)
+        if let onFile = Self.layout(of: metaFD), onFile.serves(Layout(blockSize: blockSize, slotCount: slotCount, diskSize: diskSize)) {
             try load()
+            // A disk that grew keeps its cache; the header follows it.
+            if onFile.diskSize != diskSize { _ = pwrite(metaFD, &wanted, 32, 0) }
         } else {
-            // New, or laid out for other parameters: start empty.
+            // New, or laid out for other parameters: start empty. (The filter writes down
+            // what such a cache held dirty before it comes here: see `CacheFilter`.)
             ftruncate(metaFD, 0)
             ftruncate(metaFD, off_t(metaHeaderSize + 32 * slotCount))
             var fresh = wanted

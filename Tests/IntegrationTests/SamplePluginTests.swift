@@ -341,12 +341,15 @@ struct SamplePluginTests {
         #expect(unknown.status == 1 && unknown.stderr.contains("no sample plug-in 'nosuch' (samples: cache, passthrough-c, replication, template"))
     }
 
-    @Test func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks() throws {
-        // The checksum changed since (Fixtures/cache-1.0.0): an upgrade must drop no
-        // acknowledged write the cache alone holds.
-        let disk = image("upgrade.img", size: 4 << 20)
-        let state = directory.appendingPathComponent("upgrade-state")
-        let sidecar = state.appendingPathComponent("upgrade.img/org.swift-iofilter.cache")
+    /// The checksum changed since (Fixtures/cache-1.0.0, made on a 4 MiB disk): an upgrade
+    /// must drop no acknowledged write the cache alone holds. Nor must the disk growing
+    /// (to 8 MiB) while the cache held them.
+    @Test(arguments: [4 << 20, 8 << 20])
+    func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks(diskSize: Int) throws {
+        let name = "upgrade-\(diskSize >> 20)M.img"
+        let disk = image(name, size: diskSize)
+        let state = directory.appendingPathComponent("upgrade-state-\(diskSize >> 20)M")
+        let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.cache")
         try FileManager.default.createDirectory(at: sidecar, withIntermediateDirectories: true)
         let fixture = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/cache-1.0.0")
         for file in ["cache.data", "cache.meta"] {
@@ -361,8 +364,37 @@ struct SamplePluginTests {
         #expect(read.contains("read 8192/8192 bytes at offset 1048576"))
         #expect(!read.contains("Pattern verification failed"))
         // Nothing of it was on the disk below: the cache held it alone.
-        let below = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "read -P 0 0 4M", disk])
+        let below = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-r", "-U", "-c", "read -P 0 0 4M", disk])
         #expect(below.stdout.contains("read 4194304/4194304"))
+    }
+
+    /// Acknowledged writes a cache held alone survive a change of its size, block size
+    /// or mode: before, a cache laid out anew started empty and they were gone; a cache
+    /// switched to write-through kept them and never wrote them down.
+    @Test(arguments: ["size=2M,mode=write-back", "size=1M,block-size=8192,mode=write-back", "size=1M,mode=write-through"])
+    func dirtyBlocksOutliveAChangeOfTheCachesParameters(parameters: String) throws {
+        let name = "reshaped-\(String(parameters.map { $0.isLetter || $0.isNumber ? $0 : "-" })).img"
+        let disk = image(name, size: 4 << 20)
+        let state = directory.appendingPathComponent("state-\(name)")
+        let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.cache")
+        try FileManager.default.createDirectory(at: sidecar, withIntermediateDirectories: true)
+        // 18 dirty blocks of a 1 MiB cache in 4 KiB blocks, on a 4 MiB disk.
+        let fixture = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/cache-1.0.0")
+        for file in ["cache.data", "cache.meta"] {
+            try FileManager.default.copyItem(at: fixture.appendingPathComponent(file), to: sidecar.appendingPathComponent(file))
+        }
+        let served = try ServedDisk([disk, "--state-dir", state.path,
+                                     "--filter", "\(Self.cache):\(parameters),destage-interval-ms=600000"])
+        defer { served.stop() }
+        #expect(served.waitForLog(parameters.contains("write-through") ? "wrote down the 18 blocks held dirty"
+                                                                        : "its 18 dirty blocks were written down"), "\(served.log)")
+        let read = try Harness.qemuIO(served.uri, ["read -P 0x6b 4k 64k", "read -P 0x2c 1M 8k"])
+        #expect(read.contains("read 65536/65536 bytes at offset 4096") && read.contains("read 8192/8192 bytes at offset 1048576"))
+        #expect(!read.contains("Pattern verification failed"), "\(read)")
+        // On the disk below now, not in the cache alone.
+        let below = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-r", "-U", "-c", "read -P 0x6b 4k 64k",
+                                                              "-c", "read -P 0x2c 1M 8k", disk])
+        #expect(!below.stdout.contains("Pattern verification failed") && below.stdout.contains("read 8192/8192"), "\(below.stdout)")
     }
 
     @Test func offlineAccessToAWriteBackDiskReturnsTheCachedWrites() throws {
