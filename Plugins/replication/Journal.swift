@@ -289,13 +289,18 @@ final class Journal: @unchecked Sendable {
         return batch.records.isEmpty ? nil : batch
     }
 
-    /// Drops every record: the head moves to `position` and takes the next sequence
-    /// number, which no record in the ring has yet.
-    private func startEmpty(at position: UInt64) {
+    /// Drops every record still to ship, once their ranges are marked dirty elsewhere:
+    /// sync mode ships nothing from the journal, so what async mode left there would
+    /// otherwise wait forever (and hold the state at degraded).
+    func dropPending() { startEmpty(at: nil) }
+
+    /// Drops every record: the head moves to `position` (the tail when nil) and takes
+    /// the next sequence number, which no record in the ring has yet.
+    private func startEmpty(at position: UInt64?) {
         lock.withLock {
-            head = position
+            head = position ?? tail
             headSequence = nextSequence
-            tail = position
+            tail = head
             persistHead()
         }
     }

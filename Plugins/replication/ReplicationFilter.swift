@@ -104,6 +104,12 @@ public final class ReplicationFilter: IOFilter {
         for range in journal.pendingRanges() {
             regions.mark(offset: range.offset, length: range.length)
         }
+        if synchronous && pending > 0 {
+            // Sync mode ships no journal: what async mode left there is copied from the
+            // disk instead, its regions marked (and persisted) before the records go.
+            regions.sync()
+            journal.dropPending()
+        }
         if pending > 0 || regions.dirtyCount > 0 {
             disk.log(.info, "to ship: \(pending) journal bytes to replay, then \(regions.dirtyCount) dirty regions to resync")
         }

@@ -238,6 +238,33 @@ struct SamplePluginTests {
         try headState.write(to: sidecar.appendingPathComponent("journal.state"))
     }
 
+    /// Sync mode ships nothing from the journal: what async mode left there is copied
+    /// from the disk instead. Before, it stayed there, and the replica never reported
+    /// itself in sync (its lag, the records' age, soon past rpo-seconds: degraded).
+    @Test func aJournalLeftByAsyncModeIsCopiedWhenTheReplicaTurnsSynchronous() throws {
+        let source = image("repl-to-sync.img", size: 8 << 20)
+        let replica = directory.appendingPathComponent("replica-to-sync.img").path
+        let state = directory.appendingPathComponent("state-to-sync")
+        func arguments(mode: String) -> [String] {
+            [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=1M,mode=\(mode)"]
+        }
+        do {
+            let served = try ServedDisk(arguments(mode: "async"))
+            defer { served.stop() }
+            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
+            try waitUntilIdentical(source, replica)
+        }
+        // The async worker went away with a write on the disk still to ship.
+        _ = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 4k", source])
+        try Self.writeJournal(in: state.appendingPathComponent("repl-to-sync.img/org.swift-iofilter.replication"),
+                              capacity: 1 << 20, magic: 0x494F_464A, offset: 4096, release1Head: 0)
+        let served = try ServedDisk(arguments(mode: "sync"))
+        defer { served.stop() }
+        #expect(served.waitForLog("to ship: 4144 journal bytes to replay"), "\(served.log)")
+        #expect(served.waitForLog("is in sync"), "\(served.log)")
+        try waitUntilIdentical(source, replica, timeout: 20)
+    }
+
     /// A new journal-size lays the ring out anew: what the old ring still held to ship
     /// is resynced from the disk. Before, a shrunk ring cut it off and the replica
     /// never got those writes.
