@@ -163,6 +163,35 @@ struct SamplePluginTests {
         #expect(served.waitForLog("to ship:"), "the restarted filter resumed from its journal and region map")
     }
 
+    /// A disk replicated to a file, `parameters` added to the filter's, whose first run
+    /// shipped 64 KiB of 0x21 and stopped; then, if asked, a write of 4 KiB of 0x6e at
+    /// 4 KiB reached the disk alone (its journal record is the test's to write).
+    struct ReplicatedDisk {
+        let source: String
+        let replica: String
+        let state: URL
+        var sidecar: URL { state.appendingPathComponent("\(URL(fileURLWithPath: source).lastPathComponent)/org.swift-iofilter.replication") }
+
+        func arguments(_ parameters: String) -> [String] {
+            [source, "--state-dir", state.path, "--filter", "\(SamplePluginTests.replication):target=\(replica),\(parameters)"]
+        }
+    }
+
+    func replicatedDisk(_ name: String, firstRun parameters: String, thenAWriteOnTheDiskAlone: Bool) throws -> ReplicatedDisk {
+        let disk = ReplicatedDisk(source: image("\(name).img", size: 8 << 20), replica: directory.appendingPathComponent("replica-\(name).img").path,
+                                  state: directory.appendingPathComponent("state-\(name)"))
+        do {
+            let served = try ServedDisk(disk.arguments(parameters))
+            defer { served.stop() }
+            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
+            try waitUntilIdentical(disk.source, disk.replica)
+        }
+        if thenAWriteOnTheDiskAlone {
+            _ = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 4k", disk.source])
+        }
+        return disk
+    }
+
     /// What a crash leaves in the journal at its head, and whether the filter replays it.
     enum JournalHead: String, CaseIterable, CustomStringConvertible {
         /// A kill in the middle of an append: the next sequence number and a length
@@ -181,28 +210,19 @@ struct SamplePluginTests {
     /// range far beyond the disk, and crashed at every start from then on.
     @Test(arguments: JournalHead.allCases)
     func aJournalRecordCutShortByACrashIsLeftOut(head: JournalHead) throws {
-        let name = "repl-journal-\(JournalHead.allCases.firstIndex(of: head)!).img"
-        let source = image(name, size: 8 << 20)
-        let replica = directory.appendingPathComponent("replica-\(name)").path
-        let state = directory.appendingPathComponent("state-\(name)")
-        let arguments = [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=1M"]
-        do {
-            let served = try ServedDisk(arguments)
-            defer { served.stop() }
-            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
-            try waitUntilIdentical(source, replica)
-        }
+        // A torn record's write never reached the disk; a whole one's did.
+        let disk = try replicatedDisk("repl-journal-\(JournalHead.allCases.firstIndex(of: head)!)", firstRun: "journal-size=1M",
+                                      thenAWriteOnTheDiskAlone: head == .wholeRelease1)
         // The crash, written by hand: a journal whose only record is the one at its head.
         let release1 = head != .cutShort
-        try Self.writeJournal(in: state.appendingPathComponent("\(name)/org.swift-iofilter.replication"), capacity: 1 << 20,
-                              magic: release1 ? 0x494F_464A : 0x494F_464B,
+        try Self.writeJournal(in: disk.sidecar, capacity: 1 << 20, magic: release1 ? 0x494F_464A : 0x494F_464B,
                               offset: head == .cutShortRelease1 ? 0x5A5A_5A5A_5A5A_5A5A : 4096,
                               release1Head: head == .wholeRelease1 ? 0 : nil)
 
-        let served = try ServedDisk(arguments)
+        let served = try ServedDisk(disk.arguments("journal-size=1M"))
         defer { served.stop() }
         _ = try Harness.qemuIO(served.uri, ["write -P 0x3c 1M 64k", "flush"])
-        try waitUntilIdentical(source, replica)
+        try waitUntilIdentical(disk.source, disk.replica)
         if head == .wholeRelease1 {
             #expect(served.waitForLog("to ship: 4144 journal bytes to replay"), "\(served.log)")
             #expect(!served.log.contains("cut short"))
@@ -242,55 +262,28 @@ struct SamplePluginTests {
     /// from the disk instead. Before, it stayed there, and the replica never reported
     /// itself in sync (its lag, the records' age, soon past rpo-seconds: degraded).
     @Test func aJournalLeftByAsyncModeIsCopiedWhenTheReplicaTurnsSynchronous() throws {
-        let source = image("repl-to-sync.img", size: 8 << 20)
-        let replica = directory.appendingPathComponent("replica-to-sync.img").path
-        let state = directory.appendingPathComponent("state-to-sync")
-        func arguments(mode: String) -> [String] {
-            [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=1M,mode=\(mode)"]
-        }
-        do {
-            let served = try ServedDisk(arguments(mode: "async"))
-            defer { served.stop() }
-            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
-            try waitUntilIdentical(source, replica)
-        }
-        // The async worker went away with a write on the disk still to ship.
-        _ = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 4k", source])
-        try Self.writeJournal(in: state.appendingPathComponent("repl-to-sync.img/org.swift-iofilter.replication"),
-                              capacity: 1 << 20, magic: 0x494F_464A, offset: 4096, release1Head: 0)
-        let served = try ServedDisk(arguments(mode: "sync"))
+        let disk = try replicatedDisk("repl-to-sync", firstRun: "journal-size=1M,mode=async", thenAWriteOnTheDiskAlone: true)
+        try Self.writeJournal(in: disk.sidecar, capacity: 1 << 20, magic: 0x494F_464A, offset: 4096, release1Head: 0)
+        let served = try ServedDisk(disk.arguments("journal-size=1M,mode=sync"))
         defer { served.stop() }
         #expect(served.waitForLog("to ship: 4144 journal bytes to replay"), "\(served.log)")
         #expect(served.waitForLog("is in sync"), "\(served.log)")
-        try waitUntilIdentical(source, replica, timeout: 20)
+        try waitUntilIdentical(disk.source, disk.replica, timeout: 20)
     }
 
     /// A new journal-size lays the ring out anew: what the old ring still held to ship
     /// is resynced from the disk. Before, a shrunk ring cut it off and the replica
     /// never got those writes.
     @Test func aJournalResizedWithWritesStillToShipLosesNoneOfThem() throws {
-        let source = image("repl-resized.img", size: 8 << 20)
-        let replica = directory.appendingPathComponent("replica-resized.img").path
-        let state = directory.appendingPathComponent("state-resized")
-        func arguments(journalSize: String) -> [String] {
-            [source, "--state-dir", state.path, "--filter", "\(Self.replication):target=\(replica),journal-size=\(journalSize)"]
-        }
-        do {
-            let served = try ServedDisk(arguments(journalSize: "2M"))
-            defer { served.stop() }
-            _ = try Harness.qemuIO(served.uri, ["write -P 0x21 0 64k", "flush"])
-            try waitUntilIdentical(source, replica)
-        }
-        // A write on the disk whose record was still in the ring, 1.5 MiB in, when the
-        // worker went away.
-        _ = try Harness.run(Harness.tool("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 4k", source])
-        try Self.writeJournal(in: state.appendingPathComponent("repl-resized.img/org.swift-iofilter.replication"),
-                              capacity: 2 << 20, position: 3 << 19, magic: 0x494F_464A, offset: 4096, release1Head: 3 << 19)
-        let served = try ServedDisk(arguments(journalSize: "1M"))
+        let disk = try replicatedDisk("repl-resized", firstRun: "journal-size=2M", thenAWriteOnTheDiskAlone: true)
+        // The write's record was still in the ring, 1.5 MiB in, when the worker went away.
+        try Self.writeJournal(in: disk.sidecar, capacity: 2 << 20, position: 3 << 19, magic: 0x494F_464A, offset: 4096,
+                              release1Head: 3 << 19)
+        let served = try ServedDisk(disk.arguments("journal-size=1M"))
         defer { served.stop() }
         #expect(served.waitForLog("the journal was 2097152 bytes and is 1048576 now; its 4144 bytes still to ship are resynced"),
                 "\(served.log)")
-        try waitUntilIdentical(source, replica, timeout: 20)
+        try waitUntilIdentical(disk.source, disk.replica, timeout: 20)
     }
 
     // MARK: cache
@@ -368,14 +361,13 @@ struct SamplePluginTests {
         #expect(unknown.status == 1 && unknown.stderr.contains("no sample plug-in 'nosuch' (samples: cache, passthrough-c, replication, template"))
     }
 
-    /// The checksum changed since (Fixtures/cache-1.0.0, made on a 4 MiB disk): an upgrade
-    /// must drop no acknowledged write the cache alone holds. Nor must the disk growing
-    /// (to 8 MiB) while the cache held them.
-    @Test(arguments: [4 << 20, 8 << 20])
-    func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks(diskSize: Int) throws {
-        let name = "upgrade-\(diskSize >> 20)M.img"
-        let disk = image(name, size: diskSize)
-        let state = directory.appendingPathComponent("upgrade-state-\(diskSize >> 20)M")
+    /// Serves a disk of `size` bytes through the cache with `parameters` (no destaging
+    /// in the background), its sidecar holding the first release's cache
+    /// (Fixtures/cache-1.0.0): 18 dirty blocks of a 1 MiB cache in 4 KiB blocks, made on
+    /// a 4 MiB disk. Returns the disk's path.
+    func serveTheFirstReleasesCache(on name: String, size: Int, _ parameters: String) throws -> (String, ServedDisk) {
+        let disk = image(name, size: size)
+        let state = directory.appendingPathComponent("state-\(name)")
         let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.cache")
         try FileManager.default.createDirectory(at: sidecar, withIntermediateDirectories: true)
         let fixture = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/cache-1.0.0")
@@ -383,7 +375,17 @@ struct SamplePluginTests {
             try FileManager.default.copyItem(at: fixture.appendingPathComponent(file), to: sidecar.appendingPathComponent(file))
         }
         let served = try ServedDisk([disk, "--state-dir", state.path,
-                                     "--filter", "\(Self.cache):size=1M,mode=write-back,destage-interval-ms=600000"])
+                                     "--filter", "\(Self.cache):\(parameters),destage-interval-ms=600000"])
+        return (disk, served)
+    }
+
+    /// The checksum changed since (Fixtures/cache-1.0.0, made on a 4 MiB disk): an upgrade
+    /// must drop no acknowledged write the cache alone holds. Nor must the disk growing
+    /// (to 8 MiB) while the cache held them.
+    @Test(arguments: [4 << 20, 8 << 20])
+    func aWriteBackCacheWrittenByTheFirstReleaseKeepsItsDirtyBlocks(diskSize: Int) throws {
+        let (disk, served) = try serveTheFirstReleasesCache(on: "upgrade-\(diskSize >> 20)M.img", size: diskSize,
+                                                            "size=1M,mode=write-back")
         defer { served.stop() }
         #expect(served.waitForLog("18 blocks warm, 18 dirty"))
         let read = try Harness.qemuIO(served.uri, ["read -P 0x6b 4k 64k", "read -P 0x2c 1M 8k", "read -P 0 0 4k"])
@@ -400,18 +402,8 @@ struct SamplePluginTests {
     /// switched to write-through kept them and never wrote them down.
     @Test(arguments: ["size=2M,mode=write-back", "size=1M,block-size=8192,mode=write-back", "size=1M,mode=write-through"])
     func dirtyBlocksOutliveAChangeOfTheCachesParameters(parameters: String) throws {
-        let name = "reshaped-\(String(parameters.map { $0.isLetter || $0.isNumber ? $0 : "-" })).img"
-        let disk = image(name, size: 4 << 20)
-        let state = directory.appendingPathComponent("state-\(name)")
-        let sidecar = state.appendingPathComponent("\(name)/org.swift-iofilter.cache")
-        try FileManager.default.createDirectory(at: sidecar, withIntermediateDirectories: true)
-        // 18 dirty blocks of a 1 MiB cache in 4 KiB blocks, on a 4 MiB disk.
-        let fixture = Harness.repository.appendingPathComponent("Tests/IntegrationTests/Fixtures/cache-1.0.0")
-        for file in ["cache.data", "cache.meta"] {
-            try FileManager.default.copyItem(at: fixture.appendingPathComponent(file), to: sidecar.appendingPathComponent(file))
-        }
-        let served = try ServedDisk([disk, "--state-dir", state.path,
-                                     "--filter", "\(Self.cache):\(parameters),destage-interval-ms=600000"])
+        let (disk, served) = try serveTheFirstReleasesCache(
+            on: "reshaped-\(String(parameters.map { $0.isLetter || $0.isNumber ? $0 : "-" })).img", size: 4 << 20, parameters)
         defer { served.stop() }
         #expect(served.waitForLog(parameters.contains("write-through") ? "wrote down the 18 blocks held dirty"
                                                                         : "its 18 dirty blocks were written down"), "\(served.log)")
