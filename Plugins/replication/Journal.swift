@@ -11,10 +11,15 @@ import Synchronization
 /// The ring is mapped shared: appending a record is a memcpy into the page cache (it
 /// survives the process at once, and reaches the disk at the guest's flush through
 /// msync), and the shipper sends payloads straight from the mapping.
+///
+/// Two heads: the shipper sends from `shipped`, and `head` (persisted) moves up to it
+/// only once the replica has flushed what lies between. A replica acknowledges a write
+/// before it is on its stable storage; were the records dropped then, a replica that
+/// lost power would lack them while this side no longer had them.
 final class Journal: @unchecked Sendable {
-    // @unchecked: positions are written under `lock` (the head by the shipper alone,
-    // which may therefore read it without the lock); the ring is written only under
-    // it (appends), and read at the head by the shipper, where appends never write.
+    // @unchecked: positions are written under `lock` (the heads by the shipper alone,
+    // which may therefore read them without the lock); the ring is written only under
+    // it (appends), and read from the heads by the shipper, where appends never write.
     struct Record {
         static let headerSize = 48
         /// Headers with a check word at byte 40 over all their fields: one that a crash
@@ -61,6 +66,10 @@ final class Journal: @unchecked Sendable {
     private let lock = ConditionLock()
     private var head: UInt64 = 0
     private var headSequence: UInt64 = 1
+    /// Where the shipper sends from: records between `head` and here are on the replica
+    /// but maybe not on its stable storage yet.
+    private var shipped: UInt64 = 0
+    private var shippedSequence: UInt64 = 1
     private var tail: UInt64 = 0
     private var nextSequence: UInt64 = 1
 
@@ -113,6 +122,7 @@ final class Journal: @unchecked Sendable {
         else { throw FilterError(errno, "cannot map the journal state: \(String(cString: strerror(errno)))") }
         state = stateMapping.bindMemory(to: UInt64.self, capacity: 7)
         readHead()
+        (shipped, shippedSequence) = (head, headSequence)
         recoverTail()
     }
 
@@ -160,16 +170,16 @@ final class Journal: @unchecked Sendable {
         }
     }
 
-    /// Visits the records from the head, in order, while their sequence numbers continue
+    /// Visits the records from the head (or `start`), in order, while their sequence numbers continue
     /// and `visit` returns true, stepping over wrap markers and the ring's end. `visit`
     /// gets the record, its payload in the ring, and the position and sequence just past
     /// it. Returns where the walk stopped.
     @discardableResult
     private func walk(
-        until limit: UInt64, _ visit: (Record, UnsafeRawPointer, UInt64, UInt64) -> Bool
+        from start: (position: UInt64, sequence: UInt64)? = nil, until limit: UInt64,
+        _ visit: (Record, UnsafeRawPointer, UInt64, UInt64) -> Bool
     ) -> (position: UInt64, sequence: UInt64) {
-        var position = head
-        var sequence = headSequence
+        var (position, sequence) = start ?? (head, headSequence)
         while position < limit {
             let offset = position % capacity
             if capacity - offset < UInt64(Record.headerSize) {
@@ -257,8 +267,8 @@ final class Journal: @unchecked Sendable {
         }
     }
 
-    /// A run of records from the head, with payloads in place in the ring (appends
-    /// never touch them until `advance` moves the head past them). The run stops before
+    /// A run of records from where shipping stands, with payloads in place in the ring
+    /// (appends never touch them until `makeDurable` moves the head past them). The run stops before
     /// a record overlapping an earlier one in it, so that the run may be sent to the
     /// replica all at once, in any completion order.
     struct Batch {
@@ -268,15 +278,16 @@ final class Journal: @unchecked Sendable {
         var bytes: UInt64 { records.reduce(0) { $0 + $1.record.length } }
     }
 
-    /// Called by the shipper only. The lock is held just to read the tail: only the
-    /// shipper moves the head, and appends never touch the records between head and
+    /// Called by the shipper only. The lock is held just to read the ends: only the
+    /// shipper moves the heads, and appends never touch the records between head and
     /// tail, so the walk itself runs beside the guest's appends instead of holding
     /// them up.
     func peek(max count: Int) -> Batch? {
-        let limit = lock.withLock { tail }
+        // The start under the lock too: a failed replica rewinds it from another thread.
+        let (limit, start) = lock.withLock { (tail, (shipped, shippedSequence)) }
         var batch = Batch()
         batch.records.reserveCapacity(count)
-        walk(until: limit) { record, payload, end, endSequence in
+        walk(from: start, until: limit) { record, payload, end, endSequence in
             let range = record.offset..<(record.offset + max(record.length, 1))
             guard batch.records.count < count, !batch.records.contains(where: {
                 ($0.record.offset..<($0.record.offset + max($0.record.length, 1))).overlaps(range)
@@ -301,17 +312,36 @@ final class Journal: @unchecked Sendable {
             head = position ?? tail
             headSequence = nextSequence
             tail = head
+            (shipped, shippedSequence) = (head, headSequence)
             persistHead()
         }
     }
 
-    /// A batch reached the replica: drop it and persist the new head.
+    /// A batch reached the replica: the next one follows it. Nothing is dropped yet.
     func advance(past batch: Batch) {
+        lock.withLock { (shipped, shippedSequence) = (batch.end, batch.endSequence) }
+    }
+
+    /// Where shipping stands: pass it to `makeDurable` once the replica has flushed.
+    var shippedMark: (position: UInt64, sequence: UInt64) { lock.withLock { (shipped, shippedSequence) } }
+
+    /// Bytes on the replica that it has not been asked to flush yet.
+    var unflushedBytes: UInt64 { lock.withLock { shipped - head } }
+
+    /// The replica flushed everything shipped up to `mark`: drop those records and
+    /// persist the new head.
+    func makeDurable(upTo mark: (position: UInt64, sequence: UInt64)) {
         lock.withLock {
-            head = batch.end
-            headSequence = batch.endSequence
+            guard mark.position > head else { return }
+            (head, headSequence) = mark
             persistHead()
         }
+    }
+
+    /// The replica went away: what it acknowledged without a flush may be gone with
+    /// it, so shipping starts again from the persisted head.
+    func rewindToDurable() {
+        lock.withLock { (shipped, shippedSequence) = (head, headSequence) }
     }
 
     private func persistHead() {

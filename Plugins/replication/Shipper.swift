@@ -129,6 +129,7 @@ final class Shipper: @unchecked Sendable {
     /// The replica failed: stop using it until the shipper reconnects. The object is
     /// kept (not closed) because writes in flight may still hold it.
     func targetFailed(_ reason: String) {
+        journal.rewindToDurable()
         lock.withLock {
             if let target {
                 retired.append(target)
@@ -170,6 +171,9 @@ final class Shipper: @unchecked Sendable {
                 }
                 journal.advance(past: batch)
                 replicated(batch.bytes)
+                if journal.unflushedBytes >= journal.capacity / 4 || monotonicNanoseconds() - lastDurable >= Self.durableNanoseconds {
+                    _ = makeDurable(target)
+                }
                 idleNaps = 0
                 if batch.records.count < Self.batchRecords { nap() }
                 continue
@@ -198,8 +202,7 @@ final class Shipper: @unchecked Sendable {
                 regions.shipped(run)
                 replicated(UInt64(length))
                 if regions.dirtyCount == 0 {
-                    _ = target.wait { target.flush(completion: $0) }
-                    if journal.resumeJournallingIfClean(regions) {
+                    if makeDurable(target), journal.resumeJournallingIfClean(regions) {
                         disk.log(.info, "replica \(targetSpec) is in sync")
                         // What follows are small writes: leave no bulk copy cached.
                         target.releaseCache()
@@ -211,6 +214,13 @@ final class Shipper: @unchecked Sendable {
             if idleNaps < Self.napsBeforeSleep {
                 idleNaps += 1
                 nap()
+                continue
+            }
+            // Quiet for a while: what was shipped goes to the replica's stable storage
+            // before the shipper sleeps. (A flush each time it catches up cost the guest
+            // a quarter of its IOPS on 4k random writes.)
+            if journal.unflushedBytes > 0 {
+                _ = makeDurable(target)
                 continue
             }
             // Nothing to ship for a while: sleep until a write wakes us. `sleeping` is
@@ -233,6 +243,27 @@ final class Shipper: @unchecked Sendable {
             }
         }
     }
+
+    /// Asks the replica to flush what it was sent, then lets the journal drop the
+    /// records shipped before the flush (and persist its head past them). False when
+    /// the flush failed (the replica is then failed).
+    private func makeDurable(_ target: any BlockTarget) -> Bool {
+        let mark = journal.shippedMark
+        let error = target.wait { target.flush(completion: $0) }
+        lastDurable = monotonicNanoseconds()
+        guard error == 0 else {
+            targetFailed("flush: \(String(cString: strerror(error)))")
+            return false
+        }
+        journal.makeDurable(upTo: mark)
+        return true
+    }
+
+    /// The longest the shipper goes under a steady load without asking the replica to
+    /// flush (and the journal to drop what was shipped): the window a replica that
+    /// loses power can lose, and the journal holds again for it.
+    static let durableNanoseconds: UInt64 = 1_000_000_000
+    private var lastDurable: UInt64 = 0
 
     /// How often an idle shipper checks a replica on another host.
     static let peerCheckNanoseconds: UInt64 = 5_000_000_000

@@ -145,6 +145,50 @@ struct SamplePluginTests {
         try waitUntilIdentical(source, replica)
     }
 
+    /// A replica acknowledges a write before its stable storage has it: the journal
+    /// keeps what it shipped until the replica has flushed it. Here the replica (nbdkit,
+    /// its flushes failing while a file exists) takes the writes but cannot flush them:
+    /// the filter says so, keeps them through kill -9, and ships them again once the
+    /// replica can flush. Before, the records went at the write's acknowledgement, and
+    /// the replica was called in sync without ever being asked to flush.
+    @Test func theJournalKeepsWhatTheReplicaHasNotFlushed() throws {
+        let source = image("repl-unflushed.img", size: 8 << 20)
+        let replica = image("replica-unflushed.img", size: 8 << 20)
+        let socket = directory.appendingPathComponent("unflushed.sock").path
+        let failFlushes = directory.appendingPathComponent("fail-flushes").path
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: Harness.tool("nbdkit"))
+        // nbdkit's eval plug-in: the replica file through dd, and a flush that fails
+        // while `failFlushes` exists (the error filter injects no flush errors).
+        nbdkit.arguments = ["-f", "-U", socket, "eval", "get_size=echo \(8 << 20)", "can_write=exit 0", "can_flush=exit 0",
+                            "pread=dd if=\(replica) iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none",
+                            "pwrite=dd of=\(replica) oflag=seek_bytes seek=$4 conv=notrunc status=none",
+                            "flush=if [ -e \(failFlushes) ]; then echo 'EIO flushes fail here' >&2; exit 1; fi"]
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        defer {
+            kill(nbdkit.processIdentifier, SIGKILL)
+            nbdkit.waitUntilExit()
+        }
+        let served = try ServedDisk([source, "--state-dir", directory.appendingPathComponent("state-unflushed").path,
+                                     "--filter", "\(Self.replication):target=nbd+unix:///?socket=\(socket),journal-size=1M"])
+        defer { served.stop() }
+        #expect(served.waitForLog("is in sync", timeout: 30), "\(served.log)")
+
+        #expect(FileManager.default.createFile(atPath: failFlushes, contents: nil))
+        _ = try Harness.qemuIO(served.uri, ["write -P 0x5c 1M 64k", "flush"])
+        #expect(served.waitForLog("failed (flush: Input/output error)"), "\(served.log)")
+        // Through a crash, the write is still the journal's to ship.
+        let worker = try #require(served.workerPID)
+        kill(worker, SIGKILL)
+        _ = try served.waitForNewWorker(replacing: worker)
+        #expect(served.waitForLog("to ship: 65584 journal bytes to replay"), "\(served.log)")
+
+        try FileManager.default.removeItem(atPath: failFlushes)
+        try waitUntilIdentical(source, replica, timeout: 30)
+        #expect(served.waitForLog("is in sync", timeout: 30))
+    }
+
     @Test func aReplicaConvergesAfterKillDashNineMidWorkload() throws {
         let source = image("repl-kill.img")
         let replica = directory.appendingPathComponent("replica-kill.img").path
