@@ -54,7 +54,10 @@ enum Delivery: CaseIterable, CustomStringConvertible {
     }
 }
 
-@Suite("chain engine: dispositions")
+/// Serialized: `DeferredCallLog` is one log for the process, and a test that counts the
+/// deferred calls it made (and the threads they ran on) must not see another test's.
+/// In parallel, CI once saw 2,005 calls on two threads where 2,000 ran on one.
+@Suite("chain engine: dispositions", .serialized)
 struct DispositionTests {
     @Test("every disposition at every position, returned or deferred", arguments: Delivery.allCases)
     func everyDispositionAtEveryPosition(delivery: Delivery) throws {
